@@ -1,0 +1,115 @@
+#include "launcher/engine_setup.h"
+
+#include <cstdint>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "runtime/core/error.h"
+#include "runtime/core/logging.h"
+#include "runtime/core/thread_pool.h"
+
+namespace nosa::launcher {
+
+namespace fs = std::filesystem;
+
+void EngineFlags::add_to(CLI::App& app) {
+  app.add_option("--model", model, "Model directory (Hugging Face layout)")->required();
+  app.add_option("--device", device, "cpu, cuda, or auto (cuda when a GPU is present)")
+      ->capture_default_str();
+  app.add_option("--attention", attention,
+                 "Attention mode: dense, infllmv2 or nosa (default: the checkpoint's)");
+  app.add_option("--threads", threads, "CPU threads (default: all cores)");
+  app.add_option("--kv-blocks", kv_blocks, "KV cache size in blocks (default: from --kv-gib)");
+  app.add_option("--kv-gib", kv_gib,
+                 "KV cache budget in GiB (default: free device memory; 4 GiB on the CPU)");
+  app.add_option("--max-context", max_context,
+                 "Tokens per sequence, prompt included (default: the model's maximum)");
+  app.add_option("--max-batch-tokens", max_batch_tokens,
+                 "Tokens computed per step: decode tokens plus prefill chunks (default: 2048 on "
+                 "the CPU, 16384 on a GPU)");
+  app.add_option("--max-running", max_running, "Sequences in the running batch")
+      ->capture_default_str();
+}
+
+std::unique_ptr<runtime::Tokenizer> EngineSetup::load_tokenizer(const std::string& model_dir) {
+  if (!fs::exists(fs::path(model_dir) / "tokenizer.model")) return nullptr;
+  return runtime::Tokenizer::load(model_dir);
+}
+
+EngineSetup EngineSetup::create(const EngineFlags& f, int64_t tokens_hint) {
+  if (f.threads > 0) ThreadPool::set_global_threads(f.threads);
+  EngineSetup s;
+  const bool want_cuda =
+      f.device == "cuda" || (f.device == "auto" && runtime::cuda_available());
+  NOSA_CHECK(f.device == "cpu" || f.device == "cuda" || f.device == "auto",
+             "unknown device '{}' (use cpu, cuda or auto)", f.device);
+  s.backend = want_cuda ? runtime::make_cuda_backend(0) : runtime::make_cpu_backend();
+  s.comm = parallel::make_single_rank_communicator();
+  runtime::LoadOptions lo;
+  if (!f.attention.empty()) lo.mode = attention::parse_mode(f.attention);
+  s.model = runtime::load_model(f.model, lo, *s.backend, *s.comm);
+  runtime::KvLayout layout = s.model->kv_layout();
+  size_t budget = f.kv_gib > 0 ? size_t(f.kv_gib * double(1ull << 30))
+                               : s.backend->free_memory_bytes();
+  const bool explicit_budget = f.kv_blocks > 0 || f.kv_gib > 0;
+  int64_t blocks = runtime::kv_blocks_for(
+      layout, f.kv_blocks, explicit_budget || tokens_hint <= 0 ? INT64_MAX / 2 : tokens_hint,
+      budget);
+  s.cache = std::make_unique<runtime::KvCache>(layout, blocks, *s.backend);
+  runtime::EngineOptions eo;
+  eo.max_batch_tokens =
+      f.max_batch_tokens > 0 ? f.max_batch_tokens : (want_cuda ? 16384 : 2048);
+  eo.max_running = f.max_running;
+  eo.max_context = f.max_context;
+  s.engine = std::make_unique<runtime::Engine>(*s.model, *s.cache, eo);
+  s.tokenizer = load_tokenizer(f.model);
+  logger("runtime")->info("KV cache: {} blocks of {} tokens ({:.1f} MiB)", blocks,
+                          layout.block_size,
+                          double(blocks) * double(layout.bytes_per_block()) / (1 << 20));
+  return s;
+}
+
+std::vector<int32_t> parse_token_ids(const std::string& spec) {
+  std::string text = spec;
+  std::string origin = "--prompt-ids";
+  if (!spec.empty() && spec[0] == '@') {
+    origin = spec.substr(1);
+    std::ifstream in(origin);
+    NOSA_CHECK(in.good(), "cannot read token ids from '{}'", origin);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    text = ss.str();
+  }
+  std::vector<int32_t> ids;
+  std::string cleaned;
+  for (char ch : text) cleaned.push_back(ch == ',' || ch == '[' || ch == ']' ? ' ' : ch);
+  std::istringstream in(cleaned);
+  std::string word;
+  while (in >> word) {
+    size_t used = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(word, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    NOSA_CHECK(used == word.size() && v >= 0 && v <= INT32_MAX,
+               "{}: '{}' is not a token id (expected non-negative integers)", origin, word);
+    ids.push_back(int32_t(v));
+  }
+  NOSA_CHECK(!ids.empty(), "{}: no token ids", origin);
+  return ids;
+}
+
+void apply_log_level(const std::string& flag) {
+  std::string level = flag;
+  if (level.empty())
+    if (const char* env = std::getenv("NOSA_LOG")) level = env;
+  if (level.empty()) level = "info";
+  set_log_level(level);
+}
+
+}  // namespace nosa::launcher

@@ -1,0 +1,54 @@
+// The options every engine-running subcommand shares (generate, batch, worker, bench) and the
+// objects they build from them: backend, communicator, model, KV cache, engine, tokenizer.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <memory>
+#include <string>
+
+#include "parallel/communicator.h"
+#include "runtime/backend.h"
+#include "runtime/engine.h"
+#include "runtime/kv_cache.h"
+#include "runtime/model.h"
+#include "runtime/tokenizer.h"
+
+namespace nosa::launcher {
+
+struct EngineFlags {
+  std::string model;
+  std::string device = "auto";
+  std::string attention;  // empty: the checkpoint's mode
+  int threads = 0;
+  int64_t kv_blocks = 0;
+  double kv_gib = 0;
+  int64_t max_context = 0;
+  int64_t max_batch_tokens = 0;
+  int max_running = 256;
+
+  // Registers the flags on a subcommand.
+  void add_to(CLI::App& app);
+};
+
+struct EngineSetup {
+  std::unique_ptr<runtime::Backend> backend;
+  std::unique_ptr<parallel::Communicator> comm;
+  std::unique_ptr<runtime::Model> model;
+  std::unique_ptr<runtime::KvCache> cache;
+  std::unique_ptr<runtime::Engine> engine;
+  std::unique_ptr<runtime::Tokenizer> tokenizer;  // null when the checkpoint has none
+
+  // Builds everything. Without --kv-blocks or --kv-gib the KV cache holds `tokens_hint` tokens
+  // (capped by the backend's free memory); 0 means the whole budget.
+  static EngineSetup create(const EngineFlags& flags, int64_t tokens_hint);
+  // The checkpoint's tokenizer, or null when it has no tokenizer.model.
+  static std::unique_ptr<runtime::Tokenizer> load_tokenizer(const std::string& model_dir);
+};
+
+// Parses "1,2,3" (commas or whitespace) or "@FILE" holding such a list or a JSON array.
+std::vector<int32_t> parse_token_ids(const std::string& spec);
+
+// The log level from --log-level, else NOSA_LOG, else info.
+void apply_log_level(const std::string& flag);
+
+}  // namespace nosa::launcher

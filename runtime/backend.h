@@ -1,0 +1,118 @@
+// The compute backend interface: the ops of the Llama forward pass and of NOSA attention, on
+// tensors that live on the backend's device. The CPU reference backend implements every op in
+// float32; the CUDA backend in bf16 with float32 accumulation. The forward pass (model.h) is
+// written once against this interface.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "attention/sparse_params.h"
+#include "runtime/core/tensor.h"
+#include "runtime/kv_cache.h"
+#include "runtime/step.h"
+
+namespace nosa::runtime {
+
+// Inverse RoPE frequencies [head_dim / 2] after scaling (linear, llama3), computed on the host.
+struct RopeTable {
+  std::vector<float> inv_freq;
+  float attention_scaling = 1.0f;
+};
+
+// Blocks selected per (token, local KV head): [T][H][k_max] int32, ascending, -1 padded.
+struct Selection {
+  Tensor blocks;
+  int k_max = 0;
+};
+
+// Per-sequence sampling parameters, resolved (no "unset" values).
+struct SamplingParams {
+  float temperature = 0.0f;  // 0: greedy
+  float top_p = 1.0f;
+  int top_k = 0;             // 0: no top-k filter
+  uint64_t seed = 0;
+  int64_t step = 0;          // the index of the sampled token, so that a seed gives one stream
+  int logprobs = 0;          // alternatives to report (0: none, but the chosen one's logprob)
+};
+
+struct SampledToken {
+  int32_t token = 0;
+  float logprob = 0.0f;                               // natural log of the chosen token
+  std::vector<std::pair<int32_t, float>> top;         // top alternatives with logprobs
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual Device device() const = 0;
+  virtual std::string name() const = 0;
+  // Element type of activations and of the KV cache.
+  virtual DType activation_dtype() const = 0;
+
+  // Memory.
+  virtual Tensor alloc(DType dtype, Shape shape) = 0;
+  virtual Tensor zeros(DType dtype, Shape shape) = 0;
+  // Copies a host tensor of any float dtype to the backend, converting to `dtype`.
+  virtual Tensor upload(const Tensor& host, DType dtype) = 0;
+  // Copies a backend tensor to the host as float32 (float tensors) or as is (integers).
+  virtual Tensor to_host(const Tensor& t) = 0;
+  // Bytes of device memory free for the KV cache (host backends: a policy limit).
+  virtual size_t free_memory_bytes() const = 0;
+  // Waits for queued work.
+  virtual void synchronize() = 0;
+
+  // Uploads a step's metadata (positions, sequence of each token, block tables); the ops below
+  // refer to the current step.
+  virtual void begin_step(const StepBatch& step) = 0;
+
+  // Dense ops. Shapes: x [T, K], w [N, K], out [T, N].
+  virtual void embedding(const Tensor& table, Tensor& out) = 0;  // rows of the step's tokens
+  virtual void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) = 0;
+  virtual void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& out) = 0;
+  virtual void add(Tensor& x, const Tensor& y) = 0;  // x += y
+  // gate_up [T, 2F] (gate columns first): out [T, F] = silu(gate) * up.
+  virtual void silu_mul(const Tensor& gate_up, Tensor& out) = 0;
+  // Splits qkv [T, Hq*d + Hk*d + Hv_all*d] into q [T, Hq, d] and k [T, Hk, d], both rotated at the
+  // step's positions, and v_all [T, Hv_all, d].
+  virtual void split_qkv_rope(const Tensor& qkv, const RopeTable& rope, Tensor& q, Tensor& k,
+                              Tensor& v_all) = 0;
+  // Gathers rows: out[i] = x[rows[i]] (rows = the step's logit_rows).
+  virtual void gather_logit_rows(const Tensor& x, Tensor& out) = 0;
+
+  // NOSA eviction scores c [T, head_end - head_begin] from v_all [T, n_kv, d] (float32 out).
+  virtual void eviction_scores(const Tensor& v_all, const Tensor& a, const Tensor& delta_w,
+                               const Tensor* delta_b, int head_begin, int head_end,
+                               Tensor& c) = 0;
+  // Writes the step's new tokens into the KV cache of `layer`: k [T, H, d], the local heads
+  // [v_head_begin, v_head_begin + H) of v_all, and c [T, H] when given.
+  virtual void append_kv(int layer, const Tensor& k, const Tensor& v_all, int v_head_begin,
+                         const Tensor* c, KvCache& cache) = 0;
+  // Computes the compressed keys (and, with scores, their mean eviction scores) of every window
+  // that this step completed.
+  virtual void update_compressed(int layer, bool scores, const attention::SparseParams& p,
+                                 KvCache& cache) = 0;
+  // Selects blocks for every token of the step and local KV head (docs/nosa.md, step 6).
+  virtual Selection select_blocks(int layer, attention::Mode mode, const Tensor& q,
+                                  const attention::SparseParams& p, KvCache& cache) = 0;
+  // Attention of q [T, Hq, d] over the selected blocks (all blocks <= the token's block when
+  // selection is null), with the eviction-score bias when use_bias. out [T, Hq, d].
+  virtual void attend(int layer, const Tensor& q, const Selection* selection, bool use_bias,
+                      KvCache& cache, Tensor& out) = 0;
+
+  // Samples one token per row of logits [n, V] (float32 or activation dtype).
+  virtual std::vector<SampledToken> sample(const Tensor& logits,
+                                           const std::vector<SamplingParams>& params) = 0;
+};
+
+// The CPU reference backend (threads from the global pool).
+std::unique_ptr<Backend> make_cpu_backend();
+// The CUDA backend on the given device; throws unavailable where CUDA or the device is missing.
+std::unique_ptr<Backend> make_cuda_backend(int device_index);
+// Whether a CUDA device can be used by this build.
+bool cuda_available();
+
+}  // namespace nosa::runtime

@@ -1,0 +1,13 @@
+// Builds without CUDA: the CUDA backend is absent and says so.
+#include "runtime/backend.h"
+#include "runtime/core/error.h"
+
+namespace nosa::runtime {
+
+bool cuda_available() { return false; }
+
+std::unique_ptr<Backend> make_cuda_backend(int) {
+  NOSA_FAIL(ErrorCode::unavailable, "this build of nosa has no CUDA backend (built without nvcc)");
+}
+
+}  // namespace nosa::runtime

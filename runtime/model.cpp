@@ -1,0 +1,145 @@
+#include "runtime/model.h"
+
+#include <cmath>
+
+#include "runtime/core/error.h"
+#include "runtime/core/logging.h"
+
+namespace nosa::runtime {
+
+RopeTable make_rope_table(const ModelConfig& c) {
+  RopeTable r;
+  const int half = c.head_dim / 2;
+  r.inv_freq.resize(half);
+  const auto& s = c.rope_scaling;
+  for (int i = 0; i < half; ++i) {
+    float exponent = float(2 * i) / float(c.head_dim);
+    double f = 1.0 / std::pow(c.rope_theta, double(exponent));
+    if (s.type == RopeScaling::Type::linear) {
+      f /= s.factor;
+    } else if (s.type == RopeScaling::Type::llama3) {
+      const double old_len = double(s.original_max_position_embeddings);
+      const double low_wavelen = old_len / s.low_freq_factor;
+      const double high_wavelen = old_len / s.high_freq_factor;
+      const double wavelen = 2.0 * M_PI / f;
+      if (wavelen > low_wavelen) {
+        f = f / s.factor;
+      } else if (wavelen >= high_wavelen) {
+        double smooth = (old_len / wavelen - s.low_freq_factor) /
+                        (s.high_freq_factor - s.low_freq_factor);
+        f = (1.0 - smooth) * f / s.factor + smooth * f;
+      }
+    }
+    r.inv_freq[i] = float(f);
+  }
+  return r;
+}
+
+Model::Model(ModelConfig config, ModelWeights weights, parallel::Partition part,
+             attention::Mode mode, Backend& backend, parallel::Communicator& comm)
+    : config_(std::move(config)), w_(std::move(weights)), part_(part), mode_(mode),
+      backend_(backend), comm_(comm), rope_(make_rope_table(config_)) {}
+
+KvLayout Model::kv_layout() const {
+  KvLayout l;
+  l.n_layers = config_.num_hidden_layers;
+  l.n_kv_heads = part_.kv_count;
+  l.head_dim = config_.head_dim;
+  l.block_size = config_.sparse.block_size;
+  l.keys_per_block = config_.sparse.keys_per_block();
+  l.dtype = backend_.activation_dtype();
+  return l;
+}
+
+Tensor Model::forward(const StepBatch& step, KvCache& cache) {
+  Backend& be = backend_;
+  const DType act = be.activation_dtype();
+  const int64_t T = step.n_tokens(), H = config_.hidden_size, d = config_.head_dim;
+  const int hq = part_.q_count, hk = part_.kv_count, nkv = config_.num_key_value_heads;
+  const int64_t F = part_.ffn_count;
+  const bool sparse = mode_ != attention::Mode::dense;
+  const bool nosa = mode_ == attention::Mode::nosa;
+  NOSA_ASSERT(T > 0, "empty step");
+
+  be.begin_step(step);
+  Tensor x = be.alloc(act, {T, H});
+  Tensor h = be.alloc(act, {T, H});
+  Tensor qkv = be.alloc(act, {T, int64_t(hq + hk + nkv) * d});
+  Tensor q = be.alloc(act, {T, hq, d});
+  Tensor k = be.alloc(act, {T, hk, d});
+  Tensor v_all = be.alloc(act, {T, nkv, d});
+  Tensor c = nosa ? be.alloc(DType::f32, {T, hk}) : Tensor();
+  Tensor attn = be.alloc(act, {T, hq, d});
+  Tensor proj = be.alloc(act, {T, H});
+  Tensor gate_up = be.alloc(act, {T, 2 * F});
+  Tensor mlp = be.alloc(act, {T, F});
+
+  be.embedding(w_.embed, x);
+  const float eps = float(config_.rms_norm_eps);
+  for (int l = 0; l < config_.num_hidden_layers; ++l) {
+    const LayerWeights& L = w_.layers[l];
+    be.rmsnorm(x, L.attn_norm, eps, h);
+    be.linear(h, L.qkv, L.qkv_bias.defined() ? &L.qkv_bias : nullptr, qkv);
+    be.split_qkv_rope(qkv, rope_, q, k, v_all);
+    if (nosa)
+      be.eviction_scores(v_all, L.nosa_a, L.nosa_delta_w,
+                         L.nosa_delta_b.defined() ? &L.nosa_delta_b : nullptr, part_.kv_begin,
+                         part_.kv_begin + hk, c);
+    be.append_kv(l, k, v_all, part_.kv_begin, nosa ? &c : nullptr, cache);
+    if (sparse) {
+      be.update_compressed(l, nosa, config_.sparse, cache);
+      Selection sel = be.select_blocks(l, mode_, q, config_.sparse, cache);
+      be.attend(l, q, &sel, nosa, cache, attn);
+    } else {
+      be.attend(l, q, nullptr, false, cache, attn);
+    }
+    Tensor attn2d = attn.reshape({T, int64_t(hq) * d});
+    be.linear(attn2d, L.o_proj, L.o_bias.defined() ? &L.o_bias : nullptr, proj);
+    if (comm_.size() > 1) comm_.all_reduce_sum(proj);
+    be.add(x, proj);
+
+    be.rmsnorm(x, L.mlp_norm, eps, h);
+    be.linear(h, L.gate_up, L.gate_up_bias.defined() ? &L.gate_up_bias : nullptr, gate_up);
+    be.silu_mul(gate_up, mlp);
+    be.linear(mlp, L.down, L.down_bias.defined() ? &L.down_bias : nullptr, proj);
+    if (comm_.size() > 1) comm_.all_reduce_sum(proj);
+    be.add(x, proj);
+  }
+  if (part_.rank != 0 || step.logit_rows.empty()) return Tensor();
+  const int64_t n = int64_t(step.logit_rows.size());
+  Tensor rows = be.alloc(act, {n, H});
+  be.gather_logit_rows(x, rows);
+  Tensor normed = be.alloc(act, {n, H});
+  be.rmsnorm(rows, w_.final_norm, eps, normed);
+  Tensor logits = be.alloc(act, {n, config_.vocab_size});
+  be.linear(normed, w_.lm_head, nullptr, logits);
+  return logits;
+}
+
+std::unique_ptr<Model> load_model(const std::filesystem::path& dir, const LoadOptions& options,
+                                  Backend& backend, parallel::Communicator& comm) {
+  ModelConfig config = ModelConfig::load(dir);
+  Checkpoint ckpt = Checkpoint::open(dir);
+  const bool nosa_tensors = has_nosa_tensors(ckpt, config);
+  attention::Mode mode = config.default_mode;
+  if (!options.mode && !config.mode_in_config && nosa_tensors) mode = attention::Mode::nosa;
+  if (options.mode) mode = *options.mode;
+  NOSA_CHECK(mode != attention::Mode::nosa || nosa_tensors,
+             "attention mode nosa needs the checkpoint's NOSA tensors "
+             "(model.layers.N.self_attn.A and .delta.weight), which {} does not have; use "
+             "--attention dense or infllmv2",
+             dir.string());
+  parallel::Partition part =
+      parallel::make_partition(config.num_attention_heads, config.num_key_value_heads,
+                               config.intermediate_size, config.vocab_size, comm.rank(),
+                               comm.size());
+  ModelWeights weights =
+      load_weights(ckpt, config, part, mode == attention::Mode::nosa, backend);
+  logger("runtime")->info("loaded {} ({} layers, hidden {}, {} attention) on {}", dir.string(),
+                          config.num_hidden_layers, config.hidden_size,
+                          attention::mode_name(mode), backend.name());
+  return std::make_unique<Model>(std::move(config), std::move(weights), part, mode, backend,
+                                 comm);
+}
+
+}  // namespace nosa::runtime

@@ -1,0 +1,58 @@
+// The Llama forward pass with dense, InfLLM-V2 or NOSA attention, written once against the
+// Backend interface, for one tensor-parallel rank.
+#pragma once
+
+#include <filesystem>
+#include <memory>
+#include <optional>
+
+#include "parallel/communicator.h"
+#include "parallel/sharding.h"
+#include "runtime/backend.h"
+#include "runtime/kv_cache.h"
+#include "runtime/model_config.h"
+#include "runtime/step.h"
+#include "runtime/weights.h"
+
+namespace nosa::runtime {
+
+RopeTable make_rope_table(const ModelConfig& config);
+
+class Model {
+ public:
+  Model(ModelConfig config, ModelWeights weights, parallel::Partition part, attention::Mode mode,
+        Backend& backend, parallel::Communicator& comm);
+
+  const ModelConfig& config() const { return config_; }
+  attention::Mode mode() const { return mode_; }
+  const parallel::Partition& partition() const { return part_; }
+  Backend& backend() { return backend_; }
+  // The layout of this rank's KV cache.
+  KvLayout kv_layout() const;
+
+  // Runs one step: appends the step's tokens to the KV cache (the blocks of every sequence must
+  // already cover its new positions) and returns the logits [logit_rows, vocab] on rank 0 (an
+  // undefined tensor on other ranks).
+  Tensor forward(const StepBatch& step, KvCache& cache);
+
+ private:
+  ModelConfig config_;
+  ModelWeights w_;
+  parallel::Partition part_;
+  attention::Mode mode_;
+  Backend& backend_;
+  parallel::Communicator& comm_;
+  RopeTable rope_;
+};
+
+struct LoadOptions {
+  // Overrides the checkpoint's attention mode when set.
+  std::optional<attention::Mode> mode;
+};
+
+// Loads DIR as this rank's part of a model (config, weights). Throws bad_checkpoint or
+// invalid_argument (e.g. NOSA mode on a checkpoint without NOSA tensors) with a clear message.
+std::unique_ptr<Model> load_model(const std::filesystem::path& dir, const LoadOptions& options,
+                                  Backend& backend, parallel::Communicator& comm);
+
+}  // namespace nosa::runtime
