@@ -35,6 +35,8 @@ void EngineFlags::add_to(CLI::App& app) {
 }
 
 std::unique_ptr<runtime::Tokenizer> EngineSetup::load_tokenizer(const std::string& model_dir) {
+  NOSA_CHECK_CODE(fs::is_directory(model_dir), ErrorCode::bad_checkpoint,
+                  "model directory '{}' does not exist", model_dir);
   if (!fs::exists(fs::path(model_dir) / "tokenizer.model")) return nullptr;
   return runtime::Tokenizer::load(model_dir);
 }

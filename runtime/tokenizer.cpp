@@ -97,6 +97,8 @@ void train_tokenizer(const fs::path& out_file, int vocab_size) {
       "--input={} --model_prefix={} --vocab_size={} --model_type=unigram "
       "--character_coverage=1.0 --byte_fallback=true --unk_id=0 --bos_id=1 --eos_id=2 "
       "--pad_id=-1 --num_threads=1 --minloglevel=2 --hard_vocab_limit=false "
+      "--normalization_rule_name=identity --remove_extra_whitespaces=false "
+      "--allow_whitespace_only_pieces=true --split_digits=true "
       "--max_sentence_length=8192",
       corpus.string(), prefix.string(), vocab_size);
   auto status = sentencepiece::SentencePieceTrainer::Train(args);
