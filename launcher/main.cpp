@@ -6,6 +6,7 @@
 
 #include "launcher/commands.h"
 #include "launcher/engine_setup.h"
+#include "parallel/mpi.h"
 #include "runtime/core/error.h"
 
 int main(int argc, char** argv) {
@@ -25,20 +26,28 @@ int main(int argc, char** argv) {
   };
   add(nosa::launcher::add_make_model_command);
   add(nosa::launcher::add_generate_command);
+  add(nosa::launcher::add_batch_command);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
+  // Under mpirun, a rank that fails takes the whole job down (MPI_Abort) rather than waiting in
+  // MPI_Finalize for peers that may never come.
+  auto fail = [](int code) {
+    auto& mpi = nosa::parallel::MpiContext::get();
+    if (mpi.active() && mpi.world_size() > 1) mpi.abort(code);
+    return code;
+  };
   try {
     nosa::launcher::apply_log_level(log_level);
     for (auto* sub : app.get_subcommands()) return runners.at(sub)();
   } catch (const nosa::Error& e) {
     std::fprintf(stderr, "nosa: error: %s\n", e.message().c_str());
-    return e.code() == nosa::ErrorCode::invalid_argument ? 2 : 1;
+    return fail(e.code() == nosa::ErrorCode::invalid_argument ? 2 : 1);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "nosa: error: %s\n", e.what());
-    return 1;
+    return fail(1);
   }
   return 0;
 }

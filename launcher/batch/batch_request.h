@@ -43,11 +43,12 @@ struct RequestDefaults {
 
 // A valid line, before tokenization.
 struct BatchRequest {
-  nlohmann::json id;  // as given (string or integer), echoed in the output
-  std::string key;    // id_key(id)
-  int64_t line = 0;   // 1-based line number in the input file
+  nlohmann::json id;                // as given (string or integer), echoed in the output
+  std::string key;                  // id_key(id)
+  int64_t line = 0;                 // 1-based line number in the input file
   std::optional<std::string> text;  // prompt text (messages already rendered); empty for ids
   std::vector<int32_t> prompt_ids;  // the prompt when given as token ids
+  int64_t prompt_tokens = 0;        // set by prepare_prompt (prompt_ids may be moved out later)
   int64_t max_tokens = 0;
   // A line without "seed" samples with a seed derived from the --seed default and its id, so
   // that requests draw independent streams and a resumed job repeats the uninterrupted one.
@@ -80,7 +81,8 @@ struct PromptLimits {
   int64_t max_context = 0;  // prompt tokens + 1 must fit
 };
 
-// Fills request.prompt_ids from the text (BOS + tokens) when the prompt was text, and checks the
+// Fills request.prompt_ids from the text (BOS + tokens) when the prompt was text (then drops the
+// text) and request.prompt_tokens, and checks the
 // prompt against the vocabulary and the context limit. Returns an error message, or "" when the
 // request can be queued. `tokenizer` may be null (then text prompts and stop strings are errors).
 std::string prepare_prompt(BatchRequest& request, const runtime::Tokenizer* tokenizer,
