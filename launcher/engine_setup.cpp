@@ -32,6 +32,12 @@ void EngineFlags::add_to(CLI::App& app) {
                  "the CPU, 16384 on a GPU)");
   app.add_option("--max-running", max_running, "Sequences in the running batch")
       ->capture_default_str();
+  app.add_option("--tp", tp,
+                 "Tensor-parallel ranks per replica; under mpirun, -np N starts N / tp replicas")
+      ->capture_default_str();
+  app.add_option("--rank-timeout", rank_timeout_s,
+                 "Seconds a rank waits for its peers inside a step before failing the job")
+      ->capture_default_str();
 }
 
 std::unique_ptr<runtime::Tokenizer> EngineSetup::load_tokenizer(const std::string& model_dir) {
@@ -48,8 +54,13 @@ EngineSetup EngineSetup::create(const EngineFlags& f, int64_t tokens_hint) {
       f.device == "cuda" || (f.device == "auto" && runtime::cuda_available());
   NOSA_CHECK(f.device == "cpu" || f.device == "cuda" || f.device == "auto",
              "unknown device '{}' (use cpu, cuda or auto)", f.device);
-  s.backend = want_cuda ? runtime::make_cuda_backend(0) : runtime::make_cpu_backend();
-  s.comm = parallel::make_single_rank_communicator();
+  const auto timeout = std::chrono::milliseconds(int64_t(f.rank_timeout_s * 1000));
+  NOSA_CHECK(f.rank_timeout_s > 0, "--rank-timeout must be positive");
+  parallel::MpiContext& mpi = parallel::MpiContext::get();
+  s.replica = parallel::make_replica(f.tp);
+  s.backend = want_cuda ? runtime::make_cuda_backend(mpi.local_rank())
+                        : runtime::make_cpu_backend();
+  s.comm = parallel::make_mpi_communicator(s.replica, timeout);
   runtime::LoadOptions lo;
   if (!f.attention.empty()) lo.mode = attention::parse_mode(f.attention);
   s.model = runtime::load_model(f.model, lo, *s.backend, *s.comm);
@@ -60,13 +71,18 @@ EngineSetup EngineSetup::create(const EngineFlags& f, int64_t tokens_hint) {
   int64_t blocks = runtime::kv_blocks_for(
       layout, f.kv_blocks, explicit_budget || tokens_hint <= 0 ? INT64_MAX / 2 : tokens_hint,
       budget);
+  // Every rank of a replica holds the same block ids: the leader's count decides.
+  parallel::broadcast_value(s.replica, blocks, timeout);
   s.cache = std::make_unique<runtime::KvCache>(layout, blocks, *s.backend);
   runtime::EngineOptions eo;
   eo.max_batch_tokens =
       f.max_batch_tokens > 0 ? f.max_batch_tokens : (want_cuda ? 16384 : 2048);
   eo.max_running = f.max_running;
   eo.max_context = f.max_context;
-  s.engine = std::make_unique<runtime::Engine>(*s.model, *s.cache, eo);
+  s.runner = std::make_unique<runtime::ReplicaRunner>(s.replica, *s.model, *s.cache, timeout);
+  runtime::ReplicaRunner* runner = s.runner.get();
+  s.engine = std::make_unique<runtime::Engine>(
+      *s.model, *s.cache, eo, [runner](const runtime::StepBatch& b) { return runner->forward(b); });
   s.tokenizer = load_tokenizer(f.model);
   logger("runtime")->info("KV cache: {} blocks of {} tokens ({:.1f} MiB)", blocks,
                           layout.block_size,

@@ -7,10 +7,12 @@
 #include <string>
 
 #include "parallel/communicator.h"
+#include "parallel/mpi.h"
 #include "runtime/backend.h"
 #include "runtime/engine.h"
 #include "runtime/kv_cache.h"
 #include "runtime/model.h"
+#include "runtime/replica_runner.h"
 #include "runtime/tokenizer.h"
 
 namespace nosa::launcher {
@@ -25,18 +27,29 @@ struct EngineFlags {
   int64_t max_context = 0;
   int64_t max_batch_tokens = 0;
   int max_running = 256;
+  int tp = 1;                  // tensor-parallel ranks per replica (under mpirun)
+  double rank_timeout_s = 60;  // a collective waits this long for a peer rank
 
   // Registers the flags on a subcommand.
   void add_to(CLI::App& app);
 };
 
+// Under mpirun, every rank builds its EngineSetup; the leader of each replica (rank 0 of its
+// --tp ranks) drives `engine`, and the other ranks call run_follower(), which returns when the
+// leader's EngineSetup is destroyed.
 struct EngineSetup {
+  parallel::Replica replica;
   std::unique_ptr<runtime::Backend> backend;
   std::unique_ptr<parallel::Communicator> comm;
   std::unique_ptr<runtime::Model> model;
   std::unique_ptr<runtime::KvCache> cache;
-  std::unique_ptr<runtime::Engine> engine;
+  std::unique_ptr<runtime::ReplicaRunner> runner;
+  std::unique_ptr<runtime::Engine> engine;        // on every rank; only the leader steps it
   std::unique_ptr<runtime::Tokenizer> tokenizer;  // null when the checkpoint has none
+
+  bool leader() const { return replica.leader(); }
+  // Follower ranks: computes the leader's steps until the leader stops.
+  void run_follower() { runner->follow(); }
 
   // Builds everything. Without --kv-blocks or --kv-gib the KV cache holds `tokens_hint` tokens
   // (capped by the backend's free memory); 0 means the whole budget.

@@ -35,6 +35,12 @@ int run_generate(const GenerateFlags& f) {
   }
   NOSA_CHECK(f.max_tokens >= 1, "--max-tokens must be at least 1");
   EngineSetup s = EngineSetup::create(f.engine, int64_t(ids.size()) + f.max_tokens);
+  if (!s.leader()) {
+    s.run_follower();
+    return 0;
+  }
+  // Under mpirun with several replicas, the first one answers; the others only stop their ranks.
+  if (s.replica.index != 0) return 0;
   NOSA_CHECK(f.stop.empty() || s.tokenizer, "--stop needs a tokenizer");
   NOSA_CHECK(f.logprobs <= 20, "--logprobs must be at most 20");
   runtime::GenerationRequest req;

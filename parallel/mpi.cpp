@@ -29,7 +29,9 @@ void mpi_check(int rc, const char* what) {
 
 // Waits for a non-blocking request, failing after `timeout`.
 void wait_for(MPI_Request& request, std::chrono::milliseconds timeout, const std::string& what) {
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  const bool forever = timeout == std::chrono::milliseconds::max();
+  const auto deadline = forever ? std::chrono::steady_clock::time_point::max()
+                                : std::chrono::steady_clock::now() + timeout;
   int done = 0;
   auto pause = std::chrono::microseconds(1);
   for (;;) {
@@ -122,7 +124,8 @@ namespace {
 
 class MpiCommunicator final : public Communicator {
  public:
-  explicit MpiCommunicator(const Replica& r) : replica_(r) {}
+  MpiCommunicator(const Replica& r, std::chrono::milliseconds timeout)
+      : replica_(r), timeout_(timeout) {}
   int rank() const override { return replica_.rank; }
   int size() const override { return replica_.size; }
 
@@ -133,7 +136,7 @@ class MpiCommunicator final : public Communicator {
     mpi_check(MPI_Iallreduce(MPI_IN_PLACE, t.raw(), int(t.numel()), MPI_FLOAT, MPI_SUM,
                              replica_.comm, &req),
               "MPI_Iallreduce");
-    wait_for(req, k_timeout, fmt::format("all-reduce in replica {}", replica_.index));
+    wait_for(req, timeout_, fmt::format("all-reduce in replica {}", replica_.index));
   }
 
   void all_gather(const Tensor& in, Tensor& out) override {
@@ -143,20 +146,20 @@ class MpiCommunicator final : public Communicator {
     mpi_check(MPI_Iallgather(in.raw(), int(in.bytes()), MPI_BYTE, out.raw(), int(in.bytes()),
                              MPI_BYTE, replica_.comm, &req),
               "MPI_Iallgather");
-    wait_for(req, k_timeout, fmt::format("all-gather in replica {}", replica_.index));
+    wait_for(req, timeout_, fmt::format("all-gather in replica {}", replica_.index));
   }
 
  private:
-  // A collective inside a step waits at most this long for a peer.
-  static constexpr std::chrono::milliseconds k_timeout{120000};
   Replica replica_;
+  std::chrono::milliseconds timeout_;  // a collective waits at most this long for a peer
 };
 
 }  // namespace
 
-std::unique_ptr<Communicator> make_mpi_communicator(const Replica& replica) {
+std::unique_ptr<Communicator> make_mpi_communicator(const Replica& replica,
+                                                   std::chrono::milliseconds timeout) {
   if (replica.size == 1) return make_single_rank_communicator();
-  return std::make_unique<MpiCommunicator>(replica);
+  return std::make_unique<MpiCommunicator>(replica, timeout);
 }
 
 }  // namespace nosa::parallel

@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -57,7 +58,17 @@ Replica make_replica(int tp);
 void broadcast_bytes(const Replica& replica, std::vector<char>& bytes,
                      std::chrono::milliseconds timeout);
 
-// Tensor collectives over MPI for host (CPU backend) tensors of float32.
-std::unique_ptr<Communicator> make_mpi_communicator(const Replica& replica);
+// Broadcasts a value from the replica's leader (for start-up agreement, e.g. the KV cache size).
+template <typename T>
+void broadcast_value(const Replica& replica, T& value, std::chrono::milliseconds timeout) {
+  std::vector<char> bytes(reinterpret_cast<char*>(&value), reinterpret_cast<char*>(&value) + sizeof(T));
+  broadcast_bytes(replica, bytes, timeout);
+  std::memcpy(&value, bytes.data(), sizeof(T));
+}
+
+// Tensor collectives over MPI for host (CPU backend) tensors of float32; a collective that does
+// not complete within `timeout` throws unavailable.
+std::unique_ptr<Communicator> make_mpi_communicator(const Replica& replica,
+                                                   std::chrono::milliseconds timeout);
 
 }  // namespace nosa::parallel

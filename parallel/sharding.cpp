@@ -20,6 +20,8 @@ Partition make_partition(int n_heads, int n_kv_heads, int64_t intermediate, int6
     p.kv_begin = rank * p.kv_count;
     p.q_count = p.kv_count * group;
     p.q_begin = p.kv_begin * group;
+    p.group_q_begin = p.q_begin;
+    p.group_q_count = p.q_count;
   } else {
     NOSA_CHECK(world % n_kv_heads == 0,
                "tensor parallelism {} must divide or be a multiple of the {} KV heads", world,
@@ -33,6 +35,8 @@ Partition make_partition(int n_heads, int n_kv_heads, int64_t intermediate, int6
     p.kv_count = 1;
     p.q_count = group / replicas;
     p.q_begin = p.kv_begin * group + (rank % replicas) * p.q_count;
+    p.group_q_begin = p.kv_begin * group;
+    p.group_q_count = group;
   }
   p.ffn_begin = intermediate * rank / world;
   p.ffn_count = intermediate * (rank + 1) / world - p.ffn_begin;

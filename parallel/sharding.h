@@ -9,7 +9,11 @@ namespace nosa::parallel {
 
 struct Partition {
   int rank = 0, world = 1;
-  int q_begin = 0, q_count = 0;    // query heads of this rank
+  int q_begin = 0, q_count = 0;    // query heads this rank attends with and projects out
+  // Query heads this rank computes: every head of its KV heads' groups, because block selection
+  // sums the query-aware scores over the whole group (differs from q_* when KV heads are
+  // replicated and their query heads split).
+  int group_q_begin = 0, group_q_count = 0;
   int kv_begin = 0, kv_count = 0;  // KV heads of this rank (replicated when world > n_kv)
   int64_t ffn_begin = 0, ffn_count = 0;
   int64_t vocab_begin = 0, vocab_count = 0;

@@ -64,6 +64,10 @@ class Backend {
   virtual size_t free_memory_bytes() const = 0;
   // Waits for queued work.
   virtual void synchronize() = 0;
+  // Fills a float32 (or, on the GPU, bf16) tensor with uniform values in [lo, hi) that depend
+  // only on (seed, index): random weights and KV contents for tests and benchmarks, made where
+  // the tensor lives. The default handles host float32 tensors.
+  virtual void fill_uniform(Tensor& t, uint64_t seed, float lo, float hi);
 
   // Uploads a step's metadata (positions, sequence of each token, block tables); the ops below
   // refer to the current step.
@@ -98,10 +102,11 @@ class Backend {
   // Selects blocks for every token of the step and local KV head (docs/nosa.md, step 6).
   virtual Selection select_blocks(int layer, attention::Mode mode, const Tensor& q,
                                   const attention::SparseParams& p, KvCache& cache) = 0;
-  // Attention of q [T, Hq, d] over the selected blocks (all blocks <= the token's block when
-  // selection is null), with the eviction-score bias when use_bias. out [T, Hq, d].
-  virtual void attend(int layer, const Tensor& q, const Selection* selection, bool use_bias,
-                      KvCache& cache, Tensor& out) = 0;
+  // Attention over the selected blocks (all blocks <= the token's block when selection is null),
+  // with the eviction-score bias when use_bias, for the query heads [q_head_begin, q_head_begin +
+  // out.dim(1)) of q [T, Hq, d] (Hq = the local KV heads' whole groups). out [T, out heads, d].
+  virtual void attend(int layer, const Tensor& q, int q_head_begin, const Selection* selection,
+                      bool use_bias, KvCache& cache, Tensor& out) = 0;
 
   // Samples one token per row of logits [n, V] (float32 or activation dtype).
   virtual std::vector<SampledToken> sample(const Tensor& logits,

@@ -26,8 +26,9 @@ int64_t kv_blocks_for(const KvLayout& layout, int64_t explicit_blocks, int64_t t
   return std::max<int64_t>(1, std::min<int64_t>(wanted, int64_t(memory_bytes) / per_block));
 }
 
-Engine::Engine(Model& model, KvCache& cache, EngineOptions options)
-    : model_(model), cache_(cache), options_(options) {
+Engine::Engine(Model& model, KvCache& cache, EngineOptions options, ForwardFn forward)
+    : model_(model), cache_(cache), options_(options), forward_(std::move(forward)) {
+  if (!forward_) forward_ = [this](const StepBatch& step) { return model_.forward(step, cache_); };
   const auto& c = model.config();
   max_context_ = options.max_context > 0
                      ? std::min<int64_t>(options.max_context, c.max_position_embeddings)
@@ -227,7 +228,7 @@ std::vector<TokenEvent> Engine::step() {
     if (seq.n_computed < seq.prompt_len)
       stats_.prompt_tokens += std::min(seq.prompt_len, seq.n_computed + p.n) - seq.n_computed;
   }
-  Tensor logits = model_.forward(batch, cache_);
+  Tensor logits = forward_(batch);
   ++stats_.steps;
   for (auto& p : plan) p.seq->n_computed += p.n;
 

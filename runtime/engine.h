@@ -54,9 +54,13 @@ struct EngineStats {
   int64_t steps = 0, preemptions = 0;
 };
 
+// Runs the forward pass of one step and returns its logits. By default the model's forward on the
+// cache; on a tensor-parallel replica, the leader's ReplicaRunner::forward.
+using ForwardFn = std::function<Tensor(const StepBatch&)>;
+
 class Engine {
  public:
-  Engine(Model& model, KvCache& cache, EngineOptions options);
+  Engine(Model& model, KvCache& cache, EngineOptions options, ForwardFn forward = {});
 
   // Validates and queues a request. Throws invalid_argument (empty prompt, token id outside the
   // vocabulary, prompt at or over the context limit, bad sampling values) or
@@ -91,6 +95,7 @@ class Engine {
   Model& model_;
   KvCache& cache_;
   EngineOptions options_;
+  ForwardFn forward_;
   int64_t max_context_;
   RequestId next_id_ = 1;
   std::deque<std::unique_ptr<Sequence>> waiting_;

@@ -55,7 +55,10 @@ Tensor Model::forward(const StepBatch& step, KvCache& cache) {
   Backend& be = backend_;
   const DType act = be.activation_dtype();
   const int64_t T = step.n_tokens(), H = config_.hidden_size, d = config_.head_dim;
-  const int hq = part_.q_count, hk = part_.kv_count, nkv = config_.num_key_value_heads;
+  // q holds every query head of the local KV heads' groups (selection needs them all); this rank
+  // attends with and projects out the heads [q_off, q_off + hq) of them.
+  const int hq_all = part_.group_q_count, hq = part_.q_count, hk = part_.kv_count;
+  const int q_off = part_.q_begin - part_.group_q_begin, nkv = config_.num_key_value_heads;
   const int64_t F = part_.ffn_count;
   const bool sparse = mode_ != attention::Mode::dense;
   const bool nosa = mode_ == attention::Mode::nosa;
@@ -64,8 +67,8 @@ Tensor Model::forward(const StepBatch& step, KvCache& cache) {
   be.begin_step(step);
   Tensor x = be.alloc(act, {T, H});
   Tensor h = be.alloc(act, {T, H});
-  Tensor qkv = be.alloc(act, {T, int64_t(hq + hk + nkv) * d});
-  Tensor q = be.alloc(act, {T, hq, d});
+  Tensor qkv = be.alloc(act, {T, int64_t(hq_all + hk + nkv) * d});
+  Tensor q = be.alloc(act, {T, hq_all, d});
   Tensor k = be.alloc(act, {T, hk, d});
   Tensor v_all = be.alloc(act, {T, nkv, d});
   Tensor c = nosa ? be.alloc(DType::f32, {T, hk}) : Tensor();
@@ -89,9 +92,9 @@ Tensor Model::forward(const StepBatch& step, KvCache& cache) {
     if (sparse) {
       be.update_compressed(l, nosa, config_.sparse, cache);
       Selection sel = be.select_blocks(l, mode_, q, config_.sparse, cache);
-      be.attend(l, q, &sel, nosa, cache, attn);
+      be.attend(l, q, q_off, &sel, nosa, cache, attn);
     } else {
-      be.attend(l, q, nullptr, false, cache, attn);
+      be.attend(l, q, q_off, nullptr, false, cache, attn);
     }
     Tensor attn2d = attn.reshape({T, int64_t(hq) * d});
     be.linear(attn2d, L.o_proj, L.o_bias.defined() ? &L.o_bias : nullptr, proj);
@@ -111,7 +114,8 @@ Tensor Model::forward(const StepBatch& step, KvCache& cache) {
   be.gather_logit_rows(x, rows);
   Tensor normed = be.alloc(act, {n, H});
   be.rmsnorm(rows, w_.final_norm, eps, normed);
-  Tensor logits = be.alloc(act, {n, config_.vocab_size});
+  // Logits in float32 on every backend: bf16 logits would tie far more often under greedy.
+  Tensor logits = be.alloc(DType::f32, {n, config_.vocab_size});
   be.linear(normed, w_.lm_head, nullptr, logits);
   return logits;
 }

@@ -29,4 +29,17 @@ struct StepBatch {
            const std::vector<int32_t>* blocks, bool want_logits = true, bool all_logits = false);
 };
 
+// A step as it travels from a replica's leader to its followers: the batch with its own copies of
+// the block tables.
+struct StepPlan {
+  enum class Kind : uint8_t { run, stop } kind = Kind::run;
+  StepBatch batch;
+  std::vector<std::vector<int32_t>> blocks;  // one table per sequence
+};
+
+std::vector<char> encode_step(const StepBatch& batch, StepPlan::Kind kind = StepPlan::Kind::run);
+// Decodes bytes from encode_step; batch.seqs[i].blocks points into plan.blocks. Throws internal
+// on malformed bytes.
+void decode_step(const std::vector<char>& bytes, StepPlan& plan);
+
 }  // namespace nosa::runtime

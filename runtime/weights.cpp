@@ -114,14 +114,14 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& c,
     Tensor q = ld.get(p + "self_attn.q_proj.weight", {nq * d, H});
     Tensor k = ld.get(p + "self_attn.k_proj.weight", {nkv * d, H});
     Tensor v = ld.get(p + "self_attn.v_proj.weight", {nkv * d, H});
-    L.qkv = ld.assemble({rows_of(q, part.q_begin * d, part.q_count * d),
+    L.qkv = ld.assemble({rows_of(q, part.group_q_begin * d, part.group_q_count * d),
                          rows_of(k, part.kv_begin * d, part.kv_count * d), rows_of(v, 0, nkv * d)},
                         act);
     if (c.attention_bias) {
       Tensor qb = ld.get(p + "self_attn.q_proj.bias", {nq * d});
       Tensor kb = ld.get(p + "self_attn.k_proj.bias", {nkv * d});
       Tensor vb = ld.get(p + "self_attn.v_proj.bias", {nkv * d});
-      L.qkv_bias = ld.assemble({rows_of(qb, part.q_begin * d, part.q_count * d),
+      L.qkv_bias = ld.assemble({rows_of(qb, part.group_q_begin * d, part.group_q_count * d),
                                 rows_of(kb, part.kv_begin * d, part.kv_count * d),
                                 rows_of(vb, 0, nkv * d)},
                                act);

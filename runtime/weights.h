@@ -14,7 +14,7 @@ namespace nosa::runtime {
 
 struct LayerWeights {
   Tensor attn_norm;     // [hidden]
-  Tensor qkv;           // [(q_count + kv_count + n_kv) * head_dim, hidden]
+  Tensor qkv;           // [(group_q_count + kv_count + n_kv) * head_dim, hidden]
   Tensor qkv_bias;      // same rows, when attention_bias
   Tensor o_proj;        // [hidden, q_count * head_dim]
   Tensor o_bias;        // [hidden], on rank 0 only, when attention_bias

@@ -285,11 +285,11 @@ class CpuBackend final : public Backend {
     return sel;
   }
 
-  void attend(int layer, const Tensor& q, const Selection* selection, bool use_bias,
-              KvCache& cache, Tensor& out) override {
+  void attend(int layer, const Tensor& q, int q_head_begin, const Selection* selection,
+              bool use_bias, KvCache& cache, Tensor& out) override {
     const KvLayout& L = cache.layout();
     const int H = L.n_kv_heads, d = L.head_dim, bs = L.block_size;
-    const int hq = int(q.dim(1)), group = hq / H;
+    const int hq_all = int(q.dim(1)), group = hq_all / H, hq = int(out.dim(1));
     const int64_t T = step_->n_tokens();
     const float* kv = cache.kv().data<float>();
     const float* bias = cache.bias().data<float>();
@@ -298,7 +298,7 @@ class CpuBackend final : public Backend {
       std::vector<ref::BlockView> views;
       for (int64_t item = b; item < e; ++item) {
         const int64_t t = item / hq;
-        const int h = int(item % hq), g = h / group;
+        const int h = int(item % hq), g = (q_head_begin + h) / group;
         const StepSequence& s = step_->seqs[step_->token_seq[t]];
         const int64_t pos = step_->positions[t];
         ids.clear();
@@ -313,7 +313,8 @@ class CpuBackend final : public Backend {
           const int64_t chunk = L.chunk(s.blocks->at(ids[i]), layer, g);
           views[i] = {kv + chunk * 2 * bs * d, kv + (chunk * 2 + 1) * bs * d, bias + chunk * bs};
         }
-        ref::attend(q.data<float>() + (t * hq + h) * d, d, views.data(), ids.data(),
+        ref::attend(q.data<float>() + (t * hq_all + q_head_begin + h) * d, d, views.data(),
+                    ids.data(),
                     int(ids.size()), bs, pos, use_bias, out.data<float>() + (t * hq + h) * d);
       }
     });
