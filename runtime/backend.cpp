@@ -1,0 +1,35 @@
+#include "runtime/backend.h"
+
+#include "runtime/core/error.h"
+#include "runtime/core/thread_pool.h"
+
+namespace nosa::runtime {
+
+namespace {
+// The same hash as runtime/cuda/elementwise.cu's fill kernel, so that both backends agree.
+inline uint64_t mix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+}  // namespace
+
+void Backend::fill_uniform(Tensor& t, uint64_t seed, float lo, float hi) {
+  NOSA_ASSERT(t.device() == Device::cpu && t.dtype() == DType::f32,
+              "fill_uniform: this backend fills host float32 tensors only (got {} {})",
+              device_name(t.device()), dtype_name(t.dtype()));
+  const uint64_t key = mix64(seed);
+  float* d = t.data<float>();
+  ThreadPool::global().parallel_for(
+      t.numel(),
+      [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          const float u = float(mix64(key ^ uint64_t(i)) >> 40) * (1.0f / 16777216.0f);
+          d[i] = lo + (hi - lo) * u;
+        }
+      },
+      1 << 16);
+}
+
+}  // namespace nosa::runtime
