@@ -1,0 +1,69 @@
+// The device tier's bookkeeping: which KV chunks (one block of one layer and KV head) occupy the
+// GPU block cache's slots. Each step asks for the chunks it selected: chunks still resident are
+// hits and cost nothing; misses get a slot, taking the least recently selected unpinned chunk's
+// (LRU), so spare capacity keeps recently dropped blocks and a block that comes back is a hit.
+// Pinned chunks (the blocks being written) are never evicted. Pure host logic: the transfers it
+// asks for are done by the caller.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace nosa::memory {
+
+using ChunkId = int64_t;
+
+struct CacheStats {
+  int64_t hits = 0, misses = 0, evictions = 0;
+};
+
+class BlockCache {
+ public:
+  // capacity: slots on the device; n_chunks: the largest chunk id + 1.
+  BlockCache(int64_t capacity, int64_t n_chunks);
+
+  struct Load {
+    ChunkId chunk;
+    int32_t slot;
+  };
+
+  // Makes the n chunks resident (one round: they never evict each other, and the ones already
+  // resident are hits) and writes their slots; each miss appends the load to perform. Throws
+  // resource_exhausted when they do not fit beside the pinned chunks.
+  void acquire(const ChunkId* chunks, int64_t n, int32_t* slots, std::vector<Load>& loads);
+  // A resident chunk's slot, or -1.
+  int32_t slot_of(ChunkId chunk) const { return slot_of_chunk_[chunk]; }
+  bool resident(ChunkId chunk) const { return slot_of_chunk_[chunk] >= 0; }
+
+  // Pinned chunks stay resident (counted: pin twice, unpin twice).
+  void pin(ChunkId chunk);
+  void unpin(ChunkId chunk);
+  bool pinned(ChunkId chunk) const;
+  // Forgets a chunk (its sequence ended): the slot becomes free.
+  void drop(ChunkId chunk);
+
+  int64_t capacity() const { return int64_t(chunk_of_slot_.size()); }
+  int64_t used() const { return used_; }
+  const CacheStats& stats() const { return stats_; }
+  // Unpinned slots from least to most recently used (for tests and diagnostics).
+  std::vector<int32_t> lru_order() const;
+
+ private:
+  int32_t touch(ChunkId chunk);  // a hit: marks the slot used in this round
+  int32_t fill(ChunkId chunk, std::vector<Load>& loads);  // a miss
+  void unlink(int32_t slot);
+  void push_back(int32_t slot);  // most recently used end
+
+  std::vector<int32_t> slot_of_chunk_;
+  std::vector<ChunkId> chunk_of_slot_;  // -1 when free
+  std::vector<int32_t> pins_;
+  std::vector<uint64_t> round_of_slot_;
+  std::vector<int32_t> prev_, next_;  // LRU list over used slots; head_ = least recent
+  int32_t head_ = -1, tail_ = -1;
+  std::vector<int32_t> free_;
+  int64_t used_ = 0;
+  uint64_t round_ = 1;
+  CacheStats stats_;
+};
+
+}  // namespace nosa::memory

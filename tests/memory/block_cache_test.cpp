@@ -1,0 +1,126 @@
+// The GPU block cache's residency rules: hits cost nothing, misses load, the least recently
+// selected unpinned chunk goes first, pinned chunks stay, and one round never evicts itself.
+#include <gtest/gtest.h>
+
+#include <random>
+#include <set>
+
+#include "memory/block_cache.h"
+#include "runtime/core/error.h"
+
+namespace nosa::memory {
+namespace {
+
+std::vector<int32_t> acquire_all(BlockCache& c, const std::vector<ChunkId>& chunks,
+                                 std::vector<BlockCache::Load>& loads) {
+  std::vector<int32_t> slots(chunks.size());
+  c.acquire(chunks.data(), int64_t(chunks.size()), slots.data(), loads);
+  return slots;
+}
+
+TEST(BlockCache, HitsCostNothingAndMissesLoadIntoFreeSlots) {
+  BlockCache c(4, 100);
+  std::vector<BlockCache::Load> loads;
+  auto s1 = acquire_all(c, {10, 11, 12}, loads);
+  EXPECT_EQ(loads.size(), 3u);
+  loads.clear();
+  auto s2 = acquire_all(c, {10, 11, 12}, loads);
+  EXPECT_TRUE(loads.empty());
+  EXPECT_EQ(s1, s2);
+  EXPECT_EQ(c.stats().hits, 3);
+  EXPECT_EQ(c.stats().misses, 3);
+  EXPECT_EQ(std::set<int32_t>(s1.begin(), s1.end()).size(), 3u);
+}
+
+TEST(BlockCache, EvictsTheLeastRecentlySelected) {
+  BlockCache c(3, 100);
+  std::vector<BlockCache::Load> loads;
+  acquire_all(c, {1, 2, 3}, loads);
+  acquire_all(c, {1}, loads);  // 2 is now the least recent
+  loads.clear();
+  acquire_all(c, {4}, loads);
+  ASSERT_EQ(loads.size(), 1u);
+  EXPECT_FALSE(c.resident(2));
+  EXPECT_TRUE(c.resident(1) && c.resident(3) && c.resident(4));
+  EXPECT_EQ(c.stats().evictions, 1);
+  // LRU order now: 3, 1, 4.
+  auto order = c.lru_order();
+  ASSERT_EQ(order.size(), 3u);
+  EXPECT_EQ(order[0], c.slot_of(3));
+  EXPECT_EQ(order[1], c.slot_of(1));
+  EXPECT_EQ(order[2], c.slot_of(4));
+}
+
+TEST(BlockCache, PinnedChunksAreNeverEvicted) {
+  BlockCache c(2, 100);
+  std::vector<BlockCache::Load> loads;
+  acquire_all(c, {1, 2}, loads);
+  c.pin(1);
+  acquire_all(c, {3}, loads);
+  acquire_all(c, {4}, loads);
+  EXPECT_TRUE(c.resident(1));
+  EXPECT_TRUE(c.pinned(1));
+  c.unpin(1);
+  acquire_all(c, {5}, loads);
+  acquire_all(c, {6}, loads);
+  EXPECT_FALSE(c.resident(1));
+}
+
+TEST(BlockCache, ARoundLargerThanTheCacheIsAClearError) {
+  BlockCache c(2, 100);
+  std::vector<BlockCache::Load> loads;
+  try {
+    acquire_all(c, {1, 2, 3}, loads);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::resource_exhausted);
+  }
+}
+
+TEST(BlockCache, DropFreesTheSlot) {
+  BlockCache c(2, 100);
+  std::vector<BlockCache::Load> loads;
+  acquire_all(c, {1, 2}, loads);
+  c.pin(2);
+  c.drop(2);
+  EXPECT_FALSE(c.resident(2));
+  EXPECT_EQ(c.used(), 1);
+  loads.clear();
+  acquire_all(c, {3}, loads);
+  EXPECT_EQ(c.stats().evictions, 0);  // took the freed slot
+}
+
+// Random rounds: after each, every requested chunk is resident in a distinct slot, the loads are
+// exactly the chunks that were not resident before, and occupancy never exceeds capacity.
+TEST(BlockCache, InvariantsHoldOverRandomRounds) {
+  const int64_t capacity = 64, universe = 500;
+  BlockCache c(capacity, universe);
+  std::mt19937 rng(3);
+  std::set<ChunkId> pinned;
+  for (int round = 0; round < 2000; ++round) {
+    std::set<ChunkId> want;
+    while (int64_t(want.size()) < 20) want.insert(rng() % universe);
+    std::set<ChunkId> before;
+    for (ChunkId ch : want)
+      if (c.resident(ch)) before.insert(ch);
+    std::vector<BlockCache::Load> loads;
+    auto got = acquire_all(c, std::vector<ChunkId>(want.begin(), want.end()), loads);
+    std::set<int32_t> slots(got.begin(), got.end());
+    EXPECT_EQ(slots.size(), want.size());
+    for (ChunkId ch : want) EXPECT_TRUE(c.resident(ch));
+    for (ChunkId ch : pinned) EXPECT_TRUE(c.resident(ch));
+    EXPECT_EQ(loads.size(), want.size() - before.size());
+    for (auto& l : loads) EXPECT_EQ(before.count(l.chunk), 0u);
+    EXPECT_LE(c.used(), capacity);
+    if (round % 50 == 0 && pinned.size() < 10) {
+      ChunkId ch = *want.begin();
+      if (!pinned.count(ch)) {
+        c.pin(ch);
+        pinned.insert(ch);
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace nosa::memory
