@@ -12,5 +12,6 @@ using Runner = std::function<int()>;
 Runner add_make_model_command(CLI::App& app);
 Runner add_generate_command(CLI::App& app);
 Runner add_batch_command(CLI::App& app);
+Runner add_bench_command(CLI::App& app);
 
 }  // namespace nosa::launcher

@@ -27,6 +27,7 @@ int main(int argc, char** argv) {
   add(nosa::launcher::add_make_model_command);
   add(nosa::launcher::add_generate_command);
   add(nosa::launcher::add_batch_command);
+  add(nosa::launcher::add_bench_command);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,8 +1,47 @@
-// The CUDA backend (host side). Device detection lives here; kernels come in .cu files.
+// The CUDA backend (host side): bf16 activations and KV cache, float32 accumulation; cuBLAS for
+// the projections and the LM head; the kernels of runtime/cuda (dense ops, sampling) and
+// attention/cuda (NOSA: compressed keys, eviction scores, selection, sparse attention).
+//
+// Everything runs on one stream. Activations come from a caching allocator (no cudaMalloc on the
+// hot path); a step's metadata is uploaded once in begin_step from pinned memory; host-side
+// decisions (grid sizes, which tokens decode and which prefill) come from the host copy of the
+// step, so a step synchronizes only once, when sample() returns the tokens.
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+
+#include "attention/cuda/compress.cuh"
+#include "attention/cuda/eviction.cuh"
+#include "attention/cuda/select.cuh"
+#include "attention/cuda/sparse_decode.cuh"
+#include "attention/cuda/sparse_prefill.cuh"
+#include "attention/reference/selection.h"
 #include "runtime/backend.h"
 #include "runtime/core/error.h"
+#include "runtime/cuda/device_allocator.h"
+#include "runtime/cuda/model_kernels.cuh"
+#include "runtime/cuda/sampling.cuh"
+#include "runtime/sampling.h"
+
+#define NOSA_CUDA_CHECK(expr)                                                               \
+  do {                                                                                      \
+    cudaError_t nosa_err_ = (expr);                                                         \
+    if (nosa_err_ != cudaSuccess) [[unlikely]]                                              \
+      NOSA_FAIL(::nosa::ErrorCode::internal, "CUDA error '{}' ({}) in {}",                  \
+                cudaGetErrorString(nosa_err_), int(nosa_err_), #expr);                      \
+  } while (0)
+
+#define NOSA_CUBLAS_CHECK(expr)                                                      \
+  do {                                                                               \
+    cublasStatus_t nosa_st_ = (expr);                                                \
+    if (nosa_st_ != CUBLAS_STATUS_SUCCESS) [[unlikely]]                              \
+      NOSA_FAIL(::nosa::ErrorCode::internal, "cuBLAS error {} in {}", int(nosa_st_), \
+                #expr);                                                              \
+  } while (0)
 
 namespace nosa::runtime {
 
@@ -16,9 +55,649 @@ bool cuda_available() {
   return count > 0;
 }
 
+namespace {
+
+namespace acu = attention::cuda;
+namespace rcu = cuda;
+namespace ref = attention::reference;
+
+// Pinned host memory that grows on demand (used for uploads and small downloads).
+class PinnedBuffer {
+ public:
+  ~PinnedBuffer() {
+    if (data_) cudaFreeHost(data_);
+  }
+  // A buffer of at least `bytes`; the previous contents are lost when it grows.
+  void* get(size_t bytes) {
+    if (bytes > size_) {
+      if (data_) cudaFreeHost(data_);
+      data_ = nullptr;
+      size_ = 0;
+      size_t want = std::max<size_t>(bytes, size_t(1) << 16);
+      want = std::max(want, size_ * 2);
+      NOSA_CUDA_CHECK(cudaHostAlloc(&data_, want, cudaHostAllocDefault));
+      size_ = want;
+    }
+    return data_;
+  }
+
+ private:
+  void* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device_index) : device_index_(device_index) {
+    int count = 0;
+    cudaError_t err = cudaGetDeviceCount(&count);
+    if (err != cudaSuccess) cudaGetLastError();
+    NOSA_CHECK_CODE(err == cudaSuccess && count > 0, ErrorCode::unavailable,
+                    "no CUDA device is available");
+    NOSA_CHECK_CODE(device_index >= 0 && device_index < count, ErrorCode::invalid_argument,
+                    "CUDA device {} does not exist ({} present)", device_index, count);
+    NOSA_CUDA_CHECK(cudaSetDevice(device_index));
+    NOSA_CUDA_CHECK(cudaGetDeviceProperties(&props_, device_index));
+    NOSA_CHECK_CODE(props_.major >= 8, ErrorCode::unavailable,
+                    "the CUDA backend needs compute capability 8.0 or newer (bf16 tensor cores); "
+                    "{} has {}.{}",
+                    props_.name, props_.major, props_.minor);
+    NOSA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&staged_, cudaEventDisableTiming));
+    NOSA_CUBLAS_CHECK(cublasCreate(&cublas_));
+    NOSA_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
+    workspace_ = alloc(DType::u8, {int64_t(32) << 20});
+    NOSA_CUBLAS_CHECK(cublasSetWorkspace(cublas_, workspace_.raw(), workspace_.bytes()));
+  }
+
+  ~CudaBackend() override {
+    cudaStreamSynchronize(stream_);
+    step_keep_.clear();
+    workspace_ = Tensor();
+    rope_dev_ = Tensor();
+    if (cublas_) cublasDestroy(cublas_);
+    cudaEventDestroy(staged_);
+    cudaStreamDestroy(stream_);
+  }
+
+  Device device() const override { return Device::cuda; }
+  std::string name() const override { return fmt::format("cuda:{} ({})", device_index_, props_.name); }
+  DType activation_dtype() const override { return DType::bf16; }
+
+  // ---- memory -------------------------------------------------------------------------------
+
+  Tensor alloc(DType dtype, Shape shape) override {
+    const size_t bytes = size_t(shape_numel(shape)) * dtype_size(dtype);
+    std::shared_ptr<void> storage = allocator_.allocate(bytes);
+    void* p = storage.get();
+    return Tensor(std::move(storage), p, dtype, std::move(shape), Device::cuda);
+  }
+
+  Tensor zeros(DType dtype, Shape shape) override {
+    Tensor t = alloc(dtype, std::move(shape));
+    if (t.bytes()) NOSA_CUDA_CHECK(cudaMemsetAsync(t.raw(), 0, t.bytes(), stream_));
+    return t;
+  }
+
+  Tensor upload(const Tensor& host, DType dtype) override {
+    NOSA_ASSERT(host.device() == Device::cpu, "upload: the source must be a host tensor");
+    Tensor out = alloc(dtype, host.shape());
+    if (host.numel() == 0) return out;
+    if (host.dtype() == dtype) {
+      NOSA_CUDA_CHECK(
+          cudaMemcpyAsync(out.raw(), host.raw(), host.bytes(), cudaMemcpyHostToDevice, stream_));
+    } else {
+      const bool float_in = host.dtype() == DType::f32 || host.dtype() == DType::f16 ||
+                            host.dtype() == DType::bf16;
+      const bool float_out = dtype == DType::f32 || dtype == DType::f16 || dtype == DType::bf16;
+      NOSA_ASSERT(float_in && float_out, "upload: cannot convert {} to {}",
+                  dtype_name(host.dtype()), dtype_name(dtype));
+      // Convert through float32 in pinned chunks.
+      const size_t n = size_t(host.numel());
+      const size_t chunk = size_t(1) << 22;
+      const size_t in_size = dtype_size(host.dtype()), out_size = dtype_size(dtype);
+      std::vector<float> tmp(std::min(n, chunk));
+      for (size_t b = 0; b < n; b += chunk) {
+        const size_t c = std::min(chunk, n - b);
+        convert_to_f32(static_cast<const char*>(host.raw()) + b * in_size, host.dtype(),
+                       tmp.data(), c);
+        NOSA_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the pinned buffer is free again
+        void* pinned = upload_pinned_.get(c * out_size);
+        convert_from_f32(tmp.data(), dtype, pinned, c);
+        NOSA_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(out.raw()) + b * out_size, pinned,
+                                        c * out_size, cudaMemcpyHostToDevice, stream_));
+      }
+    }
+    NOSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return out;
+  }
+
+  Tensor to_host(const Tensor& t) override {
+    if (t.device() == Device::cpu) return t;
+    Tensor raw = Tensor::empty_host(t.dtype(), t.shape());
+    if (t.bytes())
+      NOSA_CUDA_CHECK(
+          cudaMemcpyAsync(raw.raw(), t.raw(), t.bytes(), cudaMemcpyDeviceToHost, stream_));
+    NOSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    if (t.dtype() != DType::bf16 && t.dtype() != DType::f16) return raw;
+    Tensor out = Tensor::empty_host(DType::f32, t.shape());
+    convert_to_f32(raw.raw(), t.dtype(), out.data<float>(), size_t(t.numel()));
+    return out;
+  }
+
+  size_t free_memory_bytes() const override {
+    size_t free_bytes = 0, total = 0;
+    if (cudaMemGetInfo(&free_bytes, &total) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    // Keep room for activations, workspaces and the allocator's cache.
+    const size_t reserve = std::max<size_t>(size_t(6) << 30, total / 16);
+    return free_bytes > reserve ? free_bytes - reserve : 0;
+  }
+
+  void synchronize() override { NOSA_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+  void fill_uniform(Tensor& t, uint64_t seed, float lo, float hi) override {
+    if (t.device() == Device::cpu) return Backend::fill_uniform(t, seed, lo, hi);
+    NOSA_ASSERT(t.dtype() == DType::bf16 || t.dtype() == DType::f32,
+                "fill_uniform: bf16 or float32 tensors only, not {}", dtype_name(t.dtype()));
+    NOSA_CUDA_CHECK(rcu::launch_fill_uniform(t.raw(), t.dtype() == DType::bf16, t.numel(), seed,
+                                             lo, hi, stream_));
+  }
+
+  // ---- the step -----------------------------------------------------------------------------
+
+  void begin_step(const StepBatch& step) override {
+    step_ = &step;
+    plan_valid_ = false;
+    // The previous step's uploads have been read once staged_ fires; then its buffers go.
+    NOSA_CUDA_CHECK(cudaEventSynchronize(staged_));
+    step_keep_.clear();
+    staging_used_ = 0;
+
+    const int T = int(step.n_tokens()), S = int(step.seqs.size());
+    int stride = 1;
+    max_pos_ = 0;
+    for (const StepSequence& s : step.seqs)
+      stride = std::max<int>(stride, int(s.blocks ? s.blocks->size() : 0));
+    for (int32_t p : step.positions) max_pos_ = std::max<int64_t>(max_pos_, p);
+    const size_t n_ints = size_t(3) * T + size_t(3) * S + size_t(S) * stride +
+                          step.logit_rows.size();
+    std::vector<int32_t> meta(n_ints, 0);
+    int32_t* p = meta.data();
+    std::copy(step.tokens.begin(), step.tokens.end(), p);
+    std::copy(step.positions.begin(), step.positions.end(), p + T);
+    std::copy(step.token_seq.begin(), step.token_seq.end(), p + 2 * T);
+    int32_t* sp = p + 3 * T;
+    for (int i = 0; i < S; ++i) {
+      const StepSequence& s = step.seqs[i];
+      sp[i] = int32_t(s.n_past);
+      sp[S + i] = int32_t(s.n_new);
+      sp[2 * S + i] = int32_t(s.token_begin);
+      if (s.blocks) std::copy(s.blocks->begin(), s.blocks->end(), sp + 3 * S + size_t(i) * stride);
+    }
+    std::copy(step.logit_rows.begin(), step.logit_rows.end(), sp + 3 * S + size_t(S) * stride);
+    const int32_t* d = static_cast<const int32_t*>(stage(meta.data(), n_ints * 4));
+    view_ = acu::StepView{};
+    view_.tokens = d;
+    view_.positions = d + T;
+    view_.token_seq = d + 2 * T;
+    view_.seq_n_past = d + 3 * T;
+    view_.seq_n_new = d + 3 * T + S;
+    view_.seq_token_begin = d + 3 * T + 2 * S;
+    view_.block_table = d + 3 * T + 3 * S;
+    view_.logit_rows = d + 3 * T + 3 * S + size_t(S) * stride;
+    view_.bt_stride = stride;
+    view_.n_tokens = T;
+    view_.n_seqs = S;
+    view_.n_logits = int(step.logit_rows.size());
+  }
+
+  // ---- dense ops ----------------------------------------------------------------------------
+
+  void embedding(const Tensor& table, Tensor& out) override {
+    require(table, DType::bf16, "embedding table");
+    const int64_t vocab = table.dim(0);
+    for (int32_t id : step_->tokens)
+      NOSA_CHECK(id >= 0 && id < vocab, "token id {} is outside the vocabulary [0, {})", id, vocab);
+    NOSA_CUDA_CHECK(rcu::launch_embedding(table.raw(), view_.tokens, view_.n_tokens,
+                                          int(table.dim(1)), out.raw(), stream_));
+  }
+
+  void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override {
+    require(x, DType::bf16, "rmsnorm x");
+    require(weight, DType::bf16, "rmsnorm weight");
+    rcu::RmsNormArgs a;
+    a.x = x.raw();
+    a.w = weight.raw();
+    a.out = out.raw();
+    a.rows = int(x.dim(0));
+    a.n = int(x.dim(1));
+    a.eps = eps;
+    NOSA_CUDA_CHECK(rcu::launch_rmsnorm(a, stream_));
+  }
+
+  void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& out) override {
+    require(x, DType::bf16, "linear x");
+    require(w, DType::bf16, "linear w");
+    const int64_t rows = x.dim(0), k = x.dim(1), n = w.dim(0);
+    NOSA_ASSERT(w.dim(1) == k && out.dim(0) == rows && out.dim(1) == n,
+                "linear: shapes {} x {}^T -> {}", shape_string(x.shape()),
+                shape_string(w.shape()), shape_string(out.shape()));
+    NOSA_ASSERT(out.device() == Device::cuda &&
+                    (out.dtype() == DType::bf16 || out.dtype() == DType::f32),
+                "linear: the output must be a cuda bf16 or float32 tensor");
+    if (rows == 0) return;
+    const bool out_f32 = out.dtype() == DType::f32;
+    const float alpha = 1.0f, beta = 0.0f;
+    NOSA_CUBLAS_CHECK(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, int(n), int(rows), int(k),
+                                   &alpha, w.raw(), CUDA_R_16BF, int(k), x.raw(), CUDA_R_16BF,
+                                   int(k), &beta, out.raw(), out_f32 ? CUDA_R_32F : CUDA_R_16BF,
+                                   int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    if (bias) {
+      require(*bias, DType::bf16, "linear bias");
+      NOSA_CUDA_CHECK(
+          rcu::launch_bias_add(out.raw(), out_f32, bias->raw(), int(rows), int(n), stream_));
+    }
+  }
+
+  void add(Tensor& x, const Tensor& y) override {
+    require(x, DType::bf16, "add x");
+    require(y, DType::bf16, "add y");
+    NOSA_CUDA_CHECK(rcu::launch_add(x.raw(), y.raw(), x.numel(), stream_));
+  }
+
+  void silu_mul(const Tensor& gate_up, Tensor& out) override {
+    require(gate_up, DType::bf16, "silu_mul");
+    NOSA_CUDA_CHECK(
+        rcu::launch_silu_mul(gate_up.raw(), out.raw(), int(gate_up.dim(0)), int(out.dim(1)), stream_));
+  }
+
+  void split_qkv_rope(const Tensor& qkv, const RopeTable& rope, Tensor& q, Tensor& k,
+                      Tensor& v_all) override {
+    require(qkv, DType::bf16, "split_qkv_rope");
+    const int hq = int(q.dim(1)), hk = int(k.dim(1)), hv = int(v_all.dim(1)), d = int(q.dim(2));
+    NOSA_ASSERT(qkv.dim(1) == int64_t(hq + hk + hv) * d, "split_qkv_rope: width {} != ({}+{}+{})*{}",
+                qkv.dim(1), hq, hk, hv, d);
+    if (!rope_dev_.defined() || rope.inv_freq != rope_host_) {
+      rope_host_ = rope.inv_freq;
+      Tensor host = Tensor::borrow(rope_host_.data(), DType::f32, {int64_t(rope_host_.size())});
+      rope_dev_ = upload(host, DType::f32);
+    }
+    rcu::RopeArgs a;
+    a.qkv = qkv.raw();
+    a.q = q.raw();
+    a.k = k.raw();
+    a.v = v_all.raw();
+    a.positions = view_.positions;
+    a.inv_freq = rope_dev_.data<float>();
+    a.attention_scaling = rope.attention_scaling;
+    a.n_tokens = int(qkv.dim(0));
+    a.hq = hq;
+    a.hk = hk;
+    a.hv = hv;
+    a.head_dim = d;
+    NOSA_CUDA_CHECK(rcu::launch_split_qkv_rope(a, stream_));
+  }
+
+  void gather_logit_rows(const Tensor& x, Tensor& out) override {
+    NOSA_CUDA_CHECK(rcu::launch_gather_rows(x.raw(), view_.logit_rows, view_.n_logits,
+                                            int(x.dim(1)), out.raw(), stream_));
+  }
+
+  // ---- NOSA ---------------------------------------------------------------------------------
+
+  void eviction_scores(const Tensor& v_all, const Tensor& a, const Tensor& delta_w,
+                       const Tensor* delta_b, int head_begin, int head_end, Tensor& c) override {
+    require(v_all, DType::bf16, "eviction_scores v");
+    require(a, DType::f32, "eviction_scores A");
+    require(delta_w, DType::f32, "eviction_scores delta");
+    acu::EvictionArgs args;
+    args.v_all = v_all.raw();
+    args.a = a.data<float>();
+    args.delta_w = delta_w.data<float>();
+    args.delta_b = delta_b ? delta_b->data<float>() : nullptr;
+    args.c = c.data<float>();
+    args.n_tokens = int(v_all.dim(0));
+    args.n_kv = int(v_all.dim(1));
+    args.head_dim = int(v_all.dim(2));
+    args.head_begin = head_begin;
+    args.head_end = head_end;
+    NOSA_CUDA_CHECK(acu::launch_eviction_scores(args, stream_));
+  }
+
+  void append_kv(int layer, const Tensor& k, const Tensor& v_all, int v_head_begin,
+                 const Tensor* c, KvCache& cache) override {
+    require(k, DType::bf16, "append_kv k");
+    acu::AppendKvArgs a;
+    a.kv = kv_view(cache);
+    a.step = view_;
+    a.layer = layer;
+    a.k = k.raw();
+    a.v_all = v_all.raw();
+    a.hv = int(v_all.dim(1));
+    a.v_head_begin = v_head_begin;
+    a.c = c ? c->data<float>() : nullptr;
+    NOSA_CUDA_CHECK(acu::launch_append_kv(a, stream_));
+  }
+
+  void update_compressed(int layer, bool scores, const attention::SparseParams& p,
+                         KvCache& cache) override {
+    int max_new = 0;
+    for (const StepSequence& s : step_->seqs) {
+      const int64_t j0 = ref::compressed_count(s.n_past - 1, p);
+      const int64_t j1 = ref::compressed_count(s.n_past + s.n_new - 1, p);
+      max_new = std::max<int>(max_new, int(j1 - j0));
+    }
+    acu::UpdateCompressedArgs a;
+    a.kv = kv_view(cache);
+    a.step = view_;
+    a.layer = layer;
+    a.kernel_size = p.kernel_size;
+    a.kernel_stride = p.kernel_stride;
+    a.scores = scores;
+    a.max_new_windows = max_new;
+    NOSA_CUDA_CHECK(acu::launch_update_compressed(a, stream_));
+  }
+
+  Selection select_blocks(int layer, attention::Mode mode, const Tensor& q,
+                          const attention::SparseParams& p, KvCache& cache) override {
+    require(q, DType::bf16, "select_blocks q");
+    const KvLayout& L = cache.layout();
+    const int H = L.n_kv_heads, hq = int(q.dim(1)), group = hq / H;
+    const int64_t T = step_->n_tokens();
+    int k_max = 1, n_max = 1, nb_max = 1;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t pos = step_->positions[t], qb = pos / p.block_size;
+      k_max = int(std::max<int64_t>(
+          k_max, ref::selects_all(mode, pos, p) ? qb + 1 : std::min<int64_t>(p.topk, qb + 1)));
+      n_max = std::max<int>(n_max, int(ref::compressed_count(pos, p)));
+      nb_max = std::max<int>(nb_max, int(qb + 1));
+    }
+    Selection sel;
+    sel.k_max = k_max;
+    sel.blocks = alloc(DType::i32, {T, H, k_max});
+    acu::SelectArgs a;
+    a.kv = kv_view(cache);
+    a.step = view_;
+    a.p = sparse_view(p);
+    a.mode = mode == attention::Mode::nosa       ? acu::SelectMode::nosa
+             : mode == attention::Mode::infllmv2 ? acu::SelectMode::infllmv2
+                                                 : acu::SelectMode::dense;
+    a.layer = layer;
+    a.q = q.raw();
+    a.group = group;
+    a.scale = 1.0f / std::sqrt(float(L.head_dim));
+    a.out = sel.blocks.data<int32_t>();
+    a.k_max = k_max;
+    a.n_max = n_max;
+    a.nb_max = nb_max;
+    a.scratch_floats = acu::select_scratch_floats(H, group, n_max, int(T));
+    Tensor scratch = alloc(DType::f32, {int64_t(a.scratch_floats)});
+    a.scratch = scratch.data<float>();
+    NOSA_CUDA_CHECK(acu::launch_block_select(a, stream_));
+    return sel;
+  }
+
+  void attend(int layer, const Tensor& q, int q_head_begin, const Selection* selection,
+              bool use_bias, KvCache& cache, Tensor& out_heads) override {
+    require(q, DType::bf16, "attend q");
+    const KvLayout& L = cache.layout();
+    const int H = L.n_kv_heads, hq = int(q.dim(1)), group = hq / H;
+    // The kernels write every query head of the local groups; a rank that owns only some of
+    // them (tensor parallelism within a group) gets its slice copied out.
+    const bool slice = q_head_begin != 0 || out_heads.dim(1) != hq;
+    Tensor out = slice ? alloc(DType::bf16, q.shape()) : out_heads;
+    NOSA_CHECK_CODE(L.head_dim == 64 || L.head_dim == 128, ErrorCode::invalid_argument,
+                    "the CUDA attention kernels support head_dim 64 and 128, not {}", L.head_dim);
+    NOSA_CHECK_CODE(L.block_size % 16 == 0 && (64 % L.block_size == 0 || L.block_size % 64 == 0),
+                    ErrorCode::invalid_argument,
+                    "the CUDA attention kernels support block sizes 16, 32, 64 and multiples of "
+                    "64, not {}",
+                    L.block_size);
+    NOSA_CHECK_CODE(group >= 1 && group <= 64 && hq % H == 0, ErrorCode::invalid_argument,
+                    "the CUDA attention kernels support 1 to 64 query heads per KV head, not {}/{}",
+                    hq, H);
+    const Plan& plan = attend_plan(group, L.block_size);
+    const acu::KvView kv = kv_view(cache);
+    const float scale = 1.0f / std::sqrt(float(L.head_dim));
+    if (plan.n_decode > 0) {
+      acu::DecodeArgs a;
+      a.kv = kv;
+      a.step = view_;
+      a.layer = layer;
+      a.q = q.raw();
+      a.group = group;
+      a.scale = scale;
+      a.use_bias = use_bias;
+      a.selection = selection ? selection->blocks.data<int32_t>() : nullptr;
+      a.k_max = selection ? selection->k_max : 0;
+      a.max_blocks = selection ? std::min(selection->k_max, plan.decode_max_blocks)
+                               : plan.decode_max_blocks;
+      a.token_list = plan.decode_tokens;
+      a.n_list = plan.n_decode;
+      a.splits = acu::decode_splits(a.n_list, H, a.max_blocks, L.block_size,
+                                    props_.multiProcessorCount);
+      Tensor partial = alloc(DType::f32, {int64_t(acu::decode_partial_floats(
+                                              a.n_list, H, a.splits, L.head_dim))});
+      a.partial = partial.data<float>();
+      a.out = out.raw();
+      NOSA_CUDA_CHECK(acu::launch_sparse_decode(a, stream_));
+    }
+    if (plan.n_tiles > 0) {
+      acu::PrefillArgs a;
+      a.kv = kv;
+      a.step = view_;
+      a.layer = layer;
+      a.q = q.raw();
+      a.group = group;
+      a.scale = scale;
+      a.use_bias = use_bias;
+      a.selection = selection ? selection->blocks.data<int32_t>() : nullptr;
+      a.k_max = selection ? selection->k_max : 0;
+      a.tiles = plan.tiles;
+      a.n_tiles = plan.n_tiles;
+      a.nb_max = plan.prefill_nb_max;
+      a.out = out.raw();
+      NOSA_CUDA_CHECK(acu::launch_sparse_prefill(a, stream_));
+    }
+    if (slice) {
+      const size_t d_bytes = size_t(L.head_dim) * 2;
+      NOSA_CUDA_CHECK(cudaMemcpy2DAsync(
+          out_heads.raw(), size_t(out_heads.dim(1)) * d_bytes,
+          static_cast<const char*>(out.raw()) + size_t(q_head_begin) * d_bytes, size_t(hq) * d_bytes,
+          size_t(out_heads.dim(1)) * d_bytes, size_t(q.dim(0)), cudaMemcpyDeviceToDevice, stream_));
+    }
+  }
+
+  // ---- sampling -----------------------------------------------------------------------------
+
+  std::vector<SampledToken> sample(const Tensor& logits,
+                                   const std::vector<SamplingParams>& params) override {
+    const int64_t n = logits.dim(0), vocab = logits.dim(1);
+    NOSA_ASSERT(int64_t(params.size()) == n, "sample: {} rows but {} parameter sets", n,
+                params.size());
+    if (n == 0) return {};
+    if (logits.device() == Device::cpu) {
+      std::vector<SampledToken> out(n);
+      for (int64_t i = 0; i < n; ++i)
+        out[i] = sample_row(logits.data<float>() + i * vocab, vocab, params[i]);
+      return out;
+    }
+    NOSA_ASSERT(logits.dtype() == DType::f32 || logits.dtype() == DType::bf16,
+                "sample: float32 or bf16 logits, not {}", dtype_name(logits.dtype()));
+    std::vector<rcu::SampleRowParams> rows(n);
+    for (int64_t i = 0; i < n; ++i) {
+      const SamplingParams& p = params[i];
+      rows[i].temperature = p.temperature;
+      rows[i].top_p = p.top_p;
+      rows[i].top_k = p.top_k;
+      rows[i].n_top = std::min(p.logprobs, rcu::k_max_top_logprobs);
+      rows[i].u = p.temperature > 0.0f ? sampling_uniform(p.seed, p.step) : 0.0;
+    }
+    rcu::SampleArgs a;
+    a.logits = logits.raw();
+    a.logits_f32 = logits.dtype() == DType::f32;
+    a.rows = int(n);
+    a.vocab = int(vocab);
+    a.params = static_cast<const rcu::SampleRowParams*>(
+        stage(rows.data(), rows.size() * sizeof(rcu::SampleRowParams)));
+    Tensor results = alloc(DType::u8, {int64_t(n * sizeof(rcu::SampleRowResult))});
+    a.out = static_cast<rcu::SampleRowResult*>(results.raw());
+    NOSA_CUDA_CHECK(rcu::launch_sample(a, stream_));
+    auto* host = static_cast<rcu::SampleRowResult*>(
+        result_pinned_.get(size_t(n) * sizeof(rcu::SampleRowResult)));
+    NOSA_CUDA_CHECK(cudaMemcpyAsync(host, results.raw(), results.bytes(), cudaMemcpyDeviceToHost,
+                                    stream_));
+    NOSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    std::vector<SampledToken> out(n);
+    for (int64_t i = 0; i < n; ++i) {
+      NOSA_CHECK_CODE(!host[i].nan, ErrorCode::internal, "NaN in the logits of row {}", i);
+      out[i].token = host[i].token;
+      out[i].logprob = host[i].logprob;
+      for (int j = 0; j < host[i].n_top; ++j)
+        out[i].top.emplace_back(host[i].top_ids[j], host[i].top_logprobs[j]);
+    }
+    return out;
+  }
+
+ private:
+  // Which tokens take the decode kernel (single new tokens) and which the prefill tiles.
+  struct Plan {
+    int group = 0, block_size = 0;
+    const int32_t* decode_tokens = nullptr;
+    int n_decode = 0;
+    int decode_max_blocks = 0;
+    const acu::PrefillTile* tiles = nullptr;
+    int n_tiles = 0;
+    int prefill_nb_max = 1;
+  };
+
+  const Plan& attend_plan(int group, int block_size) {
+    if (plan_valid_ && plan_.group == group && plan_.block_size == block_size) return plan_;
+    Plan plan;
+    plan.group = group;
+    plan.block_size = block_size;
+    std::vector<int32_t> decode;
+    std::vector<acu::PrefillTile> tiles;
+    const int tile_tokens = acu::prefill_tile_tokens(group);
+    for (size_t si = 0; si < step_->seqs.size(); ++si) {
+      const StepSequence& s = step_->seqs[si];
+      if (s.n_new == 1 && group <= 16) {
+        decode.push_back(int32_t(s.token_begin));
+        plan.decode_max_blocks =
+            std::max<int>(plan.decode_max_blocks, int(s.n_past / block_size + 1));
+        continue;
+      }
+      for (int64_t t0 = 0; t0 < s.n_new; t0 += tile_tokens) {
+        acu::PrefillTile tile;
+        tile.seq = int32_t(si);
+        tile.first = int32_t(s.token_begin + t0);
+        tile.count = int32_t(std::min<int64_t>(tile_tokens, s.n_new - t0));
+        tiles.push_back(tile);
+      }
+      if (s.n_new > 0)
+        plan.prefill_nb_max =
+            std::max<int>(plan.prefill_nb_max, int((s.n_past + s.n_new - 1) / block_size + 1));
+    }
+    plan.n_decode = int(decode.size());
+    plan.n_tiles = int(tiles.size());
+    if (!decode.empty())
+      plan.decode_tokens = static_cast<const int32_t*>(stage(decode.data(), decode.size() * 4));
+    if (!tiles.empty())
+      plan.tiles = static_cast<const acu::PrefillTile*>(
+          stage(tiles.data(), tiles.size() * sizeof(acu::PrefillTile)));
+    plan_ = plan;
+    plan_valid_ = true;
+    return plan_;
+  }
+
+  // Copies host data to a device buffer that lives until the next step (stream-ordered).
+  const void* stage(const void* data, size_t bytes) {
+    if (bytes == 0) return nullptr;
+    const size_t offset = (staging_used_ + 255) / 256 * 256;
+    if (offset + bytes > staging_capacity_) {
+      // Growing: wait until earlier copies out of the old buffer are done.
+      NOSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      staging_capacity_ = std::max(staging_capacity_ * 2, offset + bytes + (size_t(1) << 20));
+      staging_host_ = std::make_unique<PinnedBuffer>();
+      staging_host_->get(staging_capacity_);
+    }
+    char* host = static_cast<char*>(staging_host_->get(staging_capacity_)) + offset;
+    std::memcpy(host, data, bytes);
+    Tensor dev = alloc(DType::u8, {int64_t(bytes)});
+    NOSA_CUDA_CHECK(cudaMemcpyAsync(dev.raw(), host, bytes, cudaMemcpyHostToDevice, stream_));
+    NOSA_CUDA_CHECK(cudaEventRecord(staged_, stream_));
+    step_keep_.push_back(dev);
+    staging_used_ = offset + bytes;
+    return dev.raw();
+  }
+
+  static void require(const Tensor& t, DType dtype, const char* what) {
+    NOSA_ASSERT(t.device() == Device::cuda && t.dtype() == dtype,
+                "{}: expected a cuda {} tensor, got {} {}", what, dtype_name(dtype),
+                device_name(t.device()), dtype_name(t.dtype()));
+  }
+
+  static acu::KvView kv_view(KvCache& cache) {
+    const KvLayout& L = cache.layout();
+    NOSA_ASSERT(cache.kv().device() == Device::cuda && cache.kv().dtype() == DType::bf16,
+                "the KV cache must be a cuda bf16 tensor");
+    acu::KvView v;
+    v.kv = cache.kv().raw();
+    v.bias = cache.bias().data<float>();
+    v.ck = cache.ck().raw();
+    v.ck_scores = cache.ck_scores().data<float>();
+    v.n_layers = L.n_layers;
+    v.n_kv_heads = L.n_kv_heads;
+    v.head_dim = L.head_dim;
+    v.block_size = L.block_size;
+    v.keys_per_block = L.keys_per_block;
+    return v;
+  }
+
+  static acu::SparseView sparse_view(const attention::SparseParams& p) {
+    acu::SparseView v;
+    v.block_size = p.block_size;
+    v.kernel_size = p.kernel_size;
+    v.kernel_stride = p.kernel_stride;
+    v.init_blocks = p.init_blocks;
+    v.local_blocks = p.local_blocks();
+    v.topk = p.topk;
+    v.q_select = p.q_select();
+    v.dense_len = p.dense_len;
+    return v;
+  }
+
+  int device_index_;
+  cudaDeviceProp props_{};
+  cudaStream_t stream_ = nullptr;
+  cudaEvent_t staged_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  rcu::DeviceAllocator allocator_;
+  Tensor workspace_;
+
+  const StepBatch* step_ = nullptr;
+  acu::StepView view_;
+  int64_t max_pos_ = 0;
+  Plan plan_;
+  bool plan_valid_ = false;
+
+  std::unique_ptr<PinnedBuffer> staging_host_;
+  size_t staging_capacity_ = 0, staging_used_ = 0;
+  std::vector<Tensor> step_keep_;
+  PinnedBuffer upload_pinned_, result_pinned_;
+
+  std::vector<float> rope_host_;
+  Tensor rope_dev_;
+};
+
+}  // namespace
+
 std::unique_ptr<Backend> make_cuda_backend(int device_index) {
   NOSA_CHECK_CODE(cuda_available(), ErrorCode::unavailable, "no CUDA device is available");
-  NOSA_FAIL(ErrorCode::unavailable, "the CUDA backend is not built yet; use --device cpu");
+  return std::make_unique<CudaBackend>(device_index);
 }
 
 }  // namespace nosa::runtime

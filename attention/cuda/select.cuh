@@ -1,0 +1,44 @@
+// Block selection on the GPU (docs/nosa.md, section 3, steps 3-6): query-aware scores against
+// the compressed keys (softmax per query head, summed over the GQA group), max-pooling with
+// forced blocks, and the top-k (InfLLM-V2: one stage; NOSA: two stages, the second by the
+// pooled eviction scores). One thread block per (token, KV head).
+//
+// The scores are computed in float32 in the CPU reference's order (sequential dot products
+// without fused multiply-add, softmax sums in double), so that the selection matches
+// attention/reference/selection.cpp block for block on the same inputs; ties break toward the
+// lower block index.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "attention/cuda/kv_view.cuh"
+
+namespace nosa::attention::cuda {
+
+enum class SelectMode : int { dense = 0, infllmv2 = 1, nosa = 2 };
+
+struct SelectArgs {
+  KvView kv;
+  StepView step;
+  SparseView p;
+  SelectMode mode = SelectMode::nosa;
+  int layer = 0;
+  const void* q = nullptr;  // [T][H * group][d] bf16, rotated
+  int group = 1;            // query heads per KV head
+  float scale = 1.0f;       // 1 / sqrt(d), as the host computes it
+  int32_t* out = nullptr;   // [T][H][k_max], ascending, -1 padded
+  int k_max = 0;
+  int n_max = 0;   // largest compressed_count over the step's tokens
+  int nb_max = 0;  // largest query block + 1 over the step's tokens
+  float* scratch = nullptr;      // logits, select_scratch_floats(...) floats
+  size_t scratch_floats = 0;
+};
+
+// Floats of scratch the launcher uses at most (it processes tokens in groups to stay inside).
+size_t select_scratch_floats(int n_kv_heads, int group, int n_max, int n_tokens);
+cudaError_t launch_block_select(const SelectArgs& args, cudaStream_t stream);
+
+}  // namespace nosa::attention::cuda

@@ -1,0 +1,39 @@
+// Sparse (and dense) attention for single query tokens, flash-decoding style: the blocks a token
+// attends to are split over several thread blocks (split-K), each streaming its share of the
+// paged KV cache through shared memory (cp.async, three stages) into bf16 tensor-core MMAs with
+// the GQA group's query heads as the rows; a second kernel merges the splits. The NOSA bias
+// (eviction score c of each key) is added to the scaled logits when use_bias.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "attention/cuda/kv_view.cuh"
+
+namespace nosa::attention::cuda {
+
+struct DecodeArgs {
+  KvView kv;
+  StepView step;
+  int layer = 0;
+  const void* q = nullptr;  // [T][H * group][d] bf16
+  int group = 1;            // at most 16
+  float scale = 1.0f;
+  bool use_bias = false;
+  const int32_t* selection = nullptr;  // [T][H][k_max] ascending, -1 padded; null: all blocks
+  int k_max = 0;
+  int max_blocks = 0;                  // most blocks any listed token attends to
+  const int32_t* token_list = nullptr; // tokens handled: [n_list] indices into the step
+  int n_list = 0;
+  int splits = 1;                      // from decode_splits()
+  float* partial = nullptr;            // decode_partial_floats() floats
+  void* out = nullptr;                 // [T][H * group][d] bf16
+};
+
+// A split count that fills the GPU: thread blocks ~ 4 per multiprocessor, >= 4 stages each.
+int decode_splits(int n_list, int n_kv_heads, int max_blocks, int block_size, int sm_count);
+size_t decode_partial_floats(int n_list, int n_kv_heads, int splits, int head_dim);
+cudaError_t launch_sparse_decode(const DecodeArgs& args, cudaStream_t stream);
+
+}  // namespace nosa::attention::cuda

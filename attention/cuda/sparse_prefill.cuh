@@ -1,0 +1,44 @@
+// Sparse (and dense) attention for prompt chunks: a tiled tensor-core kernel. A thread block
+// takes a tile of 64 rows, the (token, query head) pairs of up to 64 / group consecutive tokens of
+// one sequence for one KV head, and walks the union of the blocks its tokens selected (every
+// block up to the last token's without a selection), two stages of 64 keys deep in shared
+// memory. Each key is masked per row by the row token's own selection and causality, and a warp
+// skips a stage that none of its tokens selected, so unselected blocks cost no MMA work.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "attention/cuda/kv_view.cuh"
+
+namespace nosa::attention::cuda {
+
+// A prefill tile: tokens [first, first + count) of the step, all of sequence seq.
+struct PrefillTile {
+  int32_t seq = 0;
+  int32_t first = 0;
+  int32_t count = 0;
+};
+
+struct PrefillArgs {
+  KvView kv;
+  StepView step;
+  int layer = 0;
+  const void* q = nullptr;  // [T][H * group][d] bf16
+  int group = 1;            // at most 64
+  float scale = 1.0f;
+  bool use_bias = false;
+  const int32_t* selection = nullptr;  // [T][H][k_max] ascending, -1 padded; null: all blocks
+  int k_max = 0;
+  const PrefillTile* tiles = nullptr;  // [n_tiles], count <= prefill_tile_tokens(group)
+  int n_tiles = 0;
+  int nb_max = 0;  // largest query block + 1 over the tiles' tokens
+  void* out = nullptr;  // [T][H * group][d] bf16
+};
+
+// Tokens per tile: 64 rows / group.
+int prefill_tile_tokens(int group);
+cudaError_t launch_sparse_prefill(const PrefillArgs& args, cudaStream_t stream);
+
+}  // namespace nosa::attention::cuda

@@ -1,0 +1,422 @@
+// `nosa bench`: throughput benchmarks of the engine, by suite (docs/performance.md says how
+// numbers are taken and reported).
+//   decode  - one decoding step of B sequences at a context of C tokens, with the KV cache filled
+//             with random contents on the device (no prefill), so that 64 x 32K contexts are
+//             practical; tokens/s, median step time, and the step's floor (weights + the KV the
+//             attention reads, at 4.3 TB/s) with the ratio.
+//   prefill - P prompts of L tokens through the engine (chunked prefill, continuous batching);
+//             tokens/s.
+// Models are random weights of a named shape made directly on the device (or a checkpoint with
+// --model). Results go to stdout as a table and, with --json / --csv, to files that carry the
+// machine, the commit and the configuration. A new suite is a function added to suites().
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <thread>
+
+#include "attention/reference/selection.h"
+#include "launcher/commands.h"
+#include "launcher/engine_setup.h"
+#include "parallel/sharding.h"
+#include "runtime/core/error.h"
+#include "runtime/core/logging.h"
+#include "runtime/core/thread_pool.h"
+#include "runtime/make_model.h"
+
+namespace nosa::launcher {
+
+namespace {
+
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+constexpr double k_hbm_bytes_per_s = 4.3e12;  // docs/performance.md: the lent H200's copy rate
+
+struct BenchFlags {
+  std::string suite = "decode";
+  std::string shape = "nosa-1b-like";
+  std::string model;  // a checkpoint instead of random weights
+  int layers = 0;
+  std::string device = "auto";
+  std::vector<std::string> modes = {"dense", "nosa"};
+  std::vector<int> batch = {1, 16, 64};
+  std::vector<int64_t> context = {16384, 32768};
+  int steps = 20;
+  int warmup = 3;
+  int prompts = 16;
+  int64_t prompt_len = 16384;
+  int64_t max_batch_tokens = 16384;
+  uint64_t seed = 1;
+  int threads = 0;
+  std::string json_out, csv_out, label, commit;
+};
+
+std::string run_text(const std::string& cmd) {
+  std::string out;
+  if (FILE* p = ::popen(cmd.c_str(), "r")) {
+    char buf[256];
+    while (std::fgets(buf, sizeof buf, p)) out += buf;
+    ::pclose(p);
+  }
+  while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
+  return out;
+}
+
+std::string commit_id(const std::string& flag) {
+  if (!flag.empty()) return flag;
+  std::string c = run_text("git rev-parse HEAD 2>/dev/null");
+  if (c.empty()) return "unknown";
+  if (!run_text("git status --porcelain --untracked-files=no 2>/dev/null").empty()) c += "-dirty";
+  return c;
+}
+
+json machine_info(runtime::Backend& be) {
+  char host[256] = {0};
+  ::gethostname(host, sizeof host - 1);
+  std::string cpu;
+  std::ifstream in("/proc/cpuinfo");
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("model name", 0) == 0) {
+      cpu = line.substr(line.find(':') + 2);
+      break;
+    }
+  return {{"hostname", host},
+          {"backend", be.name()},
+          {"cpu", cpu},
+          {"cpu_threads", std::thread::hardware_concurrency()}};
+}
+
+// A model of random weights on the backend (made where it lives: no disk, no host copy).
+struct BenchModel {
+  std::unique_ptr<parallel::Communicator> comm;
+  std::unique_ptr<runtime::Model> model;
+  double weight_bytes = 0;  // bytes a decoding step reads (embedding rows excluded)
+};
+
+BenchModel random_model(runtime::Backend& be, const BenchFlags& f, attention::Mode mode) {
+  runtime::ModelConfig c = runtime::shape_config(f.shape, mode);
+  if (f.layers > 0) c.num_hidden_layers = f.layers;
+  BenchModel bm;
+  bm.comm = parallel::make_single_rank_communicator();
+  parallel::Partition part = parallel::make_partition(c.num_attention_heads, c.num_key_value_heads,
+                                                      c.intermediate_size, c.vocab_size, 0, 1);
+  const DType act = be.activation_dtype();
+  const int64_t H = c.hidden_size, d = c.head_dim, V = c.vocab_size;
+  const int64_t nkv = c.num_key_value_heads;
+  uint64_t seed = f.seed * 1000;
+  auto make = [&](Shape shape, float lo, float hi, DType dt) {
+    Tensor t = be.alloc(dt, std::move(shape));
+    be.fill_uniform(t, seed++, lo, hi);
+    return t;
+  };
+  const float a = 0.035f;  // ~ N(0, 0.02) in scale
+  runtime::ModelWeights w;
+  w.embed = make({V, H}, -a, a, act);
+  w.final_norm = make({H}, 1.0f, 1.0f, act);
+  w.lm_head = c.tie_word_embeddings ? w.embed : make({V, H}, -a, a, act);
+  bm.weight_bytes = double(V * H) * dtype_size(act);
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    runtime::LayerWeights L;
+    L.attn_norm = make({H}, 1.0f, 1.0f, act);
+    L.mlp_norm = make({H}, 1.0f, 1.0f, act);
+    L.qkv = make({(part.group_q_count + part.kv_count + nkv) * d, H}, -a, a, act);
+    L.o_proj = make({H, part.q_count * d}, -a, a, act);
+    L.gate_up = make({2 * part.ffn_count, H}, -a, a, act);
+    L.down = make({H, part.ffn_count}, -a, a, act);
+    L.nosa_a = make({nkv}, 0.5f, 1.0f, DType::f32);
+    L.nosa_delta_w = make({nkv, nkv * d}, -0.05f, 0.05f, DType::f32);
+    for (const Tensor* t : {&L.qkv, &L.o_proj, &L.gate_up, &L.down}) bm.weight_bytes += t->bytes();
+    w.layers.push_back(std::move(L));
+  }
+  bm.model = std::make_unique<runtime::Model>(c, std::move(w), part, mode, be, *bm.comm);
+  return bm;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+double percentile(std::vector<double> v, double q) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[std::min(v.size() - 1, size_t(q * double(v.size())))];
+}
+
+struct SuiteContext {
+  const BenchFlags& flags;
+  runtime::Backend& backend;
+  std::vector<json>& rows;
+};
+
+// ---- decode -------------------------------------------------------------------------------------
+
+void run_decode(SuiteContext& ctx) {
+  const BenchFlags& f = ctx.flags;
+  runtime::Backend& be = ctx.backend;
+  for (const std::string& mode_name : f.modes) {
+    const attention::Mode mode = attention::parse_mode(mode_name);
+    BenchModel bm = random_model(be, f, mode);
+    runtime::Model& model = *bm.model;
+    const runtime::ModelConfig& c = model.config();
+    const attention::SparseParams& p = c.sparse;
+    runtime::KvLayout layout = model.kv_layout();
+    for (int64_t context : f.context)
+      for (int B : f.batch) {
+        json row = {{"suite", "decode"},       {"shape", f.shape},
+                    {"layers", c.num_hidden_layers}, {"mode", mode_name},
+                    {"batch", B},              {"context", context},
+                    {"steps", f.steps},        {"label", f.label}};
+        const int64_t blocks_per_seq = (context + 1 + layout.block_size - 1) / layout.block_size;
+        const int64_t n_blocks = blocks_per_seq * B;
+        const double kv_bytes = double(n_blocks) * double(layout.bytes_per_block());
+        if (kv_bytes > double(be.free_memory_bytes())) {
+          row["skipped"] = fmt::format("the KV cache needs {:.1f} GiB, more than is free",
+                                       kv_bytes / double(1ull << 30));
+          logger("bench")->warn("decode {} B={} C={}: skipped ({})", mode_name, B, context,
+                                row["skipped"].get<std::string>());
+          ctx.rows.push_back(row);
+          continue;
+        }
+        std::unique_ptr<runtime::KvCache> cache;
+        try {
+          cache = std::make_unique<runtime::KvCache>(layout, n_blocks, be);
+        } catch (const Error& e) {
+          row["skipped"] = e.message();
+          ctx.rows.push_back(row);
+          continue;
+        }
+        // Random KV contents (keys, values, eviction scores, compressed keys and their scores).
+        be.fill_uniform(cache->kv(), f.seed + 11, -1.0f, 1.0f);
+        be.fill_uniform(cache->bias(), f.seed + 12, 0.0f, 1.0f);
+        be.fill_uniform(cache->ck(), f.seed + 13, -1.0f, 1.0f);
+        be.fill_uniform(cache->ck_scores(), f.seed + 14, 0.0f, 1.0f);
+        std::vector<std::vector<int32_t>> tables(B);
+        for (int i = 0; i < B; ++i)
+          for (int64_t j = 0; j < blocks_per_seq; ++j)
+            tables[i].push_back(int32_t(i * blocks_per_seq + j));
+        std::mt19937 rng(uint32_t(f.seed));
+        std::vector<runtime::SamplingParams> greedy(B);
+        std::vector<double> times_ms;
+        for (int s = 0; s < f.warmup + f.steps; ++s) {
+          runtime::StepBatch step;
+          for (int i = 0; i < B; ++i)
+            step.add({int32_t(rng() % uint32_t(c.vocab_size))}, context, &tables[i]);
+          const auto t0 = Clock::now();
+          Tensor logits = model.forward(step, *cache);
+          auto tokens = be.sample(logits, greedy);
+          const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+          if (s >= f.warmup) times_ms.push_back(ms);
+        }
+        // The floor: weights plus what the attention reads per (sequence, layer, KV head).
+        const bool sparse = mode != attention::Mode::dense;
+        const bool nosa = mode == attention::Mode::nosa;
+        const int64_t pos = context;
+        const int64_t attended =
+            attention::reference::selects_all(mode, pos, p)
+                ? pos + 1
+                : std::min<int64_t>(pos + 1, int64_t(p.topk) * p.block_size);
+        const double kv_elem = double(dtype_size(layout.dtype));
+        const double per_token = 2.0 * layout.head_dim * kv_elem + (nosa ? 4.0 : 0.0);
+        const int64_t n_ck = sparse ? attention::reference::compressed_count(pos, p) : 0;
+        const double ck_bytes = double(n_ck) * (layout.head_dim * kv_elem + (nosa ? 4.0 : 0.0));
+        const double heads = double(B) * c.num_hidden_layers * layout.n_kv_heads;
+        const double kv_read = heads * double(attended) * per_token;
+        const double ck_read = heads * ck_bytes;
+        const double floor_ms = (bm.weight_bytes + kv_read) / k_hbm_bytes_per_s * 1e3;
+        const double floor_ck_ms = (bm.weight_bytes + kv_read + ck_read) / k_hbm_bytes_per_s * 1e3;
+        const double med = median(times_ms);
+        row["step_ms_median"] = med;
+        row["step_ms_p10"] = percentile(times_ms, 0.1);
+        row["step_ms_p90"] = percentile(times_ms, 0.9);
+        row["tokens_per_s"] = med > 0 ? double(B) * 1e3 / med : 0;
+        row["weight_bytes"] = bm.weight_bytes;
+        row["kv_bytes_read"] = kv_read;
+        row["ck_bytes_read"] = ck_read;
+        row["attended_tokens"] = attended;
+        row["floor_ms"] = floor_ms;
+        row["floor_ms_with_compressed_keys"] = floor_ck_ms;
+        row["ratio_to_floor"] = floor_ms > 0 ? med / floor_ms : 0;
+        ctx.rows.push_back(row);
+        logger("bench")->info(
+            "decode {:8s} B={:3d} C={:6d}: {:8.3f} ms/step  {:9.1f} tok/s  floor {:.3f} ms  "
+            "x{:.2f}",
+            mode_name, B, context, med, row["tokens_per_s"].get<double>(), floor_ms,
+            row["ratio_to_floor"].get<double>());
+      }
+  }
+}
+
+// ---- prefill ------------------------------------------------------------------------------------
+
+void run_prefill(SuiteContext& ctx) {
+  const BenchFlags& f = ctx.flags;
+  runtime::Backend& be = ctx.backend;
+  for (const std::string& mode_name : f.modes) {
+    const attention::Mode mode = attention::parse_mode(mode_name);
+    BenchModel bm = random_model(be, f, mode);
+    runtime::Model& model = *bm.model;
+    const runtime::ModelConfig& c = model.config();
+    runtime::KvLayout layout = model.kv_layout();
+    const int64_t L = f.prompt_len;
+    json row = {{"suite", "prefill"},    {"shape", f.shape},   {"layers", c.num_hidden_layers},
+                {"mode", mode_name},     {"prompts", f.prompts}, {"prompt_len", L},
+                {"max_batch_tokens", f.max_batch_tokens},       {"label", f.label}};
+    const int64_t n_blocks = int64_t(f.prompts) * ((L + 2 + layout.block_size - 1) / layout.block_size) + 8;
+    const double kv_bytes = double(n_blocks) * double(layout.bytes_per_block());
+    if (kv_bytes > double(be.free_memory_bytes())) {
+      row["skipped"] = fmt::format("the KV cache needs {:.1f} GiB, more than is free",
+                                   kv_bytes / double(1ull << 30));
+      ctx.rows.push_back(row);
+      continue;
+    }
+    runtime::KvCache cache(layout, n_blocks, be);
+    runtime::EngineOptions eo;
+    eo.max_batch_tokens = f.max_batch_tokens;
+    eo.max_running = std::max(1, f.prompts);
+    std::mt19937 rng(uint32_t(f.seed));
+    auto prompt = [&](int64_t n) {
+      std::vector<int32_t> ids(n);
+      for (auto& id : ids) id = int32_t(3 + rng() % uint32_t(c.vocab_size - 3));
+      return ids;
+    };
+    auto run = [&](int n_prompts, int64_t len) {
+      runtime::Engine engine(model, cache, eo);
+      for (int i = 0; i < n_prompts; ++i) {
+        runtime::GenerationRequest r;
+        r.prompt = prompt(len);
+        r.max_tokens = 1;
+        r.ignore_eos = true;
+        engine.submit(std::move(r));
+      }
+      int64_t steps = 0;
+      const auto t0 = Clock::now();
+      while (engine.has_work()) {
+        engine.step();
+        ++steps;
+      }
+      be.synchronize();
+      return std::pair{std::chrono::duration<double>(Clock::now() - t0).count(), steps};
+    };
+    run(1, std::min<int64_t>(L, 2048));  // warm-up: kernels, cuBLAS heuristics, allocator
+    auto [seconds, steps] = run(f.prompts, L);
+    row["seconds"] = seconds;
+    row["steps"] = steps;
+    row["tokens_per_s"] = double(f.prompts) * double(L) / seconds;
+    ctx.rows.push_back(row);
+    logger("bench")->info("prefill {:8s} {} x {}: {:.2f} s, {:.0f} tok/s", mode_name, f.prompts, L,
+                          seconds, row["tokens_per_s"].get<double>());
+  }
+}
+
+std::map<std::string, std::function<void(SuiteContext&)>> suites() {
+  return {{"decode", run_decode}, {"prefill", run_prefill}};
+}
+
+void write_csv(const std::string& path, const std::vector<json>& rows, const json& meta) {
+  std::vector<std::string> cols = {"commit", "machine", "backend"};
+  for (const json& r : rows)
+    for (auto it = r.begin(); it != r.end(); ++it)
+      if (std::find(cols.begin(), cols.end(), it.key()) == cols.end()) cols.push_back(it.key());
+  std::ofstream out(path);
+  NOSA_CHECK_CODE(out.good(), ErrorCode::io, "cannot write {}", path);
+  for (size_t i = 0; i < cols.size(); ++i) out << (i ? "," : "") << cols[i];
+  out << "\n";
+  for (const json& r : rows) {
+    for (size_t i = 0; i < cols.size(); ++i) {
+      json v;
+      if (cols[i] == "commit") v = meta["commit"];
+      else if (cols[i] == "machine") v = meta["machine"]["hostname"];
+      else if (cols[i] == "backend") v = meta["machine"]["backend"];
+      else if (r.contains(cols[i])) v = r[cols[i]];
+      std::string s = v.is_null() ? "" : v.is_string() ? v.get<std::string>() : v.dump();
+      if (s.find_first_of(",\"") != std::string::npos) {
+        std::string q = "\"";
+        for (char ch : s) q += ch == '"' ? std::string("\"\"") : std::string(1, ch);
+        s = q + "\"";
+      }
+      out << (i ? "," : "") << s;
+    }
+    out << "\n";
+  }
+}
+
+int run_bench(const BenchFlags& f) {
+  if (f.threads > 0) ThreadPool::set_global_threads(f.threads);
+  auto all = suites();
+  auto it = all.find(f.suite);
+  NOSA_CHECK(it != all.end(), "unknown suite '{}' (use decode or prefill)", f.suite);
+  NOSA_CHECK(f.model.empty(), "--model is not supported yet: benchmarks use random weights of --shape");
+  NOSA_CHECK(f.steps >= 1 && f.warmup >= 0, "--steps must be >= 1 and --warmup >= 0");
+  const bool want_cuda = f.device == "cuda" || (f.device == "auto" && runtime::cuda_available());
+  NOSA_CHECK(f.device == "cpu" || f.device == "cuda" || f.device == "auto",
+             "unknown device '{}' (use cpu, cuda or auto)", f.device);
+  std::unique_ptr<runtime::Backend> be =
+      want_cuda ? runtime::make_cuda_backend(0) : runtime::make_cpu_backend();
+  json meta;
+  meta["suite"] = f.suite;
+  meta["commit"] = commit_id(f.commit);
+  meta["machine"] = machine_info(*be);
+  meta["hbm_bytes_per_s_for_floor"] = k_hbm_bytes_per_s;
+  {
+    const auto now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
+    char buf[64];
+    std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+    meta["date"] = buf;
+  }
+  std::vector<json> rows;
+  SuiteContext ctx{f, *be, rows};
+  it->second(ctx);
+  meta["results"] = rows;
+  if (!f.json_out.empty()) {
+    std::ofstream out(f.json_out);
+    NOSA_CHECK_CODE(out.good(), ErrorCode::io, "cannot write {}", f.json_out);
+    out << meta.dump(1) << "\n";
+  }
+  if (!f.csv_out.empty()) write_csv(f.csv_out, rows, meta);
+  fmt::print("{}\n", meta.dump());
+  return 0;
+}
+
+}  // namespace
+
+Runner add_bench_command(CLI::App& app) {
+  auto* cmd = app.add_subcommand("bench", "Throughput benchmarks (suites: decode, prefill)");
+  auto f = std::make_shared<BenchFlags>();
+  cmd->add_option("--suite", f->suite, "decode or prefill")->capture_default_str();
+  cmd->add_option("--shape", f->shape, "Model shape: tiny, nosa-1b-like or nosa-8b-like")
+      ->capture_default_str();
+  cmd->add_option("--layers", f->layers, "Override the shape's layer count");
+  cmd->add_option("--model", f->model, "(reserved) a checkpoint instead of random weights");
+  cmd->add_option("--device", f->device, "cpu, cuda or auto")->capture_default_str();
+  cmd->add_option("--mode", f->modes, "Attention modes: dense, infllmv2, nosa (repeatable)")
+      ->delimiter(',');
+  cmd->add_option("--batch", f->batch, "Decode: batch sizes (comma-separated)")->delimiter(',');
+  cmd->add_option("--context", f->context, "Decode: context lengths in tokens (comma-separated)")
+      ->delimiter(',');
+  cmd->add_option("--steps", f->steps, "Decode: timed steps per configuration")
+      ->capture_default_str();
+  cmd->add_option("--warmup", f->warmup, "Decode: untimed steps first")->capture_default_str();
+  cmd->add_option("--prompts", f->prompts, "Prefill: prompts")->capture_default_str();
+  cmd->add_option("--prompt-len", f->prompt_len, "Prefill: tokens per prompt")
+      ->capture_default_str();
+  cmd->add_option("--max-batch-tokens", f->max_batch_tokens, "Prefill: tokens per engine step")
+      ->capture_default_str();
+  cmd->add_option("--seed", f->seed, "Seed of the random weights and inputs")
+      ->capture_default_str();
+  cmd->add_option("--threads", f->threads, "CPU threads (default: all cores)");
+  cmd->add_option("--json", f->json_out, "Write the results (with machine and commit) as JSON");
+  cmd->add_option("--csv", f->csv_out, "Write the results as CSV");
+  cmd->add_option("--label", f->label, "A free-form label stored with each result");
+  cmd->add_option("--commit", f->commit, "Commit id to record (default: git rev-parse HEAD)");
+  return [f] { return run_bench(*f); };
+}
+
+}  // namespace nosa::launcher

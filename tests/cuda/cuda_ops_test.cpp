@@ -1,0 +1,420 @@
+// Every op of the CUDA backend against the CPU reference backend on random inputs: the same
+// selected blocks, relative error under 1e-2 for bf16 results, every output written (GPU
+// outputs start as NaN), no NaN. Skipped where no GPU exists.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+
+#include "attention/reference/selection.h"
+#include "runtime/core/error.h"
+#include "runtime/model.h"
+#include "runtime/sampling.h"
+#include "tests/cuda/cuda_test_util.h"
+
+namespace nosa::test {
+namespace {
+
+using runtime::KvLayout;
+using runtime::Selection;
+
+constexpr double k_tol = 1e-2;
+
+// ---- dense ops ---------------------------------------------------------------------------------
+
+TEST(CudaOps, EmbeddingMatchesCpu) {
+  NOSA_REQUIRE_GPU();
+  Backends b;
+  StepFixture f({{0, 37}, {5, 1}}, 16, 16, 1, 300);
+  Twin table = twin(b, host_uniform({300, 256}, 2, -1, 1));
+  Twin out = outputs(b, {f.step.n_tokens(), 256});
+  b.cpu->begin_step(f.step);
+  b.gpu->begin_step(f.step);
+  b.cpu->embedding(table.cpu, out.cpu);
+  b.gpu->embedding(table.gpu, out.gpu);
+  Comparison c = compare(b, out.cpu, out.gpu);
+  EXPECT_EQ(c.non_finite, 0);
+  EXPECT_EQ(c.rel_error, 0.0);
+}
+
+TEST(CudaOps, RmsNormMatchesCpu) {
+  NOSA_REQUIRE_GPU();
+  Backends b;
+  for (int n : {256, 2048, 4096}) {
+    Twin x = twin(b, host_uniform({19, n}, 3, -3, 3));
+    Twin w = twin(b, host_uniform({n}, 4, 0.5, 1.5));
+    Twin out = outputs(b, {19, n});
+    b.cpu->rmsnorm(x.cpu, w.cpu, 1e-5f, out.cpu);
+    b.gpu->rmsnorm(x.gpu, w.gpu, 1e-5f, out.gpu);
+    expect_close(b, out.cpu, out.gpu, k_tol, "rmsnorm n=" + std::to_string(n));
+  }
+}
+
+TEST(CudaOps, LinearMatchesCpuWithBf16AndF32Outputs) {
+  NOSA_REQUIRE_GPU();
+  Backends b;
+  for (int rows : {1, 37, 300}) {
+    Twin x = twin(b, host_uniform({rows, 320}, 5, -1, 1));
+    Twin w = twin(b, host_uniform({200, 320}, 6, -0.1f, 0.1f));
+    Twin bias = twin(b, host_uniform({200}, 7, -1, 1));
+    Twin out = outputs(b, {rows, 200});
+    b.cpu->linear(x.cpu, w.cpu, &bias.cpu, out.cpu);
+    b.gpu->linear(x.gpu, w.gpu, &bias.gpu, out.gpu);
+    expect_close(b, out.cpu, out.gpu, k_tol, "linear+bias bf16 rows=" + std::to_string(rows));
+    Twin out32 = outputs(b, {rows, 200}, DType::f32);
+    b.cpu->linear(x.cpu, w.cpu, nullptr, out32.cpu);
+    b.gpu->linear(x.gpu, w.gpu, nullptr, out32.gpu);
+    expect_close(b, out32.cpu, out32.gpu, 1e-3, "linear f32 rows=" + std::to_string(rows));
+  }
+}
+
+TEST(CudaOps, AddAndSiluMulMatchCpu) {
+  NOSA_REQUIRE_GPU();
+  Backends b;
+  Twin x = twin(b, host_uniform({33, 301}, 8, -2, 2));
+  Twin y = twin(b, host_uniform({33, 301}, 9, -2, 2));
+  b.cpu->add(x.cpu, y.cpu);
+  b.gpu->add(x.gpu, y.gpu);
+  expect_close(b, x.cpu, x.gpu, k_tol, "add");
+  Twin gu = twin(b, host_uniform({33, 2 * 384}, 10, -4, 4));
+  Twin out = outputs(b, {33, 384});
+  b.cpu->silu_mul(gu.cpu, out.cpu);
+  b.gpu->silu_mul(gu.gpu, out.gpu);
+  expect_close(b, out.cpu, out.gpu, k_tol, "silu_mul");
+}
+
+TEST(CudaOps, SplitQkvRopeMatchesCpuAtLongPositions) {
+  NOSA_REQUIRE_GPU();
+  Backends b;
+  const int d = 128, hq = 16, hk = 2, hv = 2;
+  StepFixture f({{16000, 3}, {0, 20}, {70000, 1}}, 64, 2000, 11);
+  const int64_t T = f.step.n_tokens();
+  runtime::RopeTable rope;
+  for (int i = 0; i < d / 2; ++i) rope.inv_freq.push_back(float(1.0 / std::pow(10000.0, 2.0 * i / d)));
+  Twin qkv = twin(b, host_uniform({T, (hq + hk + hv) * d}, 12, -1, 1));
+  Twin q = outputs(b, {T, hq, d}), k = outputs(b, {T, hk, d}), v = outputs(b, {T, hv, d});
+  b.cpu->begin_step(f.step);
+  b.gpu->begin_step(f.step);
+  b.cpu->split_qkv_rope(qkv.cpu, rope, q.cpu, k.cpu, v.cpu);
+  b.gpu->split_qkv_rope(qkv.gpu, rope, q.gpu, k.gpu, v.gpu);
+  expect_close(b, q.cpu, q.gpu, k_tol, "rope q");
+  expect_close(b, k.cpu, k.gpu, k_tol, "rope k");
+  expect_close(b, v.cpu, v.gpu, 1e-6, "split v");
+}
+
+TEST(CudaOps, GatherLogitRowsMatchesCpu) {
+  NOSA_REQUIRE_GPU();
+  Backends b;
+  StepFixture f({{0, 10}, {3, 1}, {0, 7}}, 16, 16, 13);
+  const int64_t T = f.step.n_tokens(), n = int64_t(f.step.logit_rows.size());
+  Twin x = twin(b, host_uniform({T, 64}, 14, -1, 1));
+  Twin out = outputs(b, {n, 64});
+  b.cpu->begin_step(f.step);
+  b.gpu->begin_step(f.step);
+  b.cpu->gather_logit_rows(x.cpu, out.cpu);
+  b.gpu->gather_logit_rows(x.gpu, out.gpu);
+  EXPECT_EQ(compare(b, out.cpu, out.gpu).rel_error, 0.0);
+}
+
+TEST(CudaOps, FillUniformAgreesWithTheCpuDefault) {
+  NOSA_REQUIRE_GPU();
+  Backends b;
+  Tensor c = b.cpu->alloc(DType::f32, {1000});
+  Tensor g = b.gpu->alloc(DType::f32, {1000});
+  b.cpu->fill_uniform(c, 42, -2.0f, 3.0f);
+  b.gpu->fill_uniform(g, 42, -2.0f, 3.0f);
+  expect_close(b, c, g, 1e-6, "fill_uniform");
+}
+
+// ---- NOSA: eviction scores, KV writes, compressed keys ------------------------------------------
+
+TEST(CudaOps, EvictionScoresMatchCpu) {
+  NOSA_REQUIRE_GPU();
+  Backends b;
+  const int n_kv = 2, d = 128, T = 50;
+  Twin v = twin(b, host_uniform({T, n_kv, d}, 15, -1, 1));
+  Twin a = twin(b, host_uniform({n_kv}, 16, 0.5, 2), DType::f32);
+  Twin w = twin(b, host_uniform({n_kv, n_kv * d}, 17, -0.2f, 0.2f), DType::f32);
+  Twin bias = twin(b, host_uniform({n_kv}, 18, -1, 1), DType::f32);
+  for (auto [h0, h1] : {std::pair{0, 2}, std::pair{1, 2}}) {
+    Twin c = outputs(b, {T, h1 - h0}, DType::f32);
+    b.cpu->eviction_scores(v.cpu, a.cpu, w.cpu, &bias.cpu, h0, h1, c.cpu);
+    b.gpu->eviction_scores(v.gpu, a.gpu, w.gpu, &bias.gpu, h0, h1, c.gpu);
+    expect_close(b, c.cpu, c.gpu, 1e-5, "eviction scores heads " + std::to_string(h0));
+  }
+}
+
+struct Shape4 {
+  int d, block_size, kernel_size, kernel_stride;
+};
+
+TEST(CudaOps, AppendKvAndCompressedKeysMatchCpu) {
+  NOSA_REQUIRE_GPU();
+  Backends b;
+  for (Shape4 s : {Shape4{128, 64, 32, 16}, Shape4{64, 16, 8, 4}}) {
+    attention::SparseParams p;
+    p.block_size = s.block_size;
+    p.kernel_size = s.kernel_size;
+    p.kernel_stride = s.kernel_stride;
+    KvLayout L{2, 2, s.d, s.block_size, s.block_size / s.kernel_stride, DType::f32};
+    const int64_t n_blocks = 80;
+    TwinCache cache(b, L, n_blocks);
+    // A fresh prompt, a chunk in the middle of a prompt and two decode tokens, one of them
+    // completing a window.
+    StepFixture f({{0, 150}, {100, 77}, {47, 1}, {s.kernel_size + s.kernel_stride - 1, 1}},
+                  s.block_size, n_blocks, 19);
+    const int64_t T = f.step.n_tokens();
+    const int H = 2, hv = 3;
+    Twin k = twin(b, host_uniform({T, H, s.d}, 20, -1, 1));
+    Twin v = twin(b, host_uniform({T, hv, s.d}, 21, -1, 1));
+    Twin c = twin(b, host_uniform({T, H}, 22, 0, 2), DType::f32);
+    b.cpu->begin_step(f.step);
+    b.gpu->begin_step(f.step);
+    for (int layer = 0; layer < 2; ++layer) {
+      b.cpu->append_kv(layer, k.cpu, v.cpu, 1, &c.cpu, *cache.cpu);
+      b.gpu->append_kv(layer, k.gpu, v.gpu, 1, &c.gpu, *cache.gpu);
+      b.cpu->update_compressed(layer, layer == 1, p, *cache.cpu);
+      b.gpu->update_compressed(layer, layer == 1, p, *cache.gpu);
+    }
+    const std::string tag = " (d=" + std::to_string(s.d) + ")";
+    EXPECT_EQ(compare(b, cache.cpu->kv(), cache.gpu->kv()).rel_error, 0.0) << "kv" << tag;
+    EXPECT_EQ(compare(b, cache.cpu->bias(), cache.gpu->bias()).rel_error, 0.0) << "bias" << tag;
+    expect_close(b, cache.cpu->ck(), cache.gpu->ck(), k_tol, "compressed keys" + tag);
+    expect_close(b, cache.cpu->ck_scores(), cache.gpu->ck_scores(), 1e-6, "window scores" + tag);
+  }
+}
+
+// ---- selection --------------------------------------------------------------------------------
+
+struct SelectCase {
+  const char* name;
+  int d, group, block_size, kernel_size, kernel_stride, window, topk, select;
+  std::vector<std::pair<int64_t, int64_t>> seqs;
+};
+
+std::vector<SelectCase> select_cases() {
+  return {
+      {"nosa-1b-like", 128, 8, 64, 32, 16, 1024, 64, 16,
+       {{5000, 1}, {9000, 1}, {16000, 1}, {4100, 1}, {6000, 48}, {4000, 200}}},
+      {"nosa-8b-like", 128, 16, 64, 32, 16, 1024, 64, 16, {{12000, 1}, {7000, 1}, {4500, 70}}},
+      {"tiny", 64, 2, 16, 8, 4, 64, 16, 4, {{300, 1}, {1000, 1}, {200, 150}, {0, 400}}},
+  };
+}
+
+int64_t pool_blocks(const SelectCase& c) {
+  int64_t n = 0;
+  for (auto [past, fresh] : c.seqs) n += (past + fresh + c.block_size - 1) / c.block_size;
+  return n + 4;
+}
+
+// Rows (token, head) whose selections differ between the backends.
+int64_t selection_mismatches(Backends& b, const Selection& cpu, const Selection& gpu,
+                             int64_t* rows) {
+  EXPECT_EQ(cpu.k_max, gpu.k_max);
+  Tensor g = b.gpu->to_host(gpu.blocks);
+  const int32_t* cd = cpu.blocks.data<int32_t>();
+  const int32_t* gd = g.data<int32_t>();
+  const int64_t n = cpu.blocks.numel() / cpu.k_max;
+  int64_t bad = 0;
+  for (int64_t r = 0; r < n; ++r)
+    for (int i = 0; i < cpu.k_max; ++i)
+      if (cd[r * cpu.k_max + i] != gd[r * cpu.k_max + i]) {
+        ++bad;
+        break;
+      }
+  *rows = n;
+  return bad;
+}
+
+void run_select(const SelectCase& c, attention::Mode mode, bool ties, uint64_t seed) {
+  Backends b;
+  attention::SparseParams p;
+  p.block_size = c.block_size;
+  p.kernel_size = c.kernel_size;
+  p.kernel_stride = c.kernel_stride;
+  p.window_size = c.window;
+  p.topk = c.topk;
+  p.select_blocks = c.select;
+  p.validate();
+  const int H = 2;
+  KvLayout L{2, H, c.d, c.block_size, c.block_size / c.kernel_stride, DType::f32};
+  const int64_t n_blocks = pool_blocks(c);
+  TwinCache cache(b, L, n_blocks);
+  cache.fill_random(b, seed, 0.0f, 2.0f);
+  if (ties) {
+    // Compressed keys from {-1, 0, 1} and window scores from {0, 1}: many exact ties, which
+    // must break toward the lower block on both backends.
+    Tensor ck = b.cpu->to_host(cache.cpu->ck());
+    for (int64_t i = 0; i < ck.numel(); ++i) ck.data<float>()[i] = std::round(ck.data<float>()[i]);
+    Tensor cks = b.cpu->to_host(cache.cpu->ck_scores());
+    for (int64_t i = 0; i < cks.numel(); ++i)
+      cks.data<float>()[i] = std::floor(cks.data<float>()[i]);
+    cache.cpu->ck() = b.cpu->upload(ck, DType::f32);
+    cache.gpu->ck() = b.gpu->upload(ck, DType::bf16);
+    cache.cpu->ck_scores() = b.cpu->upload(cks, DType::f32);
+    cache.gpu->ck_scores() = b.gpu->upload(cks, DType::f32);
+  }
+  StepFixture f(c.seqs, c.block_size, n_blocks, seed + 7);
+  const int64_t T = f.step.n_tokens();
+  Twin q = twin(b, host_uniform({T, H * c.group, c.d}, seed + 8, -3, 3));
+  b.cpu->begin_step(f.step);
+  b.gpu->begin_step(f.step);
+  Selection sc = b.cpu->select_blocks(1, mode, q.cpu, p, *cache.cpu);
+  Selection sg = b.gpu->select_blocks(1, mode, q.gpu, p, *cache.gpu);
+  int64_t rows = 0;
+  const int64_t bad = selection_mismatches(b, sc, sg, &rows);
+  std::printf("[ select   ] %-14s %-8s %-7s %lld of %lld (token, head) selections differ\n",
+              c.name, attention::mode_name(mode), ties ? "ties" : "generic", (long long)bad,
+              (long long)rows);
+  EXPECT_EQ(bad, 0) << c.name << " " << attention::mode_name(mode);
+}
+
+TEST(CudaOps, SelectionIsTheCpuSelectionBlockForBlock) {
+  NOSA_REQUIRE_GPU();
+  uint64_t seed = 100;
+  for (const SelectCase& c : select_cases())
+    for (attention::Mode mode : {attention::Mode::infllmv2, attention::Mode::nosa})
+      run_select(c, mode, false, seed++);
+}
+
+TEST(CudaOps, SelectionBreaksExactTiesTowardTheLowerBlock) {
+  NOSA_REQUIRE_GPU();
+  uint64_t seed = 200;
+  for (const SelectCase& c : select_cases())
+    for (attention::Mode mode : {attention::Mode::infllmv2, attention::Mode::nosa})
+      run_select(c, mode, true, seed++);
+}
+
+// ---- attention --------------------------------------------------------------------------------
+
+void run_attend(const SelectCase& c, attention::Mode mode, uint64_t seed) {
+  Backends b;
+  attention::SparseParams p;
+  p.block_size = c.block_size;
+  p.kernel_size = c.kernel_size;
+  p.kernel_stride = c.kernel_stride;
+  p.window_size = c.window;
+  p.topk = c.topk;
+  p.select_blocks = c.select;
+  const int H = 2, hq = H * c.group;
+  KvLayout L{2, H, c.d, c.block_size, c.block_size / c.kernel_stride, DType::f32};
+  const int64_t n_blocks = pool_blocks(c);
+  TwinCache cache(b, L, n_blocks);
+  cache.fill_random(b, seed, -2.0f, 1.0f);
+  StepFixture f(c.seqs, c.block_size, n_blocks, seed + 1);
+  const int64_t T = f.step.n_tokens();
+  Twin q = twin(b, host_uniform({T, hq, c.d}, seed + 2, -2, 2));
+  b.cpu->begin_step(f.step);
+  b.gpu->begin_step(f.step);
+  Twin out = outputs(b, {T, hq, c.d});
+  const bool nosa = mode == attention::Mode::nosa;
+  if (mode == attention::Mode::dense) {
+    b.cpu->attend(1, q.cpu, 0, nullptr, false, *cache.cpu, out.cpu);
+    b.gpu->attend(1, q.gpu, 0, nullptr, false, *cache.gpu, out.gpu);
+  } else {
+    // The CPU's selection on both, so that the attention itself is compared.
+    Selection sc = b.cpu->select_blocks(1, mode, q.cpu, p, *cache.cpu);
+    Selection sg;
+    sg.k_max = sc.k_max;
+    sg.blocks = b.gpu->upload(sc.blocks, DType::i32);
+    b.cpu->attend(1, q.cpu, 0, &sc, nosa, *cache.cpu, out.cpu);
+    b.gpu->attend(1, q.gpu, 0, &sg, nosa, *cache.gpu, out.gpu);
+  }
+  expect_close(b, out.cpu, out.gpu, k_tol,
+               std::string("attend ") + c.name + " " + attention::mode_name(mode));
+}
+
+TEST(CudaOps, AttentionMatchesCpuForEveryModeDecodeAndPrefill) {
+  NOSA_REQUIRE_GPU();
+  uint64_t seed = 300;
+  for (const SelectCase& c : select_cases())
+    for (attention::Mode mode :
+         {attention::Mode::dense, attention::Mode::infllmv2, attention::Mode::nosa})
+      run_attend(c, mode, seed += 10);
+}
+
+TEST(CudaOps, AttentionOfASliceOfTheGroupsHeads) {
+  NOSA_REQUIRE_GPU();
+  Backends b;
+  const int H = 2, group = 8, d = 128, hq = H * group;
+  KvLayout L{1, H, d, 64, 4, DType::f32};
+  TwinCache cache(b, L, 40);
+  cache.fill_random(b, 400);
+  StepFixture f({{700, 1}, {100, 33}}, 64, 40, 401);
+  const int64_t T = f.step.n_tokens();
+  Twin q = twin(b, host_uniform({T, hq, d}, 402, -2, 2));
+  b.cpu->begin_step(f.step);
+  b.gpu->begin_step(f.step);
+  Twin out = outputs(b, {T, 5, d});
+  b.cpu->attend(0, q.cpu, 6, nullptr, false, *cache.cpu, out.cpu);
+  b.gpu->attend(0, q.gpu, 6, nullptr, false, *cache.gpu, out.gpu);
+  expect_close(b, out.cpu, out.gpu, k_tol, "attend heads 6..10");
+}
+
+// ---- sampling ---------------------------------------------------------------------------------
+
+TEST(CudaOps, SamplingPicksTheCpuTokens) {
+  NOSA_REQUIRE_GPU();
+  Backends b;
+  const int rows = 16;
+  for (int vocab : {100, 5000, 73448}) {
+    Tensor host = host_uniform({rows, vocab}, 500 + vocab, -4, 4);
+    // Make two rows' maxima ties: greedy must pick the lower id.
+    host.data<float>()[3] = 9.0f;
+    host.data<float>()[7] = 9.0f;
+    Tensor lc = b.cpu->upload(host, DType::f32), lg = b.gpu->upload(host, DType::f32);
+    struct Cfg {
+      float t, top_p;
+      int top_k, logprobs;
+    };
+    int mismatches = 0, total = 0;
+    for (Cfg cfg : {Cfg{0, 1, 0, 5}, Cfg{0.8f, 1, 0, 0}, Cfg{1.0f, 1, 50, 3}, Cfg{1.2f, 0.9f, 0, 0},
+                    Cfg{0.7f, 0.5f, 200, 20}, Cfg{2.0f, 0.95f, 1, 1}}) {
+      std::vector<runtime::SamplingParams> params(rows);
+      for (int r = 0; r < rows; ++r) {
+        params[r].temperature = cfg.t;
+        params[r].top_p = cfg.top_p;
+        params[r].top_k = cfg.top_k;
+        params[r].logprobs = cfg.logprobs;
+        params[r].seed = 1234 + r;
+        params[r].step = r * 3;
+      }
+      auto sc = b.cpu->sample(lc, params);
+      auto sg = b.gpu->sample(lg, params);
+      ASSERT_EQ(sc.size(), sg.size());
+      for (int r = 0; r < rows; ++r) {
+        ++total;
+        if (cfg.t == 0) {
+          EXPECT_EQ(sc[r].token, sg[r].token) << "greedy row " << r;
+        }
+        if (sc[r].token != sg[r].token) {
+          ++mismatches;
+          continue;
+        }
+        EXPECT_NEAR(sc[r].logprob, sg[r].logprob, 1e-4);
+        ASSERT_EQ(sc[r].top.size(), sg[r].top.size());
+        for (size_t i = 0; i < sc[r].top.size(); ++i) {
+          EXPECT_EQ(sc[r].top[i].first, sg[r].top[i].first);
+          EXPECT_NEAR(sc[r].top[i].second, sg[r].top[i].second, 1e-4);
+        }
+      }
+    }
+    std::printf("[ sample   ] vocab %6d: %d of %d sampled tokens differ from the CPU's\n", vocab,
+                mismatches, total);
+    EXPECT_EQ(mismatches, 0);
+  }
+}
+
+TEST(CudaOps, SamplingRejectsNaNLogits) {
+  NOSA_REQUIRE_GPU();
+  Backends b;
+  Tensor host = host_uniform({2, 300}, 600, -1, 1);
+  host.data<float>()[300 + 17] = NAN;
+  Tensor lg = b.gpu->upload(host, DType::f32);
+  std::vector<runtime::SamplingParams> params(2);
+  EXPECT_THROW(b.gpu->sample(lg, params), Error);
+}
+
+}  // namespace
+}  // namespace nosa::test

@@ -1,0 +1,70 @@
+// Helpers of the CUDA backend tests: both backends side by side, the same random inputs on each
+// (bf16-representable values, so that the GPU sees exactly what the CPU sees), NaN-poisoned GPU
+// outputs (an element the GPU forgets to write stays NaN), and error measures.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/backend.h"
+#include "runtime/kv_cache.h"
+#include "runtime/step.h"
+
+namespace nosa::test {
+
+// Skips the test where no GPU exists (CI builds and skips these tests).
+#define NOSA_REQUIRE_GPU()                                          \
+  do {                                                              \
+    if (!::nosa::runtime::cuda_available()) GTEST_SKIP() << "no CUDA device"; \
+  } while (0)
+
+struct Backends {
+  std::unique_ptr<runtime::Backend> cpu;
+  std::unique_ptr<runtime::Backend> gpu;
+  Backends();
+};
+
+// A host float32 tensor of bf16-representable uniform values in [lo, hi).
+Tensor host_uniform(const Shape& shape, uint64_t seed, float lo, float hi);
+
+// The same host values on both backends: float32 on the CPU, `gpu_dtype` on the GPU.
+struct Twin {
+  Tensor cpu, gpu;
+};
+Twin twin(Backends& b, const Tensor& host, DType gpu_dtype = DType::bf16);
+// Outputs: zeros on the CPU, NaN on the GPU.
+Twin outputs(Backends& b, const Shape& shape, DType gpu_dtype = DType::bf16);
+
+struct Comparison {
+  double rel_error = 0;  // ||gpu - cpu|| / ||cpu||
+  int64_t non_finite = 0;
+  int64_t n = 0;
+};
+Comparison compare(Backends& b, const Tensor& cpu, const Tensor& gpu);
+// EXPECTs every GPU element finite and the relative error under tol.
+void expect_close(Backends& b, const Tensor& cpu, const Tensor& gpu, double tol,
+                  const std::string& what);
+
+// A step over sequences (n_past, n_new) whose block tables are shuffled physical blocks of a
+// pool of n_blocks; tokens are random ids below vocab.
+struct StepFixture {
+  std::vector<std::vector<int32_t>> tables;
+  runtime::StepBatch step;
+  StepFixture(const std::vector<std::pair<int64_t, int64_t>>& seqs, int block_size,
+              int64_t n_blocks, uint64_t seed, int vocab = 100, bool all_logits = false);
+  StepFixture(const StepFixture&) = delete;
+};
+
+// A KV cache on each backend with the same layout (float32 on the CPU, bf16 on the GPU).
+struct TwinCache {
+  std::unique_ptr<runtime::KvCache> cpu, gpu;
+  TwinCache(Backends& b, runtime::KvLayout layout, int64_t n_blocks);
+  // Fills kv, bias, compressed keys and their scores with the same random values on both.
+  void fill_random(Backends& b, uint64_t seed, float bias_lo = -1.0f, float bias_hi = 1.0f);
+};
+
+}  // namespace nosa::test
