@@ -13,5 +13,7 @@ Runner add_make_model_command(CLI::App& app);
 Runner add_generate_command(CLI::App& app);
 Runner add_batch_command(CLI::App& app);
 Runner add_bench_command(CLI::App& app);
+Runner add_serve_command(CLI::App& app);
+Runner add_worker_command(CLI::App& app);
 
 }  // namespace nosa::launcher

@@ -28,6 +28,8 @@ int main(int argc, char** argv) {
   add(nosa::launcher::add_generate_command);
   add(nosa::launcher::add_batch_command);
   add(nosa::launcher::add_bench_command);
+  add(nosa::launcher::add_serve_command);
+  add(nosa::launcher::add_worker_command);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
