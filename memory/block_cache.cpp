@@ -53,6 +53,7 @@ int32_t BlockCache::touch(ChunkId chunk) {
 
 int32_t BlockCache::fill(ChunkId chunk, std::vector<Load>& loads) {
   int32_t s = -1;
+  ChunkId evicted = -1;
   ++stats_.misses;
   if (!free_.empty()) {
     s = free_.back();
@@ -67,14 +68,15 @@ int32_t BlockCache::fill(ChunkId chunk, std::vector<Load>& loads) {
                     "raise --gpu-kv-gib or lower the batch",
                     capacity());
     unlink(s);
-    slot_of_chunk_[chunk_of_slot_[s]] = -1;
+    evicted = chunk_of_slot_[s];
+    slot_of_chunk_[evicted] = -1;
     ++stats_.evictions;
   }
   chunk_of_slot_[s] = chunk;
   slot_of_chunk_[chunk] = s;
   round_of_slot_[s] = round_;
   push_back(s);
-  loads.push_back({chunk, s});
+  loads.push_back({chunk, s, evicted});
   return s;
 }
 

@@ -25,6 +25,7 @@ class BlockCache {
   struct Load {
     ChunkId chunk;
     int32_t slot;
+    ChunkId evicted;  // the chunk the slot held before, or -1
   };
 
   // Makes the n chunks resident (one round: they never evict each other, and the ones already

@@ -1,0 +1,131 @@
+// NOSA-aware KV residency across three tiers, for one rank:
+//   device  a block cache of chunk slots (one block of one layer and KV head per slot), LRU over
+//           the least recently selected, with the blocks being written pinned;
+//   host    the full KV: every block that has been filled, in arenas (pinned on GPUs);
+//   disk    when the host budget is exceeded, the coldest host blocks (least recently selected)
+//           move to files and come back when selected again.
+// Each step a layer asks for the chunks its queries selected: what stays selected is a hit and
+// costs nothing; only what is new is loaded. Pure bookkeeping plus host/disk I/O: the copies
+// between host and device are returned to the caller (the backend), which performs them.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <string>
+#include <unordered_set>
+#include <vector>
+
+#include "memory/block_cache.h"
+#include "memory/disk_store.h"
+#include "memory/host_store.h"
+
+namespace nosa::memory {
+
+enum class Offload { none, host, host_disk };
+const char* offload_name(Offload offload);
+// "none", "host" or "host+disk"; throws invalid_argument otherwise.
+Offload parse_offload(const std::string& name);
+
+struct TierShape {
+  int n_layers = 0;
+  int n_kv_heads = 0;        // local to the rank
+  size_t kv_chunk_bytes = 0;    // keys and values of one chunk
+  size_t bias_chunk_bytes = 0;  // eviction scores of one chunk
+  int64_t n_blocks = 0;      // logical blocks: what the host and disk tiers hold together
+  int64_t chunks_per_block() const { return int64_t(n_layers) * n_kv_heads; }
+  size_t chunk_bytes() const { return kv_chunk_bytes + bias_chunk_bytes; }
+  ChunkId chunk(int64_t block, int layer, int head) const {
+    return (block * n_layers + layer) * n_kv_heads + head;
+  }
+};
+
+struct TierBudget {
+  int64_t device_slots = 0;  // chunks in the GPU block cache
+  int64_t host_blocks = 0;   // blocks in host memory
+  std::filesystem::path disk_dir;  // empty: no disk tier (then n_blocks <= host_blocks)
+  int disk_threads = 4;
+};
+
+struct TierStats {
+  int64_t hits = 0, misses = 0, evictions = 0;  // the device block cache
+  int64_t selected = 0;  // chunks selected (summed over steps and layers)
+  int64_t overlap = 0;   // of those, chunks its (sequence, layer, head) also selected last step
+  int64_t bytes_host_to_device = 0, bytes_device_to_host = 0;
+  int64_t bytes_disk_read = 0, bytes_disk_written = 0;
+  int64_t device_slots_used = 0, device_slots = 0;
+  int64_t host_blocks_used = 0, host_blocks = 0, disk_blocks_used = 0, disk_blocks = 0;
+};
+
+// A copy between a chunk's host copy and its device slot.
+struct ChunkCopy {
+  ChunkId chunk = -1;
+  int32_t slot = -1;
+  ChunkId evicted = -1;  // the chunk that held the slot before (its slot-table entry is cleared)
+  char* host = nullptr;  // device-visible host address: keys/values, then the eviction scores;
+                         // null when there is nothing to copy (a chunk never written)
+};
+
+class KvTiers {
+ public:
+  KvTiers(const TierShape& shape, const TierBudget& budget, HostAllocator& allocator);
+  ~KvTiers();
+
+  const TierShape& shape() const { return shape_; }
+
+  // Step start. `writes`: blocks the step writes; they become resident and stay pinned until
+  // they are full. `reads`: blocks the step reads outside the selection (the previous block of a
+  // compressed window); pinned for this step. Appends the loads to perform.
+  void begin_step(const std::vector<int32_t>& writes, const std::vector<int32_t>& reads,
+                  std::vector<ChunkCopy>& loads);
+  // One layer's selected chunks become resident together; appends loads for the misses.
+  // Throws resource_exhausted if they do not fit, io if a block could not be read from disk
+  // (take_failed_blocks() names it).
+  void select(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads);
+  // Step end: `full` blocks were completed in this step and are written back to the host
+  // (appends the stores: device slot -> host, to be performed before the next step). Releases
+  // the step's pins.
+  void end_step(const std::vector<int32_t>& full, std::vector<ChunkCopy>& stores);
+  // A finished or preempted sequence's blocks: forgotten in every tier.
+  void release(const std::vector<int32_t>& blocks);
+  // Blocks whose disk I/O failed since the last call: their sequences must end with an error.
+  std::vector<int32_t> take_failed_blocks();
+  // Tests: make disk operations fail.
+  DiskStore* disk() { return disk_.get(); }
+  // Called before a host slot that may be the source or target of copies already handed out is
+  // reused (a block moves to disk): the caller must finish its pending copies (the CUDA backend
+  // synchronises its stream).
+  void set_before_host_reuse(std::function<void()> fn) { before_host_reuse_ = std::move(fn); }
+
+  TierStats stats() const;
+
+ private:
+  int64_t host_slot_for(int32_t block);  // makes the block's data present on the host
+  int64_t free_host_slot();              // evicts the coldest host block to disk if needed
+  void touch_host(int64_t slot);
+  char* chunk_host(int64_t host_slot, ChunkId chunk) const;
+  void acquire(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads);
+
+  TierShape shape_;
+  TierBudget budget_;
+  size_t block_bytes_;
+  BlockCache cache_;
+  std::unique_ptr<HostStore> host_;
+  std::unique_ptr<DiskStore> disk_;
+  std::vector<int64_t> host_slot_of_block_, disk_slot_of_block_;
+  std::vector<int32_t> block_of_host_slot_;
+  std::vector<uint64_t> host_slot_touched_;  // for choosing the coldest host block
+  std::vector<int64_t> free_host_, free_disk_;
+  std::vector<uint8_t> writing_;       // per block: pinned as a block being written
+  std::vector<int32_t> step_reads_;
+  std::vector<uint64_t> selected_step_;  // per chunk: the last step that selected it
+  std::vector<ChunkId> chunk_of_slot_;   // mirror of the cache, for eviction reporting
+  std::vector<int32_t> failed_;
+  uint64_t step_ = 1, tick_ = 1;
+  uint64_t round_tick_ = 0;  // host blocks touched since this tick serve pending loads
+  TierStats stats_;
+  std::function<void()> before_host_reuse_;
+};
+
+}  // namespace nosa::memory
