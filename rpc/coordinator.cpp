@@ -726,8 +726,7 @@ void Coordinator::Impl::remove_replica(uint64_t rid, const std::string& reason) 
     log->warn("replica {} ({}, model '{}') removed: {}; {} requests in flight on it", rid,
               r.info.worker_name(), r.info.model_name(), reason, r.outstanding.size());
   } else {
-    log->debug("worker connection {} from {} closed before registering: {}", rid,
-               r.conn->peer(), reason);
+    log->warn("worker connection from {} closed before registering: {}", r.conn->peer(), reason);
   }
   if (r.conn->is_open()) r.conn->close(reason);
   for (uint64_t id : r.outstanding) {

@@ -111,7 +111,9 @@ std::vector<int32_t> as_token_ids(const json& v, const std::string& name) {
   for (size_t i = 0; i < v.size(); ++i) {
     const json& x = v[i];
     const std::string item = fmt::format("{}[{}]", name, i);
-    const int64_t id = as_int(x, item);
+    if (!x.is_number())
+      fail(fmt::format("{} must be a token id (an integer), got {}", item, type_name(x)), name);
+    const int64_t id = as_int(x, name);
     if (id < 0 || id > INT32_MAX)
       fail(fmt::format("{} = {} is not a token id", item, id), name);
     ids.push_back(int32_t(id));
