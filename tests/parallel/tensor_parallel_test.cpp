@@ -68,14 +68,24 @@ struct Outcome {
 Outcome signal_rank_one(int signal, const std::string& extra) {
   TempDir dir;
   std::string err = (dir / "err").string(), rc = (dir / "rc").string();
+  std::string pid_file = (dir / "pid").string();
+  // The job runs in the background with every stream redirected (so that ctest does not wait
+  // for it); its mpirun's pid is kept to clean up.
   std::string cmd = fmt::format(
       "({}{} generate --model {} --tp 2 --prompt-ids 1,2,3 --max-tokens 100000 --ignore-eos "
-      "--max-context 30000 --threads 1 --log-level warn {} >/dev/null 2>{}; echo $? >{}) &",
-      mpirun(2), nosa_binary(), tiny_model(attention::Mode::nosa).string(), extra, err, rc);
+      "--max-context 30000 --threads 1 --log-level warn {} >/dev/null 2>{} </dev/null & "
+      "echo $! >{}; wait $!; echo $? >{}) >/dev/null 2>&1 </dev/null &",
+      mpirun(2), nosa_binary(), tiny_model(attention::Mode::nosa).string(), extra, err, pid_file,
+      rc);
   EXPECT_EQ(std::system(cmd.c_str()), 0);
-  // Find rank 1 by its environment.
+  auto cleanup = [&] {
+    std::ifstream in(pid_file);
+    long pid = 0;
+    if (in >> pid && pid > 0) ::kill(pid_t(pid), SIGKILL);
+  };
+  // Find rank 1 by its environment (startup can be slow on a loaded machine).
   pid_t target = 0;
-  for (int attempt = 0; attempt < 200 && !target; ++attempt) {
+  for (int attempt = 0; attempt < 1200 && !target; ++attempt) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     for (auto& entry : std::filesystem::directory_iterator("/proc")) {
       std::ifstream env(entry.path() / "environ");
@@ -90,7 +100,11 @@ Outcome signal_rank_one(int signal, const std::string& extra) {
       }
     }
   }
-  EXPECT_NE(target, 0) << "rank 1 never started";
+  if (target <= 0) {
+    cleanup();
+    ADD_FAILURE() << "rank 1 never started";
+    return {-1, "", 0};
+  }
   std::this_thread::sleep_for(std::chrono::seconds(1));  // let it decode for a while
   auto start = std::chrono::steady_clock::now();
   ::kill(target, signal);
@@ -104,6 +118,7 @@ Outcome signal_rank_one(int signal, const std::string& extra) {
   o.seconds_after_signal =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (signal == SIGSTOP) ::kill(target, SIGKILL);
+  if (o.exit_code < 0) cleanup();
   std::ifstream in(err);
   o.err.assign(std::istreambuf_iterator<char>(in), {});
   return o;
