@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# The GPU check, in one command on a machine with an NVIDIA GPU (written for the lent H200:
+# Ubuntu 24.04, nvcc 13, CMake and ninja on PATH, no network): configures and builds nosa with the
+# CUDA backend (sm_90 unless CUDA_ARCH says otherwise) on every core, runs the gpu-labelled tests,
+# the end-to-end check against transformers, `nosa bench` (decode and prefill) and the
+# transformers peer, and writes a summary and the results under RESULTS (default: $OUT when set,
+# else build-gpu/results):
+#   summary.txt              what ran, pass/fail, the benchmark table with commands
+#   log.txt                  everything the steps printed
+#   transformers_check.json  the check against transformers
+#   bench.json, bench.csv    every `nosa bench` result (machine, commit, configuration)
+#   peer.json                transformers generate on the same shapes
+#
+#   scripts/gpu-check.sh [--quick] [--no-tests] [--no-bench] [--no-peer] [--jobs N]
+# --quick runs a small benchmark set (for a first look); rerunning reuses the build directory.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+quick=0 tests=1 bench=1 peer=1 jobs=$(nproc)
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=1 ;;
+    --no-tests) tests=0 ;;
+    --no-bench) bench=0 ;;
+    --no-peer) peer=0 ;;
+    --jobs) jobs=$2; shift ;;
+    *) echo "gpu-check: unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+build=${NOSA_GPU_BUILD:-build-gpu}
+results=${RESULTS:-${OUT:-$build/results}}
+mkdir -p "$results"
+results=$(cd "$results" && pwd)
+summary=$results/summary.txt
+log=$results/log.txt
+: >"$summary"
+: >"$log"
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+# Never let NCCL or PyTorch use NVLink multicast on shared machines.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1
+
+say() { echo "$*" | tee -a "$summary"; }
+step() { echo "== $* ($(date -u +%H:%M:%S))" | tee -a "$log"; }
+status=0
+
+commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+if [ "$commit" != unknown ] && [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+  commit="$commit-dirty"
+fi
+[ -n "${NOSA_COMMIT:-}" ] && commit=$NOSA_COMMIT
+say "nosa gpu-check  commit $commit  $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+say "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo none)"
+say "host: $(hostname), $(nproc) cores"
+
+# ---- build --------------------------------------------------------------------------------
+step build
+nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+t0=$SECONDS
+if cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DNOSA_CUDA=ON \
+    -DCMAKE_CUDA_COMPILER="$nvcc" -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90}" >>"$log" 2>&1 &&
+  cmake --build "$build" -j "$jobs" >>"$log" 2>&1; then
+  say "build: ok ($((SECONDS - t0)) s, $jobs jobs)"
+else
+  say "build: FAILED (see log.txt)"
+  tail -40 "$log"
+  exit 1
+fi
+nosa=$root/$build/launcher/nosa
+
+# ---- tests --------------------------------------------------------------------------------
+if [ $tests -eq 1 ]; then
+  step "ctest -L gpu"
+  t0=$SECONDS
+  (cd "$build" && timeout 900 ctest -L gpu --output-on-failure -j 1) >"$scratch/ctest.txt" 2>&1
+  rc=$?
+  cat "$scratch/ctest.txt" >>"$log"
+  grep -E "^\[ (compare|select|sample|model|generate) " "$scratch/ctest.txt" >"$scratch/lines.txt" || true
+  say "ctest -L gpu: $(grep -E 'tests passed|tests failed' "$scratch/ctest.txt" | tail -1) ($((SECONDS - t0)) s)"
+  grep -E "^\s+[0-9]+ - .*\((Failed|Timeout|SEGFAULT|Not Run|Exception)\)" "$scratch/ctest.txt" | sed 's/^/  /' | tee -a "$summary"
+  [ $rc -ne 0 ] && status=1
+  step "transformers check"
+  timeout 600 python3 scripts/check_against_transformers.py --nosa "$nosa" \
+    --out "$results/transformers_check.json" >"$scratch/check.txt" 2>&1
+  rc=$?
+  cat "$scratch/check.txt" >>"$log"
+  sed 's/^/  /' "$scratch/check.txt" | grep -vE "^\s*$" | tail -6 | tee -a "$summary"
+  [ $rc -ne 0 ] && status=1
+fi
+
+# ---- benchmarks ---------------------------------------------------------------------------
+bench_cmds=()
+if [ $bench -eq 1 ]; then
+  if [ $quick -eq 1 ]; then
+    bench_cmds+=("--suite decode --shape nosa-1b-like --mode dense,nosa --batch 16,64 --context 16384")
+    bench_cmds+=("--suite prefill --shape nosa-1b-like --mode dense,nosa --prompts 4 --prompt-len 16384")
+  else
+    bench_cmds+=("--suite decode --shape nosa-1b-like --mode dense,nosa --batch 1,16,64 --context 16384,32768")
+    bench_cmds+=("--suite decode --shape nosa-8b-like --mode dense,nosa --batch 1,16,64 --context 16384,32768")
+    bench_cmds+=("--suite prefill --shape nosa-1b-like --mode dense,nosa --prompts 16 --prompt-len 16384")
+    bench_cmds+=("--suite prefill --shape nosa-8b-like --mode dense,nosa --prompts 16 --prompt-len 16384")
+  fi
+  i=0
+  for args in "${bench_cmds[@]}"; do
+    step "nosa bench $args"
+    # shellcheck disable=SC2086
+    timeout 900 "$nosa" bench $args --device cuda --commit "$commit" \
+      --json "$scratch/bench$i.json" >>"$log" 2>&1 || { say "bench FAILED: nosa bench $args"; status=1; }
+    i=$((i + 1))
+  done
+fi
+
+peer_cmd=""
+if [ $peer -eq 1 ] && [ $bench -eq 1 ]; then
+  if [ $quick -eq 1 ]; then
+    peer_cmd="scripts/bench_transformers.py --shape nosa-1b-like --batch 16 --context 16384 --decode-steps 8"
+  else
+    peer_cmd="scripts/bench_transformers.py --shape nosa-1b-like --shape nosa-8b-like --batch 16 --context 16384 --decode-steps 8"
+  fi
+  step "python3 $peer_cmd"
+  # shellcheck disable=SC2086
+  timeout 900 python3 $peer_cmd --out "$results/peer.json" >>"$log" 2>&1 ||
+    say "transformers peer FAILED (see log.txt)"
+fi
+
+# ---- summary ------------------------------------------------------------------------------
+python3 - "$scratch" "$results" "$nosa" "$peer_cmd" "${bench_cmds[@]}" <<'EOF' | tee -a "$summary"
+import csv, glob, json, os, sys
+scratch, results, nosa, peer_cmd, cmds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+runs = []
+for i, cmd in enumerate(cmds):
+    path = os.path.join(scratch, f"bench{i}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            run = json.load(f)
+        run["command"] = f"nosa bench {cmd} --device cuda"
+        runs.append(run)
+if not runs:
+    sys.exit(0)
+with open(os.path.join(results, "bench.json"), "w") as f:
+    json.dump({"runs": runs}, f, indent=1)
+rows = []
+for run in runs:
+    for r in run["results"]:
+        row = {"commit": run["commit"], "backend": run["machine"]["backend"],
+               "date": run["date"], "command": run["command"]}
+        row.update(r)
+        rows.append(row)
+cols = []
+for r in rows:
+    for k in r:
+        if k not in cols:
+            cols.append(k)
+with open(os.path.join(results, "bench.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+peer = {}
+try:
+    with open(os.path.join(results, "peer.json")) as f:
+        for r in json.load(f)["results"]:
+            peer[(r["shape"], r["batch"], r["context"])] = r
+except (OSError, ValueError, KeyError):
+    pass
+print(f"machine: {runs[0]['machine']['backend']}, commit {runs[0]['commit']}")
+print("decode (median step; floor = (weights + KV the attention reads) / 4.3 TB/s):")
+print(f"  {'shape':13s} {'mode':8s} {'B':>3s} {'context':>7s} {'ms/step':>8s} {'tok/s':>9s} {'floor ms':>8s} {'x floor':>7s} {'vs transformers':>15s}")
+for r in rows:
+    if r.get("suite") != "decode":
+        continue
+    if "skipped" in r:
+        print(f"  {r['shape']:13s} {r['mode']:8s} {r['batch']:3d} {r['context']:7d}  skipped: {r['skipped']}")
+        continue
+    p = peer.get((r["shape"], r["batch"], r["context"]))
+    vs = f"{p['decode_step_ms'] / r['step_ms_median']:.1f}x faster" if p and "decode_step_ms" in p else ""
+    print(f"  {r['shape']:13s} {r['mode']:8s} {r['batch']:3d} {r['context']:7d} {r['step_ms_median']:8.3f} "
+          f"{r['tokens_per_s']:9.1f} {r['floor_ms']:8.3f} {r['ratio_to_floor']:7.2f} {vs:>15s}")
+print("prefill:")
+for r in rows:
+    if r.get("suite") != "prefill":
+        continue
+    if "skipped" in r:
+        print(f"  {r['shape']:13s} {r['mode']:8s} skipped: {r['skipped']}")
+        continue
+    p = peer.get((r["shape"], 16, r["prompt_len"]))
+    vs = f"transformers {p['prefill_tokens_per_s']:.0f} tok/s" if p and "prefill_tokens_per_s" in p else ""
+    print(f"  {r['shape']:13s} {r['mode']:8s} {r['prompts']} x {r['prompt_len']}: {r['tokens_per_s']:9.0f} tok/s "
+          f"({r['seconds']:.2f} s)  {vs}")
+if peer:
+    print("transformers peer (" + peer_cmd + "):")
+    for (shape, b, c), p in peer.items():
+        if "decode_step_ms" in p:
+            print(f"  {shape:13s} B={b} C={c}: prefill {p['prefill_tokens_per_s']:.0f} tok/s, "
+                  f"decode {p['decode_step_ms']:.1f} ms/step")
+print("commands:")
+for run in runs:
+    print("  " + run["command"])
+EOF
+say "gpu-check: $([ $status -eq 0 ] && echo passed || echo FAILED)"
+exit $status
