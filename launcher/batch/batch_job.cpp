@@ -13,6 +13,7 @@
 #include "launcher/batch/progress.h"
 #include "launcher/batch/result_file.h"
 #include "parallel/mpi.h"
+#include "rpc/chat_format.h"
 #include "runtime/core/error.h"
 #include "runtime/core/logging.h"
 #include "runtime/model_config.h"
@@ -69,6 +70,16 @@ bool runs_on_gpu(const EngineFlags& f) {
 std::vector<std::pair<std::string, std::string>> kv_tier_summary(const EngineSetup& setup) {
   (void)setup;
   return {};
+}
+
+// The checkpoint's chat format, the one the service's /v1/chat/completions uses (chatml, llama3
+// or the plain default), with the stop strings that end the assistant's turn.
+ChatPrompts chat_prompts_for(const std::string& model_dir) {
+  auto format = std::make_shared<rpc::ChatFormat>(rpc::ChatFormat::for_model(model_dir));
+  ChatPrompts chat;
+  chat.render = [format](const std::vector<runtime::ChatMessage>& m) { return format->render(m); };
+  chat.stop_strings = format->stop_strings();
+  return chat;
 }
 
 // A request queued in the engine.
@@ -189,6 +200,7 @@ int run_batch(const BatchOptions& o) {
   // Requests read ahead, keyed by their worst-case KV tokens (prompt + max_tokens).
   std::multimap<int64_t, BatchRequest> ready;
   PromptLimits limits;
+  ChatPrompts chat;
   auto report_error = [&](int64_t line, const nlohmann::json& id, const std::string& message) {
     errs->append(error_line(line, id, message));
     ++counts.errors;
@@ -206,7 +218,7 @@ int run_batch(const BatchOptions& o) {
           break;
         case InputItem::Kind::request: {
           BatchRequest& r = item->request;
-          std::string problem = prepare_prompt(r, tokenizer.get(), limits);
+          std::string problem = prepare_prompt(r, tokenizer.get(), limits, &chat);
           if (!problem.empty()) {
             report_error(item->line, item->id, problem);
             break;
@@ -234,6 +246,7 @@ int run_batch(const BatchOptions& o) {
     out.emplace(o.output);
     errs.emplace(errors_path);
     tokenizer = EngineSetup::load_tokenizer(o.engine.model);
+    chat = chat_prompts_for(o.engine.model);
     const runtime::ModelConfig config = runtime::ModelConfig::load(o.engine.model);
     limits.vocab_size = config.vocab_size;
     limits.max_context = o.engine.max_context > 0

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <set>
@@ -85,7 +86,7 @@ std::string message_content(const json& content, size_t index) {
   reject("message {}: \"content\" must be a string or a list of text parts", index);
 }
 
-std::string render_messages(const json& messages) {
+std::vector<runtime::ChatMessage> parse_messages(const json& messages) {
   if (!messages.is_array() || messages.empty())
     reject("\"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects");
   std::vector<runtime::ChatMessage> chat;
@@ -100,7 +101,7 @@ std::string render_messages(const json& messages) {
     cm.content = message_content(m.contains("content") ? m["content"] : json(), i);
     chat.push_back(std::move(cm));
   }
-  return runtime::apply_chat_template(chat);
+  return chat;
 }
 
 void parse_request(const json& r, const RequestDefaults& d, BatchRequest& out) {
@@ -128,7 +129,7 @@ void parse_request(const json& r, const RequestDefaults& d, BatchRequest& out) {
       reject("\"prompt\" must be a string or a list of token ids (one prompt per line)");
     }
   } else {
-    out.text = render_messages(r["messages"]);
+    out.messages = parse_messages(r["messages"]);
   }
 
   out.max_tokens = d.max_tokens;
@@ -279,10 +280,23 @@ ParsedLine parse_line(std::string_view text, int64_t line_no, const RequestDefau
 }
 
 std::string prepare_prompt(BatchRequest& r, const runtime::Tokenizer* tok,
-                           const PromptLimits& limits) {
+                           const PromptLimits& limits, const ChatPrompts* chat) {
   if (tok == nullptr) {
-    if (r.text) return "the model has no tokenizer.model: give the prompt as token ids";
+    if (r.text || !r.messages.empty())
+      return "the model has no tokenizer.model: give the prompt as token ids";
     if (!r.stop.empty()) return "stop strings need a tokenizer, and the model has none";
+  }
+  if (!r.messages.empty()) {
+    try {
+      r.text = chat && chat->render ? chat->render(r.messages)
+                                    : runtime::apply_chat_template(r.messages);
+    } catch (const Error& e) {
+      return e.message();
+    }
+    r.messages.clear();
+    if (chat)
+      for (const auto& s : chat->stop_strings)
+        if (std::find(r.stop.begin(), r.stop.end(), s) == r.stop.end()) r.stop.push_back(s);
   }
   if (r.text) {
     r.prompt_ids = tok->encode(*r.text);

@@ -3,7 +3,7 @@
 //
 //   {"id": "a1", "prompt": "text"}                       prompt text (BOS + tokens)
 //   {"id": 7, "prompt": [1, 523, 88]}                    prompt token ids, used as given
-//   {"custom_id": "a2", "messages": [{"role": "user", "content": "hi"}]}   chat template
+//   {"custom_id": "a2", "messages": [{"role": "user", "content": "hi"}]}   chat (ChatPrompts)
 //   {"custom_id": "a3", "method": "POST", "url": "/v1/chat/completions",
 //    "body": {"model": "m", "messages": [...], "max_tokens": 32}}         OpenAI batch shape
 //
@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -25,6 +26,7 @@
 #include <vector>
 
 #include "runtime/backend.h"
+#include "runtime/chat_template.h"
 #include "runtime/tokenizer.h"
 
 namespace nosa::launcher::batch {
@@ -43,12 +45,13 @@ struct RequestDefaults {
 
 // A valid line, before tokenization.
 struct BatchRequest {
-  nlohmann::json id;                // as given (string or integer), echoed in the output
-  std::string key;                  // id_key(id)
-  int64_t line = 0;                 // 1-based line number in the input file
-  std::optional<std::string> text;  // prompt text (messages already rendered); empty for ids
-  std::vector<int32_t> prompt_ids;  // the prompt when given as token ids
-  int64_t prompt_tokens = 0;        // set by prepare_prompt (prompt_ids may be moved out later)
+  nlohmann::json id;                           // as given (string or integer), echoed in the output
+  std::string key;                             // id_key(id)
+  int64_t line = 0;                            // 1-based line number in the input file
+  std::optional<std::string> text;             // prompt text; empty for ids and messages
+  std::vector<runtime::ChatMessage> messages;  // a chat, rendered by prepare_prompt
+  std::vector<int32_t> prompt_ids;             // the prompt when given as token ids
+  int64_t prompt_tokens = 0;  // set by prepare_prompt (prompt_ids may be moved out later)
   int64_t max_tokens = 0;
   // A line without "seed" samples with a seed derived from the --seed default and its id, so
   // that requests draw independent streams and a resumed job repeats the uninterrupted one.
@@ -81,12 +84,21 @@ struct PromptLimits {
   int64_t max_context = 0;  // prompt tokens + 1 must fit
 };
 
-// Fills request.prompt_ids from the text (BOS + tokens) when the prompt was text (then drops the
-// text) and request.prompt_tokens, and checks the
+// How chat messages become prompt text, and the stop strings that end the assistant's turn (the
+// service's format for the checkpoint, rpc::ChatFormat; by default runtime::apply_chat_template
+// without stop strings).
+struct ChatPrompts {
+  std::function<std::string(const std::vector<runtime::ChatMessage>&)> render;
+  std::vector<std::string> stop_strings;
+};
+
+// Fills request.prompt_ids (BOS + tokens) from the text or the rendered messages (then drops
+// them; a chat also gets the format's stop strings) and request.prompt_tokens, and checks the
 // prompt against the vocabulary and the context limit. Returns an error message, or "" when the
-// request can be queued. `tokenizer` may be null (then text prompts and stop strings are errors).
+// request can be queued. `tokenizer` may be null (then text prompts, chats and stop strings are
+// errors); `chat` may be null (the default format).
 std::string prepare_prompt(BatchRequest& request, const runtime::Tokenizer* tokenizer,
-                           const PromptLimits& limits);
+                           const PromptLimits& limits, const ChatPrompts* chat = nullptr);
 
 // A finished request as one output line (no newline):
 //   {"id", "text", "token_ids", "finish_reason", "usage": {"prompt_tokens",
