@@ -152,7 +152,7 @@ bool parse_common(const std::string& key, const json& v, ApiRequest& r) {
     } else if (v.is_array()) {
       if (v.size() > 16) fail("stop takes at most 16 strings", key);
       for (size_t i = 0; i < v.size(); ++i) {
-        const std::string& stop = as_string(v[i], fmt::format("stop[{}]", i));
+        const std::string stop = as_string(v[i], fmt::format("stop[{}]", i));
         if (!stop.empty()) s.add_stop(stop);
       }
     } else {
@@ -231,7 +231,7 @@ std::string message_content(const json& v, const std::string& where) {
     const std::string pw = fmt::format("{}.content[{}]", where, i);
     if (!part.is_object() || !part.contains("type"))
       fail(fmt::format("{} must be an object with a \"type\"", pw), "messages");
-    const std::string& type = as_string(part["type"], pw + ".type");
+    const std::string type = as_string(part["type"], pw + ".type");
     if (type != "text")
       fail(fmt::format("{}: content parts of type '{}' are not supported (only text)", pw, type),
            "messages");

@@ -27,6 +27,7 @@ class Service:
         self.dir = tempfile.mkdtemp(prefix="nosa-service-")
         self.procs = []
         self.workers = []
+        self.signalled = set()  # workers the test stopped or killed on purpose
         self.model = os.path.join(self.dir, "tiny")
         subprocess.run([nosa, "make-model", "--shape", model_shape, "--attention", "nosa",
                         "--seed", "3", "--out", self.model], check=True,
@@ -65,6 +66,17 @@ class Service:
         self.workers.append(p)
         return p
 
+    def add_mpi_workers(self, np, tp):
+        """`mpirun -np NP nosa worker --tp TP`: NP / TP replicas."""
+        i = len(self.workers)
+        p = self._spawn(f"worker{i}", ["mpirun", "--allow-run-as-root", "--oversubscribe",
+                                       "-np", str(np), self.nosa, "worker", "--tp", str(tp),
+                                       "--model", self.model, "--device", "cpu", "--threads", "1",
+                                       "--kv-blocks", "1024", "--served-model-name", "tiny",
+                                       "--coordinator", f"127.0.0.1:{self.workers_port}"])
+        self.workers.append(p)
+        return p
+
     def logs(self, name):
         try:
             with open(os.path.join(self.dir, f"{name}.log"), errors="replace") as f:
@@ -88,7 +100,7 @@ class Service:
             if body.get("replicas") == n:
                 return
             for i, w in enumerate(self.workers):
-                if w.poll() is not None and w.returncode not in (-9, -15):
+                if w.poll() is not None and i not in self.signalled:
                     raise RuntimeError(f"worker {i} exited: " + self.logs(f"worker{i}"))
             time.sleep(0.1)
         raise RuntimeError(f"{n} replicas did not register: " + self.logs("serve"))
@@ -98,6 +110,7 @@ class Service:
             return r.read().decode()
 
     def kill_worker(self, i, sig=signal.SIGKILL):
+        self.signalled.add(i)
         self.workers[i].send_signal(sig)
 
     def stop(self):
