@@ -5,12 +5,16 @@ Builds small random LlamaForCausalLM checkpoints (LlamaConfig -> save_pretrained
 bf16), runs them through `nosa generate --device cuda --attention dense --json --logprobs 20`, then
 feeds the prompt plus the engine's tokens to transformers (bf16, SDPA) in one forward pass and
 compares, at every generated position, the log-probabilities of the engine's token and of its top
-20 alternatives with transformers' log_softmax of the same position's logits.
+20 alternatives with transformers' log_softmax of the same position's logits. Random deep networks
+amplify rounding, so the GPU (bf16) run is held to transformers' own bf16 error: its distance to
+transformers in float32 must be at most 1.5x that of transformers in bf16 (+ --max-mean-diff); the
+CPU backend (float32) must match transformers in float32 to 0.01 on average.
 
 Exits 0 printing "skipped: ..." where PyTorch, transformers or a GPU is missing (CI), 1 when the
 engine disagrees beyond the tolerances. --out FILE writes the figures as JSON.
 """
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -48,10 +52,8 @@ def main():
     ap.add_argument("--gen", type=int, default=16)
     ap.add_argument("--init-range", type=float, default=0.05,
                     help="initializer_range of the random weights (larger: peakier logits)")
-    ap.add_argument("--max-mean-diff", type=float, default=0.05,
-                    help="largest mean |logprob difference| allowed")
-    ap.add_argument("--max-diff", type=float, default=0.3,
-                    help="largest single |logprob difference| allowed")
+    ap.add_argument("--max-mean-diff", type=float, default=0.02,
+                    help="slack over transformers' own bf16 error (mean |logprob difference|)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
 
@@ -92,45 +94,71 @@ def main():
             ids_file = os.path.join(tmp, "prompt.txt")
             with open(ids_file, "w") as f:
                 f.write(",".join(map(str, prompt)))
-            cmd = [nosa, "generate", "--model", tmp, "--device", "cuda", "--attention", "dense",
-                   "--prompt-ids", "@" + ids_file, "--max-tokens", str(args.gen), "--ignore-eos",
-                   "--json", "--logprobs", "20"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"{name}: nosa failed ({proc.returncode}):\n{proc.stderr}")
-                ok = False
-                continue
-            out = json.loads(proc.stdout.strip().splitlines()[-1])
-        tokens = out["token_ids"]
-        seq = torch.tensor([prompt + tokens[:-1]], device="cuda")
-        with torch.no_grad():
-            logits = model(seq).logits[0, len(prompt) - 1:].float()
-        ref = torch.log_softmax(logits, dim=-1).cpu()
-        diffs, agree, near_ties = [], 0, 0
-        for i, entry in enumerate(out["logprobs"]):
-            diffs.append(abs(entry["logprob"] - ref[i, entry["token"]].item()))
-            for alt in entry["top"]:
-                diffs.append(abs(alt["logprob"] - ref[i, alt["token"]].item()))
-            hf_best = int(torch.argmax(ref[i]).item())
-            if hf_best == entry["token"]:
-                agree += 1
-            elif ref[i, hf_best].item() - ref[i, entry["token"]].item() < 0.05:
-                near_ties += 1
-        mean = sum(diffs) / len(diffs)
-        worst = max(diffs)
-        passed = mean <= args.max_mean_diff and worst <= args.max_diff and \
-            agree + near_ties == len(tokens)
+            outs = {}
+            for device in ("cuda", "cpu"):
+                cmd = [nosa, "generate", "--model", tmp, "--device", device, "--attention",
+                       "dense", "--prompt-ids", "@" + ids_file, "--max-tokens", str(args.gen),
+                       "--ignore-eos", "--json", "--logprobs", "20"]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(f"{name}: nosa --device {device} failed ({proc.returncode}):\n"
+                          f"{proc.stderr}")
+                    outs = None
+                    break
+                outs[device] = json.loads(proc.stdout.strip().splitlines()[-1])
+        if outs is None:
+            ok = False
+            continue
+        model32 = copy.deepcopy(model).float()
+
+        def reference(m, tokens):
+            seq = torch.tensor([prompt + tokens[:-1]], device="cuda")
+            with torch.no_grad():
+                logits = m(seq).logits[0, len(prompt) - 1:].float()
+            return torch.log_softmax(logits, dim=-1).cpu()
+
+        def diffs(out, ref):
+            d = []
+            for i, entry in enumerate(out["logprobs"]):
+                d.append(abs(entry["logprob"] - ref[i, entry["token"]].item()))
+                for alt in entry["top"]:
+                    d.append(abs(alt["logprob"] - ref[i, alt["token"]].item()))
+            return sum(d) / len(d), max(d)
+
+        g, c = outs["cuda"], outs["cpu"]
+        ref16 = reference(model, g["token_ids"])
+        ref32 = reference(model32, g["token_ids"])
+        ref32_cpu = reference(model32, c["token_ids"])
+        gpu16 = diffs(g, ref16)
+        gpu32 = diffs(g, ref32)
+        cpu32 = diffs(c, ref32_cpu)
+        # transformers' own bf16 error, on the same entries.
+        hf16 = diffs({"logprobs": [{"token": e["token"], "logprob": ref16[i, e["token"]].item(),
+                                     "top": [{"token": a["token"],
+                                              "logprob": ref16[i, a["token"]].item()}
+                                             for a in e["top"]]}
+                                    for i, e in enumerate(g["logprobs"])]}, ref32)
+        agree = sum(int(torch.argmax(ref32_cpu[i]).item()) == t
+                    for i, t in enumerate(c["token_ids"]))
+        passed_cpu = cpu32[0] <= 0.01 and cpu32[1] <= 0.05
+        passed_gpu = gpu32[0] <= 1.5 * hf16[0] + args.max_mean_diff
+        passed = passed_cpu and passed_gpu
         ok = ok and passed
         row = {"config": name, "hidden": hidden, "layers": layers, "heads": heads,
                "kv_heads": kv, "head_dim": head_dim, "vocab": vocab, "tied": tied,
-               "prompt_len": args.prompt_len, "generated": len(tokens),
-               "mean_abs_logprob_diff": mean, "max_abs_logprob_diff": worst,
-               "argmax_agree": agree, "argmax_near_ties": near_ties, "passed": passed}
+               "prompt_len": args.prompt_len, "generated": len(g["token_ids"]),
+               "cuda_vs_hf_bf16": {"mean": gpu16[0], "max": gpu16[1]},
+               "cuda_vs_hf_fp32": {"mean": gpu32[0], "max": gpu32[1]},
+               "hf_bf16_vs_hf_fp32": {"mean": hf16[0], "max": hf16[1]},
+               "cpu_vs_hf_fp32": {"mean": cpu32[0], "max": cpu32[1]},
+               "cpu_greedy_equals_hf_fp32_argmax": agree, "passed": passed}
         results["configs"].append(row)
-        print(f"{name}: {len(tokens)} tokens, logprob |diff| mean {mean:.4f} max {worst:.4f}, "
-              f"greedy = transformers' argmax at {agree}/{len(tokens)} "
-              f"(+{near_ties} near ties): {'ok' if passed else 'FAILED'}")
-        del model
+        print(f"{name}: |logprob diff| mean/max: cuda vs hf-fp32 {gpu32[0]:.4f}/{gpu32[1]:.4f}, "
+              f"hf-bf16 vs hf-fp32 {hf16[0]:.4f}/{hf16[1]:.4f}, cuda vs hf-bf16 "
+              f"{gpu16[0]:.4f}/{gpu16[1]:.4f}, cpu vs hf-fp32 {cpu32[0]:.5f}/{cpu32[1]:.5f} "
+              f"(cpu greedy = fp32 argmax {agree}/{len(c['token_ids'])}): "
+              f"{'ok' if passed else 'FAILED'}")
+        del model, model32
         torch.cuda.empty_cache()
     results["passed"] = ok
     if args.out:
