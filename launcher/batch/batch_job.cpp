@@ -64,9 +64,9 @@ bool runs_on_gpu(const EngineFlags& f) {
   return f.device == "cuda" || (f.device == "auto" && runtime::cuda_available());
 }
 
-// KV tier traffic for the summary, as "name: value" lines. The memory module does not export
-// tier counters yet; when it does (bytes moved HBM <-> host <-> NVMe, hit rates), report them
-// here from the setup's cache / memory manager.
+// KV tier traffic for the summary, as "name: value" lines (none without offloading). The hook:
+// once runtime::KvCache exposes its memory::KvTiers (tiers(), null without offloading), this is
+//   if (auto* tiers = setup.cache->tiers()) return kv_tier_lines(tiers->stats());
 std::vector<std::pair<std::string, std::string>> kv_tier_summary(const EngineSetup& setup) {
   (void)setup;
   return {};
@@ -380,6 +380,7 @@ int run_batch(const BatchOptions& o) {
     }
     for (auto& e : engine.step()) handle(e);
     counts.in_flight = int64_t(flight.size());
+    counts.generated_tokens = engine.stats().generated_tokens;
     if (show_progress) progress.update(counts);
   }
   counts.in_flight = int64_t(flight.size());

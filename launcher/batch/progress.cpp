@@ -32,7 +32,7 @@ std::string Progress::status_line(const BatchCounts& c) const {
   const double elapsed = std::max(elapsed_seconds(), 1e-9);
   const int64_t done = c.finished();
   const double frac = c.total > 0 ? std::min(1.0, double(done) / double(c.total)) : 0.0;
-  const double tok_s = double(c.completion_tokens) / elapsed;
+  const double tok_s = double(std::max(c.generated_tokens, c.completion_tokens)) / elapsed;
   // ETA from this run's pace (requests that needed the engine).
   const int64_t remaining = std::max<int64_t>(0, c.total - done);
   const double rate = double(c.written + c.errors) / elapsed;
@@ -105,6 +105,39 @@ std::string format_summary(const BatchSummary& s, const std::string& prefix) {
   if (s.engine_steps > 0)
     line("engine", fmt::format("{} steps, {} preemptions", s.engine_steps, s.preemptions));
   for (const auto& [k, v] : s.extra) line(k, v);
+  return out;
+}
+
+}  // namespace nosa::launcher::batch
+
+namespace nosa::launcher::batch {
+
+namespace {
+std::string gib(int64_t bytes) {
+  return fmt::format("{:.2f} GiB", double(bytes) / double(1ull << 30));
+}
+std::string percent(int64_t part, int64_t whole) {
+  return whole > 0 ? fmt::format("{:.1f}%", 100.0 * double(part) / double(whole)) : "-";
+}
+}  // namespace
+
+std::vector<std::pair<std::string, std::string>> kv_tier_lines(const memory::TierStats& t) {
+  std::vector<std::pair<std::string, std::string>> out;
+  out.emplace_back("kv device cache",
+                   fmt::format("{} hits, {} misses ({} hit rate), {} evictions", t.hits, t.misses,
+                               percent(t.hits, t.hits + t.misses), t.evictions));
+  out.emplace_back("kv selection overlap",
+                   fmt::format("{} of {} selected chunks kept from the step before",
+                               percent(t.overlap, t.selected), t.selected));
+  out.emplace_back("kv traffic",
+                   fmt::format("host->device {}, device->host {}, disk read {}, "
+                               "disk written {}",
+                               gib(t.bytes_host_to_device), gib(t.bytes_device_to_host),
+                               gib(t.bytes_disk_read), gib(t.bytes_disk_written)));
+  out.emplace_back("kv tiers in use",
+                   fmt::format("device {}/{} chunks, host {}/{} blocks, disk {}/{} blocks",
+                               t.device_slots_used, t.device_slots, t.host_blocks_used,
+                               t.host_blocks, t.disk_blocks_used, t.disk_blocks));
   return out;
 }
 

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "memory/kv_tiers.h"
+
 namespace nosa::launcher::batch {
 
 struct BatchCounts {
@@ -18,6 +20,7 @@ struct BatchCounts {
   int64_t in_flight = 0;          // queued in the engine
   int64_t prompt_tokens = 0;      // of the results written by this run
   int64_t completion_tokens = 0;  // of the results written by this run
+  int64_t generated_tokens = 0;   // sampled so far, finished or not (the live tok/s)
 
   int64_t finished() const { return written + resumed + errors; }
 };
@@ -61,5 +64,9 @@ struct BatchSummary {
   std::vector<std::pair<std::string, std::string>> extra;
 };
 std::string format_summary(const BatchSummary& s, const std::string& prefix);
+
+// The KV tiers' counters as summary lines: device cache hits and misses, NOSA selection overlap,
+// bytes moved between device, host and disk, and each tier's occupancy.
+std::vector<std::pair<std::string, std::string>> kv_tier_lines(const memory::TierStats& t);
 
 }  // namespace nosa::launcher::batch

@@ -353,5 +353,22 @@ TEST(BatchProgress, SummaryNamesEveryTotal) {
   EXPECT_EQ(format_duration(3 * 3600 + 120), "3h02m");
 }
 
+TEST(BatchProgress, KvTierLinesReportHitsTrafficAndOccupancy) {
+  memory::TierStats t;
+  t.hits = 3;
+  t.misses = 1;
+  t.selected = 10;
+  t.overlap = 9;
+  t.bytes_host_to_device = int64_t(1) << 30;
+  t.host_blocks_used = 5;
+  t.host_blocks = 8;
+  auto lines = kv_tier_lines(t);
+  ASSERT_EQ(lines.size(), 4u);
+  EXPECT_NE(lines[0].second.find("3 hits, 1 misses (75.0% hit rate)"), std::string::npos);
+  EXPECT_NE(lines[1].second.find("90.0% of 10"), std::string::npos);
+  EXPECT_NE(lines[2].second.find("host->device 1.00 GiB"), std::string::npos);
+  EXPECT_NE(lines[3].second.find("host 5/8 blocks"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace nosa::launcher::batch
