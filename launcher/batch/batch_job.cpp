@@ -171,6 +171,9 @@ int run_batch(const BatchOptions& o) {
     }
   } leaders_guard{leaders};
 
+  // A bad checkpoint fails before the shared files are touched.
+  const runtime::ModelConfig config = runtime::ModelConfig::load(o.engine.model);
+
   // One process repairs the shared files before anyone reads or appends.
   int64_t dropped_bytes = 0;
   if (mpi.world_rank() == 0) {
@@ -247,7 +250,6 @@ int run_batch(const BatchOptions& o) {
     errs.emplace(errors_path);
     tokenizer = EngineSetup::load_tokenizer(o.engine.model);
     chat = chat_prompts_for(o.engine.model);
-    const runtime::ModelConfig config = runtime::ModelConfig::load(o.engine.model);
     limits.vocab_size = config.vocab_size;
     limits.max_context = o.engine.max_context > 0
                              ? std::min(o.engine.max_context, config.max_position_embeddings)

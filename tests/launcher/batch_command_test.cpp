@@ -372,6 +372,13 @@ TEST(BatchCommand, RejectsBadCommandLines) {
   EXPECT_EQ(bad.exit_code, 2);
   EXPECT_NE(bad.err.find("--top-p"), std::string::npos) << bad.err;
   EXPECT_FALSE(fs::exists(dir / "out.jsonl"));
+  // A bad checkpoint fails before any file is touched.
+  auto no_model = run_command(fmt::format(
+      "{} batch --model {} --input {} --output {} --log-level warn", nosa_binary(),
+      (dir / "no-model").string(), (dir / "in.jsonl").string(), (dir / "out.jsonl").string()));
+  EXPECT_NE(no_model.exit_code, 0);
+  EXPECT_FALSE(fs::exists(dir / "out.jsonl"));
+  EXPECT_FALSE(fs::exists(dir / "out.jsonl.errors.jsonl"));
 }
 
 }  // namespace
