@@ -70,21 +70,21 @@ def main():
         model.generation_config.disable_compile = not args.compile
         for batch in batches:
             ids = torch.randint(3, vocab, (batch, args.context), device="cuda")
-            mask = torch.ones_like(ids)
 
-            def timed(n_new):
+            def timed(n_new, length=None):
+                x = ids if length is None else ids[:, :length]
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 with torch.no_grad():
-                    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new,
-                                   min_new_tokens=n_new, **gen_cfg)
+                    model.generate(input_ids=x, attention_mask=torch.ones_like(x),
+                                   max_new_tokens=n_new, min_new_tokens=n_new, **gen_cfg)
                 torch.cuda.synchronize()
                 return time.perf_counter() - t0
 
             row = {"shape": shape, "batch": batch, "context": args.context,
                    "decode_steps": args.decode_steps}
             try:
-                timed(2)  # warm-up
+                timed(2, 512)  # warm-up
                 t1 = statistics.median(timed(1) for _ in range(args.repeats))
                 tk = statistics.median(timed(1 + args.decode_steps) for _ in range(args.repeats))
                 step = (tk - t1) / args.decode_steps
@@ -99,7 +99,7 @@ def main():
                 row["skipped"] = f"out of memory: {e}"
                 print(f"transformers {shape} B={batch}: out of memory", flush=True)
             out["results"].append(row)
-            del ids, mask
+            del ids
             torch.cuda.empty_cache()
         del model
         torch.cuda.empty_cache()

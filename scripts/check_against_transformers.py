@@ -85,8 +85,13 @@ def main():
             cfg_path = os.path.join(tmp, "config.json")
             with open(cfg_path) as f:
                 cfg = json.load(f)
-            cfg.setdefault("rope_theta", 10000.0)  # newer transformers nest it in rope_parameters
+            # transformers 5 nests the RoPE base in rope_parameters; the engine reads rope_theta.
+            rope = cfg.get("rope_parameters") or {}
+            if rope.get("rope_type", "default") != "default":
+                print(f"{name}: rope_type {rope.get('rope_type')} is not checked here")
+            cfg["rope_theta"] = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
             cfg.setdefault("head_dim", head_dim)
+            saved_config = dict(cfg)
             with open(cfg_path, "w") as f:
                 json.dump(cfg, f)
             g = torch.Generator().manual_seed(99)
@@ -151,7 +156,10 @@ def main():
                "cuda_vs_hf_fp32": {"mean": gpu32[0], "max": gpu32[1]},
                "hf_bf16_vs_hf_fp32": {"mean": hf16[0], "max": hf16[1]},
                "cpu_vs_hf_fp32": {"mean": cpu32[0], "max": cpu32[1]},
-               "cpu_greedy_equals_hf_fp32_argmax": agree, "passed": passed}
+               "cpu_greedy_equals_hf_fp32_argmax": agree,
+               "first_position_cpu_vs_hf_fp32": abs(c["logprobs"][0]["logprob"] -
+                                                    ref32_cpu[0, c["token_ids"][0]].item()),
+               "config_json": saved_config, "passed": passed}
         results["configs"].append(row)
         print(f"{name}: |logprob diff| mean/max: cuda vs hf-fp32 {gpu32[0]:.4f}/{gpu32[1]:.4f}, "
               f"hf-bf16 vs hf-fp32 {hf16[0]:.4f}/{hf16[1]:.4f}, cuda vs hf-bf16 "

@@ -30,6 +30,10 @@ while [ $# -gt 0 ]; do
   shift
 done
 
+# GPU_CHECK_DEADLINE=SECONDS: skip the benchmark steps that would start after that many seconds
+# (leaves time for the summary when the whole run must fit a limit).
+deadline=${GPU_CHECK_DEADLINE:-0}
+late() { [ "$deadline" -gt 0 ] && [ $SECONDS -gt $((deadline - 30)) ]; }
 build=${NOSA_GPU_BUILD:-build-gpu}
 results=${RESULTS:-${OUT:-$build/results}}
 mkdir -p "$results"
@@ -102,10 +106,10 @@ if [ $bench -eq 1 ]; then
     bench_cmds+=("--suite decode --shape nosa-1b-like --mode dense,nosa --batch 1,16,64 --context 16384,32768")
     bench_cmds+=("--suite decode --shape nosa-8b-like --mode dense,nosa --batch 1,16,64 --context 16384,32768")
     bench_cmds+=("--suite prefill --shape nosa-1b-like --mode dense,nosa --prompts 16 --prompt-len 16384")
-    bench_cmds+=("--suite prefill --shape nosa-8b-like --mode dense,nosa --prompts 16 --prompt-len 16384")
   fi
   i=0
   for args in "${bench_cmds[@]}"; do
+    if late; then say "skipped (deadline): nosa bench $args"; continue; fi
     step "nosa bench $args"
     # shellcheck disable=SC2086
     timeout 900 "$nosa" bench $args --device cuda --commit "$commit" \
@@ -121,10 +125,27 @@ if [ $peer -eq 1 ] && [ $bench -eq 1 ]; then
   else
     peer_cmd="scripts/bench_transformers.py --shape nosa-1b-like --shape nosa-8b-like --batch 16 --context 16384 --decode-steps 8"
   fi
-  step "python3 $peer_cmd"
-  # shellcheck disable=SC2086
-  timeout 900 python3 $peer_cmd --out "$results/peer.json" >>"$log" 2>&1 ||
-    say "transformers peer FAILED (see log.txt)"
+  if late; then
+    say "skipped (deadline): python3 $peer_cmd"
+  else
+    step "python3 $peer_cmd"
+    # shellcheck disable=SC2086
+    timeout 900 python3 $peer_cmd --out "$results/peer.json" >>"$log" 2>&1 ||
+      say "transformers peer FAILED (see log.txt)"
+  fi
+fi
+# The 8b prefill last: the longest step.
+if [ $bench -eq 1 ] && [ $quick -eq 0 ]; then
+  args="--suite prefill --shape nosa-8b-like --mode dense,nosa --prompts 16 --prompt-len 16384"
+  bench_cmds+=("$args")
+  if late; then
+    say "skipped (deadline): nosa bench $args"
+  else
+    step "nosa bench $args"
+    # shellcheck disable=SC2086
+    timeout 900 "$nosa" bench $args --device cuda --commit "$commit" \
+      --json "$scratch/bench$i.json" >>"$log" 2>&1 || { say "bench FAILED: nosa bench $args"; status=1; }
+  fi
 fi
 
 # ---- summary ------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ template <int D>
 struct Stage {
   bf16* k;
   bf16* v;
-  float* add;       // [64] bias (0 without bias), -inf past the list's end
+  float* add;       // [64] the keys' eviction scores (loaded only with the bias)
   int* pos;         // [64] key positions
   uint64_t* mask;   // [64] which tile tokens selected the key's block (prefill only)
   __device__ explicit Stage(unsigned char* base) {
@@ -46,12 +46,15 @@ __device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, b
                "l"(gmem), "r"(bytes));
 }
 
-// Issues the loads of stage s (cp.async for K/V; plain stores for the per-key info).
-// entry(e) gives the logical block of list entry e; emask(e) its token mask.
-template <int D, class Entry, class EMask>
-__device__ __forceinline__ void load_stage(const Stage<D>& st, const KvView& kv, int layer, int h,
-                                           const int32_t* table, int s, int total_keys,
-                                           bool use_bias, Entry entry, EMask emask) {
+// Issues the loads of stage s: K, V (and, with use_bias, the keys' eviction scores) through
+// cp.async, zero-filled past the list's end; each key's position and token mask by plain stores
+// (a key past the end gets position k_no_key). entry(e, chunk, lb, mask) resolves list entry e from
+// shared memory, so no global load stalls the issue.
+constexpr int k_no_key = 0x7fffffff;
+
+template <int D, class Entry>
+__device__ __forceinline__ void load_stage(const Stage<D>& st, const KvView& kv, int s,
+                                           int total_keys, bool use_bias, Entry entry) {
   constexpr int segs = D / 8;
   const int bs = kv.block_size;
   const bf16* base = static_cast<const bf16*>(kv.kv);
@@ -61,24 +64,42 @@ __device__ __forceinline__ void load_stage(const Stage<D>& st, const KvView& kv,
     const bool valid = kk < total_keys;
     int64_t off = 0;
     if (valid) {
-      const int lb = entry(kk / bs);
-      const int64_t chunk = kv_chunk(kv, table[lb], layer, h);
+      int64_t chunk;
+      int lb;
+      uint64_t mask;
+      entry(kk / bs, chunk, lb, mask);
       off = (chunk * 2 * bs + kk % bs) * D + c * 8;
     }
     cp_async16_zfill(st.k + r * StageLayout<D>::lds + c * 8, base + off, valid);
     cp_async16_zfill(st.v + r * StageLayout<D>::lds + c * 8, base + off + int64_t(bs) * D, valid);
   }
+  if (use_bias) {
+    // Four keys at a time: block sizes are multiples of 16, so a group never spans two blocks.
+    for (int g = threadIdx.x; g < k_stage_keys / 4; g += blockDim.x) {
+      const int kk = s * k_stage_keys + 4 * g;
+      const bool valid = kk < total_keys;
+      int64_t off = 0;
+      if (valid) {
+        int64_t chunk;
+        int lb;
+        uint64_t mask;
+        entry(kk / bs, chunk, lb, mask);
+        off = chunk * bs + kk % bs;
+      }
+      cp_async16_zfill(st.add + 4 * g, kv.bias + off, valid);
+    }
+  }
   for (int r = threadIdx.x; r < k_stage_keys; r += blockDim.x) {
     const int kk = s * k_stage_keys + r;
     if (kk < total_keys) {
-      const int e = kk / bs, lb = entry(e);
-      const int64_t chunk = kv_chunk(kv, table[lb], layer, h);
-      st.add[r] = use_bias ? kv.bias[chunk * bs + kk % bs] : 0.0f;
+      int64_t chunk;
+      int lb;
+      uint64_t mask;
+      entry(kk / bs, chunk, lb, mask);
       st.pos[r] = lb * bs + kk % bs;
-      st.mask[r] = emask(e);
+      st.mask[r] = mask;
     } else {
-      st.add[r] = -INFINITY;
-      st.pos[r] = 0x7fffffff;
+      st.pos[r] = k_no_key;
       st.mask[r] = 0;
     }
   }

@@ -10,6 +10,7 @@ namespace {
 constexpr int k_threads = 256;
 constexpr int k_warps = k_threads / 32;
 constexpr size_t k_scratch_budget_floats = size_t(64) << 20;  // 256 MiB
+constexpr size_t k_lg_smem_limit = 200 * 1024;  // logits in shared memory up to this size
 
 struct Shared {
   float* q;      // [group][d]
@@ -20,6 +21,7 @@ struct Shared {
   float* hmax;   // [group]
   double* hsum;  // [group]
   int* warp_count;  // [k_warps]
+  float* lg;        // [group][n_max] logits, when they fit
 };
 
 // flag[b] = rank of v[b] < k, rank by (value descending, index ascending).
@@ -36,12 +38,16 @@ __device__ void rank_select(const float* v, int nb, int k, int* flag) {
   }
 }
 
-__global__ void __launch_bounds__(k_threads) select_kernel(SelectArgs a, int token_begin) {
+// Logits go to shared memory when lg_smem (else to the global scratch).
+template <int D>
+__global__ void __launch_bounds__(k_threads, 2) select_kernel(SelectArgs a, int token_begin,
+                                                           bool lg_smem) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int t = token_begin + blockIdx.x;
   const int h = blockIdx.y;
   const KvView& kv = a.kv;
-  const int H = kv.n_kv_heads, d = kv.head_dim, m = kv.keys_per_block, G = a.group;
+  const int H = kv.n_kv_heads, m = kv.keys_per_block, G = a.group;
+  constexpr int d = D;
   const SparseView& p = a.p;
   const int pos = a.step.positions[t];
   const int qb = pos / p.block_size, nb = qb + 1;
@@ -69,6 +75,7 @@ __global__ void __launch_bounds__(k_threads) select_kernel(SelectArgs a, int tok
     sh.flag = reinterpret_cast<int*>(take(sizeof(int) * a.nb_max));
     sh.hmax = reinterpret_cast<float*>(take(sizeof(float) * G));
     sh.warp_count = reinterpret_cast<int*>(take(sizeof(int) * k_warps));
+    sh.lg = lg_smem ? reinterpret_cast<float*>(take(sizeof(float) * G * a.n_max)) : nullptr;
   }
 
   const int n = compressed_count(pos, p.kernel_size, p.kernel_stride);
@@ -79,18 +86,22 @@ __global__ void __launch_bounds__(k_threads) select_kernel(SelectArgs a, int tok
   __syncthreads();
 
   // 1. Logits of every (head, compressed key), in the reference's summation order.
-  float* lg = a.scratch + (int64_t(blockIdx.x) * H + h) * G * int64_t(a.n_max);
+  float* lg = lg_smem ? sh.lg : a.scratch + (int64_t(blockIdx.x) * H + h) * G * int64_t(a.n_max);
   const bf16* ck = static_cast<const bf16*>(kv.ck);
   for (int j = threadIdx.x; j < n; j += blockDim.x) {
     const int64_t home = kv_chunk(kv, table[j / m], a.layer, h);
     const bf16* row = ck + (home * m + j % m) * d;
+    // The whole row in registers first: its loads are all in flight at once.
+    uint4 raws[d / 8];
+#pragma unroll
+    for (int x = 0; x < d / 8; ++x) raws[x] = reinterpret_cast<const uint4*>(row)[x];
     for (int h0 = 0; h0 < G; h0 += 8) {
       float acc[8];
 #pragma unroll
       for (int hh = 0; hh < 8; ++hh) acc[hh] = 0.0f;
+#pragma unroll
       for (int x0 = 0; x0 < d; x0 += 8) {
-        uint4 raw = *reinterpret_cast<const uint4*>(row + x0);
-        const bf16* e = reinterpret_cast<const bf16*>(&raw);
+        const bf16* e = reinterpret_cast<const bf16*>(&raws[x0 / 8]);
         float c[8];
 #pragma unroll
         for (int xx = 0; xx < 8; ++xx) c[xx] = __bfloat162float(e[xx]);
@@ -197,16 +208,45 @@ __global__ void __launch_bounds__(k_threads) select_kernel(SelectArgs a, int tok
   for (int i = k + threadIdx.x; i < a.k_max; i += blockDim.x) out[i] = -1;
 }
 
-size_t shared_bytes(int group, int d, int n_max, int nb_max) {
+size_t shared_bytes(int group, int d, int n_max, int nb_max, bool lg_smem) {
   auto r = [](size_t b) { return (b + 15) / 16 * 16; };
   return r(sizeof(double) * group) + r(sizeof(float) * group * d) + r(sizeof(float) * n_max) +
          2 * r(sizeof(float) * nb_max) + r(sizeof(int) * nb_max) + r(sizeof(float) * group) +
-         r(sizeof(int) * k_warps);
+         r(sizeof(int) * k_warps) + (lg_smem ? r(sizeof(float) * group * n_max) : 0);
+}
+
+template <int D>
+cudaError_t launch(const SelectArgs& a, cudaStream_t stream) {
+  const int T = a.step.n_tokens;
+  const bool lg_smem = shared_bytes(a.group, D, a.n_max, a.nb_max, true) <= k_lg_smem_limit;
+  const size_t smem = shared_bytes(a.group, D, a.n_max, a.nb_max, lg_smem);
+  if (smem > 227 * 1024) return cudaErrorInvalidValue;
+  static size_t configured = 48 * 1024;
+  if (smem > configured) {
+    cudaError_t e = cudaFuncSetAttribute(select_kernel<D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (e != cudaSuccess) return e;
+    configured = smem;
+  }
+  const size_t per_token = size_t(a.kv.n_kv_heads) * a.group * size_t(a.n_max > 0 ? a.n_max : 1);
+  // With the logits in shared memory the scratch is unused: one launch for every token.
+  int chunk = lg_smem ? T : int(a.scratch_floats / per_token);
+  if (chunk < 1) return cudaErrorInvalidValue;
+  for (int t0 = 0; t0 < T; t0 += chunk) {
+    const int count = T - t0 < chunk ? T - t0 : chunk;
+    dim3 grid(count, a.kv.n_kv_heads);
+    select_kernel<D><<<grid, k_threads, smem, stream>>>(a, t0, lg_smem);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
 }
 
 }  // namespace
 
-size_t select_scratch_floats(int n_kv_heads, int group, int n_max, int n_tokens) {
+size_t select_scratch_floats(int n_kv_heads, int group, int head_dim, int n_max, int nb_max,
+                             int n_tokens) {
+  if (shared_bytes(group, head_dim, n_max, nb_max, true) <= k_lg_smem_limit) return 0;
   const size_t per_token = size_t(n_kv_heads) * group * size_t(n_max > 0 ? n_max : 1);
   size_t tokens = k_scratch_budget_floats / per_token;
   if (tokens < 1) tokens = 1;
@@ -215,25 +255,12 @@ size_t select_scratch_floats(int n_kv_heads, int group, int n_max, int n_tokens)
 }
 
 cudaError_t launch_block_select(const SelectArgs& a, cudaStream_t stream) {
-  const int T = a.step.n_tokens;
-  if (T == 0) return cudaSuccess;
-  const size_t smem = shared_bytes(a.group, a.kv.head_dim, a.n_max, a.nb_max);
-  if (smem > 48 * 1024) {
-    cudaError_t e =
-        cudaFuncSetAttribute(select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (e != cudaSuccess) return e;
+  if (a.step.n_tokens == 0) return cudaSuccess;
+  switch (a.kv.head_dim) {
+    case 64: return launch<64>(a, stream);
+    case 128: return launch<128>(a, stream);
+    default: return cudaErrorInvalidValue;
   }
-  const size_t per_token = size_t(a.kv.n_kv_heads) * a.group * size_t(a.n_max > 0 ? a.n_max : 1);
-  int chunk = int(a.scratch_floats / per_token);
-  if (chunk < 1) return cudaErrorInvalidValue;
-  for (int t0 = 0; t0 < T; t0 += chunk) {
-    const int count = T - t0 < chunk ? T - t0 : chunk;
-    dim3 grid(count, a.kv.n_kv_heads);
-    select_kernel<<<grid, k_threads, smem, stream>>>(a, t0);
-    cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) return e;
-  }
-  return cudaSuccess;
 }
 
 }  // namespace nosa::attention::cuda

@@ -37,8 +37,10 @@ struct SelectArgs {
   size_t scratch_floats = 0;
 };
 
-// Floats of scratch the launcher uses at most (it processes tokens in groups to stay inside).
-size_t select_scratch_floats(int n_kv_heads, int group, int n_max, int n_tokens);
+// Floats of global scratch the launcher needs (0 when the logits fit in shared memory; else it
+// processes tokens in groups to stay inside a fixed budget).
+size_t select_scratch_floats(int n_kv_heads, int group, int head_dim, int n_max, int nb_max,
+                             int n_tokens);
 cudaError_t launch_block_select(const SelectArgs& args, cudaStream_t stream);
 
 }  // namespace nosa::attention::cuda

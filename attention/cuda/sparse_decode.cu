@@ -7,6 +7,9 @@ namespace {
 
 constexpr int k_warps = 4;
 constexpr int k_stages = 3;
+// A split covers at most this many stages, so that its list entries fit in shared memory.
+constexpr int k_max_split_stages = 64;
+constexpr int k_max_entries = k_max_split_stages * (k_stage_keys / 16) + 2;
 
 // grid (n_list, H, splits), 4 warps; warp w takes keys [16 w, 16 w + 16) of every stage.
 template <int D>
@@ -40,30 +43,42 @@ __global__ void __launch_bounds__(32 * k_warps) decode_kernel(DecodeArgs a) {
   uint32_t qa[D / 16][4];
   load_q_frags<D>(qa, [&](int r) -> const bf16* { return r < G ? qbase + int64_t(r) * D : nullptr; });
 
+  // Resolve this split's list entries (logical block, chunk) once, into shared memory.
+  int64_t* ent_chunk = reinterpret_cast<int64_t*>(smem + k_stages * StageLayout<D>::bytes);
+  int* ent_lb = reinterpret_cast<int*>(ent_chunk + k_max_entries);
+  const int e_base = s0 * k_stage_keys / bs;
+  const int e_end = min(n_blocks, (s1 * k_stage_keys + bs - 1) / bs);
+  for (int e = e_base + threadIdx.x; e < e_end; e += blockDim.x) {
+    const int lb = sel ? int(sel[e]) : e;
+    ent_lb[e - e_base] = lb;
+    ent_chunk[e - e_base] = kv_chunk(kv, table[lb], a.layer, h);
+  }
+  __syncthreads();
   auto stage_at = [&](int i) { return Stage<D>(smem + i * StageLayout<D>::bytes); };
-  auto entry = [&](int e) { return sel ? int(sel[e]) : e; };
-  auto emask = [](int) { return ~uint64_t(0); };
+  auto entry = [&](int e, int64_t& chunk, int& lb, uint64_t& mask) {
+    chunk = ent_chunk[e - e_base];
+    lb = ent_lb[e - e_base];
+    mask = ~uint64_t(0);
+  };
+  const bool use_bias = a.use_bias;
 
   WarpAcc<D> acc;
   acc.init();
 #pragma unroll
   for (int i = 0; i < k_stages - 1; ++i) {
-    if (s0 + i < s1)
-      load_stage<D>(stage_at(i), kv, a.layer, h, table, s0 + i, total_keys, a.use_bias, entry,
-                    emask);
+    if (s0 + i < s1) load_stage<D>(stage_at(i), kv, s0 + i, total_keys, use_bias, entry);
     cp_async_commit();
   }
   for (int s = s0; s < s1; ++s) {
     const int next = s + k_stages - 1;
     if (next < s1)
-      load_stage<D>(stage_at((next - s0) % k_stages), kv, a.layer, h, table, next, total_keys,
-                    a.use_bias, entry, emask);
+      load_stage<D>(stage_at((next - s0) % k_stages), kv, next, total_keys, use_bias, entry);
     cp_async_commit();
     cp_async_wait<k_stages - 1>();
     __syncthreads();
     const Stage<D> st = stage_at((s - s0) % k_stages);
     warp_attend<D, 2>(st, warp * 16, qa, a.scale, acc, [&](int, int key) {
-      return st.pos[key] <= pos ? st.add[key] : -INFINITY;
+      return st.pos[key] <= pos ? (use_bias ? st.add[key] : 0.0f) : -INFINITY;
     });
     __syncthreads();
   }
@@ -112,15 +127,16 @@ __global__ void __launch_bounds__(32 * k_warps) decode_kernel(DecodeArgs a) {
   }
 }
 
-// grid (n_list, H), D threads: merges the splits of each row (query head) of the group.
+// grid (n_list, H), 256 threads over (row, dim): merges the splits of each query head of the group.
 template <int D>
 __global__ void combine_kernel(DecodeArgs a) {
-  const int li = blockIdx.x, h = blockIdx.y, c = threadIdx.x;
+  const int li = blockIdx.x, h = blockIdx.y;
   const int t = a.token_list[li];
   const int H = a.kv.n_kv_heads, G = a.group;
   const float* part = a.partial + (int64_t(li) * H + h) * a.splits * 16 * (D + 2);
   bf16* out = static_cast<bf16*>(a.out) + (int64_t(t) * H * G + int64_t(h) * G) * D;
-  for (int r = 0; r < G; ++r) {
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+    const int r = i / D, c = i % D;
     float m = -INFINITY;
     for (int s = 0; s < a.splits; ++s) m = fmaxf(m, part[(s * 16 + r) * (D + 2) + D]);
     const float mu = m == -INFINITY ? 0.0f : m;
@@ -137,7 +153,7 @@ __global__ void combine_kernel(DecodeArgs a) {
 
 template <int D>
 cudaError_t launch(const DecodeArgs& a, cudaStream_t stream) {
-  const int smem_stages = k_stages * StageLayout<D>::bytes;
+  const int smem_stages = k_stages * StageLayout<D>::bytes + k_max_entries * (8 + 4);
   const int smem_merge = (k_warps * 16 * 2 + k_warps * 16 * D) * 4;
   const int smem = smem_stages > smem_merge ? smem_stages : smem_merge;
   static bool configured = false;
@@ -151,7 +167,7 @@ cudaError_t launch(const DecodeArgs& a, cudaStream_t stream) {
   decode_kernel<D><<<grid, 32 * k_warps, smem, stream>>>(a);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  combine_kernel<D><<<dim3(a.n_list, a.kv.n_kv_heads), D, 0, stream>>>(a);
+  combine_kernel<D><<<dim3(a.n_list, a.kv.n_kv_heads), 256, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
@@ -164,6 +180,9 @@ int decode_splits(int n_list, int n_kv_heads, int max_blocks, int block_size, in
   int splits = (4 * sm_count + pairs - 1) / pairs;
   const int cap = stages / 4 > 1 ? stages / 4 : 1;
   if (splits > cap) splits = cap;
+  // Every split's share must fit k_max_split_stages (its entries live in shared memory).
+  const int need = (stages + k_max_split_stages - 1) / k_max_split_stages;
+  if (splits < need) splits = need;
   if (splits < 1) splits = 1;
   return splits;
 }

@@ -29,7 +29,8 @@ __global__ void __launch_bounds__(32 * k_warps) prefill_kernel(PrefillArgs a) {
   unsigned char* tail = smem + k_stages * StageLayout<D>::bytes;
   uint64_t* stage_bits = reinterpret_cast<uint64_t*>(tail);  // [k_stages][2]
   uint64_t* umask = stage_bits + 2 * k_stages;                // [nb_max]
-  int* ulist = reinterpret_cast<int*>(umask + a.nb_max);      // [nb_max]
+  int64_t* uchunk = reinterpret_cast<int64_t*>(umask + a.nb_max);  // [nb_max]
+  int* ulist = reinterpret_cast<int*>(uchunk + a.nb_max);     // [nb_max]
   int* tok_pos = ulist + a.nb_max;                            // [64]
   int* warp_count = tok_pos + 64;                             // [k_warps]
   int* stage_minpos = warp_count + k_warps;                   // [k_stages][2]
@@ -74,10 +75,22 @@ __global__ void __launch_bounds__(32 * k_warps) prefill_kernel(PrefillArgs a) {
       __syncthreads();
     }
     n_entries = base;
+  } else {
+    for (int b = threadIdx.x; b < nbu; b += blockDim.x) {
+      ulist[b] = b;
+      umask[b] = ~uint64_t(0);
+    }
   }
-  const bool has_sel = a.selection != nullptr;
-  auto entry = [&](int e) { return has_sel ? ulist[e] : e; };
-  auto emask = [&](int e) { return has_sel ? umask[e] : ~uint64_t(0); };
+  // Resolve every entry's chunk once.
+  for (int e = threadIdx.x; e < n_entries; e += blockDim.x)
+    uchunk[e] = kv_chunk(kv, table[ulist[e]], a.layer, h);
+  __syncthreads();
+  auto entry = [&](int e, int64_t& chunk, int& lb, uint64_t& mask) {
+    chunk = uchunk[e];
+    lb = ulist[e];
+    mask = umask[e];
+  };
+  const bool use_bias = a.use_bias;
   const int total_keys = n_entries * bs;
   const int n_stages = (total_keys + k_stage_keys - 1) / k_stage_keys;
 
@@ -114,7 +127,7 @@ __global__ void __launch_bounds__(32 * k_warps) prefill_kernel(PrefillArgs a) {
   auto summarize = [&](const Stage<D>& st, int buf) {
     if (threadIdx.x < 64) {
       uint64_t bits = st.mask[threadIdx.x];
-      int mp = st.add[threadIdx.x] == -INFINITY ? 0x7fffffff : st.pos[threadIdx.x];
+      int mp = st.pos[threadIdx.x];
       bits = warp_or64(bits);
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) mp = min(mp, __shfl_xor_sync(0xffffffffu, mp, o));
@@ -129,9 +142,7 @@ __global__ void __launch_bounds__(32 * k_warps) prefill_kernel(PrefillArgs a) {
   acc.init();
 #pragma unroll
   for (int i = 0; i < k_stages - 1; ++i) {
-    if (i < n_stages) {
-      load_stage<D>(stage_at(i), kv, a.layer, h, table, i, total_keys, a.use_bias, entry, emask);
-    }
+    if (i < n_stages) load_stage<D>(stage_at(i), kv, i, total_keys, use_bias, entry);
     cp_async_commit();
   }
   if (0 < n_stages) {
@@ -141,8 +152,7 @@ __global__ void __launch_bounds__(32 * k_warps) prefill_kernel(PrefillArgs a) {
   for (int s = 0; s < n_stages; ++s) {
     const int next = s + k_stages - 1;
     if (next < n_stages)
-      load_stage<D>(stage_at(next % k_stages), kv, a.layer, h, table, next, total_keys,
-                    a.use_bias, entry, emask);
+      load_stage<D>(stage_at(next % k_stages), kv, next, total_keys, use_bias, entry);
     cp_async_commit();
     cp_async_wait<k_stages - 1>();
     __syncthreads();
@@ -153,8 +163,9 @@ __global__ void __launch_bounds__(32 * k_warps) prefill_kernel(PrefillArgs a) {
     const int minpos = min(stage_minpos[buf * 2], stage_minpos[buf * 2 + 1]);
     if ((bits & warp_bits) != 0 && minpos <= warp_max_pos) {
       warp_attend<D, 8>(st, 0, qa, a.scale, acc, [&](int i, int key) {
-        return ((st.mask[key] >> row_tok[i]) & 1) && st.pos[key] <= row_pos[i] ? st.add[key]
-                                                                                : -INFINITY;
+        return ((st.mask[key] >> row_tok[i]) & 1) && st.pos[key] <= row_pos[i]
+                   ? (use_bias ? st.add[key] : 0.0f)
+                   : -INFINITY;
       });
     }
     __syncthreads();
@@ -181,7 +192,7 @@ __global__ void __launch_bounds__(32 * k_warps) prefill_kernel(PrefillArgs a) {
 
 template <int D>
 size_t shared_bytes(int nb_max) {
-  return size_t(k_stages) * StageLayout<D>::bytes + size_t(nb_max) * (8 + 4) + 64 * 4 + 4 * 4 +
+  return size_t(k_stages) * StageLayout<D>::bytes + size_t(nb_max) * (8 + 8 + 4) + 64 * 4 + 4 * 4 +
          k_stages * 2 * (8 + 4) + 16;
 }
 

@@ -433,9 +433,12 @@ class CudaBackend final : public Backend {
     a.k_max = k_max;
     a.n_max = n_max;
     a.nb_max = nb_max;
-    a.scratch_floats = acu::select_scratch_floats(H, group, n_max, int(T));
-    Tensor scratch = alloc(DType::f32, {int64_t(a.scratch_floats)});
-    a.scratch = scratch.data<float>();
+    a.scratch_floats = acu::select_scratch_floats(H, group, L.head_dim, n_max, nb_max, int(T));
+    Tensor scratch;
+    if (a.scratch_floats > 0) {
+      scratch = alloc(DType::f32, {int64_t(a.scratch_floats)});
+      a.scratch = scratch.data<float>();
+    }
     NOSA_CUDA_CHECK(acu::launch_block_select(a, stream_));
     return sel;
   }

@@ -32,11 +32,14 @@ __global__ void add_kernel(bf16* x, const bf16* y, int64_t n) {
   }
 }
 
-__global__ void silu_mul_kernel(const bf16* gate_up, bf16* out, int f) {
-  const bf16* g = gate_up + int64_t(blockIdx.x) * 2 * f;
+// Flat grid: blocks_per_row blocks for each row, one element per thread.
+__global__ void silu_mul_kernel(const bf16* gate_up, bf16* out, int f, int blocks_per_row) {
+  const int64_t row = blockIdx.x / blocks_per_row;
+  const bf16* g = gate_up + row * 2 * f;
   const bf16* u = g + f;
-  bf16* o = out + int64_t(blockIdx.x) * f;
-  for (int i = threadIdx.x; i < f; i += blockDim.x) {
+  bf16* o = out + row * f;
+  const int i = (blockIdx.x % blocks_per_row) * blockDim.x + threadIdx.x;
+  if (i < f) {
     const float x = __bfloat162float(g[i]);
     const float s = __bfloat162float(__float2bfloat16(x / (1.0f + __expf(-x))));
     o[i] = __float2bfloat16(s * __bfloat162float(u[i]));
@@ -107,8 +110,9 @@ cudaError_t launch_add(void* x, const void* y, int64_t n, cudaStream_t stream) {
 
 cudaError_t launch_silu_mul(const void* gate_up, void* out, int rows, int f, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  silu_mul_kernel<<<rows, 256, 0, stream>>>(static_cast<const bf16*>(gate_up),
-                                            static_cast<bf16*>(out), f);
+  const int per_row = (f + 255) / 256;
+  silu_mul_kernel<<<unsigned(int64_t(rows) * per_row), 256, 0, stream>>>(
+      static_cast<const bf16*>(gate_up), static_cast<bf16*>(out), f, per_row);
   return cudaGetLastError();
 }
 

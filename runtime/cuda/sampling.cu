@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(k_threads) sample_kernel(SampleArgs a) {
     return;
   }
   double z = 0.0;
-  for (int i = threadIdx.x; i < V; i += blockDim.x) z += exp(double(__fsub_rn(row[i], mx)));
+  for (int i = threadIdx.x; i < V; i += blockDim.x) z += double(expf(__fsub_rn(row[i], mx)));
   z = block_sum(z, sh);
   const double log_z = double(mx) + log(z);
 
