@@ -307,9 +307,11 @@ struct WorkerServer::Impl {
     try {
       runtime::GenerationRequest g = build(s, *r);
       reqs[id] = r;
-      auto box = outbox;
-      r->loop_id = loop.submit(std::move(g), [this, r, box](const runtime::LoopEvent& e) {
-        on_loop_event(*r, e, box, r);
+      // The callback reaches this object only through the outbox, which run() empties before
+      // it returns: the loop may outlive this server (and ends its requests when it stops).
+      r->loop_id = loop.submit(std::move(g), [r, box = outbox](const runtime::LoopEvent& e) {
+        std::lock_guard lock(box->mutex);
+        if (box->impl) box->impl->on_loop_event(*r, e, r);
       });
     } catch (const Error& e) {
       reqs.erase(id);
@@ -322,8 +324,8 @@ struct WorkerServer::Impl {
 
   // On the loop's thread: turns an engine event into an RPC event and hands it to the I/O
   // thread.
-  void on_loop_event(Req& r, const runtime::LoopEvent& le, const std::shared_ptr<Outbox>& box,
-                     const std::shared_ptr<Req>& keep) {
+  // (Called with the outbox locked and this object alive.)
+  void on_loop_event(Req& r, const runtime::LoopEvent& le, const std::shared_ptr<Req>& keep) {
     if (r.ended) return;  // a stop string ended it; the engine's cancel event follows
     const auto& e = le.event;
     pb::Envelope m;
@@ -373,8 +375,6 @@ struct WorkerServer::Impl {
       }
     }
     const bool finished = ev->finished();
-    std::lock_guard lock(box->mutex);
-    if (!box->impl) return;
     net::post(io, [this, m = std::move(m), keep, finished] {
       auto it = reqs.find(keep->coord_id);
       if (it == reqs.end() || it->second != keep) return;  // cancelled by a lost connection
@@ -419,6 +419,14 @@ void WorkerServer::run() {
     std::lock_guard lock(w.outbox->mutex);
     w.outbox->impl = &w;
   }
+  // However run() ends, loop callbacks stop reaching this object.
+  struct Detach {
+    Impl& w;
+    ~Detach() {
+      std::lock_guard lock(w.outbox->mutex);
+      w.outbox->impl = nullptr;
+    }
+  } detach{w};
   if (w.o.handle_signals) {
     w.signals.emplace(w.io, SIGINT, SIGTERM);
     w.signals->async_wait([&w](boost::system::error_code ec, int sig) {
@@ -431,10 +439,6 @@ void WorkerServer::run() {
   w.log->info("connecting to the coordinator at {}:{}", w.host, w.port);
   w.connect();
   w.io.run();
-  {
-    std::lock_guard lock(w.outbox->mutex);
-    w.outbox->impl = nullptr;
-  }
   if (w.fatal) std::rethrow_exception(w.fatal);
 }
 
