@@ -40,9 +40,10 @@ ChatFormat ChatFormat::for_model(const std::filesystem::path& model_dir) {
   if (tmpl.find("<|im_start|>") != std::string::npos) return named("chatml");
   if (tmpl.find("<|start_header_id|>") != std::string::npos) return named("llama3");
   if (!tmpl.empty())
-    logger("rpc")->warn("{}: chat_template not recognised (chatml and llama3 are); using the "
-                        "default chat format",
-                        path.string());
+    logger("rpc")->warn(
+        "{}: chat_template not recognised (chatml and llama3 are); using the "
+        "default chat format",
+        path.string());
   return named("default");
 }
 

@@ -1,10 +1,14 @@
 #include "rpc/coordinator.h"
 
+// clang-format off
+#include <utility>  // before Asio: Boost 1.74's awaitable.hpp needs std::exchange
+// clang-format on
+
+#include <array>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <chrono>
 #include <csignal>
-#include <array>
 #include <map>
 #include <random>
 #include <set>
@@ -26,9 +30,7 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-std::string dump(const json& j) {
-  return j.dump(-1, ' ', false, json::error_handler_t::replace);
-}
+std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
 
 std::string random_hex(size_t n) {
   static thread_local std::mt19937_64 rng(std::random_device{}());
@@ -157,7 +159,8 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
   void on_read(boost::system::error_code ec);
   void handle();
   void respond(unsigned status, std::string body, const std::string& content_type,
-               bool close_after = false, std::vector<std::pair<std::string, std::string>> extra = {});
+               bool close_after = false,
+               std::vector<std::pair<std::string, std::string>> extra = {});
   void respond_error(const ApiError& e, bool close_after = false) {
     respond(unsigned(e.status), dump(e.body()), "application/json", close_after);
   }
@@ -200,10 +203,9 @@ void HttpSession::read() {
   parser_->body_limit(c_.o.max_body_bytes);
   parser_->header_limit(64 * 1024);
   stream_.expires_after(std::chrono::milliseconds(int64_t(c_.o.idle_timeout_s * 1000)));
-  http::async_read_header(stream_, buffer_, *parser_,
-                          [self = shared_from_this()](boost::system::error_code ec, size_t) {
-                            self->on_header(ec);
-                          });
+  http::async_read_header(
+      stream_, buffer_, *parser_,
+      [self = shared_from_this()](boost::system::error_code ec, size_t) { self->on_header(ec); });
 }
 
 void HttpSession::on_header(boost::system::error_code ec) {
@@ -226,10 +228,9 @@ void HttpSession::on_header(boost::system::error_code ec) {
 }
 
 void HttpSession::read_body() {
-  http::async_read(stream_, buffer_, *parser_,
-                   [self = shared_from_this()](boost::system::error_code ec, size_t) {
-                     self->on_read(ec);
-                   });
+  http::async_read(
+      stream_, buffer_, *parser_,
+      [self = shared_from_this()](boost::system::error_code ec, size_t) { self->on_read(ec); });
 }
 
 void HttpSession::on_read(boost::system::error_code ec) {
@@ -340,14 +341,16 @@ void HttpSession::handle() {
 
 void HttpSession::watch_disconnect() {
   const uint64_t gen = ++watch_gen_;
-  stream_.socket().async_wait(
-      tcp::socket::wait_read, [self = shared_from_this(), gen](boost::system::error_code ec) {
-        if (gen != self->watch_gen_ || self->rid_ == 0) return;
-        boost::system::error_code e2;
-        const size_t n = ec ? 0 : self->stream_.socket().available(e2);
-        if (ec || e2 || n == 0) self->client_gone("the client closed the connection");
-        // Otherwise the client sent more bytes (a pipelined request): read after this one.
-      });
+  stream_.socket().async_wait(tcp::socket::wait_read,
+                              [self = shared_from_this(), gen](boost::system::error_code ec) {
+                                if (gen != self->watch_gen_ || self->rid_ == 0) return;
+                                boost::system::error_code e2;
+                                const size_t n = ec ? 0 : self->stream_.socket().available(e2);
+                                if (ec || e2 || n == 0)
+                                  self->client_gone("the client closed the connection");
+                                // Otherwise the client sent more bytes (a pipelined request): read
+                                // after this one.
+                              });
 }
 
 void HttpSession::client_gone(const std::string& why) {
@@ -417,9 +420,9 @@ void HttpSession::on_event(const pb::Event& ev) {
     push_sse("[DONE]");
     finish_request(200);
   } else {
-    ApiError e = reason == "error" ? error_from_replica(ev.error())
-                                   : server_error(503, "the replica ended the request (" +
-                                                           reason + ")");
+    ApiError e = reason == "error"
+                     ? error_from_replica(ev.error())
+                     : server_error(503, "the replica ended the request (" + reason + ")");
     push_sse(dump(e.body()));
     keep_alive_ = false;
     finish_request(unsigned(e.status));
@@ -443,8 +446,8 @@ void HttpSession::start_stream() {
       "X-Accel-Buffering: no\r\n{}\r\n",
       version_ == 10 ? 0 : 1,
       version_ == 10 ? "Connection: close\r\n"
-                     : keep_alive_ ? "Transfer-Encoding: chunked\r\n"
-                                   : "Transfer-Encoding: chunked\r\nConnection: close\r\n");
+      : keep_alive_  ? "Transfer-Encoding: chunked\r\n"
+                     : "Transfer-Encoding: chunked\r\nConnection: close\r\n");
   if (version_ == 10) keep_alive_ = false;
   out_.push_back(std::move(head));
   if (api_.endpoint == Endpoint::chat_completions)
@@ -507,14 +510,14 @@ void HttpSession::respond(unsigned status, std::string body, const std::string& 
   c_.responses_total[status]++;
   response_ = res;
   stream_.expires_after(std::chrono::seconds(60));
-  http::async_write(stream_, *res, [self = shared_from_this(), res](boost::system::error_code ec,
-                                                                     size_t) {
-    self->stream_.expires_never();
-    self->response_.reset();
-    if (ec) return self->close();
-    if (self->keep_alive_) return self->read();
-    self->linger_close();
-  });
+  http::async_write(stream_, *res,
+                    [self = shared_from_this(), res](boost::system::error_code ec, size_t) {
+                      self->stream_.expires_never();
+                      self->response_.reset();
+                      if (ec) return self->close();
+                      if (self->keep_alive_) return self->read();
+                      self->linger_close();
+                    });
 }
 
 // Half-closes and drains what the client still sends (for example the rest of a body over the
@@ -526,15 +529,15 @@ void HttpSession::linger_close() {
   stream_.expires_after(std::chrono::seconds(2));
   auto drain = std::make_shared<std::function<void()>>();
   *drain = [self = shared_from_this(), scratch, drain] {
-    self->stream_.async_read_some(
-        net::buffer(*scratch), [self, scratch, drain](boost::system::error_code ec, size_t) {
-          if (ec) {
-            self->close();
-            *drain = nullptr;  // break the cycle
-            return;
-          }
-          (*drain)();
-        });
+    self->stream_.async_read_some(net::buffer(*scratch),
+                                  [self, scratch, drain](boost::system::error_code ec, size_t) {
+                                    if (ec) {
+                                      self->close();
+                                      *drain = nullptr;  // break the cycle
+                                      return;
+                                    }
+                                    (*drain)();
+                                  });
   };
   (*drain)();
 }
@@ -557,10 +560,10 @@ size_t Coordinator::Impl::registered_count() const {
 
 void Coordinator::Impl::count_request(const std::string& endpoint, unsigned status,
                                       bool client_gone) {
-  std::string outcome = client_gone      ? "cancelled"
-                        : status < 400   ? "success"
-                        : status < 500   ? "client_error"
-                                         : "server_error";
+  std::string outcome = client_gone    ? "cancelled"
+                        : status < 400 ? "success"
+                        : status < 500 ? "client_error"
+                                       : "server_error";
   requests_total[{endpoint, outcome}]++;
 }
 
@@ -583,8 +586,8 @@ std::optional<ApiError> Coordinator::Impl::submit(const std::shared_ptr<HttpSess
   int64_t max_context = 0;
   for (auto& [id, r] : replicas)
     if (r.registered && r.info.model_name() == model)
-      max_context = max_context == 0 ? r.info.max_context()
-                                     : std::min(max_context, r.info.max_context());
+      max_context =
+          max_context == 0 ? r.info.max_context() : std::min(max_context, r.info.max_context());
   if (max_context == 0) {
     if (models.empty())
       return server_error(503, "no replica is registered yet: start `nosa worker` processes",
@@ -601,10 +604,9 @@ std::optional<ApiError> Coordinator::Impl::submit(const std::shared_ptr<HttpSess
     return e;
   }
   if (int64_t(requests.size()) >= o.max_outstanding)
-    return server_error(429,
-                        fmt::format("the server has {} requests in flight; try again later",
-                                    requests.size()),
-                        "overloaded");
+    return server_error(
+        429, fmt::format("the server has {} requests in flight; try again later", requests.size()),
+        "overloaded");
   const uint64_t id = next_request++;
   RequestRecord rec;
   rec.id = id;
@@ -626,10 +628,9 @@ std::optional<ApiError> Coordinator::Impl::submit(const std::shared_ptr<HttpSess
 
 std::optional<ApiError> Coordinator::Impl::route(RequestRecord& rec) {
   if (int(rec.tried.size()) >= o.max_attempts)
-    return server_error(503,
-                        fmt::format("the request failed on {} replicas; giving up",
-                                    rec.tried.size()),
-                        "replica_failed");
+    return server_error(
+        503, fmt::format("the request failed on {} replicas; giving up", rec.tried.size()),
+        "replica_failed");
   std::vector<ReplicaLoad> loads;
   for (auto& [id, r] : replicas) {
     if (!r.registered) continue;
@@ -800,8 +801,8 @@ void Coordinator::Impl::on_worker_message(uint64_t rid, pb::Envelope& m) {
       reply.mutable_registered()->set_heartbeat_interval_ms(o.heartbeat_interval_ms);
       r.conn->send(reply);
       log->info("replica {} registered: model '{}' from {} ({}, tp {}, context {}, {} KV blocks)",
-                rid, reg.model_name(), reg.worker_name(), reg.device(), reg.tp(),
-                reg.max_context(), reg.kv_blocks_total());
+                rid, reg.model_name(), reg.worker_name(), reg.device(), reg.tp(), reg.max_context(),
+                reg.kv_blocks_total());
       break;
     }
     case pb::Envelope::kHeartbeat:
@@ -878,8 +879,7 @@ std::string Coordinator::Impl::metrics_text() const {
            "Completion requests by endpoint and outcome (success, client_error, server_error, "
            "cancelled)");
   for (auto& [key, n] : requests_total)
-    w.sample("nosa_requests_total", {{"endpoint", key.first}, {"outcome", key.second}},
-             double(n));
+    w.sample("nosa_requests_total", {{"endpoint", key.first}, {"outcome", key.second}}, double(n));
   w.family("nosa_http_responses_total", "counter", "HTTP responses by status code");
   for (auto& [status, n] : responses_total)
     w.sample("nosa_http_responses_total", {{"code", std::to_string(status)}}, double(n));

@@ -27,10 +27,10 @@ struct CoordinatorOptions {
   size_t max_body_bytes = size_t(8) << 20;
   size_t max_frame_bytes = size_t(64) << 20;
   uint32_t heartbeat_interval_ms = 500;  // asked of the workers
-  double worker_timeout_s = 5.0;   // no heartbeat for this long: the replica is removed
-  int max_attempts = 3;            // replicas a request may be tried on
-  int64_t max_outstanding = 8192;  // requests in flight before new ones get 429
-  double idle_timeout_s = 120;     // an idle keep-alive HTTP connection is closed after this
+  double worker_timeout_s = 5.0;         // no heartbeat for this long: the replica is removed
+  int max_attempts = 3;                  // replicas a request may be tried on
+  int64_t max_outstanding = 8192;        // requests in flight before new ones get 429
+  double idle_timeout_s = 120;           // an idle keep-alive HTTP connection is closed after this
 };
 
 class Coordinator {

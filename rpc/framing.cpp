@@ -28,8 +28,8 @@ std::string encode_frame(const pb::Envelope& message, size_t max_frame_bytes) {
 }
 
 uint32_t parse_frame_header(const unsigned char* h, size_t max_frame_bytes) {
-  const uint32_t size = (uint32_t(h[0]) << 24) | (uint32_t(h[1]) << 16) | (uint32_t(h[2]) << 8) |
-                        uint32_t(h[3]);
+  const uint32_t size =
+      (uint32_t(h[0]) << 24) | (uint32_t(h[1]) << 16) | (uint32_t(h[2]) << 8) | uint32_t(h[3]);
   NOSA_CHECK(size <= max_frame_bytes,
              "bad frame: length {} is over the limit of {} bytes (is the peer a nosa worker or "
              "coordinator? this port speaks the nosa RPC protocol, not HTTP)",
@@ -109,27 +109,27 @@ void Connection::read_header() {
 
 void Connection::read_body(uint32_t size) {
   body_.resize(size);
-  net::async_read(socket_, net::buffer(body_.data(), size),
-                  [self = shared_from_this(), size](boost::system::error_code ec, size_t) {
-                    if (ec) {
-                      self->do_close("read failed inside a frame: " + ec.message());
-                      return;
-                    }
-                    pb::Envelope message;
-                    if (!message.ParseFromArray(self->body_.data(), int(size))) {
-                      self->do_close(fmt::format(
-                          "bad frame: {} bytes that are not a nosa RPC message", size));
-                      return;
-                    }
-                    if (!self->open_) return;
-                    try {
-                      self->on_message_(message);
-                    } catch (const std::exception& e) {
-                      self->do_close(std::string("message handler failed: ") + e.what());
-                      return;
-                    }
-                    self->read_header();
-                  });
+  net::async_read(
+      socket_, net::buffer(body_.data(), size),
+      [self = shared_from_this(), size](boost::system::error_code ec, size_t) {
+        if (ec) {
+          self->do_close("read failed inside a frame: " + ec.message());
+          return;
+        }
+        pb::Envelope message;
+        if (!message.ParseFromArray(self->body_.data(), int(size))) {
+          self->do_close(fmt::format("bad frame: {} bytes that are not a nosa RPC message", size));
+          return;
+        }
+        if (!self->open_) return;
+        try {
+          self->on_message_(message);
+        } catch (const std::exception& e) {
+          self->do_close(std::string("message handler failed: ") + e.what());
+          return;
+        }
+        self->read_header();
+      });
 }
 
 void Connection::send(const pb::Envelope& message) {
@@ -182,7 +182,8 @@ void Connection::close_after_writes(const std::string& reason) {
 }
 
 void Connection::close(const std::string& reason) {
-  net::post(socket_.get_executor(), [self = shared_from_this(), reason] { self->do_close(reason); });
+  net::post(socket_.get_executor(),
+            [self = shared_from_this(), reason] { self->do_close(reason); });
 }
 
 void Connection::do_close(const std::string& reason) {

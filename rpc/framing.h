@@ -5,7 +5,9 @@
 // version handshake (Hello, HelloReply).
 #pragma once
 
+// clang-format off
 #include <utility>  // before Asio: Boost 1.74's awaitable.hpp needs std::exchange
+// clang-format on
 
 #include <atomic>
 #include <boost/asio.hpp>

@@ -40,8 +40,8 @@ ApiError not_found_path(const std::string& method, const std::string& path) {
 ApiError model_not_found(const std::string& model) {
   ApiError e;
   e.status = 404;
-  e.message = fmt::format("The model `{}` does not exist (GET /v1/models lists the served models)",
-                          model);
+  e.message =
+      fmt::format("The model `{}` does not exist (GET /v1/models lists the served models)", model);
   e.param = "model";
   e.code = "model_not_found";
   return e;
@@ -50,8 +50,9 @@ ApiError model_not_found(const std::string& model) {
 ApiError server_error(int status, std::string message, std::string code) {
   ApiError e;
   e.status = status;
-  e.type = status == 503 ? "service_unavailable" : status == 429 ? "rate_limit_error"
-                                                                 : "server_error";
+  e.type = status == 503   ? "service_unavailable"
+           : status == 429 ? "rate_limit_error"
+                           : "server_error";
   e.message = std::move(message);
   e.code = std::move(code);
   return e;
@@ -65,13 +66,20 @@ namespace {
 
 const char* type_name(const json& v) {
   switch (v.type()) {
-    case json::value_t::null: return "null";
-    case json::value_t::boolean: return "a boolean";
-    case json::value_t::string: return "a string";
-    case json::value_t::array: return "an array";
-    case json::value_t::object: return "an object";
-    case json::value_t::number_float: return "a number with a fraction";
-    default: return "a number";
+    case json::value_t::null:
+      return "null";
+    case json::value_t::boolean:
+      return "a boolean";
+    case json::value_t::string:
+      return "a string";
+    case json::value_t::array:
+      return "an array";
+    case json::value_t::object:
+      return "an object";
+    case json::value_t::number_float:
+      return "a number with a fraction";
+    default:
+      return "a number";
   }
 }
 
@@ -114,8 +122,7 @@ std::vector<int32_t> as_token_ids(const json& v, const std::string& name) {
     if (!x.is_number())
       fail(fmt::format("{} must be a token id (an integer), got {}", item, type_name(x)), name);
     const int64_t id = as_int(x, name);
-    if (id < 0 || id > INT32_MAX)
-      fail(fmt::format("{} = {} is not a token id", item, id), name);
+    if (id < 0 || id > INT32_MAX) fail(fmt::format("{} = {} is not a token id", item, id), name);
     ids.push_back(int32_t(id));
   }
   return ids;
@@ -140,7 +147,8 @@ bool parse_common(const std::string& key, const json& v, ApiRequest& r) {
   } else if (key == "top_k") {
     if (v.is_null()) return true;
     const int64_t k = as_int(v, key);
-    if (k < -1 || k > INT32_MAX) fail(fmt::format("top_k must be -1, 0 (all) or positive, got {}", k), key);
+    if (k < -1 || k > INT32_MAX)
+      fail(fmt::format("top_k must be -1, 0 (all) or positive, got {}", k), key);
     s.set_top_k(int32_t(std::max<int64_t>(0, k)));
   } else if (key == "seed") {
     if (v.is_null()) return true;
@@ -156,8 +164,7 @@ bool parse_common(const std::string& key, const json& v, ApiRequest& r) {
         if (!stop.empty()) s.add_stop(stop);
       }
     } else {
-      fail(fmt::format("stop must be a string or an array of strings, got {}", type_name(v)),
-           key);
+      fail(fmt::format("stop must be a string or an array of strings, got {}", type_name(v)), key);
     }
   } else if (key == "stop_token_ids") {
     if (v.is_null()) return true;
@@ -255,8 +262,8 @@ void parse_messages(const json& v, ApiRequest& r) {
     if (role == "developer") role = "system";
     static const std::set<std::string> roles = {"system", "user", "assistant", "tool"};
     if (!roles.count(role))
-      fail(fmt::format("{}.role '{}' is not one of system, developer, user, assistant, tool",
-                       where, role),
+      fail(fmt::format("{}.role '{}' is not one of system, developer, user, assistant, tool", where,
+                       role),
            "messages");
     for (auto& [k, x] : m.items()) {
       if (k == "role" || k == "content" || k == "name" || k == "tool_call_id") continue;
@@ -282,9 +289,10 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& body) {
   try {
     j = json::parse(body);
   } catch (const json::exception& e) {
-    fail(fmt::format("We could not parse the JSON body of your request: {}. (The body must be a "
-                     "JSON object with Content-Type: application/json.)",
-                     e.what()));
+    fail(
+        fmt::format("We could not parse the JSON body of your request: {}. (The body must be a "
+                    "JSON object with Content-Type: application/json.)",
+                    e.what()));
   }
   if (!j.is_object())
     fail(fmt::format("The request body must be a JSON object, got {}", type_name(j)));
@@ -410,7 +418,8 @@ json chat_logprobs(const std::vector<pb::Token>& tokens) {
   for (const auto& t : tokens) {
     json top = json::array();
     for (const auto& a : t.top())
-      top.push_back({{"token", a.text()}, {"logprob", a.logprob()}, {"bytes", bytes_array(a.text())}});
+      top.push_back(
+          {{"token", a.text()}, {"logprob", a.logprob()}, {"bytes", bytes_array(a.text())}});
     content.push_back({{"token", t.text()},
                        {"logprob", t.logprob()},
                        {"bytes", bytes_array(t.text())},
@@ -460,15 +469,14 @@ json stream_chunk(const ApiRequest& r, const std::string& id, int64_t created,
     choice["text"] = text;
     choice["logprobs"] = with_lp ? completion_logprobs(tokens, 0) : json(nullptr);
   } else {
-    choice["delta"] = finish_reason.empty() || !text.empty() ? json{{"content", text}}
-                                                             : json::object();
+    choice["delta"] =
+        finish_reason.empty() || !text.empty() ? json{{"content", text}} : json::object();
     choice["logprobs"] = with_lp ? chat_logprobs(tokens) : json(nullptr);
   }
   choice["finish_reason"] = finish_reason.empty() ? json(nullptr) : json(finish_reason);
   json out;
   out["id"] = id;
-  out["object"] =
-      r.endpoint == Endpoint::completions ? "text_completion" : "chat.completion.chunk";
+  out["object"] = r.endpoint == Endpoint::completions ? "text_completion" : "chat.completion.chunk";
   out["created"] = created;
   out["model"] = model;
   out["choices"] = json::array({choice});
@@ -490,13 +498,13 @@ json chat_role_chunk(const std::string& id, int64_t created, const std::string& 
 
 json usage_chunk(const ApiRequest& r, const std::string& id, int64_t created,
                  const std::string& model, int64_t prompt_tokens, int64_t completion_tokens) {
-  return json{{"id", id},
-              {"object", r.endpoint == Endpoint::completions ? "text_completion"
-                                                             : "chat.completion.chunk"},
-              {"created", created},
-              {"model", model},
-              {"choices", json::array()},
-              {"usage", usage(prompt_tokens, completion_tokens)}};
+  return json{
+      {"id", id},
+      {"object", r.endpoint == Endpoint::completions ? "text_completion" : "chat.completion.chunk"},
+      {"created", created},
+      {"model", model},
+      {"choices", json::array()},
+      {"usage", usage(prompt_tokens, completion_tokens)}};
 }
 
 json models_response(const std::vector<std::pair<std::string, int64_t>>& models) {

@@ -47,12 +47,12 @@ enum class Endpoint { completions, chat_completions };
 // A checked request, ready to be routed.
 struct ApiRequest {
   Endpoint endpoint = Endpoint::completions;
-  std::string model;               // empty: the client named none (the only served model is used)
-  pb::Submit submit;               // everything the replica needs (request_id left 0)
+  std::string model;  // empty: the client named none (the only served model is used)
+  pb::Submit submit;  // everything the replica needs (request_id left 0)
   bool max_tokens_given = false;
   bool stream = false;
-  bool include_usage = false;      // stream_options.include_usage
-  bool want_logprobs = false;      // completions: logprobs >= 0; chat: logprobs true
+  bool include_usage = false;  // stream_options.include_usage
+  bool want_logprobs = false;  // completions: logprobs >= 0; chat: logprobs true
 };
 
 // Parses and checks a request body. Throws ApiException (400) for anything wrong.
@@ -77,8 +77,7 @@ nlohmann::json completion_response(const ApiRequest& r, const std::string& id, i
 // finish reason on the last one (empty: none yet).
 nlohmann::json stream_chunk(const ApiRequest& r, const std::string& id, int64_t created,
                             const std::string& model, const std::string& text,
-                            const std::vector<pb::Token>& tokens,
-                            const std::string& finish_reason);
+                            const std::vector<pb::Token>& tokens, const std::string& finish_reason);
 // The chat stream's first chunk (the assistant role, empty content).
 nlohmann::json chat_role_chunk(const std::string& id, int64_t created, const std::string& model);
 // The usage chunk sent at the end of a stream when stream_options.include_usage is set.

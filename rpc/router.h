@@ -13,12 +13,12 @@ namespace nosa::rpc {
 struct ReplicaLoad {
   uint64_t id = 0;
   std::string model;
-  int64_t outstanding = 0;      // sent by the coordinator, not finished
-  int64_t waiting = 0;          // queued in the replica (last heartbeat)
+  int64_t outstanding = 0;  // sent by the coordinator, not finished
+  int64_t waiting = 0;      // queued in the replica (last heartbeat)
   int64_t max_running = 1;
-  int64_t kv_blocks_free = 0;   // last heartbeat
+  int64_t kv_blocks_free = 0;  // last heartbeat
   int64_t kv_blocks_total = 0;
-  uint64_t last_pick = 0;       // a counter value of the last time it was picked (ties)
+  uint64_t last_pick = 0;  // a counter value of the last time it was picked (ties)
 };
 
 // The load score: lower is better. Outstanding requests per batch slot dominate; a replica

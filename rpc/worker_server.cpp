@@ -86,26 +86,26 @@ struct WorkerServer::Impl {
 
   void connect() {
     if (stopping) return;
-    resolver.async_resolve(host, port, [this](boost::system::error_code ec,
-                                              tcp::resolver::results_type results) {
-      if (stopping) return;
-      if (ec) return retry("cannot resolve " + host + ": " + ec.message());
-      auto socket = std::make_shared<tcp::socket>(io);
-      net::async_connect(*socket, results,
-                         [this, socket](boost::system::error_code ec, const tcp::endpoint&) {
-                           if (stopping) return;
-                           if (ec) return retry(ec.message());
-                           on_connected(std::move(*socket));
-                         });
-    });
+    resolver.async_resolve(
+        host, port, [this](boost::system::error_code ec, tcp::resolver::results_type results) {
+          if (stopping) return;
+          if (ec) return retry("cannot resolve " + host + ": " + ec.message());
+          auto socket = std::make_shared<tcp::socket>(io);
+          net::async_connect(*socket, results,
+                             [this, socket](boost::system::error_code ec, const tcp::endpoint&) {
+                               if (stopping) return;
+                               if (ec) return retry(ec.message());
+                               on_connected(std::move(*socket));
+                             });
+        });
   }
 
   void retry(const std::string& why) {
     if (Clock::now() > deadline) {
-      fail(std::make_exception_ptr(Error(
-          ErrorCode::unavailable,
-          fmt::format("cannot reach the coordinator at {}:{} ({}); gave up after {} s", host,
-                      port, why, o.connect_timeout_s))));
+      fail(std::make_exception_ptr(
+          Error(ErrorCode::unavailable,
+                fmt::format("cannot reach the coordinator at {}:{} ({}); gave up after {} s", host,
+                            port, why, o.connect_timeout_s))));
       return;
     }
     log->debug("coordinator {}:{} not reachable yet ({}); retrying", host, port, why);
@@ -128,9 +128,9 @@ struct WorkerServer::Impl {
     switch (m.body_case()) {
       case pb::Envelope::kHelloReply: {
         if (!m.hello_reply().accepted()) {
-          fail(std::make_exception_ptr(Error(
-              ErrorCode::invalid_argument,
-              "the coordinator refused this worker: " + m.hello_reply().error())));
+          fail(std::make_exception_ptr(
+              Error(ErrorCode::invalid_argument,
+                    "the coordinator refused this worker: " + m.hello_reply().error())));
           return;
         }
         pb::Envelope r;
@@ -159,8 +159,8 @@ struct WorkerServer::Impl {
           o.heartbeat_ms = m.registered().heartbeat_interval_ms();
         registered = true;
         ever_registered = true;
-        log->info("registered with the coordinator at {}:{} as replica {} (model '{}')", host,
-                  port, m.registered().replica_id(), o.model_name);
+        log->info("registered with the coordinator at {}:{} as replica {} (model '{}')", host, port,
+                  m.registered().replica_id(), o.model_name);
         send_heartbeat();
         break;
       case pb::Envelope::kSubmit:
@@ -188,8 +188,8 @@ struct WorkerServer::Impl {
     for (auto& [id, r] : reqs) loop.cancel(r->loop_id);
     reqs.clear();
     if (stopping) return;
-    log->warn("lost the coordinator at {}:{} ({}); reconnecting for up to {} s", host, port,
-              reason, o.connect_timeout_s);
+    log->warn("lost the coordinator at {}:{} ({}); reconnecting for up to {} s", host, port, reason,
+              o.connect_timeout_s);
     deadline = Clock::now() + std::chrono::milliseconds(int64_t(o.connect_timeout_s * 1000));
     retry("connection lost");
   }
@@ -365,8 +365,8 @@ struct WorkerServer::Impl {
         if (e.finish == runtime::FinishReason::none) loop.cancel(e.id);
       } else {
         ev->set_finish_reason(runtime::finish_reason_name(e.finish));
-        if (r.text && (e.finish == runtime::FinishReason::stop ||
-                       e.finish == runtime::FinishReason::length))
+        if (r.text &&
+            (e.finish == runtime::FinishReason::stop || e.finish == runtime::FinishReason::length))
           *ev->mutable_text() += r.text->finish();
         if (e.finish == runtime::FinishReason::error) {
           ev->mutable_error()->set_code(error_code_name(le.error_code));

@@ -20,11 +20,11 @@ namespace nosa::rpc {
 
 struct WorkerOptions {
   std::string coordinator = "127.0.0.1:9000";  // HOST:PORT of `nosa serve --workers-port`
-  std::string model_name;                        // the name clients ask for
-  uint32_t heartbeat_ms = 500;    // until the coordinator asks for another interval
-  double connect_timeout_s = 60;  // keep trying to reach the coordinator this long
+  std::string model_name;                      // the name clients ask for
+  uint32_t heartbeat_ms = 500;                 // until the coordinator asks for another interval
+  double connect_timeout_s = 60;               // keep trying to reach the coordinator this long
   size_t max_frame_bytes = size_t(64) << 20;
-  bool handle_signals = true;     // SIGINT/SIGTERM stop run() cleanly
+  bool handle_signals = true;  // SIGINT/SIGTERM stop run() cleanly
 };
 
 // What the replica registers with (its engine's limits).

@@ -106,9 +106,8 @@ void EngineLoop::run() {
     std::vector<RequestId> cancels;
     {
       std::unique_lock lock(mutex_);
-      wake_.wait(lock, [&] {
-        return stopping_ || engine_busy || !pending_.empty() || !cancels_.empty();
-      });
+      wake_.wait(
+          lock, [&] { return stopping_ || engine_busy || !pending_.empty() || !cancels_.empty(); });
       if (stopping_) break;
       fresh.swap(pending_);
       cancels.swap(cancels_);

@@ -37,11 +37,11 @@ struct LoopEvent {
 using LoopCallback = std::function<void(const LoopEvent&)>;
 
 struct EngineLoopStats {
-  EngineStats engine;       // as of the last step (waiting includes not-yet-admitted submits)
-  int64_t in_flight = 0;    // requests submitted and not finished
-  int64_t steps = 0;        // steps run by this loop
+  EngineStats engine;     // as of the last step (waiting includes not-yet-admitted submits)
+  int64_t in_flight = 0;  // requests submitted and not finished
+  int64_t steps = 0;      // steps run by this loop
   double step_seconds_total = 0;
-  bool failed = false;      // a step threw: the loop accepts nothing more
+  bool failed = false;  // a step threw: the loop accepts nothing more
 };
 
 struct EngineLoopOptions {
@@ -92,10 +92,10 @@ class EngineLoop {
   Engine& engine_;
   EngineLoopOptions options_;
   mutable std::mutex mutex_;
-  std::condition_variable wake_;  // work arrived or shutdown
-  std::condition_variable idle_;  // in-flight count dropped to zero
-  std::deque<Pending> pending_;                  // submitted, not yet handed to the engine
-  std::vector<RequestId> cancels_;               // cancels to apply before the next step
+  std::condition_variable wake_;                  // work arrived or shutdown
+  std::condition_variable idle_;                  // in-flight count dropped to zero
+  std::deque<Pending> pending_;                   // submitted, not yet handed to the engine
+  std::vector<RequestId> cancels_;                // cancels to apply before the next step
   std::unordered_map<RequestId, Active> active_;  // every request in flight, by loop id
   std::unordered_map<RequestId, RequestId> by_engine_id_;
   RequestId next_id_ = 1;

@@ -46,9 +46,10 @@ std::string http_post(uint16_t port, const std::string& path, const std::string&
   net::io_context io;
   tcp::socket s(io);
   s.connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port));
-  std::string req = "POST " + path + " HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                    "Connection: close\r\nContent-Length: " + std::to_string(body.size()) +
-                    "\r\n\r\n" + body;
+  std::string req = "POST " + path +
+                    " HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                    "Connection: close\r\nContent-Length: " +
+                    std::to_string(body.size()) + "\r\n\r\n" + body;
   net::write(s, net::buffer(req));
   std::string out;
   boost::system::error_code ec;

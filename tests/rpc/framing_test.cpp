@@ -94,10 +94,12 @@ TEST(Connection, DeliversMessagesBothWaysAndReportsClose) {
   Pair p;
   std::vector<uint64_t> at_b;
   std::string a_closed;
-  p.b->start([&](pb::Envelope& m) {
-    at_b.push_back(m.submit().request_id());
-    if (at_b.size() == 3) p.b->close("done");
-  }, [](const std::string&) {});
+  p.b->start(
+      [&](pb::Envelope& m) {
+        at_b.push_back(m.submit().request_id());
+        if (at_b.size() == 3) p.b->close("done");
+      },
+      [](const std::string&) {});
   p.a->start([](pb::Envelope&) {}, [&](const std::string& why) { a_closed = why; });
   std::thread sender([&] {  // send() from another thread
     for (int i = 0; i < 3; ++i) p.a->send(submit(i, "hello"));

@@ -51,8 +51,8 @@ TEST(OpenAiApi, DefaultsFollowOpenAi) {
   EXPECT_FLOAT_EQ(c.submit.temperature(), 1.0f);
   EXPECT_EQ(c.submit.logprobs(), -1);
   EXPECT_TRUE(c.model.empty());
-  auto chat = parse_request(Endpoint::chat_completions,
-                            R"({"messages":[{"role":"user","content":"x"}]})");
+  auto chat =
+      parse_request(Endpoint::chat_completions, R"({"messages":[{"role":"user","content":"x"}]})");
   EXPECT_EQ(chat.submit.max_tokens(), 0);  // up to the context
 }
 
