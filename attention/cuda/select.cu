@@ -7,7 +7,7 @@ namespace nosa::attention::cuda {
 
 namespace {
 
-constexpr int k_threads = 256;
+constexpr int k_threads = 512;
 constexpr int k_warps = k_threads / 32;
 constexpr size_t k_scratch_budget_floats = size_t(64) << 20;  // 256 MiB
 constexpr size_t k_lg_smem_limit = 200 * 1024;  // logits in shared memory up to this size
@@ -22,6 +22,8 @@ struct Shared {
   double* hsum;  // [group]
   int* warp_count;  // [k_warps]
   float* lg;        // [group][n_max] logits, when they fit
+  float* pmax;      // [group + k_warps] per (head, part) maxima
+  double* psum;     // [group + k_warps] per (head, part) sums
 };
 
 // flag[b] = rank of v[b] < k, rank by (value descending, index ascending).
@@ -40,7 +42,7 @@ __device__ void rank_select(const float* v, int nb, int k, int* flag) {
 
 // Logits go to shared memory when lg_smem (else to the global scratch).
 template <int D>
-__global__ void __launch_bounds__(k_threads, 2) select_kernel(SelectArgs a, int token_begin,
+__global__ void __launch_bounds__(k_threads, 1) select_kernel(SelectArgs a, int token_begin,
                                                            bool lg_smem) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int t = token_begin + blockIdx.x;
@@ -75,6 +77,8 @@ __global__ void __launch_bounds__(k_threads, 2) select_kernel(SelectArgs a, int 
     sh.flag = reinterpret_cast<int*>(take(sizeof(int) * a.nb_max));
     sh.hmax = reinterpret_cast<float*>(take(sizeof(float) * G));
     sh.warp_count = reinterpret_cast<int*>(take(sizeof(int) * k_warps));
+    sh.psum = reinterpret_cast<double*>(take(sizeof(double) * (G + k_warps)));
+    sh.pmax = reinterpret_cast<float*>(take(sizeof(float) * (G + k_warps)));
     sh.lg = lg_smem ? reinterpret_cast<float*>(take(sizeof(float) * G * a.n_max)) : nullptr;
   }
 
@@ -121,31 +125,51 @@ __global__ void __launch_bounds__(k_threads, 2) select_kernel(SelectArgs a, int 
   }
   __syncthreads();
 
-  // 2. Softmax statistics per head: one warp per head.
+  // 2. Softmax statistics per head; each head's keys are shared by k_warps / G warps ("parts"),
+  //    whose maxima (exact) and double sums are then combined.
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int hh = warp; hh < G; hh += k_warps) {
+  const int parts = G < k_warps ? k_warps / G : 1;
+  for (int task = warp; task < G * parts; task += k_warps) {
+    const int hh = task % G, part = task / G;
     const float* l = lg + int64_t(hh) * a.n_max;
     float mx = -INFINITY;
-    for (int j = lane; j < n; j += 32) mx = fmaxf(mx, l[j]);
+    for (int j = part * 32 + lane; j < n; j += parts * 32) mx = fmaxf(mx, l[j]);
     mx = warp_max(mx);
+    if (lane == 0) sh.pmax[task] = mx;
+  }
+  __syncthreads();
+  if (threadIdx.x < G) {
+    float mx = -INFINITY;
+    for (int part = 0; part < parts; ++part) mx = fmaxf(mx, sh.pmax[part * G + threadIdx.x]);
+    sh.hmax[threadIdx.x] = mx;
+  }
+  __syncthreads();
+  for (int task = warp; task < G * parts; task += k_warps) {
+    const int hh = task % G, part = task / G;
+    const float* l = lg + int64_t(hh) * a.n_max;
+    const float mx = sh.hmax[hh];
     double sum = 0.0;
-    for (int j = lane; j < n; j += 32) sum += exp(double(__fsub_rn(l[j], mx)));
+    for (int j = part * 32 + lane; j < n; j += parts * 32) sum += exp(double(__fsub_rn(l[j], mx)));
     sum = warp_sum_d(sum);
-    if (lane == 0) {
-      sh.hmax[hh] = mx;
-      sh.hsum[hh] = sum;
-    }
+    if (lane == 0) sh.psum[task] = sum;
+  }
+  __syncthreads();
+  if (threadIdx.x < G) {
+    double sum = 0.0;
+    for (int part = 0; part < parts; ++part) sum += sh.psum[part * G + threadIdx.x];
+    sh.hsum[threadIdx.x] = sum;
   }
   __syncthreads();
 
-  // 3. S[j] = sum over the group's heads of the softmax probabilities, in head order.
-  for (int j = threadIdx.x; j < n; j += blockDim.x) {
-    float s = 0.0f;
-    for (int hh = 0; hh < G; ++hh) {
-      const float l = lg[int64_t(hh) * a.n_max + j];
-      s = __fadd_rn(s, __double2float_rn(exp(double(__fsub_rn(l, sh.hmax[hh]))) / sh.hsum[hh]));
-    }
-    sh.s[j] = s;
+  // 3. S[j] = sum over the group's heads of the softmax probabilities, in head order. Each
+  //    thread owns its keys j across the head loop, so no barrier is needed inside it.
+  for (int j = threadIdx.x; j < n; j += blockDim.x) sh.s[j] = 0.0f;
+  for (int hh = 0; hh < G; ++hh) {
+    const float mx = sh.hmax[hh];
+    const double sum = sh.hsum[hh];
+    const float* l = lg + int64_t(hh) * a.n_max;
+    for (int j = threadIdx.x; j < n; j += blockDim.x)
+      sh.s[j] = __fadd_rn(sh.s[j], __double2float_rn(exp(double(__fsub_rn(l[j], mx))) / sum));
   }
   __syncthreads();
 
@@ -212,7 +236,8 @@ size_t shared_bytes(int group, int d, int n_max, int nb_max, bool lg_smem) {
   auto r = [](size_t b) { return (b + 15) / 16 * 16; };
   return r(sizeof(double) * group) + r(sizeof(float) * group * d) + r(sizeof(float) * n_max) +
          2 * r(sizeof(float) * nb_max) + r(sizeof(int) * nb_max) + r(sizeof(float) * group) +
-         r(sizeof(int) * k_warps) + (lg_smem ? r(sizeof(float) * group * n_max) : 0);
+         r(sizeof(int) * k_warps) + r(sizeof(double) * (group + k_warps)) +
+         r(sizeof(float) * (group + k_warps)) + (lg_smem ? r(sizeof(float) * group * n_max) : 0);
 }
 
 template <int D>
