@@ -87,6 +87,14 @@ if [ $tests -eq 1 ]; then
   say "ctest -L gpu: $(grep -E 'tests passed|tests failed' "$scratch/ctest.txt" | tail -1) ($((SECONDS - t0)) s)"
   grep -E "^\s+[0-9]+ - .*\((Failed|Timeout|SEGFAULT|Not Run|Exception)\)" "$scratch/ctest.txt" | sed 's/^/  /' | tee -a "$summary"
   [ $rc -ne 0 ] && status=1
+  step "numpy Llama reference"
+  for dev in cpu cuda; do
+    tol=$([ $dev = cpu ] && echo 1e-3 || echo 0.1)
+    timeout 300 python3 scripts/check_llama_numpy.py --nosa "$nosa" --device $dev --tol $tol \
+      >"$scratch/np.txt" 2>&1 || status=1
+    cat "$scratch/np.txt" >>"$log"
+    sed 's/^/  /' "$scratch/np.txt" | tail -2 | tee -a "$summary"
+  done
   step "transformers check"
   timeout 600 python3 scripts/check_against_transformers.py --nosa "$nosa" \
     --out "$results/transformers_check.json" >"$scratch/check.txt" 2>&1
