@@ -32,6 +32,18 @@ void EngineFlags::add_to(CLI::App& app) {
                  "the CPU, 16384 on a GPU)");
   app.add_option("--max-running", max_running, "Sequences in the running batch")
       ->capture_default_str();
+  app.add_option("--offload", offload,
+                 "Where the KV cache lives: none (all on the device), host (host memory, the "
+                 "device caches the selected blocks) or host+disk")
+      ->capture_default_str();
+  app.add_option("--gpu-kv-gib", gpu_kv_gib,
+                 "Offloading: GiB of device memory for the block cache (default: what is free; "
+                 "1 GiB on the CPU)");
+  app.add_option("--host-kv-gib", host_kv_gib,
+                 "Offloading: GiB of host memory for the KV (default: 4, or enough for the job)");
+  app.add_option("--disk-kv-dir", disk_kv_dir, "host+disk: directory for KV files");
+  app.add_option("--disk-kv-gib", disk_kv_gib, "host+disk: GiB of disk for KV files")
+      ->capture_default_str();
   app.add_option("--tp", tp,
                  "Tensor-parallel ranks per replica; under mpirun, -np N starts N / tp replicas")
       ->capture_default_str();
@@ -46,6 +58,68 @@ std::unique_ptr<runtime::Tokenizer> EngineSetup::load_tokenizer(const std::strin
   if (!fs::exists(fs::path(model_dir) / "tokenizer.model")) return nullptr;
   return runtime::Tokenizer::load(model_dir);
 }
+
+namespace {
+
+constexpr double k_gib = double(1ull << 30);
+
+// Sizes the tiers of an offloaded KV cache; returns the logical blocks (host + disk) and fills
+// the device slots and host blocks.
+int64_t offload_plan(const EngineFlags& f, const runtime::Model& model, runtime::Backend& backend,
+                     int64_t tokens_hint, runtime::KvCacheOptions& o) {
+  const runtime::KvLayout layout = model.kv_layout();
+  const auto& sp = model.config().sparse;
+  NOSA_CHECK(model.mode() != attention::Mode::dense,
+             "--offload {} needs a sparse attention mode (infllmv2 or nosa): dense attention "
+             "reads every block each step",
+             f.offload);
+  NOSA_CHECK(sp.kernel_size <= sp.block_size,
+             "--offload needs compressed windows no longer than a block ({} > {})",
+             sp.kernel_size, sp.block_size);
+  const double block_host_bytes =
+      double(layout.chunks_per_block() * (layout.kv_chunk_bytes() + layout.bias_chunk_bytes()));
+  int64_t host_blocks = 0;
+  if (f.host_kv_gib > 0) {
+    host_blocks = int64_t(f.host_kv_gib * k_gib / block_host_bytes);
+  } else {
+    const int64_t wanted = tokens_hint > 0 ? (tokens_hint + layout.block_size - 1) / layout.block_size
+                                           : INT64_MAX / 2;
+    host_blocks = std::min<int64_t>(wanted, int64_t(4 * k_gib / block_host_bytes));
+  }
+  NOSA_CHECK(host_blocks > 0, "--host-kv-gib holds no KV block ({} bytes each)",
+             int64_t(block_host_bytes));
+  int64_t disk_blocks = 0;
+  if (memory::parse_offload(f.offload) == memory::Offload::host_disk) {
+    NOSA_CHECK(!f.disk_kv_dir.empty(), "--offload host+disk needs --disk-kv-dir");
+    NOSA_CHECK(f.disk_kv_gib > 0, "--offload host+disk needs --disk-kv-gib");
+    disk_blocks = int64_t(f.disk_kv_gib * k_gib / block_host_bytes);
+    o.disk_dir = f.disk_kv_dir;
+  }
+  const int64_t blocks = host_blocks + disk_blocks;
+  // The device keeps every block's compressed keys, and a block cache in what remains.
+  const double compressed = double(blocks * layout.chunks_per_block() *
+                                   int64_t(layout.compressed_chunk_bytes() + 4));
+  const double device_budget =
+      f.gpu_kv_gib > 0 ? f.gpu_kv_gib * k_gib
+                       : (backend.device() == Device::cpu ? 1.0 * k_gib
+                                                          : 0.9 * double(backend.free_memory_bytes()));
+  const double slot_bytes = double(layout.kv_chunk_bytes() + layout.bias_chunk_bytes());
+  o.device_slots = int64_t((device_budget - compressed) / slot_bytes);
+  o.host_blocks = host_blocks;
+  NOSA_CHECK(o.device_slots >= layout.chunks_per_block() * (sp.topk + 2),
+             "--gpu-kv-gib leaves room for {} chunks, less than one sequence's selection ({}): "
+             "raise it",
+             std::max<int64_t>(0, o.device_slots), layout.chunks_per_block() * (sp.topk + 2));
+  logger("memory")->info(
+      "offload {}: GPU block cache {} chunks ({:.2f} GiB), host {} blocks ({:.2f} GiB), disk {} "
+      "blocks ({:.2f} GiB)",
+      f.offload, o.device_slots, double(o.device_slots) * slot_bytes / k_gib, host_blocks,
+      double(host_blocks) * block_host_bytes / k_gib, disk_blocks,
+      double(disk_blocks) * block_host_bytes / k_gib);
+  return blocks;
+}
+
+}  // namespace
 
 EngineSetup EngineSetup::create(const EngineFlags& f, int64_t tokens_hint) {
   if (f.threads > 0) ThreadPool::set_global_threads(f.threads);
@@ -65,19 +139,34 @@ EngineSetup EngineSetup::create(const EngineFlags& f, int64_t tokens_hint) {
   if (!f.attention.empty()) lo.mode = attention::parse_mode(f.attention);
   s.model = runtime::load_model(f.model, lo, *s.backend, *s.comm);
   runtime::KvLayout layout = s.model->kv_layout();
-  size_t budget = f.kv_gib > 0 ? size_t(f.kv_gib * double(1ull << 30))
-                               : s.backend->free_memory_bytes();
-  const bool explicit_budget = f.kv_blocks > 0 || f.kv_gib > 0;
-  int64_t blocks = runtime::kv_blocks_for(
-      layout, f.kv_blocks, explicit_budget || tokens_hint <= 0 ? INT64_MAX / 2 : tokens_hint,
-      budget);
+  runtime::KvCacheOptions kv_options;
+  kv_options.offload = memory::parse_offload(f.offload);
+  int64_t blocks = 0;
+  if (kv_options.offload == memory::Offload::none) {
+    size_t budget = f.kv_gib > 0 ? size_t(f.kv_gib * double(1ull << 30))
+                                 : s.backend->free_memory_bytes();
+    const bool explicit_budget = f.kv_blocks > 0 || f.kv_gib > 0;
+    blocks = runtime::kv_blocks_for(
+        layout, f.kv_blocks, explicit_budget || tokens_hint <= 0 ? INT64_MAX / 2 : tokens_hint,
+        budget);
+  } else {
+    blocks = offload_plan(f, *s.model, *s.backend, tokens_hint, kv_options);
+  }
   // Every rank of a replica holds the same block ids: the leader's count decides.
   parallel::broadcast_value(s.replica, blocks, timeout);
-  s.cache = std::make_unique<runtime::KvCache>(layout, blocks, *s.backend);
+  s.cache = std::make_unique<runtime::KvCache>(layout, blocks, *s.backend, kv_options);
   runtime::EngineOptions eo;
   eo.max_batch_tokens =
       f.max_batch_tokens > 0 ? f.max_batch_tokens : (want_cuda ? 16384 : 2048);
   eo.max_running = f.max_running;
+  if (kv_options.offload != memory::Offload::none) {
+    // The running batch's selections must fit the block cache at once (topk blocks and the
+    // block being written, per layer and head).
+    const auto& sp = s.model->config().sparse;
+    const int64_t per_seq = layout.chunks_per_block() * (sp.topk + 2);
+    eo.max_running = int(std::max<int64_t>(
+        1, std::min<int64_t>(eo.max_running, kv_options.device_slots / per_seq)));
+  }
   eo.max_context = f.max_context;
   s.runner = std::make_unique<runtime::ReplicaRunner>(s.replica, *s.model, *s.cache, timeout);
   runtime::ReplicaRunner* runner = s.runner.get();

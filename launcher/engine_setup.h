@@ -27,6 +27,11 @@ struct EngineFlags {
   int64_t max_context = 0;
   int64_t max_batch_tokens = 0;
   int max_running = 256;
+  std::string offload = "none";  // none | host | host+disk
+  double gpu_kv_gib = 0;          // offloading: the GPU block cache
+  double host_kv_gib = 0;         // offloading: host memory for the full KV
+  std::string disk_kv_dir;        // host+disk: where KV files go
+  double disk_kv_gib = 0;         // host+disk: disk budget
   int tp = 1;                  // tensor-parallel ranks per replica (under mpirun)
   double rank_timeout_s = 60;  // a collective waits this long for a peer rank
 

@@ -3,6 +3,7 @@
 #include "launcher/commands.h"
 #include "launcher/engine_setup.h"
 #include "runtime/core/error.h"
+#include "runtime/core/logging.h"
 #include "runtime/text_stream.h"
 
 namespace nosa::launcher {
@@ -83,6 +84,17 @@ int run_generate(const GenerateFlags& f) {
   }
   NOSA_CHECK_CODE(reason != runtime::FinishReason::error, ErrorCode::resource_exhausted, "{}",
                   error);
+  if (const auto* tiers = s.cache->tiers()) {
+    const auto t = tiers->stats();
+    logger("memory")->info(
+        "KV tiers: {} chunks selected, {:.1f}% also selected the step before; device hits {} "
+        "misses {} evictions {}; host->device {:.1f} MiB, device->host {:.1f} MiB, disk read "
+        "{:.1f} MiB, written {:.1f} MiB",
+        t.selected, t.selected ? 100.0 * double(t.overlap) / double(t.selected) : 0.0, t.hits,
+        t.misses, t.evictions, double(t.bytes_host_to_device) / (1 << 20),
+        double(t.bytes_device_to_host) / (1 << 20), double(t.bytes_disk_read) / (1 << 20),
+        double(t.bytes_disk_written) / (1 << 20));
+  }
   std::string tail = text ? text->finish() : "";
   if (!f.json) {
     fmt::print("{}\n", tail);

@@ -73,7 +73,8 @@ int64_t KvTiers::free_host_slot() {
     if (victim < 0 || host_slot_touched_[s] < host_slot_touched_[victim]) victim = s;
   // Blocks touched in this round are sources of loads not yet performed.
   NOSA_CHECK_CODE(host_slot_touched_[victim] < round_tick_, ErrorCode::resource_exhausted,
-                  "the host KV tier ({} blocks) cannot stage the blocks one step reads from disk",
+                  "the host KV tier ({} blocks) cannot stage the blocks one step reads from disk; "
+                  "raise --host-kv-gib or lower --max-batch-tokens",
                   host_->capacity());
   const int32_t block = block_of_host_slot_[victim];
   if (before_host_reuse_) before_host_reuse_();
@@ -187,6 +188,13 @@ void KvTiers::end_step(const std::vector<int32_t>& full, std::vector<ChunkCopy>&
     stats_.bytes_device_to_host += int64_t(per * shape_.chunk_bytes());
     writing_[b] = 0;
   }
+  for (int32_t b : step_reads_)
+    for (int64_t i = 0; i < per; ++i) cache_.unpin(b * per + i);
+  step_reads_.clear();
+}
+
+void KvTiers::abort_step() {
+  const int64_t per = shape_.chunks_per_block();
   for (int32_t b : step_reads_)
     for (int64_t i = 0; i < per; ++i) cache_.unpin(b * per + i);
   step_reads_.clear();

@@ -87,6 +87,8 @@ class KvTiers {
   // (appends the stores: device slot -> host, to be performed before the next step). Releases
   // the step's pins.
   void end_step(const std::vector<int32_t>& full, std::vector<ChunkCopy>& stores);
+  // A step that failed midway: releases its read pins (the blocks being written stay pinned).
+  void abort_step();
   // A finished or preempted sequence's blocks: forgotten in every tier.
   void release(const std::vector<int32_t>& blocks);
   // Blocks whose disk I/O failed since the last call: their sequences must end with an error.

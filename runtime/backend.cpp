@@ -32,4 +32,12 @@ void Backend::fill_uniform(Tensor& t, uint64_t seed, float lo, float hi) {
       1 << 16);
 }
 
+void Backend::copy_chunks(const std::vector<memory::ChunkCopy>&, bool, KvCache&) {
+  NOSA_FAIL(ErrorCode::invalid_argument, "the {} backend cannot offload the KV cache yet", name());
+}
+
+std::unique_ptr<memory::HostAllocator> Backend::host_allocator() {
+  return memory::make_plain_host_allocator();
+}
+
 }  // namespace nosa::runtime

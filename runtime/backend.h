@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "attention/sparse_params.h"
+#include "memory/kv_tiers.h"
 #include "runtime/core/tensor.h"
 #include "runtime/kv_cache.h"
 #include "runtime/step.h"
@@ -64,6 +65,12 @@ class Backend {
   virtual size_t free_memory_bytes() const = 0;
   // Waits for queued work.
   virtual void synchronize() = 0;
+  // Host memory for the offloaded KV: pinned and device-mapped on GPUs, plain on the CPU.
+  virtual std::unique_ptr<memory::HostAllocator> host_allocator();
+  // Moves chunks between host memory and the KV cache's device slots (to_device: host -> slot,
+  // and the slot table learns the new residents; else slot -> host). Offloaded caches only.
+  virtual void copy_chunks(const std::vector<memory::ChunkCopy>& copies, bool to_device,
+                           KvCache& cache);
   // Fills a float32 (or, on the GPU, bf16) tensor with uniform values in [lo, hi) that depend
   // only on (seed, index): random weights and KV contents for tests and benchmarks, made where
   // the tensor lives. The default handles host float32 tensors.

@@ -87,6 +87,7 @@ EngineStats Engine::stats() const {
   s.running = int64_t(running_.size());
   s.kv_blocks_used = cache_.pool().used_blocks();
   s.kv_blocks_total = cache_.pool().capacity();
+  if (cache_.tiers()) s.tiers = cache_.tiers()->stats();
   return s;
 }
 
@@ -97,10 +98,7 @@ bool Engine::ensure_blocks(Sequence& seq, int64_t n_tokens) {
   return cache_.pool().allocate(need, seq.blocks);
 }
 
-void Engine::release(Sequence& seq) {
-  cache_.pool().release(seq.blocks);
-  seq.blocks.clear();
-}
+void Engine::release(Sequence& seq) { cache_.release(seq.blocks); }
 
 void Engine::preempt_last() {
   auto seq = std::move(running_.back());
@@ -125,6 +123,27 @@ std::optional<FinishReason> Engine::finished(const Sequence& seq, int32_t token)
   if (seq.n_generated >= r.max_tokens) return FinishReason::length;
   if (int64_t(seq.tokens.size()) >= max_context_) return FinishReason::length;
   return std::nullopt;
+}
+
+bool Engine::fail_lost_blocks(std::vector<TokenEvent>& events, const std::string& why) {
+  memory::KvTiers* tiers = cache_.tiers();
+  if (!tiers) return false;
+  std::vector<int32_t> lost = tiers->take_failed_blocks();
+  if (lost.empty()) return false;
+  std::sort(lost.begin(), lost.end());
+  running_.remove_if([&](std::unique_ptr<Sequence>& seq) {
+    bool hit = false;
+    for (int32_t b : seq->blocks) hit |= std::binary_search(lost.begin(), lost.end(), b);
+    if (!hit) return false;
+    release(*seq);
+    TokenEvent e;
+    e.id = seq->id;
+    e.finish = FinishReason::error;
+    e.error = fmt::format("the KV cache lost this request's data: {}", why);
+    events.push_back(std::move(e));
+    return true;
+  });
+  return true;
 }
 
 std::vector<TokenEvent> Engine::step() {
@@ -228,9 +247,19 @@ std::vector<TokenEvent> Engine::step() {
     if (seq.n_computed < seq.prompt_len)
       stats_.prompt_tokens += std::min(seq.prompt_len, seq.n_computed + p.n) - seq.n_computed;
   }
-  Tensor logits = forward_(batch);
+  Tensor logits;
+  try {
+    logits = forward_(batch);
+  } catch (const Error& e) {
+    if (cache_.tiers()) cache_.tiers()->abort_step();
+    // A disk error fails only the requests whose blocks it touched; the others run again next
+    // step (their KV for this step is rewritten in place).
+    if (e.code() != ErrorCode::io || !fail_lost_blocks(events, e.message())) throw;
+    return events;
+  }
   ++stats_.steps;
   for (auto& p : plan) p.seq->n_computed += p.n;
+  fail_lost_blocks(events, "a KV block could not be moved to disk");
 
   if (!sampled.empty()) {
     std::vector<SamplingParams> params;

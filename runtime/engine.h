@@ -52,6 +52,7 @@ struct EngineStats {
   int64_t kv_blocks_used = 0, kv_blocks_total = 0;
   int64_t prompt_tokens = 0, generated_tokens = 0;  // totals since start
   int64_t steps = 0, preemptions = 0;
+  memory::TierStats tiers;  // residency and traffic of an offloaded KV cache (zeros otherwise)
 };
 
 // Runs the forward pass of one step and returns its logits. By default the model's forward on the
@@ -91,6 +92,8 @@ class Engine {
   void release(Sequence& seq);
   void preempt_last();
   std::optional<FinishReason> finished(const Sequence& seq, int32_t token) const;
+  // Ends the requests whose KV blocks a disk error lost; false when none were lost.
+  bool fail_lost_blocks(std::vector<TokenEvent>& events, const std::string& why);
 
   Model& model_;
   KvCache& cache_;

@@ -1,27 +1,109 @@
 #include "runtime/kv_cache.h"
 
+#include <algorithm>
+
 #include "runtime/backend.h"
 #include "runtime/core/error.h"
+#include "runtime/core/logging.h"
 
 namespace nosa::runtime {
 
 size_t KvLayout::bytes_per_block() const {
-  const size_t chunks = size_t(chunks_per_block());
-  const size_t per_chunk = (2 * size_t(block_size) * head_dim + size_t(keys_per_block) * head_dim) *
-                               dtype_size(dtype) +
-                           (size_t(block_size) + keys_per_block) * 4;
-  return chunks * per_chunk;
+  return size_t(chunks_per_block()) *
+         (kv_chunk_bytes() + bias_chunk_bytes() + compressed_chunk_bytes());
 }
 
-KvCache::KvCache(const KvLayout& layout, int64_t n_blocks, Backend& backend)
-    : layout_(layout), pool_(n_blocks) {
+KvCache::KvCache(const KvLayout& layout, int64_t n_blocks, Backend& backend,
+                 const KvCacheOptions& options)
+    : layout_(layout), pool_(n_blocks), backend_(backend) {
   NOSA_CHECK_CODE(n_blocks > 0, ErrorCode::resource_exhausted,
                   "no memory for the KV cache (0 blocks)");
   const int64_t chunks = n_blocks * layout.chunks_per_block();
-  kv_ = backend.zeros(layout.dtype, {chunks, 2, layout.block_size, layout.head_dim});
-  bias_ = backend.zeros(DType::f32, {chunks, layout.block_size});
+  int64_t slots = chunks;
+  if (options.offload != memory::Offload::none) {
+    slots = options.device_slots;
+    NOSA_CHECK_CODE(slots > 0, ErrorCode::resource_exhausted,
+                    "no device memory for the GPU block cache");
+    memory::TierShape shape;
+    shape.n_layers = layout.n_layers;
+    shape.n_kv_heads = layout.n_kv_heads;
+    shape.kv_chunk_bytes = layout.kv_chunk_bytes();
+    shape.bias_chunk_bytes = layout.bias_chunk_bytes();
+    shape.n_blocks = n_blocks;
+    memory::TierBudget budget;
+    budget.device_slots = slots;
+    budget.host_blocks = options.host_blocks > 0 ? options.host_blocks : n_blocks;
+    if (options.offload == memory::Offload::host_disk) budget.disk_dir = options.disk_dir;
+    host_allocator_ = backend.host_allocator();
+    tiers_ = std::make_unique<memory::KvTiers>(shape, budget, *host_allocator_);
+    // A block moving to disk reuses host memory that queued copies may still read.
+    tiers_->set_before_host_reuse([this] { backend_.synchronize(); });
+    Tensor table = Tensor::empty_host(DType::i32, {chunks});
+    std::fill_n(table.data<int32_t>(), chunks, -1);
+    slot_table_ = backend.upload(table, DType::i32);
+  }
+  kv_ = backend.zeros(layout.dtype, {slots, 2, layout.block_size, layout.head_dim});
+  bias_ = backend.zeros(DType::f32, {slots, layout.block_size});
   ck_ = backend.zeros(layout.dtype, {chunks, layout.keys_per_block, layout.head_dim});
   ck_scores_ = backend.zeros(DType::f32, {chunks, layout.keys_per_block});
+}
+
+KvCache::~KvCache() = default;
+
+void KvCache::begin_step(const StepBatch& step) {
+  if (!tiers_) return;
+  std::vector<int32_t> writes, reads;
+  const int64_t bs = layout_.block_size;
+  for (const StepSequence& s : step.seqs) {
+    const auto& blocks = *s.blocks;
+    for (int64_t b = s.n_past / bs; b <= (s.n_past + s.n_new - 1) / bs; ++b)
+      writes.push_back(blocks.at(b));
+    // Compressed windows that end in this step may start in the block before the first one
+    // written (windows are at most a block long when offloading).
+    if (s.n_past / bs > 0) reads.push_back(blocks.at(s.n_past / bs - 1));
+  }
+  copies_.clear();
+  tiers_->begin_step(writes, reads, copies_);
+  backend_.copy_chunks(copies_, true, *this);
+}
+
+void KvCache::make_resident(int layer, const Selection& selection, const StepBatch& step) {
+  if (!tiers_) return;
+  Tensor host = backend_.to_host(selection.blocks);  // [T][H][k_max]
+  const int H = layout_.n_kv_heads, k = selection.k_max;
+  wanted_.clear();
+  for (int64_t t = 0; t < step.n_tokens(); ++t) {
+    const auto& blocks = *step.seqs[step.token_seq[t]].blocks;
+    const int32_t* row = host.data<int32_t>() + t * H * k;
+    for (int h = 0; h < H; ++h)
+      for (int i = 0; i < k && row[h * k + i] >= 0; ++i)
+        wanted_.push_back(layout_.chunk(blocks.at(row[h * k + i]), layer, h));
+  }
+  // Prefill tokens select mostly the same blocks: ask for each chunk once.
+  std::sort(wanted_.begin(), wanted_.end());
+  wanted_.erase(std::unique(wanted_.begin(), wanted_.end()), wanted_.end());
+  copies_.clear();
+  tiers_->select(wanted_.data(), int64_t(wanted_.size()), copies_);
+  backend_.copy_chunks(copies_, true, *this);
+}
+
+void KvCache::end_step(const StepBatch& step) {
+  if (!tiers_) return;
+  std::vector<int32_t> full;
+  const int64_t bs = layout_.block_size;
+  for (const StepSequence& s : step.seqs) {
+    const int64_t end = s.n_past + s.n_new;
+    for (int64_t b = s.n_past / bs; b < end / bs; ++b) full.push_back(s.blocks->at(b));
+  }
+  copies_.clear();
+  tiers_->end_step(full, copies_);
+  backend_.copy_chunks(copies_, false, *this);
+}
+
+void KvCache::release(std::vector<int32_t>& blocks) {
+  if (tiers_) tiers_->release(blocks);
+  pool_.release(blocks);
+  blocks.clear();
 }
 
 }  // namespace nosa::runtime

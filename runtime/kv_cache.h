@@ -1,18 +1,26 @@
-// The paged KV cache of one rank: a pool of physical blocks, each holding block_size tokens of
+// The paged KV cache of one rank: a pool of logical blocks, each holding block_size tokens of
 // every layer and local KV head, stored as "chunks" of one (block, layer, KV head):
-//   kv    [n_chunks][2][block_size][head_dim]   keys then values (rotated keys), kv dtype
-//   bias  [n_chunks][block_size]                NOSA eviction score c per token, float32
-//   ck    [n_chunks][keys_per_block][head_dim]  compressed keys whose window starts in the block
-//   ckE   [n_chunks][keys_per_block]            mean of c over each compressed window (NOSA)
-// chunk(block, layer, head) = (block * n_layers + layer) * n_kv_heads + head. One (layer, head)
-// chunk is the unit the memory tiers move (32 KiB for 64 tokens x 128 dims in bf16).
+//   kv    [slots][2][block_size][head_dim]       keys then values (rotated keys), kv dtype
+//   bias  [slots][block_size]                    NOSA eviction score c per token, float32
+//   ck    [n_chunks][keys_per_block][head_dim]   compressed keys whose window starts in the block
+//   ckE   [n_chunks][keys_per_block]             mean of c over each compressed window (NOSA)
+// chunk(block, layer, head) = (block * n_layers + layer) * n_kv_heads + head. One chunk is the
+// unit the memory tiers move (32 KiB for 64 tokens x 128 dims in bf16).
+//
+// Without offloading every chunk has its own slot (slot = chunk). With offloading (--offload
+// host|host+disk) the full KV lives in host memory (and on disk); the device holds a block cache
+// of slots, and slot_table()[chunk] says where a resident chunk is (-1: not resident). Compressed
+// keys stay on the device for every block: selection reads them all.
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <memory>
 
 #include "memory/block_pool.h"
+#include "memory/kv_tiers.h"
 #include "runtime/core/tensor.h"
+#include "runtime/step.h"
 
 namespace nosa::runtime {
 
@@ -28,15 +36,34 @@ struct KvLayout {
   int64_t chunk(int64_t block, int layer, int head) const {
     return (block * n_layers + layer) * n_kv_heads + head;
   }
+  // Bytes of one chunk's keys and values, and of its eviction scores.
+  size_t kv_chunk_bytes() const { return 2 * size_t(block_size) * head_dim * dtype_size(dtype); }
+  size_t bias_chunk_bytes() const { return size_t(block_size) * 4; }
+  // Device bytes of one chunk's compressed keys and scores (kept for every block).
+  size_t compressed_chunk_bytes() const {
+    return size_t(keys_per_block) * (head_dim * dtype_size(dtype) + 4);
+  }
   // Bytes of one block across every layer and head (KV, bias, compressed keys and scores).
   size_t bytes_per_block() const;
 };
 
+// Where the KV lives. offload none: everything on the device (n_blocks slots' worth); else the
+// device holds device_slots chunks and host (+ disk) hold the n_blocks logical blocks.
+struct KvCacheOptions {
+  memory::Offload offload = memory::Offload::none;
+  int64_t device_slots = 0;
+  int64_t host_blocks = 0;
+  std::filesystem::path disk_dir;
+};
+
 class Backend;
+struct Selection;
 
 class KvCache {
  public:
-  KvCache(const KvLayout& layout, int64_t n_blocks, Backend& backend);
+  KvCache(const KvLayout& layout, int64_t n_blocks, Backend& backend,
+          const KvCacheOptions& options = {});
+  ~KvCache();
 
   const KvLayout& layout() const { return layout_; }
   memory::BlockPool& pool() { return pool_; }
@@ -45,11 +72,29 @@ class KvCache {
   Tensor& bias() { return bias_; }
   Tensor& ck() { return ck_; }
   Tensor& ck_scores() { return ck_scores_; }
+  // chunk -> device slot, int32 on the backend; undefined without offloading (slot = chunk).
+  Tensor& slot_table() { return slot_table_; }
+  bool offloaded() const { return tiers_ != nullptr; }
+  memory::KvTiers* tiers() { return tiers_.get(); }
+
+  // Residency around one step (no-ops without offloading): the blocks the step writes (and the
+  // block before them, which compressed windows read) become resident; after each layer's
+  // selection, the selected chunks; at the end, the blocks the step filled go to the host.
+  void begin_step(const StepBatch& step);
+  void make_resident(int layer, const Selection& selection, const StepBatch& step);
+  void end_step(const StepBatch& step);
+  // Frees a sequence's blocks in every tier.
+  void release(std::vector<int32_t>& blocks);
 
  private:
   KvLayout layout_;
   memory::BlockPool pool_;
-  Tensor kv_, bias_, ck_, ck_scores_;
+  Backend& backend_;
+  std::unique_ptr<memory::HostAllocator> host_allocator_;
+  std::unique_ptr<memory::KvTiers> tiers_;
+  Tensor kv_, bias_, ck_, ck_scores_, slot_table_;
+  std::vector<memory::ChunkCopy> copies_;
+  std::vector<memory::ChunkId> wanted_;
 };
 
 }  // namespace nosa::runtime

@@ -78,6 +78,7 @@ Tensor Model::forward(const StepBatch& step, KvCache& cache) {
   Tensor mlp = be.alloc(act, {T, F});
 
   be.embedding(w_.embed, x);
+  cache.begin_step(step);
   const float eps = float(config_.rms_norm_eps);
   for (int l = 0; l < config_.num_hidden_layers; ++l) {
     const LayerWeights& L = w_.layers[l];
@@ -92,6 +93,7 @@ Tensor Model::forward(const StepBatch& step, KvCache& cache) {
     if (sparse) {
       be.update_compressed(l, nosa, config_.sparse, cache);
       Selection sel = be.select_blocks(l, mode_, q, config_.sparse, cache);
+      cache.make_resident(l, sel, step);
       be.attend(l, q, q_off, &sel, nosa, cache, attn);
     } else {
       be.attend(l, q, q_off, nullptr, false, cache, attn);
@@ -108,6 +110,7 @@ Tensor Model::forward(const StepBatch& step, KvCache& cache) {
     if (comm_.size() > 1) comm_.all_reduce_sum(proj);
     be.add(x, proj);
   }
+  cache.end_step(step);
   if (part_.rank != 0 || step.logit_rows.empty()) return Tensor();
   const int64_t n = int64_t(step.logit_rows.size());
   Tensor rows = be.alloc(act, {n, H});

@@ -38,6 +38,7 @@ std::string TextStream::push(int32_t id) {
 
 std::string TextStream::finish() {
   if (stopped_) return "";
+  pending_ += decoder_.flush();
   std::string out = std::move(pending_);
   pending_.clear();
   text_ += out;

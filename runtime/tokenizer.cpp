@@ -68,19 +68,38 @@ int32_t Tokenizer::vocab_size() const { return sp_->GetPieceSize(); }
 int32_t Tokenizer::bos_id() const { return sp_->bos_id(); }
 int32_t Tokenizer::eos_id() const { return sp_->eos_id(); }
 
+std::string StreamDecoder::flush() {
+  std::string out = std::move(held_);
+  held_.clear();
+  window_.clear();
+  emitted_ = 0;
+  return out;
+}
+
 std::string StreamDecoder::push(int32_t id) {
-  ids_.push_back(id);
-  std::string full = tok_.decode(ids_);
-  // Hold back a trailing replacement character: it is an incomplete byte-fallback sequence that
-  // the next token may complete.
+  window_.push_back(id);
+  std::string full = tok_.decode(window_);
+  // Hold back trailing replacement characters (at most three: one per byte of an incomplete
+  // UTF-8 sequence decoded by byte fallback): the next tokens may complete the character.
   static const std::string replacement = "\xEF\xBF\xBD";
   size_t usable = full.size();
-  if (usable >= replacement.size() &&
-      full.compare(usable - replacement.size(), replacement.size(), replacement) == 0)
+  for (int i = 0; i < 3 && usable >= replacement.size() && usable > emitted_ &&
+                  full.compare(usable - replacement.size(), replacement.size(), replacement) == 0;
+       ++i)
     usable -= replacement.size();
-  if (usable <= emitted_) return "";
-  std::string out = full.substr(emitted_, usable - emitted_);
-  emitted_ = usable;
+  held_ = full.substr(usable);
+  std::string out;
+  if (usable > emitted_) {
+    out = full.substr(emitted_, usable - emitted_);
+    emitted_ = usable;
+  }
+  // Slide the window once everything is emitted, keeping a few ids of context: decoding a
+  // window that starts mid-text drops the first piece's leading space, the same way each time.
+  constexpr size_t k_context = 4, k_slide = 32;
+  if (window_.size() > k_slide && emitted_ == full.size()) {
+    window_.erase(window_.begin(), window_.end() - k_context);
+    emitted_ = tok_.decode(window_).size();
+  }
   return out;
 }
 

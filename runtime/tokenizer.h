@@ -34,16 +34,20 @@ class Tokenizer {
 };
 
 // Incremental detokenizer: feeds ids one at a time and returns the new text, holding back
-// bytes of an incomplete UTF-8 character.
+// bytes of an incomplete UTF-8 character. Each push decodes only a short window of recent ids
+// (a few tokens of context keep word-start spaces right), so a long generation costs linear time.
 class StreamDecoder {
  public:
   explicit StreamDecoder(const Tokenizer& tok) : tok_(tok) {}
   std::string push(int32_t id);
+  // At the end of the stream: text held back for an incomplete character, as decoded.
+  std::string flush();
 
  private:
   const Tokenizer& tok_;
-  std::vector<int32_t> ids_;
-  size_t emitted_ = 0;
+  std::string held_;
+  std::vector<int32_t> window_;  // ids from the context start to the newest
+  size_t emitted_ = 0;           // bytes of decode(window_) already returned
 };
 
 // Trains a SentencePiece (unigram) model of `vocab_size` pieces on the corpus the project ships

@@ -34,6 +34,15 @@ void require_f32(const Tensor& t, const char* what) {
               "tensor, got {} {}", what, device_name(t.device()), dtype_name(t.dtype()));
 }
 
+// The slot holding a chunk's keys, values and scores: the chunk itself unless the cache is
+// offloaded, then the block cache's slot (which must be resident).
+inline int64_t slot_of(KvCache& cache, int64_t chunk) {
+  if (!cache.offloaded()) return chunk;
+  const int32_t slot = cache.slot_table().data<int32_t>()[chunk];
+  NOSA_ASSERT(slot >= 0, "KV chunk {} is not resident", chunk);
+  return slot;
+}
+
 class CpuBackend final : public Backend {
  public:
   Device device() const override { return Device::cpu; }
@@ -44,7 +53,12 @@ class CpuBackend final : public Backend {
   Tensor zeros(DType dtype, Shape shape) override { return Tensor::zeros_host(dtype, shape); }
 
   Tensor upload(const Tensor& host, DType dtype) override {
-    NOSA_ASSERT(dtype == DType::f32, "the cpu backend keeps float32 weights");
+    if (dtype == host.dtype() && (dtype == DType::i32 || dtype == DType::i64)) {
+      Tensor out = Tensor::empty_host(dtype, host.shape());
+      std::memcpy(out.raw(), host.raw(), host.bytes());
+      return out;
+    }
+    NOSA_ASSERT(dtype == DType::f32, "the cpu backend keeps float32 tensors");
     Tensor out = Tensor::empty_host(DType::f32, host.shape());
     const int64_t n = host.numel();
     const size_t in_size = dtype_size(host.dtype());
@@ -199,7 +213,7 @@ class CpuBackend final : public Backend {
       const int64_t block = (*s.blocks).at(pos / bs);
       const int row = int(pos % bs);
       for (int h = 0; h < H; ++h) {
-        const int64_t chunk = L.chunk(block, layer, h);
+        const int64_t chunk = slot_of(cache, L.chunk(block, layer, h));
         float* kdst = kv + (chunk * 2 * bs + row) * d;
         float* vdst = kv + ((chunk * 2 + 1) * bs + row) * d;
         std::memcpy(kdst, k.data<float>() + (t * H + h) * d, d * 4);
@@ -229,7 +243,7 @@ class CpuBackend final : public Backend {
           double e_sum = 0.0;
           for (int i = 0; i < p.kernel_size; ++i) {
             const int64_t pos = j * p.kernel_stride + i;
-            const int64_t chunk = L.chunk(blocks.at(pos / bs), layer, h);
+            const int64_t chunk = slot_of(cache, L.chunk(blocks.at(pos / bs), layer, h));
             const float* key = kv + (chunk * 2 * bs + pos % bs) * d;
             for (int x = 0; x < d; ++x) ck[x] += key[x];
             e_sum += bias[chunk * bs + pos % bs];
@@ -310,7 +324,7 @@ class CpuBackend final : public Backend {
         }
         views.resize(ids.size());
         for (size_t i = 0; i < ids.size(); ++i) {
-          const int64_t chunk = L.chunk(s.blocks->at(ids[i]), layer, g);
+          const int64_t chunk = slot_of(cache, L.chunk(s.blocks->at(ids[i]), layer, g));
           views[i] = {kv + chunk * 2 * bs * d, kv + (chunk * 2 + 1) * bs * d, bias + chunk * bs};
         }
         ref::attend(q.data<float>() + (t * hq_all + q_head_begin + h) * d, d, views.data(),
@@ -318,6 +332,27 @@ class CpuBackend final : public Backend {
                     int(ids.size()), bs, pos, use_bias, out.data<float>() + (t * hq + h) * d);
       }
     });
+  }
+
+  void copy_chunks(const std::vector<memory::ChunkCopy>& copies, bool to_device,
+                   KvCache& cache) override {
+    const KvLayout& L = cache.layout();
+    const size_t kv_bytes = L.kv_chunk_bytes(), bias_bytes = L.bias_chunk_bytes();
+    char* kv = static_cast<char*>(cache.kv().raw());
+    char* bias = static_cast<char*>(cache.bias().raw());
+    int32_t* table = cache.slot_table().data<int32_t>();
+    for (const auto& c : copies) {
+      if (to_device) {
+        if (c.evicted >= 0) table[c.evicted] = -1;
+        table[c.chunk] = c.slot;
+        if (!c.host) continue;  // a chunk never written: nothing to copy
+        std::memcpy(kv + c.slot * kv_bytes, c.host, kv_bytes);
+        std::memcpy(bias + c.slot * bias_bytes, c.host + kv_bytes, bias_bytes);
+      } else {
+        std::memcpy(c.host, kv + c.slot * kv_bytes, kv_bytes);
+        std::memcpy(c.host + kv_bytes, bias + c.slot * bias_bytes, bias_bytes);
+      }
+    }
   }
 
   std::vector<SampledToken> sample(const Tensor& logits,

@@ -69,14 +69,14 @@ Outcome signal_rank_one(int signal, const std::string& extra) {
   TempDir dir;
   std::string err = (dir / "err").string(), rc = (dir / "rc").string();
   std::string pid_file = (dir / "pid").string();
+  const std::string model = tiny_model(attention::Mode::nosa).string();
   // The job runs in the background with every stream redirected (so that ctest does not wait
   // for it); its mpirun's pid is kept to clean up.
   std::string cmd = fmt::format(
       "({}{} generate --model {} --tp 2 --prompt-ids 1,2,3 --max-tokens 100000 --ignore-eos "
       "--max-context 30000 --threads 1 --log-level warn {} >/dev/null 2>{} </dev/null & "
       "echo $! >{}; wait $!; echo $? >{}) >/dev/null 2>&1 </dev/null &",
-      mpirun(2), nosa_binary(), tiny_model(attention::Mode::nosa).string(), extra, err, pid_file,
-      rc);
+      mpirun(2), nosa_binary(), model, extra, err, pid_file, rc);
   EXPECT_EQ(std::system(cmd.c_str()), 0);
   auto cleanup = [&] {
     std::ifstream in(pid_file);
@@ -91,7 +91,8 @@ Outcome signal_rank_one(int signal, const std::string& extra) {
       std::ifstream env(entry.path() / "environ");
       std::ifstream cmdline(entry.path() / "cmdline");
       std::string c((std::istreambuf_iterator<char>(cmdline)), {});
-      if (c.find("generate") == std::string::npos || c.find(nosa_binary()) == std::string::npos)
+      // This test's job: its command line names this process's own model directory.
+      if (c.find("generate") == std::string::npos || c.find(model) == std::string::npos)
         continue;
       std::string e((std::istreambuf_iterator<char>(env)), {});
       if (e.find(std::string("OMPI_COMM_WORLD_RANK=1") + '\0') != std::string::npos) {

@@ -32,7 +32,9 @@ TEST(Tokenizer, RoundTripsRealText) {
 TEST(Tokenizer, StreamingDecodeEqualsWholeDecode) {
   auto tok = Tokenizer::load(test::tiny_model(attention::Mode::dense));
   std::string text = "A café in Mirović sells bread for 3.20 euros, and the baker says hello.";
+  for (int i = 0; i < 4; ++i) text += " Then a ½ loaf costs €1.60 — or 160 cents — on Tuesday.";
   auto ids = tok->encode(text);
+  ASSERT_GT(ids.size(), 100u);  // long enough for the decoder's window to slide
   StreamDecoder dec(*tok);
   std::string streamed;
   for (int32_t id : ids) streamed += dec.push(id);

@@ -1,0 +1,126 @@
+// Generation with the KV cache offloaded to host memory and to disk gives exactly the tokens of
+// the cache kept whole on the device, for several sequences at once; residency invariants hold
+// over a real run; a disk error fails only the request whose blocks it touched.
+#include <gtest/gtest.h>
+
+#include <map>
+#include <random>
+
+#include "runtime/core/error.h"
+#include "runtime/engine.h"
+#include "tests/common/test_util.h"
+
+namespace nosa::runtime {
+namespace {
+
+struct Rig {
+  std::unique_ptr<Backend> backend = make_cpu_backend();
+  std::unique_ptr<parallel::Communicator> comm = parallel::make_single_rank_communicator();
+  std::unique_ptr<Model> model;
+  std::unique_ptr<KvCache> cache;
+  std::unique_ptr<Engine> engine;
+
+  Rig(attention::Mode mode, const KvCacheOptions& kv, int64_t blocks, int64_t batch_tokens) {
+    LoadOptions o;
+    o.mode = mode;
+    model = load_model(test::tiny_model(attention::Mode::nosa), o, *backend, *comm);
+    cache = std::make_unique<KvCache>(model->kv_layout(), blocks, *backend, kv);
+    EngineOptions eo;
+    eo.max_batch_tokens = batch_tokens;
+    engine = std::make_unique<Engine>(*model, *cache, eo);
+  }
+
+  std::map<RequestId, std::pair<std::vector<int32_t>, TokenEvent>> run_all() {
+    std::map<RequestId, std::pair<std::vector<int32_t>, TokenEvent>> out;
+    while (engine->has_work())
+      for (auto& e : engine->step()) {
+        if (e.has_token) out[e.id].first.push_back(e.token.token);
+        if (e.finish != FinishReason::none) out[e.id].second = e;
+      }
+    return out;
+  }
+};
+
+GenerationRequest request(int64_t prompt_len, uint64_t seed, int64_t max_tokens) {
+  std::mt19937 rng(seed);
+  GenerationRequest r;
+  for (int64_t i = 0; i < prompt_len; ++i) r.prompt.push_back(int32_t(3 + rng() % 1990));
+  r.max_tokens = max_tokens;
+  r.ignore_eos = true;
+  return r;
+}
+
+std::vector<std::vector<int32_t>> generate(attention::Mode mode, const KvCacheOptions& kv,
+                                           memory::TierStats* stats = nullptr) {
+  Rig rig(mode, kv, 400, 256);
+  std::vector<RequestId> ids;
+  const int64_t lengths[] = {900, 700, 1200, 300};
+  for (int i = 0; i < 4; ++i) ids.push_back(rig.engine->submit(request(lengths[i], 10 + i, 24)));
+  auto res = rig.run_all();
+  std::vector<std::vector<int32_t>> out;
+  for (RequestId id : ids) {
+    EXPECT_EQ(res[id].second.finish, FinishReason::length) << res[id].second.error;
+    out.push_back(res[id].first);
+  }
+  if (stats) *stats = rig.engine->stats().tiers;
+  return out;
+}
+
+class OffloadGivesTheSameTokens : public ::testing::TestWithParam<attention::Mode> {};
+
+TEST_P(OffloadGivesTheSameTokens, HostAndHostPlusDisk) {
+  auto expected = generate(GetParam(), {});
+  KvCacheOptions host;
+  host.offload = memory::Offload::host;
+  host.device_slots = 600;  // of 400 blocks x 4 chunks: the cache must evict and reload
+  memory::TierStats hs;
+  EXPECT_EQ(generate(GetParam(), host, &hs), expected);
+  EXPECT_GT(hs.evictions, 0);
+  EXPECT_GT(hs.hits, hs.misses);  // NOSA's locality: most of each step's selection stays
+  EXPECT_GT(hs.bytes_host_to_device, 0);
+
+  test::TempDir dir;
+  KvCacheOptions disk = host;
+  disk.offload = memory::Offload::host_disk;
+  disk.host_blocks = 120;  // of the ~200 blocks written: the rest go to disk and come back
+  disk.disk_dir = dir / "kv";
+  memory::TierStats ds;
+  EXPECT_EQ(generate(GetParam(), disk, &ds), expected);
+  EXPECT_GT(ds.bytes_disk_written, 0);
+  EXPECT_GT(ds.bytes_disk_read, 0);
+  // Overlap is measured: the fraction of each step's selection also selected the step before.
+  EXPECT_GT(ds.overlap, 0);
+  EXPECT_LE(ds.overlap, ds.selected);
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, OffloadGivesTheSameTokens,
+                         ::testing::Values(attention::Mode::infllmv2, attention::Mode::nosa),
+                         [](const auto& info) { return attention::mode_name(info.param); });
+
+TEST(Offload, ADiskErrorFailsOnlyTheAffectedRequest) {
+  test::TempDir dir;
+  KvCacheOptions kv;
+  kv.offload = memory::Offload::host_disk;
+  kv.device_slots = 600;
+  kv.host_blocks = 110;
+  kv.disk_dir = dir / "kv";
+  Rig rig(attention::Mode::nosa, kv, 400, 128);
+  // A long request fills the host; its oldest blocks go to disk. Then reads fail.
+  RequestId a = rig.engine->submit(request(2500, 1, 40));
+  std::map<RequestId, TokenEvent> ends;
+  while (rig.engine->stats().tiers.disk_blocks_used == 0)
+    for (auto& e : rig.engine->step())
+      if (e.finish != FinishReason::none) ends[e.id] = e;
+  rig.cache->tiers()->disk()->inject_faults([](bool write, int64_t) { return !write; });
+  RequestId b = rig.engine->submit(request(50, 2, 20));
+  auto res = rig.run_all();
+  for (auto& [id, r] : res) ends[id] = r.second;
+  EXPECT_EQ(ends[a].finish, FinishReason::error);
+  EXPECT_NE(ends[a].error.find("disk"), std::string::npos) << ends[a].error;
+  EXPECT_EQ(ends[b].finish, FinishReason::length) << ends[b].error;
+  EXPECT_EQ(res[b].first.size(), 20u);
+  EXPECT_EQ(rig.cache->pool().used_blocks(), 0);
+}
+
+}  // namespace
+}  // namespace nosa::runtime
