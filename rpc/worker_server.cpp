@@ -207,10 +207,31 @@ struct WorkerServer::Impl {
     h->set_waiting(s.engine.waiting);
     h->set_running(s.engine.running);
     h->set_in_flight(s.in_flight);
-    auto* tier = h->add_kv_tiers();
-    tier->set_name(info.device);
-    tier->set_blocks_used(s.engine.kv_blocks_used);
-    tier->set_blocks_total(s.engine.kv_blocks_total);
+    const auto& t = s.engine.tiers;
+    if (t.device_slots > 0) {
+      // Offloaded: the device block cache (in chunks), host memory and disk (in blocks).
+      auto* device = h->add_kv_tiers();
+      device->set_name(info.device);
+      device->set_blocks_used(t.device_slots_used);
+      device->set_blocks_total(t.device_slots);
+      device->set_hits(t.hits);
+      device->set_misses(t.misses);
+      auto* host = h->add_kv_tiers();
+      host->set_name("host");
+      host->set_blocks_used(t.host_blocks_used);
+      host->set_blocks_total(t.host_blocks);
+      if (t.disk_blocks > 0) {
+        auto* disk = h->add_kv_tiers();
+        disk->set_name("disk");
+        disk->set_blocks_used(t.disk_blocks_used);
+        disk->set_blocks_total(t.disk_blocks);
+      }
+    } else {
+      auto* tier = h->add_kv_tiers();
+      tier->set_name(info.device);
+      tier->set_blocks_used(s.engine.kv_blocks_used);
+      tier->set_blocks_total(s.engine.kv_blocks_total);
+    }
     h->set_prompt_tokens_total(s.engine.prompt_tokens);
     h->set_generated_tokens_total(s.engine.generated_tokens);
     h->set_steps_total(s.engine.steps);

@@ -64,11 +64,9 @@ bool runs_on_gpu(const EngineFlags& f) {
   return f.device == "cuda" || (f.device == "auto" && runtime::cuda_available());
 }
 
-// KV tier traffic for the summary, as "name: value" lines (none without offloading). The hook:
-// once runtime::KvCache exposes its memory::KvTiers (tiers(), null without offloading), this is
-//   if (auto* tiers = setup.cache->tiers()) return kv_tier_lines(tiers->stats());
+// KV tier traffic for the summary, as "name: value" lines (none without offloading).
 std::vector<std::pair<std::string, std::string>> kv_tier_summary(const EngineSetup& setup) {
-  (void)setup;
+  if (auto* tiers = setup.cache->tiers()) return kv_tier_lines(tiers->stats());
   return {};
 }
 
