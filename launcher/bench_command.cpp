@@ -21,10 +21,13 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
+#include <tuple>
 
 #include "attention/reference/selection.h"
 #include "launcher/commands.h"
 #include "launcher/engine_setup.h"
+#include "parallel/mpi.h"
+#include "parallel/nccl_communicator.h"
 #include "parallel/sharding.h"
 #include "runtime/core/error.h"
 #include "runtime/core/logging.h"
@@ -56,6 +59,11 @@ struct BenchFlags {
   int64_t max_batch_tokens = 16384;
   uint64_t seed = 1;
   int threads = 0;
+  int tp = 1;                        // tensor-parallel ranks (run under mpirun -np tp)
+  std::string offload = "host";      // offload suite: host or host+disk
+  double gpu_kv_gib = 0, host_kv_gib = 0, disk_kv_gib = 0;
+  std::string disk_kv_dir;
+  std::vector<double> miss_rates = {-1};  // offload suite: < 0 = the model's own selection
   std::string json_out, csv_out, label, commit;
 };
 
@@ -101,13 +109,21 @@ struct BenchModel {
   double weight_bytes = 0;  // bytes a decoding step reads (embedding rows excluded)
 };
 
-BenchModel random_model(runtime::Backend& be, const BenchFlags& f, attention::Mode mode) {
+// The ranks of a tensor-parallel benchmark (one rank without mpirun).
+struct BenchRanks {
+  parallel::Replica replica;
+  std::function<std::unique_ptr<parallel::Communicator>()> make_comm;
+};
+
+BenchModel random_model(runtime::Backend& be, const BenchFlags& f, attention::Mode mode,
+                        const BenchRanks& ranks) {
   runtime::ModelConfig c = runtime::shape_config(f.shape, mode);
   if (f.layers > 0) c.num_hidden_layers = f.layers;
   BenchModel bm;
-  bm.comm = parallel::make_single_rank_communicator();
+  bm.comm = ranks.make_comm();
   parallel::Partition part = parallel::make_partition(c.num_attention_heads, c.num_key_value_heads,
-                                                      c.intermediate_size, c.vocab_size, 0, 1);
+                                                      c.intermediate_size, c.vocab_size,
+                                                      ranks.replica.rank, ranks.replica.size);
   const DType act = be.activation_dtype();
   const int64_t H = c.hidden_size, d = c.head_dim, V = c.vocab_size;
   const int64_t nkv = c.num_key_value_heads;
@@ -121,7 +137,7 @@ BenchModel random_model(runtime::Backend& be, const BenchFlags& f, attention::Mo
   runtime::ModelWeights w;
   w.embed = make({V, H}, -a, a, act);
   w.final_norm = make({H}, 1.0f, 1.0f, act);
-  w.lm_head = c.tie_word_embeddings ? w.embed : make({V, H}, -a, a, act);
+  if (part.rank == 0) w.lm_head = c.tie_word_embeddings ? w.embed : make({V, H}, -a, a, act);
   bm.weight_bytes = double(V * H) * dtype_size(act);
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     runtime::LayerWeights L;
@@ -154,7 +170,16 @@ struct SuiteContext {
   const BenchFlags& flags;
   runtime::Backend& backend;
   std::vector<json>& rows;
+  BenchRanks ranks;
+  bool leader() const { return ranks.replica.leader(); }
 };
+
+// Samples on the leader (the only rank with logits); followers wait for their queued work.
+void finish_step(SuiteContext& ctx, const Tensor& logits,
+                 const std::vector<runtime::SamplingParams>& params) {
+  if (ctx.leader()) ctx.backend.sample(logits, params);
+  else ctx.backend.synchronize();
+}
 
 // ---- decode -------------------------------------------------------------------------------------
 
@@ -163,7 +188,7 @@ void run_decode(SuiteContext& ctx) {
   runtime::Backend& be = ctx.backend;
   for (const std::string& mode_name : f.modes) {
     const attention::Mode mode = attention::parse_mode(mode_name);
-    BenchModel bm = random_model(be, f, mode);
+    BenchModel bm = random_model(be, f, mode, ctx.ranks);
     runtime::Model& model = *bm.model;
     const runtime::ModelConfig& c = model.config();
     const attention::SparseParams& p = c.sparse;
@@ -173,7 +198,8 @@ void run_decode(SuiteContext& ctx) {
         json row = {{"suite", "decode"},       {"shape", f.shape},
                     {"layers", c.num_hidden_layers}, {"mode", mode_name},
                     {"batch", B},              {"context", context},
-                    {"steps", f.steps},        {"label", f.label}};
+                    {"steps", f.steps},        {"label", f.label},
+                    {"tp", ctx.ranks.replica.size}, {"offload", "none"}};
         const int64_t blocks_per_seq = (context + 1 + layout.block_size - 1) / layout.block_size;
         const int64_t n_blocks = blocks_per_seq * B;
         const double kv_bytes = double(n_blocks) * double(layout.bytes_per_block());
@@ -212,7 +238,7 @@ void run_decode(SuiteContext& ctx) {
           const auto t0 = Clock::now();
           Tensor logits = model.forward(step, *cache);
           const auto t1 = Clock::now();  // the host has queued the step's work
-          auto tokens = be.sample(logits, greedy);
+          finish_step(ctx, logits, greedy);
           const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
           if (s >= f.warmup) {
             times_ms.push_back(ms);
@@ -267,7 +293,7 @@ void run_prefill(SuiteContext& ctx) {
   runtime::Backend& be = ctx.backend;
   for (const std::string& mode_name : f.modes) {
     const attention::Mode mode = attention::parse_mode(mode_name);
-    BenchModel bm = random_model(be, f, mode);
+    BenchModel bm = random_model(be, f, mode, ctx.ranks);
     runtime::Model& model = *bm.model;
     const runtime::ModelConfig& c = model.config();
     runtime::KvLayout layout = model.kv_layout();
@@ -322,8 +348,200 @@ void run_prefill(SuiteContext& ctx) {
   }
 }
 
+
+// ---- offload ------------------------------------------------------------------------------------
+
+// Decoding with the KV cache offloaded: the full KV in host memory (and on disk), the GPU block
+// cache holding the selection. Reports the measured step-to-step overlap of selections and the
+// cache's miss rate, the PCIe traffic, and the floor max(HBM time, PCIe time at 51 GB/s). With
+// --miss-rate r >= 0 each step replaces a fraction r of every (sequence, layer, head)'s
+// non-forced selected blocks with random other blocks, so that throughput can be read off at the
+// locality a trained model shows (random weights do not show it).
+constexpr double k_gather_bytes_per_s = 51e9;  // zero-copy gather of scattered blocks
+
+// Controlled selections: per (sequence, layer, KV head), the last step's blocks with a fraction
+// replaced.
+class SyntheticSelection {
+ public:
+  SyntheticSelection(const attention::SparseParams& p, double replace, uint64_t seed)
+      : p_(p), replace_(replace), rng_(uint32_t(seed)) {}
+
+  void apply(runtime::Backend& be, int layer, const runtime::StepBatch& step,
+             runtime::Selection& sel, int n_heads) {
+    const int64_t T = step.n_tokens();
+    Tensor host = Tensor::empty_host(DType::i32, {T, n_heads, sel.k_max});
+    std::fill_n(host.data<int32_t>(), host.numel(), -1);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t pos = step.positions[t], qb = pos / p_.block_size;
+      const int64_t k = std::min<int64_t>(p_.topk, qb + 1);
+      for (int h = 0; h < n_heads; ++h) {
+        auto& cur = state_[{step.token_seq[t], layer, h}];
+        auto forced = [&](int64_t b) {
+          return b < p_.init_blocks || b >= qb - p_.local_blocks();
+        };
+        if (int64_t(cur.size()) != k) {  // first step: forced blocks, then random others
+          cur.clear();
+          for (int64_t b = 0; b <= qb; ++b)
+            if (forced(b)) cur.push_back(int32_t(b));
+          fill(cur, qb, k);
+        } else {
+          std::vector<int32_t> kept;
+          for (int32_t b : cur)
+            if (forced(b) || std::uniform_real_distribution<double>(0, 1)(rng_) >= replace_)
+              kept.push_back(b);
+          cur = kept;
+          fill(cur, qb, k);
+        }
+        std::sort(cur.begin(), cur.end());
+        std::copy(cur.begin(), cur.end(),
+                  host.data<int32_t>() + (t * n_heads + h) * sel.k_max);
+      }
+    }
+    sel.blocks = be.upload(host, DType::i32);
+  }
+
+ private:
+  void fill(std::vector<int32_t>& cur, int64_t qb, int64_t k) {
+    while (int64_t(cur.size()) < k) {
+      int32_t b = int32_t(rng_() % uint32_t(qb + 1));
+      if (std::find(cur.begin(), cur.end(), b) == cur.end()) cur.push_back(b);
+    }
+  }
+  attention::SparseParams p_;
+  double replace_;
+  std::mt19937 rng_;
+  std::map<std::tuple<int, int, int>, std::vector<int32_t>> state_;
+};
+
+void run_offload(SuiteContext& ctx) {
+  const BenchFlags& f = ctx.flags;
+  runtime::Backend& be = ctx.backend;
+  constexpr double gib = double(1ull << 30);
+  for (const std::string& mode_name : f.modes) {
+    const attention::Mode mode = attention::parse_mode(mode_name);
+    NOSA_CHECK(mode != attention::Mode::dense,
+               "the offload suite runs infllmv2 or nosa (dense reads every block each step)");
+    BenchModel bm = random_model(be, f, mode, ctx.ranks);
+    runtime::Model& model = *bm.model;
+    const runtime::ModelConfig& c = model.config();
+    const attention::SparseParams& p = c.sparse;
+    runtime::KvLayout layout = model.kv_layout();
+    const int64_t cpb = layout.chunks_per_block();
+    const double slot_bytes = double(layout.kv_chunk_bytes() + layout.bias_chunk_bytes());
+    for (int64_t context : f.context)
+      for (int B : f.batch)
+        for (double miss : f.miss_rates) {
+          json row = {{"suite", "offload"},  {"shape", f.shape},  {"layers", c.num_hidden_layers},
+                      {"mode", mode_name},   {"batch", B},        {"context", context},
+                      {"steps", f.steps},    {"label", f.label},  {"offload", f.offload},
+                      {"tp", ctx.ranks.replica.size},
+                      {"controlled_miss_rate", miss < 0 ? json() : json(miss)}};
+          const int64_t blocks_per_seq = (context + 1 + layout.block_size - 1) / layout.block_size;
+          const int64_t n_blocks = blocks_per_seq * B;
+          runtime::KvCacheOptions o;
+          o.offload = memory::parse_offload(f.offload);
+          // Default block cache: twice the batch's selection, so that recently dropped blocks
+          // can come back as hits.
+          o.device_slots = f.gpu_kv_gib > 0 ? int64_t(f.gpu_kv_gib * gib / slot_bytes)
+                                            : int64_t(B) * cpb * (p.topk + 2) * 2;
+          o.host_blocks = f.host_kv_gib > 0
+                              ? int64_t(f.host_kv_gib * gib / (double(cpb) * slot_bytes))
+                              : n_blocks;
+          if (o.offload == memory::Offload::host_disk) o.disk_dir = f.disk_kv_dir;
+          std::unique_ptr<runtime::KvCache> cache;
+          try {
+            cache = std::make_unique<runtime::KvCache>(layout, n_blocks, be, o);
+          } catch (const Error& e) {
+            row["skipped"] = e.message();
+            ctx.rows.push_back(row);
+            logger("bench")->warn("offload {} B={} C={}: skipped ({})", mode_name, B, context,
+                                  e.message());
+            continue;
+          }
+          be.fill_uniform(cache->ck(), f.seed + 13, -1.0f, 1.0f);
+          be.fill_uniform(cache->ck_scores(), f.seed + 14, 0.0f, 1.0f);
+          std::vector<int32_t> all(n_blocks);
+          for (int64_t i = 0; i < n_blocks; ++i) all[i] = int32_t(i);
+          const auto t_pop = Clock::now();
+          cache->tiers()->populate(all);  // pins host memory, writes overflow to disk
+          row["populate_s"] = std::chrono::duration<double>(Clock::now() - t_pop).count();
+          std::vector<std::vector<int32_t>> tables(B);
+          for (int i = 0; i < B; ++i)
+            for (int64_t j = 0; j < blocks_per_seq; ++j)
+              tables[i].push_back(int32_t(i * blocks_per_seq + j));
+          std::unique_ptr<SyntheticSelection> synth;
+          if (miss >= 0) {
+            synth = std::make_unique<SyntheticSelection>(p, miss, f.seed + 21);
+            model.set_selection_override([&](int layer, const runtime::StepBatch& st,
+                                             runtime::Selection& sel) {
+              synth->apply(be, layer, st, sel, layout.n_kv_heads);
+            });
+          } else {
+            model.set_selection_override({});
+          }
+          std::mt19937 rng(uint32_t(f.seed));
+          std::vector<runtime::SamplingParams> greedy(B);
+          std::vector<double> times_ms;
+          memory::TierStats before;
+          for (int s = 0; s < f.warmup + f.steps; ++s) {
+            if (s == f.warmup) before = cache->tiers()->stats();
+            runtime::StepBatch step;
+            for (int i = 0; i < B; ++i)
+              step.add({int32_t(rng() % uint32_t(c.vocab_size))}, context, &tables[i]);
+            const auto t0 = Clock::now();
+            Tensor logits = model.forward(step, *cache);
+            finish_step(ctx, logits, greedy);
+            const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+            if (s >= f.warmup) times_ms.push_back(ms);
+          }
+          model.set_selection_override({});
+          const memory::TierStats after = cache->tiers()->stats();
+          const double steps = double(f.steps);
+          const double selected = double(after.selected - before.selected);
+          const double h2d = double(after.bytes_host_to_device - before.bytes_host_to_device) / steps;
+          const double d2h = double(after.bytes_device_to_host - before.bytes_device_to_host) / steps;
+          const double disk = double(after.bytes_disk_read - before.bytes_disk_read) / steps;
+          // The HBM part of the floor: weights and the selected KV (as the decode suite counts it).
+          const double heads = double(B) * c.num_hidden_layers * layout.n_kv_heads;
+          const int64_t attended = std::min<int64_t>(context + 1, int64_t(p.topk) * p.block_size);
+          const double kv_read = heads * double(attended) *
+                                 (2.0 * layout.head_dim * double(dtype_size(layout.dtype)) +
+                                  (mode == attention::Mode::nosa ? 4.0 : 0.0));
+          const double hbm_ms = (bm.weight_bytes + kv_read) / k_hbm_bytes_per_s * 1e3;
+          const double pcie_ms = (h2d + d2h) / k_gather_bytes_per_s * 1e3;
+          const double disk_ms = disk / 1.4e9 * 1e3;
+          const double floor_ms = std::max({hbm_ms, pcie_ms, disk_ms});
+          const double med = median(times_ms);
+          row["step_ms_median"] = med;
+          row["step_ms_p10"] = percentile(times_ms, 0.1);
+          row["step_ms_p90"] = percentile(times_ms, 0.9);
+          row["tokens_per_s"] = med > 0 ? double(B) * 1e3 / med : 0;
+          row["overlap"] = selected > 0 ? double(after.overlap - before.overlap) / selected : 0;
+          row["miss_rate"] =
+              selected > 0 ? double(after.misses - before.misses) / selected : 0;
+          row["pcie_bytes_per_step"] = h2d + d2h;
+          row["disk_bytes_per_step"] = disk;
+          row["hbm_floor_ms"] = hbm_ms;
+          row["pcie_floor_ms"] = pcie_ms;
+          row["floor_ms"] = floor_ms;
+          row["ratio_to_floor"] = floor_ms > 0 ? med / floor_ms : 0;
+          row["gpu_cache_gib"] = double(o.device_slots) * slot_bytes / gib;
+          row["host_gib"] = double(after.host_blocks) * double(cpb) * slot_bytes / gib;
+          row["disk_gib"] = double(after.disk_blocks) * double(cpb) * slot_bytes / gib;
+          ctx.rows.push_back(row);
+          logger("bench")->info(
+              "offload {:8s} B={:3d} C={:6d} miss={:5s}: {:8.3f} ms/step {:9.1f} tok/s  overlap "
+              "{:.3f} miss rate {:.3f}  PCIe {:.1f} MB/step  floor {:.3f} ms x{:.2f}",
+              mode_name, B, context, miss < 0 ? "model" : fmt::format("{:.2f}", miss), med,
+              row["tokens_per_s"].get<double>(), row["overlap"].get<double>(),
+              row["miss_rate"].get<double>(), (h2d + d2h) / 1e6, floor_ms,
+              row["ratio_to_floor"].get<double>());
+        }
+  }
+}
+
 std::map<std::string, std::function<void(SuiteContext&)>> suites() {
-  return {{"decode", run_decode}, {"prefill", run_prefill}};
+  return {{"decode", run_decode}, {"prefill", run_prefill}, {"offload", run_offload}};
 }
 
 void write_csv(const std::string& path, const std::vector<json>& rows, const json& meta) {
@@ -358,14 +576,26 @@ int run_bench(const BenchFlags& f) {
   if (f.threads > 0) ThreadPool::set_global_threads(f.threads);
   auto all = suites();
   auto it = all.find(f.suite);
-  NOSA_CHECK(it != all.end(), "unknown suite '{}' (use decode or prefill)", f.suite);
+  NOSA_CHECK(it != all.end(), "unknown suite '{}' (use decode, prefill or offload)", f.suite);
+  NOSA_CHECK(f.tp == 1 || f.suite != "prefill", "the prefill suite runs with --tp 1");
   NOSA_CHECK(f.model.empty(), "--model is not supported yet: benchmarks use random weights of --shape");
   NOSA_CHECK(f.steps >= 1 && f.warmup >= 0, "--steps must be >= 1 and --warmup >= 0");
   const bool want_cuda = f.device == "cuda" || (f.device == "auto" && runtime::cuda_available());
   NOSA_CHECK(f.device == "cpu" || f.device == "cuda" || f.device == "auto",
              "unknown device '{}' (use cpu, cuda or auto)", f.device);
-  std::unique_ptr<runtime::Backend> be =
-      want_cuda ? runtime::make_cuda_backend(0) : runtime::make_cpu_backend();
+  parallel::MpiContext& mpi = parallel::MpiContext::get();
+  BenchRanks ranks;
+  ranks.replica = parallel::make_replica(f.tp);
+  NOSA_CHECK(ranks.replica.count == 1, "run the benchmark with mpirun -np {} (one replica)", f.tp);
+  std::unique_ptr<runtime::Backend> be = want_cuda ? runtime::make_cuda_backend(mpi.local_rank())
+                                                   : runtime::make_cpu_backend();
+  const auto timeout = std::chrono::milliseconds(120000);
+  runtime::Backend* backend = be.get();
+  ranks.make_comm = [&ranks, want_cuda, backend, &mpi, timeout]() {
+    return want_cuda ? parallel::make_nccl_communicator(ranks.replica, mpi.local_rank(),
+                                                        backend->native_stream(), timeout)
+                     : parallel::make_mpi_communicator(ranks.replica, timeout);
+  };
   json meta;
   meta["suite"] = f.suite;
   meta["commit"] = commit_id(f.commit);
@@ -377,9 +607,11 @@ int run_bench(const BenchFlags& f) {
     std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
     meta["date"] = buf;
   }
+  meta["tp"] = f.tp;
   std::vector<json> rows;
-  SuiteContext ctx{f, *be, rows};
+  SuiteContext ctx{f, *be, rows, ranks};
   it->second(ctx);
+  if (!ctx.leader()) return 0;  // the leader reports
   meta["results"] = rows;
   if (!f.json_out.empty()) {
     std::ofstream out(f.json_out);
@@ -394,9 +626,10 @@ int run_bench(const BenchFlags& f) {
 }  // namespace
 
 Runner add_bench_command(CLI::App& app) {
-  auto* cmd = app.add_subcommand("bench", "Throughput benchmarks (suites: decode, prefill)");
+  auto* cmd = app.add_subcommand(
+      "bench", "Throughput benchmarks (suites: decode, prefill, offload)");
   auto f = std::make_shared<BenchFlags>();
-  cmd->add_option("--suite", f->suite, "decode or prefill")->capture_default_str();
+  cmd->add_option("--suite", f->suite, "decode, prefill or offload")->capture_default_str();
   cmd->add_option("--shape", f->shape, "Model shape: tiny, nosa-1b-like or nosa-8b-like")
       ->capture_default_str();
   cmd->add_option("--layers", f->layers, "Override the shape's layer count");
@@ -418,6 +651,20 @@ Runner add_bench_command(CLI::App& app) {
   cmd->add_option("--seed", f->seed, "Seed of the random weights and inputs")
       ->capture_default_str();
   cmd->add_option("--threads", f->threads, "CPU threads (default: all cores)");
+  cmd->add_option("--tp", f->tp,
+                  "Tensor-parallel ranks (decode, offload): run under mpirun -np TP")
+      ->capture_default_str();
+  cmd->add_option("--offload", f->offload, "Offload suite: host or host+disk")
+      ->capture_default_str();
+  cmd->add_option("--gpu-kv-gib", f->gpu_kv_gib,
+                  "Offload suite: GPU block cache (default: twice the batch's selection)");
+  cmd->add_option("--host-kv-gib", f->host_kv_gib,
+                  "Offload suite: host KV budget (default: the whole KV)");
+  cmd->add_option("--disk-kv-dir", f->disk_kv_dir, "Offload suite, host+disk: KV file directory");
+  cmd->add_option("--miss-rate", f->miss_rates,
+                  "Offload suite: controlled fractions of each selection replaced per step "
+                  "(comma-separated; -1 = the model's own selection)")
+      ->delimiter(',');
   cmd->add_option("--json", f->json_out, "Write the results (with machine and commit) as JSON");
   cmd->add_option("--csv", f->csv_out, "Write the results as CSV");
   cmd->add_option("--label", f->label, "A free-form label stored with each result");

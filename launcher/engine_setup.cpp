@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "parallel/nccl_communicator.h"
 #include "runtime/core/error.h"
 #include "runtime/core/logging.h"
 #include "runtime/core/thread_pool.h"
@@ -134,7 +135,10 @@ EngineSetup EngineSetup::create(const EngineFlags& f, int64_t tokens_hint) {
   s.replica = parallel::make_replica(f.tp);
   s.backend = want_cuda ? runtime::make_cuda_backend(mpi.local_rank())
                         : runtime::make_cpu_backend();
-  s.comm = parallel::make_mpi_communicator(s.replica, timeout);
+  // GPU tensors travel over NCCL; the CPU backend's over MPI (which CI tests).
+  s.comm = want_cuda ? parallel::make_nccl_communicator(s.replica, mpi.local_rank(),
+                                                        s.backend->native_stream(), timeout)
+                     : parallel::make_mpi_communicator(s.replica, timeout);
   runtime::LoadOptions lo;
   if (!f.attention.empty()) lo.mode = attention::parse_mode(f.attention);
   s.model = runtime::load_model(f.model, lo, *s.backend, *s.comm);

@@ -71,7 +71,12 @@ int64_t KvTiers::free_host_slot() {
   int64_t victim = -1;
   for (int64_t s = 0; s < int64_t(host_slot_touched_.size()); ++s)
     if (victim < 0 || host_slot_touched_[s] < host_slot_touched_[victim]) victim = s;
-  // Blocks touched in this round are sources of loads not yet performed.
+  // Blocks touched in this round are sources of loads not yet performed: perform them first.
+  if (host_slot_touched_[victim] >= round_tick_ && flush_loads_ && pending_ && !pending_->empty()) {
+    flush_loads_(*pending_);
+    pending_->clear();
+    round_tick_ = tick_ + 1;
+  }
   NOSA_CHECK_CODE(host_slot_touched_[victim] < round_tick_, ErrorCode::resource_exhausted,
                   "the host KV tier ({} blocks) cannot stage the blocks one step reads from disk; "
                   "raise --host-kv-gib or lower --max-batch-tokens",
@@ -122,6 +127,11 @@ int64_t KvTiers::host_slot_for(int32_t block) {
 }
 
 void KvTiers::acquire(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads) {
+  struct Pending {
+    std::vector<ChunkCopy>*& slot;
+    ~Pending() { slot = nullptr; }
+  } guard{pending_};
+  pending_ = &loads;
   std::vector<int32_t> slots(n);
   std::vector<BlockCache::Load> misses;
   cache_.acquire(chunks, n, slots.data(), misses);
@@ -191,6 +201,19 @@ void KvTiers::end_step(const std::vector<int32_t>& full, std::vector<ChunkCopy>&
   for (int32_t b : step_reads_)
     for (int64_t i = 0; i < per; ++i) cache_.unpin(b * per + i);
   step_reads_.clear();
+}
+
+void KvTiers::populate(const std::vector<int32_t>& blocks) {
+  round_tick_ = tick_ + 1;
+  for (int32_t b : blocks) {
+    NOSA_ASSERT(host_slot_of_block_[b] < 0 && disk_slot_of_block_[b] < 0,
+                "block {} already has data", b);
+    const int64_t hs = free_host_slot();
+    round_tick_ = tick_ + 1;  // one block at a time: older ones may move to disk
+    host_slot_of_block_[b] = hs;
+    block_of_host_slot_[hs] = b;
+    touch_host(hs);
+  }
 }
 
 void KvTiers::abort_step() {

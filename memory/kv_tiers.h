@@ -87,6 +87,9 @@ class KvTiers {
   // (appends the stores: device slot -> host, to be performed before the next step). Releases
   // the step's pins.
   void end_step(const std::vector<int32_t>& full, std::vector<ChunkCopy>& stores);
+  // Benchmarks: the blocks exist in the host (then disk) tier with whatever bytes their memory
+  // holds, as if they had been written and flushed; returns their host addresses' arenas touched.
+  void populate(const std::vector<int32_t>& blocks);
   // A step that failed midway: releases its read pins (the blocks being written stay pinned).
   void abort_step();
   // A finished or preempted sequence's blocks: forgotten in every tier.
@@ -99,6 +102,12 @@ class KvTiers {
   // reused (a block moves to disk): the caller must finish its pending copies (the CUDA backend
   // synchronises its stream).
   void set_before_host_reuse(std::function<void()> fn) { before_host_reuse_ = std::move(fn); }
+  // When one round reads more blocks back from disk than the host tier holds, the loads handed
+  // out so far are passed here to be performed (and finished) early, so that their host memory
+  // can be reused. Without it such a round is a resource_exhausted error.
+  void set_flush_loads(std::function<void(std::vector<ChunkCopy>&)> fn) {
+    flush_loads_ = std::move(fn);
+  }
 
   TierStats stats() const;
 
@@ -128,6 +137,8 @@ class KvTiers {
   uint64_t round_tick_ = 0;  // host blocks touched since this tick serve pending loads
   TierStats stats_;
   std::function<void()> before_host_reuse_;
+  std::function<void(std::vector<ChunkCopy>&)> flush_loads_;
+  std::vector<ChunkCopy>* pending_ = nullptr;  // the loads of the round in progress
 };
 
 }  // namespace nosa::memory

@@ -65,6 +65,8 @@ class Backend {
   virtual size_t free_memory_bytes() const = 0;
   // Waits for queued work.
   virtual void synchronize() = 0;
+  // The backend's CUDA stream (collectives queue on it); null for the CPU backend.
+  virtual void* native_stream() { return nullptr; }
   // Host memory for the offloaded KV: pinned and device-mapped on GPUs, plain on the CPU.
   virtual std::unique_ptr<memory::HostAllocator> host_allocator();
   // Moves chunks between host memory and the KV cache's device slots (to_device: host -> slot,

@@ -38,6 +38,10 @@ KvCache::KvCache(const KvLayout& layout, int64_t n_blocks, Backend& backend,
     tiers_ = std::make_unique<memory::KvTiers>(shape, budget, *host_allocator_);
     // A block moving to disk reuses host memory that queued copies may still read.
     tiers_->set_before_host_reuse([this] { backend_.synchronize(); });
+    tiers_->set_flush_loads([this](std::vector<memory::ChunkCopy>& loads) {
+      backend_.copy_chunks(loads, true, *this);
+      backend_.synchronize();
+    });
     Tensor table = Tensor::empty_host(DType::i32, {chunks});
     std::fill_n(table.data<int32_t>(), chunks, -1);
     slot_table_ = backend.upload(table, DType::i32);

@@ -93,6 +93,7 @@ Tensor Model::forward(const StepBatch& step, KvCache& cache) {
     if (sparse) {
       be.update_compressed(l, nosa, config_.sparse, cache);
       Selection sel = be.select_blocks(l, mode_, q, config_.sparse, cache);
+      if (selection_override_) selection_override_(l, step, sel);
       cache.make_resident(l, sel, step);
       be.attend(l, q, q_off, &sel, nosa, cache, attn);
     } else {

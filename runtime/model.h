@@ -3,6 +3,7 @@
 #pragma once
 
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <optional>
 
@@ -35,6 +36,11 @@ class Model {
   // undefined tensor on other ranks).
   Tensor forward(const StepBatch& step, KvCache& cache);
 
+  // Benchmarks: replaces each layer's selection after it is computed (its cost stays in the
+  // step), e.g. to sweep a controlled step-to-step miss rate. Null: no override.
+  using SelectionOverride = std::function<void(int layer, const StepBatch&, Selection&)>;
+  void set_selection_override(SelectionOverride fn) { selection_override_ = std::move(fn); }
+
  private:
   ModelConfig config_;
   ModelWeights w_;
@@ -43,6 +49,7 @@ class Model {
   Backend& backend_;
   parallel::Communicator& comm_;
   RopeTable rope_;
+  SelectionOverride selection_override_;
 };
 
 struct LoadOptions {

@@ -14,7 +14,7 @@ __global__ void append_kv_kernel(AppendKvArgs a) {
   const int pos = a.step.positions[t];
   const int block = a.step.block_table[int64_t(seq) * a.step.bt_stride + pos / bs];
   const int row = pos % bs;
-  const int64_t chunk = kv_chunk(kv, block, a.layer, h);
+  const int64_t chunk = kv_slot(kv, block, a.layer, h);
   bf16* base = static_cast<bf16*>(kv.kv);
   __nv_bfloat162* kdst = reinterpret_cast<__nv_bfloat162*>(base + (chunk * 2 * bs + row) * d);
   __nv_bfloat162* vdst =
@@ -47,7 +47,7 @@ __global__ void update_compressed_kernel(UpdateCompressedArgs a) {
     float acc = 0.0f;
     for (int i = 0; i < a.kernel_size; ++i) {
       const int64_t pos = int64_t(j) * a.kernel_stride + i;
-      const int64_t chunk = kv_chunk(kv, table[pos / bs], a.layer, h);
+      const int64_t chunk = kv_slot(kv, table[pos / bs], a.layer, h);
       acc = __fadd_rn(acc, __bfloat162float(keys[(chunk * 2 * bs + pos % bs) * d + x]));
     }
     static_cast<bf16*>(kv.ck)[(home * m + j % m) * d + x] =
@@ -58,7 +58,7 @@ __global__ void update_compressed_kernel(UpdateCompressedArgs a) {
     if (a.scores)
       for (int i = 0; i < a.kernel_size; ++i) {
         const int64_t pos = int64_t(j) * a.kernel_stride + i;
-        const int64_t chunk = kv_chunk(kv, table[pos / bs], a.layer, h);
+        const int64_t chunk = kv_slot(kv, table[pos / bs], a.layer, h);
         e += double(kv.bias[chunk * bs + pos % bs]);
       }
     kv.ck_scores[home * m + j % m] = a.scores ? float(e / a.kernel_size) : 0.0f;

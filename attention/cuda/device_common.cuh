@@ -17,6 +17,12 @@ __device__ __forceinline__ int64_t kv_chunk(const KvView& kv, int64_t block, int
   return (block * kv.n_layers + layer) * kv.n_kv_heads + head;
 }
 
+// Where a chunk's keys, values and eviction scores are: its slot in an offloaded cache.
+__device__ __forceinline__ int64_t kv_slot(const KvView& kv, int64_t block, int layer, int head) {
+  const int64_t chunk = kv_chunk(kv, block, layer, head);
+  return kv.slot_table ? int64_t(kv.slot_table[chunk]) : chunk;
+}
+
 // compressed_count of attention/reference/selection.h: windows inside positions 0..t.
 __device__ __host__ __forceinline__ int compressed_count(int64_t t, int kernel_size,
                                                          int kernel_stride) {

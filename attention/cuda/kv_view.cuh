@@ -7,12 +7,15 @@
 namespace nosa::attention::cuda {
 
 // One rank's paged KV cache (runtime/kv_cache.h): chunk(block, layer, head) =
-// (block * n_layers + layer) * n_kv_heads + head.
+// (block * n_layers + layer) * n_kv_heads + head. Compressed keys are indexed by chunk; keys,
+// values and eviction scores by slot (the chunk itself unless the cache is offloaded).
 struct KvView {
   void* kv = nullptr;          // [chunks][2][block_size][head_dim] bf16: keys, then values
   float* bias = nullptr;       // [chunks][block_size] eviction score c per token
   void* ck = nullptr;          // [chunks][keys_per_block][head_dim] bf16 compressed keys
   float* ck_scores = nullptr;  // [chunks][keys_per_block] mean c per compressed window
+  // Offloaded caches: chunk -> device slot of kv and bias (-1: not resident); null: slot = chunk.
+  const int32_t* slot_table = nullptr;
   int n_layers = 0;
   int n_kv_heads = 0;
   int head_dim = 0;

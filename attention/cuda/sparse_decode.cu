@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(32 * k_warps) decode_kernel(DecodeArgs a) {
   for (int e = e_base + threadIdx.x; e < e_end; e += blockDim.x) {
     const int lb = sel ? int(sel[e]) : e;
     ent_lb[e - e_base] = lb;
-    ent_chunk[e - e_base] = kv_chunk(kv, table[lb], a.layer, h);
+    ent_chunk[e - e_base] = kv_slot(kv, table[lb], a.layer, h);
   }
   __syncthreads();
   auto stage_at = [&](int i) { return Stage<D>(smem + i * StageLayout<D>::bytes); };

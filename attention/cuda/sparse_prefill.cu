@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(32 * k_warps) prefill_kernel(PrefillArgs a) {
   }
   // Resolve every entry's chunk once.
   for (int e = threadIdx.x; e < n_entries; e += blockDim.x)
-    uchunk[e] = kv_chunk(kv, table[ulist[e]], a.layer, h);
+    uchunk[e] = kv_slot(kv, table[ulist[e]], a.layer, h);
   __syncthreads();
   auto entry = [&](int e, int64_t& chunk, int& lb, uint64_t& mask) {
     chunk = uchunk[e];

@@ -20,6 +20,7 @@
 #include "attention/cuda/sparse_decode.cuh"
 #include "attention/cuda/sparse_prefill.cuh"
 #include "attention/reference/selection.h"
+#include "memory/cuda/transfer.cuh"
 #include "runtime/backend.h"
 #include "runtime/core/error.h"
 #include "runtime/cuda/device_allocator.h"
@@ -59,6 +60,7 @@ namespace {
 
 namespace acu = attention::cuda;
 namespace rcu = cuda;
+namespace mcu = memory::cuda;
 namespace ref = attention::reference;
 
 // Pinned host memory that grows on demand (used for uploads and small downloads).
@@ -197,6 +199,48 @@ class CudaBackend final : public Backend {
   }
 
   void synchronize() override { NOSA_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+  void* native_stream() override { return stream_; }
+
+  // Host memory for the offloaded KV: pinned and mapped, so that the transfer kernel reads it
+  // directly over PCIe.
+  std::unique_ptr<memory::HostAllocator> host_allocator() override {
+    struct Pinned final : memory::HostAllocator {
+      void* allocate(size_t bytes) override {
+        void* p = nullptr;
+        NOSA_CHECK_CODE(
+            cudaHostAlloc(&p, bytes, cudaHostAllocMapped | cudaHostAllocPortable) == cudaSuccess,
+            ErrorCode::resource_exhausted, "cannot pin {} bytes of host memory for the KV cache",
+            bytes);
+        return p;
+      }
+      void release(void* p, size_t) override { cudaFreeHost(p); }
+      void* device_address(void* p) override {
+        void* d = nullptr;
+        NOSA_CUDA_CHECK(cudaHostGetDevicePointer(&d, p, 0));
+        return d;
+      }
+    };
+    return std::make_unique<Pinned>();
+  }
+
+  void copy_chunks(const std::vector<memory::ChunkCopy>& copies, bool to_device,
+                   KvCache& cache) override {
+    if (copies.empty()) return;
+    transfers_.clear();
+    for (const auto& c : copies) transfers_.push_back({c.host, c.chunk, c.evicted, c.slot});
+    mcu::TransferArgs a;
+    a.items = static_cast<const mcu::ChunkTransfer*>(
+        stage(transfers_.data(), transfers_.size() * sizeof(mcu::ChunkTransfer)));
+    a.n = int(transfers_.size());
+    a.kv = static_cast<char*>(cache.kv().raw());
+    a.bias = static_cast<char*>(cache.bias().raw());
+    a.slot_table = cache.slot_table().data<int32_t>();
+    a.kv_bytes = int64_t(cache.layout().kv_chunk_bytes());
+    a.bias_bytes = int64_t(cache.layout().bias_chunk_bytes());
+    a.to_device = to_device;
+    NOSA_CUDA_CHECK(mcu::launch_chunk_transfer(a, stream_));
+  }
 
   void fill_uniform(Tensor& t, uint64_t seed, float lo, float hi) override {
     if (t.device() == Device::cpu) return Backend::fill_uniform(t, seed, lo, hi);
@@ -577,6 +621,8 @@ class CudaBackend final : public Backend {
     int prefill_nb_max = 1;
   };
 
+  std::vector<mcu::ChunkTransfer> transfers_;
+
   const Plan& attend_plan(int group, int block_size) {
     if (plan_valid_ && plan_.group == group && plan_.block_size == block_size) return plan_;
     Plan plan;
@@ -657,6 +703,7 @@ class CudaBackend final : public Backend {
     v.head_dim = L.head_dim;
     v.block_size = L.block_size;
     v.keys_per_block = L.keys_per_block;
+    v.slot_table = cache.offloaded() ? cache.slot_table().data<int32_t>() : nullptr;
     return v;
   }
 

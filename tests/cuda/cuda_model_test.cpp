@@ -3,6 +3,8 @@
 // steps, comparing logits; and `nosa generate --device cuda` end to end. Skipped without a GPU.
 #include <gtest/gtest.h>
 
+#include <fstream>
+
 #include <nlohmann/json.hpp>
 
 #include "parallel/communicator.h"
@@ -124,6 +126,41 @@ TEST(CudaModel, GenerateRunsOnTheGpuFromTheCommandLine) {
     for (size_t i = 0; i < 8; ++i) same += jg["token_ids"][i] == jc["token_ids"][i];
     // Greedy decoding of a random model meets near-ties; the logits test above is the check.
     std::printf("[ generate ] %s: %d of 8 greedy tokens as on the CPU\n", mode, same);
+  }
+}
+
+// The KV cache offloaded to pinned host memory (and to disk), gathered by the transfer kernel,
+// gives exactly the tokens of the cache kept whole on the GPU: the same kernels read the same
+// bytes, only through the slot table.
+TEST(CudaModel, OffloadedKvGivesTheSameTokensAsKvInHbm) {
+  NOSA_REQUIRE_GPU();
+  TempDir dir;
+  std::string ids;
+  for (int i = 0; i < 3000; ++i) ids += (i ? "," : "") + std::to_string(3 + (i * 7919) % 1990);
+  std::ofstream(dir / "ids.txt") << ids;
+  for (const char* mode : {"infllmv2", "nosa"}) {
+    const std::string base = nosa_binary() + " generate --model " +
+                             tiny_model(attention::Mode::nosa).string() + " --prompt-ids @" +
+                             (dir / "ids.txt").string() +
+                             " --max-tokens 24 --ignore-eos --json --device cuda "
+                             "--max-batch-tokens 64 --log-level warn --attention " + mode;
+    CommandResult hbm = run_command(base + " --kv-blocks 400");
+    ASSERT_EQ(hbm.exit_code, 0) << hbm.err;
+    // About 390 chunk slots for 3024 tokens (189 blocks x 4 chunks): blocks come and go; the
+    // host tier holds about half of the blocks in the second run.
+    CommandResult host = run_command(base + " --offload host --gpu-kv-gib 0.002");
+    ASSERT_EQ(host.exit_code, 0) << host.err;
+    CommandResult disk = run_command(base + " --offload host+disk --gpu-kv-gib 0.002 "
+                                     "--host-kv-gib 0.0016 --disk-kv-gib 0.002 --disk-kv-dir " +
+                                     (dir / "kv").string());
+    ASSERT_EQ(disk.exit_code, 0) << disk.err;
+    auto a = nlohmann::json::parse(hbm.out), b = nlohmann::json::parse(host.out),
+         c = nlohmann::json::parse(disk.out);
+    EXPECT_EQ(b["token_ids"], a["token_ids"]) << mode;
+    EXPECT_EQ(c["token_ids"], a["token_ids"]) << mode;
+    std::printf("[ offload  ] %s: host and host+disk give the HBM tokens: %s\n", mode,
+                b["token_ids"] == a["token_ids"] && c["token_ids"] == a["token_ids"] ? "yes"
+                                                                                    : "NO");
   }
 }
 
