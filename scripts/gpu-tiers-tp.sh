@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Offloaded KV and tensor parallelism on GPUs, in one command (written for the lent H200
+# machines: one or two GPUs, no network). Runs scripts/gpu-check.sh's build, GPU tests and
+# reference checks, then:
+#   offload    `nosa bench --suite offload`: NOSA vs InfLLM-V2 with the KV in pinned host memory,
+#              the GPU holding a block cache; a controlled miss-rate sweep; the all-in-HBM decode
+#              of the same shapes for comparison
+#   tp         with two or more GPUs: TP=2 logits against TP=1 (tiny and a 4-layer 1b-like
+#              checkpoint) and decode scaling of nosa-8b-like at B=64, 16K (TP=1 vs TP=2)
+# Everything lands in RESULTS (default: $OUT, else build-gpu/results): summary.txt, log.txt,
+# transformers_check.json, bench.jsonl (one JSON document per `nosa bench` run, each with the
+# machine, commit and configuration), tp_check.txt.
+#   scripts/gpu-tiers-tp.sh [--no-check] [--deadline SECONDS]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+check=1 deadline=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-check) check=0 ;;
+    --deadline) deadline=$2; shift ;;
+    *) echo "gpu-tiers-tp: unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+late() { [ "$deadline" -gt 0 ] && [ $SECONDS -gt $((deadline - 45)) ]; }
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1
+build=${NOSA_GPU_BUILD:-build-gpu}
+results=${RESULTS:-${OUT:-$build/results}}
+mkdir -p "$results"
+results=$(cd "$results" && pwd)
+export RESULTS=$results
+
+if [ $check -eq 1 ]; then
+  GPU_CHECK_DEADLINE=$deadline scripts/gpu-check.sh --no-bench --no-peer
+else
+  scripts/gpu-check.sh --no-tests --no-bench --no-peer
+fi
+summary=$results/summary.txt
+log=$results/log.txt
+nosa=$root/$build/launcher/nosa
+[ -x "$nosa" ] || { echo "no nosa binary" | tee -a "$summary"; exit 1; }
+commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+[ -n "${NOSA_COMMIT:-}" ] && commit=$NOSA_COMMIT
+say() { echo "$*" | tee -a "$summary"; }
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+bench_out=$results/bench.jsonl
+: >"$bench_out"
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+mpirun_np() { mpirun --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE -np "$@"; }
+
+# One `nosa bench` run: its JSON document goes to bench.jsonl, its table lines to the summary.
+bench() {
+  local launch=$1; shift
+  if late; then say "skipped (deadline): nosa bench $*"; return; fi
+  say "\$ nosa bench $*   ($launch)"
+  local t0=$SECONDS
+  if [ "$launch" = "1" ]; then
+    timeout 600 "$nosa" bench "$@" --device cuda --commit "$commit" --json "$scratch/b.json" \
+      >>"$log" 2>"$scratch/err.txt"
+  else
+    timeout 600 mpirun_np "$launch" "$nosa" bench "$@" --device cuda --commit "$commit" \
+      --json "$scratch/b.json" >>"$log" 2>"$scratch/err.txt"
+  fi
+  local rc=$?
+  cat "$scratch/err.txt" >>"$log"
+  grep -E "\] (decode|offload|prefill) " "$scratch/err.txt" | grep -v "rank [1-9]" |
+    sed 's/^.*\] /  /' | tee -a "$summary"
+  [ $rc -ne 0 ] && say "  FAILED ($rc): $(tail -2 "$scratch/err.txt" | tr '\n' ' ')"
+  [ -f "$scratch/b.json" ] && tr -d '\n' <"$scratch/b.json" >>"$bench_out" && echo >>"$bench_out"
+  rm -f "$scratch/b.json"
+  say "  ($((SECONDS - t0)) s)"
+}
+
+say ""
+say "== offloaded decode (KV in pinned host memory; GPU block cache = 2x the batch's selection)"
+bench 1 --suite offload --shape nosa-1b-like --mode nosa,infllmv2 --batch 16,64 --context 16384 \
+  --steps 8 --warmup 3
+bench 1 --suite decode --shape nosa-1b-like --mode dense,nosa --batch 16,64 --context 16384 \
+  --steps 8 --warmup 3
+bench 1 --suite offload --shape nosa-1b-like --mode nosa --batch 16 --context 16384 \
+  --miss-rate 0,0.05,0.1,0.2,0.4 --steps 8 --warmup 3
+bench 1 --suite offload --shape nosa-8b-like --mode nosa,infllmv2 --batch 16 \
+  --context 16384,32768 --steps 6 --warmup 2
+
+if [ "$gpus" -ge 2 ]; then
+  say ""
+  say "== tensor parallelism on $gpus GPUs"
+  tp=$results/tp_check.txt
+  : >"$tp"
+  models=$scratch/models
+  "$nosa" make-model --shape tiny --attention nosa --seed 3 --out "$models/tiny" >>"$log" 2>&1
+  "$nosa" make-model --shape nosa-1b-like --layers 4 --attention nosa --seed 3 \
+    --out "$models/1b4" >>"$log" 2>&1
+  python3 -c "print(','.join(str(3 + (i * 7919) % 1990) for i in range(3000)))" >"$scratch/ids"
+  for m in tiny 1b4; do
+    for mode in dense nosa; do
+      if late; then say "skipped (deadline): TP check $m $mode"; continue; fi
+      args=(generate --model "$models/$m" --attention $mode --prompt-ids @"$scratch/ids"
+            --max-tokens 16 --ignore-eos --json --logprobs 5 --device cuda --log-level warn)
+      timeout 300 "$nosa" "${args[@]}" --tp 1 >"$scratch/tp1.json" 2>>"$log"
+      timeout 300 mpirun_np 2 "$nosa" "${args[@]}" --tp 2 >"$scratch/tp2.json" 2>>"$log"
+      python3 - "$scratch/tp1.json" "$scratch/tp2.json" "$m" "$mode" <<'PY' | tee -a "$tp" "$summary"
+import json, sys
+a, b = (json.loads(open(p).read().strip().splitlines()[-1]) for p in sys.argv[1:3])
+same = sum(x == y for x, y in zip(a["token_ids"], b["token_ids"]))
+d = []
+for ea, eb in zip(a["logprobs"], b["logprobs"]):
+    if ea["token"] != eb["token"]:
+        break
+    tb = {t["token"]: t["logprob"] for t in eb["top"]}
+    d += [abs(t["logprob"] - tb[t["token"]]) for t in ea["top"] if t["token"] in tb]
+mean = sum(d) / len(d) if d else float("nan")
+print(f"  TP=2 vs TP=1, {sys.argv[3]} {sys.argv[4]}: {same}/{len(a['token_ids'])} greedy tokens equal, "
+      f"|logprob diff| mean {mean:.4f} max {max(d) if d else float('nan'):.4f} (until the first different token)")
+PY
+    done
+  done
+  bench 1 --suite decode --shape nosa-8b-like --mode nosa,dense --batch 64 --context 16384 \
+    --steps 8 --warmup 3 --tp 1
+  bench 2 --suite decode --shape nosa-8b-like --mode nosa,dense --batch 64 --context 16384 \
+    --steps 8 --warmup 3 --tp 2
+  bench 2 --suite offload --shape nosa-8b-like --mode nosa --batch 64 --context 16384 \
+    --steps 6 --warmup 2 --tp 2
+  bench 1 --suite offload --shape nosa-8b-like --mode nosa --batch 64 --context 16384 \
+    --steps 6 --warmup 2 --tp 1
+fi
+say ""
+say "gpu-tiers-tp: done in $SECONDS s"
