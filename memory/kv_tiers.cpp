@@ -169,15 +169,16 @@ void KvTiers::begin_step(const std::vector<int32_t>& writes, const std::vector<i
 }
 
 void KvTiers::select(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads) {
-  round_tick_ = tick_ + 1;
   stats_.selected += n;
   const int64_t per = shape_.chunks_per_block();
   for (int64_t i = 0; i < n; ++i) {
     if (selected_step_[chunks[i]] + 1 == step_) ++stats_.overlap;
     selected_step_[chunks[i]] = step_;
     const int64_t hs = host_slot_of_block_[chunks[i] / per];
-    if (hs >= 0) touch_host(hs);
+    if (hs >= 0) touch_host(hs);  // recency only: these blocks may still move to disk
   }
+  // Only the blocks read for this round's loads are protected from reuse until they are done.
+  round_tick_ = tick_ + 1;
   acquire(chunks, n, loads);
 }
 

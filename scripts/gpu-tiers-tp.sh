@@ -10,14 +10,17 @@
 # Everything lands in RESULTS (default: $OUT, else build-gpu/results): summary.txt, log.txt,
 # transformers_check.json, bench.jsonl (one JSON document per `nosa bench` run, each with the
 # machine, commit and configuration), tp_check.txt.
-#   scripts/gpu-tiers-tp.sh [--no-check] [--deadline SECONDS]
+#   scripts/gpu-tiers-tp.sh [--no-check] [--no-offload] [--deadline SECONDS]
+# --no-check skips gpu-check's tests and reference checks (the offload test still runs);
+# --no-offload skips the offload benchmarks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-check=1 deadline=0
+check=1 deadline=0 offload=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-check) check=0 ;;
+    --no-offload) offload=0 ;;
     --deadline) deadline=$2; shift ;;
     *) echo "gpu-tiers-tp: unknown option $1" >&2; exit 2 ;;
   esac
@@ -49,7 +52,7 @@ trap 'rm -rf "$scratch"' EXIT
 bench_out=$results/bench.jsonl
 : >"$bench_out"
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
-mpirun_np() { mpirun --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE -np "$@"; }
+mpirun_np=(mpirun --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE -np)
 
 # One `nosa bench` run: its JSON document goes to bench.jsonl, its table lines to the summary.
 bench() {
@@ -61,7 +64,7 @@ bench() {
     timeout 600 "$nosa" bench "$@" --device cuda --commit "$commit" --json "$scratch/b.json" \
       >>"$log" 2>"$scratch/err.txt"
   else
-    timeout 600 mpirun_np "$launch" "$nosa" bench "$@" --device cuda --commit "$commit" \
+    timeout 600 "${mpirun_np[@]}" "$launch" "$nosa" bench "$@" --device cuda --commit "$commit" \
       --json "$scratch/b.json" >>"$log" 2>"$scratch/err.txt"
   fi
   local rc=$?
@@ -74,6 +77,13 @@ bench() {
   say "  ($((SECONDS - t0)) s)"
 }
 
+if [ $check -eq 0 ]; then  # still run the offload correctness test
+  (cd "$build" && timeout 300 ctest -R Offload -V) >"$scratch/t.txt" 2>&1
+  cat "$scratch/t.txt" >>"$log"
+  grep -E "\[ offload +\]|tests passed|tests failed" "$scratch/t.txt" | sed 's/^[0-9]*: /  /' |
+    tee -a "$summary"
+fi
+[ $offload -eq 1 ] && {
 say ""
 say "== offloaded decode (KV in pinned host memory; GPU block cache = 2x the batch's selection)"
 bench 1 --suite offload --shape nosa-1b-like --mode nosa,infllmv2 --batch 16,64 --context 16384 \
@@ -84,6 +94,7 @@ bench 1 --suite offload --shape nosa-1b-like --mode nosa --batch 16 --context 16
   --miss-rate 0,0.05,0.1,0.2,0.4 --steps 8 --warmup 3
 bench 1 --suite offload --shape nosa-8b-like --mode nosa,infllmv2 --batch 16 \
   --context 16384,32768 --steps 6 --warmup 2
+}
 
 if [ "$gpus" -ge 2 ]; then
   say ""
@@ -101,7 +112,7 @@ if [ "$gpus" -ge 2 ]; then
       args=(generate --model "$models/$m" --attention $mode --prompt-ids @"$scratch/ids"
             --max-tokens 16 --ignore-eos --json --logprobs 5 --device cuda --log-level warn)
       timeout 300 "$nosa" "${args[@]}" --tp 1 >"$scratch/tp1.json" 2>>"$log"
-      timeout 300 mpirun_np 2 "$nosa" "${args[@]}" --tp 2 >"$scratch/tp2.json" 2>>"$log"
+      timeout 300 "${mpirun_np[@]}" 2 "$nosa" "${args[@]}" --tp 2 >"$scratch/tp2.json" 2>>"$log"
       python3 - "$scratch/tp1.json" "$scratch/tp2.json" "$m" "$mode" <<'PY' | tee -a "$tp" "$summary"
 import json, sys
 a, b = (json.loads(open(p).read().strip().splitlines()[-1]) for p in sys.argv[1:3])
