@@ -10,34 +10,24 @@
 #include <map>
 #include <random>
 
+#include "tests/common/engine_rig.h"
 #include "tests/common/test_util.h"
 
 namespace nosa::runtime {
 namespace {
 
-struct Rig {
-  std::unique_ptr<Backend> backend = make_cpu_backend();
-  std::unique_ptr<parallel::Communicator> comm = parallel::make_single_rank_communicator();
-  std::unique_ptr<Model> model;
-  std::unique_ptr<KvCache> cache;
-  std::unique_ptr<Engine> engine;
-
-  explicit Rig(int64_t kv_blocks = 256) {
-    model = load_model(test::tiny_model(attention::Mode::nosa), {}, *backend, *comm);
-    cache = std::make_unique<KvCache>(model->kv_layout(), kv_blocks, *backend);
+// The tiny NOSA checkpoint's engine with a 256-token step budget.
+struct Rig : test::EngineRig {
+  explicit Rig(int64_t kv_blocks = 256) : EngineRig(kv_blocks, options()) {}
+  static EngineOptions options() {
     EngineOptions o;
     o.max_batch_tokens = 256;
-    engine = std::make_unique<Engine>(*model, *cache, o);
+    return o;
   }
 };
 
 GenerationRequest request(int64_t prompt_len, uint64_t seed, int64_t max_tokens) {
-  std::mt19937 rng(seed);
-  GenerationRequest r;
-  for (int64_t i = 0; i < prompt_len; ++i) r.prompt.push_back(int32_t(3 + rng() % 1990));
-  r.max_tokens = max_tokens;
-  r.ignore_eos = true;
-  return r;
+  return test::random_request(prompt_len, seed, max_tokens);
 }
 
 // Collects one request's events; the future is ready when its last event arrives.

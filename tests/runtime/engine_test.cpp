@@ -7,49 +7,22 @@
 
 #include "runtime/core/error.h"
 #include "runtime/engine.h"
+#include "tests/common/engine_rig.h"
 #include "tests/common/test_util.h"
 
 namespace nosa::runtime {
 namespace {
 
-struct Rig {
-  std::unique_ptr<Backend> backend = make_cpu_backend();
-  std::unique_ptr<parallel::Communicator> comm = parallel::make_single_rank_communicator();
-  std::unique_ptr<Model> model;
-  std::unique_ptr<KvCache> cache;
-  std::unique_ptr<Engine> engine;
-
-  Rig(int64_t kv_blocks, EngineOptions options, attention::Mode mode = attention::Mode::nosa) {
-    LoadOptions o;
-    o.mode = mode;
-    model = load_model(test::tiny_model(attention::Mode::nosa), o, *backend, *comm);
-    cache = std::make_unique<KvCache>(model->kv_layout(), kv_blocks, *backend);
-    engine = std::make_unique<Engine>(*model, *cache, options);
-  }
-
-  // Runs to completion; returns the tokens of each request and their finish reasons.
-  std::map<RequestId, std::pair<std::vector<int32_t>, FinishReason>> run_all() {
-    std::map<RequestId, std::pair<std::vector<int32_t>, FinishReason>> out;
-    int guard = 0;
-    while (engine->has_work()) {
-      for (auto& e : engine->step()) {
-        if (e.has_token) out[e.id].first.push_back(e.token.token);
-        if (e.finish != FinishReason::none) out[e.id].second = e.finish;
-      }
-      EXPECT_LT(++guard, 100000);
-    }
-    return out;
-  }
-};
+using test::EngineRig;
 
 GenerationRequest request(int64_t prompt_len, uint64_t seed, int64_t max_tokens) {
-  std::mt19937 rng(seed);
-  GenerationRequest r;
-  for (int64_t i = 0; i < prompt_len; ++i) r.prompt.push_back(int32_t(3 + rng() % 1990));
-  r.max_tokens = max_tokens;
-  r.ignore_eos = true;
-  return r;
+  return test::random_request(prompt_len, seed, max_tokens);
 }
+
+// A rig over the tiny NOSA checkpoint (KV blocks, engine options).
+struct Rig : EngineRig {
+  Rig(int64_t kv_blocks, EngineOptions options) : EngineRig(kv_blocks, options) {}
+};
 
 std::vector<GenerationRequest> mixed_requests() {
   std::vector<GenerationRequest> rs;
@@ -72,7 +45,7 @@ std::vector<std::vector<int32_t>> alone(const std::vector<GenerationRequest>& rs
     Rig s(512, {});
     s.engine->submit(r);
     auto res = s.run_all();
-    out.push_back(res.begin()->second.first);
+    out.push_back(res.begin()->second.tokens);
   }
   return out;
 }
@@ -95,10 +68,10 @@ TEST(Engine, ContinuousBatchingChunkingAndPreemptionKeepTheTokens) {
     for (auto& r : rs) ids.push_back(s.engine->submit(r));
     auto res = s.run_all();
     for (size_t i = 0; i < rs.size(); ++i) {
-      EXPECT_EQ(res[ids[i]].first, expected[i]) << "request " << i << " budget "
+      EXPECT_EQ(res[ids[i]].tokens, expected[i]) << "request " << i << " budget "
                                                  << v.options.max_batch_tokens;
-      EXPECT_EQ(res[ids[i]].second, FinishReason::length);
-      EXPECT_EQ(int64_t(res[ids[i]].first.size()), rs[i].max_tokens);
+      EXPECT_EQ(res[ids[i]].last.finish, FinishReason::length);
+      EXPECT_EQ(int64_t(res[ids[i]].tokens.size()), rs[i].max_tokens);
     }
     if (v.expect_preemption) EXPECT_GT(s.engine->stats().preemptions, 0);
     EXPECT_EQ(s.cache->pool().used_blocks(), 0);  // everything released
@@ -117,7 +90,7 @@ TEST(Engine, PreemptedSequencesResumeWithTheSameTokens) {
   std::vector<RequestId> ids;
   for (auto& r : rs) ids.push_back(s.engine->submit(r));
   auto res = s.run_all();
-  for (size_t i = 0; i < rs.size(); ++i) EXPECT_EQ(res[ids[i]].first, expected[i]) << i;
+  for (size_t i = 0; i < rs.size(); ++i) EXPECT_EQ(res[ids[i]].tokens, expected[i]) << i;
   EXPECT_GT(s.engine->stats().preemptions, 0);
   EXPECT_EQ(s.cache->pool().used_blocks(), 0);
 }
@@ -149,14 +122,13 @@ TEST(Engine, CancelEndsARequestAndFreesItsBlocks) {
       if (e.finish != FinishReason::none) early[e.id] = e.finish;
   s.engine->cancel(a);
   auto res = s.run_all();
-  if (early.count(b)) res[b].second = early[b];
-  EXPECT_EQ(res[a].second, FinishReason::cancelled);
-  EXPECT_EQ(res[b].second, FinishReason::length);
+  if (early.count(b)) res[b].last.finish = early[b];
+  EXPECT_EQ(res[a].last.finish, FinishReason::cancelled);
+  EXPECT_EQ(res[b].last.finish, FinishReason::length);
   EXPECT_EQ(s.cache->pool().used_blocks(), 0);
 }
 
 TEST(Engine, StopsAtEosOrStopTokenUnlessIgnored) {
-  Rig s(512, {});
   auto r = request(10, 3, 8);
   auto first = [&](GenerationRequest req) {
     Rig t(512, {});
@@ -164,12 +136,12 @@ TEST(Engine, StopsAtEosOrStopTokenUnlessIgnored) {
     return t.run_all().begin()->second;
   };
   auto free_run = first(r);
-  ASSERT_EQ(free_run.first.size(), 8u);
-  r.stop_token_ids = {free_run.first[2]};
+  ASSERT_EQ(free_run.tokens.size(), 8u);
+  r.stop_token_ids = {free_run.tokens[2]};
   auto stopped = first(r);
-  EXPECT_EQ(stopped.second, FinishReason::stop);
-  EXPECT_LE(stopped.first.size(), 3u);
-  EXPECT_EQ(stopped.first.back(), free_run.first[2]);
+  EXPECT_EQ(stopped.last.finish, FinishReason::stop);
+  EXPECT_LE(stopped.tokens.size(), 3u);
+  EXPECT_EQ(stopped.tokens.back(), free_run.tokens[2]);
 }
 
 TEST(Engine, SeededSamplingIsReproducibleAndSeedsDiffer) {
@@ -179,7 +151,7 @@ TEST(Engine, SeededSamplingIsReproducibleAndSeedsDiffer) {
   auto run = [&](GenerationRequest req) {
     Rig s(512, {});
     s.engine->submit(req);
-    return s.run_all().begin()->second.first;
+    return s.run_all().begin()->second.tokens;
   };
   auto a = run(r), b = run(r);
   EXPECT_EQ(a, b);
@@ -223,7 +195,7 @@ TEST(Engine, ASequenceLongerThanTheCacheEndsWithAnError) {
   Rig s(4, {});  // 64 tokens in all
   RequestId id = s.engine->submit(request(40, 1, 100));
   auto res = s.run_all();
-  EXPECT_EQ(res[id].second, FinishReason::error);
+  EXPECT_EQ(res[id].last.finish, FinishReason::error);
   EXPECT_EQ(s.cache->pool().used_blocks(), 0);
 }
 
@@ -231,8 +203,8 @@ TEST(Engine, GenerationStopsAtTheContextLimit) {
   Rig s(512, {2048, 256, 64});
   RequestId id = s.engine->submit(request(60, 1, 100));
   auto res = s.run_all();
-  EXPECT_EQ(res[id].second, FinishReason::length);
-  EXPECT_EQ(res[id].first.size(), 4u);
+  EXPECT_EQ(res[id].last.finish, FinishReason::length);
+  EXPECT_EQ(res[id].tokens.size(), 4u);
 }
 
 }  // namespace

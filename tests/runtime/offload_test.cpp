@@ -8,46 +8,25 @@
 
 #include "runtime/core/error.h"
 #include "runtime/engine.h"
+#include "tests/common/engine_rig.h"
 #include "tests/common/test_util.h"
 
 namespace nosa::runtime {
 namespace {
 
-struct Rig {
-  std::unique_ptr<Backend> backend = make_cpu_backend();
-  std::unique_ptr<parallel::Communicator> comm = parallel::make_single_rank_communicator();
-  std::unique_ptr<Model> model;
-  std::unique_ptr<KvCache> cache;
-  std::unique_ptr<Engine> engine;
-
-  Rig(attention::Mode mode, const KvCacheOptions& kv, int64_t blocks, int64_t batch_tokens) {
-    LoadOptions o;
-    o.mode = mode;
-    model = load_model(test::tiny_model(attention::Mode::nosa), o, *backend, *comm);
-    cache = std::make_unique<KvCache>(model->kv_layout(), blocks, *backend, kv);
+// A rig over the tiny NOSA checkpoint with a KV cache of `blocks` and the given residency.
+struct Rig : test::EngineRig {
+  Rig(attention::Mode mode, const KvCacheOptions& kv, int64_t blocks, int64_t batch_tokens)
+      : EngineRig(blocks, options(batch_tokens), mode, kv) {}
+  static EngineOptions options(int64_t batch_tokens) {
     EngineOptions eo;
     eo.max_batch_tokens = batch_tokens;
-    engine = std::make_unique<Engine>(*model, *cache, eo);
-  }
-
-  std::map<RequestId, std::pair<std::vector<int32_t>, TokenEvent>> run_all() {
-    std::map<RequestId, std::pair<std::vector<int32_t>, TokenEvent>> out;
-    while (engine->has_work())
-      for (auto& e : engine->step()) {
-        if (e.has_token) out[e.id].first.push_back(e.token.token);
-        if (e.finish != FinishReason::none) out[e.id].second = e;
-      }
-    return out;
+    return eo;
   }
 };
 
 GenerationRequest request(int64_t prompt_len, uint64_t seed, int64_t max_tokens) {
-  std::mt19937 rng(seed);
-  GenerationRequest r;
-  for (int64_t i = 0; i < prompt_len; ++i) r.prompt.push_back(int32_t(3 + rng() % 1990));
-  r.max_tokens = max_tokens;
-  r.ignore_eos = true;
-  return r;
+  return test::random_request(prompt_len, seed, max_tokens);
 }
 
 std::vector<std::vector<int32_t>> generate(attention::Mode mode, const KvCacheOptions& kv,
@@ -59,8 +38,8 @@ std::vector<std::vector<int32_t>> generate(attention::Mode mode, const KvCacheOp
   auto res = rig.run_all();
   std::vector<std::vector<int32_t>> out;
   for (RequestId id : ids) {
-    EXPECT_EQ(res[id].second.finish, FinishReason::length) << res[id].second.error;
-    out.push_back(res[id].first);
+    EXPECT_EQ(res[id].last.finish, FinishReason::length) << res[id].last.error;
+    out.push_back(res[id].tokens);
   }
   if (stats) *stats = rig.engine->stats().tiers;
   return out;
@@ -114,11 +93,11 @@ TEST(Offload, ADiskErrorFailsOnlyTheAffectedRequest) {
   rig.cache->tiers()->disk()->inject_faults([](bool write, int64_t) { return !write; });
   RequestId b = rig.engine->submit(request(50, 2, 20));
   auto res = rig.run_all();
-  for (auto& [id, r] : res) ends[id] = r.second;
+  for (auto& [id, r] : res) ends[id] = r.last;
   EXPECT_EQ(ends[a].finish, FinishReason::error);
   EXPECT_NE(ends[a].error.find("disk"), std::string::npos) << ends[a].error;
   EXPECT_EQ(ends[b].finish, FinishReason::length) << ends[b].error;
-  EXPECT_EQ(res[b].first.size(), 20u);
+  EXPECT_EQ(res[b].tokens.size(), 20u);
   EXPECT_EQ(rig.cache->pool().used_blocks(), 0);
 }
 
