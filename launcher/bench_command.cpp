@@ -6,15 +6,22 @@
 //             attention reads, at 4.3 TB/s) with the ratio.
 //   prefill - P prompts of L tokens through the engine (chunked prefill, continuous batching);
 //             tokens/s.
+//   offload - decode with the KV cache offloaded to host (and disk), optionally at a controlled
+//             miss rate.
+//   smoke   - a fixed tiny run of the three (seconds on a CPU): for CI and to check a build.
 // Models are random weights of a named shape made directly on the device (or a checkpoint with
 // --model). Results go to stdout as a table and, with --json / --csv, to files that carry the
-// machine, the commit and the configuration. A new suite is a function added to suites().
+// machine, the commit, the command and the configuration; --plot writes PNG charts of the rows.
+// --report-from reads results back instead of running (charts, Markdown tables, comparisons and
+// targets for bench/README.md; scripts/bench-report.sh). A new suite is a function added to
+// suites().
 #include <fmt/format.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -24,6 +31,8 @@
 #include <tuple>
 
 #include "attention/reference/selection.h"
+#include "launcher/bench/progress.h"
+#include "launcher/bench/report.h"
 #include "launcher/commands.h"
 #include "launcher/engine_setup.h"
 #include "parallel/mpi.h"
@@ -65,6 +74,9 @@ struct BenchFlags {
   std::string disk_kv_dir;
   std::vector<double> miss_rates = {-1};  // offload suite: < 0 = the model's own selection
   std::string json_out, csv_out, label, commit;
+  std::string plot_dir, plot_prefix, plot_link, markdown_out;
+  std::vector<std::string> report_from;  // read these results instead of running
+  std::vector<std::string> sections;     // of --markdown: figures, comparisons, targets
 };
 
 std::string run_text(const std::string& cmd) {
@@ -171,7 +183,15 @@ struct SuiteContext {
   runtime::Backend& backend;
   std::vector<json>& rows;
   BenchRanks ranks;
+  bench::BenchProgress* progress = nullptr;  // the leader's progress line
   bool leader() const { return ranks.replica.leader(); }
+  // A configuration starts / a result line is about to be logged.
+  void next(const std::string& what) {
+    if (progress) progress->next(what);
+  }
+  void clear() {
+    if (progress) progress->clear();
+  }
 };
 
 // Samples on the leader (the only rank with logits); followers wait for their queued work.
@@ -195,6 +215,7 @@ void run_decode(SuiteContext& ctx) {
     runtime::KvLayout layout = model.kv_layout();
     for (int64_t context : f.context)
       for (int B : f.batch) {
+        ctx.next(fmt::format("decode {} B={} C={}", mode_name, B, context));
         json row = {{"suite", "decode"},       {"shape", f.shape},
                     {"layers", c.num_hidden_layers}, {"mode", mode_name},
                     {"batch", B},              {"context", context},
@@ -206,6 +227,7 @@ void run_decode(SuiteContext& ctx) {
         if (kv_bytes > double(be.free_memory_bytes())) {
           row["skipped"] = fmt::format("the KV cache needs {:.1f} GiB, more than is free",
                                        kv_bytes / double(1ull << 30));
+          ctx.clear();
           logger("bench")->warn("decode {} B={} C={}: skipped ({})", mode_name, B, context,
                                 row["skipped"].get<std::string>());
           ctx.rows.push_back(row);
@@ -277,6 +299,7 @@ void run_decode(SuiteContext& ctx) {
         row["floor_ms_with_compressed_keys"] = floor_ck_ms;
         row["ratio_to_floor"] = floor_ms > 0 ? med / floor_ms : 0;
         ctx.rows.push_back(row);
+        ctx.clear();
         logger("bench")->info(
             "decode {:8s} B={:3d} C={:6d}: {:8.3f} ms/step  {:9.1f} tok/s  floor {:.3f} ms  "
             "x{:.2f}  (host enqueue {:.3f} ms)",
@@ -293,6 +316,7 @@ void run_prefill(SuiteContext& ctx) {
   runtime::Backend& be = ctx.backend;
   for (const std::string& mode_name : f.modes) {
     const attention::Mode mode = attention::parse_mode(mode_name);
+    ctx.next(fmt::format("prefill {} {} x {}", mode_name, f.prompts, f.prompt_len));
     BenchModel bm = random_model(be, f, mode, ctx.ranks);
     runtime::Model& model = *bm.model;
     const runtime::ModelConfig& c = model.config();
@@ -343,6 +367,7 @@ void run_prefill(SuiteContext& ctx) {
     row["steps"] = steps;
     row["tokens_per_s"] = double(f.prompts) * double(L) / seconds;
     ctx.rows.push_back(row);
+    ctx.clear();
     logger("bench")->info("prefill {:8s} {} x {}: {:.2f} s, {:.0f} tok/s", mode_name, f.prompts, L,
                           seconds, row["tokens_per_s"].get<double>());
   }
@@ -431,6 +456,8 @@ void run_offload(SuiteContext& ctx) {
     for (int64_t context : f.context)
       for (int B : f.batch)
         for (double miss : f.miss_rates) {
+          ctx.next(fmt::format("offload {} B={} C={} miss={}", mode_name, B, context,
+                               miss < 0 ? "model" : fmt::format("{:.2f}", miss)));
           json row = {{"suite", "offload"},  {"shape", f.shape},  {"layers", c.num_hidden_layers},
                       {"mode", mode_name},   {"batch", B},        {"context", context},
                       {"steps", f.steps},    {"label", f.label},  {"offload", f.offload},
@@ -454,6 +481,7 @@ void run_offload(SuiteContext& ctx) {
           } catch (const Error& e) {
             row["skipped"] = e.message();
             ctx.rows.push_back(row);
+            ctx.clear();
             logger("bench")->warn("offload {} B={} C={}: skipped ({})", mode_name, B, context,
                                   e.message());
             continue;
@@ -529,6 +557,7 @@ void run_offload(SuiteContext& ctx) {
           row["host_gib"] = double(after.host_blocks) * double(cpb) * slot_bytes / gib;
           row["disk_gib"] = double(after.disk_blocks) * double(cpb) * slot_bytes / gib;
           ctx.rows.push_back(row);
+          ctx.clear();
           logger("bench")->info(
               "offload {:8s} B={:3d} C={:6d} miss={:5s}: {:8.3f} ms/step {:9.1f} tok/s  overlap "
               "{:.3f} miss rate {:.3f}  PCIe {:.1f} MB/step  floor {:.3f} ms x{:.2f}",
@@ -540,12 +569,93 @@ void run_offload(SuiteContext& ctx) {
   }
 }
 
+// ---- smoke --------------------------------------------------------------------------------------
+
+// A fixed, quick run of every suite on the tiny shape (small batches and contexts, a few steps):
+// seconds on a CPU. Only --device, --threads, --tp, --seed and the outputs apply.
+std::vector<BenchFlags> smoke_parts(const BenchFlags& f) {
+  BenchFlags base = f;
+  base.shape = "tiny";
+  base.layers = 0;
+  base.steps = 4;
+  base.warmup = 1;
+  base.gpu_kv_gib = base.host_kv_gib = base.disk_kv_gib = 0;
+  BenchFlags d = base;
+  d.suite = "decode";
+  d.modes = {"dense", "infllmv2", "nosa"};
+  d.batch = {1, 2, 4};
+  d.context = {256, 1024};
+  BenchFlags o = base;
+  o.suite = "offload";
+  o.offload = "host";
+  o.modes = {"infllmv2", "nosa"};
+  o.batch = {2};
+  o.context = {1024};
+  o.miss_rates = {-1, 0, 0.2, 0.5};
+  BenchFlags p = base;
+  p.suite = "prefill";
+  p.modes = {"dense", "nosa"};
+  p.prompts = 2;
+  p.prompt_len = 256;
+  p.max_batch_tokens = 128;
+  if (f.tp > 1) return {d, o};  // prefill runs on one rank
+  return {d, o, p};
+}
+
+void run_smoke(SuiteContext& ctx);
+
 std::map<std::string, std::function<void(SuiteContext&)>> suites() {
-  return {{"decode", run_decode}, {"prefill", run_prefill}, {"offload", run_offload}};
+  return {{"decode", run_decode},
+          {"prefill", run_prefill},
+          {"offload", run_offload},
+          {"smoke", run_smoke}};
+}
+
+void run_smoke(SuiteContext& ctx) {
+  for (const BenchFlags& part : smoke_parts(ctx.flags)) {
+    SuiteContext sub{part, ctx.backend, ctx.rows, ctx.ranks, ctx.progress};
+    suites().at(part.suite)(sub);
+  }
+}
+
+// Configurations a run will measure (the progress line's total).
+int config_count(const BenchFlags& f) {
+  if (f.suite == "smoke") {
+    int n = 0;
+    for (const BenchFlags& p : smoke_parts(f)) n += config_count(p);
+    return n;
+  }
+  const int modes = int(f.modes.size());
+  if (f.suite == "prefill") return modes;
+  const int n = modes * int(f.context.size() * f.batch.size());
+  return f.suite == "offload" ? n * int(f.miss_rates.size()) : n;
+}
+
+// The command line of this process ("nosa bench ..."; "mpirun -np N " first under MPI), with
+// arguments quoted where a shell needs it.
+std::string command_line(int world_size) {
+  std::ifstream in("/proc/self/cmdline", std::ios::binary);
+  std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::string out = world_size > 1 ? fmt::format("mpirun -np {} ", world_size) : "";
+  size_t start = 0;
+  for (int i = 0; start < all.size(); ++i) {
+    size_t end = all.find('\0', start);
+    if (end == std::string::npos) end = all.size();
+    std::string arg = all.substr(start, end - start);
+    start = end + 1;
+    if (i == 0) arg = std::filesystem::path(arg).filename().string();
+    if (arg.empty() || arg.find_first_of(" \t\"'$&;|<>*?()\\") != std::string::npos) {
+      std::string q = "'";
+      for (char ch : arg) q += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
+      arg = q + "'";
+    }
+    out += (i ? " " : "") + arg;
+  }
+  return out;
 }
 
 void write_csv(const std::string& path, const std::vector<json>& rows, const json& meta) {
-  std::vector<std::string> cols = {"commit", "machine", "backend"};
+  std::vector<std::string> cols = {"commit", "machine", "backend", "date", "command"};
   for (const json& r : rows)
     for (auto it = r.begin(); it != r.end(); ++it)
       if (std::find(cols.begin(), cols.end(), it.key()) == cols.end()) cols.push_back(it.key());
@@ -559,9 +669,11 @@ void write_csv(const std::string& path, const std::vector<json>& rows, const jso
       if (cols[i] == "commit") v = meta["commit"];
       else if (cols[i] == "machine") v = meta["machine"]["hostname"];
       else if (cols[i] == "backend") v = meta["machine"]["backend"];
+      else if (cols[i] == "date" || cols[i] == "command")
+        v = meta[cols[i]];
       else if (r.contains(cols[i])) v = r[cols[i]];
       std::string s = v.is_null() ? "" : v.is_string() ? v.get<std::string>() : v.dump();
-      if (s.find_first_of(",\"") != std::string::npos) {
+      if (s.find_first_of(",\"\n") != std::string::npos) {
         std::string q = "\"";
         for (char ch : s) q += ch == '"' ? std::string("\"\"") : std::string(1, ch);
         s = q + "\"";
@@ -572,11 +684,72 @@ void write_csv(const std::string& path, const std::vector<json>& rows, const jso
   }
 }
 
+// Charts (--plot) and Markdown (--markdown) of `rows`, from a run or from files.
+void write_report(const BenchFlags& f, const std::vector<bench::ResultRow>& rows) {
+  std::vector<std::string> sections = f.sections;
+  if (sections.empty()) {
+    if (!f.plot_dir.empty()) sections.push_back("figures");
+    sections.push_back("comparisons");
+  }
+  for (const std::string& s : sections)
+    NOSA_CHECK(s == "figures" || s == "comparisons" || s == "targets",
+               "unknown report section '{}' (use figures, comparisons or targets)", s);
+  const bool want_figures =
+      std::find(sections.begin(), sections.end(), "figures") != sections.end();
+  NOSA_CHECK(f.markdown_out.empty() || !want_figures || !f.plot_dir.empty(),
+             "--markdown with the figures section needs --plot DIR (where the images go)");
+  std::vector<bench::Figure> figures;
+  if (!f.plot_dir.empty()) {
+    figures = bench::make_figures(rows);
+    for (const std::string& path : bench::write_figures(figures, f.plot_dir, f.plot_prefix))
+      logger("bench")->info("wrote {}", path);
+    if (figures.empty())
+      logger("bench")->warn("no chart: no series of the rows has two points or more");
+  }
+  if (f.markdown_out.empty()) return;
+  std::string link = f.plot_link;
+  if (link.empty() && !f.plot_dir.empty()) {
+    namespace fs = std::filesystem;
+    const fs::path md_dir = fs::absolute(f.markdown_out).parent_path();
+    link = fs::absolute(f.plot_dir).lexically_relative(md_dir).generic_string();
+    link = link.empty() || link == "." ? "" : link + "/";
+  }
+  for (auto& fig : figures) fig.name = f.plot_prefix + fig.name;
+  std::string md;
+  for (const std::string& s : sections) {
+    if (s == "figures") md += bench::figures_markdown(figures, link);
+    if (s == "comparisons") md += bench::comparisons_markdown(rows);
+    if (s == "targets") md += bench::targets_markdown(rows);
+    md += "\n";
+  }
+  std::ofstream out(f.markdown_out);
+  NOSA_CHECK_CODE(out.good(), ErrorCode::io, "cannot write {}", f.markdown_out);
+  out << md;
+  logger("bench")->info("wrote {}", f.markdown_out);
+}
+
+// --report-from: charts and Markdown from result files, no benchmark run.
+int run_report(const BenchFlags& f) {
+  NOSA_CHECK(!f.plot_dir.empty() || !f.markdown_out.empty(),
+             "--report-from needs --plot DIR and/or --markdown FILE");
+  std::vector<bench::ResultRow> rows;
+  for (const std::string& spec : f.report_from) {
+    auto more = bench::load_results(spec);
+    logger("bench")->info("{}: {} rows", spec, more.size());
+    rows.insert(rows.end(), std::make_move_iterator(more.begin()),
+                std::make_move_iterator(more.end()));
+  }
+  write_report(f, rows);
+  return 0;
+}
+
 int run_bench(const BenchFlags& f) {
+  if (!f.report_from.empty()) return run_report(f);
   if (f.threads > 0) ThreadPool::set_global_threads(f.threads);
   auto all = suites();
   auto it = all.find(f.suite);
-  NOSA_CHECK(it != all.end(), "unknown suite '{}' (use decode, prefill or offload)", f.suite);
+  NOSA_CHECK(it != all.end(), "unknown suite '{}' (use decode, prefill, offload or smoke)",
+             f.suite);
   NOSA_CHECK(f.tp == 1 || f.suite != "prefill", "the prefill suite runs with --tp 1");
   NOSA_CHECK(f.model.empty(), "--model is not supported yet: benchmarks use random weights of --shape");
   NOSA_CHECK(f.steps >= 1 && f.warmup >= 0, "--steps must be >= 1 and --warmup >= 0");
@@ -600,6 +773,7 @@ int run_bench(const BenchFlags& f) {
   meta["suite"] = f.suite;
   meta["commit"] = commit_id(f.commit);
   meta["machine"] = machine_info(*be);
+  meta["command"] = command_line(mpi.active() ? mpi.world_size() : 1);
   meta["hbm_bytes_per_s_for_floor"] = k_hbm_bytes_per_s;
   {
     const auto now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
@@ -609,9 +783,13 @@ int run_bench(const BenchFlags& f) {
   }
   meta["tp"] = f.tp;
   std::vector<json> rows;
-  SuiteContext ctx{f, *be, rows, ranks};
+  std::unique_ptr<bench::BenchProgress> progress;
+  if (ranks.replica.leader())
+    progress = std::make_unique<bench::BenchProgress>(stderr, ::isatty(2) != 0, config_count(f));
+  SuiteContext ctx{f, *be, rows, ranks, progress.get()};
   it->second(ctx);
   if (!ctx.leader()) return 0;  // the leader reports
+  progress->finish();
   meta["results"] = rows;
   if (!f.json_out.empty()) {
     std::ofstream out(f.json_out);
@@ -619,6 +797,8 @@ int run_bench(const BenchFlags& f) {
     out << meta.dump(1) << "\n";
   }
   if (!f.csv_out.empty()) write_csv(f.csv_out, rows, meta);
+  if (!f.plot_dir.empty() || !f.markdown_out.empty())
+    write_report(f, bench::rows_of_document(meta, f.json_out.empty() ? "(this run)" : f.json_out));
   fmt::print("{}\n", meta.dump());
   return 0;
 }
@@ -627,9 +807,14 @@ int run_bench(const BenchFlags& f) {
 
 Runner add_bench_command(CLI::App& app) {
   auto* cmd = app.add_subcommand(
-      "bench", "Throughput benchmarks (suites: decode, prefill, offload)");
+      "bench",
+      "Throughput benchmarks (suites: decode, prefill, offload, smoke), their plots and "
+      "reports");
   auto f = std::make_shared<BenchFlags>();
-  cmd->add_option("--suite", f->suite, "decode, prefill or offload")->capture_default_str();
+  cmd->add_option("--suite", f->suite,
+                  "decode, prefill, offload or smoke (a quick fixed run of all three on the tiny "
+                  "shape)")
+      ->capture_default_str();
   cmd->add_option("--shape", f->shape, "Model shape: tiny, nosa-1b-like or nosa-8b-like")
       ->capture_default_str();
   cmd->add_option("--layers", f->layers, "Override the shape's layer count");
@@ -669,6 +854,24 @@ Runner add_bench_command(CLI::App& app) {
   cmd->add_option("--csv", f->csv_out, "Write the results as CSV");
   cmd->add_option("--label", f->label, "A free-form label stored with each result");
   cmd->add_option("--commit", f->commit, "Commit id to record (default: git rev-parse HEAD)");
+  cmd->add_option("--plot", f->plot_dir,
+                  "Write PNG charts of the results to this directory (tokens/s against batch, "
+                  "context, the controlled miss rate and GPUs, per shape)");
+  cmd->add_option("--plot-prefix", f->plot_prefix, "Prefix of the chart file names");
+  cmd->add_option("--markdown", f->markdown_out,
+                  "Write a Markdown report: the charts with their points and sources, "
+                  "comparisons within each run, targets");
+  cmd->add_option("--report-sections", f->sections,
+                  "Sections of --markdown: figures, comparisons, targets (default: figures when "
+                  "--plot is given, comparisons)")
+      ->delimiter(',');
+  cmd->add_option("--plot-link", f->plot_link,
+                  "How --markdown links the charts (default: the --plot directory relative to "
+                  "the Markdown file)");
+  cmd->add_option("--report-from", f->report_from,
+                  "Read results instead of running: JSON, JSONL or CSV files of nosa bench (or "
+                  "the transformers peer), each PATH[?run=NAME&commit=ID&machine=TEXT&"
+                  "command=TEXT&commands=LOG]");
   return [f] { return run_bench(*f); };
 }
 

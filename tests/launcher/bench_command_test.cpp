@@ -1,14 +1,27 @@
-// `nosa bench` on the CPU backend with the tiny shape: both suites run and write JSON and CSV
-// results that carry the machine, the commit and the configuration.
+// `nosa bench` on the CPU backend with the tiny shape: the suites run and write JSON and CSV
+// results that carry the machine, the commit and the configuration; the smoke suite also writes
+// PNG charts (checked by decoding them); --report-from turns result files into charts and
+// Markdown. Also the pieces: the PNG encoder, the chart's ticks and font, the progress line.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 
+#include "launcher/bench/chart.h"
+#include "launcher/bench/png.h"
+#include "launcher/bench/progress.h"
+#include "launcher/bench/report.h"
 #include "tests/common/test_util.h"
+
+#ifdef NOSA_TEST_HAVE_ZLIB
+#include <zlib.h>
+#endif
 
 namespace nosa::test {
 namespace {
@@ -53,6 +66,374 @@ TEST(BenchCommand, PrefillSuiteRunsPromptsThroughTheEngine) {
   ASSERT_EQ(j["results"].size(), 1u);
   EXPECT_GT(j["results"][0]["tokens_per_s"].get<double>(), 0.0);
   EXPECT_GE(j["results"][0]["steps"].get<int>(), 4);
+}
+
+namespace bench = nosa::launcher::bench;
+
+// ---- a PNG reader for the checks ----------------------------------------------------------------
+
+struct DecodedPng {
+  uint32_t width = 0, height = 0;
+  int bit_depth = 0, colour_type = 0;
+  size_t palette_size = 0;
+  std::vector<uint8_t> pixels;  // palette indices, row-major
+};
+
+uint32_t be32(const std::string& b, size_t at) {
+  return uint32_t(uint8_t(b[at])) << 24 | uint32_t(uint8_t(b[at + 1])) << 16 |
+         uint32_t(uint8_t(b[at + 2])) << 8 | uint32_t(uint8_t(b[at + 3]));
+}
+
+uint32_t chunk_crc(const std::string& type_and_data) {
+  const auto* p = reinterpret_cast<const uint8_t*>(type_and_data.data());
+#ifdef NOSA_TEST_HAVE_ZLIB
+  return uint32_t(::crc32(0L, p, uInt(type_and_data.size())));  // zlib's, not the encoder's
+#else
+  return bench::crc32(p, type_and_data.size());
+#endif
+}
+
+// The zlib stream's bytes: zlib's inflate where the test has it, else stored blocks only.
+::testing::AssertionResult inflate_idat(const std::string& z, size_t expected, std::string& out) {
+#ifdef NOSA_TEST_HAVE_ZLIB
+  out.assign(expected + 1, '\0');
+  uLongf n = uLongf(out.size());
+  const int rc = ::uncompress(reinterpret_cast<Bytef*>(out.data()), &n,
+                              reinterpret_cast<const Bytef*>(z.data()), uLong(z.size()));
+  if (rc != Z_OK) return ::testing::AssertionFailure() << "inflate failed: " << rc;
+  out.resize(n);
+#else
+  if (z.size() < 6 || (uint8_t(z[0]) & 0x0F) != 8 || (uint8_t(z[0]) * 256 + uint8_t(z[1])) % 31)
+    return ::testing::AssertionFailure() << "bad zlib header";
+  size_t at = 2;
+  for (bool last = false; !last;) {
+    if (at + 5 > z.size()) return ::testing::AssertionFailure() << "truncated deflate block";
+    const uint8_t h = uint8_t(z[at]);
+    last = h & 1;
+    if ((h >> 1) != 0) return ::testing::AssertionFailure() << "not a stored block";
+    const size_t len = uint8_t(z[at + 1]) | size_t(uint8_t(z[at + 2])) << 8;
+    const size_t nlen = uint8_t(z[at + 3]) | size_t(uint8_t(z[at + 4])) << 8;
+    if ((len ^ 0xFFFF) != nlen) return ::testing::AssertionFailure() << "LEN != ~NLEN";
+    out.append(z, at + 5, len);
+    at += 5 + len;
+  }
+  if (be32(z, at) != bench::adler32(reinterpret_cast<const uint8_t*>(out.data()), out.size()))
+    return ::testing::AssertionFailure() << "bad Adler-32";
+#endif
+  if (out.size() != expected)
+    return ::testing::AssertionFailure()
+           << "IDAT inflates to " << out.size() << " bytes, not " << expected;
+  return ::testing::AssertionSuccess();
+}
+
+// Checks the signature, every chunk's CRC, IHDR, PLTE and IEND, and decodes the pixels.
+::testing::AssertionResult decode_png(const std::string& b, DecodedPng& png) {
+  if (b.compare(0, 8, "\x89PNG\r\n\x1a\n") != 0)
+    return ::testing::AssertionFailure() << "no PNG signature";
+  std::string idat;
+  std::vector<std::string> types;
+  for (size_t at = 8; at < b.size();) {
+    if (at + 12 > b.size()) return ::testing::AssertionFailure() << "truncated chunk";
+    const uint32_t len = be32(b, at);
+    if (at + 12 + len > b.size()) return ::testing::AssertionFailure() << "chunk past the end";
+    const std::string type = b.substr(at + 4, 4), data = b.substr(at + 8, len);
+    if (chunk_crc(type + data) != be32(b, at + 8 + len))
+      return ::testing::AssertionFailure() << "bad CRC in chunk " << type;
+    types.push_back(type);
+    if (type == "IHDR") {
+      if (len != 13) return ::testing::AssertionFailure() << "IHDR of " << len << " bytes";
+      png.width = be32(data, 0);
+      png.height = be32(data, 4);
+      png.bit_depth = uint8_t(data[8]);
+      png.colour_type = uint8_t(data[9]);
+      if (data[10] || data[11] || data[12])
+        return ::testing::AssertionFailure() << "unexpected compression, filter or interlace";
+    } else if (type == "PLTE") {
+      png.palette_size = len / 3;
+    } else if (type == "IDAT") {
+      idat += data;
+    }
+    at += 12 + len;
+  }
+  if (types.empty() || types.front() != "IHDR" || types.back() != "IEND")
+    return ::testing::AssertionFailure() << "IHDR must come first and IEND last";
+  if (png.bit_depth != 8 || png.colour_type != 3 || png.palette_size == 0)
+    return ::testing::AssertionFailure() << "not an 8-bit palette image";
+  std::string raw;
+  const size_t stride = size_t(png.width) + 1;
+  auto inflated = inflate_idat(idat, stride * png.height, raw);
+  if (!inflated) return inflated;
+  for (uint32_t y = 0; y < png.height; ++y) {
+    if (raw[y * stride] != 0) return ::testing::AssertionFailure() << "filter type not 0";
+    for (uint32_t x = 0; x < png.width; ++x) {
+      const uint8_t v = uint8_t(raw[y * stride + 1 + x]);
+      if (v >= png.palette_size) return ::testing::AssertionFailure() << "index past the palette";
+      png.pixels.push_back(v);
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// ---- the smoke suite ----------------------------------------------------------------------------
+
+TEST(BenchCommand, SmokeSuiteWritesJsonCsvAndPlotsThatDecode) {
+  TempDir dir;
+  const std::string json_path = (dir / "s.json").string(), csv_path = (dir / "s.csv").string();
+  const std::string plots = (dir / "plots").string();
+  auto r =
+      run_command(fmt::format("{} bench --suite smoke --device cpu --json {} --csv {} --plot {}",
+                              nosa_binary(), json_path, csv_path, plots));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+
+  // The progress line: plain lines (stderr is a file here), i of n, elapsed.
+  EXPECT_NE(r.err.find("[bench] 1/28 decode dense B=1 C=256 (elapsed"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("[bench] 28/28 prefill nosa"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("[bench] 28 configurations in"), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find('\r'), std::string::npos);
+
+  // JSON: the run's metadata and 18 decode + 8 offload + 2 prefill rows.
+  const auto j = nlohmann::json::parse(slurp(json_path));
+  EXPECT_EQ(j["suite"], "smoke");
+  EXPECT_FALSE(j["commit"].get<std::string>().empty());
+  EXPECT_FALSE(j["date"].get<std::string>().empty());
+  EXPECT_EQ(j["machine"]["backend"], "cpu");
+  EXPECT_NE(j["command"].get<std::string>().find("nosa bench --suite smoke"), std::string::npos);
+  const auto& rows = j["results"];
+  ASSERT_EQ(rows.size(), 28u);
+  std::map<std::string, int> per_suite;
+  std::set<std::string> misses;
+  for (const auto& row : rows) {
+    ++per_suite[row["suite"].get<std::string>()];
+    EXPECT_EQ(row["shape"], "tiny");
+    EXPECT_FALSE(row.contains("skipped")) << row.dump();
+    EXPECT_GT(row["tokens_per_s"].get<double>(), 0.0) << row.dump();
+    if (row["suite"] == "offload") {
+      misses.insert(row["controlled_miss_rate"].dump());
+      for (const char* k : {"overlap", "miss_rate"}) {
+        EXPECT_GE(row[k].get<double>(), 0.0);
+        EXPECT_LE(row[k].get<double>(), 1.0);
+      }
+      EXPECT_EQ(row["offload"], "host");
+    }
+  }
+  EXPECT_EQ(per_suite["decode"], 18);
+  EXPECT_EQ(per_suite["offload"], 8);
+  EXPECT_EQ(per_suite["prefill"], 2);
+  EXPECT_EQ(misses, (std::set<std::string>{"null", "0.0", "0.2", "0.5"}));
+
+  // CSV: a header, then the JSON's rows in order with the same values.
+  const auto csv = bench::parse_csv(slurp(csv_path));
+  ASSERT_EQ(csv.size(), rows.size() + 1);
+  const auto& head = csv[0];
+  auto col = [&](const std::string& name) {
+    auto it = std::find(head.begin(), head.end(), name);
+    EXPECT_NE(it, head.end()) << name;
+    return size_t(it - head.begin());
+  };
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const auto& cells = csv[i + 1];
+    ASSERT_EQ(cells.size(), head.size()) << "line " << i + 2;
+    EXPECT_EQ(cells[col("commit")], j["commit"].get<std::string>());
+    EXPECT_EQ(cells[col("backend")], "cpu");
+    EXPECT_EQ(cells[col("command")], j["command"].get<std::string>());
+    for (auto it = rows[i].begin(); it != rows[i].end(); ++it) {
+      const std::string want = it->is_string() ? it->get<std::string>()
+                               : it->is_null() ? ""
+                                               : it->dump();
+      EXPECT_EQ(cells[col(it.key())], want) << it.key() << " of row " << i;
+    }
+  }
+
+  // PNG charts: throughput against batch size, context and the controlled miss rate.
+  for (const char* name : {"decode-batch-tiny", "decode-context-tiny", "miss-rate-tiny"}) {
+    SCOPED_TRACE(name);
+    const std::string bytes = slurp(dir / "plots" / (std::string(name) + ".png"));
+    DecodedPng png;
+    ASSERT_TRUE(decode_png(bytes, png));
+    EXPECT_EQ(png.width, 960u);
+    EXPECT_EQ(png.height, 600u);
+    const std::set<uint8_t> used(png.pixels.begin(), png.pixels.end());
+    EXPECT_GE(used.size(), 5u) << "background, ink, grid and two series at least";
+  }
+
+  // The same charts from the result files: the JSON and the CSV give the bytes of the run's.
+  for (const std::string& from : {json_path, csv_path}) {
+    const std::string again =
+        (dir / ("again-" + std::filesystem::path(from).extension().string().substr(1))).string();
+    auto rr = run_command(fmt::format("{} bench --report-from {} --plot {} --markdown {}/r.md",
+                                      nosa_binary(), from, again, again));
+    ASSERT_EQ(rr.exit_code, 0) << rr.err;
+    for (const char* name : {"decode-batch-tiny", "decode-context-tiny", "miss-rate-tiny"})
+      EXPECT_EQ(slurp(std::filesystem::path(again) / (std::string(name) + ".png")),
+                slurp(dir / "plots" / (std::string(name) + ".png")))
+          << name << " from " << from;
+    const std::string md = slurp(std::filesystem::path(again) / "r.md");
+    EXPECT_NE(md.find("![Decode throughput vs batch size, tiny](decode-batch-tiny.png)"),
+              std::string::npos)
+        << md;
+    EXPECT_NE(md.find("nosa bench --suite smoke"), std::string::npos);
+    EXPECT_NE(md.find("| NOSA vs dense, KV in HBM | tiny | B=1 C=256 |"), std::string::npos);
+  }
+}
+
+// ---- reports from result files ------------------------------------------------------------------
+
+TEST(BenchCommand, ReportFromFilesPlotsGpuScalingAndChecksTargets) {
+  TempDir dir;
+  // Two runs of a JSONL file (TP = 1 and 2) whose commands are in a log, as on the GPU machines,
+  // and a peer file.
+  auto decode_row = [](const char* mode, int tp, double tok_s, double ratio) {
+    return nlohmann::json{{"suite", "decode"},
+                          {"shape", "nosa-8b-like"},
+                          {"mode", mode},
+                          {"batch", 64},
+                          {"context", 16384},
+                          {"tp", tp},
+                          {"offload", "none"},
+                          {"tokens_per_s", tok_s},
+                          {"step_ms_median", 64e3 / tok_s},
+                          {"ratio_to_floor", ratio}};
+  };
+  nlohmann::json run1 = {
+      {"commit", "unknown"},
+      {"suite", "decode"},
+      {"tp", 1},
+      {"machine", {{"backend", "cuda:0 (GPU)"}, {"cpu_threads", 32}}},
+      {"results", {decode_row("nosa", 1, 4000, 2.5), decode_row("dense", 1, 3000, 1.8)}}};
+  nlohmann::json run2 = run1;
+  run2["tp"] = 2;
+  run2["results"] = {decode_row("nosa", 2, 7200, 3.0), decode_row("dense", 2, 4500, 2.2)};
+  {
+    std::ofstream out(dir / "runs.jsonl");
+    out << run1.dump() << "\n" << run2.dump() << "\n";
+    std::ofstream log(dir / "summary.txt");
+    log << "$ nosa bench --suite decode --shape nosa-8b-like --tp 4   (4)\n  FAILED (1): no GPUs\n"
+        << "$ nosa bench --suite decode --shape nosa-8b-like --tp 1   (1)\n  decode ...\n"
+        << "$ nosa bench --suite decode --shape nosa-8b-like --tp 2   (2)\n  decode ...\n";
+    std::ofstream peer(dir / "peer.json");
+    peer << nlohmann::json{{"peer", "transformers"},
+                           {"command", "bench_transformers.py"},
+                           {"results",
+                            {{{"shape", "nosa-8b-like"},
+                              {"batch", 64},
+                              {"context", 16384},
+                              {"decode_step_ms", 400.0},
+                              {"decode_tokens_per_s", 160.0}}}}}
+                .dump();
+  }
+  const std::string spec =
+      fmt::format("{}?run=r&commit=abc1234&commands={}", (dir / "runs.jsonl").string(),
+                  (dir / "summary.txt").string());
+  auto r = run_command(fmt::format(
+      "{} bench --report-from '{}' '{}?run=r&commit=abc1234' --plot {} --plot-prefix x- "
+      "--markdown {} --report-sections figures,comparisons,targets",
+      nosa_binary(), spec, (dir / "peer.json").string(), (dir / "plots").string(),
+      (dir / "report.md").string()));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  DecodedPng png;
+  ASSERT_TRUE(decode_png(slurp(dir / "plots" / "x-gpus-nosa-8b-like.png"), png));
+  const std::string md = slurp(dir / "report.md");
+  EXPECT_NE(md.find("![Decode scaling with GPUs (tensor parallel), nosa-8b-like]"
+                    "(plots/x-gpus-nosa-8b-like.png)"),
+            std::string::npos)
+      << md;
+  EXPECT_NE(md.find("commit `abc1234` (the file says `unknown`)"), std::string::npos) << md;
+  EXPECT_NE(md.find("`mpirun -np 2 nosa bench --suite decode --shape nosa-8b-like --tp 2`"),
+            std::string::npos)
+      << md;
+  EXPECT_NE(md.find("| TP=2 vs TP=1, nosa KV in HBM | nosa-8b-like | B=64 C=16K TP=2 | 7200 | "
+                    "4000 | 1.80x | efficiency 0.90 | r |"),
+            std::string::npos)
+      << md;
+  EXPECT_NE(md.find("| dense decode vs transformers generate | nosa-8b-like | B=64 C=16K | 3000 | "
+                    "160 | 18.75x |"),
+            std::string::npos)
+      << md;
+  EXPECT_NE(md.find("dense B=64 C=16K TP=2 (r): 0.75 | **partly met** |"), std::string::npos) << md;
+  EXPECT_NE(md.find("step within 1.3x of its floor, nosa-8b-like | issue 3 | 2.50x to 2.50x over "
+                    "1 row(s); runs r | **not met** |"),
+            std::string::npos)
+      << md;
+  EXPECT_NE(md.find("| KV beyond HBM: nosa-8b-like, 32 x 128K (128 GiB of KV) on one GPU with "
+                    "host and disk | issue 4 | no rows | **not run** |"),
+            std::string::npos)
+      << md;
+}
+
+TEST(BenchCommand, ReportFromAMissingFileIsAClearError) {
+  auto r = run_command(
+      fmt::format("{} bench --report-from /nonexistent/x.json --plot /tmp/x", nosa_binary()));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("cannot read /nonexistent/x.json"), std::string::npos) << r.err;
+}
+
+// ---- the pieces ---------------------------------------------------------------------------------
+
+TEST(BenchPng, EncodesAPaletteImageThatDecodesToItsPixels) {
+  bench::IndexedImage im(7, 3, {{255, 255, 255}, {0, 0, 0}, {200, 10, 10}});
+  for (int x = 0; x < 7; ++x) im.set(x, 1, uint8_t(1 + x % 2));
+  im.set(-1, 0, 2);  // outside: ignored
+  im.set(7, 0, 2);
+  DecodedPng png;
+  ASSERT_TRUE(decode_png(bench::encode_png(im), png));
+  EXPECT_EQ(png.width, 7u);
+  EXPECT_EQ(png.height, 3u);
+  EXPECT_EQ(png.palette_size, 3u);
+  EXPECT_EQ(png.pixels, im.pixels);
+  // The checksums of the zlib stream and the chunks: the published check values.
+  const std::string check = "123456789";
+  EXPECT_EQ(bench::crc32(reinterpret_cast<const uint8_t*>(check.data()), check.size()),
+            0xCBF43926u);
+  EXPECT_EQ(bench::adler32(reinterpret_cast<const uint8_t*>(check.data()), check.size()),
+            0x091E01DEu);
+}
+
+TEST(BenchChart, TicksAreRoundAndLabelsShort) {
+  EXPECT_EQ(bench::tick_label(0), "0");
+  EXPECT_EQ(bench::tick_label(16384), "16K");
+  EXPECT_EQ(bench::tick_label(131072), "128K");
+  EXPECT_EQ(bench::tick_label(1048576), "1M");
+  EXPECT_EQ(bench::tick_label(1500), "1.5K");
+  EXPECT_EQ(bench::tick_label(64), "64");
+  EXPECT_EQ(bench::tick_label(0.1 + 0.2), "0.3");
+  EXPECT_EQ(bench::nice_ticks(0, 7435, 5), (std::vector<double>{0, 2000, 4000, 6000}));
+  EXPECT_EQ(bench::nice_ticks(0, 0.4, 4),
+            (std::vector<double>{0, 0.1, 0.2, 0.30000000000000004, 0.4}));
+  EXPECT_EQ(bench::text_width("abc", 2), 34);
+}
+
+TEST(BenchChart, DrawsTheGlyphsOfTheFont) {
+  // "T": a full top row, then the middle column.
+  bench::IndexedImage im(5, 7, {{255, 255, 255}, {0, 0, 0}});
+  bench::draw_text(im, 0, 0, "T", 1, 1);
+  for (int x = 0; x < 5; ++x) EXPECT_EQ(im.at(x, 0), 1) << x;
+  for (int y = 1; y < 7; ++y) {
+    EXPECT_EQ(im.at(2, y), 1) << y;
+    EXPECT_EQ(im.at(0, y), 0) << y;
+  }
+  // An empty chart still renders (axes, no series).
+  bench::Chart empty;
+  empty.title = "nothing";
+  EXPECT_EQ(bench::render_chart(empty, 400, 300).width, 400);
+}
+
+TEST(BenchProgress, PlainLinesOffATerminal) {
+  std::FILE* f = std::tmpfile();
+  ASSERT_NE(f, nullptr);
+  bench::BenchProgress p(f, false, 3);
+  p.next("decode nosa B=1");
+  p.clear();
+  p.next("decode nosa B=2");
+  p.finish();
+  std::rewind(f);
+  std::string text;
+  for (int c; (c = std::fgetc(f)) != EOF;) text += char(c);
+  std::fclose(f);
+  EXPECT_EQ(text.find('\r'), std::string::npos);
+  EXPECT_EQ(std::count(text.begin(), text.end(), '\n'), 3) << text;
+  EXPECT_NE(text.find("[bench] 1/3 decode nosa B=1 (elapsed "), std::string::npos) << text;
+  EXPECT_NE(text.find("[bench] 2 configurations in "), std::string::npos) << text;
+  EXPECT_EQ(p.line(3, "x", 10.0), "[bench] 3/3 x (elapsed 10.0s, ~5.0s left)");
 }
 
 TEST(BenchCommand, UnknownSuiteIsAClearError) {
