@@ -267,10 +267,509 @@ cudaError_t launch(const SelectArgs& a, cudaStream_t stream) {
   return cudaSuccess;
 }
 
+
+// ---- The split path (decode): four kernels over (key chunk | block chunk, KV head, token) -------
+//
+// 1. split_logits: 64 compressed keys of one (token, KV head) per thread block, one key per
+//    thread, its row in registers, all the group's heads; logits to the scratch, and each head's
+//    maximum over the chunk.
+// 2. split_sums: each head's maximum over the chunks (exact), and per chunk each head's double sum
+//    of exp(double(logit - max)).
+// 3. split_pool: each head's sum over the chunks (in chunk order, so every block of a (token, head)
+//    gets the same value), the probabilities, S[j] summed over the heads in head order, and the
+//    pooling of up to 128 / keys_per_block blocks (scores and eviction scores).
+// 4. split_topk: one thread block of 512 threads per (token, KV head): the one or two top-k
+//    stages by radix selection over order-preserving integer keys, ties toward the lower block,
+//    and the compaction.
+//
+// The dot products accumulate with fused multiply-add: q and the compressed keys are bf16, so
+// every product q[x] * ck[x] (8 + 8 significant bits) is exact in float32 and fma(q, c, acc) is
+// the reference's acc + q * c, rounded once (except for products below 2^-126 in magnitude,
+// which bf16 attention inputs do not reach).
+
+constexpr int k_split_keys = 64;      // keys per block of kernels 1 and 2
+constexpr int k_sums_threads = 256;   // kernel 2: 4 slices of heads x 64 keys
+constexpr int k_pool_threads = 256;
+constexpr int k_pool_keys = 128;      // keys pooled per block of kernel 3 (about)
+constexpr int k_topk_threads = 512;
+constexpr int k_topk_warps = k_topk_threads / 32;
+constexpr int k_split_max_tokens = 1024;
+constexpr size_t k_split_budget_floats = size_t(64) << 20;  // 256 MiB
+
+struct SplitLayout {
+  int chunks = 1;      // key chunks at n_max
+  int pool_blocks = 1; // pooled blocks per block of kernel 3
+  int pool_chunks = 1; // blocks of kernel 3 at nb_max
+  size_t lg = 0, cmax = 0, csum = 0, sb = 0, eb = 0, total = 0;  // offsets in floats
+};
+
+SplitLayout split_layout(int T, int H, int G, int m, int n_max, int nb_max) {
+  auto up4 = [](size_t x) { return (x + 3) / 4 * 4; };
+  SplitLayout L;
+  const int n = n_max > 0 ? n_max : 1;
+  L.chunks = (n + k_split_keys - 1) / k_split_keys;
+  L.pool_blocks = m < k_pool_keys ? k_pool_keys / m : 1;
+  L.pool_chunks = (nb_max + L.pool_blocks - 1) / L.pool_blocks;
+  const size_t th = size_t(T) * H;
+  L.lg = 0;
+  L.cmax = up4(L.lg + th * G * size_t(n_max));
+  L.csum = up4(L.cmax + th * G * size_t(L.chunks));
+  L.sb = up4(L.csum + 2 * th * G * size_t(L.chunks));
+  L.eb = up4(L.sb + th * size_t(nb_max));
+  L.total = up4(L.eb + th * size_t(nb_max));
+  return L;
+}
+
+// Kernel 1's shared memory: the query [G][d] and the warp maxima [2][G] (floats, rounded up to
+// 16 bytes), then the chunk's compressed-key rows [64][d / 8 + 1] (uint4; the pad spreads the rows
+// over the banks).
+__host__ __device__ inline size_t logits_rows_offset(int G, int d) {
+  return (size_t(G) * d + 2 * G + 3) / 4 * 4;
+}
+size_t logits_smem(int G, int d) {
+  return sizeof(float) * logits_rows_offset(G, d) + 16 * size_t(k_split_keys) * (d / 8 + 1);
+}
+size_t sums_smem(int G) { return sizeof(double) * 2 * G + sizeof(float) * G; }
+__host__ __device__ inline size_t pool_keys(const SplitLayout& L, int m) {
+  return size_t(L.pool_blocks) * m + 1;
+}
+size_t pool_smem(const SplitLayout& L, int G, int m) {
+  const size_t nk = pool_keys(L, m);
+  return sizeof(double) * G + sizeof(float) * (G + size_t(G) * nk + 2 * nk);
+}
+size_t topk_smem(int nb_max) {
+  return sizeof(uint32_t) * 2 * size_t(nb_max) + sizeof(int) * size_t(nb_max) +
+         sizeof(int) * (256 + k_topk_warps + 4);
+}
+
+struct TokenSel {
+  int pos, qb, nb, n;
+  bool all;
+};
+
+__device__ __forceinline__ TokenSel token_sel(const SelectArgs& a, int t) {
+  TokenSel s;
+  const SparseView& p = a.p;
+  s.pos = a.step.positions[t];
+  s.qb = s.pos / p.block_size;
+  s.nb = s.qb + 1;
+  s.n = compressed_count(s.pos, p.kernel_size, p.kernel_stride);
+  s.all = a.mode == SelectMode::dense || s.pos + 1 < p.dense_len || s.nb <= p.topk;
+  return s;
+}
+
+template <int D>
+__global__ void __launch_bounds__(k_split_keys) split_logits(SelectArgs a, SplitLayout L) {
+  extern __shared__ __align__(16) float sq[];  // see logits_smem
+  const int c = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
+  const TokenSel s = token_sel(a, t);
+  const int j0 = c * k_split_keys;
+  if (s.all || j0 >= s.n) return;
+  const KvView& kv = a.kv;
+  const int H = kv.n_kv_heads, G = a.group, m = kv.keys_per_block;
+  const int64_t th = int64_t(t) * H + h;
+  // The chunk's rows, coalesced, straight into shared memory.
+  constexpr int P = D / 8, RS = P + 1;
+  uint4* rows = reinterpret_cast<uint4*>(sq + logits_rows_offset(G, D));
+  {
+    const int32_t* table = a.step.block_table + int64_t(a.step.token_seq[t]) * a.step.bt_stride;
+    const uint4* ck = static_cast<const uint4*>(kv.ck);
+#pragma unroll
+    for (int it = 0; it < P; ++it) {
+      const int idx = it * k_split_keys + threadIdx.x;
+      const int r = idx / P, x = idx % P, jr = j0 + r;
+      if (jr < s.n) {
+        const int64_t home = kv_chunk(kv, table[jr / m], a.layer, h);
+        cp_async16(rows + r * RS + x, ck + (home * m + jr % m) * P + x);
+      }
+    }
+    cp_async_commit();
+  }
+  const uint4* q = reinterpret_cast<const uint4*>(static_cast<const bf16*>(a.q) + th * G * D);
+  for (int i = threadIdx.x; i < G * D / 8; i += blockDim.x) {
+    const uint4 raw = q[i];
+    const bf16* e = reinterpret_cast<const bf16*>(&raw);
+#pragma unroll
+    for (int x = 0; x < 8; ++x) sq[i * 8 + x] = __bfloat162float(e[x]);
+  }
+  float* wmax = sq + G * D;
+
+  const int j = j0 + threadIdx.x;
+  const bool valid = j < s.n;  // rows past n hold garbage: their logits are never used
+  const uint4* myrow = rows + threadIdx.x * RS;
+  cp_async_wait<0>();
+  __syncthreads();
+
+  float* lg = a.scratch + L.lg + th * G * int64_t(a.n_max);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int h0 = 0; h0 < G; h0 += 8) {
+    float acc[8];
+#pragma unroll
+    for (int hh = 0; hh < 8; ++hh) acc[hh] = 0.0f;
+#pragma unroll
+    for (int x0 = 0; x0 < D; x0 += 8) {
+      const uint4 raw = myrow[x0 / 8];
+      const bf16* e = reinterpret_cast<const bf16*>(&raw);
+      float cv[8];
+#pragma unroll
+      for (int xx = 0; xx < 8; ++xx) cv[xx] = __bfloat162float(e[xx]);
+#pragma unroll
+      for (int hh = 0; hh < 8; ++hh) {
+        if (h0 + hh < G) {
+          const float* qh = sq + (h0 + hh) * D + x0;
+#pragma unroll
+          for (int xx = 0; xx < 8; ++xx) acc[hh] = __fmaf_rn(qh[xx], cv[xx], acc[hh]);
+        }
+      }
+    }
+#pragma unroll
+    for (int hh = 0; hh < 8; ++hh) {
+      if (h0 + hh < G) {
+        const float l = __fmul_rn(acc[hh], a.scale);
+        if (valid) lg[int64_t(h0 + hh) * a.n_max + j] = l;
+        const float mx = warp_max(valid ? l : -INFINITY);
+        if (lane == 0) wmax[warp * G + h0 + hh] = mx;
+      }
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < G)
+    a.scratch[L.cmax + (th * G + threadIdx.x) * L.chunks + c] =
+        fmaxf(wmax[threadIdx.x], wmax[G + threadIdx.x]);
+}
+
+__global__ void __launch_bounds__(k_sums_threads) split_sums(SelectArgs a, SplitLayout L) {
+  extern __shared__ __align__(16) double sd[];  // [G][2] warp sums, then [G] maxima (float)
+  const int c = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
+  const TokenSel s = token_sel(a, t);
+  const int j0 = c * k_split_keys;
+  if (s.all || j0 >= s.n) return;
+  const int H = a.kv.n_kv_heads, G = a.group;
+  const int64_t th = int64_t(t) * H + h;
+  float* mx = reinterpret_cast<float*>(sd + 2 * G);
+  const int chunks = (s.n + k_split_keys - 1) / k_split_keys;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int g = warp; g < G; g += k_sums_threads / 32) {  // exact in any order
+    const float* cm = a.scratch + L.cmax + (th * G + g) * L.chunks;
+    float v = -INFINITY;
+    for (int i = lane; i < chunks; i += 32) v = fmaxf(v, cm[i]);
+    v = warp_max(v);
+    if (lane == 0) mx[g] = v;
+  }
+  __syncthreads();
+  const float* lg = a.scratch + L.lg + th * G * int64_t(a.n_max);
+  const int jj = threadIdx.x % k_split_keys, slice = threadIdx.x / k_split_keys;
+  const int half = warp % 2;
+  constexpr int slices = k_sums_threads / k_split_keys;
+  const int j = j0 + jj;
+  const bool valid = j < s.n;
+  for (int g = slice; g < G; g += slices) {
+    double e = valid ? exp(double(__fsub_rn(lg[int64_t(g) * a.n_max + j], mx[g]))) : 0.0;
+    e = warp_sum_d(e);
+    if (lane == 0) sd[g * 2 + half] = e;
+  }
+  __syncthreads();
+  if (threadIdx.x < G) {
+    double* cs = reinterpret_cast<double*>(a.scratch + L.csum);
+    cs[(th * G + threadIdx.x) * L.chunks + c] = sd[threadIdx.x * 2] + sd[threadIdx.x * 2 + 1];
+  }
+}
+
+__global__ void __launch_bounds__(k_pool_threads) split_pool(SelectArgs a, SplitLayout L) {
+  extern __shared__ __align__(16) double sp[];  // [G] sums; [G] maxima, [G][nk] p, [nk] S, E
+  const int cb = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
+  const TokenSel s = token_sel(a, t);
+  const int b0 = cb * L.pool_blocks;
+  if (s.all || b0 >= s.nb) return;
+  const KvView& kv = a.kv;
+  const SparseView& p = a.p;
+  const int H = kv.n_kv_heads, G = a.group, m = kv.keys_per_block;
+  const int64_t th = int64_t(t) * H + h;
+  const int b1 = min(b0 + L.pool_blocks, s.nb);
+  const int kb = max(0, m * b0 - 1), ke = min(m * b1 - 1, s.n - 1);
+  const int nk = ke - kb + 1;  // may be <= 0
+  const int stride_k = int(pool_keys(L, m));
+  double* sum = sp;
+  float* mx = reinterpret_cast<float*>(sp + G);
+  float* pr = mx + G;
+  float* S = pr + G * stride_k;
+  float* E = S + stride_k;
+  const bool nosa = a.mode == SelectMode::nosa;
+  const int32_t* table = a.step.block_table + int64_t(a.step.token_seq[t]) * a.step.bt_stride;
+  if (nosa)
+    for (int k = threadIdx.x; k < nk; k += blockDim.x) {
+      const int j = kb + k;
+      const int64_t home = kv_chunk(kv, table[j / m], a.layer, h);
+      E[k] = kv.ck_scores[home * m + j % m];
+    }
+  const int chunks = (s.n + k_split_keys - 1) / k_split_keys;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int g = warp; g < G; g += k_pool_threads / 32) {
+    const float* cm = a.scratch + L.cmax + (th * G + g) * L.chunks;
+    const double* cs =
+        reinterpret_cast<const double*>(a.scratch + L.csum) + (th * G + g) * L.chunks;
+    float v = -INFINITY;
+    double z = 0.0;
+    for (int i = lane; i < chunks; i += 32) {
+      v = fmaxf(v, cm[i]);
+      z += cs[i];
+    }
+    v = warp_max(v);
+    z = warp_sum_d(z);  // lanes, then a fixed butterfly: the same sum in every block
+    if (lane == 0) {
+      mx[g] = v;
+      sum[g] = z;
+    }
+  }
+  __syncthreads();
+  const float* lg = a.scratch + L.lg + th * G * int64_t(a.n_max);
+  for (int i = threadIdx.x; i < G * nk; i += blockDim.x) {
+    const int g = i / nk, k = i % nk;
+    const float l = lg[int64_t(g) * a.n_max + kb + k];
+    pr[g * stride_k + k] = __double2float_rn(exp(double(__fsub_rn(l, mx[g]))) / sum[g]);
+  }
+  __syncthreads();
+  for (int k = threadIdx.x; k < nk; k += blockDim.x) {
+    float v = 0.0f;
+    for (int g = 0; g < G; ++g) v = __fadd_rn(v, pr[g * stride_k + k]);
+    S[k] = v;
+  }
+  __syncthreads();
+  for (int b = b0 + threadIdx.x; b < b1; b += blockDim.x) {
+    float vs = -INFINITY, ve = -INFINITY;
+    if (b < p.init_blocks || b >= s.qb - p.local_blocks) {
+      vs = ve = INFINITY;
+    } else {
+      const int jb = max(0, m * b - 1), je = min(m * b + m - 1, s.n - 1);
+      for (int j = jb; j <= je; ++j) {
+        const float v = S[j - kb];
+        vs = vs < v ? v : vs;
+        if (nosa) {
+          const float e = E[j - kb];
+          ve = ve < e ? e : ve;
+        }
+      }
+    }
+    a.scratch[L.sb + th * a.nb_max + b] = vs;
+    a.scratch[L.eb + th * a.nb_max + b] = ve;
+  }
+}
+
+// Order-preserving key of a float (larger float, larger key; -0 and +0 the same key).
+__device__ __forceinline__ uint32_t order_key(float f) {
+  uint32_t u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) == 0) u = 0;
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+struct TopkShared {
+  int* hist;        // [256]
+  int* warp_count;  // [k_topk_warps]
+  int* pick;        // [4]: digit, count above it, count in it
+};
+
+// flag[b] = rank of u[b] < k, rank by (u descending, index ascending): the radix-select
+// threshold (the k-th largest key, found 8 bits at a time), then the lowest-indexed ties.
+__device__ void radix_topk(const uint32_t* u, int nb, int k, int* flag, const TopkShared& sh) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (k >= nb || k <= 0) {
+    for (int b = threadIdx.x; b < nb; b += blockDim.x) flag[b] = k > 0;
+    return;
+  }
+  uint32_t prefix = 0, mask = 0;
+  int remaining = k, in_bin = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) sh.hist[i] = 0;
+    __syncthreads();
+    for (int c0 = 0; c0 < nb; c0 += blockDim.x) {
+      const int b = c0 + threadIdx.x;
+      const bool act = b < nb && (u[b] & mask) == prefix;
+      const unsigned am = __ballot_sync(0xffffffffu, act);
+      if (act) {
+        const unsigned digit = (u[b] >> shift) & 255u;
+        const unsigned peers = __match_any_sync(am, digit);
+        if (lane == __ffs(peers) - 1) atomicAdd(&sh.hist[digit], __popc(peers));
+      }
+    }
+    __syncthreads();
+    if (warp == 0) {
+      int cnt[8], tot = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        cnt[i] = sh.hist[lane * 8 + i];
+        tot += cnt[i];
+      }
+      int incl = tot;  // sum over lanes >= lane
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int v = __shfl_down_sync(0xffffffffu, incl, o);
+        if (lane + o < 32) incl += v;
+      }
+      int above = incl - tot;
+#pragma unroll
+      for (int i = 7; i >= 0; --i) {
+        if (above < remaining && above + cnt[i] >= remaining) {
+          sh.pick[0] = lane * 8 + i;
+          sh.pick[1] = above;
+          sh.pick[2] = cnt[i];
+        }
+        above += cnt[i];
+      }
+    }
+    __syncthreads();
+    prefix |= uint32_t(sh.pick[0]) << shift;
+    mask |= 255u << shift;
+    remaining -= sh.pick[1];
+    in_bin = sh.pick[2];
+  }
+  // Keys above prefix: k - remaining of them, all taken; keys equal to it: in_bin, of which the
+  // `remaining` lowest-indexed are taken.
+  if (in_bin == remaining) {
+    for (int b = threadIdx.x; b < nb; b += blockDim.x) flag[b] = u[b] >= prefix;
+    __syncthreads();
+    return;
+  }
+  int base = 0;
+  for (int c0 = 0; c0 < nb; c0 += blockDim.x) {
+    const int b = c0 + threadIdx.x;
+    const bool eq = b < nb && u[b] == prefix;
+    const unsigned ballot = __ballot_sync(0xffffffffu, eq);
+    if (lane == 0) sh.warp_count[warp] = __popc(ballot);
+    __syncthreads();
+    int offset = base, total = 0;
+    for (int w = 0; w < k_topk_warps; ++w) {
+      const int c = sh.warp_count[w];
+      if (w < warp) offset += c;
+      total += c;
+    }
+    if (b < nb)
+      flag[b] = u[b] > prefix || (eq && offset + __popc(ballot & ((1u << lane) - 1u)) < remaining);
+    base += total;
+    __syncthreads();
+  }
+}
+
+__global__ void __launch_bounds__(k_topk_threads) split_topk(SelectArgs a, SplitLayout L) {
+  extern __shared__ __align__(16) uint32_t st[];
+  const int h = blockIdx.x, t = blockIdx.y;
+  const TokenSel s = token_sel(a, t);
+  const int H = a.kv.n_kv_heads;
+  const int64_t th = int64_t(t) * H + h;
+  int32_t* out = a.out + th * a.k_max;
+  const int nb = s.nb;
+  if (s.all) {
+    for (int i = threadIdx.x; i < a.k_max; i += blockDim.x) out[i] = i < nb ? i : -1;
+    return;
+  }
+  uint32_t* ks = st;
+  uint32_t* ke = ks + a.nb_max;
+  int* flag = reinterpret_cast<int*>(ke + a.nb_max);
+  TopkShared sh;
+  sh.hist = flag + a.nb_max;
+  sh.warp_count = sh.hist + 256;
+  sh.pick = sh.warp_count + k_topk_warps;
+  const bool nosa = a.mode == SelectMode::nosa;
+  const float* sb = a.scratch + L.sb + th * a.nb_max;
+  const float* eb = a.scratch + L.eb + th * a.nb_max;
+  for (int b = threadIdx.x; b < nb; b += blockDim.x) {
+    ks[b] = order_key(sb[b]);
+    if (nosa) ke[b] = order_key(eb[b]);
+  }
+  __syncthreads();
+  const SparseView& p = a.p;
+  const int k = min(p.topk, nb);
+  if (!nosa) {
+    radix_topk(ks, nb, k, flag, sh);
+  } else {
+    radix_topk(ks, nb, min(p.q_select, nb), flag, sh);
+    __syncthreads();
+    const uint32_t inf = order_key(INFINITY);
+    for (int b = threadIdx.x; b < nb; b += blockDim.x)
+      if (flag[b]) ke[b] = inf;
+    __syncthreads();
+    radix_topk(ke, nb, k, flag, sh);
+  }
+  __syncthreads();
+
+  // Compaction in ascending block order.
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int base = 0;
+  for (int c0 = 0; c0 < nb; c0 += blockDim.x) {
+    const int b = c0 + threadIdx.x;
+    const bool f = b < nb && flag[b];
+    const unsigned ballot = __ballot_sync(0xffffffffu, f);
+    if (lane == 0) sh.warp_count[warp] = __popc(ballot);
+    __syncthreads();
+    int offset = base, total = 0;
+    for (int w = 0; w < k_topk_warps; ++w) {
+      const int c = sh.warp_count[w];
+      if (w < warp) offset += c;
+      total += c;
+    }
+    if (f) out[offset + __popc(ballot & ((1u << lane) - 1u))] = b;
+    base += total;
+    __syncthreads();
+  }
+  for (int i = k + threadIdx.x; i < a.k_max; i += blockDim.x) out[i] = -1;
+}
+
+template <typename K>
+cudaError_t allow_smem(K kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+}
+
+bool split_fits(int n_kv_heads, int group, int head_dim, int keys_per_block, int n_max,
+                int nb_max, int n_tokens) {
+  if (n_tokens > k_split_max_tokens || n_tokens > 65535 || group > 64) return false;
+  const SplitLayout L =
+      split_layout(n_tokens, n_kv_heads, group, keys_per_block, n_max, nb_max);
+  const size_t limit = 227 * 1024;
+  return L.total <= k_split_budget_floats && logits_smem(group, head_dim) <= limit &&
+         pool_smem(L, group, keys_per_block) <= limit && topk_smem(nb_max) <= limit;
+}
+
+template <int D>
+cudaError_t launch_split(const SelectArgs& a, cudaStream_t stream) {
+  const int T = a.step.n_tokens, H = a.kv.n_kv_heads, G = a.group, m = a.kv.keys_per_block;
+  const SplitLayout L = split_layout(T, H, G, m, a.n_max, a.nb_max);
+  if (!a.scratch || a.scratch_floats < L.total) return cudaErrorInvalidValue;
+  const size_t s1 = logits_smem(G, D), s2 = sums_smem(G), s3 = pool_smem(L, G, m),
+               s4 = topk_smem(a.nb_max);
+  cudaError_t e;
+  static bool carveout = false;  // kernel 1's occupancy is bound by shared memory
+  if (!carveout) {
+    e = cudaFuncSetAttribute(split_logits<D>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                             int(cudaSharedmemCarveoutMaxShared));
+    if (e != cudaSuccess) return e;
+    carveout = true;
+  }
+  if ((e = allow_smem(split_logits<D>, s1)) != cudaSuccess) return e;
+  if ((e = allow_smem(split_pool, s3)) != cudaSuccess) return e;
+  if ((e = allow_smem(split_topk, s4)) != cudaSuccess) return e;
+  if (a.mode != SelectMode::dense && a.n_max > 0) {
+    split_logits<D><<<dim3(L.chunks, H, T), k_split_keys, s1, stream>>>(a, L);
+    split_sums<<<dim3(L.chunks, H, T), k_sums_threads, s2, stream>>>(a, L);
+    split_pool<<<dim3(L.pool_chunks, H, T), k_pool_threads, s3, stream>>>(a, L);
+  }
+  split_topk<<<dim3(H, T), k_topk_threads, s4, stream>>>(a, L);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
-size_t select_scratch_floats(int n_kv_heads, int group, int head_dim, int n_max, int nb_max,
-                             int n_tokens) {
+SelectPath select_path(SelectPath requested, int n_kv_heads, int group, int head_dim,
+                       int keys_per_block, int n_max, int nb_max, int n_tokens) {
+  if (requested == SelectPath::per_token) return SelectPath::per_token;
+  const bool fits =
+      split_fits(n_kv_heads, group, head_dim, keys_per_block, n_max, nb_max, n_tokens);
+  return fits ? SelectPath::split : SelectPath::per_token;
+}
+
+size_t select_scratch_floats(SelectPath path, int n_kv_heads, int group, int head_dim,
+                             int keys_per_block, int n_max, int nb_max, int n_tokens) {
+  if (path == SelectPath::split)
+    return split_layout(n_tokens, n_kv_heads, group, keys_per_block, n_max, nb_max).total;
   if (shared_bytes(group, head_dim, n_max, nb_max, true) <= k_lg_smem_limit) return 0;
   const size_t per_token = size_t(n_kv_heads) * group * size_t(n_max > 0 ? n_max : 1);
   size_t tokens = k_scratch_budget_floats / per_token;
@@ -281,9 +780,10 @@ size_t select_scratch_floats(int n_kv_heads, int group, int head_dim, int n_max,
 
 cudaError_t launch_block_select(const SelectArgs& a, cudaStream_t stream) {
   if (a.step.n_tokens == 0) return cudaSuccess;
+  const bool split = a.path == SelectPath::split;
   switch (a.kv.head_dim) {
-    case 64: return launch<64>(a, stream);
-    case 128: return launch<128>(a, stream);
+    case 64: return split ? launch_split<64>(a, stream) : launch<64>(a, stream);
+    case 128: return split ? launch_split<128>(a, stream) : launch<128>(a, stream);
     default: return cudaErrorInvalidValue;
   }
 }

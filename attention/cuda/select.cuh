@@ -1,12 +1,15 @@
 // Block selection on the GPU (docs/nosa.md, section 3, steps 3-6): query-aware scores against
 // the compressed keys (softmax per query head, summed over the GQA group), max-pooling with
 // forced blocks, and the top-k (InfLLM-V2: one stage; NOSA: two stages, the second by the
-// pooled eviction scores). One thread block per (token, KV head).
+// pooled eviction scores). Two paths with the same result: per_token, one thread block per
+// (token, KV head) for the whole selection (prefill); split, four kernels that spread the logits,
+// the softmax sums and the pooling of a (token, KV head) over many thread blocks, then a radix
+// top-k per (token, KV head) (decode: steps of up to 1024 tokens whose scratch fits).
 //
-// The scores are computed in float32 in the CPU reference's order (sequential dot products
-// without fused multiply-add, softmax sums in double), so that the selection matches
-// attention/reference/selection.cpp block for block on the same inputs; ties break toward the
-// lower block index.
+// The scores are computed in float32 in the CPU reference's order (sequential dot products, the
+// same with or without fused multiply-add since q and the compressed keys are bf16; softmax sums
+// in double), so that the selection matches attention/reference/selection.cpp block for block on
+// the same inputs; ties break toward the lower block index.
 #pragma once
 
 #include <cstddef>
@@ -19,6 +22,7 @@
 namespace nosa::attention::cuda {
 
 enum class SelectMode : int { dense = 0, infllmv2 = 1, nosa = 2 };
+enum class SelectPath : int { automatic = 0, per_token = 1, split = 2 };
 
 struct SelectArgs {
   KvView kv;
@@ -35,12 +39,17 @@ struct SelectArgs {
   int nb_max = 0;  // largest query block + 1 over the step's tokens
   float* scratch = nullptr;      // logits, select_scratch_floats(...) floats
   size_t scratch_floats = 0;
+  SelectPath path = SelectPath::per_token;  // as select_path() resolved it
 };
 
-// Floats of global scratch the launcher needs (0 when the logits fit in shared memory; else it
-// processes tokens in groups to stay inside a fixed budget).
-size_t select_scratch_floats(int n_kv_heads, int group, int head_dim, int n_max, int nb_max,
-                             int n_tokens);
+// The path a step takes: split where requested or automatic and its scratch and shared memory
+// fit (at most 1024 tokens, 256 MiB of scratch), else per_token.
+SelectPath select_path(SelectPath requested, int n_kv_heads, int group, int head_dim,
+                       int keys_per_block, int n_max, int nb_max, int n_tokens);
+// Floats of global scratch the launcher needs for that path (per_token: 0 when the logits fit in
+// shared memory; else it processes tokens in groups to stay inside a fixed budget).
+size_t select_scratch_floats(SelectPath path, int n_kv_heads, int group, int head_dim,
+                             int keys_per_block, int n_max, int nb_max, int n_tokens);
 cudaError_t launch_block_select(const SelectArgs& args, cudaStream_t stream);
 
 }  // namespace nosa::attention::cuda

@@ -477,7 +477,16 @@ class CudaBackend final : public Backend {
     a.k_max = k_max;
     a.n_max = n_max;
     a.nb_max = nb_max;
-    a.scratch_floats = acu::select_scratch_floats(H, group, L.head_dim, n_max, nb_max, int(T));
+    // NOSA_SELECT_PATH=per-token|split forces a path (tests, comparisons); else automatic.
+    acu::SelectPath requested = acu::SelectPath::automatic;
+    if (const char* e = std::getenv("NOSA_SELECT_PATH")) {
+      if (std::strcmp(e, "per-token") == 0) requested = acu::SelectPath::per_token;
+      if (std::strcmp(e, "split") == 0) requested = acu::SelectPath::split;
+    }
+    a.path = acu::select_path(requested, H, group, L.head_dim, L.keys_per_block, n_max, nb_max,
+                              int(T));
+    a.scratch_floats = acu::select_scratch_floats(a.path, H, group, L.head_dim,
+                                                  L.keys_per_block, n_max, nb_max, int(T));
     Tensor scratch;
     if (a.scratch_floats > 0) {
       scratch = alloc(DType::f32, {int64_t(a.scratch_floats)});

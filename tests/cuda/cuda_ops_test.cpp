@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 
 #include "attention/reference/selection.h"
@@ -202,6 +203,15 @@ std::vector<SelectCase> select_cases() {
   };
 }
 
+// The selection cases, and decode at long contexts: more than 512 blocks (several per thread of
+// the split path's top-k), many key chunks, a token that selects every block.
+std::vector<SelectCase> selection_only_cases() {
+  std::vector<SelectCase> cases = select_cases();
+  cases.push_back({"8b-long-decode", 128, 16, 64, 32, 16, 1024, 64, 16,
+                   {{40000, 1}, {30, 1}, {5000, 1}, {12345, 1}}});
+  return cases;
+}
+
 int64_t pool_blocks(const SelectCase& c) {
   int64_t n = 0;
   for (auto [past, fresh] : c.seqs) n += (past + fresh + c.block_size - 1) / c.block_size;
@@ -261,19 +271,24 @@ void run_select(const SelectCase& c, attention::Mode mode, bool ties, uint64_t s
   b.cpu->begin_step(f.step);
   b.gpu->begin_step(f.step);
   Selection sc = b.cpu->select_blocks(1, mode, q.cpu, p, *cache.cpu);
-  Selection sg = b.gpu->select_blocks(1, mode, q.gpu, p, *cache.gpu);
-  int64_t rows = 0;
-  const int64_t bad = selection_mismatches(b, sc, sg, &rows);
-  std::printf("[ select   ] %-14s %-8s %-7s %lld of %lld (token, head) selections differ\n",
-              c.name, attention::mode_name(mode), ties ? "ties" : "generic", (long long)bad,
-              (long long)rows);
-  EXPECT_EQ(bad, 0) << c.name << " " << attention::mode_name(mode);
+  // Both GPU paths (attention/cuda/select.cuh): the per-token kernel and the split kernels.
+  for (const char* path : {"per-token", "split"}) {
+    setenv("NOSA_SELECT_PATH", path, 1);
+    Selection sg = b.gpu->select_blocks(1, mode, q.gpu, p, *cache.gpu);
+    unsetenv("NOSA_SELECT_PATH");
+    int64_t rows = 0;
+    const int64_t bad = selection_mismatches(b, sc, sg, &rows);
+    std::printf("[ select   ] %-14s %-8s %-7s %-9s %lld of %lld (token, head) selections differ\n",
+                c.name, attention::mode_name(mode), ties ? "ties" : "generic", path,
+                (long long)bad, (long long)rows);
+    EXPECT_EQ(bad, 0) << c.name << " " << attention::mode_name(mode) << " " << path;
+  }
 }
 
 TEST(CudaOps, SelectionIsTheCpuSelectionBlockForBlock) {
   NOSA_REQUIRE_GPU();
   uint64_t seed = 100;
-  for (const SelectCase& c : select_cases())
+  for (const SelectCase& c : selection_only_cases())
     for (attention::Mode mode : {attention::Mode::infllmv2, attention::Mode::nosa})
       run_select(c, mode, false, seed++);
 }
@@ -281,7 +296,7 @@ TEST(CudaOps, SelectionIsTheCpuSelectionBlockForBlock) {
 TEST(CudaOps, SelectionBreaksExactTiesTowardTheLowerBlock) {
   NOSA_REQUIRE_GPU();
   uint64_t seed = 200;
-  for (const SelectCase& c : select_cases())
+  for (const SelectCase& c : selection_only_cases())
     for (attention::Mode mode : {attention::Mode::infllmv2, attention::Mode::nosa})
       run_select(c, mode, true, seed++);
 }
