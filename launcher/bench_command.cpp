@@ -73,6 +73,7 @@ struct BenchFlags {
   double gpu_kv_gib = 0, host_kv_gib = 0, disk_kv_gib = 0;
   std::string disk_kv_dir;
   std::vector<double> miss_rates = {-1};  // offload suite: < 0 = the model's own selection
+  std::string select_path;  // CUDA block selection: split, per-token, or automatic (empty)
   std::string json_out, csv_out, label, commit;
   std::string plot_dir, plot_prefix, plot_link, markdown_out;
   std::vector<std::string> report_from;  // read these results instead of running
@@ -756,6 +757,7 @@ int run_bench(const BenchFlags& f) {
   const bool want_cuda = f.device == "cuda" || (f.device == "auto" && runtime::cuda_available());
   NOSA_CHECK(f.device == "cpu" || f.device == "cuda" || f.device == "auto",
              "unknown device '{}' (use cpu, cuda or auto)", f.device);
+  runtime::force_cuda_select_path(f.select_path);
   parallel::MpiContext& mpi = parallel::MpiContext::get();
   BenchRanks ranks;
   ranks.replica = parallel::make_replica(f.tp);
@@ -839,6 +841,8 @@ Runner add_bench_command(CLI::App& app) {
   cmd->add_option("--tp", f->tp,
                   "Tensor-parallel ranks (decode, offload): run under mpirun -np TP")
       ->capture_default_str();
+  cmd->add_option("--select-path", f->select_path,
+                  "CUDA block selection kernels: split or per-token (default: automatic)");
   cmd->add_option("--offload", f->offload, "Offload suite: host or host+disk")
       ->capture_default_str();
   cmd->add_option("--gpu-kv-gib", f->gpu_kv_gib,

@@ -128,5 +128,8 @@ std::unique_ptr<Backend> make_cpu_backend();
 std::unique_ptr<Backend> make_cuda_backend(int device_index);
 // Whether a CUDA device can be used by this build.
 bool cuda_available();
+// Tests and comparisons: forces the CUDA block-selection path ("split" or "per-token"); empty
+// restores the automatic choice.
+void force_cuda_select_path(const std::string& path);
 
 }  // namespace nosa::runtime

@@ -47,7 +47,12 @@ DECODE=("$H1/decode-3076a23/decode-nosa-1b-like.json?commit=3076a23&machine=$M1&
         "$H1/decode-3076a23/decode-nosa-8b-like.json?commit=3076a23&machine=$M1&command=nosa bench --suite decode --shape nosa-8b-like $C3")
 RUN1=("$H2/run1-bench.jsonl?run=run1&commit=9834288&machine=$M2&commands=$H2/run1-summary.txt")
 RUN2=("$H2/run2-bench.jsonl?run=run2&machine=$M2&commands=$H2/run2-summary.txt")
-SOURCES=("${GPUCHECK[@]}" "${DECODE[@]}" "${RUN1[@]}" "${RUN2[@]}")
+# The split selection kernels (7a26a02); the files say 79ead1a+select-split(-v2).
+H3=$R/2026-11-28-h200-select
+C4="--mode nosa --batch 1,64 --context 16384,32768 --steps 10 --device cuda"
+SELECT=("$H3/split-decode-nosa-1b-like.json?run=select-split&commit=7a26a02&machine=$M1&command=nosa bench --suite decode --shape nosa-1b-like $C4 --label split"
+        "$H3/split-decode-nosa-8b-like.json?run=select-split&commit=7a26a02&machine=$M1&command=nosa bench --suite decode --shape nosa-8b-like $C4 --label split")
+SOURCES=("${GPUCHECK[@]}" "${DECODE[@]}" "${RUN1[@]}" "${RUN2[@]}" "${SELECT[@]}")
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -67,6 +72,7 @@ figures gpucheck h200-a52591f- "${GPUCHECK[@]}"
 figures decode h200-3076a23- "${DECODE[@]}"
 figures run1 h200x2-run1- "${RUN1[@]}"
 figures run2 h200x2-run2- "${RUN2[@]}"
+figures select h200-7a26a02- "${SELECT[@]}"
 
 {
 cat <<'EOF'
@@ -144,6 +150,14 @@ nosa-8b-like, B = 64, 16K context, TP = 1 and 2 (`mpirun -np 2`, NCCL over NVLin
 
 EOF
 cat "$tmp/run2.md"
+cat <<'EOF'
+## One H200, KV in HBM, with the split selection kernels (run select-split, commit 7a26a02)
+
+Decode now spreads each (token, KV head)'s selection over four kernels (same blocks as the CPU
+reference); `bench/results/2026-11-28-h200-select/README.md` has the before/after table.
+
+EOF
+cat "$tmp/select.md"
 cat <<'EOF'
 ## Regenerating and extending
 

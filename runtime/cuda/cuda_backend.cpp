@@ -46,6 +46,16 @@
 
 namespace nosa::runtime {
 
+namespace {
+std::string g_select_path;  // force_cuda_select_path()
+}  // namespace
+
+void force_cuda_select_path(const std::string& path) {
+  NOSA_CHECK(path.empty() || path == "split" || path == "per-token",
+             "unknown selection path '{}' (use split, per-token or empty)", path);
+  g_select_path = path;
+}
+
 bool cuda_available() {
   int count = 0;  // left untouched when the driver is missing
   cudaError_t err = cudaGetDeviceCount(&count);
@@ -477,12 +487,10 @@ class CudaBackend final : public Backend {
     a.k_max = k_max;
     a.n_max = n_max;
     a.nb_max = nb_max;
-    // NOSA_SELECT_PATH=per-token|split forces a path (tests, comparisons); else automatic.
+    // Automatic unless force_cuda_select_path() asked for one (tests, comparisons).
     acu::SelectPath requested = acu::SelectPath::automatic;
-    if (const char* e = std::getenv("NOSA_SELECT_PATH")) {
-      if (std::strcmp(e, "per-token") == 0) requested = acu::SelectPath::per_token;
-      if (std::strcmp(e, "split") == 0) requested = acu::SelectPath::split;
-    }
+    if (g_select_path == "per-token") requested = acu::SelectPath::per_token;
+    if (g_select_path == "split") requested = acu::SelectPath::split;
     a.path = acu::select_path(requested, H, group, L.head_dim, L.keys_per_block, n_max, nb_max,
                               int(T));
     a.scratch_floats = acu::select_scratch_floats(a.path, H, group, L.head_dim,

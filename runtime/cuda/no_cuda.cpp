@@ -6,6 +6,8 @@ namespace nosa::runtime {
 
 bool cuda_available() { return false; }
 
+void force_cuda_select_path(const std::string&) {}
+
 std::unique_ptr<Backend> make_cuda_backend(int) {
   NOSA_FAIL(ErrorCode::unavailable, "this build of nosa has no CUDA backend (built without nvcc)");
 }

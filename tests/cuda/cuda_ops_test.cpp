@@ -273,9 +273,9 @@ void run_select(const SelectCase& c, attention::Mode mode, bool ties, uint64_t s
   Selection sc = b.cpu->select_blocks(1, mode, q.cpu, p, *cache.cpu);
   // Both GPU paths (attention/cuda/select.cuh): the per-token kernel and the split kernels.
   for (const char* path : {"per-token", "split"}) {
-    setenv("NOSA_SELECT_PATH", path, 1);
+    runtime::force_cuda_select_path(path);
     Selection sg = b.gpu->select_blocks(1, mode, q.gpu, p, *cache.gpu);
-    unsetenv("NOSA_SELECT_PATH");
+    runtime::force_cuda_select_path("");
     int64_t rows = 0;
     const int64_t bad = selection_mismatches(b, sc, sg, &rows);
     std::printf("[ select   ] %-14s %-8s %-7s %-9s %lld of %lld (token, head) selections differ\n",
