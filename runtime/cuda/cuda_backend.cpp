@@ -526,8 +526,8 @@ class CudaBackend final : public Backend {
     const Plan& plan = attend_plan(group, L.block_size);
     const acu::KvView kv = kv_view(cache);
     const float scale = 1.0f / std::sqrt(float(L.head_dim));
-    if (plan.n_decode > 0) {
-      acu::DecodeArgs a;
+    // The fields the decode and prefill kernels share.
+    auto fill_common = [&](auto& a) {
       a.kv = kv;
       a.step = view_;
       a.layer = layer;
@@ -537,6 +537,10 @@ class CudaBackend final : public Backend {
       a.use_bias = use_bias;
       a.selection = selection ? selection->blocks.data<int32_t>() : nullptr;
       a.k_max = selection ? selection->k_max : 0;
+    };
+    if (plan.n_decode > 0) {
+      acu::DecodeArgs a;
+      fill_common(a);
       a.max_blocks = selection ? std::min(selection->k_max, plan.decode_max_blocks)
                                : plan.decode_max_blocks;
       a.token_list = plan.decode_tokens;
@@ -551,15 +555,7 @@ class CudaBackend final : public Backend {
     }
     if (plan.n_tiles > 0) {
       acu::PrefillArgs a;
-      a.kv = kv;
-      a.step = view_;
-      a.layer = layer;
-      a.q = q.raw();
-      a.group = group;
-      a.scale = scale;
-      a.use_bias = use_bias;
-      a.selection = selection ? selection->blocks.data<int32_t>() : nullptr;
-      a.k_max = selection ? selection->k_max : 0;
+      fill_common(a);
       a.tiles = plan.tiles;
       a.n_tiles = plan.n_tiles;
       a.nb_max = plan.prefill_nb_max;

@@ -6,7 +6,10 @@ namespace nosa::runtime {
 
 bool cuda_available() { return false; }
 
-void force_cuda_select_path(const std::string&) {}
+void force_cuda_select_path(const std::string& path) {
+  NOSA_CHECK(path.empty() || path == "split" || path == "per-token",
+             "unknown selection path '{}' (use split, per-token or empty)", path);
+}
 
 std::unique_ptr<Backend> make_cuda_backend(int) {
   NOSA_FAIL(ErrorCode::unavailable, "this build of nosa has no CUDA backend (built without nvcc)");
