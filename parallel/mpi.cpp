@@ -120,6 +120,19 @@ void broadcast_bytes(const Replica& replica, std::vector<char>& bytes,
   }
 }
 
+std::vector<char> all_gather_bytes(const Replica& replica, const std::vector<char>& mine,
+                                   std::chrono::milliseconds timeout) {
+  if (replica.size == 1) return mine;
+  NOSA_CHECK(mine.size() < (1u << 30), "all_gather_bytes: {} bytes is too large", mine.size());
+  std::vector<char> all(mine.size() * size_t(replica.size));
+  MPI_Request req;
+  mpi_check(MPI_Iallgather(mine.data(), int(mine.size()), MPI_BYTE, all.data(), int(mine.size()),
+                           MPI_BYTE, replica.comm, &req),
+            "MPI_Iallgather");
+  wait_for(req, timeout, fmt::format("start-up exchange in replica {}", replica.index));
+  return all;
+}
+
 namespace {
 
 class MpiCommunicator final : public Communicator {

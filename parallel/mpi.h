@@ -58,6 +58,11 @@ Replica make_replica(int tp);
 void broadcast_bytes(const Replica& replica, std::vector<char>& bytes,
                      std::chrono::milliseconds timeout);
 
+// Gathers `mine` (the same size on every rank) from every rank of the replica, in rank order, with
+// a deadline (start-up exchanges, e.g. of CUDA IPC handles).
+std::vector<char> all_gather_bytes(const Replica& replica, const std::vector<char>& mine,
+                                   std::chrono::milliseconds timeout);
+
 // Broadcasts a value from the replica's leader (for start-up agreement, e.g. the KV cache size).
 template <typename T>
 void broadcast_value(const Replica& replica, T& value, std::chrono::milliseconds timeout) {

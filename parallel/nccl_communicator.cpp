@@ -9,6 +9,8 @@
 #ifdef NOSA_HAVE_NCCL
 #include <cuda_runtime.h>
 #include <nccl.h>
+
+#include "parallel/peer_all_reduce.h"
 #endif
 
 namespace nosa::parallel {
@@ -53,6 +55,7 @@ class NcclCommunicator final : public Communicator {
     NCCL_CHECK(ncclCommInitRank(&comm_, r.size, id, r.rank));
     logger("parallel")->info("NCCL communicator: rank {} of {} in replica {} on GPU {}", r.rank,
                              r.size, r.index, device);
+    peer_ = PeerAllReduce::create(r, device, timeout);
   }
   ~NcclCommunicator() override {
     if (comm_) ncclCommDestroy(comm_);
@@ -60,6 +63,11 @@ class NcclCommunicator final : public Communicator {
   int rank() const override { return replica_.rank; }
   int size() const override { return replica_.size; }
   void all_reduce_sum(Tensor& t) override {
+    // Decode-sized tensors: one kernel over NVLink; large ones: NCCL's ring.
+    if (peer_ && peer_->accepts(t)) {
+      peer_->all_reduce_sum(t, stream_);
+      return;
+    }
     NCCL_CHECK(ncclAllReduce(t.raw(), t.raw(), size_t(t.numel()), nccl_type(t.dtype()), ncclSum,
                              comm_, stream_));
   }
@@ -72,6 +80,7 @@ class NcclCommunicator final : public Communicator {
   Replica replica_;
   cudaStream_t stream_;
   ncclComm_t comm_ = nullptr;
+  std::unique_ptr<PeerAllReduce> peer_;
 };
 
 }  // namespace
