@@ -1,6 +1,9 @@
 #include "memory/kv_tiers.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
 
 #include "runtime/core/error.h"
 #include "runtime/core/logging.h"
@@ -45,19 +48,57 @@ KvTiers::KvTiers(const TierShape& shape, const TierBudget& budget, HostAllocator
   disk_slot_of_block_.assign(shape.n_blocks, -1);
   block_of_host_slot_.assign(host_blocks, -1);
   host_slot_touched_.assign(host_blocks, 0);
+  host_prev_.assign(host_blocks, -1);
+  host_next_.assign(host_blocks, -1);
+  host_listed_.assign(host_blocks, 0);
   for (int64_t s = host_blocks - 1; s >= 0; --s) free_host_.push_back(s);
   writing_.assign(shape.n_blocks, 0);
   selected_step_.assign(shape.n_blocks * shape.chunks_per_block(), 0);
+  seen_.assign(shape.n_blocks * shape.chunks_per_block(), 0);
+  block_seen_.assign(shape.n_blocks, 0);
 }
 
-KvTiers::~KvTiers() = default;
+KvTiers::~KvTiers() {
+  if (disk_) disk_->wait_all();
+  std::free(bounce_);
+}
+
+void KvTiers::host_unlink(int64_t s) {
+  if (!host_listed_[s]) return;
+  if (host_prev_[s] >= 0) host_next_[host_prev_[s]] = host_next_[s]; else host_head_ = host_next_[s];
+  if (host_next_[s] >= 0) host_prev_[host_next_[s]] = host_prev_[s]; else host_tail_ = host_prev_[s];
+  host_prev_[s] = host_next_[s] = -1;
+  host_listed_[s] = 0;
+}
+
+void KvTiers::host_push_back(int64_t s) {
+  host_prev_[s] = host_tail_;
+  host_next_[s] = -1;
+  if (host_tail_ >= 0) host_next_[host_tail_] = s; else host_head_ = s;
+  host_tail_ = s;
+  host_listed_[s] = 1;
+}
+
+void KvTiers::host_push_front(int64_t s) {
+  host_next_[s] = host_head_;
+  host_prev_[s] = -1;
+  if (host_head_ >= 0) host_prev_[host_head_] = s; else host_tail_ = s;
+  host_head_ = s;
+  host_listed_[s] = 1;
+}
 
 char* KvTiers::chunk_host(int64_t host_slot, ChunkId chunk) const {
   return host_->device_slot(host_slot) +
          size_t(chunk % shape_.chunks_per_block()) * shape_.chunk_bytes();
 }
 
-void KvTiers::touch_host(int64_t slot) { host_slot_touched_[slot] = ++tick_; }
+// Ticks grow with every touch, so the list's order is the order of host_slot_touched_.
+void KvTiers::touch_host(int64_t slot) {
+  host_slot_touched_[slot] = ++tick_;
+  if (host_tail_ == slot) return;
+  host_unlink(slot);
+  host_push_back(slot);
+}
 
 int64_t KvTiers::free_host_slot() {
   if (!free_host_.empty()) {
@@ -68,9 +109,8 @@ int64_t KvTiers::free_host_slot() {
   }
   NOSA_ASSERT(disk_, "the host tier is full without a disk tier");
   // The coldest host block (least recently selected or written) moves to disk.
-  int64_t victim = -1;
-  for (int64_t s = 0; s < int64_t(host_slot_touched_.size()); ++s)
-    if (victim < 0 || host_slot_touched_[s] < host_slot_touched_[victim]) victim = s;
+  const int64_t victim = host_head_;
+  NOSA_ASSERT(victim >= 0, "the host tier is full but holds no block");
   // Blocks touched in this round are sources of loads not yet performed: perform them first.
   if (host_slot_touched_[victim] >= round_tick_ && flush_loads_ && pending_ && !pending_->empty()) {
     flush_loads_(*pending_);
@@ -87,6 +127,7 @@ int64_t KvTiers::free_host_slot() {
                   "the host and disk KV budgets are full");
   const int64_t ds = free_disk_.back();
   free_disk_.pop_back();
+  host_unlink(victim);
   try {
     disk_->wait(disk_->write(ds, host_->slot(victim)));
     disk_slot_of_block_[block] = ds;
@@ -132,10 +173,11 @@ void KvTiers::acquire(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& 
     ~Pending() { slot = nullptr; }
   } guard{pending_};
   pending_ = &loads;
-  std::vector<int32_t> slots(n);
-  std::vector<BlockCache::Load> misses;
-  cache_.acquire(chunks, n, slots.data(), misses);
-  for (auto& m : misses) {
+  slots_.resize(size_t(n));
+  misses_.clear();
+  cache_.acquire(chunks, n, slots_.data(), misses_);
+  if (disk_) read_back(misses_);
+  for (auto& m : misses_) {
     ChunkCopy c{m.chunk, m.slot, m.evicted, nullptr};
     const int32_t block = int32_t(m.chunk / shape_.chunks_per_block());
     if (host_slot_of_block_[block] >= 0 || disk_slot_of_block_[block] >= 0) {
@@ -169,17 +211,150 @@ void KvTiers::begin_step(const std::vector<int32_t>& writes, const std::vector<i
 }
 
 void KvTiers::select(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads) {
-  stats_.selected += n;
   const int64_t per = shape_.chunks_per_block();
+  if (++seen_stamp_ == 0) {  // wrapped: forget every stamp
+    std::fill(seen_.begin(), seen_.end(), 0u);
+    seen_stamp_ = 1;
+  }
+  unique_.clear();
+  int32_t last_block = -1;
   for (int64_t i = 0; i < n; ++i) {
-    if (selected_step_[chunks[i]] + 1 == step_) ++stats_.overlap;
-    selected_step_[chunks[i]] = step_;
-    const int64_t hs = host_slot_of_block_[chunks[i] / per];
+    const ChunkId c = chunks[i];
+    if (seen_[c] == seen_stamp_) continue;  // asked for already in this call
+    seen_[c] = seen_stamp_;
+    unique_.push_back(c);
+    if (selected_step_[c] + 1 == step_) ++stats_.overlap;
+    selected_step_[c] = step_;
+    const int32_t b = int32_t(c / per);
+    if (b == last_block) continue;  // the heads of one block come together
+    last_block = b;
+    const int64_t hs = host_slot_of_block_[b];
     if (hs >= 0) touch_host(hs);  // recency only: these blocks may still move to disk
   }
+  stats_.selected += int64_t(unique_.size());
   // Only the blocks read for this round's loads are protected from reuse until they are done.
   round_tick_ = tick_ + 1;
-  acquire(chunks, n, loads);
+  acquire(unique_.data(), int64_t(unique_.size()), loads);
+}
+
+void KvTiers::read_back(const std::vector<BlockCache::Load>& misses) {
+  if (++block_stamp_ == 0) {
+    std::fill(block_seen_.begin(), block_seen_.end(), 0u);
+    block_stamp_ = 1;
+  }
+  back_.clear();
+  const int64_t per = shape_.chunks_per_block();
+  for (const auto& m : misses) {
+    const int32_t b = int32_t(m.chunk / per);
+    if (block_seen_[b] == block_stamp_) continue;
+    block_seen_[b] = block_stamp_;
+    if (host_slot_of_block_[b] < 0 && disk_slot_of_block_[b] >= 0) back_.push_back(b);
+  }
+  constexpr size_t k_group = 32;  // reads in flight (and bounce buffers)
+  size_t i = 0;
+  while (i < back_.size()) {
+    group_.clear();
+    while (i < back_.size() && group_.size() < k_group) {
+      ReadBack r{back_[i], -1, -1};
+      if (!free_host_.empty()) {
+        r.host_slot = free_host_.back();
+        free_host_.pop_back();
+        host_->slot(r.host_slot);  // allocates its arena
+      } else {
+        const int64_t v = host_head_;
+        // A block touched in this round is the source of a load not yet performed: the rest
+        // takes the one-at-a-time path, which performs those loads first.
+        if (v < 0 || host_slot_touched_[v] >= round_tick_) break;
+        host_unlink(v);
+        r.host_slot = v;
+        r.victim = block_of_host_slot_[v];
+      }
+      group_.push_back(r);
+      ++i;
+    }
+    if (group_.empty()) return;
+    read_back_group(group_);
+  }
+}
+
+// Each block is read from its disk slot: straight into a free host slot, or into a bounce
+// buffer when its host slot still holds a colder block; that block then takes over the disk
+// slot just read (a swap, so a full disk tier needs no free slot) and the bounce buffer is
+// copied in. Reads are checked before any host slot changes hands.
+void KvTiers::read_back_group(std::vector<ReadBack>& group) {
+  const size_t bytes = host_->slot_bytes();
+  if (bounce_slots_ < group.size()) {
+    std::free(bounce_);
+    bounce_ = static_cast<char*>(std::aligned_alloc(4096, group.size() * bytes));
+    NOSA_CHECK_CODE(bounce_, ErrorCode::resource_exhausted, "out of host memory ({} bytes)",
+                    group.size() * bytes);
+    bounce_slots_ = group.size();
+  }
+  const bool any_victim =
+      std::any_of(group.begin(), group.end(), [](const ReadBack& r) { return r.victim >= 0; });
+  // Victims' memory may be the source of copies already queued (earlier rounds).
+  if (any_victim && before_host_reuse_) before_host_reuse_();
+  std::vector<DiskStore::Ticket> tickets(group.size());
+  for (size_t j = 0; j < group.size(); ++j) {
+    const ReadBack& r = group[j];
+    char* dst = r.victim >= 0 ? bounce_ + j * bytes : host_->slot(r.host_slot);
+    tickets[j] = disk_->read(disk_slot_of_block_[r.block], dst);
+  }
+  std::vector<std::string> errors(group.size());
+  for (size_t j = 0; j < group.size(); ++j) {
+    try {
+      disk_->wait(tickets[j]);
+    } catch (const Error& e) {
+      errors[j] = e.message();
+    }
+  }
+  // Victims of successful reads go to the disk slots those reads freed.
+  for (size_t j = 0; j < group.size(); ++j) {
+    const ReadBack& r = group[j];
+    tickets[j] = 0;
+    if (r.victim >= 0 && errors[j].empty())
+      tickets[j] = disk_->write(disk_slot_of_block_[r.block], host_->slot(r.host_slot));
+  }
+  std::string first_error;
+  int32_t first_failed = -1;
+  for (size_t j = 0; j < group.size(); ++j) {
+    ReadBack& r = group[j];
+    if (!errors[j].empty()) {
+      // The block stays on disk (and its sequence fails); the host slot goes back untouched.
+      failed_.push_back(r.block);
+      if (r.victim >= 0) host_push_front(r.host_slot); else free_host_.push_back(r.host_slot);
+      if (first_failed < 0) {
+        first_failed = r.block;
+        first_error = errors[j];
+      }
+      continue;
+    }
+    const int64_t ds = disk_slot_of_block_[r.block];
+    if (r.victim >= 0) {
+      try {
+        disk_->wait(tickets[j]);
+        disk_slot_of_block_[r.victim] = ds;
+        stats_.bytes_disk_written += int64_t(bytes);
+      } catch (const Error& e) {
+        // The colder block's data is lost with its host slot: its sequence fails.
+        logger("memory")->error("moving KV block {} to disk failed: {}", r.victim, e.message());
+        failed_.push_back(r.victim);
+        free_disk_.push_back(ds);
+      }
+      host_slot_of_block_[r.victim] = -1;
+      std::memcpy(host_->slot(r.host_slot), bounce_ + j * bytes, bytes);
+    } else {
+      free_disk_.push_back(ds);
+    }
+    stats_.bytes_disk_read += int64_t(bytes);
+    disk_slot_of_block_[r.block] = -1;
+    host_slot_of_block_[r.block] = r.host_slot;
+    block_of_host_slot_[r.host_slot] = r.block;
+    touch_host(r.host_slot);
+  }
+  if (first_failed >= 0)
+    NOSA_FAIL(ErrorCode::io, "reading KV block {} back from disk failed: {}", first_failed,
+              first_error);
 }
 
 void KvTiers::end_step(const std::vector<int32_t>& full, std::vector<ChunkCopy>& stores) {
@@ -205,16 +380,72 @@ void KvTiers::end_step(const std::vector<int32_t>& full, std::vector<ChunkCopy>&
 }
 
 void KvTiers::populate(const std::vector<int32_t>& blocks) {
-  round_tick_ = tick_ + 1;
-  for (int32_t b : blocks) {
+  using Clock = std::chrono::steady_clock;
+  const auto t0 = Clock::now();
+  auto last = t0;
+  const size_t bytes = host_->slot_bytes();
+  constexpr double gib = double(1ull << 30);
+  for (int32_t b : blocks)
     NOSA_ASSERT(host_slot_of_block_[b] < 0 && disk_slot_of_block_[b] < 0,
                 "block {} already has data", b);
-    const int64_t hs = free_host_slot();
+  // As if populated one by one with the coldest moving to disk: the oldest host blocks go
+  // first (one at a time, below), then the first new ones, which are written to disk directly.
+  const int64_t n = int64_t(blocks.size());
+  const int64_t used = host_->capacity() - int64_t(free_host_.size());
+  const int64_t overflow = std::max<int64_t>(0, used + n - host_->capacity());
+  const int64_t direct = std::max<int64_t>(0, overflow - used);
+  std::vector<DiskStore::Ticket> writes;
+  char* zeros = nullptr;
+  if (direct > 0) {
+    NOSA_ASSERT(disk_, "the host tier is full without a disk tier");
+    NOSA_CHECK_CODE(int64_t(free_disk_.size()) >= direct, ErrorCode::resource_exhausted,
+                    "the host and disk KV budgets are full");
+    zeros = static_cast<char*>(std::aligned_alloc(4096, bytes));
+    NOSA_CHECK_CODE(zeros, ErrorCode::resource_exhausted, "out of host memory");
+    std::memset(zeros, 0, bytes);
+    writes.reserve(size_t(direct));
+    for (int64_t i = 0; i < direct; ++i) {
+      const int64_t ds = free_disk_.back();
+      free_disk_.pop_back();
+      disk_slot_of_block_[blocks[i]] = ds;
+      writes.push_back(disk_->write(ds, zeros));
+    }
+  }
+  auto progress = [&](int64_t done, bool force) {
+    const auto now = Clock::now();
+    if (!force && now - last < std::chrono::seconds(5)) return;
+    last = now;
+    const double s = std::chrono::duration<double>(now - t0).count();
+    const int64_t on_disk = disk_ ? disk_->capacity() - int64_t(free_disk_.size()) : 0;
+    logger("memory")->info(
+        "KV population: {}/{} blocks in {:.0f} s; host {:.1f} GiB pinned, disk {:.1f} GiB "
+        "({:.1f} GiB written)",
+        done, n, s, double(host_->allocated_bytes()) / gib, double(on_disk) * double(bytes) / gib,
+        disk_ ? double(disk_->bytes_written()) / gib : 0.0);
+  };
+  const bool log = n * int64_t(bytes) > (int64_t(8) << 30);  // only large populations report
+  for (int64_t i = direct; i < n; ++i) {
+    const int32_t b = blocks[i];
     round_tick_ = tick_ + 1;  // one block at a time: older ones may move to disk
+    const int64_t hs = free_host_slot();  // pins a new arena every 1 GiB
     host_slot_of_block_[b] = hs;
     block_of_host_slot_[hs] = b;
     touch_host(hs);
+    if (log) progress(i, false);
   }
+  std::string error;
+  for (size_t i = 0; i < writes.size(); ++i) {
+    try {
+      disk_->wait(writes[i]);
+      stats_.bytes_disk_written += int64_t(bytes);
+    } catch (const Error& e) {
+      error = e.message();
+    }
+    if (log) progress(int64_t(i), false);
+  }
+  std::free(zeros);
+  NOSA_CHECK_CODE(error.empty(), ErrorCode::io, "writing KV blocks to disk failed: {}", error);
+  if (log) progress(n, true);
 }
 
 void KvTiers::abort_step() {
@@ -232,6 +463,7 @@ void KvTiers::release(const std::vector<int32_t>& blocks) {
       selected_step_[b * per + i] = 0;
     }
     if (host_slot_of_block_[b] >= 0) {
+      host_unlink(host_slot_of_block_[b]);
       block_of_host_slot_[host_slot_of_block_[b]] = -1;
       host_slot_touched_[host_slot_of_block_[b]] = 0;
       free_host_.push_back(host_slot_of_block_[b]);

@@ -45,7 +45,7 @@ struct TierBudget {
   int64_t device_slots = 0;  // chunks in the GPU block cache
   int64_t host_blocks = 0;   // blocks in host memory
   std::filesystem::path disk_dir;  // empty: no disk tier (then n_blocks <= host_blocks)
-  int disk_threads = 4;
+  int disk_threads = 8;  // disk I/O in flight at once (NVMe wants several)
 };
 
 struct TierStats {
@@ -71,6 +71,8 @@ class KvTiers {
  public:
   KvTiers(const TierShape& shape, const TierBudget& budget, HostAllocator& allocator);
   ~KvTiers();
+  KvTiers(const KvTiers&) = delete;
+  KvTiers& operator=(const KvTiers&) = delete;
 
   const TierShape& shape() const { return shape_; }
 
@@ -80,7 +82,9 @@ class KvTiers {
   void begin_step(const std::vector<int32_t>& writes, const std::vector<int32_t>& reads,
                   std::vector<ChunkCopy>& loads);
   // One layer's selected chunks become resident together; appends loads for the misses.
-  // Throws resource_exhausted if they do not fit, io if a block could not be read from disk
+  // Duplicates are counted once (a stamp per chunk, no sorting); the order of first appearance
+  // is the order of the cache's touches. Blocks that must come back from disk are read in
+  // parallel. Throws resource_exhausted if they do not fit, io if a block could not be read from disk
   // (take_failed_blocks() names it).
   void select(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads);
   // Step end: `full` blocks were completed in this step and are written back to the host
@@ -88,7 +92,9 @@ class KvTiers {
   // the step's pins.
   void end_step(const std::vector<int32_t>& full, std::vector<ChunkCopy>& stores);
   // Benchmarks: the blocks exist in the host (then disk) tier with whatever bytes their memory
-  // holds, as if they had been written and flushed; returns their host addresses' arenas touched.
+  // holds, as if they had been written and flushed, the later ones hotter. Those the host budget
+  // cannot keep go straight to disk (written from a zeroed buffer, in parallel with the pinning
+  // of the host arenas); progress lines every few seconds.
   void populate(const std::vector<int32_t>& blocks);
   // A step that failed midway: releases its read pins (the blocks being written stay pinned).
   void abort_step();
@@ -117,6 +123,18 @@ class KvTiers {
   void touch_host(int64_t slot);
   char* chunk_host(int64_t host_slot, ChunkId chunk) const;
   void acquire(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads);
+  // Brings the disk-only blocks of these misses to the host, several reads in flight.
+  void read_back(const std::vector<BlockCache::Load>& misses);
+  struct ReadBack {
+    int32_t block;
+    int64_t host_slot;
+    int32_t victim;  // the block whose host slot this is (it moves to the freed disk slot), or -1
+  };
+  void read_back_group(std::vector<ReadBack>& group);
+  // The host tier's recency list (least recently touched first), over occupied host slots.
+  void host_unlink(int64_t slot);
+  void host_push_back(int64_t slot);
+  void host_push_front(int64_t slot);
 
   TierShape shape_;
   TierBudget budget_;
@@ -127,11 +145,25 @@ class KvTiers {
   std::vector<int64_t> host_slot_of_block_, disk_slot_of_block_;
   std::vector<int32_t> block_of_host_slot_;
   std::vector<uint64_t> host_slot_touched_;  // for choosing the coldest host block
+  std::vector<int64_t> host_prev_, host_next_;  // recency list; head = coldest
+  std::vector<uint8_t> host_listed_;
+  int64_t host_head_ = -1, host_tail_ = -1;
   std::vector<int64_t> free_host_, free_disk_;
   std::vector<uint8_t> writing_;       // per block: pinned as a block being written
   std::vector<int32_t> step_reads_;
   std::vector<uint64_t> selected_step_;  // per chunk: the last step that selected it
-  std::vector<ChunkId> chunk_of_slot_;   // mirror of the cache, for eviction reporting
+  std::vector<uint32_t> seen_;            // per chunk: the select() call that last saw it
+  uint32_t seen_stamp_ = 0;
+  std::vector<uint32_t> block_seen_;      // per block: the read_back() call that last saw it
+  uint32_t block_stamp_ = 0;
+  // Buffers reused by every call (no allocation per layer).
+  std::vector<ChunkId> unique_;
+  std::vector<int32_t> slots_;
+  std::vector<BlockCache::Load> misses_;
+  std::vector<int32_t> back_;
+  std::vector<ReadBack> group_;
+  char* bounce_ = nullptr;  // disk reads land here before their host slot's block moves out
+  size_t bounce_slots_ = 0;
   std::vector<int32_t> failed_;
   uint64_t step_ = 1, tick_ = 1;
   uint64_t round_tick_ = 0;  // host blocks touched since this tick serve pending loads

@@ -36,6 +36,12 @@ void Backend::copy_chunks(const std::vector<memory::ChunkCopy>&, bool, KvCache&)
   NOSA_FAIL(ErrorCode::invalid_argument, "the {} backend cannot offload the KV cache yet", name());
 }
 
+const void* Backend::read_back(const Tensor& t) {
+  NOSA_ASSERT(t.device() == Device::cpu, "read_back: the {} backend has no device tensors",
+              name());
+  return t.raw();
+}
+
 std::unique_ptr<memory::HostAllocator> Backend::host_allocator() {
   return memory::make_plain_host_allocator();
 }

@@ -61,6 +61,10 @@ class Backend {
   virtual Tensor upload(const Tensor& host, DType dtype) = 0;
   // Copies a backend tensor to the host as float32 (float tensors) or as is (integers).
   virtual Tensor to_host(const Tensor& t) = 0;
+  // The bytes of a backend tensor in host memory the backend owns, valid until the next call;
+  // waits only for the work queued before it (the residency path reads each layer's selection
+  // this way: no allocation, no device-wide synchronisation). Host tensors: their own memory.
+  virtual const void* read_back(const Tensor& t);
   // Bytes of device memory free for the KV cache (host backends: a policy limit).
   virtual size_t free_memory_bytes() const = 0;
   // Waits for queued work.

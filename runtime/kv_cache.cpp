@@ -1,6 +1,7 @@
 #include "runtime/kv_cache.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include "runtime/backend.h"
 #include "runtime/core/error.h"
@@ -52,7 +53,16 @@ KvCache::KvCache(const KvLayout& layout, int64_t n_blocks, Backend& backend,
   ck_scores_ = backend.zeros(DType::f32, {chunks, layout.keys_per_block});
 }
 
-KvCache::~KvCache() = default;
+KvCache::~KvCache() {
+  if (times_.calls == 0) return;
+  const double n = double(times_.calls);
+  logger("memory")->debug(
+      "make_resident: {} calls, {:.0f} selected entries each; host us per call: waiting for "
+      "the selection {:.1f}, chunk ids {:.1f}, tiers {:.1f}, enqueueing loads {:.1f}",
+      times_.calls, double(times_.selected) / n, double(times_.wait_ns) / n / 1e3,
+      double(times_.index_ns) / n / 1e3, double(times_.tiers_ns) / n / 1e3,
+      double(times_.enqueue_ns) / n / 1e3);
+}
 
 void KvCache::begin_step(const StepBatch& step) {
   if (!tiers_) return;
@@ -73,22 +83,41 @@ void KvCache::begin_step(const StepBatch& step) {
 
 void KvCache::make_resident(int layer, const Selection& selection, const StepBatch& step) {
   if (!tiers_) return;
-  Tensor host = backend_.to_host(selection.blocks);  // [T][H][k_max]
+  using Clock = std::chrono::steady_clock;
+  auto ns = [](Clock::time_point a, Clock::time_point b) {
+    return int64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(b - a).count());
+  };
+  const auto t0 = Clock::now();
+  // [T][H][k_max], ascending block indices per row, -1 padded.
+  const auto* sel = static_cast<const int32_t*>(backend_.read_back(selection.blocks));
+  const auto t1 = Clock::now();
   const int H = layout_.n_kv_heads, k = selection.k_max;
+  const int64_t T = step.n_tokens();
   wanted_.clear();
-  for (int64_t t = 0; t < step.n_tokens(); ++t) {
-    const auto& blocks = *step.seqs[step.token_seq[t]].blocks;
-    const int32_t* row = host.data<int32_t>() + t * H * k;
+  for (int64_t t = 0; t < T; ++t) {
+    const std::vector<int32_t>& blocks = *step.seqs[step.token_seq[t]].blocks;
+    const int32_t n_blocks = int32_t(blocks.size());
+    const int32_t* row = sel + t * H * k;
     for (int h = 0; h < H; ++h)
-      for (int i = 0; i < k && row[h * k + i] >= 0; ++i)
-        wanted_.push_back(layout_.chunk(blocks.at(row[h * k + i]), layer, h));
+      for (int i = 0; i < k && row[h * k + i] >= 0; ++i) {
+        const int32_t b = row[h * k + i];
+        NOSA_ASSERT(b < n_blocks, "selected block {} of a sequence of {} blocks", b, n_blocks);
+        wanted_.push_back(layout_.chunk(blocks[b], layer, h));
+      }
   }
-  // Prefill tokens select mostly the same blocks: ask for each chunk once.
-  std::sort(wanted_.begin(), wanted_.end());
-  wanted_.erase(std::unique(wanted_.begin(), wanted_.end()), wanted_.end());
+  const auto t2 = Clock::now();
+  // Prefill tokens select mostly the same blocks: select() asks for each chunk once.
   copies_.clear();
   tiers_->select(wanted_.data(), int64_t(wanted_.size()), copies_);
+  const auto t3 = Clock::now();
   backend_.copy_chunks(copies_, true, *this);
+  const auto t4 = Clock::now();
+  ++times_.calls;
+  times_.selected += int64_t(wanted_.size());
+  times_.wait_ns += ns(t0, t1);
+  times_.index_ns += ns(t1, t2);
+  times_.tiers_ns += ns(t2, t3);
+  times_.enqueue_ns += ns(t3, t4);
 }
 
 void KvCache::end_step(const StepBatch& step) {

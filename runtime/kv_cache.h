@@ -59,6 +59,16 @@ struct KvCacheOptions {
 class Backend;
 struct Selection;
 
+// Where make_resident's host time goes (summed over calls; nanoseconds).
+struct ResidencyTimes {
+  int64_t calls = 0;
+  int64_t selected = 0;  // selection entries read (before removing duplicates)
+  int64_t wait_ns = 0;   // until the selection is in host memory (the device catching up)
+  int64_t index_ns = 0;  // selection entries -> chunk ids
+  int64_t tiers_ns = 0;  // KvTiers::select: residency, LRU, disk reads
+  int64_t enqueue_ns = 0;  // handing the loads to the backend
+};
+
 class KvCache {
  public:
   KvCache(const KvLayout& layout, int64_t n_blocks, Backend& backend,
@@ -85,6 +95,7 @@ class KvCache {
   void end_step(const StepBatch& step);
   // Frees a sequence's blocks in every tier.
   void release(std::vector<int32_t>& blocks);
+  const ResidencyTimes& residency_times() const { return times_; }
 
  private:
   KvLayout layout_;
@@ -95,6 +106,7 @@ class KvCache {
   Tensor kv_, bias_, ck_, ck_scores_, slot_table_;
   std::vector<memory::ChunkCopy> copies_;
   std::vector<memory::ChunkId> wanted_;
+  ResidencyTimes times_;
 };
 
 }  // namespace nosa::runtime

@@ -116,6 +116,7 @@ class CudaBackend final : public Backend {
                     props_.name, props_.major, props_.minor);
     NOSA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&staged_, cudaEventDisableTiming));
+    NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&read_back_, cudaEventDisableTiming));
     NOSA_CUBLAS_CHECK(cublasCreate(&cublas_));
     NOSA_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
     workspace_ = alloc(DType::u8, {int64_t(32) << 20});
@@ -129,6 +130,7 @@ class CudaBackend final : public Backend {
     rope_dev_ = Tensor();
     if (cublas_) cublasDestroy(cublas_);
     cudaEventDestroy(staged_);
+    cudaEventDestroy(read_back_);
     cudaStreamDestroy(stream_);
   }
 
@@ -195,6 +197,20 @@ class CudaBackend final : public Backend {
     Tensor out = Tensor::empty_host(DType::f32, t.shape());
     convert_to_f32(raw.raw(), t.dtype(), out.data<float>(), size_t(t.numel()));
     return out;
+  }
+
+  // Into a persistent pinned buffer; an event marks the copy's end, so the host waits for the
+  // work queued before it and nothing else (no allocation, no pageable copy).
+  const void* read_back(const Tensor& t) override {
+    if (t.device() == Device::cpu) return t.raw();
+    void* host = readback_pinned_.get(std::max<size_t>(t.bytes(), 1));
+    if (t.bytes()) {
+      NOSA_CUDA_CHECK(
+          cudaMemcpyAsync(host, t.raw(), t.bytes(), cudaMemcpyDeviceToHost, stream_));
+      NOSA_CUDA_CHECK(cudaEventRecord(read_back_, stream_));
+      NOSA_CUDA_CHECK(cudaEventSynchronize(read_back_));
+    }
+    return host;
   }
 
   size_t free_memory_bytes() const override {
@@ -750,7 +766,8 @@ class CudaBackend final : public Backend {
   std::unique_ptr<PinnedBuffer> staging_host_;
   size_t staging_capacity_ = 0, staging_used_ = 0;
   std::vector<Tensor> step_keep_;
-  PinnedBuffer upload_pinned_, result_pinned_;
+  PinnedBuffer upload_pinned_, result_pinned_, readback_pinned_;
+  cudaEvent_t read_back_ = nullptr;
 
   std::vector<float> rope_host_;
   Tensor rope_dev_;

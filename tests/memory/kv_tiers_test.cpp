@@ -235,5 +235,68 @@ TEST(KvTiers, ADiskReadErrorFailsOnlyTheBlockItTouched) {
   sim.check_chunk(other[0], sim.rows);
 }
 
+TEST(KvTiers, DuplicatesInOneSelectionAreAskedForOnce) {
+  Sim sim(8, 16, 8, "");
+  std::vector<int32_t> blocks = {0, 1};
+  sim.tiers->populate(blocks);
+  const ChunkId a = sim.shape.chunk(0, 1, 0), b = sim.shape.chunk(1, 0, 1);
+  std::vector<ChunkId> chunks = {a, b, a, a, b};
+  std::vector<ChunkCopy> copies;
+  sim.tiers->select(chunks.data(), int64_t(chunks.size()), copies);
+  ASSERT_EQ(copies.size(), 2u);
+  EXPECT_EQ(copies[0].chunk, a);
+  EXPECT_EQ(copies[1].chunk, b);
+  EXPECT_EQ(sim.tiers->stats().selected, 2);
+  copies.clear();
+  sim.tiers->select(chunks.data(), int64_t(chunks.size()), copies);  // all hits now
+  EXPECT_TRUE(copies.empty());
+  EXPECT_EQ(sim.tiers->stats().hits, 2);
+}
+
+// Populating more blocks than the host holds puts the oldest straight on disk; with both tiers
+// full, blocks still come back from disk (the colder host block takes the disk slot just read)
+// and their bytes survive every round trip.
+TEST(KvTiers, BlocksComeBackFromAFullDiskTierExactly) {
+  test::TempDir dir;
+  Sim sim(24, 16, 8, (dir / "kv").string());
+  std::vector<int32_t> all(24);
+  for (int32_t b = 0; b < 24; ++b) all[b] = b;
+  sim.tiers->populate(all);
+  TierStats st = sim.tiers->stats();
+  EXPECT_EQ(st.host_blocks_used, 8);
+  EXPECT_EQ(st.disk_blocks_used, 16);
+  EXPECT_EQ(st.disk_blocks, 16);
+  const size_t bytes = sim.shape.chunk_bytes();
+  std::map<ChunkId, char> expected;
+  const int per = int(sim.shape.chunks_per_block());
+  for (int pass = 0; pass < 3; ++pass)
+    for (int32_t b : {3, 17, 0, 22, 9, 5, 12, 20, 1, 15, 7, 23, 2, 11, 19, 4, 8, 13, 6, 21, 10,
+                      14, 16, 18}) {
+      std::vector<ChunkId> chunks;
+      for (int i = 0; i < per; ++i) chunks.push_back(ChunkId(b) * per + i);
+      std::vector<ChunkCopy> copies;
+      sim.tiers->select(chunks.data(), int64_t(chunks.size()), copies);
+      for (const ChunkCopy& c : copies) {
+        ASSERT_NE(c.host, nullptr);
+        auto it = expected.find(c.chunk);
+        if (it == expected.end()) {  // first visit: give the host copy a pattern
+          const char v = char(1 + (c.chunk * 37) % 120);
+          std::memset(c.host, v, bytes);
+          expected[c.chunk] = v;
+        } else {
+          for (size_t x = 0; x < bytes; ++x)
+            ASSERT_EQ(c.host[x], it->second) << "chunk " << c.chunk << " pass " << pass;
+        }
+      }
+      sim.dev->load(copies);
+    }
+  st = sim.tiers->stats();
+  EXPECT_GT(st.bytes_disk_read, 0);
+  EXPECT_GT(st.bytes_disk_written, int64_t(16 * per * bytes));
+  EXPECT_EQ(st.host_blocks_used, 8);
+  EXPECT_EQ(st.disk_blocks_used, 16);
+  EXPECT_TRUE(sim.tiers->take_failed_blocks().empty());
+}
+
 }  // namespace
 }  // namespace nosa::memory
