@@ -204,6 +204,44 @@ void finish_step(SuiteContext& ctx, const Tensor& logits,
 
 // ---- decode -------------------------------------------------------------------------------------
 
+// The attention of one decoding step alone, all layers (what PyTorch's SDPA is compared with,
+// scripts/bench_sdpa.py): block selection and attention over the selected blocks (sparse modes),
+// or attention over every block (dense), for one query token per sequence at position `context`,
+// on the KV already in the cache; no projections, no KV append. Median milliseconds after warm-up
+// (wall clock around a synchronized batch of kernels). One rank only.
+double attention_ms(runtime::Backend& be, runtime::Model& model, runtime::KvCache& cache,
+                    const std::vector<std::vector<int32_t>>& tables, int64_t context,
+                    const BenchFlags& f) {
+  const runtime::ModelConfig& c = model.config();
+  const attention::Mode mode = model.mode();
+  const bool sparse = mode != attention::Mode::dense;
+  const bool nosa = mode == attention::Mode::nosa;
+  runtime::StepBatch step;
+  for (const auto& table : tables) step.add({3}, context, &table);
+  const int64_t T = step.n_tokens();
+  Tensor q = be.alloc(be.activation_dtype(), {T, c.num_attention_heads, c.head_dim});
+  be.fill_uniform(q, f.seed + 15, -1.0f, 1.0f);
+  Tensor out = be.alloc(be.activation_dtype(), {T, c.num_attention_heads, c.head_dim});
+  std::vector<double> times;
+  for (int s = 0; s < f.warmup + f.steps; ++s) {
+    be.begin_step(step);
+    be.synchronize();
+    const auto t0 = Clock::now();
+    for (int l = 0; l < c.num_hidden_layers; ++l) {
+      if (sparse) {
+        runtime::Selection sel = be.select_blocks(l, mode, q, c.sparse, cache);
+        be.attend(l, q, 0, &sel, nosa, cache, out);
+      } else {
+        be.attend(l, q, 0, nullptr, false, cache, out);
+      }
+    }
+    be.synchronize();
+    if (s >= f.warmup)
+      times.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+  }
+  return median(times);
+}
+
 void run_decode(SuiteContext& ctx) {
   const BenchFlags& f = ctx.flags;
   runtime::Backend& be = ctx.backend;
@@ -289,6 +327,11 @@ void run_decode(SuiteContext& ctx) {
         row["step_ms_median"] = med;
         row["step_ms_p10"] = percentile(times_ms, 0.1);
         row["step_ms_p90"] = percentile(times_ms, 0.9);
+        if (ctx.ranks.replica.size == 1) {
+          const double attn = attention_ms(be, model, *cache, tables, context, f);
+          row["attention_ms_median"] = attn;
+          row["attention_ms_per_layer"] = attn / c.num_hidden_layers;
+        }
         // Host time to queue the forward pass: near the step time means the CPU is the limit.
         row["enqueue_ms_median"] = median(enqueue_ms);
         row["tokens_per_s"] = med > 0 ? double(B) * 1e3 / med : 0;
@@ -303,9 +346,13 @@ void run_decode(SuiteContext& ctx) {
         ctx.clear();
         logger("bench")->info(
             "decode {:8s} B={:3d} C={:6d}: {:8.3f} ms/step  {:9.1f} tok/s  floor {:.3f} ms  "
-            "x{:.2f}  (host enqueue {:.3f} ms)",
+            "x{:.2f}  (host enqueue {:.3f} ms{})",
             mode_name, B, context, med, row["tokens_per_s"].get<double>(), floor_ms,
-            row["ratio_to_floor"].get<double>(), row["enqueue_ms_median"].get<double>());
+            row["ratio_to_floor"].get<double>(), row["enqueue_ms_median"].get<double>(),
+            row.contains("attention_ms_median")
+                ? fmt::format(", attention alone {:.3f} ms",
+                              row["attention_ms_median"].get<double>())
+                : std::string());
       }
   }
 }
@@ -491,37 +538,50 @@ void run_offload(SuiteContext& ctx) {
           be.fill_uniform(cache->ck_scores(), f.seed + 14, 0.0f, 1.0f);
           std::vector<int32_t> all(n_blocks);
           for (int64_t i = 0; i < n_blocks; ++i) all[i] = int32_t(i);
-          const auto t_pop = Clock::now();
-          cache->tiers()->populate(all);  // pins host memory, writes overflow to disk
-          row["populate_s"] = std::chrono::duration<double>(Clock::now() - t_pop).count();
           std::vector<std::vector<int32_t>> tables(B);
-          for (int i = 0; i < B; ++i)
-            for (int64_t j = 0; j < blocks_per_seq; ++j)
-              tables[i].push_back(int32_t(i * blocks_per_seq + j));
           std::unique_ptr<SyntheticSelection> synth;
-          if (miss >= 0) {
-            synth = std::make_unique<SyntheticSelection>(p, miss, f.seed + 21);
-            model.set_selection_override([&](int layer, const runtime::StepBatch& st,
-                                             runtime::Selection& sel) {
-              synth->apply(be, layer, st, sel, layout.n_kv_heads);
-            });
-          } else {
-            model.set_selection_override({});
-          }
-          std::mt19937 rng(uint32_t(f.seed));
-          std::vector<runtime::SamplingParams> greedy(B);
           std::vector<double> times_ms;
           memory::TierStats before;
-          for (int s = 0; s < f.warmup + f.steps; ++s) {
-            if (s == f.warmup) before = cache->tiers()->stats();
-            runtime::StepBatch step;
+          // A configuration the tiers cannot hold (host budget, disk, pinning) is reported as
+          // skipped with the reason, and the run goes on.
+          try {
+            const auto t_pop = Clock::now();
+            cache->tiers()->populate(all);  // pins host memory, writes overflow to disk
+            row["populate_s"] = std::chrono::duration<double>(Clock::now() - t_pop).count();
             for (int i = 0; i < B; ++i)
-              step.add({int32_t(rng() % uint32_t(c.vocab_size))}, context, &tables[i]);
-            const auto t0 = Clock::now();
-            Tensor logits = model.forward(step, *cache);
-            finish_step(ctx, logits, greedy);
-            const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-            if (s >= f.warmup) times_ms.push_back(ms);
+              for (int64_t j = 0; j < blocks_per_seq; ++j)
+                tables[i].push_back(int32_t(i * blocks_per_seq + j));
+            if (miss >= 0) {
+              synth = std::make_unique<SyntheticSelection>(p, miss, f.seed + 21);
+              model.set_selection_override(
+                  [&](int layer, const runtime::StepBatch& st, runtime::Selection& sel) {
+                    synth->apply(be, layer, st, sel, layout.n_kv_heads);
+                  });
+            } else {
+              model.set_selection_override({});
+            }
+            std::mt19937 rng(uint32_t(f.seed));
+            std::vector<runtime::SamplingParams> greedy(B);
+            for (int s = 0; s < f.warmup + f.steps; ++s) {
+              if (s == f.warmup) before = cache->tiers()->stats();
+              runtime::StepBatch step;
+              for (int i = 0; i < B; ++i)
+                step.add({int32_t(rng() % uint32_t(c.vocab_size))}, context, &tables[i]);
+              const auto t0 = Clock::now();
+              Tensor logits = model.forward(step, *cache);
+              finish_step(ctx, logits, greedy);
+              const double ms =
+                  std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+              if (s >= f.warmup) times_ms.push_back(ms);
+            }
+          } catch (const Error& e) {
+            model.set_selection_override({});
+            row["skipped"] = e.message();
+            ctx.rows.push_back(row);
+            ctx.clear();
+            logger("bench")->warn("offload {} B={} C={}: skipped ({})", mode_name, B, context,
+                                  e.message());
+            continue;
           }
           model.set_selection_override({});
           const memory::TierStats after = cache->tiers()->stats();
@@ -693,8 +753,11 @@ void write_report(const BenchFlags& f, const std::vector<bench::ResultRow>& rows
     sections.push_back("comparisons");
   }
   for (const std::string& s : sections)
-    NOSA_CHECK(s == "figures" || s == "comparisons" || s == "targets",
-               "unknown report section '{}' (use figures, comparisons or targets)", s);
+    NOSA_CHECK(s == "figures" || s == "comparisons" || s == "targets" || s == "attention" ||
+                   s == "capacity",
+               "unknown report section '{}' (use figures, comparisons, targets, attention or "
+               "capacity)",
+               s);
   const bool want_figures =
       std::find(sections.begin(), sections.end(), "figures") != sections.end();
   NOSA_CHECK(f.markdown_out.empty() || !want_figures || !f.plot_dir.empty(),
@@ -721,6 +784,8 @@ void write_report(const BenchFlags& f, const std::vector<bench::ResultRow>& rows
     if (s == "figures") md += bench::figures_markdown(figures, link);
     if (s == "comparisons") md += bench::comparisons_markdown(rows);
     if (s == "targets") md += bench::targets_markdown(rows);
+    if (s == "attention") md += bench::attention_markdown(rows);
+    if (s == "capacity") md += bench::capacity_markdown(rows);
     md += "\n";
   }
   std::ofstream out(f.markdown_out);
@@ -866,15 +931,16 @@ Runner add_bench_command(CLI::App& app) {
                   "Write a Markdown report: the charts with their points and sources, "
                   "comparisons within each run, targets");
   cmd->add_option("--report-sections", f->sections,
-                  "Sections of --markdown: figures, comparisons, targets (default: figures when "
-                  "--plot is given, comparisons)")
+                  "Sections of --markdown: figures, comparisons, targets, attention (against "
+                  "PyTorch SDPA rows), capacity (KV on disk) (default: figures when --plot is "
+                  "given, comparisons)")
       ->delimiter(',');
   cmd->add_option("--plot-link", f->plot_link,
                   "How --markdown links the charts (default: the --plot directory relative to "
                   "the Markdown file)");
   cmd->add_option("--report-from", f->report_from,
                   "Read results instead of running: JSON, JSONL or CSV files of nosa bench (or "
-                  "the transformers peer), each PATH[?run=NAME&commit=ID&machine=TEXT&"
+                  "the transformers and SDPA peers), each PATH[?run=NAME&commit=ID&machine=TEXT&"
                   "command=TEXT&commands=LOG]");
   return [f] { return run_bench(*f); };
 }

@@ -5,8 +5,9 @@
 #   offload    `nosa bench --suite offload`: NOSA vs InfLLM-V2 with the KV in pinned host memory,
 #              the GPU holding a block cache; a controlled miss-rate sweep; the all-in-HBM decode
 #              of the same shapes for comparison
-#   tp         with two or more GPUs: TP=2 logits against TP=1 (tiny and a 4-layer 1b-like
-#              checkpoint) and decode scaling of nosa-8b-like at B=64, 16K (TP=1 vs TP=2)
+#   tp         with two or more GPUs: TP=2 (and TP=4 with four GPUs) logits against TP=1 (tiny and
+#              a 4-layer 1b-like checkpoint), and decode scaling of nosa-8b-like at B=64, 16K
+#              (TP=1, 2, 4; KV in HBM and offloaded) with the efficiency in the summary
 # Everything lands in RESULTS (default: $OUT, else build-gpu/results): summary.txt, log.txt,
 # transformers_check.json, bench.jsonl (one JSON document per `nosa bench` run, each with the
 # machine, commit and configuration), tp_check.txt.
@@ -97,8 +98,10 @@ bench 1 --suite offload --shape nosa-8b-like --mode nosa,infllmv2 --batch 16 \
 }
 
 if [ "$gpus" -ge 2 ]; then
+  tps=(2)
+  [ "$gpus" -ge 4 ] && tps=(2 4)
   say ""
-  say "== tensor parallelism on $gpus GPUs"
+  say "== tensor parallelism on $gpus GPUs (TP = 1 ${tps[*]})"
   tp=$results/tp_check.txt
   : >"$tp"
   models=$scratch/models
@@ -112,31 +115,28 @@ if [ "$gpus" -ge 2 ]; then
       args=(generate --model "$models/$m" --attention $mode --prompt-ids @"$scratch/ids"
             --max-tokens 16 --ignore-eos --json --logprobs 5 --device cuda --log-level warn)
       timeout 300 "$nosa" "${args[@]}" --tp 1 >"$scratch/tp1.json" 2>>"$log"
-      timeout 300 "${mpirun_np[@]}" 2 "$nosa" "${args[@]}" --tp 2 >"$scratch/tp2.json" 2>>"$log"
-      python3 - "$scratch/tp1.json" "$scratch/tp2.json" "$m" "$mode" <<'PY' | tee -a "$tp" "$summary"
-import json, sys
-a, b = (json.loads(open(p).read().strip().splitlines()[-1]) for p in sys.argv[1:3])
-same = sum(x == y for x, y in zip(a["token_ids"], b["token_ids"]))
-d = []
-for ea, eb in zip(a["logprobs"], b["logprobs"]):
-    if ea["token"] != eb["token"]:
-        break
-    tb = {t["token"]: t["logprob"] for t in eb["top"]}
-    d += [abs(t["logprob"] - tb[t["token"]]) for t in ea["top"] if t["token"] in tb]
-mean = sum(d) / len(d) if d else float("nan")
-print(f"  TP=2 vs TP=1, {sys.argv[3]} {sys.argv[4]}: {same}/{len(a['token_ids'])} greedy tokens equal, "
-      f"|logprob diff| mean {mean:.4f} max {max(d) if d else float('nan'):.4f} (until the first different token)")
-PY
+      specs=()
+      for n in "${tps[@]}"; do
+        timeout 300 "${mpirun_np[@]}" "$n" "$nosa" "${args[@]}" --tp "$n" >"$scratch/tp$n.json" \
+          2>>"$log" && specs+=("$n:$scratch/tp$n.json")
+      done
+      [ ${#specs[@]} -gt 0 ] &&
+        python3 scripts/tp_logits_check.py --name "$m $mode" "$scratch/tp1.json" "${specs[@]}" |
+        tee -a "$tp" "$summary"
     done
   done
-  bench 1 --suite decode --shape nosa-8b-like --mode nosa,dense --batch 64 --context 16384 \
-    --steps 8 --warmup 3 --tp 1
-  bench 2 --suite decode --shape nosa-8b-like --mode nosa,dense --batch 64 --context 16384 \
-    --steps 8 --warmup 3 --tp 2
-  bench 2 --suite offload --shape nosa-8b-like --mode nosa --batch 64 --context 16384 \
-    --steps 6 --warmup 2 --tp 2
-  bench 1 --suite offload --shape nosa-8b-like --mode nosa --batch 64 --context 16384 \
-    --steps 6 --warmup 2 --tp 1
+  # Scaling (rows labelled "tp": the report compares each TP = n with its own TP = 1 row).
+  for n in 1 "${tps[@]}"; do
+    bench "$n" --suite decode --shape nosa-8b-like --mode nosa,dense --batch 64 --context 16384 \
+      --steps 8 --warmup 3 --tp "$n" --label tp
+  done
+  [ $offload -eq 1 ] && for n in 1 "${tps[@]}"; do
+    bench "$n" --suite offload --shape nosa-8b-like --mode nosa --batch 64 --context 16384 \
+      --steps 6 --warmup 2 --tp "$n" --label tp
+  done
+  say ""
+  python3 scripts/bench_summary.py "$bench_out" | sed -n '/tensor-parallel scaling/,/^$/p' |
+    tee -a "$summary"
 fi
 say ""
 say "gpu-tiers-tp: done in $SECONDS s"

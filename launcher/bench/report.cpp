@@ -60,6 +60,11 @@ std::string fixed(double v) {
                    : fmt::format("{:.2f}", v);
 }
 
+std::string opt_fixed(const json& r, const char* key) {
+  auto v = num(r, key);
+  return v ? fixed(*v) : "-";
+}
+
 // ---- loading ------------------------------------------------------------------------------------
 
 std::string slurp(const std::string& path) {
@@ -148,9 +153,17 @@ std::string flag_value(const std::string& cmd, const std::string& flag) {
   return cmd.substr(b, e == std::string::npos ? std::string::npos : e - b);
 }
 
+bool is_sdpa(const json& r) { return mode(r).rfind("sdpa", 0) == 0; }
+
 json peer_rows(const json& peer_result) {
   const json& r = peer_result;
   json out = json::array();
+  if (is_sdpa(r)) {  // scripts/bench_sdpa.py: attention alone, no tokens/s (not in the charts)
+    json row = r;
+    if (!row.contains("tp")) row["tp"] = 1;
+    out.push_back(row);
+    return out;
+  }
   json common = {{"shape", str(r, "shape")}, {"mode", "transformers"}, {"tp", 1}};
   if (auto ms = num(r, "decode_step_ms")) {
     json d = common;
@@ -413,7 +426,10 @@ const std::vector<Kind>& kinds() {
        [](const json& r) { return label(r) + " " + bc(r) + tp_suffix(r); }},
       {"gpus", "Decode scaling with GPUs (tensor parallel)", "GPUs (tensor-parallel ranks)", "tp",
        "GPUs", Axis::log2, [](const json& r) { return decode_like(r) && !is_peer(r); },
-       [](const json& r) { return label(r) + " " + bc(r); }},
+       [](const json& r) {
+         const std::string l = str(r, "label");
+         return label(r) + " " + bc(r) + (l.empty() ? "" : " [" + l + "]");
+       }},
       {"prefill", "Prefill throughput vs prompt length", "prompt length (tokens)", "prompt_len",
        "prompt length", Axis::log2, [](const json& r) { return suite(r) == "prefill"; },
        [](const json& r) {
@@ -489,6 +505,13 @@ std::vector<Figure> make_figures(const std::vector<ResultRow>& rows) {
       if (build(false, fig) && runs.size() > 1) {
         fig.duplicates_dropped = 0;
         build(true, fig);
+      }
+      if (fig.x_key == "tp") {  // only configurations measured on several GPU counts
+        for (size_t i = fig.chart.series.size(); i-- > 0;)
+          if (fig.chart.series[i].points.size() < 2) {
+            fig.chart.series.erase(fig.chart.series.begin() + std::ptrdiff_t(i));
+            fig.rows.erase(fig.rows.begin() + std::ptrdiff_t(i));
+          }
       }
       bool worth = false;
       for (const Series& s : fig.chart.series) worth |= s.points.size() >= 2;
@@ -663,10 +686,14 @@ std::vector<Comparison> comparisons(const std::vector<ResultRow>& rows) {
             return suite(b) == "decode" && mode(b) == mode(r) && same(b) && tp(b) == tp(r);
           });
     if ((dec || off) && tp(r) > 1) {
-      const ResultRow* b = partner(rows, a, [&](const json& b) {
+      auto one_gpu = [&](const json& b) {
         return suite(b) == suite(r) && !controlled(b) && mode(b) == mode(r) && same(b) &&
                offload(b) == offload(r) && tp(b) == 1;
-      });
+      };
+      // The TP=1 row of the same label (the same scaling series) first.
+      const ResultRow* b = partner(
+          rows, a, [&](const json& b) { return one_gpu(b) && str(b, "label") == str(r, "label"); });
+      if (!b) b = partner(rows, a, one_gpu);
       if (b) {
         const double eff = tok_s(r) / tok_s(b->row) / tp(r);
         out.push_back({Cmp::tp_scaling,
@@ -709,6 +736,160 @@ std::string comparisons_markdown(const std::vector<ResultRow>& rows) {
                        config_of(c.a->row), fixed(tok_s(c.a->row)), fixed(tok_s(c.b->row)),
                        c.ratio(), c.note, c.a->source->run);
   return out;
+}
+
+// ---- attention against PyTorch SDPA, KV beyond HBM ----------------------------------------------
+
+namespace {
+
+std::string ms_or_dash(const json& r, const char* key) {
+  auto v = num(r, key);
+  return v ? fmt::format("{:.3f}", *v) : "-";
+}
+
+// The engine's decode rows of `sdpa`'s run at its shape, batch and context (one rank, KV in HBM),
+// the first of each mode.
+std::vector<const ResultRow*> engine_decode_rows(const std::vector<ResultRow>& rows,
+                                                 const ResultRow& sdpa) {
+  std::vector<const ResultRow*> out;
+  for (const ResultRow& e : rows) {
+    if (e.source->run != sdpa.source->run || suite(e.row) != "decode" || is_sdpa(e.row) ||
+        is_peer(e.row) || !measured(e.row) || tp(e.row) != 1 || offloaded(e.row) ||
+        shape(e.row) != shape(sdpa.row) || batch(e.row) != batch(sdpa.row) ||
+        context(e.row) != context(sdpa.row))
+      continue;
+    bool seen = false;
+    for (const ResultRow* o : out) seen |= mode(o->row) == mode(e.row);
+    if (!seen) out.push_back(&e);
+  }
+  return out;
+}
+
+const ResultRow* sdpa_partner(const std::vector<ResultRow>& rows, const ResultRow& a,
+                              const std::string& m) {
+  for (const ResultRow& b : rows)
+    if (b.source->run == a.source->run && mode(b.row) == m && suite(b.row) == suite(a.row) &&
+        shape(b.row) == shape(a.row) && batch(b.row) == batch(a.row) &&
+        context(b.row) == context(a.row) && !b.row.contains("skipped"))
+      return &b;
+  return nullptr;
+}
+
+}  // namespace
+
+std::string attention_markdown(const std::vector<ResultRow>& rows) {
+  std::string out;
+  // Decode: one line per engine mode at each (run, shape, batch, context) the SDPA peer measured.
+  std::string dec;
+  std::vector<const ResultRow*> sources;
+  for (const ResultRow& s : rows) {
+    if (suite(s.row) != "decode" || mode(s.row) != "sdpa") continue;
+    const ResultRow* sp = sdpa_partner(rows, s, "sdpa-sparse");
+    sources.push_back(&s);
+    auto line = [&](const ResultRow* e) {
+      const json none = json::object();
+      const json& er = e ? e->row : none;
+      const bool sparse = e && mode(er) != "dense";
+      // The PyTorch equivalent of the engine's work: SDPA over everything for dense, the
+      // selection, the gather and SDPA for the sparse modes.
+      std::optional<double> torch_ms =
+          s.row.contains("skipped") ? std::nullopt : num(s.row, "attn_step_ms");
+      if (sparse) torch_ms = sp ? num(sp->row, "select_step_ms") : std::nullopt;
+      const auto eng = e ? num(er, "attention_ms_median") : std::nullopt;
+      const std::string ratio =
+          torch_ms && eng && *eng > 0 ? fmt::format("{:.2f}x", *torch_ms / *eng) : "-";
+      dec += fmt::format("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n", shape(s.row),
+                         batch(s.row), tick_label(double(context(s.row))), e ? mode(er) : "-",
+                         e ? ms_or_dash(er, "step_ms_median") : "-",
+                         e ? ms_or_dash(er, "attention_ms_median") : "-",
+                         s.row.contains("skipped") ? "skipped" : ms_or_dash(s.row, "attn_step_ms"),
+                         sp ? ms_or_dash(sp->row, "attn_step_ms") : "-",
+                         sp ? ms_or_dash(sp->row, "select_step_ms") : "-", ratio, s.source->run);
+    };
+    const auto engines = engine_decode_rows(rows, s);
+    if (engines.empty()) line(nullptr);
+    for (const ResultRow* e : engines) line(e);
+  }
+  if (!dec.empty()) {
+    out +=
+        "Decode attention of one step, all layers, KV in HBM, one GPU (ms). Engine: the whole "
+        "step, and its attention alone (block selection and attention over the selected blocks; "
+        "dense: over all blocks). PyTorch: `scaled_dot_product_attention` over the whole context "
+        "(GQA), and what a PyTorch user would write for NOSA: gather the 64 selected 64-token "
+        "blocks (4096 tokens) then SDPA, and with the block selection (scores of the block keys, "
+        "top-k) first. The last ratio is PyTorch's equivalent of the engine's attention (dense: "
+        "SDPA; sparse modes: selection + gather + SDPA) over the engine's attention.\n\n"
+        "| shape | B | context | engine | step ms | attention ms | SDPA ms | gather + SDPA ms | "
+        "select + gather + SDPA ms | PyTorch / engine attention | run |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n" +
+        dec + "\n";
+  }
+  // Prefill: SDPA's causal attention alone against the engine's whole prefill.
+  std::string pre;
+  for (const ResultRow& s : rows) {
+    if (suite(s.row) != "prefill" || mode(s.row) != "sdpa") continue;
+    sources.push_back(&s);
+    const auto secs = num(s.row, "attn_seconds");
+    bool any = false;
+    for (const ResultRow& e : rows) {
+      if (e.source->run != s.source->run || suite(e.row) != "prefill" || is_sdpa(e.row) ||
+          !measured(e.row) || shape(e.row) != shape(s.row) ||
+          num_or(e.row, "prompts", -1) != num_or(s.row, "prompts", -2) ||
+          num_or(e.row, "prompt_len", -1) != num_or(s.row, "prompt_len", -2))
+        continue;
+      any = true;
+      const auto es = num(e.row, "seconds");
+      pre += fmt::format(
+          "| {} | {} x {} | {} | {} | {} | {} | {} | {} |\n", shape(s.row),
+          int64_t(num_or(s.row, "prompts", 0)), tick_label(num_or(s.row, "prompt_len", 0)),
+          secs ? fmt::format("{:.3f}", *secs) : "skipped", opt_fixed(s.row, "tflops"),
+          is_peer(e.row) ? "transformers" : mode(e.row), es ? fmt::format("{:.2f}", *es) : "-",
+          secs && es && *es > 0 ? fmt::format("{:.0f}%", 100 * *secs / *es) : "-", s.source->run);
+    }
+    if (!any)
+      pre += fmt::format("| {} | {} x {} | {} | {} | - | - | - | {} |\n", shape(s.row),
+                         int64_t(num_or(s.row, "prompts", 0)),
+                         tick_label(num_or(s.row, "prompt_len", 0)),
+                         secs ? fmt::format("{:.3f}", *secs) : "skipped",
+                         opt_fixed(s.row, "tflops"), s.source->run);
+  }
+  if (!pre.empty())
+    out +=
+        "Prefill: PyTorch SDPA's causal attention alone (flash / cuDNN / memory-efficient "
+        "backends; one layer timed, times the layer count) against the engine's whole prefill "
+        "(every layer's projections, MLP and attention) of the same prompts.\n\n"
+        "| shape | prompts x length | SDPA attention s (all layers) | SDPA TFLOP/s | engine | "
+        "engine prefill s | SDPA attention / engine prefill | run |\n"
+        "|---|---|---|---|---|---|---|---|\n" +
+        pre + "\n";
+  if (out.empty()) return "No PyTorch SDPA rows (scripts/bench_sdpa.py).\n";
+  return out + "Sources (run, file: machine; commit; date; command):\n\n" +
+         sources_markdown(sources) + "\n";
+}
+
+std::string capacity_markdown(const std::vector<ResultRow>& rows) {
+  std::string out;
+  std::vector<const ResultRow*> rs;
+  for (const ResultRow& r : rows) {
+    if (suite(r.row) != "offload" || controlled(r.row)) continue;
+    if (offload(r.row) != "host+disk" && num_or(r.row, "disk_gib", 0) <= 0) continue;
+    rs.push_back(&r);
+    const json& j = r.row;
+    out += fmt::format(
+        "| {} | {} | B={} C={}{} | {} | {} | {} | {} | {} | {} | {} | {} |\n", shape(j), label(j),
+        batch(j), tick_label(double(context(j))), tp_suffix(j),
+        j.contains("skipped") ? "skipped: " + str(j, "skipped")
+                              : (measured(j) ? fixed(tok_s(j)) : "-"),
+        ms_or_dash(j, "step_ms_median"), opt_fixed(j, "host_gib"), opt_fixed(j, "disk_gib"),
+        opt_fixed(j, "gpu_cache_gib"), opt_fixed(j, "populate_s"),
+        num(j, "miss_rate") ? fmt::format("{:.3f}", *num(j, "miss_rate")) : "-", r.source->run);
+  }
+  if (rs.empty()) return "No runs with KV on disk.\n";
+  return "| shape | mode | configuration | tokens/s | ms/step | host GiB | disk GiB | GPU cache "
+         "GiB "
+         "| populate s | miss rate | run |\n|---|---|---|---|---|---|---|---|---|---|---|\n" +
+         out + "\nSources (run, file: machine; commit; date; command):\n\n" + sources_markdown(rs) +
+         "\n";
 }
 
 // ---- targets ------------------------------------------------------------------------------------
@@ -864,6 +1045,30 @@ std::string targets_markdown(const std::vector<ResultRow>& rows) {
     lines.push_back({"TP=4 scaling efficiency (B=64, 16K; offloaded and not)", "issue 5",
                      rs.empty() ? "no rows" : text,
                      rs.empty() ? "not run" : "measured (no target)"});
+  }
+  // The engine's NOSA attention against what a PyTorch user would write (same run).
+  for (const std::string& sh : both) {
+    std::string text;
+    int pass = 0, total = 0;
+    for (const ResultRow& e : rows) {
+      const json& r = e.row;
+      const auto eng = num(r, "attention_ms_median");
+      if (shape(r) != sh || suite(r) != "decode" || mode(r) != "nosa" || !measured(r) ||
+          tp(r) != 1 || offloaded(r) || !eng || *eng <= 0)
+        continue;
+      const ResultRow* sp = sdpa_partner(rows, e, "sdpa-sparse");
+      const auto torch_ms = sp ? num(sp->row, "select_step_ms") : std::nullopt;
+      if (!torch_ms) continue;
+      const double v = *torch_ms / *eng;
+      text += fmt::format("{}{} ({}): {:.2f}x", total ? "; " : "", bc(r), e.source->run, v);
+      pass += v >= 1.0;
+      ++total;
+    }
+    lines.push_back(
+        {"NOSA decode attention (selection + sparse attention) faster than PyTorch's "
+         "selection + gather + SDPA, same run, " +
+             sh,
+         "issue 8", total ? text : "no rows", status_of(pass, total)});
   }
   {
     // The paper's full-attention baseline runs in its own system; the nearest here is dense

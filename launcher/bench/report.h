@@ -38,7 +38,9 @@ struct ResultRow {
 //   command=TEXT  the command of the runs that record none (after commands=)
 // PATH is .json ({"results": [...], "commit", "machine", ...}: one run; {"runs": [...]}; the peer
 // script's {"peer", "results"}), .jsonl (one run a line) or .csv (as `nosa bench --csv` writes).
-// Peer rows become rows of mode "transformers" (suites decode and prefill).
+// Peer rows become rows of mode "transformers" (suites decode and prefill); the SDPA peer's rows
+// (modes "sdpa", "sdpa-sparse") are kept as they are: attention times, no tokens/s, so they appear
+// only in attention_markdown.
 std::vector<ResultRow> load_results(const std::string& spec);
 
 // The rows of a run just made: `meta` is the JSON document `nosa bench --json` writes.
@@ -68,8 +70,14 @@ std::string figures_markdown(const std::vector<Figure>& figures, const std::stri
 // Markdown: ratios between rows of the same run (NOSA vs dense and InfLLM-V2, offloaded vs in
 // HBM, TP = n vs 1, the engine vs transformers).
 std::string comparisons_markdown(const std::vector<ResultRow>& rows);
-// Markdown: the targets of issues 3-5 and the paper's claims, met, not met or not run.
+// Markdown: the targets of issues 3-5 and 8 and the paper's claims, met, not met or not run.
 std::string targets_markdown(const std::vector<ResultRow>& rows);
+// Markdown: the engine's decode attention (and step) against PyTorch SDPA rows of the same run
+// (scripts/bench_sdpa.py: dense SDPA, gather + SDPA, selection + gather + SDPA), and SDPA's
+// causal prefill attention against the engine's prefill.
+std::string attention_markdown(const std::vector<ResultRow>& rows);
+// Markdown: offloaded runs with KV on disk (beyond HBM and host budgets): throughput and tiers.
+std::string capacity_markdown(const std::vector<ResultRow>& rows);
 
 // RFC 4180 CSV: rows of fields (quotes and doubled quotes undone).
 std::vector<std::vector<std::string>> parse_csv(const std::string& text);

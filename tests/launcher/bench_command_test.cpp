@@ -49,6 +49,9 @@ TEST(BenchCommand, DecodeSuiteWritesResultsWithMachineCommitAndFloor) {
     EXPECT_GT(row["tokens_per_s"].get<double>(), 0.0);
     EXPECT_GT(row["floor_ms"].get<double>(), 0.0);
     EXPECT_GT(row["ratio_to_floor"].get<double>(), 0.0);
+    // The attention alone (what the SDPA peer is compared with), all layers.
+    EXPECT_GT(row["attention_ms_median"].get<double>(), 0.0);
+    EXPECT_GT(row["attention_ms_per_layer"].get<double>(), 0.0);
   }
   const std::string csv = slurp(dir / "d.csv");
   EXPECT_NE(csv.find("tokens_per_s"), std::string::npos);
@@ -358,6 +361,166 @@ TEST(BenchCommand, ReportFromFilesPlotsGpuScalingAndChecksTargets) {
                     "host and disk | issue 4 | no rows | **not run** |"),
             std::string::npos)
       << md;
+}
+
+TEST(BenchCommand, ReportFromPeersComparesAttentionWithSdpaAndShowsScalingAndKvOnDisk) {
+  TempDir dir;
+  using nlohmann::json;
+  auto decode_row = [](const char* mode, int tp, double tok_s, double attn_ms,
+                       const char* label = "") {
+    return json{{"suite", "decode"},
+                {"shape", "nosa-8b-like"},
+                {"mode", mode},
+                {"batch", 64},
+                {"context", 16384},
+                {"tp", tp},
+                {"offload", "none"},
+                {"tokens_per_s", tok_s},
+                {"label", label},
+                {"step_ms_median", 64e3 / tok_s},
+                {"attention_ms_median", attn_ms}};
+  };
+  const json machine = {{"backend", "cuda:0 (GPU)"}, {"gpu", "4 x NVIDIA H200"}, {"gpus", 4}};
+  // bench.jsonl as scripts/gpu-report-run.sh writes it: decode (one GPU), prefill, the scaling
+  // series (label "tp", TP = 1, 2, 4) and the run with KV on disk.
+  json dec = {{"commit", "abc1234"},
+              {"suite", "decode"},
+              {"tp", 1},
+              {"machine", machine},
+              {"command", "nosa bench --suite decode"},
+              {"results", {decode_row("nosa", 1, 4000, 4.0), decode_row("dense", 1, 3000, 10.0)}}};
+  json pre = {{"commit", "abc1234"},
+              {"suite", "prefill"},
+              {"tp", 1},
+              {"machine", machine},
+              {"results",
+               {{{"suite", "prefill"},
+                 {"shape", "nosa-8b-like"},
+                 {"mode", "nosa"},
+                 {"prompts", 16},
+                 {"prompt_len", 16384},
+                 {"seconds", 18.0},
+                 {"tokens_per_s", 14563.0}}}}};
+  std::vector<json> tp_docs;
+  for (auto [tp, tok_s] : {std::pair{1, 4500.0}, {2, 8100.0}, {4, 14400.0}}) {
+    json d = dec;
+    d["tp"] = tp;
+    d["command"] = fmt::format("mpirun -np {} nosa bench --suite decode --label tp", tp);
+    d["results"] = {decode_row("nosa", tp, tok_s, 0, "tp")};
+    d["results"][0].erase("attention_ms_median");
+    tp_docs.push_back(d);
+  }
+  json disk = {{"commit", "abc1234"},
+               {"suite", "offload"},
+               {"tp", 1},
+               {"machine", machine},
+               {"results",
+                {{{"suite", "offload"},
+                  {"shape", "nosa-8b-like"},
+                  {"mode", "nosa"},
+                  {"batch", 32},
+                  {"context", 131072},
+                  {"offload", "host+disk"},
+                  {"controlled_miss_rate", nullptr},
+                  {"tokens_per_s", 100.0},
+                  {"step_ms_median", 320.0},
+                  {"host_gib", 96.0},
+                  {"disk_gib", 32.4},
+                  {"gpu_cache_gib", 1.1},
+                  {"populate_s", 70.0},
+                  {"miss_rate", 0.15}}}}};
+  // peers.jsonl: the SDPA peer (attention alone) and the transformers peer.
+  const json sdpa = {{"peer", "pytorch sdpa"},
+                     {"commit", "abc1234"},
+                     {"machine", machine},
+                     {"command", "python3 scripts/bench_sdpa.py"},
+                     {"results",
+                      {{{"suite", "decode"},
+                        {"mode", "sdpa"},
+                        {"shape", "nosa-8b-like"},
+                        {"batch", 64},
+                        {"context", 16384},
+                        {"layers", 32},
+                        {"attn_step_ms", 12.0},
+                        {"attn_layer_ms", 0.375}},
+                       {{"suite", "decode"},
+                        {"mode", "sdpa-sparse"},
+                        {"shape", "nosa-8b-like"},
+                        {"batch", 64},
+                        {"context", 16384},
+                        {"layers", 32},
+                        {"attn_step_ms", 6.0},
+                        {"select_step_ms", 9.0}},
+                       {{"suite", "prefill"},
+                        {"mode", "sdpa"},
+                        {"shape", "nosa-8b-like"},
+                        {"prompts", 16},
+                        {"prompt_len", 16384},
+                        {"attn_seconds", 2.88},
+                        {"tflops", 390.0}}}}};
+  const json tf = {{"peer", "transformers"},
+                   {"results",
+                    {{{"shape", "nosa-8b-like"},
+                      {"batch", 64},
+                      {"context", 16384},
+                      {"decode_step_ms", 400.0}}}}};
+  std::filesystem::create_directories(dir / "run");
+  {
+    std::ofstream b(dir / "run" / "bench.jsonl");
+    for (const json& d : {dec, pre, tp_docs[0], tp_docs[1], tp_docs[2], disk})
+      b << d.dump() << "\n";
+    std::ofstream p(dir / "run" / "peers.jsonl");
+    p << sdpa.dump() << "\n" << tf.dump() << "\n";
+  }
+  auto r = run_command(fmt::format(
+      "{} bench --report-from {} {} --plot {} --markdown {} "
+      "--report-sections figures,comparisons,targets,attention,capacity",
+      nosa_binary(), (dir / "run" / "bench.jsonl").string(), (dir / "run" / "peers.jsonl").string(),
+      (dir / "plots").string(), (dir / "report.md").string()));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::string md = slurp(dir / "report.md");
+  // Decode attention: the engine's (4 ms NOSA, 10 ms dense) against SDPA (12 ms dense; 9 ms for
+  // selection + gather + SDPA).
+  EXPECT_NE(md.find("| nosa-8b-like | 64 | 16K | nosa | 16.000 | 4.000 | 12.000 | 6.000 | 9.000 | "
+                    "2.25x | run |"),
+            std::string::npos)
+      << md;
+  EXPECT_NE(md.find("| nosa-8b-like | 64 | 16K | dense | 21.333 | 10.000 | 12.000 | 6.000 | "
+                    "9.000 | 1.20x | run |"),
+            std::string::npos)
+      << md;
+  // Prefill: SDPA's attention alone is 16% of the engine's whole prefill.
+  EXPECT_NE(md.find("| nosa-8b-like | 16 x 16K | 2.880 | 390 | nosa | 18.00 | 16% | run |"),
+            std::string::npos)
+      << md;
+  EXPECT_NE(md.find("`python3 scripts/bench_sdpa.py`"), std::string::npos) << md;
+  // The target of the SDPA comparison.
+  EXPECT_NE(md.find("selection + gather + SDPA, same run, nosa-8b-like | issue 8 | B=64 C=16K "
+                    "(run): 2.25x | **met** |"),
+            std::string::npos)
+      << md;
+  // Scaling: the labelled series against its own TP=1 row, efficiency in the targets.
+  EXPECT_NE(md.find("| TP=4 vs TP=1, nosa KV in HBM | nosa-8b-like | B=64 C=16K TP=4 | 14400 | "
+                    "4500 | 3.20x | efficiency 0.80 | run |"),
+            std::string::npos)
+      << md;
+  EXPECT_NE(md.find("nosa-8b-like nosa (run): 0.80 | **measured (no target)** |"),
+            std::string::npos)
+      << md;
+  // The GPUs chart holds only the series measured on several GPU counts.
+  EXPECT_NE(md.find("| nosa B=64 C=16K [tp] | 4 | 14400 |"), std::string::npos) << md;
+  EXPECT_EQ(md.find("| nosa B=64 C=16K | 1 |"), std::string::npos) << md;
+  DecodedPng png;
+  ASSERT_TRUE(decode_png(slurp(dir / "plots" / "gpus-nosa-8b-like.png"), png));
+  // KV on disk: its own table and the beyond-HBM target.
+  EXPECT_NE(md.find("| nosa-8b-like | nosa host+disk | B=32 C=128K | 100 | 320.000 | 96.0 | 32.4 | "
+                    "1.10 | 70.0 | 0.150 | run |"),
+            std::string::npos)
+      << md;
+  EXPECT_NE(md.find("100 tok/s, host 96 GiB, disk 32 GiB (run run) | **met** |"), std::string::npos)
+      << md;
+  // SDPA rows carry no tokens/s: they are in no chart and no tokens/s comparison.
+  EXPECT_EQ(md.find("| sdpa"), std::string::npos) << md;
 }
 
 TEST(BenchCommand, ReportFromAMissingFileIsAClearError) {
