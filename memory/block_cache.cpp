@@ -1,53 +1,70 @@
 #include "memory/block_cache.h"
 
+#include <algorithm>
+
 #include "runtime/core/error.h"
 
 namespace nosa::memory {
 
-BlockCache::BlockCache(int64_t capacity, int64_t n_chunks)
-    : slot_of_chunk_(n_chunks, -1),
+BlockCache::BlockCache(int64_t capacity, int64_t n_chunks, int64_t per_block, int64_t heads)
+    : per_block_(per_block),
+      heads_(heads > 0 ? heads : 1),
+      n_blocks_(per_block > 0 ? n_chunks / per_block : 0),
+      slot_of_chunk_(n_chunks, -1),
       chunk_of_slot_(capacity, -1),
-      pins_(capacity, 0),
-      round_of_slot_(capacity, 0),
-      prev_(capacity, -1),
-      next_(capacity, -1) {
+      state_(capacity) {
   NOSA_CHECK(capacity > 0 && capacity < (int64_t(1) << 31), "bad block cache capacity {}",
              capacity);
+  NOSA_CHECK(per_block == 0 || (n_chunks % per_block == 0 && per_block % heads_ == 0),
+             "bad block cache layout");
   free_.reserve(capacity);
   for (int64_t s = capacity - 1; s >= 0; --s) free_.push_back(int32_t(s));
 }
 
 void BlockCache::unlink(int32_t s) {
-  if (prev_[s] >= 0) next_[prev_[s]] = next_[s]; else head_ = next_[s];
-  if (next_[s] >= 0) prev_[next_[s]] = prev_[s]; else tail_ = prev_[s];
-  prev_[s] = next_[s] = -1;
+  SlotState& x = state_[s];
+  if (x.prev >= 0) state_[x.prev].next = x.next; else head_ = x.next;
+  if (x.next >= 0) state_[x.next].prev = x.prev; else tail_ = x.prev;
+  x.prev = x.next = -1;
 }
 
 void BlockCache::push_back(int32_t s) {
-  prev_[s] = tail_;
-  next_[s] = -1;
-  if (tail_ >= 0) next_[tail_] = s; else head_ = s;
+  state_[s].prev = tail_;
+  state_[s].next = -1;
+  if (tail_ >= 0) state_[tail_].next = s; else head_ = s;
   tail_ = s;
 }
 
 void BlockCache::acquire(const ChunkId* chunks, int64_t n, int32_t* slots,
                          std::vector<Load>& loads) {
   ++round_;
-  // Hits first, so that no miss of this round evicts a chunk the round wants.
-  for (int64_t i = 0; i < n; ++i) slots[i] = touch(chunks[i]);
+  // Hits first, so that no miss of this round evicts a chunk the round wants. The map and the
+  // slots' state are scattered: each is fetched a few entries ahead.
+  constexpr int64_t k_ahead = 16;
+  for (int64_t i = 0; i < std::min(n, k_ahead); ++i)
+    __builtin_prefetch(&slot_of_chunk_[index(chunks[i])]);
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + k_ahead < n) __builtin_prefetch(&slot_of_chunk_[index(chunks[i + k_ahead])]);
+    if (i + k_ahead / 2 < n) {
+      const int32_t s = slot_of_chunk_[index(chunks[i + k_ahead / 2])];
+      if (s >= 0) __builtin_prefetch(&state_[s]);
+    }
+    slots[i] = touch(chunks[i]);
+  }
   for (int64_t i = 0; i < n; ++i)
-    if (slots[i] < 0) slots[i] = slot_of_chunk_[chunks[i]] >= 0 ? touch(chunks[i]) : fill(chunks[i], loads);
+    if (slots[i] < 0) slots[i] = resident(chunks[i]) ? touch(chunks[i]) : fill(chunks[i], loads);
 }
 
 int32_t BlockCache::touch(ChunkId chunk) {
-  int32_t s = slot_of_chunk_[chunk];
+  int32_t s = slot_of_chunk_[index(chunk)];
   if (s < 0) return -1;
-  if (round_of_slot_[s] != round_) ++stats_.hits;
-  if (pins_[s] == 0) {  // pinned slots are off the LRU list
+  SlotState& x = state_[s];
+  if (x.round != round_) ++stats_.hits;
+  if (x.pins == 0 && tail_ != s) {  // pinned slots are off the LRU list
     unlink(s);
     push_back(s);
   }
-  round_of_slot_[s] = round_;
+  x.round = round_;
   return s;
 }
 
@@ -63,54 +80,55 @@ int32_t BlockCache::fill(ChunkId chunk, std::vector<Load>& loads) {
     // The least recently used unpinned slot (pinned ones are off the list). Slots used in this
     // round sit at the recent end, so if the oldest was used in this round, all were.
     s = head_;
-    NOSA_CHECK_CODE(s >= 0 && round_of_slot_[s] != round_, ErrorCode::resource_exhausted,
+    NOSA_CHECK_CODE(s >= 0 && state_[s].round != round_, ErrorCode::resource_exhausted,
                     "the GPU block cache ({} slots) cannot hold the blocks one step selects; "
                     "raise --gpu-kv-gib or lower the batch",
                     capacity());
     unlink(s);
     evicted = chunk_of_slot_[s];
-    slot_of_chunk_[evicted] = -1;
+    slot_of_chunk_[index(evicted)] = -1;
     ++stats_.evictions;
   }
   chunk_of_slot_[s] = chunk;
-  slot_of_chunk_[chunk] = s;
-  round_of_slot_[s] = round_;
+  slot_of_chunk_[index(chunk)] = s;
+  state_[s].round = round_;
   push_back(s);
   loads.push_back({chunk, s, evicted});
   return s;
 }
 
 void BlockCache::pin(ChunkId chunk) {
-  int32_t s = slot_of_chunk_[chunk];
+  int32_t s = slot_of_chunk_[index(chunk)];
   NOSA_ASSERT(s >= 0, "pinning chunk {} that is not resident", chunk);
-  if (pins_[s]++ == 0) unlink(s);
+  if (state_[s].pins++ == 0) unlink(s);
 }
 
 void BlockCache::unpin(ChunkId chunk) {
-  int32_t s = slot_of_chunk_[chunk];
-  NOSA_ASSERT(s >= 0 && pins_[s] > 0, "unpinning chunk {} that is not pinned", chunk);
-  if (--pins_[s] == 0) push_back(s);
+  int32_t s = slot_of_chunk_[index(chunk)];
+  NOSA_ASSERT(s >= 0 && state_[s].pins > 0, "unpinning chunk {} that is not pinned", chunk);
+  if (--state_[s].pins == 0) push_back(s);
 }
 
 bool BlockCache::pinned(ChunkId chunk) const {
-  int32_t s = slot_of_chunk_[chunk];
-  return s >= 0 && pins_[s] > 0;
+  int32_t s = slot_of_chunk_[index(chunk)];
+  return s >= 0 && state_[s].pins > 0;
 }
 
 void BlockCache::drop(ChunkId chunk) {
-  int32_t s = slot_of_chunk_[chunk];
+  const int64_t i = index(chunk);
+  int32_t s = slot_of_chunk_[i];
   if (s < 0) return;
-  if (pins_[s] == 0) unlink(s);
-  pins_[s] = 0;
+  if (state_[s].pins == 0) unlink(s);
+  state_[s].pins = 0;
   chunk_of_slot_[s] = -1;
-  slot_of_chunk_[chunk] = -1;
+  slot_of_chunk_[i] = -1;
   free_.push_back(s);
   --used_;
 }
 
 std::vector<int32_t> BlockCache::lru_order() const {
   std::vector<int32_t> out;
-  for (int32_t s = head_; s >= 0; s = next_[s]) out.push_back(s);
+  for (int32_t s = head_; s >= 0; s = state_[s].next) out.push_back(s);
   return out;
 }
 

@@ -19,8 +19,10 @@ struct CacheStats {
 
 class BlockCache {
  public:
-  // capacity: slots on the device; n_chunks: the largest chunk id + 1.
-  BlockCache(int64_t capacity, int64_t n_chunks);
+  // capacity: slots on the device; n_chunks: the largest chunk id + 1. With `per_block` (chunks
+  // of one block: layers x heads) and `heads`, the chunk -> slot map is laid out layer-major, so
+  // that one layer's lookups (one round) stay within a small part of it.
+  BlockCache(int64_t capacity, int64_t n_chunks, int64_t per_block = 0, int64_t heads = 0);
 
   struct Load {
     ChunkId chunk;
@@ -33,8 +35,8 @@ class BlockCache {
   // resource_exhausted when they do not fit beside the pinned chunks.
   void acquire(const ChunkId* chunks, int64_t n, int32_t* slots, std::vector<Load>& loads);
   // A resident chunk's slot, or -1.
-  int32_t slot_of(ChunkId chunk) const { return slot_of_chunk_[chunk]; }
-  bool resident(ChunkId chunk) const { return slot_of_chunk_[chunk] >= 0; }
+  int32_t slot_of(ChunkId chunk) const { return slot_of_chunk_[index(chunk)]; }
+  bool resident(ChunkId chunk) const { return slot_of_chunk_[index(chunk)] >= 0; }
 
   // Pinned chunks stay resident (counted: pin twice, unpin twice).
   void pin(ChunkId chunk);
@@ -55,11 +57,21 @@ class BlockCache {
   void unlink(int32_t slot);
   void push_back(int32_t slot);  // most recently used end
 
-  std::vector<int32_t> slot_of_chunk_;
+  int64_t index(ChunkId chunk) const {
+    if (per_block_ == 0) return chunk;
+    const int64_t b = chunk / per_block_, r = chunk % per_block_;
+    return ((r / heads_) * n_blocks_ + b) * heads_ + r % heads_;
+  }
+  int64_t per_block_ = 0, heads_ = 1, n_blocks_ = 0;
+  std::vector<int32_t> slot_of_chunk_;  // by index(chunk)
   std::vector<ChunkId> chunk_of_slot_;  // -1 when free
-  std::vector<int32_t> pins_;
-  std::vector<uint64_t> round_of_slot_;
-  std::vector<int32_t> prev_, next_;  // LRU list over used slots; head_ = least recent
+  // Per slot, together (one cache line per touch): last round used, pins, LRU neighbours.
+  struct SlotState {
+    uint64_t round = 0;
+    int32_t pins = 0;
+    int32_t prev = -1, next = -1;  // LRU list over used unpinned slots; head_ = least recent
+  };
+  std::vector<SlotState> state_;
   int32_t head_ = -1, tail_ = -1;
   std::vector<int32_t> free_;
   int64_t used_ = 0;

@@ -31,7 +31,8 @@ KvTiers::KvTiers(const TierShape& shape, const TierBudget& budget, HostAllocator
     : shape_(shape),
       budget_(budget),
       block_bytes_(size_t(shape.chunks_per_block()) * shape.chunk_bytes()),
-      cache_(budget.device_slots, shape.n_blocks * shape.chunks_per_block()) {
+      cache_(budget.device_slots, shape.n_blocks * shape.chunks_per_block(),
+             shape.chunks_per_block(), shape.n_kv_heads) {
   NOSA_CHECK(shape.n_blocks > 0 && budget.host_blocks > 0, "empty KV tiers");
   const int64_t host_blocks = std::min(budget.host_blocks, shape.n_blocks);
   host_ = std::make_unique<HostStore>(block_bytes_, host_blocks, allocator);
@@ -53,8 +54,7 @@ KvTiers::KvTiers(const TierShape& shape, const TierBudget& budget, HostAllocator
   host_listed_.assign(host_blocks, 0);
   for (int64_t s = host_blocks - 1; s >= 0; --s) free_host_.push_back(s);
   writing_.assign(shape.n_blocks, 0);
-  selected_step_.assign(shape.n_blocks * shape.chunks_per_block(), 0);
-  seen_.assign(shape.n_blocks * shape.chunks_per_block(), 0);
+  marks_.assign(size_t(shape.n_blocks * shape.chunks_per_block()), ChunkMark{});
   block_seen_.assign(shape.n_blocks, 0);
 }
 
@@ -213,18 +213,26 @@ void KvTiers::begin_step(const std::vector<int32_t>& writes, const std::vector<i
 void KvTiers::select(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads) {
   const int64_t per = shape_.chunks_per_block();
   if (++seen_stamp_ == 0) {  // wrapped: forget every stamp
-    std::fill(seen_.begin(), seen_.end(), 0u);
+    for (ChunkMark& m : marks_) m.seen = 0;
     seen_stamp_ = 1;
   }
   unique_.clear();
   int32_t last_block = -1;
+  constexpr int64_t k_ahead = 16;  // the marks are scattered: fetch them ahead
+  for (int64_t i = 0; i < std::min(n, k_ahead); ++i)
+    __builtin_prefetch(&marks_[size_t(shape_.layer_major(chunks[i]))]);
   for (int64_t i = 0; i < n; ++i) {
     const ChunkId c = chunks[i];
-    if (seen_[c] == seen_stamp_) continue;  // asked for already in this call
-    seen_[c] = seen_stamp_;
+    if (i + k_ahead < n)
+      __builtin_prefetch(&marks_[size_t(shape_.layer_major(chunks[i + k_ahead]))]);
+    ChunkMark& m = marks_[size_t(shape_.layer_major(c))];
+    if (m.seen == seen_stamp_) continue;  // asked for already in this call
+    m.seen = seen_stamp_;
     unique_.push_back(c);
-    if (selected_step_[c] + 1 == step_) ++stats_.overlap;
-    selected_step_[c] = step_;
+    if (m.step + 1 == step_) ++stats_.overlap;
+    m.step = step_;
+    // Host recency decides which blocks move to disk: without a disk tier nothing does.
+    if (!disk_) continue;
     const int32_t b = int32_t(c / per);
     if (b == last_block) continue;  // the heads of one block come together
     last_block = b;
@@ -460,7 +468,7 @@ void KvTiers::release(const std::vector<int32_t>& blocks) {
   for (int32_t b : blocks) {
     for (int64_t i = 0; i < per; ++i) {
       cache_.drop(b * per + i);
-      selected_step_[b * per + i] = 0;
+      marks_[size_t(shape_.layer_major(b * per + i))].step = 0;
     }
     if (host_slot_of_block_[b] >= 0) {
       host_unlink(host_slot_of_block_[b]);

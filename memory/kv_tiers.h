@@ -39,6 +39,12 @@ struct TierShape {
   ChunkId chunk(int64_t block, int layer, int head) const {
     return (block * n_layers + layer) * n_kv_heads + head;
   }
+  // The chunk's place in per-chunk arrays laid out layer-major: one layer's selection (what one
+  // round touches) then falls within n_blocks * n_kv_heads entries instead of all of them.
+  int64_t layer_major(ChunkId c) const {
+    const int64_t per = chunks_per_block(), b = c / per, r = c % per;
+    return ((r / n_kv_heads) * n_blocks + b) * n_kv_heads + r % n_kv_heads;
+  }
 };
 
 struct TierBudget {
@@ -151,8 +157,13 @@ class KvTiers {
   std::vector<int64_t> free_host_, free_disk_;
   std::vector<uint8_t> writing_;       // per block: pinned as a block being written
   std::vector<int32_t> step_reads_;
-  std::vector<uint64_t> selected_step_;  // per chunk: the last step that selected it
-  std::vector<uint32_t> seen_;            // per chunk: the select() call that last saw it
+  // Per chunk (layer-major): the select() call that last saw it (duplicates) and the last step
+  // that selected it (overlap), side by side so that one cache line serves both.
+  struct ChunkMark {
+    uint32_t seen = 0;
+    uint32_t step = 0;
+  };
+  std::vector<ChunkMark> marks_;
   uint32_t seen_stamp_ = 0;
   std::vector<uint32_t> block_seen_;      // per block: the read_back() call that last saw it
   uint32_t block_stamp_ = 0;
@@ -165,7 +176,8 @@ class KvTiers {
   char* bounce_ = nullptr;  // disk reads land here before their host slot's block moves out
   size_t bounce_slots_ = 0;
   std::vector<int32_t> failed_;
-  uint64_t step_ = 1, tick_ = 1;
+  uint32_t step_ = 1;
+  uint64_t tick_ = 1;
   uint64_t round_tick_ = 0;  // host blocks touched since this tick serve pending loads
   TierStats stats_;
   std::function<void()> before_host_reuse_;
