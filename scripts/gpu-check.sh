@@ -3,13 +3,14 @@
 # Ubuntu 24.04, nvcc 13, CMake and ninja on PATH, no network): configures and builds nosa with the
 # CUDA backend (sm_90 unless CUDA_ARCH says otherwise) on every core, runs the gpu-labelled tests,
 # the end-to-end check against transformers, `nosa bench` (decode and prefill) and the
-# transformers peer, and writes a summary and the results under RESULTS (default: $OUT when set,
-# else build-gpu/results):
+# transformers and PyTorch SDPA peers, and writes a summary and the results under RESULTS
+# (default: $OUT when set, else build-gpu/results):
 #   summary.txt              what ran, pass/fail, the benchmark table with commands
 #   log.txt                  everything the steps printed
 #   transformers_check.json  the check against transformers
 #   bench.json, bench.csv    every `nosa bench` result (machine, commit, configuration)
 #   peer.json                transformers generate on the same shapes
+#   sdpa.json                PyTorch SDPA attention alone on the same shapes (scripts/bench_sdpa.py)
 #
 #   scripts/gpu-check.sh [--quick] [--no-tests] [--no-bench] [--no-peer] [--jobs N]
 # --quick runs a small benchmark set (for a first look); rerunning reuses the build directory.
@@ -140,6 +141,22 @@ if [ $peer -eq 1 ] && [ $bench -eq 1 ]; then
     # shellcheck disable=SC2086
     timeout 900 python3 $peer_cmd --out "$results/peer.json" >>"$log" 2>&1 ||
       say "transformers peer FAILED (see log.txt)"
+  fi
+fi
+# The attention peer: PyTorch SDPA alone on the decode suite's shapes (and 16 x 16K prefill).
+if [ $peer -eq 1 ] && [ $bench -eq 1 ]; then
+  if [ $quick -eq 1 ]; then
+    sdpa_cmd="scripts/bench_sdpa.py --shape nosa-1b-like --batch 16,64 --context 16384 --prompts 4"
+  else
+    sdpa_cmd="scripts/bench_sdpa.py --shape nosa-1b-like,nosa-8b-like --batch 1,16,64 --context 16384,32768"
+  fi
+  if late; then
+    say "skipped (deadline): python3 $sdpa_cmd"
+  else
+    step "python3 $sdpa_cmd"
+    # shellcheck disable=SC2086
+    timeout 300 python3 $sdpa_cmd --commit "$commit" --out "$results/sdpa.json" >>"$log" 2>&1 ||
+      say "SDPA peer FAILED (see log.txt)"
   fi
 fi
 # The 8b prefill last: the longest step.

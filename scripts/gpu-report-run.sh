@@ -5,7 +5,8 @@
 # step has its own timeout; a failure is logged and the run goes on.
 #
 #   A  build (cmake + ninja -j60)
-#   B  four lanes at once, one GPU each (one after the other with fewer than 4 GPUs, or --serial):
+#   B  four lanes at once, one GPU and a quarter of the cores each (one after the other with fewer
+#      than 4 GPUs, or --serial):
 #        GPU 0  nosa bench decode (1b, 8b: dense / infllmv2 / nosa, B = 1, 16, 64, 16K and 32K;
 #               each row also times the attention alone), prefill (16 x 16K, 1b and 8b)
 #        GPU 1  ctest -L gpu (single-GPU tests), the PyTorch SDPA peer (scripts/bench_sdpa.py),
@@ -173,8 +174,14 @@ bench() {
   [ -f "$json" ] && annotate "$json" "$scratch/bench.$lane.jsonl" "$lane"
 }
 
-in_lane() {  # in_lane GPU: the environment of a lane's commands
-  if [ $parallel -eq 1 ]; then export CUDA_VISIBLE_DEVICES=$1; fi
+in_lane() {  # in_lane K: lane K's GPU and a quarter of the cores (the CPU-heavy GPU tests must
+  # not slow the host side of another lane's steps)
+  [ $parallel -eq 1 ] || return 0
+  export CUDA_VISIBLE_DEVICES=$1
+  local q=$(($(nproc) / 4))
+  if [ "$q" -ge 1 ] && command -v taskset >/dev/null; then
+    taskset -cp "$(($1 * q))-$(($1 * q + q - 1))" "$BASHPID" >/dev/null 2>&1 || true
+  fi
 }
 
 # ---- A: build -----------------------------------------------------------------------------------
@@ -329,23 +336,26 @@ else
 fi
 say "tensor parallelism done at $(now) s"
 
+# The tables so far: in $OUT before phase D (a run killed at the call's limit keeps them).
+say ""
+python3 scripts/bench_summary.py "$bench_out" "$peers_out" 2>&1 | tee -a "$summary"
+
 # ---- D: KV beyond HBM (last: pins 96 GiB of host memory and writes the rest to disk) -------------
 kvdir=/tmp/nosa-kv
 left=$((deadline - 20 - $(now)))
 rm -rf "$kvdir"
 mkdir -p "$kvdir"
+say ""
+say "== KV beyond HBM (nosa-8b-like, 32 x 128K = 128 GiB of KV; host 96 GiB + disk), from $(now) s"
 bench D $((deadline - 20)) 60 "$left" 1 --suite offload --shape nosa-8b-like --mode nosa --batch 32 \
   --context 131072 --offload host+disk --host-kv-gib 96 --disk-kv-dir "$kvdir" --steps 3 --warmup 1
 rm -rf "$kvdir"
-say ""
-say "== KV beyond HBM (nosa-8b-like, 32 x 128K = 128 GiB of KV; host 96 GiB + disk)"
 cat "$scratch/sum.D" 2>/dev/null | tee -a "$summary"
 cat "$scratch/log.D" >>"$log" 2>/dev/null
 cat "$scratch/bench.D.jsonl" >>"$bench_out" 2>/dev/null
+python3 scripts/bench_summary.py "$scratch/bench.D.jsonl" 2>&1 | sed -n '/^KV on disk/,$p' |
+  tee -a "$summary"
 
-# ---- summary ------------------------------------------------------------------------------------
-say ""
-python3 scripts/bench_summary.py "$bench_out" "$peers_out" 2>&1 | tee -a "$summary"
 say ""
 say "gpu-report-run: done in $(now) s; files: $(cd "$results" && ls | tr '\n' ' ')"
 # The device tool returns files of at most 16 MiB: keep the end of a long log.

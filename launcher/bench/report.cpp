@@ -1038,8 +1038,8 @@ std::string targets_markdown(const std::vector<ResultRow>& rows) {
     std::vector<const ResultRow*> rs;
     for (const Comparison& c : cmps)
       if (c.kind == Cmp::tp_scaling && tp(c.a->row) == 4) {
-        text += fmt::format("{}{} {} ({}): {:.2f}", text.empty() ? "" : "; ", shape(c.a->row),
-                            label(c.a->row), c.a->source->run, c.ratio() / 4);
+        text += fmt::format("{}{} {} {} ({}): {:.2f}", text.empty() ? "" : "; ", shape(c.a->row),
+                            label(c.a->row), bc(c.a->row), c.a->source->run, c.ratio() / 4);
         rs.push_back(c.a);
       }
     lines.push_back({"TP=4 scaling efficiency (B=64, 16K; offloaded and not)", "issue 5",

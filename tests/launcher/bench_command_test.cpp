@@ -504,7 +504,7 @@ TEST(BenchCommand, ReportFromPeersComparesAttentionWithSdpaAndShowsScalingAndKvO
                     "4500 | 3.20x | efficiency 0.80 | run |"),
             std::string::npos)
       << md;
-  EXPECT_NE(md.find("nosa-8b-like nosa (run): 0.80 | **measured (no target)** |"),
+  EXPECT_NE(md.find("nosa-8b-like nosa B=64 C=16K (run): 0.80 | **measured (no target)** |"),
             std::string::npos)
       << md;
   // The GPUs chart holds only the series measured on several GPU counts.
