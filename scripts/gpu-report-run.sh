@@ -189,7 +189,7 @@ if [ $do_build -eq 1 ]; then
   nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
   step A "$deadline" 60 300 "build (ninja -j$jobs)" -- bash -c "cmake -S . -B '$build' -G Ninja \
     -DCMAKE_BUILD_TYPE=Release -DNOSA_CUDA=ON -DCMAKE_CUDA_COMPILER='$nvcc' \
-    -DCMAKE_CUDA_ARCHITECTURES='${CUDA_ARCH:-90}' && ninja -C '$build' -j$jobs"
+    -DCMAKE_CUDA_ARCHITECTURES='${CUDA_ARCH:-90}' && ninja -C '$build' -k 0 -j$jobs"
 fi
 cat "$scratch/sum.A" 2>/dev/null | tee -a "$summary"
 cat "$scratch/log.A" >>"$log" 2>/dev/null
