@@ -68,6 +68,26 @@ int32_t BlockCache::touch(ChunkId chunk) {
   return s;
 }
 
+int32_t BlockCache::touch_round(ChunkId chunk) {
+  int32_t s = slot_of_chunk_[index(chunk)];
+  if (s < 0) return -1;
+  if (state_[s].round != round_) ++stats_.hits;
+  state_[s].round = round_;
+  return s;
+}
+
+void BlockCache::settle(const int32_t* slots, int64_t n) {
+  constexpr int64_t k_ahead = 8;
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + k_ahead < n) __builtin_prefetch(&state_[slots[i + k_ahead]]);
+    const int32_t s = slots[i];
+    if (state_[s].pins == 0 && tail_ != s) {
+      unlink(s);
+      push_back(s);
+    }
+  }
+}
+
 int32_t BlockCache::fill(ChunkId chunk, std::vector<Load>& loads) {
   int32_t s = -1;
   ChunkId evicted = -1;
@@ -80,6 +100,13 @@ int32_t BlockCache::fill(ChunkId chunk, std::vector<Load>& loads) {
     // The least recently used unpinned slot (pinned ones are off the list). Slots used in this
     // round sit at the recent end, so if the oldest was used in this round, all were.
     s = head_;
+    // Hits marked in this round but not settled yet still sit where they were: they go to the
+    // recent end as they are met (in acquire() they are all there already).
+    for (int64_t moved = 0; s >= 0 && state_[s].round == round_ && moved < capacity(); ++moved) {
+      unlink(s);
+      push_back(s);
+      s = head_;
+    }
     NOSA_CHECK_CODE(s >= 0 && state_[s].round != round_, ErrorCode::resource_exhausted,
                     "the GPU block cache ({} slots) cannot hold the blocks one step selects; "
                     "raise --gpu-kv-gib or lower the batch",

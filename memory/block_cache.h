@@ -34,6 +34,16 @@ class BlockCache {
   // resident are hits) and writes their slots; each miss appends the load to perform. Throws
   // resource_exhausted when they do not fit beside the pinned chunks.
   void acquire(const ChunkId* chunks, int64_t n, int32_t* slots, std::vector<Load>& loads);
+  // The same in parts, so that loads can start before the hits' bookkeeping (the caller removes
+  // duplicates): begin_round(); mark() every chunk (a resident one is a hit: used in this round,
+  // so no eviction of the round takes it, but it keeps its place in the LRU list for now);
+  // load() every chunk mark() did not find; settle() the hits' slots (to the recent end, in
+  // order). Same slots, loads and statistics as acquire(); only the order within the round's
+  // end of the LRU list differs (the misses come before the hits).
+  void begin_round() { ++round_; }
+  int32_t mark(ChunkId chunk) { return touch_round(chunk); }
+  int32_t load(ChunkId chunk, std::vector<Load>& loads) { return fill(chunk, loads); }
+  void settle(const int32_t* slots, int64_t n);
   // A resident chunk's slot, or -1.
   int32_t slot_of(ChunkId chunk) const { return slot_of_chunk_[index(chunk)]; }
   bool resident(ChunkId chunk) const { return slot_of_chunk_[index(chunk)] >= 0; }
@@ -53,6 +63,7 @@ class BlockCache {
 
  private:
   int32_t touch(ChunkId chunk);  // a hit: marks the slot used in this round
+  int32_t touch_round(ChunkId chunk);  // the same without moving it in the LRU list
   int32_t fill(ChunkId chunk, std::vector<Load>& loads);  // a miss
   void unlink(int32_t slot);
   void push_back(int32_t slot);  // most recently used end

@@ -176,6 +176,10 @@ void KvTiers::acquire(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& 
   slots_.resize(size_t(n));
   misses_.clear();
   cache_.acquire(chunks, n, slots_.data(), misses_);
+  add_loads(loads);
+}
+
+void KvTiers::add_loads(std::vector<ChunkCopy>& loads) {
   if (disk_) read_back(misses_);
   for (auto& m : misses_) {
     ChunkCopy c{m.chunk, m.slot, m.evicted, nullptr};
@@ -211,6 +215,11 @@ void KvTiers::begin_step(const std::vector<int32_t>& writes, const std::vector<i
 }
 
 void KvTiers::select(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads) {
+  select_misses(chunks, n, loads);
+  finish_select();
+}
+
+void KvTiers::select_misses(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads) {
   const int64_t per = shape_.chunks_per_block();
   if (++seen_stamp_ == 0) {  // wrapped: forget every stamp
     for (ChunkMark& m : marks_) m.seen = 0;
@@ -242,7 +251,27 @@ void KvTiers::select(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& l
   stats_.selected += int64_t(unique_.size());
   // Only the blocks read for this round's loads are protected from reuse until they are done.
   round_tick_ = tick_ + 1;
-  acquire(unique_.data(), int64_t(unique_.size()), loads);
+  struct Pending {
+    std::vector<ChunkCopy>*& slot;
+    ~Pending() { slot = nullptr; }
+  } guard{pending_};
+  pending_ = &loads;
+  // Hits first (marked: no miss of this round evicts them), then the misses.
+  cache_.begin_round();
+  hit_slots_.clear();
+  missing_.clear();
+  for (const ChunkId c : unique_) {
+    const int32_t s = cache_.mark(c);
+    if (s >= 0) hit_slots_.push_back(s); else missing_.push_back(c);
+  }
+  misses_.clear();
+  for (const ChunkId c : missing_) cache_.load(c, misses_);
+  add_loads(loads);
+}
+
+void KvTiers::finish_select() {
+  cache_.settle(hit_slots_.data(), int64_t(hit_slots_.size()));
+  hit_slots_.clear();
 }
 
 void KvTiers::read_back(const std::vector<BlockCache::Load>& misses) {

@@ -93,6 +93,11 @@ class KvTiers {
   // parallel. Throws resource_exhausted if they do not fit, io if a block could not be read from disk
   // (take_failed_blocks() names it).
   void select(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads);
+  // select() in two parts, so that the caller can start the loads before the hits' LRU
+  // bookkeeping is done: select_misses() appends the loads (the hits are safe from its
+  // evictions), finish_select() then moves the hits to the recent end of the LRU list.
+  void select_misses(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads);
+  void finish_select();
   // Step end: `full` blocks were completed in this step and are written back to the host
   // (appends the stores: device slot -> host, to be performed before the next step). Releases
   // the step's pins.
@@ -129,6 +134,7 @@ class KvTiers {
   void touch_host(int64_t slot);
   char* chunk_host(int64_t host_slot, ChunkId chunk) const;
   void acquire(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads);
+  void add_loads(std::vector<ChunkCopy>& loads);  // misses_ -> loads (host addresses, disk)
   // Brings the disk-only blocks of these misses to the host, several reads in flight.
   void read_back(const std::vector<BlockCache::Load>& misses);
   struct ReadBack {
@@ -169,7 +175,8 @@ class KvTiers {
   uint32_t block_stamp_ = 0;
   // Buffers reused by every call (no allocation per layer).
   std::vector<ChunkId> unique_;
-  std::vector<int32_t> slots_;
+  std::vector<int32_t> slots_, hit_slots_;
+  std::vector<ChunkId> missing_;
   std::vector<BlockCache::Load> misses_;
   std::vector<int32_t> back_;
   std::vector<ReadBack> group_;

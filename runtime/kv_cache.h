@@ -67,6 +67,7 @@ struct ResidencyTimes {
   int64_t index_ns = 0;  // selection entries -> chunk ids
   int64_t tiers_ns = 0;  // KvTiers::select: residency, LRU, disk reads
   int64_t enqueue_ns = 0;  // handing the loads to the backend
+  int64_t settle_ns = 0;   // the hits' LRU bookkeeping, overlapping the device's gather
 };
 
 class KvCache {

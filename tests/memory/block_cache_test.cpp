@@ -51,6 +51,28 @@ TEST(BlockCache, EvictsTheLeastRecentlySelected) {
   EXPECT_EQ(order[2], c.slot_of(4));
 }
 
+TEST(BlockCache, MarkedHitsAreSafeFromTheRoundsLoads) {
+  BlockCache c(3, 100);
+  std::vector<BlockCache::Load> loads;
+  acquire_all(c, {1, 2, 3}, loads);  // LRU order 1, 2, 3
+  loads.clear();
+  c.begin_round();
+  const int32_t s1 = c.mark(1);  // a hit that keeps its place (the head) until settled
+  EXPECT_GE(s1, 0);
+  EXPECT_EQ(c.mark(4), -1);
+  c.load(4, loads);
+  ASSERT_EQ(loads.size(), 1u);
+  EXPECT_EQ(loads[0].evicted, 2);  // not the marked head
+  c.settle(&s1, 1);
+  auto order = c.lru_order();
+  ASSERT_EQ(order.size(), 3u);
+  EXPECT_EQ(order[0], c.slot_of(3));
+  EXPECT_EQ(order[1], c.slot_of(4));
+  EXPECT_EQ(order[2], c.slot_of(1));
+  EXPECT_EQ(c.stats().hits, 1);
+  EXPECT_EQ(c.stats().misses, 4);
+}
+
 TEST(BlockCache, PinnedChunksAreNeverEvicted) {
   BlockCache c(2, 100);
   std::vector<BlockCache::Load> loads;
