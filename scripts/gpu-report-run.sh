@@ -91,6 +91,7 @@ parallel=0
 
 say() { echo "$*" | tee -a "$summary"; }
 say "nosa gpu-report-run  commit $commit  $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+[ "$commit" = unknown ] && say "WARNING: no commit recorded (set NOSA_COMMIT: this copy has no git history)"
 say "machine: $machine_text"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader 2>/dev/null |
   sed 's/^/  gpu /' | tee -a "$summary"
