@@ -130,7 +130,7 @@ if [ "$gpus" -ge 2 ]; then
     bench "$n" --suite decode --shape nosa-8b-like --mode nosa,dense --batch 64 --context 16384 \
       --steps 8 --warmup 3 --tp "$n" --label tp
   done
-  [ $offload -eq 1 ] && for n in 1 "${tps[@]}"; do
+  for n in 1 "${tps[@]}"; do
     bench "$n" --suite offload --shape nosa-8b-like --mode nosa --batch 64 --context 16384 \
       --steps 6 --warmup 2 --tp "$n" --label tp
   done
