@@ -40,6 +40,31 @@ __device__ void rank_select(const float* v, int nb, int k, int* flag) {
   }
 }
 
+// Writes the indices b < nb with flag[b] set to out, in ascending order, and returns how many:
+// one block-wide pass per blockDim.x indices (warp ballots, then the warps' counts in
+// warp_count[blockDim.x / 32]). Every thread of the block must call it.
+__device__ int compact_flags(const int* flag, int nb, int32_t* out, int* warp_count) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+  int base = 0;
+  for (int c0 = 0; c0 < nb; c0 += blockDim.x) {
+    const int b = c0 + threadIdx.x;
+    const bool f = b < nb && flag[b];
+    const unsigned ballot = __ballot_sync(0xffffffffu, f);
+    if (lane == 0) warp_count[warp] = __popc(ballot);
+    __syncthreads();
+    int offset = base, total = 0;
+    for (int w = 0; w < n_warps; ++w) {
+      const int c = warp_count[w];
+      if (w < warp) offset += c;
+      total += c;
+    }
+    if (f) out[offset + __popc(ballot & ((1u << lane) - 1u))] = b;
+    base += total;
+    __syncthreads();
+  }
+  return base;
+}
+
 // Logits go to shared memory when lg_smem (else to the global scratch).
 template <int D>
 __global__ void __launch_bounds__(k_threads, 1) select_kernel(SelectArgs a, int token_begin,
@@ -212,23 +237,7 @@ __global__ void __launch_bounds__(k_threads, 1) select_kernel(SelectArgs a, int 
   __syncthreads();
 
   // 6. Compaction in ascending block order.
-  int base = 0;
-  for (int c0 = 0; c0 < nb; c0 += blockDim.x) {
-    const int b = c0 + threadIdx.x;
-    const bool f = b < nb && sh.flag[b];
-    const unsigned ballot = __ballot_sync(0xffffffffu, f);
-    if (lane == 0) sh.warp_count[warp] = __popc(ballot);
-    __syncthreads();
-    int offset = base, total = 0;
-    for (int w = 0; w < k_warps; ++w) {
-      const int c = sh.warp_count[w];
-      if (w < warp) offset += c;
-      total += c;
-    }
-    if (f) out[offset + __popc(ballot & ((1u << lane) - 1u))] = b;
-    base += total;
-    __syncthreads();
-  }
+  compact_flags(sh.flag, nb, out, sh.warp_count);
   for (int i = k + threadIdx.x; i < a.k_max; i += blockDim.x) out[i] = -1;
 }
 
@@ -270,9 +279,10 @@ cudaError_t launch(const SelectArgs& a, cudaStream_t stream) {
 
 // ---- The split path (decode): four kernels over (key chunk | block chunk, KV head, token) -------
 //
-// 1. split_logits: 64 compressed keys of one (token, KV head) per thread block, one key per
-//    thread, its row in registers, all the group's heads; logits to the scratch, and each head's
-//    maximum over the chunk.
+// 1. split_logits: 64 K compressed keys of one (token, KV head) per thread block of 64 threads
+//    (K = 1 is launched, see launch_split), K keys per thread, the block's block-table lookups
+//    first, then the rows staged in shared memory, all the group's heads; logits to the scratch,
+//    and each head's maximum over each chunk of 64 keys.
 // 2. split_sums: each head's maximum over the chunks (exact), and per chunk each head's double sum
 //    of exp(double(logit - max)).
 // 3. split_pool: each head's sum over the chunks (in chunk order, so every block of a (token, head)
@@ -281,6 +291,8 @@ cudaError_t launch(const SelectArgs& a, cudaStream_t stream) {
 // 4. split_topk: one thread block of 512 threads per (token, KV head): the one or two top-k
 //    stages by radix selection over order-preserving integer keys, ties toward the lower block,
 //    and the compaction.
+// split_finish does 2-4 in one thread block per (token, KV head), the same arithmetic in the same
+// order, where that fills the GPU or a pair's logits are few (see k_finish_min_pairs).
 //
 // The dot products accumulate with fused multiply-add: q and the compressed keys are bf16, so
 // every product q[x] * ck[x] (8 + 8 significant bits) is exact in float32 and fma(q, c, acc) is
@@ -320,14 +332,18 @@ SplitLayout split_layout(int T, int H, int G, int m, int n_max, int nb_max) {
   return L;
 }
 
-// Kernel 1's shared memory: the query [G][d] and the warp maxima [2][G] (floats, rounded up to
-// 16 bytes), then the chunk's compressed-key rows [64][d / 8 + 1] (uint4; the pad spreads the rows
-// over the banks).
-__host__ __device__ inline size_t logits_rows_offset(int G, int d) {
-  return (size_t(G) * d + 2 * G + 3) / 4 * 4;
+// Kernel 1's shared memory: the query [G][d] and the warp maxima [2][K][G] (floats, rounded up
+// to 16 bytes), the chunks of the block's compressed keys [64 K + 1] (int64), then the block's
+// compressed-key rows [64 K][d / 8] (uint4, segment x of row r at x ^ (r & 7), so that eight
+// threads reading eight rows hit different banks).
+__host__ __device__ inline size_t logits_homes_offset(int G, int d, int K) {
+  return (size_t(G) * d + 2 * size_t(K) * G + 3) / 4 * 4;
 }
-size_t logits_smem(int G, int d) {
-  return sizeof(float) * logits_rows_offset(G, d) + 16 * size_t(k_split_keys) * (d / 8 + 1);
+__host__ __device__ inline size_t logits_rows_offset(int G, int d, int K) {
+  return logits_homes_offset(G, d, K) + ((size_t(k_split_keys) * K + 1) * 2 + 3) / 4 * 4;
+}
+size_t logits_smem(int G, int d, int K) {
+  return sizeof(float) * logits_rows_offset(G, d, K) + 16 * size_t(k_split_keys) * K * (d / 8);
 }
 size_t sums_smem(int G) { return sizeof(double) * 2 * G + sizeof(float) * G; }
 __host__ __device__ inline size_t pool_keys(const SplitLayout& L, int m) {
@@ -358,32 +374,61 @@ __device__ __forceinline__ TokenSel token_sel(const SelectArgs& a, int t) {
   return s;
 }
 
-template <int D>
+// Keys [j0, j0 + 64 K) of head h0..h0 + 7 (NH of them, all 8 when FULL): acc[k][hh] += the dot
+// product of key threadIdx.x + 64 k with query head h0 + hh, x in order.
+template <int D, int K, bool FULL>
+__device__ __forceinline__ void logits_dots(const float* sq, const uint4* rows, int h0, int NH,
+                                            float (&acc)[K][8]) {
+  constexpr int P = D / 8;
+  const int sw = threadIdx.x & 7;  // the swizzle of this thread's rows (row - threadIdx.x: 64 k)
+#pragma unroll 2
+  for (int x0 = 0; x0 < D; x0 += 8) {
+    float cv[K][8];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const uint4 raw = rows[(k * k_split_keys + threadIdx.x) * P + ((x0 / 8) ^ sw)];
+      const bf16* e = reinterpret_cast<const bf16*>(&raw);
+#pragma unroll
+      for (int xx = 0; xx < 8; ++xx) cv[k][xx] = __bfloat162float(e[xx]);
+    }
+#pragma unroll
+    for (int hh = 0; hh < 8; ++hh) {
+      if (FULL || hh < NH) {
+        const float4* qh = reinterpret_cast<const float4*>(sq + (h0 + hh) * D + x0);
+        const float4 qa = qh[0], qb = qh[1];
+        const float qv[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
+#pragma unroll
+        for (int xx = 0; xx < 8; ++xx)
+#pragma unroll
+          for (int k = 0; k < K; ++k) acc[k][hh] = __fmaf_rn(qv[xx], cv[k][xx], acc[k][hh]);
+      }
+    }
+  }
+}
+
+// K key chunks per thread block: thread i computes keys i, i + 64, ... of the block's 64 K, so
+// that every query value read from shared memory serves K keys.
+template <int D, int K>
 __global__ void __launch_bounds__(k_split_keys) split_logits(SelectArgs a, SplitLayout L) {
   extern __shared__ __align__(16) float sq[];  // see logits_smem
-  const int c = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
+  const int cg = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
   const TokenSel s = token_sel(a, t);
-  const int j0 = c * k_split_keys;
+  const int j0 = cg * K * k_split_keys;
   if (s.all || j0 >= s.n) return;
   const KvView& kv = a.kv;
   const int H = kv.n_kv_heads, G = a.group, m = kv.keys_per_block;
   const int64_t th = int64_t(t) * H + h;
-  // The chunk's rows, coalesced, straight into shared memory.
-  constexpr int P = D / 8, RS = P + 1;
-  uint4* rows = reinterpret_cast<uint4*>(sq + logits_rows_offset(G, D));
+  constexpr int P = D / 8;
+  int64_t* homes = reinterpret_cast<int64_t*>(sq + logits_homes_offset(G, D, K));
+  uint4* rows = reinterpret_cast<uint4*>(sq + logits_rows_offset(G, D, K));
+  // The chunks of the block's keys first, all lookups in flight at once; then the rows,
+  // coalesced, straight into shared memory.
+  const int jl = min(j0 + K * k_split_keys, s.n);  // keys [j0, jl)
+  const int lb0 = j0 / m, n_lb = (jl - 1) / m - lb0 + 1;
   {
     const int32_t* table = a.step.block_table + int64_t(a.step.token_seq[t]) * a.step.bt_stride;
-    const uint4* ck = static_cast<const uint4*>(kv.ck);
-#pragma unroll
-    for (int it = 0; it < P; ++it) {
-      const int idx = it * k_split_keys + threadIdx.x;
-      const int r = idx / P, x = idx % P, jr = j0 + r;
-      if (jr < s.n) {
-        const int64_t home = kv_chunk(kv, table[jr / m], a.layer, h);
-        cp_async16(rows + r * RS + x, ck + (home * m + jr % m) * P + x);
-      }
-    }
-    cp_async_commit();
+    for (int i = threadIdx.x; i < n_lb; i += blockDim.x)
+      homes[i] = kv_chunk(kv, table[lb0 + i], a.layer, h);
   }
   const uint4* q = reinterpret_cast<const uint4*>(static_cast<const bf16*>(a.q) + th * G * D);
   for (int i = threadIdx.x; i < G * D / 8; i += blockDim.x) {
@@ -392,50 +437,57 @@ __global__ void __launch_bounds__(k_split_keys) split_logits(SelectArgs a, Split
 #pragma unroll
     for (int x = 0; x < 8; ++x) sq[i * 8 + x] = __bfloat162float(e[x]);
   }
-  float* wmax = sq + G * D;
-
-  const int j = j0 + threadIdx.x;
-  const bool valid = j < s.n;  // rows past n hold garbage: their logits are never used
-  const uint4* myrow = rows + threadIdx.x * RS;
+  __syncthreads();
+  {
+    const uint4* ck = static_cast<const uint4*>(kv.ck);
+#pragma unroll
+    for (int it = 0; it < P * K; ++it) {
+      const int idx = it * k_split_keys + threadIdx.x;
+      const int r = idx / P, x = idx % P, jr = j0 + r;
+      if (jr < jl)
+        cp_async16(rows + r * P + (x ^ (r & 7)), ck + (homes[jr / m - lb0] * m + jr % m) * P + x);
+    }
+    cp_async_commit();
+  }
+  float* wmax = sq + G * D;  // [2][K][G]
   cp_async_wait<0>();
   __syncthreads();
 
   float* lg = a.scratch + L.lg + th * G * int64_t(a.n_max);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int h0 = 0; h0 < G; h0 += 8) {
-    float acc[8];
+    float acc[K][8];
 #pragma unroll
-    for (int hh = 0; hh < 8; ++hh) acc[hh] = 0.0f;
+    for (int k = 0; k < K; ++k)
 #pragma unroll
-    for (int x0 = 0; x0 < D; x0 += 8) {
-      const uint4 raw = myrow[x0 / 8];
-      const bf16* e = reinterpret_cast<const bf16*>(&raw);
-      float cv[8];
+      for (int hh = 0; hh < 8; ++hh) acc[k][hh] = 0.0f;
+    const int nh = min(8, G - h0);
+    if (nh == 8)
+      logits_dots<D, K, true>(sq, rows, h0, 8, acc);
+    else
+      logits_dots<D, K, false>(sq, rows, h0, nh, acc);
 #pragma unroll
-      for (int xx = 0; xx < 8; ++xx) cv[xx] = __bfloat162float(e[xx]);
+    for (int k = 0; k < K; ++k) {
+      const int j = j0 + k * k_split_keys + threadIdx.x;
+      const bool valid = j < s.n;  // rows past n hold garbage: their logits are never used
 #pragma unroll
       for (int hh = 0; hh < 8; ++hh) {
-        if (h0 + hh < G) {
-          const float* qh = sq + (h0 + hh) * D + x0;
-#pragma unroll
-          for (int xx = 0; xx < 8; ++xx) acc[hh] = __fmaf_rn(qh[xx], cv[xx], acc[hh]);
+        if (hh < nh) {
+          const float l = __fmul_rn(acc[k][hh], a.scale);
+          if (valid) lg[int64_t(h0 + hh) * a.n_max + j] = l;
+          const float mx = warp_max(valid ? l : -INFINITY);
+          if (lane == 0) wmax[(warp * K + k) * G + h0 + hh] = mx;
         }
-      }
-    }
-#pragma unroll
-    for (int hh = 0; hh < 8; ++hh) {
-      if (h0 + hh < G) {
-        const float l = __fmul_rn(acc[hh], a.scale);
-        if (valid) lg[int64_t(h0 + hh) * a.n_max + j] = l;
-        const float mx = warp_max(valid ? l : -INFINITY);
-        if (lane == 0) wmax[warp * G + h0 + hh] = mx;
       }
     }
   }
   __syncthreads();
-  if (threadIdx.x < G)
-    a.scratch[L.cmax + (th * G + threadIdx.x) * L.chunks + c] =
-        fmaxf(wmax[threadIdx.x], wmax[G + threadIdx.x]);
+  for (int i = threadIdx.x; i < K * G; i += blockDim.x) {
+    const int k = i / G, g = i % G, c = cg * K + k;
+    if (c * k_split_keys < s.n)
+      a.scratch[L.cmax + (th * G + g) * L.chunks + c] =
+          fmaxf(wmax[k * G + g], wmax[(K + k) * G + g]);
+  }
 }
 
 __global__ void __launch_bounds__(k_sums_threads) split_sums(SelectArgs a, SplitLayout L) {
@@ -649,6 +701,28 @@ __device__ void radix_topk(const uint32_t* u, int nb, int k, int* flag, const To
   }
 }
 
+// The one or two top-k stages over the blocks' order keys ks (scores) and ke (eviction scores,
+// NOSA), in shared memory, then the compaction into out: ascending blocks, -1 padded.
+__device__ void topk_and_compact(const SelectArgs& a, uint32_t* ks, uint32_t* ke, int nb,
+                                 int* flag, const TopkShared& sh, int32_t* out) {
+  const SparseView& p = a.p;
+  const int k = min(p.topk, nb);
+  if (a.mode != SelectMode::nosa) {
+    radix_topk(ks, nb, k, flag, sh);
+  } else {
+    radix_topk(ks, nb, min(p.q_select, nb), flag, sh);
+    __syncthreads();
+    const uint32_t inf = order_key(INFINITY);
+    for (int b = threadIdx.x; b < nb; b += blockDim.x)
+      if (flag[b]) ke[b] = inf;
+    __syncthreads();
+    radix_topk(ke, nb, k, flag, sh);
+  }
+  __syncthreads();
+  compact_flags(flag, nb, out, sh.warp_count);
+  for (int i = k + threadIdx.x; i < a.k_max; i += blockDim.x) out[i] = -1;
+}
+
 __global__ void __launch_bounds__(k_topk_threads) split_topk(SelectArgs a, SplitLayout L) {
   extern __shared__ __align__(16) uint32_t st[];
   const int h = blockIdx.x, t = blockIdx.y;
@@ -676,41 +750,119 @@ __global__ void __launch_bounds__(k_topk_threads) split_topk(SelectArgs a, Split
     if (nosa) ke[b] = order_key(eb[b]);
   }
   __syncthreads();
+  topk_and_compact(a, ks, ke, nb, flag, sh, out);
+}
+
+// Kernels 2, 3 and 4 in one thread block of 512 threads per (token, KV head), for steps with
+// enough (token, KV head) pairs to fill the GPU (so most decode batches): the same arithmetic in
+// the same order (chunk sums of two 32-key warp butterflies each, their totals over the lanes and
+// one butterfly, probabilities summed over the heads in head order), without the round trips
+// through the scratch and two launches.
+size_t finish_smem(const SplitLayout& L, int G, int n_max, int nb_max) {
+  const size_t n = size_t(n_max > 0 ? n_max : 1);
+  return sizeof(double) * (size_t(G) * L.chunks * 2 + G) + sizeof(float) * G +
+         sizeof(float) * (size_t(G) * n + 2 * n) + sizeof(uint32_t) * 3 * size_t(nb_max) +
+         sizeof(int) * (256 + k_topk_warps + 4);
+}
+
+__global__ void __launch_bounds__(k_topk_threads) split_finish(SelectArgs a, SplitLayout L) {
+  extern __shared__ __align__(16) double sf[];
+  const int h = blockIdx.x, t = blockIdx.y;
+  const TokenSel s = token_sel(a, t);
+  const KvView& kv = a.kv;
   const SparseView& p = a.p;
-  const int k = min(p.topk, nb);
-  if (!nosa) {
-    radix_topk(ks, nb, k, flag, sh);
-  } else {
-    radix_topk(ks, nb, min(p.q_select, nb), flag, sh);
-    __syncthreads();
-    const uint32_t inf = order_key(INFINITY);
-    for (int b = threadIdx.x; b < nb; b += blockDim.x)
-      if (flag[b]) ke[b] = inf;
-    __syncthreads();
-    radix_topk(ke, nb, k, flag, sh);
+  const int H = kv.n_kv_heads, G = a.group, m = kv.keys_per_block;
+  const int64_t th = int64_t(t) * H + h;
+  int32_t* out = a.out + th * a.k_max;
+  const int nb = s.nb;
+  if (s.all) {
+    for (int i = threadIdx.x; i < a.k_max; i += blockDim.x) out[i] = i < nb ? i : -1;
+    return;
+  }
+  const int nm = a.n_max > 0 ? a.n_max : 1;
+  double* hs = sf;                              // [G][chunks][2] half-chunk sums
+  double* sum = hs + size_t(G) * L.chunks * 2;  // [G]
+  float* mx = reinterpret_cast<float*>(sum + G);  // [G]
+  float* lgs = mx + G;                          // [G][n_max] the logits
+  float* S = lgs + size_t(G) * nm;              // [n_max]
+  float* E = S + nm;                            // [n_max] window scores (NOSA)
+  uint32_t* ks = reinterpret_cast<uint32_t*>(E + nm);
+  uint32_t* ke = ks + a.nb_max;
+  int* flag = reinterpret_cast<int*>(ke + a.nb_max);
+  TopkShared sh;
+  sh.hist = flag + a.nb_max;
+  sh.warp_count = sh.hist + 256;
+  sh.pick = sh.warp_count + k_topk_warps;
+
+  // The logits and the window scores into shared memory, every load in flight at once.
+  const bool nosa = a.mode == SelectMode::nosa;
+  const float* lg = a.scratch + L.lg + th * G * int64_t(a.n_max);
+  for (int g = 0; g < G; ++g)
+    for (int j = threadIdx.x; j < s.n; j += blockDim.x)
+      cp_async4(lgs + g * nm + j, lg + int64_t(g) * a.n_max + j);
+  cp_async_commit();
+  const int32_t* table = a.step.block_table + int64_t(a.step.token_seq[t]) * a.step.bt_stride;
+  if (nosa)
+    for (int j = threadIdx.x; j < s.n; j += blockDim.x) {
+      const int64_t home = kv_chunk(kv, table[j / m], a.layer, h);
+      E[j] = kv.ck_scores[home * m + j % m];
+    }
+
+  const int chunks = (s.n + k_split_keys - 1) / k_split_keys;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int g = warp; g < G; g += k_topk_warps) {  // exact in any order
+    const float* cm = a.scratch + L.cmax + (th * G + g) * L.chunks;
+    float v = -INFINITY;
+    for (int i = lane; i < chunks; i += 32) v = fmaxf(v, cm[i]);
+    v = warp_max(v);
+    if (lane == 0) mx[g] = v;
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  // Half-chunk sums: keys [64 c + 32 half, + 32) of head g, one warp butterfly each (split_sums).
+  for (int task = warp; task < G * chunks * 2; task += k_topk_warps) {
+    const int g = task / (chunks * 2), ch = task % (chunks * 2);
+    const int j = ch * 32 + lane;  // = 64 c + 32 half + lane
+    double e = j < s.n ? exp(double(__fsub_rn(lgs[g * nm + j], mx[g]))) : 0.0;
+    e = warp_sum_d(e);
+    if (lane == 0) hs[(size_t(g) * L.chunks) * 2 + ch] = e;
   }
   __syncthreads();
-
-  // Compaction in ascending block order.
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  int base = 0;
-  for (int c0 = 0; c0 < nb; c0 += blockDim.x) {
-    const int b = c0 + threadIdx.x;
-    const bool f = b < nb && flag[b];
-    const unsigned ballot = __ballot_sync(0xffffffffu, f);
-    if (lane == 0) sh.warp_count[warp] = __popc(ballot);
-    __syncthreads();
-    int offset = base, total = 0;
-    for (int w = 0; w < k_topk_warps; ++w) {
-      const int c = sh.warp_count[w];
-      if (w < warp) offset += c;
-      total += c;
-    }
-    if (f) out[offset + __popc(ballot & ((1u << lane) - 1u))] = b;
-    base += total;
-    __syncthreads();
+  // Totals (split_pool): chunk sums lane by lane, then one butterfly.
+  for (int g = warp; g < G; g += k_topk_warps) {
+    const double* c = hs + size_t(g) * L.chunks * 2;
+    double z = 0.0;
+    for (int i = lane; i < chunks; i += 32) z += c[2 * i] + c[2 * i + 1];
+    z = warp_sum_d(z);
+    if (lane == 0) sum[g] = z;
   }
-  for (int i = k + threadIdx.x; i < a.k_max; i += blockDim.x) out[i] = -1;
+  __syncthreads();
+  // S[j]: the probabilities summed over the heads in head order.
+  for (int j = threadIdx.x; j < s.n; j += blockDim.x) {
+    float v = 0.0f;
+    for (int g = 0; g < G; ++g)
+      v = __fadd_rn(v, __double2float_rn(exp(double(__fsub_rn(lgs[g * nm + j], mx[g]))) / sum[g]));
+    S[j] = v;
+  }
+  __syncthreads();
+  // Pooling with forced blocks, straight into order keys.
+  for (int b = threadIdx.x; b < nb; b += blockDim.x) {
+    float vs = -INFINITY, ve = -INFINITY;
+    if (b < p.init_blocks || b >= s.qb - p.local_blocks) {
+      vs = ve = INFINITY;
+    } else {
+      const int jb = max(0, m * b - 1), je = min(m * b + m - 1, s.n - 1);
+      for (int j = jb; j <= je; ++j) {
+        const float v = S[j];
+        vs = vs < v ? v : vs;
+        if (nosa) ve = ve < E[j] ? E[j] : ve;
+      }
+    }
+    ks[b] = order_key(vs);
+    if (nosa) ke[b] = order_key(ve);
+  }
+  __syncthreads();
+  topk_and_compact(a, ks, ke, nb, flag, sh, out);
 }
 
 template <typename K>
@@ -725,8 +877,32 @@ bool split_fits(int n_kv_heads, int group, int head_dim, int keys_per_block, int
   const SplitLayout L =
       split_layout(n_tokens, n_kv_heads, group, keys_per_block, n_max, nb_max);
   const size_t limit = 227 * 1024;
-  return L.total <= k_split_budget_floats && logits_smem(group, head_dim) <= limit &&
+  return L.total <= k_split_budget_floats && logits_smem(group, head_dim, 1) <= limit &&
          pool_smem(L, group, keys_per_block) <= limit && topk_smem(nb_max) <= limit;
+}
+
+// split_finish replaces kernels 2-4 where its shared memory fits and the step has enough
+// (token, KV head) pairs to fill about half of an H200, or a pair's logits are few enough for one
+// thread block (decode of short contexts, or of few tokens up to ~16K positions with 8 heads).
+constexpr int k_finish_min_pairs = 64;
+constexpr size_t k_finish_max_logits = 16384;
+
+template <int D, int K>
+cudaError_t launch_logits(const SelectArgs& a, const SplitLayout& L, cudaStream_t stream) {
+  const int T = a.step.n_tokens, H = a.kv.n_kv_heads;
+  const size_t smem = logits_smem(a.group, D, K);
+  static bool configured = false;  // the occupancy is bound by shared memory
+  if (!configured) {
+    cudaError_t e = cudaFuncSetAttribute(split_logits<D, K>,
+                                         cudaFuncAttributePreferredSharedMemoryCarveout,
+                                         int(cudaSharedmemCarveoutMaxShared));
+    if (e != cudaSuccess) return e;
+    configured = true;
+  }
+  cudaError_t e = allow_smem(split_logits<D, K>, smem);
+  if (e != cudaSuccess) return e;
+  split_logits<D, K><<<dim3((L.chunks + K - 1) / K, H, T), k_split_keys, smem, stream>>>(a, L);
+  return cudaGetLastError();
 }
 
 template <int D>
@@ -734,21 +910,27 @@ cudaError_t launch_split(const SelectArgs& a, cudaStream_t stream) {
   const int T = a.step.n_tokens, H = a.kv.n_kv_heads, G = a.group, m = a.kv.keys_per_block;
   const SplitLayout L = split_layout(T, H, G, m, a.n_max, a.nb_max);
   if (!a.scratch || a.scratch_floats < L.total) return cudaErrorInvalidValue;
-  const size_t s1 = logits_smem(G, D), s2 = sums_smem(G), s3 = pool_smem(L, G, m),
-               s4 = topk_smem(a.nb_max);
+  const size_t s2 = sums_smem(G), s3 = pool_smem(L, G, m), s4 = topk_smem(a.nb_max),
+               s5 = finish_smem(L, G, a.n_max, a.nb_max);
+  const bool finish = (T * H >= k_finish_min_pairs || size_t(G) * a.n_max <= k_finish_max_logits) &&
+                      s5 <= 227 * 1024;
   cudaError_t e;
-  static bool carveout = false;  // kernel 1's occupancy is bound by shared memory
-  if (!carveout) {
-    e = cudaFuncSetAttribute(split_logits<D>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                             int(cudaSharedmemCarveoutMaxShared));
+  if (a.mode != SelectMode::dense && a.n_max > 0) {
+    // One key chunk per thread block (K = 1): on an H200 at 64 x 2 (token, KV head) pairs and
+    // 16K positions, K = 4 (three thread blocks, six warps per multiprocessor) took 43 us per
+    // layer against 29 for one chunk per block (before its block-table lookups were batched):
+    // the multiprocessors need the warps more than the fewer shared-memory reads of the query.
+    e = launch_logits<D, 1>(a, L, stream);
     if (e != cudaSuccess) return e;
-    carveout = true;
   }
-  if ((e = allow_smem(split_logits<D>, s1)) != cudaSuccess) return e;
+  if (finish) {
+    if ((e = allow_smem(split_finish, s5)) != cudaSuccess) return e;
+    split_finish<<<dim3(H, T), k_topk_threads, s5, stream>>>(a, L);
+    return cudaGetLastError();
+  }
   if ((e = allow_smem(split_pool, s3)) != cudaSuccess) return e;
   if ((e = allow_smem(split_topk, s4)) != cudaSuccess) return e;
   if (a.mode != SelectMode::dense && a.n_max > 0) {
-    split_logits<D><<<dim3(L.chunks, H, T), k_split_keys, s1, stream>>>(a, L);
     split_sums<<<dim3(L.chunks, H, T), k_sums_threads, s2, stream>>>(a, L);
     split_pool<<<dim3(L.pool_chunks, H, T), k_pool_threads, s3, stream>>>(a, L);
   }

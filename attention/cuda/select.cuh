@@ -2,9 +2,10 @@
 // the compressed keys (softmax per query head, summed over the GQA group), max-pooling with
 // forced blocks, and the top-k (InfLLM-V2: one stage; NOSA: two stages, the second by the
 // pooled eviction scores). Two paths with the same result: per_token, one thread block per
-// (token, KV head) for the whole selection (prefill); split, four kernels that spread the logits,
-// the softmax sums and the pooling of a (token, KV head) over many thread blocks, then a radix
-// top-k per (token, KV head) (decode: steps of up to 1024 tokens whose scratch fits).
+// (token, KV head) for the whole selection (prefill); split, the logits spread over many thread
+// blocks, then the softmax sums, pooling and radix top-k in one thread block per (token, KV head)
+// or (few tokens at long contexts) sums and pooling spread too (decode: steps of up to 1024
+// tokens whose scratch fits).
 //
 // The scores are computed in float32 in the CPU reference's order (sequential dot products, the
 // same with or without fused multiply-add since q and the compressed keys are bf16; softmax sums

@@ -31,7 +31,8 @@ struct DecodeArgs {
   void* out = nullptr;                 // [T][H * group][d] bf16
 };
 
-// A split count that fills the GPU: thread blocks ~ 4 per multiprocessor, >= 4 stages each.
+// A split count that fills the GPU in whole waves of thread blocks (two per multiprocessor),
+// >= 2 stages each; decode_partial_floats() floats of partial results for the merge.
 int decode_splits(int n_list, int n_kv_heads, int max_blocks, int block_size, int sm_count);
 size_t decode_partial_floats(int n_list, int n_kv_heads, int splits, int head_dim);
 cudaError_t launch_sparse_decode(const DecodeArgs& args, cudaStream_t stream);
