@@ -95,6 +95,9 @@ say "nosa gpu-report-run  commit $commit  $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 say "machine: $machine_text"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader 2>/dev/null |
   sed 's/^/  gpu /' | tee -a "$summary"
+for f in "$tp_out" "$tests_out"; do
+  echo "# nosa gpu-report-run, commit $commit, machine: $machine_text, $(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$f"
+done
 say "host: $(hostname), deadline $deadline s (lanes until $lanes_until s, tensor parallelism until $tp_until s)"
 say "lanes: $([ $parallel -eq 1 ] && echo "concurrent, one GPU each" || echo "one after the other")$([ $dry -eq 1 ] && echo "  [dry run: nothing is executed]")"
 
