@@ -122,22 +122,37 @@ int64_t KvTiers::free_host_slot() {
                   "raise --host-kv-gib or lower --max-batch-tokens",
                   host_->capacity());
   const int32_t block = block_of_host_slot_[victim];
-  if (before_host_reuse_) before_host_reuse_();
-  NOSA_CHECK_CODE(!free_disk_.empty(), ErrorCode::resource_exhausted,
-                  "the host and disk KV budgets are full");
-  const int64_t ds = free_disk_.back();
-  free_disk_.pop_back();
-  host_unlink(victim);
-  try {
-    disk_->wait(disk_->write(ds, host_->slot(victim)));
-    disk_slot_of_block_[block] = ds;
-    stats_.bytes_disk_written += int64_t(host_->slot_bytes());
-  } catch (const Error& e) {
-    // The block's data is lost with its host slot: its sequence fails, the engine goes on.
-    logger("memory")->error("moving KV block {} to disk failed: {}", block, e.message());
-    failed_.push_back(block);
+  const bool clean = block >= 0 && disk_slot_of_block_[block] >= 0;
+  if (!clean && free_disk_.empty()) {
+    // Disk slots held by clean host blocks are spare copies: the coldest gives its up.
+    for (int64_t s = host_head_; s >= 0; s = host_next_[s]) {
+      const int32_t b = block_of_host_slot_[s];
+      if (b >= 0 && disk_slot_of_block_[b] >= 0) {
+        free_disk_.push_back(disk_slot_of_block_[b]);
+        disk_slot_of_block_[b] = -1;
+        break;
+      }
+    }
   }
-  host_slot_of_block_[block] = -1;
+  NOSA_CHECK_CODE(clean || !free_disk_.empty(), ErrorCode::resource_exhausted,
+                  "the host and disk KV budgets are full");
+  if (before_host_reuse_) before_host_reuse_();
+  host_unlink(victim);
+  if (!clean && block >= 0) {  // a clean block's disk copy is current: nothing to write
+    const int64_t ds = free_disk_.back();
+    free_disk_.pop_back();
+    try {
+      disk_->wait(disk_->write(ds, host_->slot(victim)));
+      disk_slot_of_block_[block] = ds;
+      stats_.bytes_disk_written += int64_t(host_->slot_bytes());
+    } catch (const Error& e) {
+      // The block's data is lost with its host slot: its sequence fails, the engine goes on.
+      logger("memory")->error("moving KV block {} to disk failed: {}", block, e.message());
+      failed_.push_back(block);
+      free_disk_.push_back(ds);
+    }
+  }
+  if (block >= 0) host_slot_of_block_[block] = -1;
   block_of_host_slot_[victim] = -1;
   return victim;
 }
@@ -159,8 +174,8 @@ int64_t KvTiers::host_slot_for(int32_t block) {
     NOSA_FAIL(ErrorCode::io, "reading KV block {} back from disk failed: {}", block, e.message());
   }
   stats_.bytes_disk_read += int64_t(host_->slot_bytes());
-  disk_slot_of_block_[block] = -1;
-  free_disk_.push_back(ds);
+  // The disk copy stays: the block is clean until it is written again, and moves back to disk
+  // for free.
   host_slot_of_block_[block] = hs;
   block_of_host_slot_[hs] = block;
   touch_host(hs);
@@ -314,28 +329,37 @@ void KvTiers::read_back(const std::vector<BlockCache::Load>& misses) {
   }
 }
 
-// Each block is read from its disk slot: straight into a free host slot, or into a bounce
-// buffer when its host slot still holds a colder block; that block then takes over the disk
-// slot just read (a swap, so a full disk tier needs no free slot) and the bounce buffer is
-// copied in. Reads are checked before any host slot changes hands.
+// Each block is read from its disk slot, and keeps it (a clean copy: the block moves back to
+// disk for free). It lands straight in its host slot when that slot is free or holds a clean
+// block (which just loses its host copy); when the slot holds a dirty block (no disk copy), the
+// read lands in a bounce buffer, the dirty block takes over the disk slot just read (a swap, so
+// a full disk tier needs no free slot) and the bounce buffer is copied in. Several reads and
+// writes are in flight at once.
 void KvTiers::read_back_group(std::vector<ReadBack>& group) {
   const size_t bytes = host_->slot_bytes();
-  if (bounce_slots_ < group.size()) {
+  auto dirty = [&](const ReadBack& r) {
+    return r.victim >= 0 && disk_slot_of_block_[r.victim] < 0;
+  };
+  size_t n_dirty = 0;
+  for (const ReadBack& r : group) n_dirty += dirty(r) ? 1 : 0;
+  if (n_dirty > bounce_slots_) {
     std::free(bounce_);
     bounce_ = static_cast<char*>(std::aligned_alloc(4096, group.size() * bytes));
     NOSA_CHECK_CODE(bounce_, ErrorCode::resource_exhausted, "out of host memory ({} bytes)",
                     group.size() * bytes);
     bounce_slots_ = group.size();
   }
+  // Victims' memory may be the source of copies already queued (earlier rounds).
   const bool any_victim =
       std::any_of(group.begin(), group.end(), [](const ReadBack& r) { return r.victim >= 0; });
-  // Victims' memory may be the source of copies already queued (earlier rounds).
   if (any_victim && before_host_reuse_) before_host_reuse_();
   std::vector<DiskStore::Ticket> tickets(group.size());
+  std::vector<char*> landing(group.size(), nullptr);
+  size_t next_bounce = 0;
   for (size_t j = 0; j < group.size(); ++j) {
     const ReadBack& r = group[j];
-    char* dst = r.victim >= 0 ? bounce_ + j * bytes : host_->slot(r.host_slot);
-    tickets[j] = disk_->read(disk_slot_of_block_[r.block], dst);
+    landing[j] = dirty(r) ? bounce_ + (next_bounce++) * bytes : host_->slot(r.host_slot);
+    tickets[j] = disk_->read(disk_slot_of_block_[r.block], landing[j]);
   }
   std::vector<std::string> errors(group.size());
   for (size_t j = 0; j < group.size(); ++j) {
@@ -345,21 +369,33 @@ void KvTiers::read_back_group(std::vector<ReadBack>& group) {
       errors[j] = e.message();
     }
   }
-  // Victims of successful reads go to the disk slots those reads freed.
+  // Dirty victims of successful reads go to the disk slots those reads came from.
+  std::vector<uint8_t> swapped(group.size(), 0);
   for (size_t j = 0; j < group.size(); ++j) {
-    const ReadBack& r = group[j];
     tickets[j] = 0;
-    if (r.victim >= 0 && errors[j].empty())
-      tickets[j] = disk_->write(disk_slot_of_block_[r.block], host_->slot(r.host_slot));
+    if (errors[j].empty() && dirty(group[j])) {
+      swapped[j] = 1;
+      tickets[j] = disk_->write(disk_slot_of_block_[group[j].block],
+                                host_->slot(group[j].host_slot));
+    }
   }
   std::string first_error;
   int32_t first_failed = -1;
   for (size_t j = 0; j < group.size(); ++j) {
     ReadBack& r = group[j];
     if (!errors[j].empty()) {
-      // The block stays on disk (and its sequence fails); the host slot goes back untouched.
+      // The block stays on disk (and its sequence fails). A dirty victim was not touched; a
+      // clean one's host copy may have been overwritten, but its disk copy is current.
       failed_.push_back(r.block);
-      if (r.victim >= 0) host_push_front(r.host_slot); else free_host_.push_back(r.host_slot);
+      if (dirty(r)) {
+        host_push_front(r.host_slot);
+      } else {
+        if (r.victim >= 0) {
+          host_slot_of_block_[r.victim] = -1;
+          block_of_host_slot_[r.host_slot] = -1;
+        }
+        free_host_.push_back(r.host_slot);
+      }
       if (first_failed < 0) {
         first_failed = r.block;
         first_error = errors[j];
@@ -367,24 +403,22 @@ void KvTiers::read_back_group(std::vector<ReadBack>& group) {
       continue;
     }
     const int64_t ds = disk_slot_of_block_[r.block];
-    if (r.victim >= 0) {
+    if (swapped[j]) {
       try {
         disk_->wait(tickets[j]);
         disk_slot_of_block_[r.victim] = ds;
         stats_.bytes_disk_written += int64_t(bytes);
       } catch (const Error& e) {
-        // The colder block's data is lost with its host slot: its sequence fails.
+        // The dirty block's data is lost with its host slot: its sequence fails.
         logger("memory")->error("moving KV block {} to disk failed: {}", r.victim, e.message());
         failed_.push_back(r.victim);
         free_disk_.push_back(ds);
       }
-      host_slot_of_block_[r.victim] = -1;
-      std::memcpy(host_->slot(r.host_slot), bounce_ + j * bytes, bytes);
-    } else {
-      free_disk_.push_back(ds);
+      std::memcpy(host_->slot(r.host_slot), landing[j], bytes);
+      disk_slot_of_block_[r.block] = -1;  // its disk slot went to the victim: dirty now
     }
+    if (r.victim >= 0) host_slot_of_block_[r.victim] = -1;
     stats_.bytes_disk_read += int64_t(bytes);
-    disk_slot_of_block_[r.block] = -1;
     host_slot_of_block_[r.block] = r.host_slot;
     block_of_host_slot_[r.host_slot] = r.block;
     touch_host(r.host_slot);
@@ -399,9 +433,18 @@ void KvTiers::end_step(const std::vector<int32_t>& full, std::vector<ChunkCopy>&
   const int64_t per = shape_.chunks_per_block();
   for (int32_t b : full) {
     NOSA_ASSERT(writing_[b], "block {} completed without being written", b);
-    const int64_t hs = free_host_slot();
-    host_slot_of_block_[b] = hs;
-    block_of_host_slot_[hs] = b;
+    // A disk copy of the block (one that was partly filled before) is stale now; a host copy
+    // is rewritten in place.
+    if (disk_slot_of_block_[b] >= 0) {
+      free_disk_.push_back(disk_slot_of_block_[b]);
+      disk_slot_of_block_[b] = -1;
+    }
+    int64_t hs = host_slot_of_block_[b];
+    if (hs < 0) {
+      hs = free_host_slot();
+      host_slot_of_block_[b] = hs;
+      block_of_host_slot_[hs] = b;
+    }
     touch_host(hs);
     for (int64_t i = 0; i < per; ++i) {
       const ChunkId c = b * per + i;
