@@ -33,7 +33,8 @@ HostStore::HostStore(size_t slot_bytes, int64_t capacity_slots, HostAllocator& a
   slots_per_arena_ = std::max<int64_t>(1, int64_t(arena_bytes / slot_bytes_));
   const int64_t n_arenas = (capacity_ + slots_per_arena_ - 1) / slots_per_arena_;
   arenas_.assign(n_arenas, nullptr);
-  device_arenas_.assign(n_arenas, nullptr);
+  device_arenas_ = std::make_unique<std::atomic<char*>[]>(size_t(n_arenas));
+  for (int64_t a = 0; a < n_arenas; ++a) device_arenas_[a].store(nullptr);
 }
 
 size_t HostStore::arena_bytes(int64_t a) const {
@@ -51,16 +52,17 @@ char* HostStore::slot(int64_t index) {
   std::lock_guard lock(mutex_);
   if (!arenas_[a]) {
     arenas_[a] = static_cast<char*>(allocator_.allocate(arena_bytes(a)));
-    device_arenas_[a] = static_cast<char*>(allocator_.device_address(arenas_[a]));
+    device_arenas_[a].store(static_cast<char*>(allocator_.device_address(arenas_[a])),
+                            std::memory_order_release);
   }
   return arenas_[a] + size_t(index % slots_per_arena_) * slot_bytes_;
 }
 
 char* HostStore::device_slot(int64_t index) const {
   const int64_t a = index / slots_per_arena_;
-  std::lock_guard lock(mutex_);
-  NOSA_ASSERT(device_arenas_[a], "host slot {} was never touched", index);
-  return device_arenas_[a] + size_t(index % slots_per_arena_) * slot_bytes_;
+  char* base = device_arenas_[a].load(std::memory_order_acquire);
+  NOSA_ASSERT(base, "host slot {} was never touched", index);
+  return base + size_t(index % slots_per_arena_) * slot_bytes_;
 }
 
 size_t HostStore::allocated_bytes() const {

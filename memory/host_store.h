@@ -4,6 +4,7 @@
 // O_DIRECT.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -39,7 +40,7 @@ class HostStore {
   int64_t capacity() const { return capacity_; }
   // The memory of a slot (its arena is allocated on first use). Thread-safe.
   char* slot(int64_t index);
-  // The device address of a slot that was already touched.
+  // The device address of a slot that was already touched (lock-free: once per load).
   char* device_slot(int64_t index) const;
   size_t allocated_bytes() const;
 
@@ -51,7 +52,8 @@ class HostStore {
   int64_t slots_per_arena_;
   HostAllocator& allocator_;
   mutable std::mutex mutex_;
-  std::vector<char*> arenas_, device_arenas_;
+  std::vector<char*> arenas_;
+  std::unique_ptr<std::atomic<char*>[]> device_arenas_;  // set once, under mutex_
 };
 
 }  // namespace nosa::memory
