@@ -32,13 +32,15 @@
 # files to bench/results/DATE-h200x4-report/ and run scripts/bench-report.sh.
 #
 #   scripts/gpu-report-run.sh [--deadline S] [--jobs N] [--serial] [--no-build] [--dry-run]
+#                             [--lanes-until S] [--tp-until S] [--no-beyond-hbm]
+# --no-beyond-hbm skips phase D (when its run is taken separately).
 # --dry-run prints the plan (every command, its lane, estimate and time limit) and writes the
 # files without running anything (no GPU needed).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 root=$PWD
 
-deadline=540 jobs=60 serial=0 dry=0 do_build=1
+deadline=540 jobs=60 serial=0 dry=0 do_build=1 beyond_hbm=1
 lanes_until=0 tp_until=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -47,9 +49,10 @@ while [ $# -gt 0 ]; do
     --serial) serial=1 ;;
     --no-build) do_build=0 ;;
     --dry-run) dry=1 ;;
+    --no-beyond-hbm) beyond_hbm=0 ;;
     --lanes-until) lanes_until=$2; shift ;;
     --tp-until) tp_until=$2; shift ;;
-    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
     *) echo "gpu-report-run: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -345,6 +348,11 @@ say ""
 python3 scripts/bench_summary.py "$bench_out" "$peers_out" 2>&1 | tee -a "$summary"
 
 # ---- D: KV beyond HBM (last: pins 96 GiB of host memory and writes the rest to disk) -------------
+if [ $beyond_hbm -eq 0 ]; then
+  say ""
+  say "gpu-report-run: done in $(now) s (phase D skipped: --no-beyond-hbm); files: $(cd "$results" && ls | tr '\n' ' ')"
+  exit 0
+fi
 kvdir=/tmp/nosa-kv
 left=$((deadline - 20 - $(now)))
 rm -rf "$kvdir"
