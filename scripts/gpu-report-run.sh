@@ -52,7 +52,7 @@ while [ $# -gt 0 ]; do
     --no-beyond-hbm) beyond_hbm=0 ;;
     --lanes-until) lanes_until=$2; shift ;;
     --tp-until) tp_until=$2; shift ;;
-    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
     *) echo "gpu-report-run: unknown option $1" >&2; exit 2 ;;
   esac
   shift
