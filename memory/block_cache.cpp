@@ -10,12 +10,15 @@ BlockCache::BlockCache(int64_t capacity, int64_t n_chunks, int64_t per_block, in
     : per_block_(per_block),
       heads_(heads > 0 ? heads : 1),
       n_blocks_(per_block > 0 ? n_chunks / per_block : 0),
+      per_div_(uint32_t(per_block > 0 ? per_block : 1)),
+      heads_div_(uint32_t(heads > 0 ? heads : 1)),
       slot_of_chunk_(n_chunks, -1),
       chunk_of_slot_(capacity, -1),
       state_(capacity) {
   NOSA_CHECK(capacity > 0 && capacity < (int64_t(1) << 31), "bad block cache capacity {}",
              capacity);
-  NOSA_CHECK(per_block == 0 || (n_chunks % per_block == 0 && per_block % heads_ == 0),
+  NOSA_CHECK(per_block == 0 || (n_chunks % per_block == 0 && per_block % heads_ == 0 &&
+                                 n_chunks < (int64_t(1) << 32)),
              "bad block cache layout");
   free_.reserve(capacity);
   for (int64_t s = capacity - 1; s >= 0; --s) free_.push_back(int32_t(s));

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "memory/fast_div.h"
+
 namespace nosa::memory {
 
 using ChunkId = int64_t;
@@ -70,10 +72,12 @@ class BlockCache {
 
   int64_t index(ChunkId chunk) const {
     if (per_block_ == 0) return chunk;
-    const int64_t b = chunk / per_block_, r = chunk % per_block_;
-    return ((r / heads_) * n_blocks_ + b) * heads_ + r % heads_;
+    const uint32_t c = uint32_t(chunk), b = per_div_.div(c), r = c - b * uint32_t(per_block_);
+    const uint32_t layer = heads_div_.div(r), head = r - layer * uint32_t(heads_);
+    return (int64_t(layer) * n_blocks_ + b) * heads_ + head;
   }
   int64_t per_block_ = 0, heads_ = 1, n_blocks_ = 0;
+  FastDiv per_div_, heads_div_;
   std::vector<int32_t> slot_of_chunk_;  // by index(chunk)
   std::vector<ChunkId> chunk_of_slot_;  // -1 when free
   // Per slot, together (one cache line per touch): last round used, pins, LRU neighbours.

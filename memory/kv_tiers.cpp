@@ -31,9 +31,14 @@ KvTiers::KvTiers(const TierShape& shape, const TierBudget& budget, HostAllocator
     : shape_(shape),
       budget_(budget),
       block_bytes_(size_t(shape.chunks_per_block()) * shape.chunk_bytes()),
+      per_div_(uint32_t(shape.chunks_per_block())),
+      heads_div_(uint32_t(shape.n_kv_heads)),
       cache_(budget.device_slots, shape.n_blocks * shape.chunks_per_block(),
              shape.chunks_per_block(), shape.n_kv_heads) {
   NOSA_CHECK(shape.n_blocks > 0 && budget.host_blocks > 0, "empty KV tiers");
+  NOSA_CHECK(shape.n_blocks * shape.chunks_per_block() < (int64_t(1) << 32),
+             "{} KV blocks of {} chunks are too many for 32-bit chunk ids", shape.n_blocks,
+             shape.chunks_per_block());
   const int64_t host_blocks = std::min(budget.host_blocks, shape.n_blocks);
   host_ = std::make_unique<HostStore>(block_bytes_, host_blocks, allocator);
   const int64_t disk_blocks = shape.n_blocks - host_blocks;
@@ -89,7 +94,7 @@ void KvTiers::host_push_front(int64_t s) {
 
 char* KvTiers::chunk_host(int64_t host_slot, ChunkId chunk) const {
   return host_->device_slot(host_slot) +
-         size_t(chunk % shape_.chunks_per_block()) * shape_.chunk_bytes();
+         size_t(per_div_.mod(uint32_t(chunk))) * shape_.chunk_bytes();
 }
 
 // Ticks grow with every touch, so the list's order is the order of host_slot_touched_.
@@ -198,7 +203,7 @@ void KvTiers::add_loads(std::vector<ChunkCopy>& loads) {
   if (disk_) read_back(misses_);
   for (auto& m : misses_) {
     ChunkCopy c{m.chunk, m.slot, m.evicted, nullptr};
-    const int32_t block = int32_t(m.chunk / shape_.chunks_per_block());
+    const int32_t block = block_of(m.chunk);
     if (host_slot_of_block_[block] >= 0 || disk_slot_of_block_[block] >= 0) {
       c.host = chunk_host(host_slot_for(block), m.chunk);
       stats_.bytes_host_to_device += int64_t(shape_.chunk_bytes());
@@ -235,7 +240,6 @@ void KvTiers::select(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& l
 }
 
 void KvTiers::select_misses(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads) {
-  const int64_t per = shape_.chunks_per_block();
   if (++seen_stamp_ == 0) {  // wrapped: forget every stamp
     for (ChunkMark& m : marks_) m.seen = 0;
     seen_stamp_ = 1;
@@ -244,12 +248,12 @@ void KvTiers::select_misses(const ChunkId* chunks, int64_t n, std::vector<ChunkC
   int32_t last_block = -1;
   constexpr int64_t k_ahead = 16;  // the marks are scattered: fetch them ahead
   for (int64_t i = 0; i < std::min(n, k_ahead); ++i)
-    __builtin_prefetch(&marks_[size_t(shape_.layer_major(chunks[i]))]);
+    __builtin_prefetch(&marks_[size_t(layer_major(chunks[i]))]);
   for (int64_t i = 0; i < n; ++i) {
     const ChunkId c = chunks[i];
     if (i + k_ahead < n)
-      __builtin_prefetch(&marks_[size_t(shape_.layer_major(chunks[i + k_ahead]))]);
-    ChunkMark& m = marks_[size_t(shape_.layer_major(c))];
+      __builtin_prefetch(&marks_[size_t(layer_major(chunks[i + k_ahead]))]);
+    ChunkMark& m = marks_[size_t(layer_major(c))];
     if (m.seen == seen_stamp_) continue;  // asked for already in this call
     m.seen = seen_stamp_;
     unique_.push_back(c);
@@ -257,7 +261,7 @@ void KvTiers::select_misses(const ChunkId* chunks, int64_t n, std::vector<ChunkC
     m.step = step_;
     // Host recency decides which blocks move to disk: without a disk tier nothing does.
     if (!disk_) continue;
-    const int32_t b = int32_t(c / per);
+    const int32_t b = block_of(c);
     if (b == last_block) continue;  // the heads of one block come together
     last_block = b;
     const int64_t hs = host_slot_of_block_[b];
@@ -295,9 +299,8 @@ void KvTiers::read_back(const std::vector<BlockCache::Load>& misses) {
     block_stamp_ = 1;
   }
   back_.clear();
-  const int64_t per = shape_.chunks_per_block();
   for (const auto& m : misses) {
-    const int32_t b = int32_t(m.chunk / per);
+    const int32_t b = block_of(m.chunk);
     if (block_seen_[b] == block_stamp_) continue;
     block_seen_[b] = block_stamp_;
     if (host_slot_of_block_[b] < 0 && disk_slot_of_block_[b] >= 0) back_.push_back(b);
@@ -540,7 +543,7 @@ void KvTiers::release(const std::vector<int32_t>& blocks) {
   for (int32_t b : blocks) {
     for (int64_t i = 0; i < per; ++i) {
       cache_.drop(b * per + i);
-      marks_[size_t(shape_.layer_major(b * per + i))].step = 0;
+      marks_[size_t(layer_major(b * per + i))].step = 0;
     }
     if (host_slot_of_block_[b] >= 0) {
       host_unlink(host_slot_of_block_[b]);

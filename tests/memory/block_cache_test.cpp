@@ -6,6 +6,7 @@
 #include <set>
 
 #include "memory/block_cache.h"
+#include "memory/fast_div.h"
 #include "runtime/core/error.h"
 
 namespace nosa::memory {
@@ -16,6 +17,37 @@ std::vector<int32_t> acquire_all(BlockCache& c, const std::vector<ChunkId>& chun
   std::vector<int32_t> slots(chunks.size());
   c.acquire(chunks.data(), int64_t(chunks.size()), slots.data(), loads);
   return slots;
+}
+
+TEST(FastDiv, MatchesHardwareDivision) {
+  std::mt19937 rng(5);
+  for (uint32_t d : {1u, 2u, 3u, 7u, 56u, 64u, 100u, 257u, 65536u, 4294967295u}) {
+    FastDiv f(d);
+    for (uint32_t a : {0u, 1u, d - 1, d, d + 1, 4294967295u, 4294967294u}) {
+      EXPECT_EQ(f.div(a), a / d) << a << " / " << d;
+      EXPECT_EQ(f.mod(a), a % d) << a << " % " << d;
+    }
+    for (int i = 0; i < 100000; ++i) {
+      const uint32_t a = uint32_t(rng());
+      ASSERT_EQ(f.div(a), a / d) << a << " / " << d;
+      ASSERT_EQ(f.mod(a), a % d) << a << " % " << d;
+    }
+  }
+}
+
+// The chunk map laid out layer-major behaves as the plain one.
+TEST(BlockCache, LayerMajorLayoutKeepsEveryChunkApart) {
+  const int64_t per = 6, heads = 2, blocks = 50;
+  BlockCache c(per * blocks, per * blocks, per, heads);
+  std::vector<ChunkId> all;
+  for (ChunkId i = 0; i < per * blocks; ++i) all.push_back(i);
+  std::vector<BlockCache::Load> loads;
+  auto slots = acquire_all(c, all, loads);
+  EXPECT_EQ(loads.size(), all.size());
+  for (ChunkId i = 0; i < per * blocks; ++i) EXPECT_EQ(c.slot_of(i), slots[size_t(i)]);
+  loads.clear();
+  acquire_all(c, all, loads);
+  EXPECT_TRUE(loads.empty());
 }
 
 TEST(BlockCache, HitsCostNothingAndMissesLoadIntoFreeSlots) {
