@@ -74,6 +74,7 @@ struct BenchFlags {
   std::string disk_kv_dir;
   std::vector<double> miss_rates = {-1};  // offload suite: < 0 = the model's own selection
   std::string select_path;  // CUDA block selection: split, per-token, or automatic (empty)
+  std::string cuda_graphs = "on";  // decoding steps replayed from CUDA graphs: on or off
   std::string json_out, csv_out, label, commit;
   std::string plot_dir, plot_prefix, plot_link, markdown_out;
   std::vector<std::string> report_from;  // read these results instead of running
@@ -292,10 +293,12 @@ void run_decode(SuiteContext& ctx) {
         std::mt19937 rng(uint32_t(f.seed));
         std::vector<runtime::SamplingParams> greedy(B);
         std::vector<double> times_ms, enqueue_ms;
+        int64_t replays_before = 0;
         for (int s = 0; s < f.warmup + f.steps; ++s) {
           runtime::StepBatch step;
           for (int i = 0; i < B; ++i)
             step.add({int32_t(rng() % uint32_t(c.vocab_size))}, context, &tables[i]);
+          if (s == f.warmup) replays_before = runtime::cuda_graph_replays();
           const auto t0 = Clock::now();
           Tensor logits = model.forward(step, *cache);
           const auto t1 = Clock::now();  // the host has queued the step's work
@@ -338,6 +341,8 @@ void run_decode(SuiteContext& ctx) {
         }
         // Host time to queue the forward pass: near the step time means the CPU is the limit.
         row["enqueue_ms_median"] = median(enqueue_ms);
+        row["cuda_graphs"] = f.cuda_graphs == "on";
+        row["graph_replays"] = runtime::cuda_graph_replays() - replays_before;
         row["tokens_per_s"] = med > 0 ? double(B) * 1e3 / med : 0;
         row["weight_bytes"] = bm.weight_bytes;
         row["kv_bytes_read"] = kv_read;
@@ -827,6 +832,9 @@ int run_bench(const BenchFlags& f) {
   NOSA_CHECK(f.device == "cpu" || f.device == "cuda" || f.device == "auto",
              "unknown device '{}' (use cpu, cuda or auto)", f.device);
   runtime::force_cuda_select_path(f.select_path);
+  NOSA_CHECK(f.cuda_graphs == "on" || f.cuda_graphs == "off",
+             "--cuda-graphs takes on or off, not '{}'", f.cuda_graphs);
+  runtime::set_cuda_graphs(f.cuda_graphs == "on");
   parallel::MpiContext& mpi = parallel::MpiContext::get();
   BenchRanks ranks;
   ranks.replica = parallel::make_replica(f.tp);
@@ -912,6 +920,9 @@ Runner add_bench_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--select-path", f->select_path,
                   "CUDA block selection kernels: split or per-token (default: automatic)");
+  cmd->add_option("--cuda-graphs", f->cuda_graphs,
+                  "Decoding steps replayed from CUDA graphs (on) or queued kernel by kernel (off)")
+      ->capture_default_str();
   cmd->add_option("--offload", f->offload, "Offload suite: host or host+disk")
       ->capture_default_str();
   cmd->add_option("--gpu-kv-gib", f->gpu_kv_gib,

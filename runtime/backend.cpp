@@ -46,4 +46,10 @@ std::unique_ptr<memory::HostAllocator> Backend::host_allocator() {
   return memory::make_plain_host_allocator();
 }
 
+bool Backend::replay_step(const StepBatch&, const void*, const KvCache&, Tensor&) { return false; }
+bool Backend::begin_recording(const StepBatch&, const void*, const KvCache&) { return false; }
+bool Backend::end_recording(const Tensor&) { return false; }
+void Backend::abort_recording() {}
+void Backend::forget_graphs(const void*) {}
+
 }  // namespace nosa::runtime

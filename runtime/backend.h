@@ -124,6 +124,22 @@ class Backend {
   // Samples one token per row of logits [n, V] (float32 or activation dtype).
   virtual std::vector<SampledToken> sample(const Tensor& logits,
                                            const std::vector<SamplingParams>& params) = 0;
+
+  // Step graphs (CUDA graphs; other backends keep these defaults). A decoding step's launches
+  // depend on the step only through its batch size and a bucket of its context length, so the
+  // backend records them once and replays them. `model` and `cache` tag what the recorded
+  // launches also depend on (weights, KV tensors); forget_graphs(tag) drops the graphs of a model
+  // or cache that goes away.
+  // Runs the step from a recorded graph when one fits; its logits then come back in `logits`.
+  virtual bool replay_step(const StepBatch& step, const void* model, const KvCache& cache,
+                           Tensor& logits);
+  // Whether to record this step: then the model runs its forward pass as usual (the launches are
+  // recorded, not run) and calls end_recording with the logits tensor, which runs the graph (false:
+  // no graph could be made and nothing ran), or abort_recording after an error.
+  virtual bool begin_recording(const StepBatch& step, const void* model, const KvCache& cache);
+  virtual bool end_recording(const Tensor& logits);
+  virtual void abort_recording();
+  virtual void forget_graphs(const void* tag);
 };
 
 // The CPU reference backend (threads from the global pool).
@@ -135,5 +151,10 @@ bool cuda_available();
 // Tests and comparisons: forces the CUDA block-selection path ("split" or "per-token"); empty
 // restores the automatic choice.
 void force_cuda_select_path(const std::string& path);
+// Whether the CUDA backend records and replays decoding steps as CUDA graphs (default: on, unless
+// the environment sets NOSA_CUDA_GRAPHS=0). For comparisons and tests.
+void set_cuda_graphs(bool enabled);
+// Decoding steps run from recorded graphs so far, in this process (tests, benchmarks).
+int64_t cuda_graph_replays();
 
 }  // namespace nosa::runtime

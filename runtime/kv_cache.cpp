@@ -54,6 +54,7 @@ KvCache::KvCache(const KvLayout& layout, int64_t n_blocks, Backend& backend,
 }
 
 KvCache::~KvCache() {
+  backend_.forget_graphs(this);
   if (times_.calls == 0) return;
   const double n = double(times_.calls);
   logger("memory")->debug(

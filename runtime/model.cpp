@@ -40,6 +40,8 @@ Model::Model(ModelConfig config, ModelWeights weights, parallel::Partition part,
     : config_(std::move(config)), w_(std::move(weights)), part_(part), mode_(mode),
       backend_(backend), comm_(comm), rope_(make_rope_table(config_)) {}
 
+Model::~Model() { backend_.forget_graphs(this); }
+
 KvLayout Model::kv_layout() const {
   KvLayout l;
   l.n_layers = config_.num_hidden_layers;
@@ -52,6 +54,27 @@ KvLayout Model::kv_layout() const {
 }
 
 Tensor Model::forward(const StepBatch& step, KvCache& cache) {
+  // Step graphs: one rank (collectives stay outside graphs), the KV in HBM (offloading decides
+  // residency on the host between layers), no benchmark hook replacing selections.
+  const bool graphs = comm_.size() == 1 && !cache.offloaded() && !selection_override_;
+  if (!graphs) return run_layers(step, cache);
+  Tensor logits;
+  if (backend_.replay_step(step, this, cache, logits)) return logits;
+  if (!backend_.begin_recording(step, this, cache)) return run_layers(step, cache);
+  try {
+    logits = run_layers(step, cache);
+  } catch (const std::exception& e) {
+    // Recording failed (an op that cannot be recorded, say): this step runs as usual.
+    backend_.abort_recording();
+    logger("runtime")->warn("recording a step graph failed ({}); running the step directly",
+                            e.what());
+    return run_layers(step, cache);
+  }
+  if (!backend_.end_recording(logits)) return run_layers(step, cache);
+  return logits;
+}
+
+Tensor Model::run_layers(const StepBatch& step, KvCache& cache) {
   Backend& be = backend_;
   const DType act = be.activation_dtype();
   const int64_t T = step.n_tokens(), H = config_.hidden_size, d = config_.head_dim;

@@ -23,6 +23,9 @@ class Model {
  public:
   Model(ModelConfig config, ModelWeights weights, parallel::Partition part, attention::Mode mode,
         Backend& backend, parallel::Communicator& comm);
+  ~Model();
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
 
   const ModelConfig& config() const { return config_; }
   attention::Mode mode() const { return mode_; }
@@ -33,7 +36,8 @@ class Model {
 
   // Runs one step: appends the step's tokens to the KV cache (the blocks of every sequence must
   // already cover its new positions) and returns the logits [logit_rows, vocab] on rank 0 (an
-  // undefined tensor on other ranks).
+  // undefined tensor on other ranks). Decoding steps on one rank run from recorded step graphs
+  // where the backend has them (Backend::replay_step).
   Tensor forward(const StepBatch& step, KvCache& cache);
 
   // Benchmarks: replaces each layer's selection after it is computed (its cost stays in the
@@ -50,6 +54,8 @@ class Model {
   parallel::Communicator& comm_;
   RopeTable rope_;
   SelectionOverride selection_override_;
+
+  Tensor run_layers(const StepBatch& step, KvCache& cache);
 };
 
 struct LoadOptions {

@@ -10,9 +10,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <mutex>
+#include <optional>
 
 #include "attention/cuda/compress.cuh"
 #include "attention/cuda/eviction.cuh"
@@ -23,6 +25,7 @@
 #include "memory/cuda/transfer.cuh"
 #include "runtime/backend.h"
 #include "runtime/core/error.h"
+#include "runtime/core/logging.h"
 #include "runtime/cuda/device_allocator.h"
 #include "runtime/cuda/model_kernels.cuh"
 #include "runtime/cuda/sampling.cuh"
@@ -48,7 +51,21 @@ namespace nosa::runtime {
 
 namespace {
 std::string g_select_path;  // force_cuda_select_path()
+int g_graphs = -1;          // set_cuda_graphs(); -1: the environment decides
+std::atomic<int64_t> g_graph_replays{0};
+
+bool graphs_enabled() {
+  if (g_graphs >= 0) return g_graphs == 1;
+  static const bool env_off = [] {
+    const char* e = std::getenv("NOSA_CUDA_GRAPHS");
+    return e && std::string(e) == "0";
+  }();
+  return !env_off;
+}
 }  // namespace
+
+void set_cuda_graphs(bool enabled) { g_graphs = enabled ? 1 : 0; }
+int64_t cuda_graph_replays() { return g_graph_replays.load(); }
 
 void force_cuda_select_path(const std::string& path) {
   NOSA_CHECK(path.empty() || path == "split" || path == "per-token",
@@ -125,6 +142,8 @@ class CudaBackend final : public Backend {
 
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
+    recording_.reset();
+    graphs_.clear();
     step_keep_.clear();
     workspace_ = Tensor();
     rope_dev_ = Tensor();
@@ -142,7 +161,10 @@ class CudaBackend final : public Backend {
 
   Tensor alloc(DType dtype, Shape shape) override {
     const size_t bytes = size_t(shape_numel(shape)) * dtype_size(dtype);
-    std::shared_ptr<void> storage = allocator_.allocate(bytes);
+    // While a step graph records, its tensors come from the graph's own pool: the addresses the
+    // graph bakes in are then never handed to anyone else.
+    std::shared_ptr<void> storage =
+        recording_ ? recording_->pool.allocate(bytes) : allocator_.allocate(bytes);
     void* p = storage.get();
     return Tensor(std::move(storage), p, dtype, std::move(shape), Device::cuda);
   }
@@ -281,47 +303,139 @@ class CudaBackend final : public Backend {
   void begin_step(const StepBatch& step) override {
     step_ = &step;
     plan_valid_ = false;
+    max_pos_ = 0;
+    for (int32_t p : step.positions) max_pos_ = std::max<int64_t>(max_pos_, p);
+    const int T = int(step.n_tokens()), S = int(step.seqs.size());
+    if (recording_) {
+      // The graph's metadata buffer: a copy from pinned memory that each replay refills first.
+      StepGraph& g = *recording_;
+      int32_t* host = static_cast<int32_t*>(g.meta_host.get(g.meta_bytes));
+      write_step_meta(step, g.key.cap_blocks, host);
+      g.meta_dev = alloc(DType::u8, {int64_t(g.meta_bytes)});
+      NOSA_CUDA_CHECK(cudaMemcpyAsync(g.meta_dev.raw(), host, g.meta_bytes,
+                                      cudaMemcpyHostToDevice, stream_));
+      set_view(static_cast<const int32_t*>(g.meta_dev.raw()), step, g.key.cap_blocks);
+      graph_decode_list_ = view_.logit_rows + view_.n_logits;
+      return;
+    }
     // The previous step's uploads have been read once staged_ fires; then its buffers go.
     NOSA_CUDA_CHECK(cudaEventSynchronize(staged_));
     step_keep_.clear();
     staging_used_ = 0;
-
-    const int T = int(step.n_tokens()), S = int(step.seqs.size());
     int stride = 1;
-    max_pos_ = 0;
     for (const StepSequence& s : step.seqs)
       stride = std::max<int>(stride, int(s.blocks ? s.blocks->size() : 0));
-    for (int32_t p : step.positions) max_pos_ = std::max<int64_t>(max_pos_, p);
-    const size_t n_ints = size_t(3) * T + size_t(3) * S + size_t(S) * stride +
-                          step.logit_rows.size();
-    std::vector<int32_t> meta(n_ints, 0);
-    int32_t* p = meta.data();
-    std::copy(step.tokens.begin(), step.tokens.end(), p);
-    std::copy(step.positions.begin(), step.positions.end(), p + T);
-    std::copy(step.token_seq.begin(), step.token_seq.end(), p + 2 * T);
-    int32_t* sp = p + 3 * T;
-    for (int i = 0; i < S; ++i) {
-      const StepSequence& s = step.seqs[i];
-      sp[i] = int32_t(s.n_past);
-      sp[S + i] = int32_t(s.n_new);
-      sp[2 * S + i] = int32_t(s.token_begin);
-      if (s.blocks) std::copy(s.blocks->begin(), s.blocks->end(), sp + 3 * S + size_t(i) * stride);
+    std::vector<int32_t> meta(step_meta_ints(T, S, stride, step.logit_rows.size()), 0);
+    write_step_meta(step, stride, meta.data());
+    set_view(static_cast<const int32_t*>(stage(meta.data(), meta.size() * 4)), step, stride);
+  }
+
+  // ---- step graphs --------------------------------------------------------------------------
+
+  bool replay_step(const StepBatch& step, const void* model, const KvCache& cache,
+                   Tensor& logits) override {
+    const std::optional<GraphKey> key = graph_key(step, model, cache);
+    if (!key) return false;
+    StepGraph* g = nullptr;
+    for (auto& x : graphs_)
+      if (x->key == *key) g = x.get();
+    if (!g) return false;
+    for (int32_t id : step.tokens)
+      NOSA_CHECK(id >= 0 && id < g->vocab, "token id {} is outside the vocabulary [0, {})", id,
+                 g->vocab);
+    // The last replay has read the metadata buffer, and the last direct step its uploads.
+    NOSA_CUDA_CHECK(cudaEventSynchronize(g->done));
+    NOSA_CUDA_CHECK(cudaEventSynchronize(staged_));
+    step_keep_.clear();
+    staging_used_ = 0;
+    write_step_meta(step, key->cap_blocks, static_cast<int32_t*>(g->meta_host.get(g->meta_bytes)));
+    step_ = &step;
+    plan_valid_ = false;
+    NOSA_CUDA_CHECK(cudaGraphLaunch(g->exec, stream_));
+    NOSA_CUDA_CHECK(cudaEventRecord(g->done, stream_));
+    g->last_use = ++graph_clock_;
+    ++g_graph_replays;
+    logits = g->logits;
+    return true;
+  }
+
+  bool begin_recording(const StepBatch& step, const void* model, const KvCache& cache) override {
+    const std::optional<GraphKey> key = graph_key(step, model, cache);
+    if (!key) return false;
+    for (const GraphKey& k : unrecordable_)
+      if (k == *key) return false;
+    // Record the second step in a row with this key: the first ran directly, so lazy set-ups
+    // (uploads, kernel attributes, cuBLAS heuristics) are done, and a one-off shape costs nothing.
+    if (!(last_direct_key_ == *key)) {
+      last_direct_key_ = *key;
+      return false;
     }
-    std::copy(step.logit_rows.begin(), step.logit_rows.end(), sp + 3 * S + size_t(S) * stride);
-    const int32_t* d = static_cast<const int32_t*>(stage(meta.data(), n_ints * 4));
-    view_ = acu::StepView{};
-    view_.tokens = d;
-    view_.positions = d + T;
-    view_.token_seq = d + 2 * T;
-    view_.seq_n_past = d + 3 * T;
-    view_.seq_n_new = d + 3 * T + S;
-    view_.seq_token_begin = d + 3 * T + 2 * S;
-    view_.block_table = d + 3 * T + 3 * S;
-    view_.logit_rows = d + 3 * T + 3 * S + size_t(S) * stride;
-    view_.bt_stride = stride;
-    view_.n_tokens = T;
-    view_.n_seqs = S;
-    view_.n_logits = int(step.logit_rows.size());
+    NOSA_CUDA_CHECK(cudaEventSynchronize(staged_));
+    step_keep_.clear();
+    staging_used_ = 0;
+    auto g = std::make_unique<StepGraph>();
+    g->key = *key;
+    const int T = int(step.n_tokens());
+    // The step's metadata, then the decode kernel's token list [0, T).
+    g->meta_bytes = (step_meta_ints(T, T, key->cap_blocks, size_t(T)) + size_t(T)) * 4;
+    int32_t* host = static_cast<int32_t*>(g->meta_host.get(g->meta_bytes));
+    std::fill_n(host, g->meta_bytes / 4, 0);
+    for (int i = 0; i < T; ++i) host[g->meta_bytes / 4 - size_t(T) + size_t(i)] = i;
+    NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&g->done, cudaEventDisableTiming));
+    NOSA_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed));
+    recording_ = std::move(g);
+    return true;
+  }
+
+  bool end_recording(const Tensor& logits) override {
+    NOSA_ASSERT(recording_ != nullptr, "end_recording without begin_recording");
+    std::unique_ptr<StepGraph> g = std::move(recording_);
+    graph_decode_list_ = nullptr;
+    cudaGraph_t graph = nullptr;
+    cudaError_t err = cudaStreamEndCapture(stream_, &graph);
+    if (err == cudaSuccess) err = cudaGraphInstantiate(&g->exec, graph, 0);
+    if (graph) cudaGraphDestroy(graph);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      logger("runtime")->warn("a step graph could not be made ({}); such steps run directly",
+                              cudaGetErrorString(err));
+      unrecordable_.push_back(g->key);
+      return false;
+    }
+    g->logits = logits;
+    NOSA_CUDA_CHECK(cudaGraphLaunch(g->exec, stream_));
+    NOSA_CUDA_CHECK(cudaEventRecord(g->done, stream_));
+    g->last_use = ++graph_clock_;
+    // Each graph keeps one step's activations: hold a few, dropping the least recently used.
+    if (graphs_.size() >= k_max_graphs) {
+      auto oldest = std::min_element(graphs_.begin(), graphs_.end(), [](auto& a, auto& b) {
+        return a->last_use < b->last_use;
+      });
+      NOSA_CUDA_CHECK(cudaEventSynchronize((*oldest)->done));
+      graphs_.erase(oldest);
+    }
+    graphs_.push_back(std::move(g));
+    return true;
+  }
+
+  void abort_recording() override {
+    if (!recording_) return;
+    cudaGraph_t graph = nullptr;
+    cudaStreamEndCapture(stream_, &graph);
+    if (graph) cudaGraphDestroy(graph);
+    cudaGetLastError();
+    unrecordable_.push_back(recording_->key);
+    recording_.reset();
+    graph_decode_list_ = nullptr;
+  }
+
+  void forget_graphs(const void* tag) override {
+    auto uses = [tag](const GraphKey& k) { return k.model == tag || k.cache == tag; };
+    if (std::any_of(graphs_.begin(), graphs_.end(), [&](auto& g) { return uses(g->key); }))
+      cudaStreamSynchronize(stream_);
+    std::erase_if(graphs_, [&](auto& g) { return uses(g->key); });
+    std::erase_if(unrecordable_, uses);
+    if (uses(last_direct_key_)) last_direct_key_ = GraphKey{};
   }
 
   // ---- dense ops ----------------------------------------------------------------------------
@@ -331,6 +445,7 @@ class CudaBackend final : public Backend {
     const int64_t vocab = table.dim(0);
     for (int32_t id : step_->tokens)
       NOSA_CHECK(id >= 0 && id < vocab, "token id {} is outside the vocabulary [0, {})", id, vocab);
+    if (recording_) recording_->vocab = vocab;  // replays check the ids against it
     NOSA_CUDA_CHECK(rcu::launch_embedding(table.raw(), view_.tokens, view_.n_tokens,
                                           int(table.dim(1)), out.raw(), stream_));
   }
@@ -391,6 +506,11 @@ class CudaBackend final : public Backend {
     NOSA_ASSERT(qkv.dim(1) == int64_t(hq + hk + hv) * d, "split_qkv_rope: width {} != ({}+{}+{})*{}",
                 qkv.dim(1), hq, hk, hv, d);
     if (!rope_dev_.defined() || rope.inv_freq != rope_host_) {
+      // Recorded graphs read the old table.
+      if (rope_dev_.defined() && !graphs_.empty()) {
+        NOSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+        graphs_.clear();
+      }
       rope_host_ = rope.inv_freq;
       Tensor host = Tensor::borrow(rope_host_.data(), DType::f32, {int64_t(rope_host_.size())});
       rope_dev_ = upload(host, DType::f32);
@@ -460,6 +580,8 @@ class CudaBackend final : public Backend {
       const int64_t j1 = ref::compressed_count(s.n_past + s.n_new - 1, p);
       max_new = std::max<int>(max_new, int(j1 - j0));
     }
+    // A recorded decoding step: one new token completes at most one window per sequence.
+    if (recording_) max_new = 1;
     acu::UpdateCompressedArgs a;
     a.kv = kv_view(cache);
     a.step = view_;
@@ -484,6 +606,20 @@ class CudaBackend final : public Backend {
           k_max, ref::selects_all(mode, pos, p) ? qb + 1 : std::min<int64_t>(p.topk, qb + 1)));
       n_max = std::max<int>(n_max, int(ref::compressed_count(pos, p)));
       nb_max = std::max<int>(nb_max, int(qb + 1));
+    }
+    if (recording_) {
+      // A recorded step's sizes cover every context of its bucket (-1 padded per token).
+      const int cap = recording_->key.cap_blocks;
+      const int64_t pos_cap = int64_t(cap) * p.block_size - 1;
+      auto k_at = [&](int64_t pos) {
+        const int64_t qb = pos / p.block_size;
+        return int(ref::selects_all(mode, pos, p) ? qb + 1 : std::min<int64_t>(p.topk, qb + 1));
+      };
+      // k(pos) peaks at the bucket's end or at the last position that still attends densely.
+      k_max = k_at(pos_cap);
+      if (p.dense_len >= 2) k_max = std::max(k_max, k_at(std::min<int64_t>(pos_cap, p.dense_len - 2)));
+      n_max = std::max<int>(1, int(ref::compressed_count(pos_cap, p)));
+      nb_max = cap;
     }
     Selection sel;
     sel.k_max = k_max;
@@ -657,6 +793,17 @@ class CudaBackend final : public Backend {
     Plan plan;
     plan.group = group;
     plan.block_size = block_size;
+    if (recording_) {
+      // Every token decodes; the token list and the block bound come from the graph.
+      NOSA_CHECK(group <= 16, "step graphs take the decode kernel (at most 16 query heads per KV "
+                              "head), not {}", group);
+      plan.decode_tokens = graph_decode_list_;
+      plan.n_decode = int(step_->n_tokens());
+      plan.decode_max_blocks = recording_->key.cap_blocks;
+      plan_ = plan;
+      plan_valid_ = true;
+      return plan_;
+    }
     std::vector<int32_t> decode;
     std::vector<acu::PrefillTile> tiles;
     const int tile_tokens = acu::prefill_tile_tokens(group);
@@ -689,6 +836,106 @@ class CudaBackend final : public Backend {
     plan_ = plan;
     plan_valid_ = true;
     return plan_;
+  }
+
+  // ---- step metadata and graphs -----------------------------------------------------------
+
+  // Layout of a step's metadata (int32): tokens, positions and sequence of each token [T] x 3;
+  // n_past, n_new, first token of each sequence [S] x 3; block tables [S][stride]; logit rows.
+  static size_t step_meta_ints(int T, int S, int stride, size_t n_logits) {
+    return size_t(3) * T + size_t(3) * S + size_t(S) * stride + n_logits;
+  }
+
+  static void write_step_meta(const StepBatch& step, int stride, int32_t* p) {
+    const int T = int(step.n_tokens()), S = int(step.seqs.size());
+    std::copy(step.tokens.begin(), step.tokens.end(), p);
+    std::copy(step.positions.begin(), step.positions.end(), p + T);
+    std::copy(step.token_seq.begin(), step.token_seq.end(), p + 2 * T);
+    int32_t* sp = p + 3 * T;
+    for (int i = 0; i < S; ++i) {
+      const StepSequence& s = step.seqs[i];
+      sp[i] = int32_t(s.n_past);
+      sp[S + i] = int32_t(s.n_new);
+      sp[2 * S + i] = int32_t(s.token_begin);
+      int32_t* row = sp + 3 * S + size_t(i) * stride;
+      const size_t n = s.blocks ? std::min(s.blocks->size(), size_t(stride)) : 0;
+      if (n) std::copy_n(s.blocks->begin(), n, row);
+      std::fill(row + n, row + stride, 0);
+    }
+    std::copy(step.logit_rows.begin(), step.logit_rows.end(), sp + 3 * S + size_t(S) * stride);
+  }
+
+  void set_view(const int32_t* d, const StepBatch& step, int stride) {
+    const int T = int(step.n_tokens()), S = int(step.seqs.size());
+    view_ = acu::StepView{};
+    view_.tokens = d;
+    view_.positions = d + T;
+    view_.token_seq = d + 2 * T;
+    view_.seq_n_past = d + 3 * T;
+    view_.seq_n_new = d + 3 * T + S;
+    view_.seq_token_begin = d + 3 * T + 2 * S;
+    view_.block_table = d + 3 * T + 3 * S;
+    view_.logit_rows = d + 3 * T + 3 * S + size_t(S) * stride;
+    view_.bt_stride = stride;
+    view_.n_tokens = T;
+    view_.n_seqs = S;
+    view_.n_logits = int(step.logit_rows.size());
+  }
+
+  // What a recorded step depends on besides the metadata: the model and KV cache (their
+  // tensors' addresses), the batch size, and the context bucket that bounds every launch size.
+  struct GraphKey {
+    const void* model = nullptr;
+    const void* cache = nullptr;
+    int tokens = 0;
+    int cap_blocks = 0;  // block tables hold this many blocks; contexts up to cap * block size
+    bool operator==(const GraphKey&) const = default;
+  };
+
+  struct StepGraph {
+    GraphKey key;
+    rcu::DeviceAllocator pool;  // every tensor the recorded launches touch, besides model and KV
+    PinnedBuffer meta_host;
+    size_t meta_bytes = 0;
+    Tensor meta_dev, logits;
+    cudaGraphExec_t exec = nullptr;
+    cudaEvent_t done = nullptr;
+    int64_t vocab = 0;
+    uint64_t last_use = 0;
+    ~StepGraph() {
+      if (exec) cudaGraphExecDestroy(exec);
+      if (done) cudaEventDestroy(done);
+    }
+  };
+
+  static constexpr size_t k_max_graphs = 16;
+  // Contexts are bucketed by this many tokens: a graph serves 1024 decoding steps of a batch.
+  static constexpr int64_t k_bucket_tokens = 1024;
+
+  // The key of a step a graph can run: one new token per sequence, token i of sequence i, one
+  // logit row each, contexts within the block tables.
+  std::optional<GraphKey> graph_key(const StepBatch& step, const void* model,
+                                    const KvCache& cache) const {
+    if (!graphs_enabled()) return std::nullopt;
+    const int64_t T = step.n_tokens();
+    if (T == 0 || int64_t(step.seqs.size()) != T || int64_t(step.logit_rows.size()) != T)
+      return std::nullopt;
+    const int64_t bs = cache.layout().block_size;
+    int64_t need = 1;
+    for (int64_t i = 0; i < T; ++i) {
+      const StepSequence& s = step.seqs[size_t(i)];
+      if (s.n_new != 1 || s.token_begin != i || step.logit_rows[size_t(i)] != i || !s.blocks ||
+          int64_t(s.blocks->size()) < s.n_past / bs + 1)
+        return std::nullopt;
+      need = std::max<int64_t>(need, s.n_past / bs + 1);
+    }
+    const int64_t bucket = std::max<int64_t>(1, k_bucket_tokens / bs);
+    GraphKey k;
+    k.model = model;
+    k.cache = &cache;
+    k.tokens = int(T);
+    k.cap_blocks = int((need + bucket - 1) / bucket * bucket);
+    return k;
   }
 
   // Copies host data to a device buffer that lives until the next step (stream-ordered).
@@ -771,6 +1018,14 @@ class CudaBackend final : public Backend {
 
   std::vector<float> rope_host_;
   Tensor rope_dev_;
+
+  // Step graphs (the destructor drops them first).
+  std::vector<std::unique_ptr<StepGraph>> graphs_;
+  std::unique_ptr<StepGraph> recording_;
+  std::vector<GraphKey> unrecordable_;
+  GraphKey last_direct_key_;
+  const int32_t* graph_decode_list_ = nullptr;
+  uint64_t graph_clock_ = 0;
 };
 
 }  // namespace

@@ -11,6 +11,9 @@ void force_cuda_select_path(const std::string& path) {
              "unknown selection path '{}' (use split, per-token or empty)", path);
 }
 
+void set_cuda_graphs(bool) {}
+int64_t cuda_graph_replays() { return 0; }
+
 std::unique_ptr<Backend> make_cuda_backend(int) {
   NOSA_FAIL(ErrorCode::unavailable, "this build of nosa has no CUDA backend (built without nvcc)");
 }
