@@ -532,15 +532,21 @@ void run_offload(SuiteContext& ctx) {
                               ? int64_t(f.host_kv_gib * gib / (double(cpb) * slot_bytes))
                               : n_blocks;
           if (o.offload == memory::Offload::host_disk) o.disk_dir = f.disk_kv_dir;
-          std::unique_ptr<runtime::KvCache> cache;
-          try {
-            cache = std::make_unique<runtime::KvCache>(layout, n_blocks, be, o);
-          } catch (const Error& e) {
+          // A configuration the tiers cannot hold (host budget, disk, pinning) is reported as
+          // skipped with the reason, and the run goes on.
+          auto skip = [&](const Error& e) {
+            model.set_selection_override({});
             row["skipped"] = e.message();
             ctx.rows.push_back(row);
             ctx.clear();
             logger("bench")->warn("offload {} B={} C={}: skipped ({})", mode_name, B, context,
                                   e.message());
+          };
+          std::unique_ptr<runtime::KvCache> cache;
+          try {
+            cache = std::make_unique<runtime::KvCache>(layout, n_blocks, be, o);
+          } catch (const Error& e) {
+            skip(e);
             continue;
           }
           be.fill_uniform(cache->ck(), f.seed + 13, -1.0f, 1.0f);
@@ -551,8 +557,6 @@ void run_offload(SuiteContext& ctx) {
           std::unique_ptr<SyntheticSelection> synth;
           std::vector<double> times_ms;
           memory::TierStats before;
-          // A configuration the tiers cannot hold (host budget, disk, pinning) is reported as
-          // skipped with the reason, and the run goes on.
           try {
             const auto t_pop = Clock::now();
             cache->tiers()->populate(all);  // pins host memory, writes overflow to disk
@@ -584,12 +588,7 @@ void run_offload(SuiteContext& ctx) {
               if (s >= f.warmup) times_ms.push_back(ms);
             }
           } catch (const Error& e) {
-            model.set_selection_override({});
-            row["skipped"] = e.message();
-            ctx.rows.push_back(row);
-            ctx.clear();
-            logger("bench")->warn("offload {} B={} C={}: skipped ({})", mode_name, B, context,
-                                  e.message());
+            skip(e);
             continue;
           }
           model.set_selection_override({});
