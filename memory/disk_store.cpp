@@ -4,7 +4,12 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
+
+#ifdef NOSA_HAVE_URING
+#include <liburing.h>
+#endif
 
 #include "runtime/core/error.h"
 #include "runtime/core/logging.h"
@@ -13,8 +18,32 @@ namespace nosa::memory {
 
 namespace fs = std::filesystem;
 
+#ifdef NOSA_HAVE_URING
+struct DiskStore::Ring {
+  static constexpr unsigned k_depth = 64;  // operations in flight (the completion queue holds 128)
+  io_uring ring{};
+  std::mutex mutex;  // the submission queue and `inflight`
+  std::condition_variable room;
+  std::unordered_map<Ticket, Op> inflight;
+  std::thread completions;
+};
+
+bool DiskStore::uring_available() {
+  static const bool ok = [] {
+    io_uring r;
+    if (io_uring_queue_init(4, &r, 0) != 0) return false;
+    io_uring_queue_exit(&r);
+    return true;
+  }();
+  return ok;
+}
+#else
+struct DiskStore::Ring {};
+bool DiskStore::uring_available() { return false; }
+#endif
+
 DiskStore::DiskStore(const fs::path& dir, size_t slot_bytes, int64_t capacity_slots,
-                     int io_threads, size_t file_bytes)
+                     int io_threads, size_t file_bytes, DiskIo io)
     : dir_(dir), slot_bytes_(slot_bytes), capacity_(capacity_slots) {
   NOSA_CHECK(slot_bytes % 4096 == 0 && slot_bytes > 0, "disk slots must be 4 KiB multiples");
   NOSA_CHECK(capacity_slots > 0, "the disk KV budget holds no block");
@@ -37,7 +66,26 @@ DiskStore::DiskStore(const fs::path& dir, size_t slot_bytes, int64_t capacity_sl
   }
   if (!direct_) logger("memory")->warn("{}: no O_DIRECT on this file system; using plain I/O",
                                        dir.string());
-  for (int i = 0; i < std::max(1, io_threads); ++i) threads_.emplace_back([this] { worker(); });
+  const char* env = std::getenv("NOSA_DISK_IO");
+  if (env && std::string(env) == "threads") io = DiskIo::threads;
+#ifdef NOSA_HAVE_URING
+  if (io != DiskIo::threads) {
+    auto ring = std::make_unique<Ring>();
+    const int rc = io_uring_queue_init(Ring::k_depth, &ring->ring, 0);
+    if (rc == 0) {
+      ring_ = std::move(ring);
+      ring_->completions = std::thread([this] { reap(); });
+    } else {
+      NOSA_CHECK_CODE(io != DiskIo::uring, ErrorCode::unavailable, "io_uring: {}",
+                      std::strerror(-rc));
+    }
+  }
+#else
+  NOSA_CHECK_CODE(io != DiskIo::uring, ErrorCode::unavailable,
+                  "this build has no io_uring (liburing was not found)");
+#endif
+  if (!ring_)
+    for (int i = 0; i < std::max(1, io_threads); ++i) threads_.emplace_back([this] { worker(); });
 }
 
 DiskStore::~DiskStore() {
@@ -48,6 +96,19 @@ DiskStore::~DiskStore() {
   }
   queued_.notify_all();
   for (auto& t : threads_) t.join();
+#ifdef NOSA_HAVE_URING
+  if (ring_) {
+    {  // a no-op with ticket 0 ends the completion thread
+      std::lock_guard lock(ring_->mutex);
+      io_uring_sqe* sqe = io_uring_get_sqe(&ring_->ring);
+      io_uring_prep_nop(sqe);
+      io_uring_sqe_set_data(sqe, nullptr);
+      io_uring_submit(&ring_->ring);
+    }
+    ring_->completions.join();
+    io_uring_queue_exit(&ring_->ring);
+  }
+#endif
   for (size_t f = 0; f < fds_.size(); ++f) {
     ::close(fds_[f]);
     std::error_code ec;
@@ -63,13 +124,112 @@ void DiskStore::inject_faults(std::function<bool(bool, int64_t)> fail) {
 DiskStore::Ticket DiskStore::submit(bool write, int64_t slot, void* buffer) {
   NOSA_ASSERT(slot >= 0 && slot < capacity_, "disk slot {} out of range", slot);
   NOSA_ASSERT(reinterpret_cast<uintptr_t>(buffer) % 4096 == 0, "unaligned disk I/O buffer");
-  std::lock_guard lock(mutex_);
-  Ticket t = next_++;
-  queue_.push_back({t, write, slot, buffer});
-  ++pending_;
-  queued_.notify_one();
-  return t;
+  Op op;
+  {
+    std::lock_guard lock(mutex_);
+    op = Op{next_++, write, slot, buffer};
+    ++pending_;
+    if (!ring_) {
+      queue_.push_back(op);
+      queued_.notify_one();
+      return op.ticket;
+    }
+  }
+  if (!injected(op)) ring_submit(op);
+  return op.ticket;
 }
+
+std::string DiskStore::file_name(int64_t slot) const {
+  return (dir_ / fmt::format("nosa-kv-{}-{:04d}.bin", ::getpid(), slot / slots_per_file_))
+      .string();
+}
+
+bool DiskStore::injected(const Op& op) {
+  std::function<bool(bool, int64_t)> fault;
+  {
+    std::lock_guard lock(mutex_);
+    fault = fault_;
+  }
+  if (!fault || !fault(op.write, op.slot)) return false;
+  finish(op, std::make_exception_ptr(Error(
+                 ErrorCode::io, fmt::format("{}: injected {} error at block slot {}",
+                                            file_name(op.slot), op.write ? "write" : "read",
+                                            op.slot))));
+  return true;
+}
+
+void DiskStore::finish(const Op& op, std::exception_ptr error) {
+  {
+    std::lock_guard lock(mutex_);
+    if (!error) (op.write ? bytes_written_ : bytes_read_) += int64_t(slot_bytes_);
+    done_[op.ticket] = error;
+    --pending_;
+  }
+  finished_.notify_all();
+}
+
+#ifdef NOSA_HAVE_URING
+void DiskStore::ring_submit(const Op& op) {
+  std::unique_lock lock(ring_->mutex);
+  ring_->room.wait(lock, [&] { return ring_->inflight.size() < Ring::k_depth; });
+  int64_t offset;
+  const int fd = file_for(op.slot, offset);
+  // Each operation is submitted at once, so a free entry exists while fewer than k_depth fly.
+  io_uring_sqe* sqe = io_uring_get_sqe(&ring_->ring);
+  if (op.write)
+    io_uring_prep_write(sqe, fd, op.buffer, unsigned(slot_bytes_), uint64_t(offset));
+  else
+    io_uring_prep_read(sqe, fd, op.buffer, unsigned(slot_bytes_), uint64_t(offset));
+  io_uring_sqe_set_data(sqe, reinterpret_cast<void*>(uintptr_t(op.ticket)));
+  ring_->inflight.emplace(op.ticket, op);
+  const int rc = io_uring_submit(&ring_->ring);
+  if (rc >= 0) return;
+  ring_->inflight.erase(op.ticket);
+  lock.unlock();
+  finish(op, std::make_exception_ptr(Error(
+                 ErrorCode::io, fmt::format("{}: submitting the {} of block slot {} failed: {}",
+                                            file_name(op.slot), op.write ? "write" : "read",
+                                            op.slot, std::strerror(-rc)))));
+}
+
+void DiskStore::reap() {
+  for (;;) {
+    io_uring_cqe* cqe = nullptr;
+    const int rc = io_uring_wait_cqe(&ring_->ring, &cqe);
+    if (rc < 0) {
+      if (rc != -EINTR) logger("memory")->error("io_uring: waiting failed: {}", std::strerror(-rc));
+      continue;
+    }
+    const Ticket ticket = Ticket(reinterpret_cast<uintptr_t>(io_uring_cqe_get_data(cqe)));
+    const int res = cqe->res;
+    io_uring_cqe_seen(&ring_->ring, cqe);
+    if (ticket == 0) return;  // the destructor's no-op
+    Op op;
+    {
+      std::lock_guard lock(ring_->mutex);
+      auto it = ring_->inflight.find(ticket);
+      if (it == ring_->inflight.end()) continue;
+      op = it->second;
+      ring_->inflight.erase(it);
+    }
+    ring_->room.notify_one();
+    std::exception_ptr error;
+    try {
+      NOSA_CHECK_CODE(res >= 0, ErrorCode::io, "{}: {} of block slot {} failed: {}",
+                      file_name(op.slot), op.write ? "write" : "read", op.slot,
+                      std::strerror(-res));
+      // A short transfer (rare with whole aligned slots) is finished directly.
+      if (size_t(res) < slot_bytes_) run(op, size_t(res));
+    } catch (...) {
+      error = std::current_exception();
+    }
+    finish(op, error);
+  }
+}
+#else
+void DiskStore::ring_submit(const Op&) {}
+void DiskStore::reap() {}
+#endif
 
 DiskStore::Ticket DiskStore::write(int64_t slot, const void* src) {
   return submit(true, slot, const_cast<void*>(src));
@@ -82,28 +242,17 @@ int DiskStore::file_for(int64_t slot, int64_t& offset) {
   return fds_[slot / slots_per_file_];
 }
 
-void DiskStore::run(const Op& op) {
-  std::function<bool(bool, int64_t)> fault;
-  {
-    std::lock_guard lock(mutex_);
-    fault = fault_;
-  }
-  const std::string file =
-      (dir_ / fmt::format("nosa-kv-{}-{:04d}.bin", ::getpid(), op.slot / slots_per_file_))
-          .string();
-  if (fault && fault(op.write, op.slot))
-    NOSA_FAIL(ErrorCode::io, "{}: injected {} error at block slot {}", file,
-              op.write ? "write" : "read", op.slot);
+void DiskStore::run(const Op& op, size_t from) {
   int64_t offset;
   int fd = file_for(op.slot, offset);
-  size_t done = 0;
+  size_t done = from;
   char* buf = static_cast<char*>(op.buffer);
   while (done < slot_bytes_) {
     ssize_t n = op.write ? ::pwrite(fd, buf + done, slot_bytes_ - done, offset + off_t(done))
                          : ::pread(fd, buf + done, slot_bytes_ - done, offset + off_t(done));
     if (n < 0 && errno == EINTR) continue;
-    NOSA_CHECK_CODE(n > 0, ErrorCode::io, "{}: {} of block slot {} failed: {}", file,
-                    op.write ? "write" : "read", op.slot,
+    NOSA_CHECK_CODE(n > 0, ErrorCode::io, "{}: {} of block slot {} failed: {}",
+                    file_name(op.slot), op.write ? "write" : "read", op.slot,
                     n < 0 ? std::strerror(errno) : "unexpected end of file");
     done += size_t(n);
   }
@@ -119,19 +268,14 @@ void DiskStore::worker() {
       op = queue_.front();
       queue_.pop_front();
     }
+    if (injected(op)) continue;
     std::exception_ptr error;
     try {
       run(op);
     } catch (...) {
       error = std::current_exception();
     }
-    {
-      std::lock_guard lock(mutex_);
-      if (!error) (op.write ? bytes_written_ : bytes_read_) += int64_t(slot_bytes_);
-      done_[op.ticket] = error;
-      --pending_;
-    }
-    finished_.notify_all();
+    finish(op, error);
   }
 }
 

@@ -1,7 +1,9 @@
 // The NVMe tier: KV block slots in files under a directory, written and read with O_DIRECT
-// (plain I/O where the file system refuses it) by a small pool of I/O threads, in units of one
-// block of every layer and head (about 1 MiB or more for real models). Errors come back to the
-// caller of wait() as io errors naming the file; the store stays usable.
+// (plain I/O where the file system refuses it), in units of one block of every layer and head
+// (about 1 MiB or more for real models), through io_uring where the build has liburing and the
+// kernel allows it (one ring, many operations in flight, one completion thread), else by a small
+// pool of I/O threads. Errors come back to the caller of wait() as io errors naming the file;
+// the store stays usable.
 #pragma once
 
 #include <condition_variable>
@@ -10,18 +12,25 @@
 #include <exception>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <unordered_map>
 #include <vector>
 
 namespace nosa::memory {
 
+// How the store does its I/O: io_uring when it can (automatic), or the thread pool. The
+// environment can force the pool with NOSA_DISK_IO=threads.
+enum class DiskIo { automatic, threads, uring };
+
 class DiskStore {
  public:
   // slot_bytes must be a multiple of 4096; buffers given to read/write must be 4096-aligned.
   DiskStore(const std::filesystem::path& dir, size_t slot_bytes, int64_t capacity_slots,
-            int io_threads = 4, size_t file_bytes = size_t(1) << 30);
+            int io_threads = 4, size_t file_bytes = size_t(1) << 30,
+            DiskIo io = DiskIo::automatic);
   ~DiskStore();  // waits for queued I/O, removes its files
 
   using Ticket = uint64_t;
@@ -36,6 +45,10 @@ class DiskStore {
   int64_t bytes_read() const { return bytes_read_; }
   int64_t bytes_written() const { return bytes_written_; }
   bool direct_io() const { return direct_; }
+  // "io_uring" or "threads".
+  const char* io_engine() const { return ring_ ? "io_uring" : "threads"; }
+  // Whether this build and kernel can use io_uring.
+  static bool uring_available();
 
   // Tests: make operations fail when the predicate says so (write = true for writes).
   void inject_faults(std::function<bool(bool write, int64_t slot)> fail);
@@ -47,8 +60,15 @@ class DiskStore {
     int64_t slot;
     void* buffer;
   };
+  struct Ring;
   void worker();
-  void run(const Op& op);
+  void reap();  // io_uring completions
+  void ring_submit(const Op& op);
+  void run(const Op& op, size_t from = 0);
+  void finish(const Op& op, std::exception_ptr error);
+  std::string file_name(int64_t slot) const;
+  // Whether an injected fault fails this operation (then it is finished already).
+  bool injected(const Op& op);
   int file_for(int64_t slot, int64_t& offset);
   Ticket submit(bool write, int64_t slot, void* buffer);
 
@@ -67,6 +87,7 @@ class DiskStore {
   bool stop_ = false;
   int64_t bytes_read_ = 0, bytes_written_ = 0;
   std::function<bool(bool, int64_t)> fault_;
+  std::unique_ptr<Ring> ring_;  // null: the thread pool does the I/O
 };
 
 }  // namespace nosa::memory

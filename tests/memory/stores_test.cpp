@@ -29,11 +29,26 @@ TEST(HostStore, AllocatesArenasOnFirstUseWithAlignedSlots) {
   EXPECT_EQ(store.device_slot(99), store.slot(99));
 }
 
-TEST(DiskStore, RoundTripsBytesExactly) {
+// Every disk test runs with io_uring (where this build and kernel have it) and the thread pool.
+class DiskStoreIo : public ::testing::TestWithParam<DiskIo> {
+ protected:
+  void SetUp() override {
+    if (GetParam() == DiskIo::uring && !DiskStore::uring_available())
+      GTEST_SKIP() << "no io_uring in this build or kernel";
+  }
+};
+
+INSTANTIATE_TEST_SUITE_P(Engines, DiskStoreIo, ::testing::Values(DiskIo::threads, DiskIo::uring),
+                         [](const auto& info) {
+                           return std::string(info.param == DiskIo::uring ? "io_uring" : "threads");
+                         });
+
+TEST_P(DiskStoreIo, RoundTripsBytesExactly) {
   test::TempDir dir;
   auto alloc = make_plain_host_allocator();
   HostStore host(1 << 20, 8, *alloc);
-  DiskStore disk(dir / "kv", 1 << 20, 32, 3, 4 << 20);  // several files
+  DiskStore disk(dir / "kv", 1 << 20, 32, 3, 4 << 20, GetParam());  // several files
+  EXPECT_STREQ(disk.io_engine(), GetParam() == DiskIo::uring ? "io_uring" : "threads");
   std::mt19937_64 rng(1);
   std::vector<DiskStore::Ticket> writes;
   for (int s = 0; s < 8; ++s) {
@@ -50,11 +65,51 @@ TEST(DiskStore, RoundTripsBytesExactly) {
   EXPECT_EQ(disk.bytes_read(), 8 << 20);
 }
 
-TEST(DiskStore, AnInjectedErrorFailsOnlyThatOperation) {
+// More operations than the ring holds at once, reads and writes interleaved, all exact.
+TEST_P(DiskStoreIo, ManyOperationsInFlightAllComplete) {
+  test::TempDir dir;
+  auto alloc = make_plain_host_allocator();
+  HostStore host(8192, 300, *alloc);
+  DiskStore disk(dir / "kv", 8192, 300, 4, 1 << 20, GetParam());
+  std::vector<DiskStore::Ticket> t;
+  for (int s = 0; s < 150; ++s) {
+    std::memset(host.slot(s), s + 1, 8192);
+    t.push_back(disk.write(s, host.slot(s)));
+  }
+  for (auto x : t) disk.wait(x);
+  t.clear();
+  for (int s = 0; s < 150; ++s) t.push_back(disk.read(s, host.slot(150 + s)));
+  disk.wait_all();
+  for (auto x : t) disk.wait(x);
+  for (int s = 0; s < 150; ++s)
+    ASSERT_EQ(std::memcmp(host.slot(s), host.slot(150 + s), 8192), 0) << "slot " << s;
+  EXPECT_EQ(disk.bytes_read(), 150 * 8192);
+}
+
+// Reading a slot that was never written is an error naming the file, not garbage.
+TEST_P(DiskStoreIo, ReadingAnUnwrittenSlotIsAnError) {
+  test::TempDir dir;
+  auto alloc = make_plain_host_allocator();
+  HostStore host(4096, 2, *alloc);
+  DiskStore disk(dir / "kv", 4096, 8, 2, 1 << 20, GetParam());
+  std::memset(host.slot(0), 3, 4096);
+  disk.wait(disk.write(0, host.slot(0)));
+  try {
+    disk.wait(disk.read(5, host.slot(1)));
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::io);
+    EXPECT_NE(e.message().find("slot 5"), std::string::npos) << e.message();
+  }
+  disk.wait(disk.read(0, host.slot(1)));  // the store goes on
+  EXPECT_EQ(std::memcmp(host.slot(0), host.slot(1), 4096), 0);
+}
+
+TEST_P(DiskStoreIo, AnInjectedErrorFailsOnlyThatOperation) {
   test::TempDir dir;
   auto alloc = make_plain_host_allocator();
   HostStore host(4096, 4, *alloc);
-  DiskStore disk(dir / "kv", 4096, 4, 2);
+  DiskStore disk(dir / "kv", 4096, 4, 2, 1 << 20, GetParam());
   std::memset(host.slot(0), 1, 4096);
   disk.inject_faults([](bool write, int64_t slot) { return write && slot == 2; });
   auto ok = disk.write(1, host.slot(0));
