@@ -28,12 +28,29 @@ struct DiskStore::Ring {
   std::thread completions;
 };
 
+// Whether a ring can be set up, knows plain reads and writes, and completes an operation: a
+// kernel or sandbox may refuse io_uring at any of these steps, and the pool then does the I/O.
 bool DiskStore::uring_available() {
   static const bool ok = [] {
     io_uring r;
     if (io_uring_queue_init(4, &r, 0) != 0) return false;
+    bool good = false;
+    if (io_uring_probe* probe = io_uring_get_probe_ring(&r)) {
+      good = io_uring_opcode_supported(probe, IORING_OP_READ) &&
+             io_uring_opcode_supported(probe, IORING_OP_WRITE);
+      io_uring_free_probe(probe);
+    }
+    if (good) {
+      io_uring_sqe* sqe = io_uring_get_sqe(&r);
+      io_uring_prep_nop(sqe);
+      io_uring_cqe* cqe = nullptr;
+      __kernel_timespec wait{1, 0};
+      good = io_uring_submit(&r) == 1 && io_uring_wait_cqe_timeout(&r, &cqe, &wait) == 0 &&
+             cqe->res == 0;
+      if (cqe) io_uring_cqe_seen(&r, cqe);
+    }
     io_uring_queue_exit(&r);
-    return true;
+    return good;
   }();
   return ok;
 }
@@ -70,14 +87,12 @@ DiskStore::DiskStore(const fs::path& dir, size_t slot_bytes, int64_t capacity_sl
   if (env && std::string(env) == "threads") io = DiskIo::threads;
 #ifdef NOSA_HAVE_URING
   if (io != DiskIo::threads) {
+    NOSA_CHECK_CODE(io != DiskIo::uring || uring_available(), ErrorCode::unavailable,
+                    "io_uring is not usable here");
     auto ring = std::make_unique<Ring>();
-    const int rc = io_uring_queue_init(Ring::k_depth, &ring->ring, 0);
-    if (rc == 0) {
+    if (uring_available() && io_uring_queue_init(Ring::k_depth, &ring->ring, 0) == 0) {
       ring_ = std::move(ring);
       ring_->completions = std::thread([this] { reap(); });
-    } else {
-      NOSA_CHECK_CODE(io != DiskIo::uring, ErrorCode::unavailable, "io_uring: {}",
-                      std::strerror(-rc));
     }
   }
 #else
