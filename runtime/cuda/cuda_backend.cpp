@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <mutex>
 #include <optional>
 
@@ -364,12 +365,17 @@ class CudaBackend final : public Backend {
     if (!key) return false;
     for (const GraphKey& k : unrecordable_)
       if (k == *key) return false;
-    // Record the second step in a row with this key: the first ran directly, so lazy set-ups
-    // (uploads, kernel attributes, cuBLAS heuristics) are done, and a one-off shape costs nothing.
-    if (!(last_direct_key_ == *key)) {
-      last_direct_key_ = *key;
+    // Record at the second step with this key (not necessarily the next one: batch sizes come
+    // and go while serving): the first ran directly, so lazy set-ups (uploads, kernel
+    // attributes, cuBLAS heuristics) are done, and a one-off shape costs no recording.
+    auto seen = std::find_if(sightings_.begin(), sightings_.end(),
+                             [&](const GraphKey& k) { return k == *key; });
+    if (seen == sightings_.end()) {
+      if (sightings_.size() >= k_max_sightings) sightings_.pop_front();
+      sightings_.push_back(*key);
       return false;
     }
+    sightings_.erase(seen);
     NOSA_CUDA_CHECK(cudaEventSynchronize(staged_));
     step_keep_.clear();
     staging_used_ = 0;
@@ -435,7 +441,7 @@ class CudaBackend final : public Backend {
       cudaStreamSynchronize(stream_);
     std::erase_if(graphs_, [&](auto& g) { return uses(g->key); });
     std::erase_if(unrecordable_, uses);
-    if (uses(last_direct_key_)) last_direct_key_ = GraphKey{};
+    std::erase_if(sightings_, uses);
   }
 
   // ---- dense ops ----------------------------------------------------------------------------
@@ -908,7 +914,8 @@ class CudaBackend final : public Backend {
     }
   };
 
-  static constexpr size_t k_max_graphs = 16;
+  static constexpr size_t k_max_graphs = 32;
+  static constexpr size_t k_max_sightings = 256;
   // Contexts are bucketed by this many tokens: a graph serves 1024 decoding steps of a batch.
   static constexpr int64_t k_bucket_tokens = 1024;
 
@@ -1023,7 +1030,7 @@ class CudaBackend final : public Backend {
   std::vector<std::unique_ptr<StepGraph>> graphs_;
   std::unique_ptr<StepGraph> recording_;
   std::vector<GraphKey> unrecordable_;
-  GraphKey last_direct_key_;
+  std::deque<GraphKey> sightings_;  // keys of steps that ran directly, not recorded yet
   const int32_t* graph_decode_list_ = nullptr;
   uint64_t graph_clock_ = 0;
 };
