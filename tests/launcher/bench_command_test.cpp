@@ -217,6 +217,10 @@ TEST(BenchCommand, SmokeSuiteWritesJsonCsvAndPlotsThatDecode) {
         EXPECT_LE(row[k].get<double>(), 1.0);
       }
       EXPECT_EQ(row["offload"], "host");
+      // Host only: nothing moves to or from disk, and the floor says so.
+      EXPECT_EQ(row["disk_bytes_per_step"].get<double>(), 0.0) << row.dump();
+      EXPECT_EQ(row["disk_write_bytes_per_step"].get<double>(), 0.0) << row.dump();
+      EXPECT_EQ(row["disk_floor_ms"].get<double>(), 0.0) << row.dump();
     }
   }
   EXPECT_EQ(per_suite["decode"], 18);
