@@ -26,6 +26,11 @@
 namespace nosa::test {
 namespace {
 
+// The report holds this text (the whole report is printed when it does not).
+void expect_has(const std::string& md, const std::string& text) {
+  EXPECT_NE(md.find(text), std::string::npos) << "missing: " << text << "\n" << md;
+}
+
 std::string slurp(const std::filesystem::path& p) {
   std::ifstream in(p);
   std::stringstream ss;
@@ -35,10 +40,10 @@ std::string slurp(const std::filesystem::path& p) {
 
 TEST(BenchCommand, DecodeSuiteWritesResultsWithMachineCommitAndFloor) {
   TempDir dir;
-  auto r = run_command(fmt::format(
-      "{} bench --suite decode --shape tiny --device cpu --mode dense,nosa --batch 1,3 "
-      "--context 300 --steps 2 --warmup 1 --json {} --csv {}",
-      nosa_binary(), (dir / "d.json").string(), (dir / "d.csv").string()));
+  auto r = run_command(
+      fmt::format("{} bench --suite decode --shape tiny --device cpu --mode dense,nosa --batch 1,3 "
+                  "--context 300 --steps 2 --warmup 1 --json {} --csv {}",
+                  nosa_binary(), (dir / "d.json").string(), (dir / "d.csv").string()));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   auto j = nlohmann::json::parse(slurp(dir / "d.json"));
   EXPECT_EQ(j["suite"], "decode");
@@ -60,10 +65,10 @@ TEST(BenchCommand, DecodeSuiteWritesResultsWithMachineCommitAndFloor) {
 
 TEST(BenchCommand, PrefillSuiteRunsPromptsThroughTheEngine) {
   TempDir dir;
-  auto r = run_command(fmt::format(
-      "{} bench --suite prefill --shape tiny --device cpu --mode nosa --prompts 2 "
-      "--prompt-len 200 --max-batch-tokens 128 --json {}",
-      nosa_binary(), (dir / "p.json").string()));
+  auto r = run_command(
+      fmt::format("{} bench --suite prefill --shape tiny --device cpu --mode nosa --prompts 2 "
+                  "--prompt-len 200 --max-batch-tokens 128 --json {}",
+                  nosa_binary(), (dir / "p.json").string()));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   auto j = nlohmann::json::parse(slurp(dir / "p.json"));
   ASSERT_EQ(j["results"].size(), 1u);
@@ -275,11 +280,9 @@ TEST(BenchCommand, SmokeSuiteWritesJsonCsvAndPlotsThatDecode) {
                 slurp(dir / "plots" / (std::string(name) + ".png")))
           << name << " from " << from;
     const std::string md = slurp(std::filesystem::path(again) / "r.md");
-    EXPECT_NE(md.find("![Decode throughput vs batch size, tiny](decode-batch-tiny.png)"),
-              std::string::npos)
-        << md;
-    EXPECT_NE(md.find("nosa bench --suite smoke"), std::string::npos);
-    EXPECT_NE(md.find("| NOSA vs dense, KV in HBM | tiny | B=1 C=256 |"), std::string::npos);
+    expect_has(md, "![Decode throughput vs batch size, tiny](decode-batch-tiny.png)");
+    expect_has(md, "nosa bench --suite smoke");
+    expect_has(md, "| NOSA vs dense, KV in HBM | tiny | B=1 C=256 |");
   }
 }
 
@@ -340,31 +343,24 @@ TEST(BenchCommand, ReportFromFilesPlotsGpuScalingAndChecksTargets) {
   DecodedPng png;
   ASSERT_TRUE(decode_png(slurp(dir / "plots" / "x-gpus-nosa-8b-like.png"), png));
   const std::string md = slurp(dir / "report.md");
-  EXPECT_NE(md.find("![Decode scaling with GPUs (tensor parallel), nosa-8b-like]"
-                    "(plots/x-gpus-nosa-8b-like.png)"),
-            std::string::npos)
-      << md;
-  EXPECT_NE(md.find("commit `abc1234` (the file says `unknown`)"), std::string::npos) << md;
-  EXPECT_NE(md.find("`mpirun -np 2 nosa bench --suite decode --shape nosa-8b-like --tp 2`"),
-            std::string::npos)
-      << md;
-  EXPECT_NE(md.find("| TP=2 vs TP=1, nosa KV in HBM | nosa-8b-like | B=64 C=16K TP=2 | 7200 | "
-                    "4000 | 1.80x | efficiency 0.90 | r |"),
-            std::string::npos)
-      << md;
-  EXPECT_NE(md.find("| dense decode vs transformers generate | nosa-8b-like | B=64 C=16K | 3000 | "
-                    "160 | 18.75x |"),
-            std::string::npos)
-      << md;
-  EXPECT_NE(md.find("dense B=64 C=16K TP=2 (r): 0.75 | **partly met** |"), std::string::npos) << md;
-  EXPECT_NE(md.find("step within 1.3x of its floor, nosa-8b-like | issue 3 | 2.50x to 2.50x over "
-                    "1 row(s); runs r | **not met** |"),
-            std::string::npos)
-      << md;
-  EXPECT_NE(md.find("| KV beyond HBM: nosa-8b-like, 32 x 128K (128 GiB of KV) on one GPU with "
-                    "host and disk | issue 4 | no rows | **not run** |"),
-            std::string::npos)
-      << md;
+  expect_has(md,
+             "![Decode scaling with GPUs (tensor parallel), nosa-8b-like]"
+             "(plots/x-gpus-nosa-8b-like.png)");
+  expect_has(md, "commit `abc1234` (the file says `unknown`)");
+  expect_has(md, "`mpirun -np 2 nosa bench --suite decode --shape nosa-8b-like --tp 2`");
+  expect_has(md,
+             "| TP=2 vs TP=1, nosa KV in HBM | nosa-8b-like | B=64 C=16K TP=2 | 7200 | "
+             "4000 | 1.80x | efficiency 0.90 | r |");
+  expect_has(md,
+             "| dense decode vs transformers generate | nosa-8b-like | B=64 C=16K | 3000 | "
+             "160 | 18.75x |");
+  expect_has(md, "dense B=64 C=16K TP=2 (r): 0.75 | **partly met** |");
+  expect_has(md,
+             "step within 1.3x of its floor, nosa-8b-like | issue 3 | 2.50x to 2.50x over "
+             "1 row(s); runs r | **not met** |");
+  expect_has(md,
+             "| KV beyond HBM: nosa-8b-like, 32 x 128K (128 GiB of KV) on one GPU with "
+             "host and disk | issue 4 | no rows | **not run** |");
 }
 
 TEST(BenchCommand, ReportFromPeersComparesAttentionWithSdpaAndShowsScalingAndKvOnDisk) {
@@ -485,44 +481,34 @@ TEST(BenchCommand, ReportFromPeersComparesAttentionWithSdpaAndShowsScalingAndKvO
   const std::string md = slurp(dir / "report.md");
   // Decode attention: the engine's (4 ms NOSA, 10 ms dense) against SDPA (12 ms dense; 9 ms for
   // selection + gather + SDPA).
-  EXPECT_NE(md.find("| nosa-8b-like | 64 | 16K | nosa | 16.000 | 4.000 | 12.000 | 6.000 | 9.000 | "
-                    "2.25x | run |"),
-            std::string::npos)
-      << md;
-  EXPECT_NE(md.find("| nosa-8b-like | 64 | 16K | dense | 21.333 | 10.000 | 12.000 | 6.000 | "
-                    "9.000 | 1.20x | run |"),
-            std::string::npos)
-      << md;
+  expect_has(md,
+             "| nosa-8b-like | 64 | 16K | nosa | 16.000 | 4.000 | 12.000 | 6.000 | 9.000 | "
+             "2.25x | run |");
+  expect_has(md,
+             "| nosa-8b-like | 64 | 16K | dense | 21.333 | 10.000 | 12.000 | 6.000 | "
+             "9.000 | 1.20x | run |");
   // Prefill: SDPA's attention alone is 16% of the engine's whole prefill.
-  EXPECT_NE(md.find("| nosa-8b-like | 16 x 16K | 2.880 | 390 | nosa | 18.00 | 16% | run |"),
-            std::string::npos)
-      << md;
-  EXPECT_NE(md.find("`python3 scripts/bench_sdpa.py`"), std::string::npos) << md;
+  expect_has(md, "| nosa-8b-like | 16 x 16K | 2.880 | 390 | nosa | 18.00 | 16% | run |");
+  expect_has(md, "`python3 scripts/bench_sdpa.py`");
   // The target of the SDPA comparison.
-  EXPECT_NE(md.find("selection + gather + SDPA, same run, nosa-8b-like | issue 8 | B=64 C=16K "
-                    "(run): 2.25x | **met** |"),
-            std::string::npos)
-      << md;
+  expect_has(md,
+             "selection + gather + SDPA, same run, nosa-8b-like | issue 8 | B=64 C=16K "
+             "(run): 2.25x | **met** |");
   // Scaling: the labelled series against its own TP=1 row, efficiency in the targets.
-  EXPECT_NE(md.find("| TP=4 vs TP=1, nosa KV in HBM | nosa-8b-like | B=64 C=16K TP=4 | 14400 | "
-                    "4500 | 3.20x | efficiency 0.80 | run |"),
-            std::string::npos)
-      << md;
-  EXPECT_NE(md.find("nosa-8b-like nosa B=64 C=16K (run): 0.80 | **measured (no target)** |"),
-            std::string::npos)
-      << md;
+  expect_has(md,
+             "| TP=4 vs TP=1, nosa KV in HBM | nosa-8b-like | B=64 C=16K TP=4 | 14400 | "
+             "4500 | 3.20x | efficiency 0.80 | run |");
+  expect_has(md, "nosa-8b-like nosa B=64 C=16K (run): 0.80 | **measured (no target)** |");
   // The GPUs chart holds only the series measured on several GPU counts.
-  EXPECT_NE(md.find("| nosa B=64 C=16K [tp] | 4 | 14400 |"), std::string::npos) << md;
+  expect_has(md, "| nosa B=64 C=16K [tp] | 4 | 14400 |");
   EXPECT_EQ(md.find("| nosa B=64 C=16K | 1 |"), std::string::npos) << md;
   DecodedPng png;
   ASSERT_TRUE(decode_png(slurp(dir / "plots" / "gpus-nosa-8b-like.png"), png));
   // KV on disk: its own table and the beyond-HBM target.
-  EXPECT_NE(md.find("| nosa-8b-like | nosa host+disk | B=32 C=128K | 100 | 320.000 | 96.0 | 32.4 | "
-                    "1.10 | 70.0 | 0.150 | run |"),
-            std::string::npos)
-      << md;
-  EXPECT_NE(md.find("100 tok/s, host 96 GiB, disk 32 GiB (run run) | **met** |"), std::string::npos)
-      << md;
+  expect_has(md,
+             "| nosa-8b-like | nosa host+disk | B=32 C=128K | 100 | 320.000 | 96.0 | 32.4 | "
+             "1.10 | 70.0 | 0.150 | run |");
+  expect_has(md, "100 tok/s, host 96 GiB, disk 32 GiB (run run) | **met** |");
   // SDPA rows carry no tokens/s: they are in no chart and no tokens/s comparison.
   EXPECT_EQ(md.find("| sdpa"), std::string::npos) << md;
 }
