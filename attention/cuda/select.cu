@@ -620,6 +620,26 @@ struct TopkShared {
   int* pick;        // [4]: digit, count above it, count in it
 };
 
+// The top-k's shared memory from `ks` on: ks, ke [nb_max] order keys (pooled scores, window
+// scores), flag [nb_max], then the radix select's counters.
+struct TopkLayout {
+  uint32_t* ks;
+  uint32_t* ke;
+  int* flag;
+  TopkShared sh;
+};
+
+__device__ TopkLayout topk_layout(uint32_t* ks, int nb_max) {
+  TopkLayout l;
+  l.ks = ks;
+  l.ke = ks + nb_max;
+  l.flag = reinterpret_cast<int*>(l.ke + nb_max);
+  l.sh.hist = l.flag + nb_max;
+  l.sh.warp_count = l.sh.hist + 256;
+  l.sh.pick = l.sh.warp_count + k_topk_warps;
+  return l;
+}
+
 // flag[b] = rank of u[b] < k, rank by (u descending, index ascending): the radix-select
 // threshold (the k-th largest key, found 8 bits at a time), then the lowest-indexed ties.
 __device__ void radix_topk(const uint32_t* u, int nb, int k, int* flag, const TopkShared& sh) {
@@ -735,13 +755,11 @@ __global__ void __launch_bounds__(k_topk_threads) split_topk(SelectArgs a, Split
     for (int i = threadIdx.x; i < a.k_max; i += blockDim.x) out[i] = i < nb ? i : -1;
     return;
   }
-  uint32_t* ks = st;
-  uint32_t* ke = ks + a.nb_max;
-  int* flag = reinterpret_cast<int*>(ke + a.nb_max);
-  TopkShared sh;
-  sh.hist = flag + a.nb_max;
-  sh.warp_count = sh.hist + 256;
-  sh.pick = sh.warp_count + k_topk_warps;
+  const TopkLayout tl = topk_layout(st, a.nb_max);
+  uint32_t* ks = tl.ks;
+  uint32_t* ke = tl.ke;
+  int* flag = tl.flag;
+  const TopkShared& sh = tl.sh;
   const bool nosa = a.mode == SelectMode::nosa;
   const float* sb = a.scratch + L.sb + th * a.nb_max;
   const float* eb = a.scratch + L.eb + th * a.nb_max;
@@ -786,13 +804,11 @@ __global__ void __launch_bounds__(k_topk_threads) split_finish(SelectArgs a, Spl
   float* lgs = mx + G;                          // [G][n_max] the logits
   float* S = lgs + size_t(G) * nm;              // [n_max]
   float* E = S + nm;                            // [n_max] window scores (NOSA)
-  uint32_t* ks = reinterpret_cast<uint32_t*>(E + nm);
-  uint32_t* ke = ks + a.nb_max;
-  int* flag = reinterpret_cast<int*>(ke + a.nb_max);
-  TopkShared sh;
-  sh.hist = flag + a.nb_max;
-  sh.warp_count = sh.hist + 256;
-  sh.pick = sh.warp_count + k_topk_warps;
+  const TopkLayout tl = topk_layout(reinterpret_cast<uint32_t*>(E + nm), a.nb_max);
+  uint32_t* ks = tl.ks;
+  uint32_t* ke = tl.ke;
+  int* flag = tl.flag;
+  const TopkShared& sh = tl.sh;
 
   // The logits and the window scores into shared memory, every load in flight at once.
   const bool nosa = a.mode == SelectMode::nosa;
