@@ -710,17 +710,30 @@ int config_count(const BenchFlags& f) {
 }
 
 // The command line of this process ("nosa bench ..."; "mpirun -np N " first under MPI), with
-// arguments quoted where a shell needs it.
+// arguments quoted where a shell needs it, and without the output files (--json, --csv, --plot,
+// --markdown): what reproduces the numbers, not where one run put them.
 std::string command_line(int world_size) {
   std::ifstream in("/proc/self/cmdline", std::ios::binary);
   std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   std::string out = world_size > 1 ? fmt::format("mpirun -np {} ", world_size) : "";
+  static const char* const k_outputs[] = {"--json", "--csv", "--plot", "--markdown"};
+  bool skip_value = false;
   size_t start = 0;
   for (int i = 0; start < all.size(); ++i) {
     size_t end = all.find('\0', start);
     if (end == std::string::npos) end = all.size();
     std::string arg = all.substr(start, end - start);
     start = end + 1;
+    if (skip_value) {
+      skip_value = false;
+      continue;
+    }
+    bool output = false;
+    for (const char* flag : k_outputs) {
+      if (arg == flag) output = skip_value = true;
+      if (arg.rfind(std::string(flag) + "=", 0) == 0) output = true;
+    }
+    if (output) continue;
     if (i == 0) arg = std::filesystem::path(arg).filename().string();
     if (arg.empty() || arg.find_first_of(" \t\"'$&;|<>*?()\\") != std::string::npos) {
       std::string q = "'";

@@ -45,6 +45,19 @@ TOPK = 64       # selected blocks per (sequence, KV head): 4096 tokens
 L2_BYTES = 256 << 20  # distinct per-layer KV until this much, so that L2 (50 MB) cannot hold it
 
 
+
+def reproducible_args(args):
+    """The arguments without the output file (--out PATH): what reproduces the numbers."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            out.append(a)
+    return out
+
 def log(msg):
     print(msg, flush=True)
 
@@ -337,7 +350,8 @@ def main():
     doc = {"peer": "pytorch sdpa", "suite": "sdpa", "commit": args.commit or "unknown",
            "machine": machine(torch, args.device), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "command": "python3 scripts/bench_sdpa.py " + " ".join(sys.argv[1:]), "results": []}
+           "command": "python3 scripts/bench_sdpa.py " + " ".join(reproducible_args(sys.argv[1:])),
+           "results": []}
     t0 = time.time()
     with torch.no_grad():
         for shape in shapes:

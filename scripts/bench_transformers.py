@@ -22,6 +22,19 @@ SHAPES = {
 }
 
 
+
+def reproducible_args(args):
+    """The arguments without the output file (--out PATH): what reproduces the numbers."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            out.append(a)
+    return out
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", action="append", help="shape (repeatable; default nosa-1b-like)")
@@ -48,7 +61,8 @@ def main():
            "machine": {"hostname": socket.gethostname(), "gpu": torch.cuda.get_device_name(0)},
            "transformers": transformers.__version__, "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "command": " ".join(sys.argv), "results": []}
+           "command": "python3 scripts/bench_transformers.py " + " ".join(reproducible_args(sys.argv[1:])),
+           "results": []}
     for shape in shapes:
         layers, hidden, heads, kv, head_dim, ffn, vocab = SHAPES[shape]
         config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,

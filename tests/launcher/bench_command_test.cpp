@@ -206,6 +206,9 @@ TEST(BenchCommand, SmokeSuiteWritesJsonCsvAndPlotsThatDecode) {
   EXPECT_FALSE(j["date"].get<std::string>().empty());
   EXPECT_EQ(j["machine"]["backend"], "cpu");
   EXPECT_NE(j["command"].get<std::string>().find("nosa bench --suite smoke"), std::string::npos);
+  // The command reproduces the numbers; where this run wrote them is not part of it.
+  for (const char* out : {"--json", "--csv", "--plot", "s.json"})
+    EXPECT_EQ(j["command"].get<std::string>().find(out), std::string::npos) << j["command"];
   const auto& rows = j["results"];
   ASSERT_EQ(rows.size(), 28u);
   std::map<std::string, int> per_suite;
