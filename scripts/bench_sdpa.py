@@ -34,6 +34,8 @@ import subprocess
 import sys
 import time
 
+from peer_args import reproducible_args
+
 SHAPES = {
     # layers, query heads, KV heads, head_dim (docs/performance.md)
     "tiny": (2, 4, 2, 64),
@@ -44,19 +46,6 @@ BLOCK = 64      # tokens per KV block (selection unit)
 TOPK = 64       # selected blocks per (sequence, KV head): 4096 tokens
 L2_BYTES = 256 << 20  # distinct per-layer KV until this much, so that L2 (50 MB) cannot hold it
 
-
-
-def reproducible_args(args):
-    """The arguments without the output file (--out PATH): what reproduces the numbers."""
-    out, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-        elif a == "--out":
-            skip = True
-        elif not a.startswith("--out="):
-            out.append(a)
-    return out
 
 def log(msg):
     print(msg, flush=True)

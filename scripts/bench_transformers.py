@@ -14,6 +14,8 @@ import statistics
 import sys
 import time
 
+from peer_args import reproducible_args
+
 SHAPES = {
     # layers, hidden, heads, kv heads, head_dim, ffn, vocab (docs/performance.md)
     "tiny": (2, 256, 4, 2, 64, 512, 2000),
@@ -21,19 +23,6 @@ SHAPES = {
     "nosa-8b-like": (32, 4096, 32, 2, 128, 16384, 73448),
 }
 
-
-
-def reproducible_args(args):
-    """The arguments without the output file (--out PATH): what reproduces the numbers."""
-    out, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-        elif a == "--out":
-            skip = True
-        elif not a.startswith("--out="):
-            out.append(a)
-    return out
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
