@@ -224,7 +224,7 @@ lane0() {
 lane1() {
   in_lane 1
   step L1 $U 40 180 "ctest -L gpu (one GPU)" -- bash -c "cd '$build' && ctest -L gpu \
-    -E 'cuda_check_against_transformers|peer_all_reduce' -V -j 1 >'$scratch/ctest1.txt' 2>&1; \
+    -E 'cuda_check_against_transformers|PeerAllReduce' -V -j 1 >'$scratch/ctest1.txt' 2>&1; \
     rc=\$?; grep -E 'tests passed|tests failed|\\((Failed|Timeout|SEGFAULT|Not Run|Exception)\\)' \
     '$scratch/ctest1.txt'; exit \$rc"
   grep -E 'tests passed|tests failed|\((Failed|Timeout|SEGFAULT|Not Run|Exception)\)' \
@@ -288,8 +288,8 @@ U=$tp_until
 if [ "$gpus" -ge 2 ] || [ $dry -eq 1 ]; then
   tps=(2)
   { [ "$gpus" -ge 4 ] || [ $dry -eq 1 ]; } && tps=(2 4)
-  step C $U 20 60 "ctest peer_all_reduce (${tps[*]} GPUs)" -- bash -c "cd '$build' && \
-    ctest -R peer_all_reduce -V >'$scratch/ctest2.txt' 2>&1; rc=\$?; \
+  step C $U 20 60 "ctest PeerAllReduce (${tps[*]} GPUs)" -- bash -c "cd '$build' && \
+    ctest -R PeerAllReduce -V >'$scratch/ctest2.txt' 2>&1; rc=\$?; \
     grep -E 'tests passed|tests failed' '$scratch/ctest2.txt'; exit \$rc"
   grep -E 'tests passed|tests failed' "$scratch/ctest2.txt" 2>/dev/null | sed 's/^/    /' >>"$scratch/sum.C"
   cat "$scratch/ctest2.txt" >>"$tests_out" 2>/dev/null
