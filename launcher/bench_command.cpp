@@ -314,9 +314,8 @@ void run_decode(SuiteContext& ctx) {
         const bool nosa = mode == attention::Mode::nosa;
         const int64_t pos = context;
         const int64_t attended =
-            attention::reference::selects_all(mode, pos, p)
-                ? pos + 1
-                : std::min<int64_t>(pos + 1, int64_t(p.topk) * p.block_size);
+            std::min<int64_t>(pos + 1, attention::reference::selected_count(mode, pos, p) *
+                                           p.block_size);
         const double kv_elem = double(dtype_size(layout.dtype));
         const double per_token = 2.0 * layout.head_dim * kv_elem + (nosa ? 4.0 : 0.0);
         const int64_t n_ck = sparse ? attention::reference::compressed_count(pos, p) : 0;
@@ -602,7 +601,8 @@ void run_offload(SuiteContext& ctx) {
               double(after.bytes_disk_written - before.bytes_disk_written) / steps;
           // The HBM part of the floor: weights and the selected KV (as the decode suite counts it).
           const double heads = double(B) * c.num_hidden_layers * layout.n_kv_heads;
-          const int64_t attended = std::min<int64_t>(context + 1, int64_t(p.topk) * p.block_size);
+          const int64_t attended = std::min<int64_t>(
+              context + 1, attention::reference::selected_count(mode, context, p) * p.block_size);
           const double kv_read = heads * double(attended) *
                                  (2.0 * layout.head_dim * double(dtype_size(layout.dtype)) +
                                   (mode == attention::Mode::nosa ? 4.0 : 0.0));

@@ -76,6 +76,11 @@ bool selects_all(Mode mode, int64_t t, const SparseParams& p) {
   return t / p.block_size + 1 <= p.topk;
 }
 
+int64_t selected_count(Mode mode, int64_t t, const SparseParams& p) {
+  const int64_t blocks = t / p.block_size + 1;
+  return selects_all(mode, t, p) ? blocks : std::min<int64_t>(p.topk, blocks);
+}
+
 std::vector<int32_t> select_blocks(Mode mode, const float* q, int group, int d, const float* ck,
                                    const float* e, int64_t t, const SparseParams& p) {
   const int64_t qb = t / p.block_size;

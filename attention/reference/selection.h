@@ -32,6 +32,8 @@ std::vector<int32_t> top_blocks(const std::vector<float>& scores, int64_t k);
 // Whether a query at position t attends to every block (dense mode, a sequence shorter than
 // dense_len, or no more blocks than topk).
 bool selects_all(Mode mode, int64_t t, const SparseParams& p);
+// How many blocks token t selects: all of its qb + 1 when selects_all, else topk.
+int64_t selected_count(Mode mode, int64_t t, const SparseParams& p);
 
 // The blocks a query token at position t selects for one KV head (step 6), ascending.
 // q: the group's query heads [group][d] (rotated); ck: compressed keys [n][d] with

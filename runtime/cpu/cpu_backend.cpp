@@ -263,12 +263,8 @@ class CpuBackend final : public Backend {
     const int hq = int(q.dim(1)), group = hq / H;
     const int64_t T = step_->n_tokens();
     int k_max = 1;
-    for (int64_t t = 0; t < T; ++t) {
-      int64_t qb = step_->positions[t] / p.block_size;
-      k_max = int(std::max<int64_t>(k_max, ref::selects_all(mode, step_->positions[t], p)
-                                               ? qb + 1
-                                               : std::min<int64_t>(p.topk, qb + 1)));
-    }
+    for (int64_t t = 0; t < T; ++t)
+      k_max = std::max(k_max, int(ref::selected_count(mode, step_->positions[t], p)));
     Selection sel;
     sel.k_max = k_max;
     sel.blocks = Tensor::empty_host(DType::i32, {T, H, k_max});

@@ -304,6 +304,7 @@ class CudaBackend final : public Backend {
   void begin_step(const StepBatch& step) override {
     step_ = &step;
     plan_valid_ = false;
+    bounds_.valid = false;
     max_pos_ = 0;
     for (int32_t p : step.positions) max_pos_ = std::max<int64_t>(max_pos_, p);
     const int T = int(step.n_tokens()), S = int(step.seqs.size());
@@ -352,6 +353,7 @@ class CudaBackend final : public Backend {
     write_step_meta(step, key->cap_blocks, static_cast<int32_t*>(g->meta_host.get(g->meta_bytes)));
     step_ = &step;
     plan_valid_ = false;
+    bounds_.valid = false;
     NOSA_CUDA_CHECK(cudaGraphLaunch(g->exec, stream_));
     NOSA_CUDA_CHECK(cudaEventRecord(g->done, stream_));
     g->last_use = ++graph_clock_;
@@ -580,14 +582,6 @@ class CudaBackend final : public Backend {
 
   void update_compressed(int layer, bool scores, const attention::SparseParams& p,
                          KvCache& cache) override {
-    int max_new = 0;
-    for (const StepSequence& s : step_->seqs) {
-      const int64_t j0 = ref::compressed_count(s.n_past - 1, p);
-      const int64_t j1 = ref::compressed_count(s.n_past + s.n_new - 1, p);
-      max_new = std::max<int>(max_new, int(j1 - j0));
-    }
-    // A recorded decoding step: one new token completes at most one window per sequence.
-    if (recording_) max_new = 1;
     acu::UpdateCompressedArgs a;
     a.kv = kv_view(cache);
     a.step = view_;
@@ -595,7 +589,7 @@ class CudaBackend final : public Backend {
     a.kernel_size = p.kernel_size;
     a.kernel_stride = p.kernel_stride;
     a.scores = scores;
-    a.max_new_windows = max_new;
+    a.max_new_windows = step_bounds(p).max_new_windows;
     NOSA_CUDA_CHECK(acu::launch_update_compressed(a, stream_));
   }
 
@@ -605,28 +599,8 @@ class CudaBackend final : public Backend {
     const KvLayout& L = cache.layout();
     const int H = L.n_kv_heads, hq = int(q.dim(1)), group = hq / H;
     const int64_t T = step_->n_tokens();
-    int k_max = 1, n_max = 1, nb_max = 1;
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t pos = step_->positions[t], qb = pos / p.block_size;
-      k_max = int(std::max<int64_t>(
-          k_max, ref::selects_all(mode, pos, p) ? qb + 1 : std::min<int64_t>(p.topk, qb + 1)));
-      n_max = std::max<int>(n_max, int(ref::compressed_count(pos, p)));
-      nb_max = std::max<int>(nb_max, int(qb + 1));
-    }
-    if (recording_) {
-      // A recorded step's sizes cover every context of its bucket (-1 padded per token).
-      const int cap = recording_->key.cap_blocks;
-      const int64_t pos_cap = int64_t(cap) * p.block_size - 1;
-      auto k_at = [&](int64_t pos) {
-        const int64_t qb = pos / p.block_size;
-        return int(ref::selects_all(mode, pos, p) ? qb + 1 : std::min<int64_t>(p.topk, qb + 1));
-      };
-      // k(pos) peaks at the bucket's end or at the last position that still attends densely.
-      k_max = k_at(pos_cap);
-      if (p.dense_len >= 2) k_max = std::max(k_max, k_at(std::min<int64_t>(pos_cap, p.dense_len - 2)));
-      n_max = std::max<int>(1, int(ref::compressed_count(pos_cap, p)));
-      nb_max = cap;
-    }
+    const StepBounds& b = step_bounds(p);
+    const int k_max = b.k_max[int(mode)], n_max = b.n_max, nb_max = b.nb_max;
     Selection sel;
     sel.k_max = k_max;
     sel.blocks = alloc(DType::i32, {T, H, k_max});
@@ -844,6 +818,52 @@ class CudaBackend final : public Backend {
     return plan_;
   }
 
+  // The sizes the selection and compressed-key launches take: the same for every layer of a
+  // step, so worked out once per step. A recorded step takes them at the end of its context
+  // bucket, so that its launches serve every step of the bucket (per-token bounds come from the
+  // metadata, -1 padded, as in any mixed batch).
+  struct StepBounds {
+    bool valid = false;
+    attention::SparseParams p;
+    int k_max[3] = {1, 1, 1};  // by attention::Mode
+    int n_max = 1, nb_max = 1, max_new_windows = 0;
+  };
+
+  const StepBounds& step_bounds(const attention::SparseParams& p) {
+    using attention::Mode;
+    constexpr Mode k_modes[3] = {Mode::dense, Mode::infllmv2, Mode::nosa};
+    StepBounds& b = bounds_;
+    if (b.valid && b.p == p) return b;
+    b = StepBounds{true, p};
+    if (recording_) {
+      // A decoding step: one new token completes at most one window per sequence.
+      const int cap = recording_->key.cap_blocks;
+      const int64_t pos_cap = int64_t(cap) * p.block_size - 1;
+      // selected_count peaks at the bucket's end or at the last position that attends densely.
+      for (Mode m : k_modes) {
+        int64_t k = ref::selected_count(m, pos_cap, p);
+        if (p.dense_len >= 2)
+          k = std::max(k, ref::selected_count(m, std::min<int64_t>(pos_cap, p.dense_len - 2), p));
+        b.k_max[int(m)] = int(k);
+      }
+      b.n_max = std::max<int>(1, int(ref::compressed_count(pos_cap, p)));
+      b.nb_max = cap;
+      b.max_new_windows = 1;
+      return b;
+    }
+    for (int32_t pos : step_->positions) {
+      for (Mode m : k_modes)
+        b.k_max[int(m)] = std::max(b.k_max[int(m)], int(ref::selected_count(m, pos, p)));
+      b.n_max = std::max(b.n_max, int(ref::compressed_count(pos, p)));
+      b.nb_max = std::max(b.nb_max, int(pos / p.block_size + 1));
+    }
+    for (const StepSequence& s : step_->seqs)
+      b.max_new_windows = std::max<int>(
+          b.max_new_windows, int(ref::compressed_count(s.n_past + s.n_new - 1, p) -
+                                 ref::compressed_count(s.n_past - 1, p)));
+    return b;
+  }
+
   // ---- step metadata and graphs -----------------------------------------------------------
 
   // Layout of a step's metadata (int32): tokens, positions and sequence of each token [T] x 3;
@@ -1016,6 +1036,7 @@ class CudaBackend final : public Backend {
   int64_t max_pos_ = 0;
   Plan plan_;
   bool plan_valid_ = false;
+  StepBounds bounds_;
 
   std::unique_ptr<PinnedBuffer> staging_host_;
   size_t staging_capacity_ = 0, staging_used_ = 0;
