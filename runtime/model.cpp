@@ -54,6 +54,17 @@ KvLayout Model::kv_layout() const {
 }
 
 Tensor Model::forward(const StepBatch& step, KvCache& cache) {
+  // Every backend indexes block tables by position: a short table would read and write another
+  // sequence's blocks.
+  const int64_t bs = config_.sparse.block_size;
+  for (size_t i = 0; i < step.seqs.size(); ++i) {
+    const StepSequence& s = step.seqs[i];
+    const int64_t need = s.n_new > 0 ? (s.n_past + s.n_new - 1) / bs + 1 : 0;
+    NOSA_CHECK(s.blocks && int64_t(s.blocks->size()) >= need,
+               "sequence {} of the step needs {} KV blocks for positions up to {}, its block "
+               "table has {}",
+               i, need, s.n_past + s.n_new - 1, s.blocks ? s.blocks->size() : 0);
+  }
   // Step graphs: one rank (collectives stay outside graphs), the KV in HBM (offloading decides
   // residency on the host between layers), no benchmark hook replacing selections.
   const bool graphs = comm_.size() == 1 && !cache.offloaded() && !selection_override_;

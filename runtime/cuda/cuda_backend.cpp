@@ -14,7 +14,6 @@
 #include <cmath>
 #include <cstring>
 #include <deque>
-#include <mutex>
 #include <optional>
 
 #include "attention/cuda/compress.cuh"
@@ -100,11 +99,11 @@ class PinnedBuffer {
   // A buffer of at least `bytes`; the previous contents are lost when it grows.
   void* get(size_t bytes) {
     if (bytes > size_) {
+      // At least double: a buffer that grows step by step is re-pinned only a few times.
+      const size_t want = std::max({bytes, size_t(1) << 16, size_ * 2});
       if (data_) cudaFreeHost(data_);
       data_ = nullptr;
       size_ = 0;
-      size_t want = std::max<size_t>(bytes, size_t(1) << 16);
-      want = std::max(want, size_ * 2);
       NOSA_CUDA_CHECK(cudaHostAlloc(&data_, want, cudaHostAllocDefault));
       size_ = want;
     }
@@ -305,8 +304,6 @@ class CudaBackend final : public Backend {
     step_ = &step;
     plan_valid_ = false;
     bounds_.valid = false;
-    max_pos_ = 0;
-    for (int32_t p : step.positions) max_pos_ = std::max<int64_t>(max_pos_, p);
     const int T = int(step.n_tokens()), S = int(step.seqs.size());
     if (recording_) {
       // The graph's metadata buffer: a copy from pinned memory that each replay refills first.
@@ -1033,7 +1030,6 @@ class CudaBackend final : public Backend {
 
   const StepBatch* step_ = nullptr;
   acu::StepView view_;
-  int64_t max_pos_ = 0;
   Plan plan_;
   bool plan_valid_ = false;
   StepBounds bounds_;

@@ -142,5 +142,21 @@ TEST(Model, OutOfVocabularyTokenIsAClearError) {
   EXPECT_THROW(h.model->forward(step, *h.cache), Error);
 }
 
+// A block table shorter than the step's positions is refused before any KV is written.
+TEST(Model, ABlockTableTooShortIsAClearError) {
+  Harness h(attention::Mode::nosa);
+  std::vector<int32_t> blocks;
+  h.blocks_for(16, blocks);  // one block of 16 tokens
+  StepBatch step;
+  step.add(random_tokens(20, 3), 0, &blocks, true);
+  try {
+    h.model->forward(step, *h.cache);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::invalid_argument);
+    EXPECT_NE(e.message().find("needs 2 KV blocks"), std::string::npos) << e.message();
+  }
+}
+
 }  // namespace
 }  // namespace nosa::runtime
