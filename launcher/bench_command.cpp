@@ -498,6 +498,10 @@ void run_offload(SuiteContext& ctx) {
   const BenchFlags& f = ctx.flags;
   runtime::Backend& be = ctx.backend;
   constexpr double gib = double(1ull << 30);
+  NOSA_CHECK(f.offload == "host" || f.offload == "host+disk",
+             "the offload suite takes --offload host or host+disk, not '{}'", f.offload);
+  NOSA_CHECK(f.offload == "host" || !f.disk_kv_dir.empty(),
+             "--offload host+disk needs --disk-kv-dir (where the KV files go)");
   for (const std::string& mode_name : f.modes) {
     const attention::Mode mode = attention::parse_mode(mode_name);
     NOSA_CHECK(mode != attention::Mode::dense,

@@ -76,6 +76,19 @@ TEST(BenchCommand, PrefillSuiteRunsPromptsThroughTheEngine) {
   EXPECT_GE(j["results"][0]["steps"].get<int>(), 4);
 }
 
+// Offload flags the suite cannot honour are refused up front, with what to pass instead.
+TEST(BenchCommand, OffloadSuiteRefusesOffloadNoneAndDiskWithoutADirectory) {
+  const std::string base = nosa_binary() +
+                           " bench --suite offload --shape tiny --device cpu --mode nosa --batch 1 "
+                           "--context 256 --steps 1 ";
+  auto none = run_command(base + "--offload none");
+  EXPECT_NE(none.exit_code, 0);
+  EXPECT_NE(none.err.find("--offload host or host+disk"), std::string::npos) << none.err;
+  auto disk = run_command(base + "--offload host+disk");
+  EXPECT_NE(disk.exit_code, 0);
+  EXPECT_NE(disk.err.find("needs --disk-kv-dir"), std::string::npos) << disk.err;
+}
+
 namespace bench = nosa::launcher::bench;
 
 // ---- a PNG reader for the checks ----------------------------------------------------------------
