@@ -140,9 +140,14 @@ void KvCache::end_step(const StepBatch& step) {
 }
 
 void KvCache::release(std::vector<int32_t>& blocks) {
-  if (tiers_) tiers_->release(blocks);
+  release_tiers(blocks);
+  if (tiers_ && keep_released_) released_.insert(released_.end(), blocks.begin(), blocks.end());
   pool_.release(blocks);
   blocks.clear();
+}
+
+void KvCache::release_tiers(const std::vector<int32_t>& blocks) {
+  if (tiers_) tiers_->release(blocks);
 }
 
 }  // namespace nosa::runtime

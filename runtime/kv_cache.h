@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <utility>
 
 #include "memory/block_pool.h"
 #include "memory/kv_tiers.h"
@@ -96,6 +97,13 @@ class KvCache {
   void end_step(const StepBatch& step);
   // Frees a sequence's blocks in every tier.
   void release(std::vector<int32_t>& blocks);
+  // Tensor parallelism with offloading: every rank keeps its own tiers for the same block ids, but
+  // only the leader's engine releases blocks. With keep_released, release() also records the ids,
+  // which the leader sends with its next step plan (take_released); a follower passes them to
+  // release_tiers, which frees their tier state (a follower's block pool is never used).
+  void keep_released(bool on) { keep_released_ = on; }
+  std::vector<int32_t> take_released() { return std::exchange(released_, {}); }
+  void release_tiers(const std::vector<int32_t>& blocks);
   const ResidencyTimes& residency_times() const { return times_; }
 
  private:
@@ -107,6 +115,8 @@ class KvCache {
   Tensor kv_, bias_, ck_, ck_scores_, slot_table_;
   std::vector<memory::ChunkCopy> copies_;
   std::vector<memory::ChunkId> wanted_;
+  bool keep_released_ = false;
+  std::vector<int32_t> released_;
   ResidencyTimes times_;
 };
 

@@ -7,7 +7,9 @@ namespace nosa::runtime {
 
 ReplicaRunner::ReplicaRunner(const parallel::Replica& replica, Model& model, KvCache& cache,
                              std::chrono::milliseconds timeout)
-    : replica_(replica), model_(model), cache_(cache), timeout_(timeout) {}
+    : replica_(replica), model_(model), cache_(cache), timeout_(timeout) {
+  if (replica_.leader() && replica_.size > 1) cache_.keep_released(true);
+}
 
 ReplicaRunner::~ReplicaRunner() {
   try {
@@ -20,7 +22,7 @@ ReplicaRunner::~ReplicaRunner() {
 Tensor ReplicaRunner::forward(const StepBatch& step) {
   NOSA_ASSERT(replica_.leader(), "only a replica's leader schedules steps");
   if (replica_.size > 1) {
-    std::vector<char> bytes = encode_step(step);
+    std::vector<char> bytes = encode_step(step, StepPlan::Kind::run, cache_.take_released());
     parallel::broadcast_bytes(replica_, bytes, timeout_);
   }
   return model_.forward(step, cache_);
@@ -42,6 +44,7 @@ void ReplicaRunner::follow() {
     parallel::broadcast_bytes(replica_, bytes, std::chrono::milliseconds::max());
     decode_step(bytes, plan);
     if (plan.kind == StepPlan::Kind::stop) return;
+    cache_.release_tiers(plan.released);
     model_.forward(plan.batch, cache_);
   }
 }

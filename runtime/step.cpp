@@ -70,9 +70,11 @@ class Reader {
 
 }  // namespace
 
-std::vector<char> encode_step(const StepBatch& batch, StepPlan::Kind kind) {
+std::vector<char> encode_step(const StepBatch& batch, StepPlan::Kind kind,
+                              const std::vector<int32_t>& released) {
   Writer w;
   w.put<uint8_t>(uint8_t(kind));
+  w.put_vector(released);
   w.put_vector(batch.tokens);
   w.put_vector(batch.positions);
   w.put_vector(batch.token_seq);
@@ -91,6 +93,7 @@ std::vector<char> encode_step(const StepBatch& batch, StepPlan::Kind kind) {
 void decode_step(const std::vector<char>& bytes, StepPlan& plan) {
   Reader r(bytes);
   plan.kind = StepPlan::Kind(r.get<uint8_t>());
+  r.get_vector(plan.released);
   StepBatch& b = plan.batch;
   r.get_vector(b.tokens);
   r.get_vector(b.positions);

@@ -35,9 +35,11 @@ struct StepPlan {
   enum class Kind : uint8_t { run, stop } kind = Kind::run;
   StepBatch batch;
   std::vector<std::vector<int32_t>> blocks;  // one table per sequence
+  std::vector<int32_t> released;             // blocks the leader freed since the last plan
 };
 
-std::vector<char> encode_step(const StepBatch& batch, StepPlan::Kind kind = StepPlan::Kind::run);
+std::vector<char> encode_step(const StepBatch& batch, StepPlan::Kind kind = StepPlan::Kind::run,
+                              const std::vector<int32_t>& released = {});
 // Decodes bytes from encode_step; batch.seqs[i].blocks points into plan.blocks. Throws internal
 // on malformed bytes.
 void decode_step(const std::vector<char>& bytes, StepPlan& plan);

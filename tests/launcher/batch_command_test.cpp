@@ -319,6 +319,30 @@ TEST(BatchCommand, RequestsTheEngineCannotHoldAreReportedAndRetriedOnRerun) {
   EXPECT_EQ(fs::file_size(dir / "out.jsonl.errors.jsonl"), 0u);
 }
 
+// Tensor parallelism with the KV offloaded to host memory and disk gives the tokens of one rank,
+// over many short requests, a few at a time, whose blocks are freed (on every rank: the leader
+// sends them with its step plans) and reused many times over.
+TEST(BatchCommand, TensorParallelOffloadedBatchGivesTheTokensOfOneRank) {
+  if (run_command("command -v mpirun").exit_code != 0) GTEST_SKIP() << "mpirun not found";
+  TempDir dir;
+  const int n = 40;
+  write_prompts(dir / "in.jsonl", n);
+  const std::string flags = fmt::format(
+      "--max-tokens 40 --ignore-eos --max-running 2 --progress off --offload host+disk "
+      "--gpu-kv-gib 0.002 --host-kv-gib 0.0004 --disk-kv-gib 0.002 --disk-kv-dir {}",
+      (dir / "kv").string());
+  auto single = run_command(batch_command(dir / "in.jsonl", dir / "ref.jsonl", flags));
+  ASSERT_EQ(single.exit_code, 0) << single.err;
+  auto want = results_by_id(dir / "ref.jsonl");
+  ASSERT_EQ(want.size(), size_t(n));
+  auto r = run_command("mpirun --allow-run-as-root --oversubscribe -np 2 " +
+                       batch_command(dir / "in.jsonl", dir / "out.jsonl", flags + " --tp 2"));
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  auto got = results_by_id(dir / "out.jsonl");
+  ASSERT_EQ(got.size(), size_t(n));
+  for (const auto& [id, j] : want) EXPECT_EQ(got[id]["token_ids"], j["token_ids"]) << id;
+}
+
 TEST(BatchCommand, MpirunReplicasSplitTheInputIntoOneCompleteOutput) {
   if (run_command("command -v mpirun").exit_code != 0) GTEST_SKIP() << "mpirun not found";
   TempDir dir;

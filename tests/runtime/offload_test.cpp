@@ -8,6 +8,7 @@
 
 #include "runtime/core/error.h"
 #include "runtime/engine.h"
+#include "runtime/step.h"
 #include "tests/common/engine_rig.h"
 #include "tests/common/test_util.h"
 
@@ -75,6 +76,31 @@ TEST_P(OffloadGivesTheSameTokens, HostAndHostPlusDisk) {
 INSTANTIATE_TEST_SUITE_P(Modes, OffloadGivesTheSameTokens,
                          ::testing::Values(attention::Mode::infllmv2, attention::Mode::nosa),
                          [](const auto& info) { return attention::mode_name(info.param); });
+
+// Tensor parallelism: the leader's cache records the blocks its engine frees (only when asked
+// to), and they travel to the followers in the next step plan, whose tiers free them too.
+TEST(Offload, ALeaderSendsTheBlocksItFreedToItsFollowers) {
+  KvCacheOptions kv;
+  kv.offload = memory::Offload::host;
+  kv.device_slots = 600;
+  kv.host_blocks = 400;
+  Rig rig(attention::Mode::nosa, kv, 400, 128);
+  KvCache& cache = *rig.cache;
+  std::vector<int32_t> blocks;
+  ASSERT_TRUE(cache.pool().allocate(3, blocks));
+  cache.release(blocks);
+  EXPECT_TRUE(cache.take_released().empty());  // not recorded unless asked: no growth
+  cache.keep_released(true);
+  ASSERT_TRUE(cache.pool().allocate(3, blocks));
+  const std::vector<int32_t> freed = blocks;
+  cache.release(blocks);
+  EXPECT_EQ(cache.take_released(), freed);
+  EXPECT_TRUE(cache.take_released().empty());
+  StepPlan plan;
+  decode_step(encode_step(StepBatch{}, StepPlan::Kind::run, freed), plan);
+  EXPECT_EQ(plan.released, freed);
+  cache.release_tiers(plan.released);  // a follower's side: freeing freed blocks is harmless
+}
 
 TEST(Offload, ADiskErrorFailsOnlyTheAffectedRequest) {
   test::TempDir dir;
