@@ -64,6 +64,17 @@ DiskStore::DiskStore(const fs::path& dir, size_t slot_bytes, int64_t capacity_sl
     : dir_(dir), slot_bytes_(slot_bytes), capacity_(capacity_slots) {
   NOSA_CHECK(slot_bytes % 4096 == 0 && slot_bytes > 0, "disk slots must be 4 KiB multiples");
   NOSA_CHECK(capacity_slots > 0, "the disk KV budget holds no block");
+  // How to do the I/O is settled before any file exists, so that a refusal leaves nothing behind.
+  if (const char* env = std::getenv("NOSA_DISK_IO")) {
+    const std::string v = env;
+    NOSA_CHECK(v == "auto" || v == "threads" || v == "uring",
+               "NOSA_DISK_IO={}: use auto, threads or uring", v);
+    if (v == "threads") io = DiskIo::threads;
+    if (v == "uring") io = DiskIo::uring;
+  }
+  NOSA_CHECK_CODE(io != DiskIo::uring || uring_available(), ErrorCode::unavailable,
+                  "io_uring is not usable here (this build has no liburing, or the kernel or "
+                  "sandbox refuses it); use NOSA_DISK_IO=threads");
   std::error_code ec;
   fs::create_directories(dir, ec);
   NOSA_CHECK_CODE(fs::is_directory(dir), ErrorCode::io, "--disk-kv-dir {}: cannot create: {}",
@@ -71,33 +82,32 @@ DiskStore::DiskStore(const fs::path& dir, size_t slot_bytes, int64_t capacity_sl
   slots_per_file_ = std::max<int64_t>(1, int64_t(file_bytes / slot_bytes));
   const int64_t n_files = (capacity_ + slots_per_file_ - 1) / slots_per_file_;
   for (int64_t f = 0; f < n_files; ++f) {
-    fs::path p = dir / fmt::format("nosa-kv-{}-{:04d}.bin", ::getpid(), f);
+    const fs::path p = file_path(f);
     int fd = ::open(p.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_DIRECT, 0600);
     if (fd < 0 && errno == EINVAL) {  // the file system does not do O_DIRECT (tmpfs)
       direct_ = false;
       fd = ::open(p.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     }
-    NOSA_CHECK_CODE(fd >= 0, ErrorCode::io, "{}: cannot create: {}", p.string(),
-                    std::strerror(errno));
+    if (fd < 0) {
+      const std::string why = std::strerror(errno);
+      for (size_t g = 0; g < fds_.size(); ++g) {  // the files made so far go again
+        ::close(fds_[g]);
+        fs::remove(file_path(int64_t(g)), ec);
+      }
+      NOSA_FAIL(ErrorCode::io, "{}: cannot create: {}", p.string(), why);
+    }
     fds_.push_back(fd);
   }
   if (!direct_) logger("memory")->warn("{}: no O_DIRECT on this file system; using plain I/O",
                                        dir.string());
-  const char* env = std::getenv("NOSA_DISK_IO");
-  if (env && std::string(env) == "threads") io = DiskIo::threads;
 #ifdef NOSA_HAVE_URING
   if (io != DiskIo::threads) {
-    NOSA_CHECK_CODE(io != DiskIo::uring || uring_available(), ErrorCode::unavailable,
-                    "io_uring is not usable here");
     auto ring = std::make_unique<Ring>();
     if (uring_available() && io_uring_queue_init(Ring::k_depth, &ring->ring, 0) == 0) {
       ring_ = std::move(ring);
       ring_->completions = std::thread([this] { reap(); });
     }
   }
-#else
-  NOSA_CHECK_CODE(io != DiskIo::uring, ErrorCode::unavailable,
-                  "this build has no io_uring (liburing was not found)");
 #endif
   if (!ring_)
     for (int i = 0; i < std::max(1, io_threads); ++i) threads_.emplace_back([this] { worker(); });
@@ -127,7 +137,7 @@ DiskStore::~DiskStore() {
   for (size_t f = 0; f < fds_.size(); ++f) {
     ::close(fds_[f]);
     std::error_code ec;
-    fs::remove(dir_ / fmt::format("nosa-kv-{}-{:04d}.bin", ::getpid(), f), ec);
+    fs::remove(file_path(int64_t(f)), ec);
   }
 }
 
@@ -154,9 +164,12 @@ DiskStore::Ticket DiskStore::submit(bool write, int64_t slot, void* buffer) {
   return op.ticket;
 }
 
+fs::path DiskStore::file_path(int64_t file) const {
+  return dir_ / fmt::format("nosa-kv-{}-{:04d}.bin", ::getpid(), file);
+}
+
 std::string DiskStore::file_name(int64_t slot) const {
-  return (dir_ / fmt::format("nosa-kv-{}-{:04d}.bin", ::getpid(), slot / slots_per_file_))
-      .string();
+  return file_path(slot / slots_per_file_).string();
 }
 
 bool DiskStore::injected(const Op& op) {

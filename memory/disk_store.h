@@ -22,7 +22,7 @@
 namespace nosa::memory {
 
 // How the store does its I/O: io_uring when it can (automatic), or the thread pool. The
-// environment can force the pool with NOSA_DISK_IO=threads.
+// environment can choose with NOSA_DISK_IO=auto|threads|uring.
 enum class DiskIo { automatic, threads, uring };
 
 class DiskStore {
@@ -66,7 +66,8 @@ class DiskStore {
   void ring_submit(const Op& op);
   void run(const Op& op, size_t from = 0);
   void finish(const Op& op, std::exception_ptr error);
-  std::string file_name(int64_t slot) const;
+  std::filesystem::path file_path(int64_t file) const;
+  std::string file_name(int64_t slot) const;  // the file holding a slot
   // Whether an injected fault fails this operation (then it is finished already).
   bool injected(const Op& op);
   int file_for(int64_t slot, int64_t& offset);

@@ -2,7 +2,9 @@
 // file and leave the store usable.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <random>
 
 #include "memory/disk_store.h"
@@ -127,6 +129,20 @@ TEST_P(DiskStoreIo, AnInjectedErrorFailsOnlyThatOperation) {
   disk.wait(disk.write(2, host.slot(0)));  // the store goes on
   disk.wait(disk.read(2, host.slot(1)));
   EXPECT_EQ(std::memcmp(host.slot(0), host.slot(1), 4096), 0);
+}
+
+TEST(DiskStore, AnUnknownIoChoiceIsAClearErrorThatLeavesNoFile) {
+  test::TempDir dir;
+  ::setenv("NOSA_DISK_IO", "threadz", 1);
+  try {
+    DiskStore disk(dir / "kv", 4096, 4);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::invalid_argument);
+    EXPECT_NE(e.message().find("NOSA_DISK_IO=threadz"), std::string::npos) << e.message();
+  }
+  ::unsetenv("NOSA_DISK_IO");
+  EXPECT_FALSE(std::filesystem::exists(dir / "kv"));
 }
 
 TEST(DiskStore, AnUnwritableDirectoryIsAClearError) {
