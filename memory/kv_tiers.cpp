@@ -457,9 +457,7 @@ void KvTiers::end_step(const std::vector<int32_t>& full, std::vector<ChunkCopy>&
     stats_.bytes_device_to_host += int64_t(per * shape_.chunk_bytes());
     writing_[b] = 0;
   }
-  for (int32_t b : step_reads_)
-    for (int64_t i = 0; i < per; ++i) cache_.unpin(b * per + i);
-  step_reads_.clear();
+  unpin_step_reads();
 }
 
 void KvTiers::populate(const std::vector<int32_t>& blocks) {
@@ -531,12 +529,16 @@ void KvTiers::populate(const std::vector<int32_t>& blocks) {
   if (log) progress(n, true);
 }
 
-void KvTiers::abort_step() {
+// The blocks a step read (the windows reaching into the block before its writes) stay pinned
+// in the block cache until the step ends.
+void KvTiers::unpin_step_reads() {
   const int64_t per = shape_.chunks_per_block();
   for (int32_t b : step_reads_)
     for (int64_t i = 0; i < per; ++i) cache_.unpin(b * per + i);
   step_reads_.clear();
 }
+
+void KvTiers::abort_step() { unpin_step_reads(); }
 
 void KvTiers::release(const std::vector<int32_t>& blocks) {
   const int64_t per = shape_.chunks_per_block();

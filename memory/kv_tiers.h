@@ -124,6 +124,7 @@ class KvTiers {
   TierStats stats() const;
 
  private:
+  void unpin_step_reads();
   int64_t host_slot_for(int32_t block);  // makes the block's data present on the host
   int64_t free_host_slot();              // evicts the coldest host block to disk if needed
   void touch_host(int64_t slot);

@@ -68,7 +68,10 @@ KvCache::~KvCache() {
 
 void KvCache::begin_step(const StepBatch& step) {
   if (!tiers_) return;
-  std::vector<int32_t> writes, reads;
+  std::vector<int32_t>& writes = step_blocks_;
+  std::vector<int32_t>& reads = step_reads_;
+  writes.clear();
+  reads.clear();
   const int64_t bs = layout_.block_size;
   for (const StepSequence& s : step.seqs) {
     const auto& blocks = *s.blocks;
@@ -128,7 +131,8 @@ void KvCache::make_resident(int layer, const Selection& selection, const StepBat
 
 void KvCache::end_step(const StepBatch& step) {
   if (!tiers_) return;
-  std::vector<int32_t> full;
+  std::vector<int32_t>& full = step_blocks_;
+  full.clear();
   const int64_t bs = layout_.block_size;
   for (const StepSequence& s : step.seqs) {
     const int64_t end = s.n_past + s.n_new;

@@ -115,6 +115,7 @@ class KvCache {
   Tensor kv_, bias_, ck_, ck_scores_, slot_table_;
   std::vector<memory::ChunkCopy> copies_;
   std::vector<memory::ChunkId> wanted_;
+  std::vector<int32_t> step_blocks_, step_reads_;  // begin_step / end_step scratch
   bool keep_released_ = false;
   std::vector<int32_t> released_;
   ResidencyTimes times_;
