@@ -2,6 +2,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -166,10 +167,20 @@ EngineSetup EngineSetup::create(const EngineFlags& f, int64_t tokens_hint) {
   if (kv_options.offload != memory::Offload::none) {
     // The running batch's selections must fit the block cache at once (topk blocks and the
     // block being written, per layer and head).
+    // Every rank caches its share of the same selections, each in a block cache sized from its
+    // own free memory: the smallest fit in the replica decides.
     const auto& sp = s.model->config().sparse;
     const int64_t per_seq = layout.chunks_per_block() * (sp.topk + 2);
-    eo.max_running = int(std::max<int64_t>(
-        1, std::min<int64_t>(eo.max_running, kv_options.device_slots / per_seq)));
+    int64_t fit = kv_options.device_slots / per_seq;
+    std::vector<char> mine(sizeof(fit));
+    std::memcpy(mine.data(), &fit, sizeof(fit));
+    const std::vector<char> all = parallel::all_gather_bytes(s.replica, mine, timeout);
+    for (size_t r = 0; r < all.size(); r += sizeof(fit)) {
+      int64_t other;
+      std::memcpy(&other, all.data() + r, sizeof(other));
+      fit = std::min(fit, other);
+    }
+    eo.max_running = int(std::max<int64_t>(1, std::min<int64_t>(eo.max_running, fit)));
   }
   eo.max_context = f.max_context;
   s.runner = std::make_unique<runtime::ReplicaRunner>(s.replica, *s.model, *s.cache, timeout);
