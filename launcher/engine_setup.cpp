@@ -123,23 +123,32 @@ int64_t offload_plan(const EngineFlags& f, const runtime::Model& model, runtime:
 
 }  // namespace
 
+std::unique_ptr<runtime::Backend> make_backend(const std::string& device) {
+  NOSA_CHECK(device == "cpu" || device == "cuda" || device == "auto",
+             "unknown device '{}' (use cpu, cuda or auto)", device);
+  const bool cuda = device == "cuda" || (device == "auto" && runtime::cuda_available());
+  return cuda ? runtime::make_cuda_backend(parallel::MpiContext::get().local_rank())
+              : runtime::make_cpu_backend();
+}
+
+std::unique_ptr<parallel::Communicator> make_communicator(const parallel::Replica& replica,
+                                                          runtime::Backend& backend,
+                                                          std::chrono::milliseconds timeout) {
+  if (backend.device() == Device::cuda)
+    return parallel::make_nccl_communicator(replica, parallel::MpiContext::get().local_rank(),
+                                            backend.native_stream(), timeout);
+  return parallel::make_mpi_communicator(replica, timeout);
+}
+
 EngineSetup EngineSetup::create(const EngineFlags& f, int64_t tokens_hint) {
   if (f.threads > 0) ThreadPool::set_global_threads(f.threads);
   EngineSetup s;
-  const bool want_cuda =
-      f.device == "cuda" || (f.device == "auto" && runtime::cuda_available());
-  NOSA_CHECK(f.device == "cpu" || f.device == "cuda" || f.device == "auto",
-             "unknown device '{}' (use cpu, cuda or auto)", f.device);
   const auto timeout = std::chrono::milliseconds(int64_t(f.rank_timeout_s * 1000));
   NOSA_CHECK(f.rank_timeout_s > 0, "--rank-timeout must be positive");
-  parallel::MpiContext& mpi = parallel::MpiContext::get();
   s.replica = parallel::make_replica(f.tp);
-  s.backend = want_cuda ? runtime::make_cuda_backend(mpi.local_rank())
-                        : runtime::make_cpu_backend();
-  // GPU tensors travel over NCCL; the CPU backend's over MPI (which CI tests).
-  s.comm = want_cuda ? parallel::make_nccl_communicator(s.replica, mpi.local_rank(),
-                                                        s.backend->native_stream(), timeout)
-                     : parallel::make_mpi_communicator(s.replica, timeout);
+  s.backend = make_backend(f.device);
+  const bool want_cuda = s.backend->device() == Device::cuda;
+  s.comm = make_communicator(s.replica, *s.backend, timeout);
   runtime::LoadOptions lo;
   if (!f.attention.empty()) lo.mode = attention::parse_mode(f.attention);
   s.model = runtime::load_model(f.model, lo, *s.backend, *s.comm);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <chrono>
 #include <memory>
 #include <string>
 
@@ -16,6 +17,15 @@
 #include "runtime/tokenizer.h"
 
 namespace nosa::launcher {
+
+// The backend a --device flag names (cpu, cuda, or auto: CUDA where a GPU exists), on this
+// process's GPU (its local rank under mpirun); another value is an invalid_argument error.
+std::unique_ptr<runtime::Backend> make_backend(const std::string& device);
+// A replica's collectives on `backend`: NCCL between GPUs, MPI for the CPU backend (which CI
+// tests); a rank missing for `timeout` is an error naming it.
+std::unique_ptr<parallel::Communicator> make_communicator(const parallel::Replica& replica,
+                                                          runtime::Backend& backend,
+                                                          std::chrono::milliseconds timeout);
 
 struct EngineFlags {
   std::string model;
