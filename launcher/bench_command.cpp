@@ -210,6 +210,23 @@ void finish_step(SuiteContext& ctx, const Tensor& logits,
 // or attention over every block (dense), for one query token per sequence at position `context`,
 // on the KV already in the cache; no projections, no KV append. Median milliseconds after warm-up
 // (wall clock around a synchronized batch of kernels). One rank only.
+// Tokens a decoding token at position `context` attends to: its selected blocks (all of them in
+// dense mode), at most the context itself.
+int64_t attended_tokens(attention::Mode mode, const attention::SparseParams& p, int64_t context) {
+  return std::min<int64_t>(context + 1,
+                           attention::reference::selected_count(mode, context, p) * p.block_size);
+}
+
+// Bytes of KV (keys, values and, for NOSA, eviction scores) one decoding step of B sequences at
+// `context` reads over every layer and local KV head: the HBM part of a step's floor.
+double kv_read_bytes(attention::Mode mode, const attention::SparseParams& p,
+                     const runtime::KvLayout& layout, int64_t context, int B, int layers) {
+  const double per_token = 2.0 * layout.head_dim * double(dtype_size(layout.dtype)) +
+                           (mode == attention::Mode::nosa ? 4.0 : 0.0);
+  return double(B) * layers * layout.n_kv_heads * double(attended_tokens(mode, p, context)) *
+         per_token;
+}
+
 double attention_ms(runtime::Backend& be, runtime::Model& model, runtime::KvCache& cache,
                     const std::vector<std::vector<int32_t>>& tables, int64_t context,
                     const BenchFlags& f) {
@@ -312,16 +329,12 @@ void run_decode(SuiteContext& ctx) {
         // The floor: weights plus what the attention reads per (sequence, layer, KV head).
         const bool sparse = mode != attention::Mode::dense;
         const bool nosa = mode == attention::Mode::nosa;
-        const int64_t pos = context;
-        const int64_t attended =
-            std::min<int64_t>(pos + 1, attention::reference::selected_count(mode, pos, p) *
-                                           p.block_size);
         const double kv_elem = double(dtype_size(layout.dtype));
-        const double per_token = 2.0 * layout.head_dim * kv_elem + (nosa ? 4.0 : 0.0);
-        const int64_t n_ck = sparse ? attention::reference::compressed_count(pos, p) : 0;
+        const int64_t n_ck = sparse ? attention::reference::compressed_count(context, p) : 0;
         const double ck_bytes = double(n_ck) * (layout.head_dim * kv_elem + (nosa ? 4.0 : 0.0));
         const double heads = double(B) * c.num_hidden_layers * layout.n_kv_heads;
-        const double kv_read = heads * double(attended) * per_token;
+        const int64_t attended = attended_tokens(mode, p, context);
+        const double kv_read = kv_read_bytes(mode, p, layout, context, B, c.num_hidden_layers);
         const double ck_read = heads * ck_bytes;
         const double floor_ms = (bm.weight_bytes + kv_read) / k_hbm_bytes_per_s * 1e3;
         const double floor_ck_ms = (bm.weight_bytes + kv_read + ck_read) / k_hbm_bytes_per_s * 1e3;
@@ -604,12 +617,7 @@ void run_offload(SuiteContext& ctx) {
           const double disk_written =
               double(after.bytes_disk_written - before.bytes_disk_written) / steps;
           // The HBM part of the floor: weights and the selected KV (as the decode suite counts it).
-          const double heads = double(B) * c.num_hidden_layers * layout.n_kv_heads;
-          const int64_t attended = std::min<int64_t>(
-              context + 1, attention::reference::selected_count(mode, context, p) * p.block_size);
-          const double kv_read = heads * double(attended) *
-                                 (2.0 * layout.head_dim * double(dtype_size(layout.dtype)) +
-                                  (mode == attention::Mode::nosa ? 4.0 : 0.0));
+          const double kv_read = kv_read_bytes(mode, p, layout, context, B, c.num_hidden_layers);
           const double hbm_ms = (bm.weight_bytes + kv_read) / k_hbm_bytes_per_s * 1e3;
           const double pcie_ms = (h2d + d2h) / k_gather_bytes_per_s * 1e3;
           // Reads and writes share the disk (measured: 1.4 GB/s reads, 1.5 GB/s writes).
