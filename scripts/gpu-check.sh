@@ -53,11 +53,8 @@ say() { echo "$*" | tee -a "$summary"; }
 step() { echo "== $* ($(date -u +%H:%M:%S))" | tee -a "$log"; }
 status=0
 
-commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-if [ "$commit" != unknown ] && [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
-  commit="$commit-dirty"
-fi
-[ -n "${NOSA_COMMIT:-}" ] && commit=$NOSA_COMMIT
+. scripts/commit-id.sh
+commit=$(commit_id)
 say "nosa gpu-check  commit $commit  $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 say "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo none)"
 say "host: $(hostname), $(nproc) cores"

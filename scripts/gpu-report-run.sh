@@ -78,13 +78,8 @@ scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 nosa=$root/$build/launcher/nosa
 
-commit=${NOSA_COMMIT:-}
-if [ -z "$commit" ]; then
-  commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-  if [ "$commit" != unknown ] && [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
-    commit="$commit-dirty"
-  fi
-fi
+. scripts/commit-id.sh
+commit=$(commit_id)
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 gpus=${gpus:-0}
 gpu_desc=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1)

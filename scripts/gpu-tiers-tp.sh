@@ -45,8 +45,8 @@ summary=$results/summary.txt
 log=$results/log.txt
 nosa=$root/$build/launcher/nosa
 [ -x "$nosa" ] || { echo "no nosa binary" | tee -a "$summary"; exit 1; }
-commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-[ -n "${NOSA_COMMIT:-}" ] && commit=$NOSA_COMMIT
+. scripts/commit-id.sh
+commit=$(commit_id)
 say() { echo "$*" | tee -a "$summary"; }
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
