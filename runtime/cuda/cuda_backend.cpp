@@ -362,8 +362,11 @@ class CudaBackend final : public Backend {
   bool begin_recording(const StepBatch& step, const void* model, const KvCache& cache) override {
     const std::optional<GraphKey> key = graph_key(step, model, cache);
     if (!key) return false;
+    // A failed recording has a cause in the model or the cache (an op that cannot be recorded, a
+    // group too large for the decode kernel), not in the batch size: no other key of the same
+    // pair is tried again.
     for (const GraphKey& k : unrecordable_)
-      if (k == *key) return false;
+      if (k.model == key->model && k.cache == key->cache) return false;
     // Record at the second step with this key (not necessarily the next one: batch sizes come
     // and go while serving): the first ran directly, so lazy set-ups (uploads, kernel
     // attributes, cuBLAS heuristics) are done, and a one-off shape costs no recording.
