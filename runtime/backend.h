@@ -82,6 +82,11 @@ class Backend {
   // the tensor lives. The default handles host float32 tensors.
   virtual void fill_uniform(Tensor& t, uint64_t seed, float lo, float hi);
 
+  // Refuses, with a clear invalid_argument error, a model shape the backend's kernels do not
+  // support (the KV layout of this rank, `group` query heads per KV head). Called once, when a
+  // model is made; the CPU reference supports every shape.
+  virtual void check_shapes(const KvLayout& layout, int group) const {}
+
   // Uploads a step's metadata (positions, sequence of each token, block tables); the ops below
   // refer to the current step.
   virtual void begin_step(const StepBatch& step) = 0;

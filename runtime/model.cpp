@@ -38,7 +38,9 @@ RopeTable make_rope_table(const ModelConfig& c) {
 Model::Model(ModelConfig config, ModelWeights weights, parallel::Partition part,
              attention::Mode mode, Backend& backend, parallel::Communicator& comm)
     : config_(std::move(config)), w_(std::move(weights)), part_(part), mode_(mode),
-      backend_(backend), comm_(comm), rope_(make_rope_table(config_)) {}
+      backend_(backend), comm_(comm), rope_(make_rope_table(config_)) {
+  backend_.check_shapes(kv_layout(), part_.group_q_count / part_.kv_count);
+}
 
 Model::~Model() { backend_.forget_graphs(this); }
 

@@ -446,6 +446,23 @@ class CudaBackend final : public Backend {
     std::erase_if(sightings_, uses);
   }
 
+  void check_shapes(const KvLayout& L, int group) const override {
+    NOSA_CHECK_CODE(L.head_dim == 64 || L.head_dim == 128, ErrorCode::invalid_argument,
+                    "the CUDA kernels support head_dim 64 and 128, not {}", L.head_dim);
+    NOSA_CHECK_CODE(L.block_size % 16 == 0 && (64 % L.block_size == 0 || L.block_size % 64 == 0),
+                    ErrorCode::invalid_argument,
+                    "the CUDA attention kernels support block sizes 16, 32, 64 and multiples of "
+                    "64, not {}",
+                    L.block_size);
+    NOSA_CHECK_CODE(group >= 1 && group <= 64, ErrorCode::invalid_argument,
+                    "the CUDA attention kernels support 1 to 64 query heads per KV head, not {}",
+                    group);
+    // The eviction-score kernel gives each local KV head one warp of a thread block.
+    NOSA_CHECK_CODE(L.n_kv_heads <= 32, ErrorCode::invalid_argument,
+                    "the CUDA backend supports up to 32 KV heads per rank, not {} (use --tp)",
+                    L.n_kv_heads);
+  }
+
   // ---- dense ops ----------------------------------------------------------------------------
 
   void embedding(const Tensor& table, Tensor& out) override {
@@ -645,16 +662,6 @@ class CudaBackend final : public Backend {
     // them (tensor parallelism within a group) gets its slice copied out.
     const bool slice = q_head_begin != 0 || out_heads.dim(1) != hq;
     Tensor out = slice ? alloc(DType::bf16, q.shape()) : out_heads;
-    NOSA_CHECK_CODE(L.head_dim == 64 || L.head_dim == 128, ErrorCode::invalid_argument,
-                    "the CUDA attention kernels support head_dim 64 and 128, not {}", L.head_dim);
-    NOSA_CHECK_CODE(L.block_size % 16 == 0 && (64 % L.block_size == 0 || L.block_size % 64 == 0),
-                    ErrorCode::invalid_argument,
-                    "the CUDA attention kernels support block sizes 16, 32, 64 and multiples of "
-                    "64, not {}",
-                    L.block_size);
-    NOSA_CHECK_CODE(group >= 1 && group <= 64 && hq % H == 0, ErrorCode::invalid_argument,
-                    "the CUDA attention kernels support 1 to 64 query heads per KV head, not {}/{}",
-                    hq, H);
     const Plan& plan = attend_plan(group, L.block_size);
     const acu::KvView kv = kv_view(cache);
     const float scale = 1.0f / std::sqrt(float(L.head_dim));
