@@ -2,6 +2,8 @@
 // decoding run: the selection is resident and holds the right bytes, only chunks that were not
 // resident were loaded, budgets hold, and data survives host <-> disk moves exactly. A disk error
 // fails only the blocks it touched.
+#include "memory/kv_tiers.h"
+
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -9,7 +11,6 @@
 #include <random>
 #include <set>
 
-#include "memory/kv_tiers.h"
 #include "runtime/core/error.h"
 #include "tests/common/test_util.h"
 
@@ -24,7 +25,8 @@ struct Device {
   int64_t loads = 0, fresh = 0;
 
   Device(const TierShape& s, int64_t n_slots)
-      : shape(s), slots(size_t(n_slots) * s.chunk_bytes()),
+      : shape(s),
+        slots(size_t(n_slots) * s.chunk_bytes()),
         table(s.n_blocks * s.chunks_per_block(), -1) {}
   char* slot(int32_t s) { return slots.data() + size_t(s) * shape.chunk_bytes(); }
   void load(const std::vector<ChunkCopy>& copies) {
@@ -93,8 +95,7 @@ struct Seq {
 
 // Decoding of several sequences, one token per step, with random selections over their
 // finished blocks plus the current one, per layer and head.
-void run(Sim& sim, int n_seqs, int steps, int select_per_head, uint64_t seed,
-         bool check_overlap_only_new = true) {
+void run(Sim& sim, int n_seqs, int steps, int select_per_head, uint64_t seed) {
   std::mt19937 rng(seed);
   std::vector<Seq> seqs(n_seqs);
   int32_t next_block = 0;
@@ -125,8 +126,8 @@ void run(Sim& sim, int n_seqs, int steps, int select_per_head, uint64_t seed,
       sim.tiers->select(chunks.data(), int64_t(chunks.size()), loads);
       // Only chunks that were not resident were loaded.
       for (auto& l : loads) EXPECT_EQ(resident_before.count(l.chunk), 0u);
-      EXPECT_EQ(loads.size(), std::set<ChunkId>(chunks.begin(), chunks.end()).size() -
-                                  resident_before.size());
+      EXPECT_EQ(loads.size(),
+                std::set<ChunkId>(chunks.begin(), chunks.end()).size() - resident_before.size());
       sim.dev->load(loads);
       // The selection is resident and holds the right bytes.
       for (ChunkId c : chunks) {
@@ -150,6 +151,13 @@ void run(Sim& sim, int n_seqs, int steps, int select_per_head, uint64_t seed,
     TierStats st = sim.tiers->stats();
     EXPECT_LE(st.device_slots_used, st.device_slots);
     EXPECT_LE(st.host_blocks_used, st.host_blocks);
+    // What the kernels see, the slot table built from the copies handed out, agrees with the
+    // tiers' count: every slot holds at most one chunk, and every slot in use holds one.
+    std::set<int32_t> in_use;
+    for (int32_t slot : sim.dev->table)
+      if (slot >= 0)
+        EXPECT_TRUE(in_use.insert(slot).second) << "slot " << slot << " holds two chunks";
+    EXPECT_EQ(int64_t(in_use.size()), st.device_slots_used);
   }
 }
 
@@ -279,8 +287,8 @@ TEST(KvTiers, BlocksComeBackFromAFullDiskTierExactly) {
   EXPECT_EQ(st.host_blocks_used, 8);
   EXPECT_EQ(st.disk_blocks_used, 16);
   EXPECT_EQ(st.disk_blocks, 16);
-  const std::vector<int32_t> order = {3,  17, 0, 22, 9,  5, 12, 20, 1,  15, 7,  23,
-                                      2,  11, 19, 4, 8,  13, 6, 21, 10, 14, 16, 18};
+  const std::vector<int32_t> order = {3, 17, 0,  22, 9, 5,  12, 20, 1,  15, 7,  23,
+                                      2, 11, 19, 4,  8, 13, 6,  21, 10, 14, 16, 18};
   // Every block is rewritten once (as a block being filled would be), then read in rounds.
   for (int32_t b : order) {
     std::vector<ChunkCopy> copies;
