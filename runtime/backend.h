@@ -17,10 +17,12 @@
 
 namespace nosa::runtime {
 
-// Inverse RoPE frequencies [head_dim / 2] after scaling (linear, llama3), computed on the host.
+// Inverse RoPE frequencies [head_dim / 2] after scaling (linear, llama3), computed on the host;
+// `device` holds them on a backend that reads them there (Backend::prepare_rope, once per model).
 struct RopeTable {
   std::vector<float> inv_freq;
   float attention_scaling = 1.0f;
+  Tensor device;
 };
 
 // Blocks selected per (token, local KV head): [T][H][k_max] int32, ascending, -1 padded.
@@ -98,6 +100,8 @@ class Backend {
   virtual void add(Tensor& x, const Tensor& y) = 0;  // x += y
   // gate_up [T, 2F] (gate columns first): out [T, F] = silu(gate) * up.
   virtual void silu_mul(const Tensor& gate_up, Tensor& out) = 0;
+  // Makes `rope` usable by split_qkv_rope on this backend (the CUDA backend uploads the table).
+  virtual void prepare_rope(RopeTable& rope) {}
   // Splits qkv [T, Hq*d + Hk*d + Hv_all*d] into q [T, Hq, d] and k [T, Hk, d], both rotated at the
   // step's positions, and v_all [T, Hv_all, d].
   virtual void split_qkv_rope(const Tensor& qkv, const RopeTable& rope, Tensor& q, Tensor& k,

@@ -40,6 +40,7 @@ Model::Model(ModelConfig config, ModelWeights weights, parallel::Partition part,
     : config_(std::move(config)), w_(std::move(weights)), part_(part), mode_(mode),
       backend_(backend), comm_(comm), rope_(make_rope_table(config_)) {
   backend_.check_shapes(kv_layout(), part_.group_q_count / part_.kv_count);
+  backend_.prepare_rope(rope_);
 }
 
 Model::~Model() { backend_.forget_graphs(this); }

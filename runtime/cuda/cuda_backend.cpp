@@ -146,7 +146,6 @@ class CudaBackend final : public Backend {
     graphs_.clear();
     step_keep_.clear();
     workspace_ = Tensor();
-    rope_dev_ = Tensor();
     if (cublas_) cublasDestroy(cublas_);
     cudaEventDestroy(staged_);
     cudaEventDestroy(read_back_);
@@ -524,29 +523,26 @@ class CudaBackend final : public Backend {
         rcu::launch_silu_mul(gate_up.raw(), out.raw(), int(gate_up.dim(0)), int(out.dim(1)), stream_));
   }
 
+  void prepare_rope(RopeTable& rope) override {
+    Tensor host = Tensor::borrow(rope.inv_freq.data(), DType::f32, {int64_t(rope.inv_freq.size())});
+    rope.device = upload(host, DType::f32);
+  }
+
   void split_qkv_rope(const Tensor& qkv, const RopeTable& rope, Tensor& q, Tensor& k,
                       Tensor& v_all) override {
     require(qkv, DType::bf16, "split_qkv_rope");
     const int hq = int(q.dim(1)), hk = int(k.dim(1)), hv = int(v_all.dim(1)), d = int(q.dim(2));
     NOSA_ASSERT(qkv.dim(1) == int64_t(hq + hk + hv) * d, "split_qkv_rope: width {} != ({}+{}+{})*{}",
                 qkv.dim(1), hq, hk, hv, d);
-    if (!rope_dev_.defined() || rope.inv_freq != rope_host_) {
-      // Recorded graphs read the old table.
-      if (rope_dev_.defined() && !graphs_.empty()) {
-        NOSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
-        graphs_.clear();
-      }
-      rope_host_ = rope.inv_freq;
-      Tensor host = Tensor::borrow(rope_host_.data(), DType::f32, {int64_t(rope_host_.size())});
-      rope_dev_ = upload(host, DType::f32);
-    }
+    NOSA_ASSERT(rope.device.defined() && rope.device.numel() == d / 2,
+                "split_qkv_rope: the RoPE table was not prepared for this backend");
     rcu::RopeArgs a;
     a.qkv = qkv.raw();
     a.q = q.raw();
     a.k = k.raw();
     a.v = v_all.raw();
     a.positions = view_.positions;
-    a.inv_freq = rope_dev_.data<float>();
+    a.inv_freq = rope.device.data<float>();
     a.attention_scaling = rope.attention_scaling;
     a.n_tokens = int(qkv.dim(0));
     a.hq = hq;
@@ -1050,8 +1046,6 @@ class CudaBackend final : public Backend {
   PinnedBuffer upload_pinned_, result_pinned_, readback_pinned_;
   cudaEvent_t read_back_ = nullptr;
 
-  std::vector<float> rope_host_;
-  Tensor rope_dev_;
 
   // Step graphs (the destructor drops them first).
   std::vector<std::unique_ptr<StepGraph>> graphs_;

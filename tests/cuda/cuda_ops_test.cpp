@@ -93,6 +93,7 @@ TEST(CudaOps, SplitQkvRopeMatchesCpuAtLongPositions) {
   const int64_t T = f.step.n_tokens();
   runtime::RopeTable rope;
   for (int i = 0; i < d / 2; ++i) rope.inv_freq.push_back(float(1.0 / std::pow(10000.0, 2.0 * i / d)));
+  b.gpu->prepare_rope(rope);
   Twin qkv = twin(b, host_uniform({T, (hq + hk + hv) * d}, 12, -1, 1));
   Twin q = outputs(b, {T, hq, d}), k = outputs(b, {T, hk, d}), v = outputs(b, {T, hv, d});
   b.cpu->begin_step(f.step);
