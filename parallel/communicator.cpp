@@ -12,6 +12,7 @@ class SingleRank final : public Communicator {
   int rank() const override { return 0; }
   int size() const override { return 1; }
   void all_reduce_sum(Tensor&) override {}
+  bool graph_capturable() const override { return true; }
   void all_gather(const Tensor& in, Tensor& out) override {
     NOSA_ASSERT(in.bytes() == out.bytes(), "all_gather: size mismatch");
     NOSA_ASSERT(in.device() == Device::cpu, "single-rank all_gather of device memory");

@@ -17,6 +17,9 @@ class Communicator {
   virtual void all_reduce_sum(Tensor& t) = 0;
   // out [size * n, ...] = the ranks' `in` [n, ...] concatenated in rank order along dim 0.
   virtual void all_gather(const Tensor& in, Tensor& out) = 0;
+  // Whether the collectives only queue work on the backend's CUDA stream (no host waits), so that
+  // a CUDA graph may record them: then every rank replays its own graph of the same step.
+  virtual bool graph_capturable() const { return false; }
 };
 
 // The communicator of a replica of one rank: collectives are identities.

@@ -75,6 +75,9 @@ class NcclCommunicator final : public Communicator {
     NCCL_CHECK(ncclAllGather(in.raw(), out.raw(), size_t(in.numel()), nccl_type(in.dtype()),
                              comm_, stream_));
   }
+  // NCCL's collectives record into CUDA graphs, and the peer kernel numbers its calls on the
+  // device.
+  bool graph_capturable() const override { return true; }
 
  private:
   Replica replica_;

@@ -33,9 +33,8 @@ struct PeerInfo {
 
 struct PeerAllReduce::State {
   cuda::PeerBuffers buffers;
-  char* own = nullptr;  // this rank's allocation: flags, then the two staging halves
+  char* own = nullptr;  // this rank's allocation: flags, the two staging halves, the call counter
   std::vector<char*> opened;
-  uint32_t calls = 0;
   size_t max_bytes = 0;
   int device = 0;
 
@@ -67,7 +66,7 @@ std::unique_ptr<PeerAllReduce> PeerAllReduce::create(const Replica& r, int devic
   gethostname(me.host, sizeof(me.host) - 1);
   me.device = device;
   if (wanted) {
-    const size_t bytes = size_t(cuda::k_flag_bytes) + 2 * max_bytes;
+    const size_t bytes = size_t(cuda::k_flag_bytes) + 2 * max_bytes + cuda::k_call_counter_bytes;
     if (cudaSetDevice(device) == cudaSuccess &&
         cudaMalloc(reinterpret_cast<void**>(&state->own), bytes) == cudaSuccess &&
         cudaMemset(state->own, 0, bytes) == cudaSuccess && cudaDeviceSynchronize() == cudaSuccess &&
@@ -108,6 +107,8 @@ std::unique_ptr<PeerAllReduce> PeerAllReduce::create(const Replica& r, int devic
     b.rank = r.rank;
     b.size = r.size;
     b.half_bytes = int64_t(max_bytes);
+    b.call_counter =
+        reinterpret_cast<uint32_t*>(state->own + cuda::k_flag_bytes + 2 * int64_t(max_bytes));
     b.timeout_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout).count());
     for (int i = 0; i < r.size; ++i) {
       char* base = state->own;
@@ -148,7 +149,7 @@ bool PeerAllReduce::accepts(const Tensor& t) const {
 void PeerAllReduce::all_reduce_sum(Tensor& t, void* cuda_stream) {
   NOSA_ASSERT(accepts(t), "peer all-reduce: tensor not accepted");
   const auto dtype = t.dtype() == DType::bf16 ? cuda::ReduceDType::bf16 : cuda::ReduceDType::f32;
-  cuda_check(cuda::launch_peer_all_reduce(s_->buffers, t.raw(), t.numel(), dtype, ++s_->calls,
+  cuda_check(cuda::launch_peer_all_reduce(s_->buffers, t.raw(), t.numel(), dtype,
                                           static_cast<cudaStream_t>(cuda_stream)),
              "peer all-reduce");
 }

@@ -68,9 +68,11 @@ Tensor Model::forward(const StepBatch& step, KvCache& cache) {
                "table has {}",
                i, need, s.n_past + s.n_new - 1, s.blocks ? s.blocks->size() : 0);
   }
-  // Step graphs: one rank (collectives stay outside graphs), the KV in HBM (offloading decides
-  // residency on the host between layers), no benchmark hook replacing selections.
-  const bool graphs = comm_.size() == 1 && !cache.offloaded() && !selection_override_;
+  // Step graphs: collectives that only queue GPU work (one rank, or NCCL and the peer kernel),
+  // the KV in HBM (offloading decides residency on the host between layers), no benchmark hook
+  // replacing selections. Under tensor parallelism each rank records and replays its own graph;
+  // a rank that runs a step directly instead still launches the same collectives in order.
+  const bool graphs = comm_.graph_capturable() && !cache.offloaded() && !selection_override_;
   if (!graphs) return run_layers(step, cache);
   Tensor logits;
   if (backend_.replay_step(step, this, cache, logits)) return logits;

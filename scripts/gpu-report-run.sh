@@ -292,7 +292,7 @@ if [ "$gpus" -ge 2 ] || [ $dry -eq 1 ]; then
   models=$scratch/models
   python3 -c "print(','.join(str(3 + (i * 7919) % 1990) for i in range(3000)))" >"$scratch/ids"
   tp_check() {  # tp_check MODEL MODE
-    local m=$1 mode=$2 n specs=() est=$((6 * (1 + ${#tps[@]})))
+    local m=$1 mode=$2 n specs=() est=$((6 * (2 + ${#tps[@]})))
     local args=(generate --model "$models/$m" --attention "$mode" --prompt-ids @"$scratch/ids"
                 --max-tokens 16 --ignore-eos --json --logprobs 5 --device cuda --log-level warn)
     rm -f "$scratch"/tp[0-9].json
@@ -303,8 +303,16 @@ if [ "$gpus" -ge 2 ] || [ $dry -eq 1 ]; then
         mpirun --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE -np "$n" \
         "$nosa" "${args[@]}" --tp "$n" && specs+=("$n:$scratch/tp$n.json")
     done
+    # The same TP = 2 run without step graphs: replays must give the tokens of direct steps.
+    local direct=0
+    step C $U 6 60 "TP check $m $mode: TP=2 without graphs" -- bash -c '"$@" > "'"$scratch/tp2d.json"'"' _ \
+      mpirun --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE -x NOSA_CUDA_GRAPHS=0 -np 2 \
+      "$nosa" "${args[@]}" --tp 2 && direct=1
     if [ $dry -eq 0 ] && [ ${#specs[@]} -gt 0 ]; then
       python3 scripts/tp_logits_check.py --name "$m $mode" "$scratch/tp1.json" "${specs[@]}" |
+        tee -a "$tp_out" >>"$scratch/sum.C"
+      [ $direct -eq 1 ] && python3 scripts/tp_logits_check.py --name "$m $mode" \
+        --against "TP=2 without step graphs" "$scratch/tp2d.json" "TP=2 with graphs:$scratch/tp2.json" |
         tee -a "$tp_out" >>"$scratch/sum.C"
     fi
   }

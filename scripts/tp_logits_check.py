@@ -5,6 +5,8 @@ token. Prints one line per run; exit status 0 (the numbers are the result; a mis
 output is reported as such).
 
   tp_logits_check.py --name "tiny nosa" TP1.json 2:TP2.json 4:TP4.json
+  tp_logits_check.py --name "tiny nosa" --against "TP=2 direct" TP2D.json "TP=2 graphs:TP2.json"
+(a run named by a number is printed as TP=N).
 """
 import argparse
 import json
@@ -20,20 +22,22 @@ def last_json(path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", required=True)
+    ap.add_argument("--against", default="TP=1", help="what the reference run is")
     ap.add_argument("reference")
     ap.add_argument("runs", nargs="+", help="TP:PATH")
     args = ap.parse_args()
     try:
         a = last_json(args.reference)
     except (OSError, ValueError, IndexError) as e:
-        print(f"  TP check {args.name}: no TP=1 output ({type(e).__name__})")
+        print(f"  TP check {args.name}: no {args.against} output ({type(e).__name__})")
         return 0
     for spec in args.runs:
         tp, path = spec.split(":", 1)
+        label = f"TP={tp}" if tp.isdigit() else tp
         try:
             b = last_json(path)
         except (OSError, ValueError, IndexError) as e:
-            print(f"  TP={tp} vs TP=1, {args.name}: no TP={tp} output ({type(e).__name__})")
+            print(f"  {label} vs {args.against}, {args.name}: no {label} output ({type(e).__name__})")
             continue
         same = sum(x == y for x, y in zip(a["token_ids"], b["token_ids"]))
         first = next((i for i, (x, y) in enumerate(zip(a["token_ids"], b["token_ids"])) if x != y),
@@ -46,7 +50,7 @@ def main():
             d += [abs(t["logprob"] - tb[t["token"]]) for t in ea["top"] if t["token"] in tb]
         mean = sum(d) / len(d) if d else math.nan
         mx = max(d) if d else math.nan
-        print(f"  TP={tp} vs TP=1, {args.name}: {same}/{len(a['token_ids'])} greedy tokens equal "
+        print(f"  {label} vs {args.against}, {args.name}: {same}/{len(a['token_ids'])} greedy tokens equal "
               f"(first difference at {first}), |logprob diff| mean {mean:.4f} max {mx:.4f} "
               f"(until the first different token)")
     return 0

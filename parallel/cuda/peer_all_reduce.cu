@@ -70,7 +70,13 @@ struct Vec<float> {
 // meets block b of every peer at the barrier, then sums the range from every rank's staging.
 template <typename T>
 __global__ void __launch_bounds__(k_threads) one_shot_kernel(PeerBuffers p, uint4* data,
-                                                             int64_t n_vec, uint32_t call) {
+                                                             int64_t n_vec) {
+  // The previous call's last block advanced the counter before this kernel began (stream order),
+  // and no block of this call writes it until every block has read it (see the end).
+  __shared__ uint32_t call_shared;
+  if (threadIdx.x == 0) call_shared = p.call_counter[0] + 1;
+  __syncthreads();
+  const uint32_t call = call_shared;
   const int64_t per = (n_vec + gridDim.x - 1) / gridDim.x;
   const int64_t begin = min(int64_t(blockIdx.x) * per, n_vec), end = min(begin + per, n_vec);
   const int64_t half = (call & 1) ? p.half_bytes : 0;
@@ -99,24 +105,33 @@ __global__ void __launch_bounds__(k_threads) one_shot_kernel(PeerBuffers p, uint
     }
     data[i] = Vec<T>::pack(acc);
   }
+  // Every block read the counter before it counts itself done: the last one to finish advances it.
+  if (threadIdx.x == 0) {
+    const uint32_t done = atomicAdd(p.call_counter + 1, 1u);
+    if (done == gridDim.x - 1) {
+      p.call_counter[1] = 0;
+      p.call_counter[0] = call;
+    }
+  }
 }
 
 }  // namespace
 
 cudaError_t launch_peer_all_reduce(const PeerBuffers& buffers, void* data, int64_t n,
-                                   ReduceDType dtype, uint32_t call, cudaStream_t stream) {
+                                   ReduceDType dtype, cudaStream_t stream) {
   const int64_t elem = dtype == ReduceDType::bf16 ? 2 : 4;
   const int64_t bytes = n * elem;
-  if (bytes % 16 != 0 || bytes > buffers.half_bytes || buffers.size > k_max_peer_ranks)
+  if (bytes % 16 != 0 || bytes > buffers.half_bytes || buffers.size > k_max_peer_ranks ||
+      !buffers.call_counter)
     return cudaErrorInvalidValue;
   const int64_t n_vec = bytes / 16;
   if (n_vec == 0) return cudaSuccess;
   const int blocks = int(std::min<int64_t>(k_max_reduce_blocks, (n_vec + k_threads - 1) / k_threads));
   uint4* v = static_cast<uint4*>(data);
   if (dtype == ReduceDType::bf16)
-    one_shot_kernel<__nv_bfloat16><<<blocks, k_threads, 0, stream>>>(buffers, v, n_vec, call);
+    one_shot_kernel<__nv_bfloat16><<<blocks, k_threads, 0, stream>>>(buffers, v, n_vec);
   else
-    one_shot_kernel<float><<<blocks, k_threads, 0, stream>>>(buffers, v, n_vec, call);
+    one_shot_kernel<float><<<blocks, k_threads, 0, stream>>>(buffers, v, n_vec);
   return cudaGetLastError();
 }
 

@@ -23,6 +23,11 @@ struct PeerBuffers {
   // Each rank's flags: flags[r][block * k_max_peer_ranks + s] = the last call in which rank s's
   // thread block `block` reached the barrier, written by s into r's memory.
   uint32_t* flags[k_max_peer_ranks] = {};
+  // This rank's call counter in its own device memory: [0] the last call made, [1] the thread
+  // blocks of the current call that have finished. The kernel numbers its call itself (the last
+  // block to finish advances [0]), so a CUDA graph that records the launch numbers every replay
+  // anew; the ranks agree because they launch the same all-reduces in the same order.
+  uint32_t* call_counter = nullptr;
   int64_t half_bytes = 0;
   int rank = 0, size = 1;
   // A peer that does not reach the barrier within this time died or hangs: the kernel traps, so
@@ -32,10 +37,12 @@ struct PeerBuffers {
 
 enum class ReduceDType { bf16, f32 };
 
+// Bytes of the call counter (PeerBuffers::call_counter), zeroed before the first call.
+constexpr int64_t k_call_counter_bytes = 16;
+
 // Sums `n` elements of `data` (device memory of this rank) over the ranks, in place. n * element
-// size must be a multiple of 16 and at most half_bytes; `call` counts the calls from 1, the same
-// on every rank.
+// size must be a multiple of 16 and at most half_bytes. Safe to record in a CUDA graph.
 cudaError_t launch_peer_all_reduce(const PeerBuffers& buffers, void* data, int64_t n,
-                                   ReduceDType dtype, uint32_t call, cudaStream_t stream);
+                                   ReduceDType dtype, cudaStream_t stream);
 
 }  // namespace nosa::parallel::cuda
