@@ -1,4 +1,11 @@
-#include "attention/cuda/attention_tile.cuh"
+// The prefill attention kernel. Its building blocks are its own (not attention_tile.cuh's, which
+// the decode kernel keeps): a warp here owns 32 query rows, two m16 tiles, so that every K and V
+// fragment read from shared memory feeds two MMAs; a 16-row warp is bound by shared-memory
+// bandwidth, not by the tensor cores.
+#include <algorithm>
+#include <climits>
+
+#include "attention/cuda/device_common.cuh"
 #include "attention/cuda/sparse_prefill.cuh"
 
 namespace nosa::attention::cuda {
@@ -6,54 +13,341 @@ namespace nosa::attention::cuda {
 namespace {
 
 constexpr int k_warps = 4;
-constexpr int k_rows = 16 * k_warps;
-constexpr int k_stages = 2;
+constexpr int k_threads = 32 * k_warps;
+constexpr int k_warp_rows = 32;                // two m16 tiles
+constexpr int k_rows = k_warps * k_warp_rows;  // rows of a tile
+constexpr int k_max_tile_tokens = 64;          // one bit per token in the key masks
+constexpr int k_keys = 64;                     // keys per stage
+constexpr int k_no_key = INT_MAX;              // position of a key past the list's end
+constexpr float k_log2e = 1.4426950408889634f;
 
-__device__ __forceinline__ uint64_t warp_or64(uint64_t v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v |= __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
+// Shared memory: the tile's Q rows, one stage of keys and one of values (the values of a stage
+// load while its keys are multiplied, the next keys while its values are), the stage's per-key
+// data, then the tile's block list. About 70 KB with D = 128, so that two tiles share an SM
+// (their registers fill it) and the block list of long prompts still fits beside them.
+template <int D>
+struct PrefillLayout {
+  static constexpr int lds = D + 8;  // padded row (elements): conflict-free ldmatrix
+  static constexpr int q_bytes = k_rows * lds * 2;
+  static constexpr int kv_bytes = k_keys * lds * 2;
+  static constexpr int k_offset = q_bytes;
+  static constexpr int v_offset = k_offset + kv_bytes;
+  // Per key: eviction score (f32), position (i32), mask of the tile tokens that selected it (u64).
+  static constexpr int bias_offset = v_offset + kv_bytes;
+  static constexpr int pos_offset = bias_offset + k_keys * 4;
+  static constexpr int mask_offset = pos_offset + k_keys * 4;
+  static constexpr int fixed_bytes = mask_offset + k_keys * 8;
+};
+
+// The views of a tile's shared memory.
+template <int D>
+struct PrefillSmem {
+  bf16* q;
+  bf16* k;
+  bf16* v;
+  float* bias;     // [64] the stage's keys' eviction scores (loaded only with the bias)
+  int* pos;        // [64] the stage's key positions (k_no_key past the end)
+  uint64_t* mask;  // [64] which tile tokens selected each key's block
+  __device__ explicit PrefillSmem(unsigned char* base) {
+    using L = PrefillLayout<D>;
+    q = reinterpret_cast<bf16*>(base);
+    k = reinterpret_cast<bf16*>(base + L::k_offset);
+    v = reinterpret_cast<bf16*>(base + L::v_offset);
+    bias = reinterpret_cast<float*>(base + L::bias_offset);
+    pos = reinterpret_cast<int*>(base + L::pos_offset);
+    mask = reinterpret_cast<uint64_t*>(base + L::mask_offset);
+  }
+};
+
+__device__ __forceinline__ void cp_async16_or_zero(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)),
+               "l"(gmem), "r"(valid ? 16 : 0));
 }
 
-// grid (n_tiles, H), 4 warps of 16 rows; row r = token r / group, head r % group.
+// ldmatrix on 32-bit shared-memory addresses: the kernel keeps its addresses in 32 bits, which
+// leaves the registers to the accumulators.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Issues the cp.async loads of one half (K or V rows) of stage s: keys [64 s, 64 s + 64) of the
+// tile's block list laid end to end, zero-filled past the list's end. half_offset: 0 for keys,
+// block_size * D for values (a chunk holds its keys, then its values).
 template <int D>
-__global__ void __launch_bounds__(32 * k_warps) prefill_kernel(PrefillArgs a) {
+__device__ __forceinline__ void load_rows(bf16* dst, const KvView& kv, int s, int total_keys,
+                                          int64_t half_offset, const int* uchunk) {
+  constexpr int segs = D / 8, lds = PrefillLayout<D>::lds;
+  const int bs = kv.block_size;
+  const bf16* base = static_cast<const bf16*>(kv.kv) + half_offset;
+  const int c = threadIdx.x % segs;
+#pragma unroll
+  for (int r = threadIdx.x / segs; r < k_keys; r += k_threads / segs) {
+    const int kk = s * k_keys + r;
+    const bool valid = kk < total_keys;
+    int64_t off = 0;
+    if (valid) {
+      const int e = kk / bs;
+      off = (int64_t(uchunk[e]) * 2 * bs + (kk - e * bs)) * D + c * 8;
+    }
+    cp_async16_or_zero(dst + r * lds + c * 8, base + off, valid);
+  }
+}
+
+// The per-key data of stage s: the eviction scores (cp.async, with the bias), positions and token
+// masks (plain stores).
+template <int D>
+__device__ __forceinline__ void load_key_data(const PrefillSmem<D>& sm, const KvView& kv, int s,
+                                              int total_keys, bool use_bias, const int* uchunk,
+                                              const int* ulist, const uint64_t* umask) {
+  const int bs = kv.block_size;
+  if (use_bias && threadIdx.x < k_keys / 4) {
+    // Four keys at a time: block sizes are multiples of 16, so a group never spans two blocks.
+    const int kk = s * k_keys + 4 * threadIdx.x;
+    const bool valid = kk < total_keys;
+    int64_t off = 0;
+    if (valid) {
+      const int e = kk / bs;
+      off = int64_t(uchunk[e]) * bs + (kk - e * bs);
+    }
+    cp_async16_or_zero(sm.bias + 4 * threadIdx.x, kv.bias + off, valid);
+  }
+  if (threadIdx.x < k_keys) {
+    const int kk = s * k_keys + threadIdx.x;
+    if (kk < total_keys) {
+      const int e = kk / bs;
+      sm.pos[threadIdx.x] = ulist[e] * bs + (kk - e * bs);
+      sm.mask[threadIdx.x] = umask[e];
+    } else {
+      sm.pos[threadIdx.x] = k_no_key;
+      sm.mask[threadIdx.x] = 0;
+    }
+  }
+}
+
+// A thread's share of its warp's 32 rows: m16 tile mi, half (rows lane/4 and lane/4 + 8).
+template <int D>
+struct RowState {
+  float m[2][2];  // running max, log2 units
+  float l[2][2];  // this thread's partial sum
+  float o[2][D / 8][4];
+};
+
+// S = Q K^T for a warp's 32 rows and the 64 keys of the stage: per 16 dims, the two Q fragments
+// and, per 16 keys, one K fragment for 4 MMAs.
+template <int D>
+__device__ __forceinline__ void warp_scores(const PrefillSmem<D>& sm, float (&s)[2][8][4]) {
+  constexpr int lds = PrefillLayout<D>::lds;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) s[mi][nt][0] = s[mi][nt][1] = s[mi][nt][2] = s[mi][nt][3] = 0;
+  const uint32_t qp =
+      smem_u32(sm.q) + ((warp * k_warp_rows + (lane & 15)) * lds + (lane >> 4) * 8) * 2;
+  const uint32_t kp =
+      smem_u32(sm.k) + (((lane & 7) + ((lane >> 4) << 3)) * lds + ((lane >> 3) & 1) * 8) * 2;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    uint32_t qa[2][4];
+    ldsm_x4(qa[0], qp + ks * 32);
+    ldsm_x4(qa[1], qp + 16 * lds * 2 + ks * 32);
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      uint32_t b[4];
+      ldsm_x4(b, kp + np * 16 * lds * 2 + ks * 32);
+      mma_bf16(s[0][2 * np], qa[0], b[0], b[1]);
+      mma_bf16(s[1][2 * np], qa[1], b[0], b[1]);
+      mma_bf16(s[0][2 * np + 1], qa[0], b[2], b[3]);
+      mma_bf16(s[1][2 * np + 1], qa[1], b[2], b[3]);
+    }
+  }
+}
+
+// The online-softmax update of a warp's 32 rows with the stage's scores s, then O += P V.
+// Masked: each key is kept per row only if the row's token selected the key's block and the key
+// is not after the token; otherwise every key is visible to every row (the caller checked), and
+// only the bias is added.
+template <int D, bool Masked>
+__device__ __forceinline__ void warp_softmax_values(const PrefillSmem<D>& sm, float (&s)[2][8][4],
+                                                    float scale_log2, bool use_bias, int group,
+                                                    int tile_tokens, const int* tok_pos,
+                                                    RowState<D>& acc) {
+  constexpr int lds = PrefillLayout<D>::lds;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t4 = lane & 3;
+  // The rows' tokens and positions, worked out here rather than kept in registers across stages
+  // (the accumulators need them all).
+  int row_tok[2][2], row_pos[2][2];
+  if (Masked) {
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int ti = (warp * k_warp_rows + mi * 16 + half * 8 + (lane >> 2)) / group;
+        const bool valid = ti < tile_tokens;
+        row_tok[mi][half] = valid ? ti : 0;
+        row_pos[mi][half] = valid ? tok_pos[ti] : -1;  // sees no key
+      }
+  }
+
+  // Logits in log2 units (the bias is added after the 1/sqrt(d) scaling), masked keys -inf.
+  float mx[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    const int key = nt * 8 + 2 * t4;
+    float2 add = make_float2(0.0f, 0.0f);
+    if (use_bias) {
+      add = *reinterpret_cast<const float2*>(sm.bias + key);
+      add.x *= k_log2e;
+      add.y *= k_log2e;
+    }
+    int2 kpos = make_int2(0, 0);
+    ulonglong2 kmask = make_ulonglong2(0, 0);
+    if (Masked) {
+      kpos = *reinterpret_cast<const int2*>(sm.pos + key);
+      kmask = *reinterpret_cast<const ulonglong2*>(sm.mask + key);
+    }
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int half = i >> 1;
+        float x = s[mi][nt][i] * scale_log2 + ((i & 1) ? add.y : add.x);
+        if (Masked) {
+          const uint64_t km = (i & 1) ? kmask.y : kmask.x;
+          const int kq = (i & 1) ? kpos.y : kpos.x;
+          const bool keep = ((km >> row_tok[mi][half]) & 1) && kq <= row_pos[mi][half];
+          x = keep ? x : -INFINITY;
+        }
+        s[mi][nt][i] = x;
+        mx[mi][half] = fmaxf(mx[mi][half], x);
+      }
+  }
+
+  // Online softmax: rescale the running state to the new row maxima.
+  float m_use[2][2];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float v = mx[mi][half];
+      v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+      v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+      const float m_new = fmaxf(acc.m[mi][half], v);
+      // A row with nothing visible so far keeps m = -inf; exponents then use 0 (no NaN).
+      m_use[mi][half] = m_new == -INFINITY ? 0.0f : m_new;
+      const float alpha = fast_exp2(acc.m[mi][half] - m_use[mi][half]);
+      acc.m[mi][half] = m_new;
+      acc.l[mi][half] *= alpha;
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        acc.o[mi][dn][2 * half] *= alpha;
+        acc.o[mi][dn][2 * half + 1] *= alpha;
+      }
+    }
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float p = fast_exp2(s[mi][nt][i] - m_use[mi][i >> 1]);
+        s[mi][nt][i] = p;
+        acc.l[mi][i >> 1] += p;
+      }
+
+  // O += P V: per 16 keys, the two P fragments and, per 16 dims, one V fragment for 4 MMAs.
+  const uint32_t vp =
+      smem_u32(sm.v) + (((lane & 7) + ((lane >> 3) & 1) * 8) * lds + (lane >> 4) * 8) * 2;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    uint32_t pa[2][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+      pa[mi][0] = pack_bf16(s[mi][2 * kk][0], s[mi][2 * kk][1]);
+      pa[mi][1] = pack_bf16(s[mi][2 * kk][2], s[mi][2 * kk][3]);
+      pa[mi][2] = pack_bf16(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+      pa[mi][3] = pack_bf16(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t b[4];
+      ldsm_x4_trans(b, vp + kk * 16 * lds * 2 + dp * 32);
+      mma_bf16(acc.o[0][2 * dp], pa[0], b[0], b[1]);
+      mma_bf16(acc.o[1][2 * dp], pa[1], b[0], b[1]);
+      mma_bf16(acc.o[0][2 * dp + 1], pa[0], b[2], b[3]);
+      mma_bf16(acc.o[1][2 * dp + 1], pa[1], b[2], b[3]);
+    }
+  }
+}
+
+// grid (n_tiles * H), 4 warps of 32 rows; row r = token r / group, head r % group.
+template <int D>
+__global__ void __launch_bounds__(k_threads, 2) prefill_kernel(PrefillArgs a) {
+  using Layout = PrefillLayout<D>;
+  constexpr int lds = Layout::lds;
   extern __shared__ __align__(16) unsigned char smem[];
   const KvView& kv = a.kv;
-  const PrefillTile tile = a.tiles[blockIdx.x];
-  const int h = blockIdx.y;
   const int H = kv.n_kv_heads, G = a.group, bs = kv.block_size;
+  // The heaviest tiles first: a sequence's later tokens attend to more keys, and the tiles come
+  // in token order, so the short ones fill the machine's tail instead of the long ones.
+  const int tile_index = a.n_tiles - 1 - int(blockIdx.x) / H;
+  const int h = int(blockIdx.x) % H;
+  const PrefillTile tile = a.tiles[tile_index];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int32_t* table = a.step.block_table + int64_t(tile.seq) * a.step.bt_stride;
 
-  unsigned char* tail = smem + k_stages * StageLayout<D>::bytes;
-  uint64_t* stage_bits = reinterpret_cast<uint64_t*>(tail);  // [k_stages][2]
-  uint64_t* umask = stage_bits + 2 * k_stages;                // [nb_max]
-  int64_t* uchunk = reinterpret_cast<int64_t*>(umask + a.nb_max);  // [nb_max]
-  int* ulist = reinterpret_cast<int*>(uchunk + a.nb_max);     // [nb_max]
-  int* tok_pos = ulist + a.nb_max;                            // [64]
-  int* warp_count = tok_pos + 64;                             // [k_warps]
-  int* stage_minpos = warp_count + k_warps;                   // [k_stages][2]
+  const PrefillSmem<D> sm(smem);
+  uint64_t* umask = reinterpret_cast<uint64_t*>(smem + Layout::fixed_bytes);  // [nb_max]
+  int* uchunk = reinterpret_cast<int*>(umask + a.nb_max);                // [nb_max]
+  int* ulist = uchunk + a.nb_max;                                        // [nb_max]
+  int* tok_pos = ulist + a.nb_max;                                       // [64]
+  int* warp_count = tok_pos + k_max_tile_tokens;                         // [k_warps]
 
-  for (int i = threadIdx.x; i < tile.count; i += blockDim.x)
+  // The tile's query rows into shared memory, zero past the tile's tokens; their cp.async group
+  // completes with the first stage's keys.
+  const bf16* qbase = static_cast<const bf16*>(a.q);
+  constexpr int segs = D / 8;
+  for (int i = threadIdx.x; i < k_rows * segs; i += k_threads) {
+    const int r = i / segs, c = i % segs, ti = r / G;
+    const bool valid = ti < tile.count;
+    const bf16* src =
+        valid ? qbase + ((int64_t(tile.first + ti) * H + h) * G + r % G) * D + c * 8 : qbase;
+    cp_async16_or_zero(sm.q + r * lds + c * 8, src, valid);
+  }
+
+  for (int i = threadIdx.x; i < tile.count; i += k_threads)
     tok_pos[i] = a.step.positions[tile.first + i];
   __syncthreads();
-  const int last_pos = tok_pos[tile.count - 1];
-  const int nbu = last_pos / bs + 1;
+  int tile_max_pos = -1;
+  for (int i = 0; i < tile.count; ++i) tile_max_pos = max(tile_max_pos, tok_pos[i]);
+  const int nbu = tile_max_pos / bs + 1;
 
-  // The union of the tile's selections (with, per block, the tokens that selected it).
+  // The union of the tile's selections (with, per block, the tokens that selected it), ascending.
   int n_entries = nbu;
   if (a.selection) {
-    for (int b = threadIdx.x; b < nbu; b += blockDim.x) umask[b] = 0;
+    for (int b = threadIdx.x; b < nbu; b += k_threads) umask[b] = 0;
     __syncthreads();
-    for (int i = threadIdx.x; i < tile.count * a.k_max; i += blockDim.x) {
+    for (int i = threadIdx.x; i < tile.count * a.k_max; i += k_threads) {
       const int ti = i / a.k_max, e = i % a.k_max;
       const int b = a.selection[(int64_t(tile.first + ti) * H + h) * a.k_max + e];
       if (b >= 0) atomicOr(reinterpret_cast<unsigned long long*>(&umask[b]), 1ull << ti);
     }
     __syncthreads();
     int base = 0;
-    for (int c0 = 0; c0 < nbu; c0 += blockDim.x) {
+    for (int c0 = 0; c0 < nbu; c0 += k_threads) {
       const int b = c0 + threadIdx.x;
       const uint64_t mk = b < nbu ? umask[b] : 0;
       const bool f = mk != 0;
@@ -66,6 +360,7 @@ __global__ void __launch_bounds__(32 * k_warps) prefill_kernel(PrefillArgs a) {
         if (w < warp) offset += c;
         total += c;
       }
+      // Every thread has read umask[c0..] above; compacting in place only writes below b.
       if (f) {
         const int o = offset + __popc(ballot & ((1u << lane) - 1u));
         ulist[o] = b;
@@ -76,124 +371,116 @@ __global__ void __launch_bounds__(32 * k_warps) prefill_kernel(PrefillArgs a) {
     }
     n_entries = base;
   } else {
-    for (int b = threadIdx.x; b < nbu; b += blockDim.x) {
+    for (int b = threadIdx.x; b < nbu; b += k_threads) {
       ulist[b] = b;
       umask[b] = ~uint64_t(0);
     }
   }
-  // Resolve every entry's chunk once.
-  for (int e = threadIdx.x; e < n_entries; e += blockDim.x)
-    uchunk[e] = kv_slot(kv, table[ulist[e]], a.layer, h);
   __syncthreads();
-  auto entry = [&](int e, int64_t& chunk, int& lb, uint64_t& mask) {
-    chunk = uchunk[e];
-    lb = ulist[e];
-    mask = umask[e];
-  };
+  // Resolve every entry's chunk once (chunk indices of device memory fit in 32 bits).
+  for (int e = threadIdx.x; e < n_entries; e += k_threads)
+    uchunk[e] = int(kv_slot(kv, table[ulist[e]], a.layer, h));
+  __syncthreads();
+
   const bool use_bias = a.use_bias;
   const int total_keys = n_entries * bs;
-  const int n_stages = (total_keys + k_stage_keys - 1) / k_stage_keys;
+  const int n_stages = (total_keys + k_keys - 1) / k_keys;
+  const int64_t v_offset = int64_t(bs) * D;  // a chunk holds its keys, then its values
+  if (n_stages > 0) load_rows<D>(sm.k, kv, 0, total_keys, 0, uchunk);
+  cp_async_commit();
 
-  // This thread's rows: r0 = 16 warp + lane / 4, r1 = r0 + 8.
-  const int g = lane >> 2;
-  int row_tok[2], row_pos[2];
+  // The tokens (bits) and position range of the warp's rows.
   uint64_t warp_bits = 0;
-  int warp_max_pos = -1;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = warp * 16 + g + 8 * i;
-    const int ti = r / G;
-    const bool valid = ti < tile.count;
-    row_tok[i] = valid ? ti : 63;
-    row_pos[i] = valid ? tok_pos[ti] : -1;
+  int warp_min_pos = INT_MAX, warp_max_pos = -1;
+  const int warp_last_tok = min(tile.count - 1, (warp * k_warp_rows + k_warp_rows - 1) / G);
+  for (int ti = warp * k_warp_rows / G; ti <= warp_last_tok; ++ti) {
+    warp_bits |= 1ull << ti;
+    warp_min_pos = min(warp_min_pos, tok_pos[ti]);
+    warp_max_pos = max(warp_max_pos, tok_pos[ti]);
   }
-  for (int r = warp * 16; r < warp * 16 + 16; ++r) {
-    const int ti = r / G;
-    if (ti < tile.count) {
-      warp_bits |= 1ull << ti;
-      warp_max_pos = max(warp_max_pos, tok_pos[ti]);
-    }
-  }
-  const bf16* qbase = static_cast<const bf16*>(a.q);
-  uint32_t qa[D / 16][4];
-  load_q_frags<D>(qa, [&](int rr) -> const bf16* {
-    const int r = warp * 16 + rr, ti = r / G;
-    if (ti >= tile.count) return nullptr;
-    return qbase + ((int64_t(tile.first + ti) * H + h) * G + r % G) * D;
-  });
 
-  auto stage_at = [&](int i) { return Stage<D>(smem + i * StageLayout<D>::bytes); };
-  // Per stage: OR of the key masks and the smallest key position (two warps' halves).
-  auto summarize = [&](const Stage<D>& st, int buf) {
-    if (threadIdx.x < 64) {
-      uint64_t bits = st.mask[threadIdx.x];
-      int mp = st.pos[threadIdx.x];
-      bits = warp_or64(bits);
+  RowState<D> acc;
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) mp = min(mp, __shfl_xor_sync(0xffffffffu, mp, o));
-      if (lane == 0) {
-        stage_bits[buf * 2 + warp] = bits;
-        stage_minpos[buf * 2 + warp] = mp;
-      }
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      acc.m[mi][half] = -INFINITY;
+      acc.l[mi][half] = 0.0f;
     }
-  };
-
-  WarpAcc<D> acc;
-  acc.init();
 #pragma unroll
-  for (int i = 0; i < k_stages - 1; ++i) {
-    if (i < n_stages) load_stage<D>(stage_at(i), kv, i, total_keys, use_bias, entry);
-    cp_async_commit();
-  }
-  if (0 < n_stages) {
-    __syncthreads();
-    summarize(stage_at(0), 0);
-  }
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+      acc.o[mi][dn][0] = acc.o[mi][dn][1] = acc.o[mi][dn][2] = acc.o[mi][dn][3] = 0.0f;
+  const float scale_log2 = a.scale * k_log2e;
+
   for (int s = 0; s < n_stages; ++s) {
-    const int next = s + k_stages - 1;
-    if (next < n_stages)
-      load_stage<D>(stage_at(next % k_stages), kv, next, total_keys, use_bias, entry);
+    // The keys of stage s have landed, and every warp is done with the values of stage s - 1
+    // (and the per-key data), whose buffers take those of stage s.
+    cp_async_wait<0>();
+    __syncthreads();
+    load_rows<D>(sm.v, kv, s, total_keys, v_offset, uchunk);
+    load_key_data<D>(sm, kv, s, total_keys, use_bias, uchunk, ulist, umask);
     cp_async_commit();
-    cp_async_wait<k_stages - 1>();
-    __syncthreads();
-    if (next < n_stages) summarize(stage_at(next % k_stages), next % k_stages);
-    const int buf = s % k_stages;
-    const Stage<D> st = stage_at(buf);
-    const uint64_t bits = stage_bits[buf * 2] | stage_bits[buf * 2 + 1];
-    const int minpos = min(stage_minpos[buf * 2], stage_minpos[buf * 2 + 1]);
-    if ((bits & warp_bits) != 0 && minpos <= warp_max_pos) {
-      warp_attend<D, 8>(st, 0, qa, a.scale, acc, [&](int i, int key) {
-        return ((st.mask[key] >> row_tok[i]) & 1) && st.pos[key] <= row_pos[i]
-                   ? (use_bias ? st.add[key] : 0.0f)
-                   : -INFINITY;
-      });
+
+    // Whether the warp's tokens see any key of the stage (else it skips it), and whether they
+    // all see every key (then no key needs a mask): from the stage's entries, which are whole
+    // blocks (block sizes up to 64 divide 64) or a part of one, in ascending position order.
+    const int k_begin = s * k_keys, k_end = min(total_keys, k_begin + k_keys);
+    const int e_first = k_begin / bs, e_last = (k_end - 1) / bs;
+    uint64_t any_bits = 0, all_bits = ~uint64_t(0);
+    for (int e = e_first; e <= e_last; ++e) {
+      any_bits |= umask[e];
+      all_bits &= umask[e];
     }
+    const int first_pos = ulist[e_first] * bs + (k_begin - e_first * bs);
+    const int last_pos = ulist[e_last] * bs + (k_end - 1 - e_last * bs);
+    const bool attend = (any_bits & warp_bits) != 0 && first_pos <= warp_max_pos;
+    const bool full =
+        k_end - k_begin == k_keys && (all_bits & warp_bits) == warp_bits && last_pos <= warp_min_pos;
+
+    float sc[2][8][4];
+    if (attend) warp_scores<D>(sm, sc);
+    // The values of stage s have landed, and every warp is done with its keys.
+    cp_async_wait<0>();
     __syncthreads();
+    if (s + 1 < n_stages) load_rows<D>(sm.k, kv, s + 1, total_keys, 0, uchunk);
+    cp_async_commit();
+    if (attend) {
+      if (full)
+        warp_softmax_values<D, false>(sm, sc, scale_log2, use_bias, G, tile.count, tok_pos, acc);
+      else
+        warp_softmax_values<D, true>(sm, sc, scale_log2, use_bias, G, tile.count, tok_pos, acc);
+    }
   }
   cp_async_wait<0>();
-  finish_rows<D>(acc);
 
-  const int t4 = lane & 3;
+  const int g = lane >> 2, t4 = lane & 3;
   bf16* out = static_cast<bf16*>(a.out);
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = warp * 16 + g + 8 * i, ti = r / G;
-    if (ti >= tile.count) continue;
-    const float inv = acc.l[i] > 0.0f ? 1.0f / acc.l[i] : 0.0f;
-    bf16* o = out + ((int64_t(tile.first + ti) * H + h) * G + r % G) * D;
+  for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-      const int c = dn * 8 + 2 * t4;
-      *reinterpret_cast<__nv_bfloat162*>(o + c) =
-          __floats2bfloat162_rn(acc.o[dn][2 * i] * inv, acc.o[dn][2 * i + 1] * inv);
+    for (int half = 0; half < 2; ++half) {
+      float l = acc.l[mi][half];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int r = warp * k_warp_rows + mi * 16 + half * 8 + g, ti = r / G;
+      if (ti >= tile.count) continue;
+      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+      bf16* o = out + ((int64_t(tile.first + ti) * H + h) * G + r % G) * D;
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        const int c = dn * 8 + 2 * t4;
+        *reinterpret_cast<__nv_bfloat162*>(o + c) = __floats2bfloat162_rn(
+            acc.o[mi][dn][2 * half] * inv, acc.o[mi][dn][2 * half + 1] * inv);
+      }
     }
-  }
 }
 
 template <int D>
 size_t shared_bytes(int nb_max) {
-  return size_t(k_stages) * StageLayout<D>::bytes + size_t(nb_max) * (8 + 8 + 4) + 64 * 4 + 4 * 4 +
-         k_stages * 2 * (8 + 4) + 16;
+  return size_t(PrefillLayout<D>::fixed_bytes) + size_t(nb_max) * (8 + 4 + 4) +
+         k_max_tile_tokens * 4 + k_warps * 4;
 }
 
 template <int D>
@@ -204,16 +491,22 @@ cudaError_t launch(const PrefillArgs& a, cudaStream_t stream) {
     cudaError_t e = cudaFuncSetAttribute(prefill_kernel<D>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (e != cudaSuccess) return e;
+    // All of the unified L1 as shared memory: two tiles per SM need about 220 KB.
+    e = cudaFuncSetAttribute(prefill_kernel<D>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                             int(cudaSharedmemCarveoutMaxShared));
+    if (e != cudaSuccess) return e;
     configured = int(smem);
   }
-  dim3 grid(a.n_tiles, a.kv.n_kv_heads);
-  prefill_kernel<D><<<grid, 32 * k_warps, smem, stream>>>(a);
+  const dim3 grid(unsigned(a.n_tiles) * unsigned(a.kv.n_kv_heads));
+  prefill_kernel<D><<<grid, k_threads, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-int prefill_tile_tokens(int group) { return group >= k_rows ? 1 : k_rows / group; }
+int prefill_tile_tokens(int group) {
+  return group >= k_rows ? 1 : std::min(k_max_tile_tokens, k_rows / group);
+}
 
 cudaError_t launch_sparse_prefill(const PrefillArgs& a, cudaStream_t stream) {
   if (a.n_tiles == 0) return cudaSuccess;

@@ -1,9 +1,11 @@
 // Sparse (and dense) attention for prompt chunks: a tiled tensor-core kernel. A thread block
-// takes a tile of 64 rows, the (token, query head) pairs of up to 64 / group consecutive tokens of
-// one sequence for one KV head, and walks the union of the blocks its tokens selected (every
-// block up to the last token's without a selection), two stages of 64 keys deep in shared
-// memory. Each key is masked per row by the row token's own selection and causality, and a warp
-// skips a stage that none of its tokens selected, so unselected blocks cost no MMA work.
+// takes a tile of 128 rows, the (token, query head) pairs of up to min(64, 128 / group)
+// consecutive tokens of one sequence for one KV head, and walks the union of the blocks its tokens
+// selected (every block up to the last token's without a selection), 64 keys per stage, two stages
+// deep in shared memory. A warp skips a stage that none of its tokens selected or that lies after
+// them all; it masks keys per row (the row token's own selection and causality) only in stages
+// that some of its tokens do not fully see, so that dense and mostly shared stages cost only the
+// MMAs and the softmax.
 #pragma once
 
 #include <cstdint>
@@ -37,7 +39,7 @@ struct PrefillArgs {
   void* out = nullptr;  // [T][H * group][d] bf16
 };
 
-// Tokens per tile: 64 rows / group.
+// Tokens per tile: 128 rows / group, at most 64 (one bit per token in the key masks).
 int prefill_tile_tokens(int group);
 cudaError_t launch_sparse_prefill(const PrefillArgs& args, cudaStream_t stream);
 
