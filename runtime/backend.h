@@ -98,6 +98,13 @@ class Backend {
   virtual void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) = 0;
   virtual void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& out) = 0;
   virtual void add(Tensor& x, const Tensor& y) = 0;  // x += y
+  // x += y, then out = rmsnorm(x): a layer's residual add and the RMSNorm after it, which a
+  // backend may do in one pass.
+  virtual void add_rmsnorm(Tensor& x, const Tensor& y, const Tensor& weight, float eps,
+                           Tensor& out) {
+    add(x, y);
+    rmsnorm(x, weight, eps, out);
+  }
   // gate_up [T, 2F] (gate columns first): out [T, F] = silu(gate) * up.
   virtual void silu_mul(const Tensor& gate_up, Tensor& out) = 0;
   // Makes `rope` usable by split_qkv_rope on this backend (the CUDA backend uploads the table).

@@ -119,9 +119,12 @@ Tensor Model::run_layers(const StepBatch& step, KvCache& cache) {
   be.embedding(w_.embed, x);
   cache.begin_step(step);
   const float eps = float(config_.rms_norm_eps);
-  for (int l = 0; l < config_.num_hidden_layers; ++l) {
+  const int n_layers = config_.num_hidden_layers;
+  // Each residual add is fused with the RMSNorm that follows it; the first layer's norm stands
+  // alone, and the last add has none after it (the final norm runs on the logit rows only).
+  be.rmsnorm(x, w_.layers[0].attn_norm, eps, h);
+  for (int l = 0; l < n_layers; ++l) {
     const LayerWeights& L = w_.layers[l];
-    be.rmsnorm(x, L.attn_norm, eps, h);
     be.linear(h, L.qkv, L.qkv_bias.defined() ? &L.qkv_bias : nullptr, qkv);
     be.split_qkv_rope(qkv, rope_, q, k, v_all);
     if (nosa)
@@ -141,14 +144,14 @@ Tensor Model::run_layers(const StepBatch& step, KvCache& cache) {
     Tensor attn2d = attn.reshape({T, int64_t(hq) * d});
     be.linear(attn2d, L.o_proj, L.o_bias.defined() ? &L.o_bias : nullptr, proj);
     if (comm_.size() > 1) comm_.all_reduce_sum(proj);
-    be.add(x, proj);
+    be.add_rmsnorm(x, proj, L.mlp_norm, eps, h);
 
-    be.rmsnorm(x, L.mlp_norm, eps, h);
     be.linear(h, L.gate_up, L.gate_up_bias.defined() ? &L.gate_up_bias : nullptr, gate_up);
     be.silu_mul(gate_up, mlp);
     be.linear(mlp, L.down, L.down_bias.defined() ? &L.down_bias : nullptr, proj);
     if (comm_.size() > 1) comm_.all_reduce_sum(proj);
-    be.add(x, proj);
+    if (l + 1 < n_layers) be.add_rmsnorm(x, proj, w_.layers[l + 1].attn_norm, eps, h);
+    else be.add(x, proj);
   }
   cache.end_step(step);
   if (part_.rank != 0 || step.logit_rows.empty()) return Tensor();

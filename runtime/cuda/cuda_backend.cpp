@@ -511,6 +511,25 @@ class CudaBackend final : public Backend {
     }
   }
 
+  void add_rmsnorm(Tensor& x, const Tensor& y, const Tensor& weight, float eps,
+                   Tensor& out) override {
+    require(x, DType::bf16, "add_rmsnorm x");
+    require(y, DType::bf16, "add_rmsnorm y");
+    require(weight, DType::bf16, "add_rmsnorm weight");
+    NOSA_ASSERT(x.shape() == y.shape() && x.shape() == out.shape(),
+                "add_rmsnorm: shapes {}, {} -> {}", shape_string(x.shape()),
+                shape_string(y.shape()), shape_string(out.shape()));
+    rcu::RmsNormArgs a;
+    a.x = x.raw();
+    a.residual = y.raw();
+    a.w = weight.raw();
+    a.out = out.raw();
+    a.rows = int(x.dim(0));
+    a.n = int(x.dim(1));
+    a.eps = eps;
+    NOSA_CUDA_CHECK(rcu::launch_rmsnorm(a, stream_));
+  }
+
   void add(Tensor& x, const Tensor& y) override {
     require(x, DType::bf16, "add x");
     require(y, DType::bf16, "add y");

@@ -10,8 +10,10 @@
 namespace nosa::runtime::cuda {
 
 // out[r] = w * (x[r] / rms(x[r])), rounded to bf16 in the order Hugging Face's LlamaRMSNorm uses.
+// With a residual, x[r] += residual[r] first (stored in x, rounded to bf16) and normalized.
 struct RmsNormArgs {
-  const void* x = nullptr;  // [rows][n] bf16
+  const void* x = nullptr;         // [rows][n] bf16 (written when residual is set)
+  const void* residual = nullptr;  // [rows][n] bf16 or null
   const void* w = nullptr;  // [n] bf16
   void* out = nullptr;      // [rows][n] bf16
   int rows = 0;

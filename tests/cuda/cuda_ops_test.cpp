@@ -42,13 +42,28 @@ TEST(CudaOps, EmbeddingMatchesCpu) {
 TEST(CudaOps, RmsNormMatchesCpu) {
   NOSA_REQUIRE_GPU();
   Backends b;
-  for (int n : {256, 2048, 4096}) {
+  for (int n : {256, 300, 2048, 4096, 8192}) {  // 300: the path without 16-byte accesses
     Twin x = twin(b, host_uniform({19, n}, 3, -3, 3));
     Twin w = twin(b, host_uniform({n}, 4, 0.5, 1.5));
     Twin out = outputs(b, {19, n});
     b.cpu->rmsnorm(x.cpu, w.cpu, 1e-5f, out.cpu);
     b.gpu->rmsnorm(x.gpu, w.gpu, 1e-5f, out.gpu);
     expect_close(b, out.cpu, out.gpu, k_tol, "rmsnorm n=" + std::to_string(n));
+  }
+}
+
+TEST(CudaOps, AddRmsNormMatchesCpuAndStoresTheSum) {
+  NOSA_REQUIRE_GPU();
+  Backends b;
+  for (int n : {256, 300, 4096}) {
+    Twin x = twin(b, host_uniform({23, n}, 11, -3, 3));
+    Twin y = twin(b, host_uniform({23, n}, 12, -3, 3));
+    Twin w = twin(b, host_uniform({n}, 13, 0.5, 1.5));
+    Twin out = outputs(b, {23, n});
+    b.cpu->add_rmsnorm(x.cpu, y.cpu, w.cpu, 1e-5f, out.cpu);
+    b.gpu->add_rmsnorm(x.gpu, y.gpu, w.gpu, 1e-5f, out.gpu);
+    expect_close(b, x.cpu, x.gpu, k_tol, "add_rmsnorm sum n=" + std::to_string(n));
+    expect_close(b, out.cpu, out.gpu, k_tol, "add_rmsnorm out n=" + std::to_string(n));
   }
 }
 
