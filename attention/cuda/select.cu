@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cfloat>
 
 #include "attention/cuda/device_common.cuh"
@@ -954,20 +955,410 @@ cudaError_t launch_split(const SelectArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+
+// ---- The tiled path (prefill): one thread block per (tile of consecutive tokens, KV head) ------
+//
+// A prompt's tokens score against the same compressed keys, so the logits of a tile are a small
+// GEMM: its rows are the tile's (token, query head) pairs (8 * RI of them: 32 / group tokens for
+// RI = 4), its columns the keys. Each round stages 128 keys in shared memory as float32 (loaded
+// into registers during the previous round's arithmetic), and every thread computes RI rows x 4
+// keys, so that a staged key serves all the tile's rows and a query value 4 keys. The logits stay
+// in shared memory (global scratch where they do not fit); then each row's maximum and double
+// sum, S[j] in place of the tile's first head's logits, and each token's pooling and top-k by
+// one warp (a bitwise search for the k-th largest order key, then a pass in block order).
+//
+// The arithmetic is the reference's, as in the other paths: dot products in x order with
+// fused multiply-add (exact products, see above), the maximum exact, the sum of exp(double) in
+// another order (double precision absorbs it), the probabilities in double, rounded to float,
+// summed over the heads in head order. The quotient e / sum is the reciprocal's product with
+// one fused correction step (Markstein), which is the correctly rounded quotient, the
+// reference's, for every value that is not below 2^-1000 (where either rounds to float 0).
+// Tokens that take every block skip the arithmetic; keys read only by forced blocks get no S.
+// A tile spanning two sequences (continuous batching) runs the GEMM once per sequence.
+
+constexpr int k_tile_threads = 256;
+constexpr int k_tile_warps = k_tile_threads / 32;
+constexpr int k_tile_keys = 128;  // keys staged per round: 4 per thread of a warp's 8-lane row
+constexpr size_t k_tile_header_bytes = 2 * 32 * sizeof(double) + 32 * sizeof(float) +
+                                       4 * 32 * sizeof(int);
+constexpr size_t k_tile_smem_limit = 227 * 1024;
+
+struct TileShape {
+  bool ok = false;
+  int rows_per_thread = 4;  // RI
+  int rows = 32;            // 8 * RI
+  int tokens = 1;           // rows / group
+  int lg_stride = 0;        // floats per row of logits (= 4 mod 32: conflict-free stores)
+  int u_floats = 0;         // the staged keys, then each warp's top-k keys
+  bool lg_smem = true;
+  size_t smem = 0;
+};
+
+TileShape tile_shape(int group, int d, int n_max, int nb_max) {
+  TileShape s;
+  if (group < 1 || group > 32 || (d != 64 && d != 128)) return s;
+  s.lg_stride = (std::max(n_max, 1) + 31) / 32 * 32 + 4;
+  const size_t u = std::max<size_t>(size_t(k_tile_keys) * (d + 4), size_t(k_tile_warps) * 2 * nb_max);
+  s.u_floats = int((u + 3) / 4 * 4);
+  auto bytes = [&](int rows, bool lg_smem) {
+    return k_tile_header_bytes + sizeof(float) * (size_t(rows) * (d + 4) + s.u_floats) +
+           (lg_smem ? sizeof(float) * size_t(rows) * s.lg_stride : 0);
+  };
+  // The widest tile whose logits fit in shared memory, else the widest with them in the scratch.
+  for (int ri : {4, 2, 1}) {
+    const int rows = 8 * ri;
+    if (group > rows) break;
+    if (bytes(rows, true) <= k_tile_smem_limit) {
+      s.ok = true;
+      s.rows_per_thread = ri;
+      s.rows = rows;
+      s.tokens = rows / group;
+      s.lg_smem = true;
+      s.smem = bytes(rows, true);
+      return s;
+    }
+  }
+  s.rows_per_thread = 4;
+  s.rows = 32;
+  s.tokens = 32 / group;
+  s.lg_smem = false;
+  s.smem = bytes(32, false);
+  s.ok = s.smem <= k_tile_smem_limit;
+  return s;
+}
+
+size_t tile_scratch_floats(const TileShape& s, int n_kv_heads, int n_tokens) {
+  if (!s.ok || s.lg_smem) return 0;
+  const size_t per_tile = size_t(n_kv_heads) * s.rows * s.lg_stride;
+  const size_t tiles = (size_t(n_tokens) + s.tokens - 1) / s.tokens;
+  size_t fit = k_scratch_budget_floats / per_tile;
+  if (fit < 1) fit = 1;
+  return std::min(fit, tiles) * per_tile;
+}
+
+// e / sum, correctly rounded, from r = the correctly rounded 1 / sum (Markstein's theorem).
+__device__ __forceinline__ double quotient(double e, double sum, double r) {
+  const double q0 = e * r;
+  return __fma_rn(__fma_rn(-q0, sum, e), r, q0);
+}
+
+// The k (1 <= k < nb) largest keys of u[0..nb), ties toward the lower index, for one warp: every
+// lane must call it. The selected indices go to out (ascending), or, with out null, their
+// mark[b] becomes the +inf order key.
+__device__ void warp_topk(const uint32_t* u, int nb, int k, int32_t* out, uint32_t* mark) {
+  const int lane = threadIdx.x % 32;
+  // The k-th largest key: the largest threshold that at least k keys reach, bit by bit.
+  uint32_t kth = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t cand = kth | (1u << bit);
+    unsigned c = 0;
+    for (int b = lane; b < nb; b += 32) c += u[b] >= cand;
+    if (__reduce_add_sync(0xffffffffu, c) >= unsigned(k)) kth = cand;
+  }
+  unsigned above = 0;
+  for (int b = lane; b < nb; b += 32) above += u[b] > kth;
+  const int ties_taken = k - int(__reduce_add_sync(0xffffffffu, above));
+  const uint32_t inf = order_key(INFINITY);
+  const unsigned lower = (1u << lane) - 1u;
+  int eq_before = 0, written = 0;
+  for (int c0 = 0; c0 < nb; c0 += 32) {
+    const int b = c0 + lane;
+    const uint32_t x = b < nb ? u[b] : 0u;
+    const bool eq = b < nb && x == kth;
+    const unsigned eqs = __ballot_sync(0xffffffffu, eq);
+    const bool sel = (b < nb && x > kth) || (eq && eq_before + __popc(eqs & lower) < ties_taken);
+    const unsigned sels = __ballot_sync(0xffffffffu, sel);
+    if (sel) {
+      if (out)
+        out[written + __popc(sels & lower)] = b;
+      else
+        mark[b] = inf;
+    }
+    written += __popc(sels);
+    eq_before += __popc(eqs);
+  }
+}
+
+template <int D, int RI>
+__global__ void __launch_bounds__(k_tile_threads, 1)
+    tile_select(SelectArgs a, TileShape ts, int tile_begin) {
+  extern __shared__ __align__(16) double tile_smem[];
+  constexpr int R = 8 * RI, QS = D + 4, P = D / 8;
+  const KvView& kv = a.kv;
+  const SparseView& p = a.p;
+  const int h = blockIdx.y;
+  const int H = kv.n_kv_heads, G = a.group, m = kv.keys_per_block, T = a.step.n_tokens;
+  const int Mt = ts.tokens, t0 = (tile_begin + blockIdx.x) * Mt, ns = ts.lg_stride;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  double* hsum = tile_smem;        // [32] per row: the softmax sum
+  double* hrcp = hsum + 32;        // [32] its reciprocal
+  float* hmax = reinterpret_cast<float*>(hrcp + 32);  // [32] the maximum logit
+  int* tpos = reinterpret_cast<int*>(hmax + 32);      // [32] per token: position (-1: none)
+  int* tn = tpos + 32;                                // compressed keys
+  int* tseq = tn + 32;                                // sequence
+  int* tall = tseq + 32;                              // takes every block (or none)
+  float* qs = reinterpret_cast<float*>(tall + 32);    // [R][QS] the queries
+  float* stage = qs + R * QS;                         // [128][QS] keys; then the top-k's keys
+  float* lg = ts.lg_smem ? stage + ts.u_floats
+                         : a.scratch + (int64_t(blockIdx.x) * H + h) * R * ns;  // [R][ns]
+
+  if (tid < Mt) {
+    const int t = t0 + tid;
+    if (t < T) {
+      const TokenSel s = token_sel(a, t);
+      tpos[tid] = s.pos;
+      tn[tid] = s.n;
+      tseq[tid] = a.step.token_seq[t];
+      tall[tid] = s.all;
+    } else {
+      tpos[tid] = -1;
+      tn[tid] = 0;
+      tseq[tid] = -1;
+      tall[tid] = 1;
+    }
+  }
+  __syncthreads();
+  bool any = false;
+  for (int i = 0; i < Mt; ++i) any |= !tall[i];
+
+  if (any) {
+    // The queries as float32, zero for rows without a token that selects.
+    const bf16* q = static_cast<const bf16*>(a.q);
+    for (int idx = tid; idx < R * P; idx += k_tile_threads) {
+      const int r = idx / P, x = idx % P, i = r / G;
+      float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      if (r < Mt * G && !tall[i]) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(
+            q + ((int64_t(t0 + i) * H + h) * G + r % G) * D + x * 8);
+        const bf16* e = reinterpret_cast<const bf16*>(&raw);
+#pragma unroll
+        for (int xx = 0; xx < 8; ++xx) v[xx] = __bfloat162float(e[xx]);
+      }
+      float4* dst = reinterpret_cast<float4*>(qs + r * QS + x * 8);
+      dst[0] = make_float4(v[0], v[1], v[2], v[3]);
+      dst[1] = make_float4(v[4], v[5], v[6], v[7]);
+    }
+
+    // The logits, one GEMM per sequence of the tile. Thread (rg, kg): rows rg + 8 i, keys
+    // kg + 32 k of each round (row and key strides of QS floats: conflict-free float4 reads).
+    const int rg = lane % 8, kg = warp * 4 + lane / 8;
+    constexpr int LOADS = k_tile_keys * P / k_tile_threads;
+    const uint4* ck = static_cast<const uint4*>(kv.ck);
+    for (int s0 = 0; s0 < Mt && t0 + s0 < T;) {
+      const int seq = tseq[s0];
+      int s1 = s0 + 1;
+      while (s1 < Mt && t0 + s1 < T && tseq[s1] == seq) ++s1;
+      int n_seg = 0;
+      for (int i = s0; i < s1; ++i)
+        if (!tall[i]) n_seg = max(n_seg, tn[i]);
+      const int r0 = s0 * G, r1 = s1 * G;
+      s0 = s1;
+      if (n_seg == 0) continue;
+      const int32_t* table = a.step.block_table + int64_t(seq) * a.step.bt_stride;
+      uint4 pre[LOADS];
+      auto fetch = [&](int j0) {
+#pragma unroll
+        for (int it = 0; it < LOADS; ++it) {
+          const int idx = it * k_tile_threads + tid, r = idx / P, x = idx % P, j = j0 + r;
+          pre[it] = make_uint4(0, 0, 0, 0);
+          if (j < n_seg)
+            pre[it] = ck[(kv_chunk(kv, table[j / m], a.layer, h) * m + j % m) * P + x];
+        }
+      };
+      fetch(0);
+      for (int j0 = 0; j0 < n_seg; j0 += k_tile_keys) {
+        __syncthreads();  // the previous round's reads of the stage (and the queries) are done
+#pragma unroll
+        for (int it = 0; it < LOADS; ++it) {
+          const int idx = it * k_tile_threads + tid, r = idx / P, x = idx % P;
+          const bf16* e = reinterpret_cast<const bf16*>(&pre[it]);
+          float4* dst = reinterpret_cast<float4*>(stage + r * QS + x * 8);
+          dst[0] = make_float4(__bfloat162float(e[0]), __bfloat162float(e[1]),
+                               __bfloat162float(e[2]), __bfloat162float(e[3]));
+          dst[1] = make_float4(__bfloat162float(e[4]), __bfloat162float(e[5]),
+                               __bfloat162float(e[6]), __bfloat162float(e[7]));
+        }
+        __syncthreads();
+        if (j0 + k_tile_keys < n_seg) fetch(j0 + k_tile_keys);  // in flight during the dots
+        float acc[RI][4];
+#pragma unroll
+        for (int i = 0; i < RI; ++i)
+#pragma unroll
+          for (int k = 0; k < 4; ++k) acc[i][k] = 0.0f;
+#pragma unroll 4
+        for (int x = 0; x < D; x += 4) {
+          float4 qv[RI], cv[4];
+#pragma unroll
+          for (int i = 0; i < RI; ++i)
+            qv[i] = *reinterpret_cast<const float4*>(qs + (rg + 8 * i) * QS + x);
+#pragma unroll
+          for (int k = 0; k < 4; ++k)
+            cv[k] = *reinterpret_cast<const float4*>(stage + (kg + 32 * k) * QS + x);
+#pragma unroll
+          for (int i = 0; i < RI; ++i)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              acc[i][k] = __fmaf_rn(qv[i].x, cv[k].x, acc[i][k]);
+              acc[i][k] = __fmaf_rn(qv[i].y, cv[k].y, acc[i][k]);
+              acc[i][k] = __fmaf_rn(qv[i].z, cv[k].z, acc[i][k]);
+              acc[i][k] = __fmaf_rn(qv[i].w, cv[k].w, acc[i][k]);
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < RI; ++i) {
+          const int r = rg + 8 * i;
+          if (r < r0 || r >= r1) continue;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const int j = j0 + kg + 32 * k;
+            if (j < n_seg) lg[int64_t(r) * ns + j] = __fmul_rn(acc[i][k], a.scale);
+          }
+        }
+      }
+    }
+    __syncthreads();
+
+    // Each row's maximum (exact) and sum of exp(double(logit - max)).
+    for (int r = warp; r < Mt * G; r += k_tile_warps) {
+      const int i = r / G;
+      if (tall[i]) continue;
+      const int n = tn[i];
+      const float* l = lg + int64_t(r) * ns;
+      float mx = -INFINITY;
+      for (int j = lane; j < n; j += 32) mx = fmaxf(mx, l[j]);
+      mx = warp_max(mx);
+      double z = 0.0;
+      for (int j = lane; j < n; j += 32) z += exp(double(__fsub_rn(l[j], mx)));
+      z = warp_sum_d(z);
+      if (lane == 0) {
+        hmax[r] = mx;
+        hsum[r] = z;
+        hrcp[r] = __drcp_rn(z);
+      }
+    }
+    __syncthreads();
+
+    // S[j] over the keys that a block which is not forced pools, written over the logits of the
+    // token's first head (each key's thread reads its heads' logits first).
+    for (int i = 0; i < Mt; ++i) {
+      if (tall[i]) continue;
+      const int qb = tpos[i] / p.block_size;
+      const int jlo = max(0, m * p.init_blocks - 1), jhi = min(tn[i], m * (qb - p.local_blocks));
+      float* row = lg + int64_t(i) * G * ns;
+      for (int j = jlo + tid; j < jhi; j += k_tile_threads) {
+        float v = 0.0f;
+        for (int g = 0; g < G; ++g) {
+          const int r = i * G + g;
+          const double e = exp(double(__fsub_rn(row[int64_t(g) * ns + j], hmax[r])));
+          v = __fadd_rn(v, __double2float_rn(quotient(e, hsum[r], hrcp[r])));
+        }
+        row[j] = v;
+      }
+    }
+    __syncthreads();
+  }
+
+  // Pooling and the top-k, one warp per token.
+  const bool nosa = a.mode == SelectMode::nosa;
+  uint32_t* ks = reinterpret_cast<uint32_t*>(stage) + warp * 2 * a.nb_max;
+  uint32_t* ke = ks + a.nb_max;
+  for (int i = warp; i < Mt; i += k_tile_warps) {
+    const int t = t0 + i;
+    if (t >= T) break;
+    int32_t* out = a.out + (int64_t(t) * H + h) * a.k_max;
+    const int qb = tpos[i] / p.block_size, nb = qb + 1, n = tn[i];
+    if (tall[i]) {
+      for (int b = lane; b < a.k_max; b += 32) out[b] = b < nb ? b : -1;
+      continue;
+    }
+    const float* S = lg + int64_t(i) * G * ns;
+    const int32_t* table = a.step.block_table + int64_t(tseq[i]) * a.step.bt_stride;
+    for (int b = lane; b < nb; b += 32) {
+      float vs = -INFINITY, ve = -INFINITY;
+      if (b < p.init_blocks || b >= qb - p.local_blocks) {
+        vs = ve = INFINITY;
+      } else {
+        const int jb = max(0, m * b - 1), je = min(m * b + m - 1, n - 1);
+        for (int j = jb; j <= je; ++j) {
+          vs = vs < S[j] ? S[j] : vs;
+          if (nosa) {
+            const float e = kv.ck_scores[kv_chunk(kv, table[j / m], a.layer, h) * m + j % m];
+            ve = ve < e ? e : ve;
+          }
+        }
+      }
+      ks[b] = order_key(vs);
+      if (nosa) ke[b] = order_key(ve);
+    }
+    __syncwarp();
+    const int k = min(p.topk, nb);
+    if (nosa) {
+      warp_topk(ks, nb, min(p.q_select, nb), nullptr, ke);
+      __syncwarp();
+    }
+    warp_topk(nosa ? ke : ks, nb, k, out, nullptr);
+    for (int b = k + lane; b < a.k_max; b += 32) out[b] = -1;
+    __syncwarp();  // the next token reuses ks and ke
+  }
+}
+
+template <int D, int RI>
+cudaError_t launch_tiles(const SelectArgs& a, const TileShape& ts, cudaStream_t stream) {
+  const int T = a.step.n_tokens, H = a.kv.n_kv_heads;
+  static size_t configured = 48 * 1024;
+  if (ts.smem > configured) {
+    cudaError_t e = cudaFuncSetAttribute(tile_select<D, RI>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(ts.smem));
+    if (e != cudaSuccess) return e;
+    configured = ts.smem;
+  }
+  const int tiles = (T + ts.tokens - 1) / ts.tokens;
+  int chunk = tiles;
+  if (!ts.lg_smem) {
+    const size_t per_tile = size_t(H) * ts.rows * ts.lg_stride;
+    if (!a.scratch) return cudaErrorInvalidValue;
+    chunk = int(std::min<size_t>(a.scratch_floats / per_tile, size_t(tiles)));
+    if (chunk < 1) return cudaErrorInvalidValue;
+  }
+  for (int t0 = 0; t0 < tiles; t0 += chunk) {
+    const int count = std::min(chunk, tiles - t0);
+    tile_select<D, RI><<<dim3(count, H), k_tile_threads, ts.smem, stream>>>(a, ts, t0);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+template <int D>
+cudaError_t launch_tiled(const SelectArgs& a, cudaStream_t stream) {
+  const TileShape ts = tile_shape(a.group, D, a.n_max, a.nb_max);
+  if (!ts.ok) return cudaErrorInvalidValue;
+  switch (ts.rows_per_thread) {
+    case 4: return launch_tiles<D, 4>(a, ts, stream);
+    case 2: return launch_tiles<D, 2>(a, ts, stream);
+    default: return launch_tiles<D, 1>(a, ts, stream);
+  }
+}
+
 }  // namespace
 
 SelectPath select_path(SelectPath requested, int n_kv_heads, int group, int head_dim,
                        int keys_per_block, int n_max, int nb_max, int n_tokens) {
   if (requested == SelectPath::per_token) return SelectPath::per_token;
-  const bool fits =
-      split_fits(n_kv_heads, group, head_dim, keys_per_block, n_max, nb_max, n_tokens);
-  return fits ? SelectPath::split : SelectPath::per_token;
+  const bool tile_fits = tile_shape(group, head_dim, n_max, nb_max).ok;
+  if (requested == SelectPath::tiled) return tile_fits ? SelectPath::tiled : SelectPath::per_token;
+  if (split_fits(n_kv_heads, group, head_dim, keys_per_block, n_max, nb_max, n_tokens))
+    return SelectPath::split;
+  return requested == SelectPath::automatic && tile_fits ? SelectPath::tiled
+                                                         : SelectPath::per_token;
 }
 
 size_t select_scratch_floats(SelectPath path, int n_kv_heads, int group, int head_dim,
                              int keys_per_block, int n_max, int nb_max, int n_tokens) {
   if (path == SelectPath::split)
     return split_layout(n_tokens, n_kv_heads, group, keys_per_block, n_max, nb_max).total;
+  if (path == SelectPath::tiled)
+    return tile_scratch_floats(tile_shape(group, head_dim, n_max, nb_max), n_kv_heads, n_tokens);
   if (shared_bytes(group, head_dim, n_max, nb_max, true) <= k_lg_smem_limit) return 0;
   const size_t per_token = size_t(n_kv_heads) * group * size_t(n_max > 0 ? n_max : 1);
   size_t tokens = k_scratch_budget_floats / per_token;
@@ -978,10 +1369,16 @@ size_t select_scratch_floats(SelectPath path, int n_kv_heads, int group, int hea
 
 cudaError_t launch_block_select(const SelectArgs& a, cudaStream_t stream) {
   if (a.step.n_tokens == 0) return cudaSuccess;
-  const bool split = a.path == SelectPath::split;
+  const SelectPath path = a.path;
   switch (a.kv.head_dim) {
-    case 64: return split ? launch_split<64>(a, stream) : launch<64>(a, stream);
-    case 128: return split ? launch_split<128>(a, stream) : launch<128>(a, stream);
+    case 64:
+      return path == SelectPath::split   ? launch_split<64>(a, stream)
+             : path == SelectPath::tiled ? launch_tiled<64>(a, stream)
+                                         : launch<64>(a, stream);
+    case 128:
+      return path == SelectPath::split   ? launch_split<128>(a, stream)
+             : path == SelectPath::tiled ? launch_tiled<128>(a, stream)
+                                         : launch<128>(a, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -1,11 +1,13 @@
 // Block selection on the GPU (docs/nosa.md, section 3, steps 3-6): query-aware scores against
 // the compressed keys (softmax per query head, summed over the GQA group), max-pooling with
 // forced blocks, and the top-k (InfLLM-V2: one stage; NOSA: two stages, the second by the
-// pooled eviction scores). Two paths with the same result: per_token, one thread block per
-// (token, KV head) for the whole selection (prefill); split, the logits spread over many thread
-// blocks, then the softmax sums, pooling and radix top-k in one thread block per (token, KV head)
-// or (few tokens at long contexts) sums and pooling spread too (decode: steps of up to 1024
-// tokens whose scratch fits).
+// pooled eviction scores). Three paths with the same result: split, the logits spread over many
+// thread blocks, then the softmax sums, pooling and radix top-k in one thread block per (token,
+// KV head) or (few tokens at long contexts) sums and pooling spread too (decode: steps of up to
+// 1024 tokens whose scratch fits); tiled, one thread block per (tile of consecutive tokens, KV
+// head), whose logits are a small GEMM that reads each compressed key once per tile (prefill);
+// per_token, one thread block per (token, KV head) for the whole selection (where neither fits:
+// groups over 32 query heads).
 //
 // The scores are computed in float32 in the CPU reference's order (sequential dot products, the
 // same with or without fused multiply-add since q and the compressed keys are bf16; softmax sums
@@ -23,7 +25,7 @@
 namespace nosa::attention::cuda {
 
 enum class SelectMode : int { dense = 0, infllmv2 = 1, nosa = 2 };
-enum class SelectPath : int { automatic = 0, per_token = 1, split = 2 };
+enum class SelectPath : int { automatic = 0, per_token = 1, split = 2, tiled = 3 };
 
 struct SelectArgs {
   KvView kv;
@@ -44,11 +46,12 @@ struct SelectArgs {
 };
 
 // The path a step takes: split where requested or automatic and its scratch and shared memory
-// fit (at most 1024 tokens, 256 MiB of scratch), else per_token.
+// fit (at most 1024 tokens, 256 MiB of scratch); else, automatic or requested, tiled where the
+// group has at most 32 query heads (head_dim 64 or 128); else per_token.
 SelectPath select_path(SelectPath requested, int n_kv_heads, int group, int head_dim,
                        int keys_per_block, int n_max, int nb_max, int n_tokens);
-// Floats of global scratch the launcher needs for that path (per_token: 0 when the logits fit in
-// shared memory; else it processes tokens in groups to stay inside a fixed budget).
+// Floats of global scratch the launcher needs for that path (per_token and tiled: 0 when the
+// logits fit in shared memory; else they process tokens in groups to stay inside a fixed budget).
 size_t select_scratch_floats(SelectPath path, int n_kv_heads, int group, int head_dim,
                              int keys_per_block, int n_max, int nb_max, int n_tokens);
 cudaError_t launch_block_select(const SelectArgs& args, cudaStream_t stream);

@@ -1,0 +1,183 @@
+// Block selection of prefill steps on the GPU against the CPU reference, block for block: steps
+// of more than 1024 tokens, which take the tiled path (attention/cuda/select.cuh), over groups of
+// 1 to 32 query heads, head_dim 64 and 128, long prompts (hundreds to thousands of compressed
+// keys), tiles that span two sequences and a decode token, the tile sizes whose logits fit in
+// shared memory and the one whose logits go to the global scratch, on generic inputs, on inputs
+// with exact ties and on inputs with near ties. Skipped where no GPU exists.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "runtime/core/dtype.h"
+#include "runtime/model.h"
+#include "tests/cuda/cuda_test_util.h"
+
+namespace nosa::test {
+namespace {
+
+using runtime::KvLayout;
+using runtime::Selection;
+
+struct PrefillCase {
+  std::string name;
+  int d, group, block_size, kernel_size, kernel_stride, window, topk, select;
+  std::vector<std::pair<int64_t, int64_t>> seqs;  // (tokens already cached, prompt tokens)
+};
+
+// NOSA's parameters (docs/nosa.md, section 2) and the tiny test model's, scaled by 1/4.
+PrefillCase nosa_case(std::string name, int d, int group,
+                      std::vector<std::pair<int64_t, int64_t>> seqs) {
+  return {std::move(name), d, group, 64, 32, 16, 1024, 64, 16, std::move(seqs)};
+}
+PrefillCase tiny_case(std::string name, int d, int group,
+                      std::vector<std::pair<int64_t, int64_t>> seqs) {
+  return {std::move(name), d, group, 16, 8, 4, 64, 16, 4, std::move(seqs)};
+}
+
+enum class Inputs { generic, ties, near_ties };
+
+const char* inputs_name(Inputs in) {
+  return in == Inputs::generic ? "generic" : in == Inputs::ties ? "ties" : "near-ties";
+}
+
+float bf16_round(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+
+// Replaces the compressed keys and window scores (the same values on both backends).
+// ties: every key one of five rows and window scores from {0, 1}, so that many blocks pool the
+// same score and the lower block must win. near_ties: keys on a grid of 1/2 with one value in
+// eight moved by 2^-8, so that logits, probabilities and pooled scores differ in their last
+// bits and any change of arithmetic on either side changes the selection.
+void shape_inputs(Backends& b, TwinCache& cache, Inputs in, uint64_t seed) {
+  if (in == Inputs::generic) return;
+  std::mt19937_64 rng(seed);
+  Tensor ck = b.cpu->to_host(cache.cpu->ck());
+  Tensor cks = b.cpu->to_host(cache.cpu->ck_scores());
+  float* k = ck.data<float>();
+  float* e = cks.data<float>();
+  const int64_t d = ck.dim(2), rows = ck.numel() / d;
+  if (in == Inputs::ties) {
+    std::vector<float> palette(5 * d);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    for (float& v : palette) v = bf16_round(u(rng));
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t pick = (r * 2654435761u >> 7) % 5;
+      for (int64_t x = 0; x < d; ++x) k[r * d + x] = palette[pick * d + x];
+    }
+    for (int64_t i = 0; i < cks.numel(); ++i) e[i] = std::floor(e[i]);
+  } else {
+    std::uniform_int_distribution<int> nudge(0, 15);
+    for (int64_t i = 0; i < ck.numel(); ++i) {
+      float v = std::round(k[i] * 2.0f) / 2.0f;
+      const int n = nudge(rng);
+      if (n == 0) v += 1.0f / 256;
+      if (n == 1) v -= 1.0f / 256;
+      k[i] = bf16_round(v);
+    }
+    for (int64_t i = 0; i < cks.numel(); ++i) e[i] = bf16_round(std::round(e[i] * 8.0f) / 8.0f);
+  }
+  cache.cpu->ck() = b.cpu->upload(ck, DType::f32);
+  cache.gpu->ck() = b.gpu->upload(ck, DType::bf16);
+  cache.cpu->ck_scores() = b.cpu->upload(cks, DType::f32);
+  cache.gpu->ck_scores() = b.gpu->upload(cks, DType::f32);
+}
+
+// (token, KV head) rows whose selections differ, and how many rows there are.
+std::pair<int64_t, int64_t> mismatches(Backends& b, const Selection& cpu, const Selection& gpu) {
+  EXPECT_EQ(cpu.k_max, gpu.k_max);
+  Tensor g = b.gpu->to_host(gpu.blocks);
+  const int32_t* cd = cpu.blocks.data<int32_t>();
+  const int32_t* gd = g.data<int32_t>();
+  const int64_t n = cpu.blocks.numel() / cpu.k_max;
+  int64_t bad = 0;
+  for (int64_t r = 0; r < n; ++r)
+    for (int i = 0; i < cpu.k_max; ++i)
+      if (cd[r * cpu.k_max + i] != gd[r * cpu.k_max + i]) {
+        if (bad < 3)
+          ADD_FAILURE() << "row " << r << " (token " << r / 2 << ", head " << r % 2
+                        << ") differs first at entry " << i << ": cpu " << cd[r * cpu.k_max + i]
+                        << ", gpu " << gd[r * cpu.k_max + i];
+        ++bad;
+        break;
+      }
+  return {bad, n};
+}
+
+void run_prefill_select(const PrefillCase& c, attention::Mode mode, Inputs in, uint64_t seed) {
+  Backends b;
+  attention::SparseParams p;
+  p.block_size = c.block_size;
+  p.kernel_size = c.kernel_size;
+  p.kernel_stride = c.kernel_stride;
+  p.window_size = c.window;
+  p.topk = c.topk;
+  p.select_blocks = c.select;
+  p.validate();
+  const int H = 2;
+  KvLayout L{2, H, c.d, c.block_size, c.block_size / c.kernel_stride, DType::f32};
+  int64_t n_blocks = 4, T = 0;
+  for (auto [past, fresh] : c.seqs) {
+    n_blocks += (past + fresh + c.block_size - 1) / c.block_size;
+    T += fresh;
+  }
+  ASSERT_GT(T, 1024) << c.name << ": steps of at most 1024 tokens take the split path";
+  TwinCache cache(b, L, n_blocks);
+  cache.fill_random(b, seed, 0.0f, 2.0f);
+  shape_inputs(b, cache, in, seed + 3);
+  StepFixture f(c.seqs, c.block_size, n_blocks, seed + 7);
+  Twin q = twin(b, host_uniform({T, H * c.group, c.d}, seed + 8, -3, 3));
+  b.cpu->begin_step(f.step);
+  b.gpu->begin_step(f.step);
+  Selection sc = b.cpu->select_blocks(1, mode, q.cpu, p, *cache.cpu);
+  Selection sg = b.gpu->select_blocks(1, mode, q.gpu, p, *cache.gpu);
+  auto [bad, rows] = mismatches(b, sc, sg);
+  std::printf("[ select   ] %-24s %-8s %-9s %lld of %lld (token, head) selections differ\n",
+              c.name.c_str(), attention::mode_name(mode), inputs_name(in), (long long)bad,
+              (long long)rows);
+  EXPECT_EQ(bad, 0) << c.name << " " << attention::mode_name(mode) << " " << inputs_name(in);
+}
+
+void run_cases(const std::vector<PrefillCase>& cases, std::vector<Inputs> inputs, uint64_t seed) {
+  for (const PrefillCase& c : cases)
+    for (Inputs in : inputs)
+      for (attention::Mode mode : {attention::Mode::nosa, attention::Mode::infllmv2})
+        run_prefill_select(c, mode, in, seed++);
+}
+
+TEST(CudaSelect, PrefillOfTheModelShapesIsTheCpuSelection) {
+  NOSA_REQUIRE_GPU();
+  run_cases({nosa_case("nosa-1b-like 3000+3000", 128, 8, {{3000, 3000}}),
+             nosa_case("nosa-8b-like 6000+1500", 128, 16, {{6000, 1500}}),
+             nosa_case("d128 g1 4000+1200", 128, 1, {{4000, 1200}}),
+             nosa_case("d128 g4 two prompts", 128, 4, {{0, 4200}, {5000, 700}, {9000, 1}})},
+            {Inputs::generic, Inputs::ties, Inputs::near_ties}, 1000);
+}
+
+// Every group size up to 16 (tiles of 32 / group tokens, rows left over where group does not
+// divide 32), with prompts of several sequences and a decode token, so that tiles span
+// sequences.
+TEST(CudaSelect, PrefillOfEveryGroupSizeIsTheCpuSelection) {
+  NOSA_REQUIRE_GPU();
+  std::vector<PrefillCase> cases;
+  for (int g : {1, 2, 3, 5, 6, 7, 8, 9, 12, 16})
+    cases.push_back(tiny_case("d64 g" + std::to_string(g), 64, g,
+                              {{0, 700}, {900, 411}, {2000, 1}, {30, 3}}));
+  run_cases(cases, {Inputs::generic, Inputs::near_ties}, 2000);
+}
+
+// Long contexts: tiles of 16 and 8 rows (the logits of 32 rows do not fit in shared memory)
+// and, for a group of 32, 32 rows whose logits go to the global scratch.
+TEST(CudaSelect, PrefillAtLongContextsIsTheCpuSelection) {
+  NOSA_REQUIRE_GPU();
+  run_cases({tiny_case("d64 g8 16-row tiles", 64, 8, {{5900, 1100}}),
+             tiny_case("d64 g4 8-row tiles", 64, 4, {{12100, 1030}}),
+             tiny_case("d64 g32 scratch logits", 64, 32, {{0, 1100}, {6000, 40}})},
+            {Inputs::generic, Inputs::ties}, 3000);
+}
+
+}  // namespace
+}  // namespace nosa::test
