@@ -115,7 +115,8 @@ TEST(CudaModel, TinyModelMatchesTheCpuInEveryMode) {
 TEST(CudaModel, StepGraphsGiveTheLogitsOfDirectSteps) {
   NOSA_REQUIRE_GPU();
   Backends b;
-  for (attention::Mode mode : {attention::Mode::dense, attention::Mode::nosa}) {
+  for (attention::Mode mode :
+       {attention::Mode::dense, attention::Mode::infllmv2, attention::Mode::nosa}) {
     Side gpu = load(*b.gpu, mode, 400);
     const int bs = gpu.model->kv_layout().block_size;
     std::vector<int32_t> prompt = StepFixture({{0, 1000}}, bs, 80, 72, 1900).step.tokens;

@@ -6,10 +6,14 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <map>
 #include <random>
 
 #include "attention/reference/selection.h"
+#include "memory/host_store.h"
 #include "runtime/core/error.h"
+#include "runtime/kv_cache.h"
 #include "runtime/model.h"
 #include "runtime/sampling.h"
 #include "tests/cuda/cuda_test_util.h"
@@ -384,6 +388,85 @@ TEST(CudaOps, AttentionOfASliceOfTheGroupsHeads) {
 }
 
 // ---- sampling ---------------------------------------------------------------------------------
+
+// The zero-copy transfer kernel of offloaded caches: host -> slot copies the keys, values and
+// eviction scores byte for byte and updates the slot table (the new chunk in, the evicted one
+// out; a chunk never written changes only the table); slot -> host copies them back.
+TEST(CudaOps, ChunkTransferMovesBytesBothWaysAndKeepsTheSlotTable) {
+  NOSA_REQUIRE_GPU();
+  Backends b;
+  KvLayout L;
+  L.n_layers = 2;
+  L.n_kv_heads = 2;
+  L.head_dim = 64;
+  L.block_size = 16;
+  L.keys_per_block = 1;
+  L.dtype = DType::bf16;
+  runtime::KvCacheOptions o;
+  o.offload = memory::Offload::host;
+  o.device_slots = 12;
+  runtime::KvCache cache(L, 8, *b.gpu, o);
+  const int64_t n_chunks = 8 * L.chunks_per_block();
+  const size_t kv_bytes = L.kv_chunk_bytes(), bias_bytes = L.bias_chunk_bytes();
+  const size_t chunk_bytes = kv_bytes + bias_bytes;
+  auto pinned = b.gpu->host_allocator();
+  char* src = static_cast<char*>(pinned->allocate(size_t(n_chunks) * chunk_bytes));
+  char* back = static_cast<char*>(pinned->allocate(size_t(n_chunks) * chunk_bytes));
+  // Finite bf16 keys and values, finite float scores: every chunk distinct.
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> u(-4.0f, 4.0f);
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    uint16_t* kv = reinterpret_cast<uint16_t*>(src + c * chunk_bytes);
+    for (size_t i = 0; i < kv_bytes / 2; ++i) kv[i] = f32_to_bf16(u(rng));
+    float* sc = reinterpret_cast<float*>(src + c * chunk_bytes + kv_bytes);
+    for (size_t i = 0; i < bias_bytes / 4; ++i) sc[i] = u(rng);
+  }
+  std::memset(back, 0, size_t(n_chunks) * chunk_bytes);
+  auto host_of = [&](char* base, int64_t c) {
+    return static_cast<char*>(pinned->device_address(base + c * chunk_bytes));
+  };
+  // Round 1: five chunks in, one of them never written (null host). Round 2: chunk 7 takes the
+  // slot of chunk 3 (evicted), chunk 30 a fresh slot.
+  std::vector<memory::ChunkCopy> r1 = {{3, 0, -1, host_of(src, 3)},
+                                       {12, 9, -1, host_of(src, 12)},
+                                       {20, 11, -1, host_of(src, 20)},
+                                       {31, 2, -1, host_of(src, 31)},
+                                       {25, 6, -1, nullptr}};
+  std::vector<memory::ChunkCopy> r2 = {{7, 0, 3, host_of(src, 7)}, {30, 4, -1, host_of(src, 30)}};
+  b.gpu->copy_chunks(r1, true, cache);
+  b.gpu->copy_chunks(r2, true, cache);
+  b.gpu->synchronize();
+  std::map<int64_t, int32_t> want_slot = {{12, 9}, {20, 11}, {31, 2}, {25, 6}, {7, 0}, {30, 4}};
+  Tensor table = b.gpu->to_host(cache.slot_table());
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const auto it = want_slot.find(c);
+    EXPECT_EQ(table.data<int32_t>()[c], it == want_slot.end() ? -1 : it->second) << "chunk " << c;
+  }
+  Tensor kv = b.gpu->to_host(cache.kv());      // float32 copies of the bf16 slots
+  Tensor bias = b.gpu->to_host(cache.bias());
+  const int64_t kv_elems = int64_t(kv_bytes / 2), bias_elems = int64_t(bias_bytes / 4);
+  for (const auto& [c, slot] : want_slot) {
+    if (c == 25) continue;  // never written: its slot's bytes are whatever they were
+    const uint16_t* want = reinterpret_cast<const uint16_t*>(src + c * chunk_bytes);
+    const float* got = kv.data<float>() + slot * kv_elems;
+    int bad = 0;
+    for (int64_t i = 0; i < kv_elems; ++i) bad += bf16_to_f32(want[i]) != got[i];
+    const float* want_sc = reinterpret_cast<const float*>(src + c * chunk_bytes + kv_bytes);
+    for (int64_t i = 0; i < bias_elems; ++i) bad += want_sc[i] != bias.data<float>()[slot * bias_elems + i];
+    EXPECT_EQ(bad, 0) << "chunk " << c << " in slot " << slot;
+  }
+  // Slot -> host: every resident chunk into the second buffer, byte for byte.
+  std::vector<memory::ChunkCopy> out;
+  for (const auto& [c, slot] : want_slot)
+    if (c != 25) out.push_back({c, slot, -1, host_of(back, c)});
+  b.gpu->copy_chunks(out, false, cache);
+  b.gpu->synchronize();
+  for (const auto& cp : out)
+    EXPECT_EQ(std::memcmp(back + cp.chunk * chunk_bytes, src + cp.chunk * chunk_bytes, chunk_bytes), 0)
+        << "chunk " << cp.chunk << " back to the host";
+  pinned->release(src, size_t(n_chunks) * chunk_bytes);
+  pinned->release(back, size_t(n_chunks) * chunk_bytes);
+}
 
 TEST(CudaOps, SamplingPicksTheCpuTokens) {
   NOSA_REQUIRE_GPU();
