@@ -772,6 +772,12 @@ __global__ void __launch_bounds__(k_topk_threads) split_topk(SelectArgs a, Split
   topk_and_compact(a, ks, ke, nb, flag, sh, out);
 }
 
+// e / sum, correctly rounded, from r = the correctly rounded 1 / sum (Markstein's theorem).
+__device__ __forceinline__ double quotient(double e, double sum, double r) {
+  const double q0 = e * r;
+  return __fma_rn(__fma_rn(-q0, sum, e), r, q0);
+}
+
 // Kernels 2, 3 and 4 in one thread block of 512 threads per (token, KV head), for steps with
 // enough (token, KV head) pairs to fill the GPU (so most decode batches): the same arithmetic in
 // the same order (chunk sums of two 32-key warp butterflies each, their totals over the lanes and
@@ -779,7 +785,7 @@ __global__ void __launch_bounds__(k_topk_threads) split_topk(SelectArgs a, Split
 // through the scratch and two launches.
 size_t finish_smem(const SplitLayout& L, int G, int n_max, int nb_max) {
   const size_t n = size_t(n_max > 0 ? n_max : 1);
-  return sizeof(double) * (size_t(G) * L.chunks * 2 + G) + sizeof(float) * G +
+  return sizeof(double) * (size_t(G) * L.chunks * 2 + 2 * G) + sizeof(float) * G +
          sizeof(float) * (size_t(G) * n + 2 * n) + sizeof(uint32_t) * 3 * size_t(nb_max) +
          sizeof(int) * (256 + k_topk_warps + 4);
 }
@@ -801,7 +807,8 @@ __global__ void __launch_bounds__(k_topk_threads) split_finish(SelectArgs a, Spl
   const int nm = a.n_max > 0 ? a.n_max : 1;
   double* hs = sf;                              // [G][chunks][2] half-chunk sums
   double* sum = hs + size_t(G) * L.chunks * 2;  // [G]
-  float* mx = reinterpret_cast<float*>(sum + G);  // [G]
+  double* rcp = sum + G;                        // [G] 1 / sum, correctly rounded
+  float* mx = reinterpret_cast<float*>(rcp + G);  // [G]
   float* lgs = mx + G;                          // [G][n_max] the logits
   float* S = lgs + size_t(G) * nm;              // [n_max]
   float* E = S + nm;                            // [n_max] window scores (NOSA)
@@ -851,14 +858,20 @@ __global__ void __launch_bounds__(k_topk_threads) split_finish(SelectArgs a, Spl
     double z = 0.0;
     for (int i = lane; i < chunks; i += 32) z += c[2 * i] + c[2 * i + 1];
     z = warp_sum_d(z);
-    if (lane == 0) sum[g] = z;
+    if (lane == 0) {
+      sum[g] = z;
+      rcp[g] = __drcp_rn(z);
+    }
   }
   __syncthreads();
-  // S[j]: the probabilities summed over the heads in head order.
+  // S[j]: the probabilities summed over the heads in head order (the quotient without a double
+  // division: the same correctly rounded value, see quotient()).
   for (int j = threadIdx.x; j < s.n; j += blockDim.x) {
     float v = 0.0f;
-    for (int g = 0; g < G; ++g)
-      v = __fadd_rn(v, __double2float_rn(exp(double(__fsub_rn(lgs[g * nm + j], mx[g]))) / sum[g]));
+    for (int g = 0; g < G; ++g) {
+      const double e = exp(double(__fsub_rn(lgs[g * nm + j], mx[g])));
+      v = __fadd_rn(v, __double2float_rn(quotient(e, sum[g], rcp[g])));
+    }
     S[j] = v;
   }
   __syncthreads();
@@ -1034,12 +1047,6 @@ size_t tile_scratch_floats(const TileShape& s, int n_kv_heads, int n_tokens) {
   size_t fit = k_scratch_budget_floats / per_tile;
   if (fit < 1) fit = 1;
   return std::min(fit, tiles) * per_tile;
-}
-
-// e / sum, correctly rounded, from r = the correctly rounded 1 / sum (Markstein's theorem).
-__device__ __forceinline__ double quotient(double e, double sum, double r) {
-  const double q0 = e * r;
-  return __fma_rn(__fma_rn(-q0, sum, e), r, q0);
 }
 
 // The k (1 <= k < nb) largest keys of u[0..nb), ties toward the lower index, for one warp: every
