@@ -66,6 +66,31 @@ __device__ int compact_flags(const int* flag, int nb, int32_t* out, int* warp_co
   return base;
 }
 
+// Pooling (nosa.md): a block that is not forced scores the largest S over its keys and the key
+// before them (keys m b - 1 .. m b + m - 1 of the n), and with NOSA the largest window score over
+// the same keys; forced blocks (the first init_blocks, the last local_blocks up to the query's
+// block qb) score +inf. score(j) and window(j) read key j's values. Every selection path pools
+// here, so all of them compare in the same order.
+template <class Score, class Window>
+__device__ __forceinline__ void pool_block(const SparseView& p, int b, int m, int n, int qb,
+                                           bool nosa, Score score, Window window, float& vs,
+                                           float& ve) {
+  if (b < p.init_blocks || b >= qb - p.local_blocks) {
+    vs = ve = INFINITY;
+    return;
+  }
+  vs = ve = -INFINITY;
+  const int jb = max(0, m * b - 1), je = min(m * b + m - 1, n - 1);
+  for (int j = jb; j <= je; ++j) {
+    const float v = score(j);
+    vs = vs < v ? v : vs;
+    if (nosa) {
+      const float e = window(j);
+      ve = ve < e ? e : ve;
+    }
+  }
+}
+
 // Logits go to shared memory when lg_smem (else to the global scratch).
 template <int D>
 __global__ void __launch_bounds__(k_threads, 1) select_kernel(SelectArgs a, int token_begin,
@@ -202,20 +227,11 @@ __global__ void __launch_bounds__(k_threads, 1) select_kernel(SelectArgs a, int 
   // 4. Pooling with forced blocks (and the eviction scores' pooling for NOSA).
   const bool nosa = a.mode == SelectMode::nosa;
   for (int b = threadIdx.x; b < nb; b += blockDim.x) {
-    float vs = -INFINITY, ve = -INFINITY;
-    if (b < p.init_blocks || b >= qb - p.local_blocks) {
-      vs = ve = INFINITY;
-    } else {
-      const int jb = max(0, m * b - 1), je = min(m * b + m - 1, n - 1);
-      for (int j = jb; j <= je; ++j) {
-        vs = vs < sh.s[j] ? sh.s[j] : vs;
-        if (nosa) {
-          const int64_t home = kv_chunk(kv, table[j / m], a.layer, h);
-          const float e = kv.ck_scores[home * m + j % m];
-          ve = ve < e ? e : ve;
-        }
-      }
-    }
+    float vs, ve;
+    pool_block(
+        p, b, m, n, qb, nosa, [&](int j) { return sh.s[j]; },
+        [&](int j) { return kv.ck_scores[kv_chunk(kv, table[j / m], a.layer, h) * m + j % m]; },
+        vs, ve);
     sh.sb[b] = vs;
     sh.eb[b] = ve;
   }
@@ -589,20 +605,10 @@ __global__ void __launch_bounds__(k_pool_threads) split_pool(SelectArgs a, Split
   }
   __syncthreads();
   for (int b = b0 + threadIdx.x; b < b1; b += blockDim.x) {
-    float vs = -INFINITY, ve = -INFINITY;
-    if (b < p.init_blocks || b >= s.qb - p.local_blocks) {
-      vs = ve = INFINITY;
-    } else {
-      const int jb = max(0, m * b - 1), je = min(m * b + m - 1, s.n - 1);
-      for (int j = jb; j <= je; ++j) {
-        const float v = S[j - kb];
-        vs = vs < v ? v : vs;
-        if (nosa) {
-          const float e = E[j - kb];
-          ve = ve < e ? e : ve;
-        }
-      }
-    }
+    float vs, ve;
+    pool_block(
+        p, b, m, s.n, s.qb, nosa, [&](int j) { return S[j - kb]; },
+        [&](int j) { return E[j - kb]; }, vs, ve);
     a.scratch[L.sb + th * a.nb_max + b] = vs;
     a.scratch[L.eb + th * a.nb_max + b] = ve;
   }
@@ -877,17 +883,10 @@ __global__ void __launch_bounds__(k_topk_threads) split_finish(SelectArgs a, Spl
   __syncthreads();
   // Pooling with forced blocks, straight into order keys.
   for (int b = threadIdx.x; b < nb; b += blockDim.x) {
-    float vs = -INFINITY, ve = -INFINITY;
-    if (b < p.init_blocks || b >= s.qb - p.local_blocks) {
-      vs = ve = INFINITY;
-    } else {
-      const int jb = max(0, m * b - 1), je = min(m * b + m - 1, s.n - 1);
-      for (int j = jb; j <= je; ++j) {
-        const float v = S[j];
-        vs = vs < v ? v : vs;
-        if (nosa) ve = ve < E[j] ? E[j] : ve;
-      }
-    }
+    float vs, ve;
+    pool_block(
+        p, b, m, s.n, s.qb, nosa, [&](int j) { return S[j]; }, [&](int j) { return E[j]; }, vs,
+        ve);
     ks[b] = order_key(vs);
     if (nosa) ke[b] = order_key(ve);
   }
@@ -1281,19 +1280,11 @@ __global__ void __launch_bounds__(k_tile_threads, 1)
     const float* S = lg + int64_t(i) * G * ns;
     const int32_t* table = a.step.block_table + int64_t(tseq[i]) * a.step.bt_stride;
     for (int b = lane; b < nb; b += 32) {
-      float vs = -INFINITY, ve = -INFINITY;
-      if (b < p.init_blocks || b >= qb - p.local_blocks) {
-        vs = ve = INFINITY;
-      } else {
-        const int jb = max(0, m * b - 1), je = min(m * b + m - 1, n - 1);
-        for (int j = jb; j <= je; ++j) {
-          vs = vs < S[j] ? S[j] : vs;
-          if (nosa) {
-            const float e = kv.ck_scores[kv_chunk(kv, table[j / m], a.layer, h) * m + j % m];
-            ve = ve < e ? e : ve;
-          }
-        }
-      }
+      float vs, ve;
+      pool_block(
+          p, b, m, n, qb, nosa, [&](int j) { return S[j]; },
+          [&](int j) { return kv.ck_scores[kv_chunk(kv, table[j / m], a.layer, h) * m + j % m]; },
+          vs, ve);
       ks[b] = order_key(vs);
       if (nosa) ke[b] = order_key(ve);
     }

@@ -475,16 +475,7 @@ class CudaBackend final : public Backend {
   }
 
   void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override {
-    require(x, DType::bf16, "rmsnorm x");
-    require(weight, DType::bf16, "rmsnorm weight");
-    rcu::RmsNormArgs a;
-    a.x = x.raw();
-    a.w = weight.raw();
-    a.out = out.raw();
-    a.rows = int(x.dim(0));
-    a.n = int(x.dim(1));
-    a.eps = eps;
-    NOSA_CUDA_CHECK(rcu::launch_rmsnorm(a, stream_));
+    norm(x, nullptr, weight, eps, out);
   }
 
   void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& out) override {
@@ -513,15 +504,22 @@ class CudaBackend final : public Backend {
 
   void add_rmsnorm(Tensor& x, const Tensor& y, const Tensor& weight, float eps,
                    Tensor& out) override {
-    require(x, DType::bf16, "add_rmsnorm x");
     require(y, DType::bf16, "add_rmsnorm y");
-    require(weight, DType::bf16, "add_rmsnorm weight");
-    NOSA_ASSERT(x.shape() == y.shape() && x.shape() == out.shape(),
-                "add_rmsnorm: shapes {}, {} -> {}", shape_string(x.shape()),
-                shape_string(y.shape()), shape_string(out.shape()));
+    NOSA_ASSERT(x.shape() == y.shape(), "add_rmsnorm: shapes {} + {}", shape_string(x.shape()),
+                shape_string(y.shape()));
+    norm(x, &y, weight, eps, out);
+  }
+
+  // out = rmsnorm(x), after x += *residual when one is given (one kernel either way).
+  void norm(const Tensor& x, const Tensor* residual, const Tensor& weight, float eps,
+            Tensor& out) {
+    require(x, DType::bf16, "rmsnorm x");
+    require(weight, DType::bf16, "rmsnorm weight");
+    NOSA_ASSERT(x.shape() == out.shape(), "rmsnorm: shapes {} -> {}", shape_string(x.shape()),
+                shape_string(out.shape()));
     rcu::RmsNormArgs a;
     a.x = x.raw();
-    a.residual = y.raw();
+    a.residual = residual ? residual->raw() : nullptr;
     a.w = weight.raw();
     a.out = out.raw();
     a.rows = int(x.dim(0));

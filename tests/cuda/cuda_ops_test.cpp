@@ -259,14 +259,7 @@ int64_t selection_mismatches(Backends& b, const Selection& cpu, const Selection&
 
 void run_select(const SelectCase& c, attention::Mode mode, bool ties, uint64_t seed) {
   Backends b;
-  attention::SparseParams p;
-  p.block_size = c.block_size;
-  p.kernel_size = c.kernel_size;
-  p.kernel_stride = c.kernel_stride;
-  p.window_size = c.window;
-  p.topk = c.topk;
-  p.select_blocks = c.select;
-  p.validate();
+  const attention::SparseParams p = case_params(c);
   const int H = 2;
   KvLayout L{2, H, c.d, c.block_size, c.block_size / c.kernel_stride, DType::f32};
   const int64_t n_blocks = pool_blocks(c);
@@ -325,13 +318,7 @@ TEST(CudaOps, SelectionBreaksExactTiesTowardTheLowerBlock) {
 
 void run_attend(const SelectCase& c, attention::Mode mode, uint64_t seed) {
   Backends b;
-  attention::SparseParams p;
-  p.block_size = c.block_size;
-  p.kernel_size = c.kernel_size;
-  p.kernel_stride = c.kernel_stride;
-  p.window_size = c.window;
-  p.topk = c.topk;
-  p.select_blocks = c.select;
+  const attention::SparseParams p = case_params(c);
   const int H = 2, hq = H * c.group;
   KvLayout L{2, H, c.d, c.block_size, c.block_size / c.kernel_stride, DType::f32};
   const int64_t n_blocks = pool_blocks(c);

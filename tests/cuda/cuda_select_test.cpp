@@ -109,14 +109,7 @@ std::pair<int64_t, int64_t> mismatches(Backends& b, const Selection& cpu, const 
 
 void run_prefill_select(const PrefillCase& c, attention::Mode mode, Inputs in, uint64_t seed) {
   Backends b;
-  attention::SparseParams p;
-  p.block_size = c.block_size;
-  p.kernel_size = c.kernel_size;
-  p.kernel_stride = c.kernel_stride;
-  p.window_size = c.window;
-  p.topk = c.topk;
-  p.select_blocks = c.select;
-  p.validate();
+  const attention::SparseParams p = case_params(c);
   const int H = 2;
   KvLayout L{2, H, c.d, c.block_size, c.block_size / c.kernel_stride, DType::f32};
   int64_t n_blocks = 4, T = 0;

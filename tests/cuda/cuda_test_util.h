@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "attention/sparse_params.h"
 #include "runtime/backend.h"
 #include "runtime/kv_cache.h"
 #include "runtime/step.h"
@@ -66,5 +67,20 @@ struct TwinCache {
   // Fills kv, bias, compressed keys and their scores with the same random values on both.
   void fill_random(Backends& b, uint64_t seed, float bias_lo = -1.0f, float bias_hi = 1.0f);
 };
+
+// The validated sparse parameters of a test case (any struct with block_size, kernel_size,
+// kernel_stride, window, topk and select).
+template <class Case>
+attention::SparseParams case_params(const Case& c) {
+  attention::SparseParams p;
+  p.block_size = c.block_size;
+  p.kernel_size = c.kernel_size;
+  p.kernel_stride = c.kernel_stride;
+  p.window_size = c.window;
+  p.topk = c.topk;
+  p.select_blocks = c.select;
+  p.validate();
+  return p;
+}
 
 }  // namespace nosa::test
