@@ -238,25 +238,6 @@ int64_t pool_blocks(const SelectCase& c) {
   return n + 4;
 }
 
-// Rows (token, head) whose selections differ between the backends.
-int64_t selection_mismatches(Backends& b, const Selection& cpu, const Selection& gpu,
-                             int64_t* rows) {
-  EXPECT_EQ(cpu.k_max, gpu.k_max);
-  Tensor g = b.gpu->to_host(gpu.blocks);
-  const int32_t* cd = cpu.blocks.data<int32_t>();
-  const int32_t* gd = g.data<int32_t>();
-  const int64_t n = cpu.blocks.numel() / cpu.k_max;
-  int64_t bad = 0;
-  for (int64_t r = 0; r < n; ++r)
-    for (int i = 0; i < cpu.k_max; ++i)
-      if (cd[r * cpu.k_max + i] != gd[r * cpu.k_max + i]) {
-        ++bad;
-        break;
-      }
-  *rows = n;
-  return bad;
-}
-
 void run_select(const SelectCase& c, attention::Mode mode, bool ties, uint64_t seed) {
   Backends b;
   const attention::SparseParams p = case_params(c);
@@ -289,8 +270,7 @@ void run_select(const SelectCase& c, attention::Mode mode, bool ties, uint64_t s
     runtime::force_cuda_select_path(path);
     Selection sg = b.gpu->select_blocks(1, mode, q.gpu, p, *cache.gpu);
     runtime::force_cuda_select_path("");
-    int64_t rows = 0;
-    const int64_t bad = selection_mismatches(b, sc, sg, &rows);
+    const auto [bad, rows] = selection_mismatches(b, sc, sg);
     std::printf("[ select   ] %-14s %-8s %-7s %-9s %lld of %lld (token, head) selections differ\n",
                 c.name, attention::mode_name(mode), ties ? "ties" : "generic", path,
                 (long long)bad, (long long)rows);

@@ -86,27 +86,6 @@ void shape_inputs(Backends& b, TwinCache& cache, Inputs in, uint64_t seed) {
   cache.gpu->ck_scores() = b.gpu->upload(cks, DType::f32);
 }
 
-// (token, KV head) rows whose selections differ, and how many rows there are.
-std::pair<int64_t, int64_t> mismatches(Backends& b, const Selection& cpu, const Selection& gpu) {
-  EXPECT_EQ(cpu.k_max, gpu.k_max);
-  Tensor g = b.gpu->to_host(gpu.blocks);
-  const int32_t* cd = cpu.blocks.data<int32_t>();
-  const int32_t* gd = g.data<int32_t>();
-  const int64_t n = cpu.blocks.numel() / cpu.k_max;
-  int64_t bad = 0;
-  for (int64_t r = 0; r < n; ++r)
-    for (int i = 0; i < cpu.k_max; ++i)
-      if (cd[r * cpu.k_max + i] != gd[r * cpu.k_max + i]) {
-        if (bad < 3)
-          ADD_FAILURE() << "row " << r << " (token " << r / 2 << ", head " << r % 2
-                        << ") differs first at entry " << i << ": cpu " << cd[r * cpu.k_max + i]
-                        << ", gpu " << gd[r * cpu.k_max + i];
-        ++bad;
-        break;
-      }
-  return {bad, n};
-}
-
 void run_prefill_select(const PrefillCase& c, attention::Mode mode, Inputs in, uint64_t seed) {
   Backends b;
   const attention::SparseParams p = case_params(c);
@@ -127,7 +106,7 @@ void run_prefill_select(const PrefillCase& c, attention::Mode mode, Inputs in, u
   b.gpu->begin_step(f.step);
   Selection sc = b.cpu->select_blocks(1, mode, q.cpu, p, *cache.cpu);
   Selection sg = b.gpu->select_blocks(1, mode, q.gpu, p, *cache.gpu);
-  auto [bad, rows] = mismatches(b, sc, sg);
+  auto [bad, rows] = selection_mismatches(b, sc, sg);
   std::printf("[ select   ] %-24s %-8s %-9s %lld of %lld (token, head) selections differ\n",
               c.name.c_str(), attention::mode_name(mode), inputs_name(in), (long long)bad,
               (long long)rows);

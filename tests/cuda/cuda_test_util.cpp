@@ -109,4 +109,24 @@ void TwinCache::fill_random(Backends& b, uint64_t seed, float bias_lo, float bia
   gpu->ck_scores() = b.gpu->upload(cks, DType::f32);
 }
 
+std::pair<int64_t, int64_t> selection_mismatches(Backends& b, const runtime::Selection& cpu,
+                                                 const runtime::Selection& gpu) {
+  EXPECT_EQ(cpu.k_max, gpu.k_max);
+  Tensor g = b.gpu->to_host(gpu.blocks);
+  const int32_t* cd = cpu.blocks.data<int32_t>();
+  const int32_t* gd = g.data<int32_t>();
+  const int64_t n = cpu.blocks.numel() / cpu.k_max;
+  int64_t bad = 0;
+  for (int64_t r = 0; r < n; ++r)
+    for (int i = 0; i < cpu.k_max; ++i)
+      if (cd[r * cpu.k_max + i] != gd[r * cpu.k_max + i]) {
+        if (bad < 3)
+          ADD_FAILURE() << "selection row " << r << " differs first at entry " << i << ": cpu "
+                        << cd[r * cpu.k_max + i] << ", gpu " << gd[r * cpu.k_max + i];
+        ++bad;
+        break;
+      }
+  return {bad, n};
+}
+
 }  // namespace nosa::test

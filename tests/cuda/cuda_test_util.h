@@ -8,6 +8,7 @@
 #include <cmath>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "attention/sparse_params.h"
@@ -82,5 +83,10 @@ attention::SparseParams case_params(const Case& c) {
   p.validate();
   return p;
 }
+
+// The (token, KV head) rows whose selections differ between the CPU and the GPU (the first few
+// are reported as failures, with the first differing entry), and how many rows there are.
+std::pair<int64_t, int64_t> selection_mismatches(Backends& b, const runtime::Selection& cpu,
+                                                 const runtime::Selection& gpu);
 
 }  // namespace nosa::test
