@@ -229,6 +229,12 @@ std::vector<SelectCase> selection_only_cases() {
   std::vector<SelectCase> cases = select_cases();
   cases.push_back({"8b-long-decode", 128, 16, 64, 32, 16, 1024, 64, 16,
                    {{40000, 1}, {30, 1}, {5000, 1}, {12345, 1}}});
+  // Small decode batches (one wave of (token, KV head) pairs) whose exponentials fit in shared
+  // memory: the split path keeps them instead of computing them twice.
+  cases.push_back({"8b-decode-batch", 128, 16, 64, 32, 16, 1024, 64, 16,
+                   {{16000, 1}, {9000, 1}, {3000, 1}, {12000, 1}}});
+  cases.push_back({"1b-decode-batch", 128, 8, 64, 32, 16, 1024, 64, 16,
+                   {{30000, 1}, {16000, 1}, {5000, 1}}});
   return cases;
 }
 
