@@ -789,18 +789,13 @@ __device__ __forceinline__ double quotient(double e, double sum, double r) {
 // the same order (chunk sums of two 32-key warp butterflies each, their totals over the lanes and
 // one butterfly, probabilities summed over the heads in head order), without the round trips
 // through the scratch and two launches.
-// With keep_exps the block also keeps every exp(logit - max) as a double, so that the
-// probabilities reuse the half-chunk sums' exponentials instead of computing them again (about a
-// third of the block's double-precision work).
-size_t finish_smem(const SplitLayout& L, int G, int n_max, int nb_max, bool keep_exps) {
+size_t finish_smem(const SplitLayout& L, int G, int n_max, int nb_max) {
   const size_t n = size_t(n_max > 0 ? n_max : 1);
-  return sizeof(double) * (size_t(G) * L.chunks * 2 + 2 * G + (keep_exps ? size_t(G) * n : 0)) +
-         sizeof(float) * G +
+  return sizeof(double) * (size_t(G) * L.chunks * 2 + 2 * G) + sizeof(float) * G +
          sizeof(float) * (size_t(G) * n + 2 * n) + sizeof(uint32_t) * 3 * size_t(nb_max) +
          sizeof(int) * (256 + k_topk_warps + 4);
 }
 
-template <bool KEEP_EXPS>
 __global__ void __launch_bounds__(k_topk_threads) split_finish(SelectArgs a, SplitLayout L) {
   extern __shared__ __align__(16) double sf[];
   const int h = blockIdx.x, t = blockIdx.y;
@@ -819,8 +814,7 @@ __global__ void __launch_bounds__(k_topk_threads) split_finish(SelectArgs a, Spl
   double* hs = sf;                              // [G][chunks][2] half-chunk sums
   double* sum = hs + size_t(G) * L.chunks * 2;  // [G]
   double* rcp = sum + G;                        // [G] 1 / sum, correctly rounded
-  double* ex = rcp + G;                         // [G][n_max] the exponentials (KEEP_EXPS)
-  float* mx = reinterpret_cast<float*>(KEEP_EXPS ? ex + size_t(G) * nm : ex);  // [G]
+  float* mx = reinterpret_cast<float*>(rcp + G);  // [G]
   float* lgs = mx + G;                          // [G][n_max] the logits
   float* S = lgs + size_t(G) * nm;              // [n_max]
   float* E = S + nm;                            // [n_max] window scores (NOSA)
@@ -860,7 +854,6 @@ __global__ void __launch_bounds__(k_topk_threads) split_finish(SelectArgs a, Spl
     const int g = task / (chunks * 2), ch = task % (chunks * 2);
     const int j = ch * 32 + lane;  // = 64 c + 32 half + lane
     double e = j < s.n ? exp(double(__fsub_rn(lgs[g * nm + j], mx[g]))) : 0.0;
-    if (KEEP_EXPS && j < s.n) ex[g * nm + j] = e;
     e = warp_sum_d(e);
     if (lane == 0) hs[(size_t(g) * L.chunks) * 2 + ch] = e;
   }
@@ -882,8 +875,7 @@ __global__ void __launch_bounds__(k_topk_threads) split_finish(SelectArgs a, Spl
   for (int j = threadIdx.x; j < s.n; j += blockDim.x) {
     float v = 0.0f;
     for (int g = 0; g < G; ++g) {
-      const double e =
-          KEEP_EXPS ? ex[g * nm + j] : exp(double(__fsub_rn(lgs[g * nm + j], mx[g])));
+      const double e = exp(double(__fsub_rn(lgs[g * nm + j], mx[g])));
       v = __fadd_rn(v, __double2float_rn(quotient(e, sum[g], rcp[g])));
     }
     S[j] = v;
@@ -900,16 +892,6 @@ __global__ void __launch_bounds__(k_topk_threads) split_finish(SelectArgs a, Spl
   }
   __syncthreads();
   topk_and_compact(a, ks, ke, nb, flag, sh, out);
-}
-
-// The current device's multiprocessor count (asked once per device).
-int multiprocessors() {
-  static int count[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 1;
-  if (count[dev] == 0)
-    cudaDeviceGetAttribute(&count[dev], cudaDevAttrMultiProcessorCount, dev);
-  return count[dev] > 0 ? count[dev] : 1;
 }
 
 template <typename K>
@@ -958,13 +940,9 @@ cudaError_t launch_split(const SelectArgs& a, cudaStream_t stream) {
   const SplitLayout L = split_layout(T, H, G, m, a.n_max, a.nb_max);
   if (!a.scratch || a.scratch_floats < L.total) return cudaErrorInvalidValue;
   const size_t s2 = sums_smem(G), s3 = pool_smem(L, G, m), s4 = topk_smem(a.nb_max),
-               s5 = finish_smem(L, G, a.n_max, a.nb_max, false),
-               s5_keep = finish_smem(L, G, a.n_max, a.nb_max, true);
+               s5 = finish_smem(L, G, a.n_max, a.nb_max);
   const bool finish = (T * H >= k_finish_min_pairs || size_t(G) * a.n_max <= k_finish_max_logits) &&
                       s5 <= 227 * 1024;
-  // Keeping the exponentials needs more shared memory (one thread block per multiprocessor):
-  // only when the step's (token, KV head) pairs fit in one wave anyway.
-  const bool keep_exps = s5_keep <= 227 * 1024 && T * H <= multiprocessors();
   cudaError_t e;
   if (a.mode != SelectMode::dense && a.n_max > 0) {
     // One key chunk per thread block (K = 1): on an H200 at 64 x 2 (token, KV head) pairs and
@@ -974,14 +952,9 @@ cudaError_t launch_split(const SelectArgs& a, cudaStream_t stream) {
     e = launch_logits<D, 1>(a, L, stream);
     if (e != cudaSuccess) return e;
   }
-  if (finish && keep_exps) {
-    if ((e = allow_smem(split_finish<true>, s5_keep)) != cudaSuccess) return e;
-    split_finish<true><<<dim3(H, T), k_topk_threads, s5_keep, stream>>>(a, L);
-    return cudaGetLastError();
-  }
   if (finish) {
-    if ((e = allow_smem(split_finish<false>, s5)) != cudaSuccess) return e;
-    split_finish<false><<<dim3(H, T), k_topk_threads, s5, stream>>>(a, L);
+    if ((e = allow_smem(split_finish, s5)) != cudaSuccess) return e;
+    split_finish<<<dim3(H, T), k_topk_threads, s5, stream>>>(a, L);
     return cudaGetLastError();
   }
   if ((e = allow_smem(split_pool, s3)) != cudaSuccess) return e;
