@@ -73,7 +73,7 @@ struct BenchFlags {
   double gpu_kv_gib = 0, host_kv_gib = 0, disk_kv_gib = 0;
   std::string disk_kv_dir;
   std::vector<double> miss_rates = {-1};  // offload suite: < 0 = the model's own selection
-  std::string select_path;  // CUDA block selection: split, per-token, or automatic (empty)
+  std::string select_path;  // CUDA block selection: split, tiled, per-token, or automatic (empty)
   std::string cuda_graphs = "on";  // decoding steps replayed from CUDA graphs: on or off
   std::string json_out, csv_out, label, commit;
   std::string plot_dir, plot_prefix, plot_link, markdown_out;
@@ -947,7 +947,8 @@ Runner add_bench_command(CLI::App& app) {
                   "Tensor-parallel ranks (decode, offload): run under mpirun -np TP")
       ->capture_default_str();
   cmd->add_option("--select-path", f->select_path,
-                  "CUDA block selection kernels: split or per-token (default: automatic)");
+                  "CUDA block selection kernels: split, tiled or per-token (default: automatic; "
+                  "a step a path cannot take falls back from split to tiled to per-token)");
   cmd->add_option("--cuda-graphs", f->cuda_graphs,
                   "Decoding steps replayed from CUDA graphs (on) or queued kernel by kernel (off)")
       ->capture_default_str();

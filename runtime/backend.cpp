@@ -46,6 +46,12 @@ std::unique_ptr<memory::HostAllocator> Backend::host_allocator() {
   return memory::make_plain_host_allocator();
 }
 
+void check_select_path_name(const std::string& path) {
+  NOSA_CHECK_CODE(path.empty() || path == "split" || path == "tiled" || path == "per-token",
+                  ErrorCode::invalid_argument,
+                  "unknown selection path '{}' (use split, tiled, per-token or empty)", path);
+}
+
 bool Backend::replay_step(const StepBatch&, const void*, const KvCache&, Tensor&) { return false; }
 bool Backend::begin_recording(const StepBatch&, const void*, const KvCache&) { return false; }
 bool Backend::end_recording(const Tensor&) { return false; }

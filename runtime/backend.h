@@ -164,9 +164,12 @@ std::unique_ptr<Backend> make_cpu_backend();
 std::unique_ptr<Backend> make_cuda_backend(int device_index);
 // Whether a CUDA device can be used by this build.
 bool cuda_available();
-// Tests and comparisons: forces the CUDA block-selection path ("split" or "per-token"); empty
-// restores the automatic choice.
+// Tests and comparisons: forces the CUDA block-selection path ("split", "tiled" or "per-token";
+// a step the path cannot take falls back as select_path() says); empty restores the automatic
+// choice.
 void force_cuda_select_path(const std::string& path);
+// Throws invalid_argument unless `path` is a name force_cuda_select_path() takes.
+void check_select_path_name(const std::string& path);
 // Whether the CUDA backend records and replays decoding steps as CUDA graphs (default: on, unless
 // the environment sets NOSA_CUDA_GRAPHS=0). For comparisons and tests.
 void set_cuda_graphs(bool enabled);

@@ -11,7 +11,12 @@ namespace {
 constexpr int k_threads = 512;
 constexpr int k_warps = k_threads / 32;
 constexpr size_t k_scratch_budget_floats = size_t(64) << 20;  // 256 MiB
-constexpr size_t k_lg_smem_limit = 200 * 1024;  // logits in shared memory up to this size
+// The per-token kernel keeps the logits in shared memory up to this size: 200 KB on Hopper, 27 KB
+// under the device's limit elsewhere.
+size_t lg_smem_limit() {
+  const size_t limit = max_shared_bytes();
+  return limit > 27 * 1024 ? std::min<size_t>(200 * 1024, limit - 27 * 1024) : 0;
+}
 
 struct Shared {
   float* q;      // [group][d]
@@ -269,9 +274,9 @@ size_t shared_bytes(int group, int d, int n_max, int nb_max, bool lg_smem) {
 template <int D>
 cudaError_t launch(const SelectArgs& a, cudaStream_t stream) {
   const int T = a.step.n_tokens;
-  const bool lg_smem = shared_bytes(a.group, D, a.n_max, a.nb_max, true) <= k_lg_smem_limit;
+  const bool lg_smem = shared_bytes(a.group, D, a.n_max, a.nb_max, true) <= lg_smem_limit();
   const size_t smem = shared_bytes(a.group, D, a.n_max, a.nb_max, lg_smem);
-  if (smem > 227 * 1024) return cudaErrorInvalidValue;
+  if (smem > max_shared_bytes()) return cudaErrorInvalidValue;
   static size_t configured = 48 * 1024;
   if (smem > configured) {
     cudaError_t e = cudaFuncSetAttribute(select_kernel<D>,
@@ -905,7 +910,7 @@ bool split_fits(int n_kv_heads, int group, int head_dim, int keys_per_block, int
   if (n_tokens > k_split_max_tokens || n_tokens > 65535 || group > 64) return false;
   const SplitLayout L =
       split_layout(n_tokens, n_kv_heads, group, keys_per_block, n_max, nb_max);
-  const size_t limit = 227 * 1024;
+  const size_t limit = max_shared_bytes();
   return L.total <= k_split_budget_floats && logits_smem(group, head_dim, 1) <= limit &&
          pool_smem(L, group, keys_per_block) <= limit && topk_smem(nb_max) <= limit;
 }
@@ -942,7 +947,7 @@ cudaError_t launch_split(const SelectArgs& a, cudaStream_t stream) {
   const size_t s2 = sums_smem(G), s3 = pool_smem(L, G, m), s4 = topk_smem(a.nb_max),
                s5 = finish_smem(L, G, a.n_max, a.nb_max);
   const bool finish = (T * H >= k_finish_min_pairs || size_t(G) * a.n_max <= k_finish_max_logits) &&
-                      s5 <= 227 * 1024;
+                      s5 <= max_shared_bytes();
   cudaError_t e;
   if (a.mode != SelectMode::dense && a.n_max > 0) {
     // One key chunk per thread block (K = 1): on an H200 at 64 x 2 (token, KV head) pairs and
@@ -993,7 +998,6 @@ constexpr int k_tile_warps = k_tile_threads / 32;
 constexpr int k_tile_keys = 128;  // keys staged per round: 4 per thread of a warp's 8-lane row
 constexpr size_t k_tile_header_bytes = 2 * 32 * sizeof(double) + 32 * sizeof(float) +
                                        4 * 32 * sizeof(int);
-constexpr size_t k_tile_smem_limit = 227 * 1024;
 
 struct TileShape {
   bool ok = false;
@@ -1020,7 +1024,7 @@ TileShape tile_shape(int group, int d, int n_max, int nb_max) {
   for (int ri : {4, 2, 1}) {
     const int rows = 8 * ri;
     if (group > rows) break;
-    if (bytes(rows, true) <= k_tile_smem_limit) {
+    if (bytes(rows, true) <= max_shared_bytes()) {
       s.ok = true;
       s.rows_per_thread = ri;
       s.rows = rows;
@@ -1035,7 +1039,7 @@ TileShape tile_shape(int group, int d, int n_max, int nb_max) {
   s.tokens = 32 / group;
   s.lg_smem = false;
   s.smem = bytes(32, false);
-  s.ok = s.smem <= k_tile_smem_limit;
+  s.ok = s.smem <= max_shared_bytes();
   return s;
 }
 
@@ -1347,8 +1351,7 @@ SelectPath select_path(SelectPath requested, int n_kv_heads, int group, int head
   if (requested == SelectPath::tiled) return tile_fits ? SelectPath::tiled : SelectPath::per_token;
   if (split_fits(n_kv_heads, group, head_dim, keys_per_block, n_max, nb_max, n_tokens))
     return SelectPath::split;
-  return requested == SelectPath::automatic && tile_fits ? SelectPath::tiled
-                                                         : SelectPath::per_token;
+  return tile_fits ? SelectPath::tiled : SelectPath::per_token;
 }
 
 size_t select_scratch_floats(SelectPath path, int n_kv_heads, int group, int head_dim,
@@ -1357,7 +1360,7 @@ size_t select_scratch_floats(SelectPath path, int n_kv_heads, int group, int hea
     return split_layout(n_tokens, n_kv_heads, group, keys_per_block, n_max, nb_max).total;
   if (path == SelectPath::tiled)
     return tile_scratch_floats(tile_shape(group, head_dim, n_max, nb_max), n_kv_heads, n_tokens);
-  if (shared_bytes(group, head_dim, n_max, nb_max, true) <= k_lg_smem_limit) return 0;
+  if (shared_bytes(group, head_dim, n_max, nb_max, true) <= lg_smem_limit()) return 0;
   const size_t per_token = size_t(n_kv_heads) * group * size_t(n_max > 0 ? n_max : 1);
   size_t tokens = k_scratch_budget_floats / per_token;
   if (tokens < 1) tokens = 1;

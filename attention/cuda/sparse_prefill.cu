@@ -486,6 +486,9 @@ size_t shared_bytes(int nb_max) {
 template <int D>
 cudaError_t launch(const PrefillArgs& a, cudaStream_t stream) {
   const size_t smem = shared_bytes<D>(a.nb_max);
+  // The block list grows with the context: past the device's limit (about 1900 blocks on a GPU
+  // with 99 KB per thread block) the step is refused rather than launched.
+  if (smem > max_shared_bytes()) return cudaErrorInvalidConfiguration;
   static int configured = 0;
   if (int(smem) > configured) {
     cudaError_t e = cudaFuncSetAttribute(prefill_kernel<D>,

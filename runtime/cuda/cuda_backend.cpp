@@ -68,8 +68,7 @@ void set_cuda_graphs(bool enabled) { g_graphs = enabled ? 1 : 0; }
 int64_t cuda_graph_replays() { return g_graph_replays.load(); }
 
 void force_cuda_select_path(const std::string& path) {
-  NOSA_CHECK(path.empty() || path == "split" || path == "per-token",
-             "unknown selection path '{}' (use split, per-token or empty)", path);
+  check_select_path_name(path);
   g_select_path = path;
 }
 
@@ -653,6 +652,7 @@ class CudaBackend final : public Backend {
     acu::SelectPath requested = acu::SelectPath::automatic;
     if (g_select_path == "per-token") requested = acu::SelectPath::per_token;
     if (g_select_path == "split") requested = acu::SelectPath::split;
+    if (g_select_path == "tiled") requested = acu::SelectPath::tiled;
     a.path = acu::select_path(requested, H, group, L.head_dim, L.keys_per_block, n_max, nb_max,
                               int(T));
     a.scratch_floats = acu::select_scratch_floats(a.path, H, group, L.head_dim,

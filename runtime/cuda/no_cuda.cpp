@@ -7,8 +7,7 @@ namespace nosa::runtime {
 bool cuda_available() { return false; }
 
 void force_cuda_select_path(const std::string& path) {
-  NOSA_CHECK(path.empty() || path == "split" || path == "per-token",
-             "unknown selection path '{}' (use split, per-token or empty)", path);
+  check_select_path_name(path);
 }
 
 void set_cuda_graphs(bool) {}
