@@ -25,17 +25,11 @@ BlockCache::BlockCache(int64_t capacity, int64_t n_chunks, int64_t per_block, in
 }
 
 void BlockCache::unlink(int32_t s) {
-  SlotState& x = state_[s];
-  if (x.prev >= 0) state_[x.prev].next = x.next; else head_ = x.next;
-  if (x.next >= 0) state_[x.next].prev = x.prev; else tail_ = x.prev;
-  x.prev = x.next = -1;
+  lru_.unlink(s, [this](int32_t i) -> SlotState& { return state_[i]; });
 }
 
 void BlockCache::push_back(int32_t s) {
-  state_[s].prev = tail_;
-  state_[s].next = -1;
-  if (tail_ >= 0) state_[tail_].next = s; else head_ = s;
-  tail_ = s;
+  lru_.push_back(s, [this](int32_t i) -> SlotState& { return state_[i]; });
 }
 
 void BlockCache::acquire(const ChunkId* chunks, int64_t n, int32_t* slots,
@@ -63,7 +57,7 @@ int32_t BlockCache::touch(ChunkId chunk) {
   if (s < 0) return -1;
   SlotState& x = state_[s];
   if (x.round != round_) ++stats_.hits;
-  if (x.pins == 0 && tail_ != s) {  // pinned slots are off the LRU list
+  if (x.pins == 0 && lru_.tail != s) {  // pinned slots are off the LRU list
     unlink(s);
     push_back(s);
   }
@@ -84,7 +78,7 @@ void BlockCache::settle(const int32_t* slots, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     if (i + k_ahead < n) __builtin_prefetch(&state_[slots[i + k_ahead]]);
     const int32_t s = slots[i];
-    if (state_[s].pins == 0 && tail_ != s) {
+    if (state_[s].pins == 0 && lru_.tail != s) {
       unlink(s);
       push_back(s);
     }
@@ -102,13 +96,13 @@ int32_t BlockCache::fill(ChunkId chunk, std::vector<Load>& loads) {
   } else {
     // The least recently used unpinned slot (pinned ones are off the list). Slots used in this
     // round sit at the recent end, so if the oldest was used in this round, all were.
-    s = head_;
+    s = lru_.head;
     // Hits marked in this round but not settled yet still sit where they were: they go to the
     // recent end as they are met (in acquire() they are all there already).
     for (int64_t moved = 0; s >= 0 && state_[s].round == round_ && moved < capacity(); ++moved) {
       unlink(s);
       push_back(s);
-      s = head_;
+      s = lru_.head;
     }
     NOSA_CHECK_CODE(s >= 0 && state_[s].round != round_, ErrorCode::resource_exhausted,
                     "the GPU block cache ({} slots) cannot hold the blocks one step selects; "
@@ -158,7 +152,7 @@ void BlockCache::drop(ChunkId chunk) {
 
 std::vector<int32_t> BlockCache::lru_order() const {
   std::vector<int32_t> out;
-  for (int32_t s = head_; s >= 0; s = state_[s].next) out.push_back(s);
+  for (int32_t s = lru_.head; s >= 0; s = state_[s].next) out.push_back(s);
   return out;
 }
 

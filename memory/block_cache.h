@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "memory/fast_div.h"
+#include "memory/index_list.h"
 
 namespace nosa::memory {
 
@@ -84,10 +85,10 @@ class BlockCache {
   struct SlotState {
     uint64_t round = 0;
     int32_t pins = 0;
-    int32_t prev = -1, next = -1;  // LRU list over used unpinned slots; head_ = least recent
+    int32_t prev = -1, next = -1;  // LRU list over used unpinned slots (lru_)
   };
   std::vector<SlotState> state_;
-  int32_t head_ = -1, tail_ = -1;
+  IndexList<int32_t> lru_;  // head: least recently used
   std::vector<int32_t> free_;
   int64_t used_ = 0;
   uint64_t round_ = 1;

@@ -54,9 +54,7 @@ KvTiers::KvTiers(const TierShape& shape, const TierBudget& budget, HostAllocator
   disk_slot_of_block_.assign(shape.n_blocks, -1);
   block_of_host_slot_.assign(host_blocks, -1);
   host_slot_touched_.assign(host_blocks, 0);
-  host_prev_.assign(host_blocks, -1);
-  host_next_.assign(host_blocks, -1);
-  host_listed_.assign(host_blocks, 0);
+  host_links_.assign(host_blocks, HostLinks{});
   for (int64_t s = host_blocks - 1; s >= 0; --s) free_host_.push_back(s);
   writing_.assign(shape.n_blocks, 0);
   marks_.assign(size_t(shape.n_blocks * shape.chunks_per_block()), ChunkMark{});
@@ -68,28 +66,18 @@ KvTiers::~KvTiers() {
   std::free(bounce_);
 }
 
+// A host slot is on the list when it has a predecessor or is its head.
 void KvTiers::host_unlink(int64_t s) {
-  if (!host_listed_[s]) return;
-  if (host_prev_[s] >= 0) host_next_[host_prev_[s]] = host_next_[s]; else host_head_ = host_next_[s];
-  if (host_next_[s] >= 0) host_prev_[host_next_[s]] = host_prev_[s]; else host_tail_ = host_prev_[s];
-  host_prev_[s] = host_next_[s] = -1;
-  host_listed_[s] = 0;
+  if (host_links_[s].prev < 0 && host_lru_.head != s) return;
+  host_lru_.unlink(s, [this](int64_t i) -> HostLinks& { return host_links_[i]; });
 }
 
 void KvTiers::host_push_back(int64_t s) {
-  host_prev_[s] = host_tail_;
-  host_next_[s] = -1;
-  if (host_tail_ >= 0) host_next_[host_tail_] = s; else host_head_ = s;
-  host_tail_ = s;
-  host_listed_[s] = 1;
+  host_lru_.push_back(s, [this](int64_t i) -> HostLinks& { return host_links_[i]; });
 }
 
 void KvTiers::host_push_front(int64_t s) {
-  host_next_[s] = host_head_;
-  host_prev_[s] = -1;
-  if (host_head_ >= 0) host_prev_[host_head_] = s; else host_tail_ = s;
-  host_head_ = s;
-  host_listed_[s] = 1;
+  host_lru_.push_front(s, [this](int64_t i) -> HostLinks& { return host_links_[i]; });
 }
 
 char* KvTiers::chunk_host(int64_t host_slot, ChunkId chunk) const {
@@ -100,7 +88,7 @@ char* KvTiers::chunk_host(int64_t host_slot, ChunkId chunk) const {
 // Ticks grow with every touch, so the list's order is the order of host_slot_touched_.
 void KvTiers::touch_host(int64_t slot) {
   host_slot_touched_[slot] = ++tick_;
-  if (host_tail_ == slot) return;
+  if (host_lru_.tail == slot) return;
   host_unlink(slot);
   host_push_back(slot);
 }
@@ -114,7 +102,7 @@ int64_t KvTiers::free_host_slot() {
   }
   NOSA_ASSERT(disk_, "the host tier is full without a disk tier");
   // The coldest host block (least recently selected or written) moves to disk.
-  const int64_t victim = host_head_;
+  const int64_t victim = host_lru_.head;
   NOSA_ASSERT(victim >= 0, "the host tier is full but holds no block");
   // Blocks touched in this round are sources of loads not yet performed: perform them first.
   if (host_slot_touched_[victim] >= round_tick_ && flush_loads_ && pending_ && !pending_->empty()) {
@@ -130,7 +118,7 @@ int64_t KvTiers::free_host_slot() {
   const bool clean = block >= 0 && disk_slot_of_block_[block] >= 0;
   if (!clean && free_disk_.empty()) {
     // Disk slots held by clean host blocks are spare copies: the coldest gives its up.
-    for (int64_t s = host_head_; s >= 0; s = host_next_[s]) {
+    for (int64_t s = host_lru_.head; s >= 0; s = host_links_[s].next) {
       const int32_t b = block_of_host_slot_[s];
       if (b >= 0 && disk_slot_of_block_[b] >= 0) {
         free_disk_.push_back(disk_slot_of_block_[b]);
@@ -316,7 +304,7 @@ void KvTiers::read_back(const std::vector<BlockCache::Load>& misses) {
         free_host_.pop_back();
         host_->slot(r.host_slot);  // allocates its arena
       } else {
-        const int64_t v = host_head_;
+        const int64_t v = host_lru_.head;
         // A block touched in this round is the source of a load not yet performed: the rest
         // takes the one-at-a-time path, which performs those loads first.
         if (v < 0 || host_slot_touched_[v] >= round_tick_) break;

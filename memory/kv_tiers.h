@@ -162,9 +162,11 @@ class KvTiers {
   std::vector<int64_t> host_slot_of_block_, disk_slot_of_block_;
   std::vector<int32_t> block_of_host_slot_;
   std::vector<uint64_t> host_slot_touched_;  // for choosing the coldest host block
-  std::vector<int64_t> host_prev_, host_next_;  // recency list; head = coldest
-  std::vector<uint8_t> host_listed_;
-  int64_t host_head_ = -1, host_tail_ = -1;
+  struct HostLinks {
+    int64_t prev = -1, next = -1;
+  };
+  std::vector<HostLinks> host_links_;  // by host slot
+  IndexList<int64_t> host_lru_;        // host blocks by recency; head = coldest
   std::vector<int64_t> free_host_, free_disk_;
   std::vector<uint8_t> writing_;       // per block: pinned as a block being written
   std::vector<int32_t> step_reads_;
