@@ -305,31 +305,20 @@ TEST(CudaOps, SelectionBreaksExactTiesTowardTheLowerBlock) {
 void run_attend(const SelectCase& c, attention::Mode mode, uint64_t seed) {
   Backends b;
   const attention::SparseParams p = case_params(c);
-  const int H = 2, hq = H * c.group;
-  KvLayout L{2, H, c.d, c.block_size, c.block_size / c.kernel_stride, DType::f32};
-  const int64_t n_blocks = pool_blocks(c);
-  TwinCache cache(b, L, n_blocks);
-  cache.fill_random(b, seed, -2.0f, 1.0f);
-  StepFixture f(c.seqs, c.block_size, n_blocks, seed + 1);
-  const int64_t T = f.step.n_tokens();
-  Twin q = twin(b, host_uniform({T, hq, c.d}, seed + 2, -2, 2));
-  b.cpu->begin_step(f.step);
-  b.gpu->begin_step(f.step);
-  Twin out = outputs(b, {T, hq, c.d});
+  KvLayout L{2, 2, c.d, c.block_size, c.block_size / c.kernel_stride, DType::f32};
+  AttentionRig r(b, L, c.group, c.seqs, pool_blocks(c), seed);
   const bool nosa = mode == attention::Mode::nosa;
   if (mode == attention::Mode::dense) {
-    b.cpu->attend(1, q.cpu, 0, nullptr, false, *cache.cpu, out.cpu);
-    b.gpu->attend(1, q.gpu, 0, nullptr, false, *cache.gpu, out.gpu);
+    b.cpu->attend(1, r.q.cpu, 0, nullptr, false, *r.cache.cpu, r.out.cpu);
+    b.gpu->attend(1, r.q.gpu, 0, nullptr, false, *r.cache.gpu, r.out.gpu);
   } else {
     // The CPU's selection on both, so that the attention itself is compared.
-    Selection sc = b.cpu->select_blocks(1, mode, q.cpu, p, *cache.cpu);
-    Selection sg;
-    sg.k_max = sc.k_max;
-    sg.blocks = b.gpu->upload(sc.blocks, DType::i32);
-    b.cpu->attend(1, q.cpu, 0, &sc, nosa, *cache.cpu, out.cpu);
-    b.gpu->attend(1, q.gpu, 0, &sg, nosa, *cache.gpu, out.gpu);
+    Selection sc = b.cpu->select_blocks(1, mode, r.q.cpu, p, *r.cache.cpu);
+    Selection sg = selection_on_gpu(b, sc);
+    b.cpu->attend(1, r.q.cpu, 0, &sc, nosa, *r.cache.cpu, r.out.cpu);
+    b.gpu->attend(1, r.q.gpu, 0, &sg, nosa, *r.cache.gpu, r.out.gpu);
   }
-  expect_close(b, out.cpu, out.gpu, k_tol,
+  expect_close(b, r.out.cpu, r.out.gpu, k_tol,
                std::string("attend ") + c.name + " " + attention::mode_name(mode));
 }
 

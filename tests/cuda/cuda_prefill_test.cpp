@@ -89,18 +89,13 @@ Tensor made_selection(const runtime::StepBatch& step, int H, int block_size, int
 
 void run_prefill(const PrefillCase& c, Attend how, uint64_t seed) {
   Backends b;
-  const int H = 2, hq = H * c.group;
+  const int H = 2;
   // Four compressed keys per block (kernel stride block_size / 4), for the CPU's selections.
   KvLayout L{2, H, c.d, c.block_size, 4, DType::f32};
-  const int64_t n_blocks = pool_blocks(c);
-  TwinCache cache(b, L, n_blocks);
-  cache.fill_random(b, seed, -2.0f, 1.0f);
-  StepFixture f(c.seqs, c.block_size, n_blocks, seed + 1);
-  const int64_t T = f.step.n_tokens();
-  Twin q = twin(b, host_uniform({T, hq, c.d}, seed + 2, -2, 2));
-  b.cpu->begin_step(f.step);
-  b.gpu->begin_step(f.step);
-  Twin out = outputs(b, {T, hq, c.d});
+  AttentionRig r(b, L, c.group, c.seqs, pool_blocks(c), seed);
+  const StepFixture& f = r.f;
+  Twin &q = r.q, &out = r.out;
+  TwinCache& cache = r.cache;
   const std::string what = std::string("prefill ") + c.name + " " + attend_name(how);
   if (how == Attend::dense || how == Attend::dense_bias) {
     const bool bias = how == Attend::dense_bias;
@@ -129,9 +124,7 @@ void run_prefill(const PrefillCase& c, Attend how, uint64_t seed) {
       sc.blocks = b.cpu->upload(
           made_selection(f.step, H, c.block_size, sc.k_max, how, seed + 3), DType::i32);
     }
-    Selection sg;
-    sg.k_max = sc.k_max;
-    sg.blocks = b.gpu->upload(b.cpu->to_host(sc.blocks), DType::i32);
+    Selection sg = selection_on_gpu(b, sc);
     const bool bias = how != Attend::infllmv2;
     b.cpu->attend(1, q.cpu, 0, &sc, bias, *cache.cpu, out.cpu);
     b.gpu->attend(1, q.gpu, 0, &sg, bias, *cache.gpu, out.gpu);

@@ -129,4 +129,23 @@ std::pair<int64_t, int64_t> selection_mismatches(Backends& b, const runtime::Sel
   return {bad, n};
 }
 
+AttentionRig::AttentionRig(Backends& b, const runtime::KvLayout& layout, int group,
+                           const std::vector<std::pair<int64_t, int64_t>>& seqs,
+                           int64_t n_blocks, uint64_t seed)
+    : cache(b, layout, n_blocks), f(seqs, layout.block_size, n_blocks, seed + 1) {
+  cache.fill_random(b, seed, -2.0f, 1.0f);
+  const int64_t T = f.step.n_tokens(), hq = int64_t(layout.n_kv_heads) * group;
+  q = twin(b, host_uniform({T, hq, layout.head_dim}, seed + 2, -2, 2));
+  b.cpu->begin_step(f.step);
+  b.gpu->begin_step(f.step);
+  out = outputs(b, {T, hq, layout.head_dim});
+}
+
+runtime::Selection selection_on_gpu(Backends& b, const runtime::Selection& cpu) {
+  runtime::Selection g;
+  g.k_max = cpu.k_max;
+  g.blocks = b.gpu->upload(b.cpu->to_host(cpu.blocks), DType::i32);
+  return g;
+}
+
 }  // namespace nosa::test

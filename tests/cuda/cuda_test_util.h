@@ -69,6 +69,21 @@ struct TwinCache {
   void fill_random(Backends& b, uint64_t seed, float bias_lo = -1.0f, float bias_hi = 1.0f);
 };
 
+// The inputs of an attention comparison on one step: a twin KV cache (2 layers, `layout`'s KV
+// heads) with random contents, the step over `seqs`, random queries [T, KV heads x group, d] and
+// poisoned outputs of that shape; both backends have begun the step.
+struct AttentionRig {
+  TwinCache cache;
+  StepFixture f;
+  Twin q, out;
+  AttentionRig(Backends& b, const runtime::KvLayout& layout, int group,
+               const std::vector<std::pair<int64_t, int64_t>>& seqs, int64_t n_blocks,
+               uint64_t seed);
+};
+
+// A CPU selection's copy on the GPU (so that both backends attend over the same blocks).
+runtime::Selection selection_on_gpu(Backends& b, const runtime::Selection& cpu);
+
 // The validated sparse parameters of a test case (any struct with block_size, kernel_size,
 // kernel_stride, window, topk and select).
 template <class Case>
