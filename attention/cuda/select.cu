@@ -71,6 +71,13 @@ __device__ int compact_flags(const int* flag, int nb, int32_t* out, int* warp_co
   return base;
 }
 
+// A token that takes every block of its context (all, in nosa.md's terms): blocks 0..nb-1 in
+// order, -1 padded to k_max; the calling threads write entries first, first + step, ...
+__device__ __forceinline__ void select_every_block(int32_t* out, int nb, int k_max, int first,
+                                                   int step) {
+  for (int i = first; i < k_max; i += step) out[i] = i < nb ? i : -1;
+}
+
 // Pooling (nosa.md): a block that is not forced scores the largest S over its keys and the key
 // before them (keys m b - 1 .. m b + m - 1 of the n), and with NOSA the largest window score over
 // the same keys; forced blocks (the first init_blocks, the last local_blocks up to the query's
@@ -96,6 +103,22 @@ __device__ __forceinline__ void pool_block(const SparseView& p, int b, int m, in
   }
 }
 
+struct TokenSel {
+  int pos, qb, nb, n;
+  bool all;
+};
+
+__device__ __forceinline__ TokenSel token_sel(const SelectArgs& a, int t) {
+  TokenSel s;
+  const SparseView& p = a.p;
+  s.pos = a.step.positions[t];
+  s.qb = s.pos / p.block_size;
+  s.nb = s.qb + 1;
+  s.n = compressed_count(s.pos, p.kernel_size, p.kernel_stride);
+  s.all = a.mode == SelectMode::dense || s.pos + 1 < p.dense_len || s.nb <= p.topk;
+  return s;
+}
+
 // Logits go to shared memory when lg_smem (else to the global scratch).
 template <int D>
 __global__ void __launch_bounds__(k_threads, 1) select_kernel(SelectArgs a, int token_begin,
@@ -107,13 +130,11 @@ __global__ void __launch_bounds__(k_threads, 1) select_kernel(SelectArgs a, int 
   const int H = kv.n_kv_heads, m = kv.keys_per_block, G = a.group;
   constexpr int d = D;
   const SparseView& p = a.p;
-  const int pos = a.step.positions[t];
-  const int qb = pos / p.block_size, nb = qb + 1;
+  const TokenSel ts = token_sel(a, t);
+  const int qb = ts.qb, nb = ts.nb;
   int32_t* out = a.out + (int64_t(t) * H + h) * a.k_max;
-
-  const bool all = a.mode == SelectMode::dense || pos + 1 < p.dense_len || nb <= p.topk;
-  if (all) {
-    for (int i = threadIdx.x; i < a.k_max; i += blockDim.x) out[i] = i < nb ? i : -1;
+  if (ts.all) {
+    select_every_block(out, nb, a.k_max, threadIdx.x, blockDim.x);
     return;
   }
 
@@ -138,7 +159,7 @@ __global__ void __launch_bounds__(k_threads, 1) select_kernel(SelectArgs a, int 
     sh.lg = lg_smem ? reinterpret_cast<float*>(take(sizeof(float) * G * a.n_max)) : nullptr;
   }
 
-  const int n = compressed_count(pos, p.kernel_size, p.kernel_stride);
+  const int n = ts.n;
   const int seq = a.step.token_seq[t];
   const int32_t* table = a.step.block_table + int64_t(seq) * a.step.bt_stride;
   const bf16* q = static_cast<const bf16*>(a.q) + (int64_t(t) * H * G + int64_t(h) * G) * d;
@@ -378,22 +399,6 @@ size_t pool_smem(const SplitLayout& L, int G, int m) {
 size_t topk_smem(int nb_max) {
   return sizeof(uint32_t) * 2 * size_t(nb_max) + sizeof(int) * size_t(nb_max) +
          sizeof(int) * (256 + k_topk_warps + 4);
-}
-
-struct TokenSel {
-  int pos, qb, nb, n;
-  bool all;
-};
-
-__device__ __forceinline__ TokenSel token_sel(const SelectArgs& a, int t) {
-  TokenSel s;
-  const SparseView& p = a.p;
-  s.pos = a.step.positions[t];
-  s.qb = s.pos / p.block_size;
-  s.nb = s.qb + 1;
-  s.n = compressed_count(s.pos, p.kernel_size, p.kernel_stride);
-  s.all = a.mode == SelectMode::dense || s.pos + 1 < p.dense_len || s.nb <= p.topk;
-  return s;
 }
 
 // Keys [j0, j0 + 64 K) of head h0..h0 + 7 (NH of them, all 8 when FULL): acc[k][hh] += the dot
@@ -764,7 +769,7 @@ __global__ void __launch_bounds__(k_topk_threads) split_topk(SelectArgs a, Split
   int32_t* out = a.out + th * a.k_max;
   const int nb = s.nb;
   if (s.all) {
-    for (int i = threadIdx.x; i < a.k_max; i += blockDim.x) out[i] = i < nb ? i : -1;
+    select_every_block(out, nb, a.k_max, threadIdx.x, blockDim.x);
     return;
   }
   const TopkLayout tl = topk_layout(st, a.nb_max);
@@ -812,7 +817,7 @@ __global__ void __launch_bounds__(k_topk_threads) split_finish(SelectArgs a, Spl
   int32_t* out = a.out + th * a.k_max;
   const int nb = s.nb;
   if (s.all) {
-    for (int i = threadIdx.x; i < a.k_max; i += blockDim.x) out[i] = i < nb ? i : -1;
+    select_every_block(out, nb, a.k_max, threadIdx.x, blockDim.x);
     return;
   }
   const int nm = a.n_max > 0 ? a.n_max : 1;
@@ -1278,7 +1283,7 @@ __global__ void __launch_bounds__(k_tile_threads, 1)
     int32_t* out = a.out + (int64_t(t) * H + h) * a.k_max;
     const int qb = tpos[i] / p.block_size, nb = qb + 1, n = tn[i];
     if (tall[i]) {
-      for (int b = lane; b < a.k_max; b += 32) out[b] = b < nb ? b : -1;
+      select_every_block(out, nb, a.k_max, lane, 32);
       continue;
     }
     const float* S = lg + int64_t(i) * G * ns;
