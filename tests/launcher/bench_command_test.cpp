@@ -304,21 +304,22 @@ TEST(BenchCommand, SmokeSuiteWritesJsonCsvAndPlotsThatDecode) {
 
 // ---- reports from result files ------------------------------------------------------------------
 
+// One decode row of a result file: nosa-8b-like, B=64, 16K, KV in HBM, at tok_s tokens/s.
+nlohmann::json decode_result(const char* mode, int tp, double tok_s) {
+  return nlohmann::json{{"suite", "decode"},      {"shape", "nosa-8b-like"}, {"mode", mode},
+                        {"batch", 64},            {"context", 16384},        {"tp", tp},
+                        {"offload", "none"},      {"tokens_per_s", tok_s},
+                        {"step_ms_median", 64e3 / tok_s}};
+}
+
 TEST(BenchCommand, ReportFromFilesPlotsGpuScalingAndChecksTargets) {
   TempDir dir;
   // Two runs of a JSONL file (TP = 1 and 2) whose commands are in a log, as on the GPU machines,
   // and a peer file.
   auto decode_row = [](const char* mode, int tp, double tok_s, double ratio) {
-    return nlohmann::json{{"suite", "decode"},
-                          {"shape", "nosa-8b-like"},
-                          {"mode", mode},
-                          {"batch", 64},
-                          {"context", 16384},
-                          {"tp", tp},
-                          {"offload", "none"},
-                          {"tokens_per_s", tok_s},
-                          {"step_ms_median", 64e3 / tok_s},
-                          {"ratio_to_floor", ratio}};
+    nlohmann::json r = decode_result(mode, tp, tok_s);
+    r["ratio_to_floor"] = ratio;
+    return r;
   };
   nlohmann::json run1 = {
       {"commit", "unknown"},
@@ -384,17 +385,10 @@ TEST(BenchCommand, ReportFromPeersComparesAttentionWithSdpaAndShowsScalingAndKvO
   using nlohmann::json;
   auto decode_row = [](const char* mode, int tp, double tok_s, double attn_ms,
                        const char* label = "") {
-    return json{{"suite", "decode"},
-                {"shape", "nosa-8b-like"},
-                {"mode", mode},
-                {"batch", 64},
-                {"context", 16384},
-                {"tp", tp},
-                {"offload", "none"},
-                {"tokens_per_s", tok_s},
-                {"label", label},
-                {"step_ms_median", 64e3 / tok_s},
-                {"attention_ms_median", attn_ms}};
+    json r = decode_result(mode, tp, tok_s);
+    r["label"] = label;
+    r["attention_ms_median"] = attn_ms;
+    return r;
   };
   const json machine = {{"backend", "cuda:0 (GPU)"}, {"gpu", "4 x NVIDIA H200"}, {"gpus", 4}};
   // bench.jsonl as scripts/gpu-report-run.sh writes it: decode (one GPU), prefill, the scaling
