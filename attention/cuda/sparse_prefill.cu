@@ -507,6 +507,12 @@ cudaError_t launch(const PrefillArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
+size_t prefill_shared_bytes(int head_dim, int nb_max) {
+  return head_dim == 64 ? shared_bytes<64>(nb_max) : shared_bytes<128>(nb_max);
+}
+
+size_t prefill_shared_limit() { return max_shared_bytes(); }
+
 int prefill_tile_tokens(int group) {
   return group >= k_rows ? 1 : std::min(k_max_tile_tokens, k_rows / group);
 }

@@ -41,6 +41,10 @@ struct PrefillArgs {
 
 // Tokens per tile: 128 rows / group, at most 64 (one bit per token in the key masks).
 int prefill_tile_tokens(int group);
+// Shared memory the kernel needs for tiles whose tokens reach block nb_max - 1 (the block list
+// grows with the context), and what this device allows a thread block.
+size_t prefill_shared_bytes(int head_dim, int nb_max);
+size_t prefill_shared_limit();
 cudaError_t launch_sparse_prefill(const PrefillArgs& args, cudaStream_t stream);
 
 }  // namespace nosa::attention::cuda

@@ -712,6 +712,12 @@ class CudaBackend final : public Backend {
       a.n_tiles = plan.n_tiles;
       a.nb_max = plan.prefill_nb_max;
       a.out = out.raw();
+      const size_t need = acu::prefill_shared_bytes(L.head_dim, a.nb_max),
+                   limit = acu::prefill_shared_limit();
+      NOSA_CHECK_CODE(need <= limit, ErrorCode::invalid_argument,
+                      "prefill attention over {} blocks needs {} KiB of shared memory per thread "
+                      "block; this GPU allows {} KiB: use shorter contexts or larger KV blocks",
+                      a.nb_max, need >> 10, limit >> 10);
       NOSA_CUDA_CHECK(acu::launch_sparse_prefill(a, stream_));
     }
     if (slice) {
