@@ -18,50 +18,27 @@ constexpr int k_warp_rows = 32;                // two m16 tiles
 constexpr int k_rows = k_warps * k_warp_rows;  // rows of a tile
 constexpr int k_max_tile_tokens = 64;          // one bit per token in the key masks
 constexpr int k_keys = 64;                     // keys per stage
-constexpr int k_no_key = INT_MAX;              // position of a key past the list's end
 constexpr float k_log2e = 1.4426950408889634f;
 
-// Shared memory: the tile's Q rows, one stage of keys and one of values (the values of a stage
-// load while its keys are multiplied, the next keys while its values are), the stage's per-key
-// data, then the tile's block list. About 70 KB with D = 128, so that two tiles share an SM
-// (their registers fill it) and the block list of long prompts still fits beside them.
-template <int D>
+// Shared memory: the tile's Q rows, a ring of Slots buffers of 64 key or value rows, two stages
+// of eviction scores, then the tile's block list. A stage is two halves (its keys, then its
+// values); the half that is Slots - 1 halves ahead loads while one is used. Three slots (about
+// 85 KB with D = 128) load each half a whole stage ahead, so that the barriers rarely wait for
+// memory, and still let two tiles share an SM (their registers fill it); two slots (about 70 KB)
+// are for block lists too long for that.
+template <int D, int Slots>
 struct PrefillLayout {
   static constexpr int lds = D + 8;  // padded row (elements): conflict-free ldmatrix
   static constexpr int q_bytes = k_rows * lds * 2;
-  static constexpr int kv_bytes = k_keys * lds * 2;
-  static constexpr int k_offset = q_bytes;
-  static constexpr int v_offset = k_offset + kv_bytes;
-  // Per key: eviction score (f32), position (i32), mask of the tile tokens that selected it (u64).
-  static constexpr int bias_offset = v_offset + kv_bytes;
-  static constexpr int pos_offset = bias_offset + k_keys * 4;
-  static constexpr int mask_offset = pos_offset + k_keys * 4;
-  static constexpr int fixed_bytes = mask_offset + k_keys * 8;
+  static constexpr int slot_bytes = k_keys * lds * 2;
+  static constexpr int slot_offset = q_bytes;
+  static constexpr int bias_offset = slot_offset + Slots * slot_bytes;  // [2][k_keys] f32
+  static constexpr int fixed_bytes = bias_offset + 2 * k_keys * 4;
 };
 
-// The views of a tile's shared memory.
-template <int D>
-struct PrefillSmem {
-  bf16* q;
-  bf16* k;
-  bf16* v;
-  float* bias;     // [64] the stage's keys' eviction scores (loaded only with the bias)
-  int* pos;        // [64] the stage's key positions (k_no_key past the end)
-  uint64_t* mask;  // [64] which tile tokens selected each key's block
-  __device__ explicit PrefillSmem(unsigned char* base) {
-    using L = PrefillLayout<D>;
-    q = reinterpret_cast<bf16*>(base);
-    k = reinterpret_cast<bf16*>(base + L::k_offset);
-    v = reinterpret_cast<bf16*>(base + L::v_offset);
-    bias = reinterpret_cast<float*>(base + L::bias_offset);
-    pos = reinterpret_cast<int*>(base + L::pos_offset);
-    mask = reinterpret_cast<uint64_t*>(base + L::mask_offset);
-  }
-};
-
-__device__ __forceinline__ void cp_async16_or_zero(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)),
-               "l"(gmem), "r"(valid ? 16 : 0));
+__device__ __forceinline__ void cp_async16_or_zero(uint32_t smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem),
+               "r"(valid ? 16 : 0));
 }
 
 // ldmatrix on 32-bit shared-memory addresses: the kernel keeps its addresses in 32 bits, which
@@ -83,82 +60,109 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// Issues the cp.async loads of one half (K or V rows) of stage s: keys [64 s, 64 s + 64) of the
-// tile's block list laid end to end, zero-filled past the list's end. half_offset: 0 for keys,
-// block_size * D for values (a chunk holds its keys, then its values).
+// Where the keys of a stage are in the tile's block list (its entries laid end to end). Block
+// sizes are 16, 32 or multiples of 64, so with sub = min(block_size, 64) (a power of two) key x
+// (0..63) of the stage is offset w0 + (x & (sub - 1)) of entry e0 + x / sub: shifts and masks
+// instead of a division per key row, which used to cost more instructions than the MMAs' issue.
+// Rows 8 apart in one block are rows of one entry, so both keys of a thread's pair are too.
+struct StageKeys {
+  int begin;  // first key (64 s)
+  int e0;     // its entry
+  int w0;     // its offset in that entry's block
+};
+
+__device__ __forceinline__ StageKeys stage_keys(int s, int bs) {
+  StageKeys k;
+  k.begin = s * k_keys;
+  k.e0 = k.begin / bs;
+  k.w0 = k.begin - k.e0 * bs;
+  return k;
+}
+
+__device__ __forceinline__ void cp_async16_u32(uint32_t smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem));
+}
+
+// Issues the cp.async loads of one half (K or V rows) of a stage into dst: keys [64 s, 64 s + 64)
+// of the tile's block list, zero-filled past the list's end. base: the cache's keys or values
+// (a chunk holds its keys, then its values). A thread loads one 16-byte column c of rows r0,
+// r0 + step, ...: rows step apart from r0 < step <= 16 stay in one entry exactly when rows step
+// apart from 0 do, so the entries and offsets come from j alone.
 template <int D>
-__device__ __forceinline__ void load_rows(bf16* dst, const KvView& kv, int s, int total_keys,
-                                          int64_t half_offset, const int* uchunk) {
-  constexpr int segs = D / 8, lds = PrefillLayout<D>::lds;
-  const int bs = kv.block_size;
-  const bf16* base = static_cast<const bf16*>(kv.kv) + half_offset;
-  const int c = threadIdx.x % segs;
+__device__ __forceinline__ void load_rows(uint32_t dst, const bf16* base, int chunk_elems,
+                                          const StageKeys& sk, int lg, int total_keys,
+                                          const int* uchunk) {
+  constexpr int segs = D / 8, lds = D + 8, step = k_threads / segs;
+  const int c = threadIdx.x % segs, r0 = threadIdx.x / segs;
+  const uint32_t d0 = dst + (r0 * lds + c * 8) * 2;
+  const int in_row = r0 * D + c * 8;
+  if (lg == 6 && sk.begin + k_keys <= total_keys) {
+    // Blocks of 64 keys or more: the whole stage lies in one block, its rows D apart.
+    const bf16* src = base + int64_t(uchunk[sk.e0]) * chunk_elems + (sk.w0 * D + in_row);
 #pragma unroll
-  for (int r = threadIdx.x / segs; r < k_keys; r += k_threads / segs) {
-    const int kk = s * k_keys + r;
-    const bool valid = kk < total_keys;
-    int64_t off = 0;
-    if (valid) {
-      const int e = kk / bs;
-      off = (int64_t(uchunk[e]) * 2 * bs + (kk - e * bs)) * D + c * 8;
-    }
-    cp_async16_or_zero(dst + r * lds + c * 8, base + off, valid);
+    for (int j = 0; j < k_keys / step; ++j)
+      cp_async16_u32(d0 + j * step * lds * 2, src + j * step * D);
+    return;
+  }
+  const int sub_mask = (1 << lg) - 1;
+#pragma unroll
+  for (int j = 0; j < k_keys / step; ++j) {
+    const bool valid = sk.begin + r0 + j * step < total_keys;
+    const bf16* src = base;
+    if (valid)
+      src = base + int64_t(uchunk[sk.e0 + ((j * step) >> lg)]) * chunk_elems +
+            ((sk.w0 + ((j * step) & sub_mask)) * D + in_row);
+    cp_async16_or_zero(d0 + j * step * lds * 2, src, valid);
   }
 }
 
-// The per-key data of stage s: the eviction scores (cp.async, with the bias), positions and token
-// masks (plain stores).
-template <int D>
-__device__ __forceinline__ void load_key_data(const PrefillSmem<D>& sm, const KvView& kv, int s,
-                                              int total_keys, bool use_bias, const int* uchunk,
-                                              const int* ulist, const uint64_t* umask) {
-  const int bs = kv.block_size;
-  if (use_bias && threadIdx.x < k_keys / 4) {
-    // Four keys at a time: block sizes are multiples of 16, so a group never spans two blocks.
-    const int kk = s * k_keys + 4 * threadIdx.x;
-    const bool valid = kk < total_keys;
-    int64_t off = 0;
-    if (valid) {
-      const int e = kk / bs;
-      off = int64_t(uchunk[e]) * bs + (kk - e * bs);
-    }
-    cp_async16_or_zero(sm.bias + 4 * threadIdx.x, kv.bias + off, valid);
-  }
-  if (threadIdx.x < k_keys) {
-    const int kk = s * k_keys + threadIdx.x;
-    if (kk < total_keys) {
-      const int e = kk / bs;
-      sm.pos[threadIdx.x] = ulist[e] * bs + (kk - e * bs);
-      sm.mask[threadIdx.x] = umask[e];
-    } else {
-      sm.pos[threadIdx.x] = k_no_key;
-      sm.mask[threadIdx.x] = 0;
-    }
+// The stage's eviction scores, four keys per thread (a group of four never spans two blocks).
+__device__ __forceinline__ void load_bias(float* dst, const KvView& kv, const StageKeys& sk,
+                                          int lg, int total_keys, const int* uchunk) {
+  if (threadIdx.x < k_keys / 4) {
+    const int x = 4 * threadIdx.x;
+    const bool valid = sk.begin + x < total_keys;
+    const float* src = kv.bias;
+    if (valid)
+      src = kv.bias + int64_t(uchunk[sk.e0 + (x >> lg)]) * kv.block_size +
+            (sk.w0 + (x & ((1 << lg) - 1)));
+    cp_async16_or_zero(smem_u32(dst + x), src, valid);
   }
 }
 
 // A thread's share of its warp's 32 rows: m16 tile mi, half (rows lane/4 and lane/4 + 8).
 template <int D>
 struct RowState {
-  float m[2][2];  // running max, log2 units
+  float m[2][2];  // running max of the scores (S, unscaled)
   float l[2][2];  // this thread's partial sum
   float o[2][D / 8][4];
 };
 
 // S = Q K^T for a warp's 32 rows and the 64 keys of the stage: per 16 dims, the two Q fragments
-// and, per 16 keys, one K fragment for 4 MMAs.
-template <int D>
-__device__ __forceinline__ void warp_scores(const PrefillSmem<D>& sm, float (&s)[2][8][4]) {
-  constexpr int lds = PrefillLayout<D>::lds;
+// and, per 16 keys, one K fragment for 4 MMAs. With the bias the accumulators start at
+// bias / scale, so that S * scale is the logit with its bias and the softmax is the same with or
+// without it (adding the bias there took registers the accumulators need).
+template <int D, bool Bias>
+__device__ __forceinline__ void warp_scores(uint32_t q_smem, uint32_t k_smem, const float* bias,
+                                            float inv_scale, float (&s)[2][8][4]) {
+  constexpr int lds = D + 8;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
+  for (int nt = 0; nt < 8; ++nt) {
+    float2 b = make_float2(0.0f, 0.0f);
+    if (Bias) {
+      b = *reinterpret_cast<const float2*>(bias + nt * 8 + 2 * (lane & 3));
+      b.x *= inv_scale;
+      b.y *= inv_scale;
+    }
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) s[mi][nt][0] = s[mi][nt][1] = s[mi][nt][2] = s[mi][nt][3] = 0;
-  const uint32_t qp =
-      smem_u32(sm.q) + ((warp * k_warp_rows + (lane & 15)) * lds + (lane >> 4) * 8) * 2;
-  const uint32_t kp =
-      smem_u32(sm.k) + (((lane & 7) + ((lane >> 4) << 3)) * lds + ((lane >> 3) & 1) * 8) * 2;
+    for (int mi = 0; mi < 2; ++mi) {
+      s[mi][nt][0] = s[mi][nt][2] = b.x;
+      s[mi][nt][1] = s[mi][nt][3] = b.y;
+    }
+  }
+  const uint32_t qp = q_smem + ((warp * k_warp_rows + (lane & 15)) * lds + (lane >> 4) * 8) * 2;
+  const uint32_t kp = k_smem + (((lane & 7) + ((lane >> 4) << 3)) * lds + ((lane >> 3) & 1) * 8) * 2;
 #pragma unroll
   for (int ks = 0; ks < D / 16; ++ks) {
     uint32_t qa[2][4];
@@ -176,16 +180,26 @@ __device__ __forceinline__ void warp_scores(const PrefillSmem<D>& sm, float (&s)
   }
 }
 
+// What the masked path needs to know of the tile and the stage.
+struct MaskView {
+  const int* tok_pos;      // [tile tokens] positions
+  const int* ulist;        // [entries] blocks
+  const uint64_t* umask;   // [entries] tile tokens that selected each
+  StageKeys sk;
+  int n_keys, e_last;  // keys in the stage (64 but in the last), the entry of its last key
+  int lg, bs, group, tile_tokens;
+};
+
 // The online-softmax update of a warp's 32 rows with the stage's scores s, then O += P V.
 // Masked: each key is kept per row only if the row's token selected the key's block and the key
-// is not after the token; otherwise every key is visible to every row (the caller checked), and
-// only the bias is added.
+// is not after the token; otherwise every key is visible to every row (the caller checked).
+// The maxima are taken on the scores (the scale is positive) and each exponent is one FMA,
+// s * scale_log2 - m * scale_log2.
 template <int D, bool Masked>
-__device__ __forceinline__ void warp_softmax_values(const PrefillSmem<D>& sm, float (&s)[2][8][4],
-                                                    float scale_log2, bool use_bias, int group,
-                                                    int tile_tokens, const int* tok_pos,
+__device__ __forceinline__ void warp_softmax_values(uint32_t v_smem, float (&s)[2][8][4],
+                                                    float scale_log2, const MaskView& mv,
                                                     RowState<D>& acc) {
-  constexpr int lds = PrefillLayout<D>::lds;
+  constexpr int lds = D + 8;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t4 = lane & 3;
   // The rows' tokens and positions, worked out here rather than kept in registers across stages
   // (the accumulators need them all).
@@ -195,49 +209,46 @@ __device__ __forceinline__ void warp_softmax_values(const PrefillSmem<D>& sm, fl
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int ti = (warp * k_warp_rows + mi * 16 + half * 8 + (lane >> 2)) / group;
-        const bool valid = ti < tile_tokens;
+        const int ti = (warp * k_warp_rows + mi * 16 + half * 8 + (lane >> 2)) / mv.group;
+        const bool valid = ti < mv.tile_tokens;
         row_tok[mi][half] = valid ? ti : 0;
-        row_pos[mi][half] = valid ? tok_pos[ti] : -1;  // sees no key
+        row_pos[mi][half] = valid ? mv.tok_pos[ti] : -1;  // sees no key
       }
   }
 
-  // Logits in log2 units (the bias is added after the 1/sqrt(d) scaling), masked keys -inf.
   float mx[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};
 #pragma unroll
   for (int nt = 0; nt < 8; ++nt) {
-    const int key = nt * 8 + 2 * t4;
-    float2 add = make_float2(0.0f, 0.0f);
-    if (use_bias) {
-      add = *reinterpret_cast<const float2*>(sm.bias + key);
-      add.x *= k_log2e;
-      add.y *= k_log2e;
-    }
-    int2 kpos = make_int2(0, 0);
-    ulonglong2 kmask = make_ulonglong2(0, 0);
+    uint64_t km = 0;
+    int kpos = 0;
     if (Masked) {
-      kpos = *reinterpret_cast<const int2*>(sm.pos + key);
-      kmask = *reinterpret_cast<const ulonglong2*>(sm.mask + key);
+      // The 8 keys nt * 8.. lie in one entry (blocks of at least 16 keys); past the list's end
+      // (the last stage of blocks under 64 keys) no token sees them.
+      const int x = nt * 8, e = min(mv.sk.e0 + (x >> mv.lg), mv.e_last);
+      km = x < mv.n_keys ? mv.umask[e] : 0;
+      kpos = mv.ulist[e] * mv.bs + mv.sk.w0 + (x & ((1 << mv.lg) - 1)) + 2 * t4;
     }
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int half = i >> 1;
-        float x = s[mi][nt][i] * scale_log2 + ((i & 1) ? add.y : add.x);
-        if (Masked) {
-          const uint64_t km = (i & 1) ? kmask.y : kmask.x;
-          const int kq = (i & 1) ? kpos.y : kpos.x;
-          const bool keep = ((km >> row_tok[mi][half]) & 1) && kq <= row_pos[mi][half];
-          x = keep ? x : -INFINITY;
+      for (int half = 0; half < 2; ++half) {
+        bool sel = true;
+        if (Masked) sel = (km >> row_tok[mi][half]) & 1;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int i = 2 * half + j;
+          float x = s[mi][nt][i];
+          if (Masked) x = (sel && kpos + j <= row_pos[mi][half]) ? x : -INFINITY;
+          s[mi][nt][i] = x;
+          mx[mi][half] = fmaxf(mx[mi][half], x);
         }
-        s[mi][nt][i] = x;
-        mx[mi][half] = fmaxf(mx[mi][half], x);
       }
   }
 
-  // Online softmax: rescale the running state to the new row maxima.
-  float m_use[2][2];
+  // Online softmax: the new row maxima; the running state is rescaled only when one of the
+  // warp's maxima moved (late in a long row they rarely do).
+  float neg_m[2][2], alpha[2][2];
+  bool moved = false;
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
@@ -245,32 +256,43 @@ __device__ __forceinline__ void warp_softmax_values(const PrefillSmem<D>& sm, fl
       float v = mx[mi][half];
       v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
       v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-      const float m_new = fmaxf(acc.m[mi][half], v);
+      const float m_old = acc.m[mi][half];
+      const float m_new = fmaxf(m_old, v);
       // A row with nothing visible so far keeps m = -inf; exponents then use 0 (no NaN).
-      m_use[mi][half] = m_new == -INFINITY ? 0.0f : m_new;
-      const float alpha = fast_exp2(acc.m[mi][half] - m_use[mi][half]);
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+      alpha[mi][half] = fast_exp2((m_old - m_use) * scale_log2);
+      moved |= m_new != m_old;
       acc.m[mi][half] = m_new;
-      acc.l[mi][half] *= alpha;
-#pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        acc.o[mi][dn][2 * half] *= alpha;
-        acc.o[mi][dn][2 * half + 1] *= alpha;
-      }
+      neg_m[mi][half] = -m_use * scale_log2;
     }
+  if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float al = alpha[mi][half];
+        acc.l[mi][half] *= al;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) {
+          acc.o[mi][dn][2 * half] *= al;
+          acc.o[mi][dn][2 * half + 1] *= al;
+        }
+      }
+  }
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const float p = fast_exp2(s[mi][nt][i] - m_use[mi][i >> 1]);
+        const float x = s[mi][nt][i];
+        const float p = fast_exp2(fmaf(x, scale_log2, neg_m[mi][i >> 1]));
         s[mi][nt][i] = p;
         acc.l[mi][i >> 1] += p;
       }
 
   // O += P V: per 16 keys, the two P fragments and, per 16 dims, one V fragment for 4 MMAs.
-  const uint32_t vp =
-      smem_u32(sm.v) + (((lane & 7) + ((lane >> 3) & 1) * 8) * lds + (lane >> 4) * 8) * 2;
+  const uint32_t vp = v_smem + (((lane & 7) + ((lane >> 3) & 1) * 8) * lds + (lane >> 4) * 8) * 2;
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
     uint32_t pa[2][4];
@@ -294,9 +316,9 @@ __device__ __forceinline__ void warp_softmax_values(const PrefillSmem<D>& sm, fl
 }
 
 // grid (n_tiles * H), 4 warps of 32 rows; row r = token r / group, head r % group.
-template <int D>
+template <int D, int Slots, bool Bias>
 __global__ void __launch_bounds__(k_threads, 2) prefill_kernel(PrefillArgs a) {
-  using Layout = PrefillLayout<D>;
+  using Layout = PrefillLayout<D, Slots>;
   constexpr int lds = Layout::lds;
   extern __shared__ __align__(16) unsigned char smem[];
   const KvView& kv = a.kv;
@@ -309,15 +331,18 @@ __global__ void __launch_bounds__(k_threads, 2) prefill_kernel(PrefillArgs a) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int32_t* table = a.step.block_table + int64_t(tile.seq) * a.step.bt_stride;
 
-  const PrefillSmem<D> sm(smem);
+  bf16* q_s = reinterpret_cast<bf16*>(smem);
+  const uint32_t q_smem = smem_u32(smem);
+  const uint32_t slot_smem = q_smem + Layout::slot_offset;
+  float* bias_s = reinterpret_cast<float*>(smem + Layout::bias_offset);    // [2][64]
   uint64_t* umask = reinterpret_cast<uint64_t*>(smem + Layout::fixed_bytes);  // [nb_max]
   int* uchunk = reinterpret_cast<int*>(umask + a.nb_max);                // [nb_max]
   int* ulist = uchunk + a.nb_max;                                        // [nb_max]
   int* tok_pos = ulist + a.nb_max;                                       // [64]
   int* warp_count = tok_pos + k_max_tile_tokens;                         // [k_warps]
 
-  // The tile's query rows into shared memory, zero past the tile's tokens; their cp.async group
-  // completes with the first stage's keys.
+  // The tile's query rows into shared memory, zero past the tile's tokens: their own cp.async
+  // group, the oldest, complete by the first stage's keys.
   const bf16* qbase = static_cast<const bf16*>(a.q);
   constexpr int segs = D / 8;
   for (int i = threadIdx.x; i < k_rows * segs; i += k_threads) {
@@ -325,8 +350,9 @@ __global__ void __launch_bounds__(k_threads, 2) prefill_kernel(PrefillArgs a) {
     const bool valid = ti < tile.count;
     const bf16* src =
         valid ? qbase + ((int64_t(tile.first + ti) * H + h) * G + r % G) * D + c * 8 : qbase;
-    cp_async16_or_zero(sm.q + r * lds + c * 8, src, valid);
+    cp_async16_or_zero(smem_u32(q_s + r * lds + c * 8), src, valid);
   }
+  cp_async_commit();
 
   for (int i = threadIdx.x; i < tile.count; i += k_threads)
     tok_pos[i] = a.step.positions[tile.first + i];
@@ -382,12 +408,32 @@ __global__ void __launch_bounds__(k_threads, 2) prefill_kernel(PrefillArgs a) {
     uchunk[e] = int(kv_slot(kv, table[ulist[e]], a.layer, h));
   __syncthreads();
 
-  const bool use_bias = a.use_bias;
   const int total_keys = n_entries * bs;
   const int n_stages = (total_keys + k_keys - 1) / k_keys;
-  const int64_t v_offset = int64_t(bs) * D;  // a chunk holds its keys, then its values
-  if (n_stages > 0) load_rows<D>(sm.k, kv, 0, total_keys, 0, uchunk);
-  cp_async_commit();
+  const int n_halves = 2 * n_stages;
+  const int lg = 31 - __clz(min(bs, k_keys));  // log2 of min(block size, 64)
+  const int chunk_elems = 2 * bs * D;  // elements of a chunk (its keys and values)
+  const bf16* kbase = static_cast<const bf16*>(kv.kv);
+  const bf16* vbase = kbase + int64_t(bs) * D;  // a chunk holds its keys, then its values
+
+  // Half hh of the walk (stage hh / 2, keys and eviction scores when even, values when odd)
+  // into slot hh % Slots; one cp.async group per half, empty past the end, so that the waits
+  // count. The scores of stage s go to buffer s % 2: the stage before is still being read.
+  auto issue = [&](int hh) {
+    if (hh < n_halves) {
+      const StageKeys sk = stage_keys(hh >> 1, bs);
+      const uint32_t dst = slot_smem + (hh % Slots) * Layout::slot_bytes;
+      if (hh & 1) {
+        load_rows<D>(dst, vbase, chunk_elems, sk, lg, total_keys, uchunk);
+      } else {
+        load_rows<D>(dst, kbase, chunk_elems, sk, lg, total_keys, uchunk);
+        if (Bias) load_bias(bias_s + ((hh >> 1) & 1) * k_keys, kv, sk, lg, total_keys, uchunk);
+      }
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int i = 0; i < Slots - 1; ++i) issue(i);
 
   // The tokens (bits) and position range of the warp's rows.
   uint64_t warp_bits = 0;
@@ -412,45 +458,47 @@ __global__ void __launch_bounds__(k_threads, 2) prefill_kernel(PrefillArgs a) {
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn)
       acc.o[mi][dn][0] = acc.o[mi][dn][1] = acc.o[mi][dn][2] = acc.o[mi][dn][3] = 0.0f;
-  const float scale_log2 = a.scale * k_log2e;
+  const float scale_log2 = a.scale * k_log2e, inv_scale = 1.0f / a.scale;
 
   for (int s = 0; s < n_stages; ++s) {
-    // The keys of stage s have landed, and every warp is done with the values of stage s - 1
-    // (and the per-key data), whose buffers take those of stage s.
-    cp_async_wait<0>();
+    // The keys of stage s have landed, and every warp is done with the half whose slot the
+    // half Slots - 1 ahead takes.
+    cp_async_wait<Slots - 2>();
     __syncthreads();
-    load_rows<D>(sm.v, kv, s, total_keys, v_offset, uchunk);
-    load_key_data<D>(sm, kv, s, total_keys, use_bias, uchunk, ulist, umask);
-    cp_async_commit();
+    issue(2 * s + Slots - 1);
 
     // Whether the warp's tokens see any key of the stage (else it skips it), and whether they
     // all see every key (then no key needs a mask): from the stage's entries, which are whole
     // blocks (block sizes up to 64 divide 64) or a part of one, in ascending position order.
-    const int k_begin = s * k_keys, k_end = min(total_keys, k_begin + k_keys);
-    const int e_first = k_begin / bs, e_last = (k_end - 1) / bs;
+    const StageKeys sk = stage_keys(s, bs);
+    const int k_end = min(total_keys, sk.begin + k_keys), n_keys = k_end - sk.begin;
+    const int e_last = sk.e0 + ((n_keys - 1) >> lg);
     uint64_t any_bits = 0, all_bits = ~uint64_t(0);
-    for (int e = e_first; e <= e_last; ++e) {
+    for (int e = sk.e0; e <= e_last; ++e) {
       any_bits |= umask[e];
       all_bits &= umask[e];
     }
-    const int first_pos = ulist[e_first] * bs + (k_begin - e_first * bs);
-    const int last_pos = ulist[e_last] * bs + (k_end - 1 - e_last * bs);
+    const int first_pos = ulist[sk.e0] * bs + sk.w0;
+    const int last_pos = ulist[e_last] * bs + sk.w0 + ((n_keys - 1) & ((1 << lg) - 1));
     const bool attend = (any_bits & warp_bits) != 0 && first_pos <= warp_max_pos;
     const bool full =
-        k_end - k_begin == k_keys && (all_bits & warp_bits) == warp_bits && last_pos <= warp_min_pos;
+        n_keys == k_keys && (all_bits & warp_bits) == warp_bits && last_pos <= warp_min_pos;
 
     float sc[2][8][4];
-    if (attend) warp_scores<D>(sm, sc);
-    // The values of stage s have landed, and every warp is done with its keys.
-    cp_async_wait<0>();
+    if (attend)
+      warp_scores<D, Bias>(q_smem, slot_smem + ((2 * s) % Slots) * Layout::slot_bytes,
+                           bias_s + (s & 1) * k_keys, inv_scale, sc);
+    // The values of stage s have landed, and every warp is done with the half before.
+    cp_async_wait<Slots - 2>();
     __syncthreads();
-    if (s + 1 < n_stages) load_rows<D>(sm.k, kv, s + 1, total_keys, 0, uchunk);
-    cp_async_commit();
+    issue(2 * s + Slots);
     if (attend) {
+      const uint32_t v_smem = slot_smem + ((2 * s + 1) % Slots) * Layout::slot_bytes;
+      const MaskView mv{tok_pos, ulist, umask, sk, n_keys, e_last, lg, bs, G, tile.count};
       if (full)
-        warp_softmax_values<D, false>(sm, sc, scale_log2, use_bias, G, tile.count, tok_pos, acc);
+        warp_softmax_values<D, false>(v_smem, sc, scale_log2, mv, acc);
       else
-        warp_softmax_values<D, true>(sm, sc, scale_log2, use_bias, G, tile.count, tok_pos, acc);
+        warp_softmax_values<D, true>(v_smem, sc, scale_log2, mv, acc);
     }
   }
   cp_async_wait<0>();
@@ -477,38 +525,79 @@ __global__ void __launch_bounds__(k_threads, 2) prefill_kernel(PrefillArgs a) {
     }
 }
 
-template <int D>
+template <int D, int Slots>
 size_t shared_bytes(int nb_max) {
-  return size_t(PrefillLayout<D>::fixed_bytes) + size_t(nb_max) * (8 + 4 + 4) +
+  return size_t(PrefillLayout<D, Slots>::fixed_bytes) + size_t(nb_max) * (8 + 4 + 4) +
          k_max_tile_tokens * 4 + k_warps * 4;
 }
 
-template <int D>
-cudaError_t launch(const PrefillArgs& a, cudaStream_t stream) {
-  const size_t smem = shared_bytes<D>(a.nb_max);
-  // The block list grows with the context: past the device's limit (about 1900 blocks on a GPU
-  // with 99 KB per thread block) the step is refused rather than launched.
-  if (smem > max_shared_bytes()) return cudaErrorInvalidConfiguration;
+// Shared memory of a multiprocessor and what the runtime reserves per thread block, asked once
+// per device.
+struct SmShared {
+  size_t per_sm = 0;
+  size_t reserved = 1024;
+};
+
+const SmShared& sm_shared() {
+  static SmShared cached[64];
+  static bool asked[64] = {};
+  static const SmShared fallback;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return fallback;
+  if (!asked[dev]) {
+    int per_sm = 0, reserved = 0;
+    cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+    cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev);
+    cached[dev].per_sm = per_sm > 0 ? size_t(per_sm) : 0;
+    cached[dev].reserved = reserved >= 0 ? size_t(reserved) : 1024;
+    asked[dev] = true;
+  }
+  return cached[dev];
+}
+
+template <int D, int Slots, bool Bias>
+cudaError_t launch_kernel(const PrefillArgs& a, size_t smem, cudaStream_t stream) {
   static int configured = 0;
   if (int(smem) > configured) {
-    cudaError_t e = cudaFuncSetAttribute(prefill_kernel<D>,
+    cudaError_t e = cudaFuncSetAttribute(prefill_kernel<D, Slots, Bias>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (e != cudaSuccess) return e;
-    // All of the unified L1 as shared memory: two tiles per SM need about 220 KB.
-    e = cudaFuncSetAttribute(prefill_kernel<D>, cudaFuncAttributePreferredSharedMemoryCarveout,
+    // All of the unified L1 as shared memory: two tiles per SM need up to about 200 KB.
+    e = cudaFuncSetAttribute(prefill_kernel<D, Slots, Bias>,
+                             cudaFuncAttributePreferredSharedMemoryCarveout,
                              int(cudaSharedmemCarveoutMaxShared));
     if (e != cudaSuccess) return e;
     configured = int(smem);
   }
   const dim3 grid(unsigned(a.n_tiles) * unsigned(a.kv.n_kv_heads));
-  prefill_kernel<D><<<grid, k_threads, smem, stream>>>(a);
+  prefill_kernel<D, Slots, Bias><<<grid, k_threads, smem, stream>>>(a);
   return cudaGetLastError();
+}
+
+template <int D>
+cudaError_t launch(const PrefillArgs& a, cudaStream_t stream) {
+  const size_t smem2 = shared_bytes<D, 2>(a.nb_max), smem3 = shared_bytes<D, 3>(a.nb_max);
+  const size_t limit = max_shared_bytes();
+  // The block list grows with the context: past the device's limit (about 1900 blocks on a GPU
+  // with 99 KB per thread block) the step is refused rather than launched.
+  if (smem2 > limit) return cudaErrorInvalidConfiguration;
+  // Three slots where two tiles still share an SM with them, or where one tile per SM is all
+  // that fits either way; two where the third would cost the second tile.
+  const SmShared& sm = sm_shared();
+  const auto two_fit = [&](size_t bytes) { return 2 * (bytes + sm.reserved) <= sm.per_sm; };
+  const bool three = smem3 <= limit && (two_fit(smem3) || !two_fit(smem2));
+  if (three)
+    return a.use_bias ? launch_kernel<D, 3, true>(a, smem3, stream)
+                      : launch_kernel<D, 3, false>(a, smem3, stream);
+  return a.use_bias ? launch_kernel<D, 2, true>(a, smem2, stream)
+                    : launch_kernel<D, 2, false>(a, smem2, stream);
 }
 
 }  // namespace
 
+// The least the kernel needs (two slots); it takes the third slot where that fits.
 size_t prefill_shared_bytes(int head_dim, int nb_max) {
-  return head_dim == 64 ? shared_bytes<64>(nb_max) : shared_bytes<128>(nb_max);
+  return head_dim == 64 ? shared_bytes<64, 2>(nb_max) : shared_bytes<128, 2>(nb_max);
 }
 
 size_t prefill_shared_limit() { return max_shared_bytes(); }
@@ -520,6 +609,11 @@ int prefill_tile_tokens(int group) {
 cudaError_t launch_sparse_prefill(const PrefillArgs& a, cudaStream_t stream) {
   if (a.n_tiles == 0) return cudaSuccess;
   if (a.group < 1 || a.group > k_rows) return cudaErrorInvalidValue;
+  // The softmax takes its maxima on the unscaled scores: the scale (1 / sqrt(d)) is positive.
+  if (!(a.scale > 0.0f)) return cudaErrorInvalidValue;
+  // Block sizes 16, 32 or multiples of 64 (stage_keys' shifts and masks rely on it).
+  const int bs = a.kv.block_size;
+  if (!(bs == 16 || bs == 32 || (bs > 0 && bs % 64 == 0))) return cudaErrorInvalidValue;
   switch (a.kv.head_dim) {
     case 64: return launch<64>(a, stream);
     case 128: return launch<128>(a, stream);
