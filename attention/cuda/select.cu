@@ -348,6 +348,13 @@ constexpr int k_pool_threads = 256;
 constexpr int k_pool_keys = 128;      // keys pooled per block of kernel 3 (about)
 constexpr int k_topk_threads = 512;
 constexpr int k_topk_warps = k_topk_threads / 32;
+constexpr int k_max_warps = 32;  // of any thread block: the top-k's per-warp counters
+// split_finish is a chain of dependent double-precision steps in one thread block per (token, KV
+// head): 32 warps hide more of its latency than 16 (8b-like, B = 64, 32K: 12.0 -> 11.8 ms a
+// step). Spreading a pair over a cluster of eight thread blocks (distributed shared memory) was
+// slower (16K: 10.1 -> 11.1 ms: the cluster barriers waited on the slowest block), and four
+// independent exponentials per thread at a time gained nothing measurable.
+constexpr int k_finish_threads = 1024;
 constexpr int k_split_max_tokens = 1024;
 constexpr size_t k_split_budget_floats = size_t(64) << 20;  // 256 MiB
 
@@ -398,7 +405,7 @@ size_t pool_smem(const SplitLayout& L, int G, int m) {
 }
 size_t topk_smem(int nb_max) {
   return sizeof(uint32_t) * 2 * size_t(nb_max) + sizeof(int) * size_t(nb_max) +
-         sizeof(int) * (256 + k_topk_warps + 4);
+         sizeof(int) * (256 + k_max_warps + 4);
 }
 
 // Keys [j0, j0 + 64 K) of head h0..h0 + 7 (NH of them, all 8 when FULL): acc[k][hh] += the dot
@@ -633,7 +640,7 @@ __device__ __forceinline__ uint32_t order_key(float f) {
 
 struct TopkShared {
   int* hist;        // [256]
-  int* warp_count;  // [k_topk_warps]
+  int* warp_count;  // [k_max_warps]
   int* pick;        // [4]: digit, count above it, count in it
 };
 
@@ -653,7 +660,7 @@ __device__ TopkLayout topk_layout(uint32_t* ks, int nb_max) {
   l.flag = reinterpret_cast<int*>(l.ke + nb_max);
   l.sh.hist = l.flag + nb_max;
   l.sh.warp_count = l.sh.hist + 256;
-  l.sh.pick = l.sh.warp_count + k_topk_warps;
+  l.sh.pick = l.sh.warp_count + k_max_warps;
   return l;
 }
 
@@ -726,7 +733,7 @@ __device__ void radix_topk(const uint32_t* u, int nb, int k, int* flag, const To
     if (lane == 0) sh.warp_count[warp] = __popc(ballot);
     __syncthreads();
     int offset = base, total = 0;
-    for (int w = 0; w < k_topk_warps; ++w) {
+    for (int w = 0; w < int(blockDim.x / 32); ++w) {
       const int c = sh.warp_count[w];
       if (w < warp) offset += c;
       total += c;
@@ -794,7 +801,7 @@ __device__ __forceinline__ double quotient(double e, double sum, double r) {
   return __fma_rn(__fma_rn(-q0, sum, e), r, q0);
 }
 
-// Kernels 2, 3 and 4 in one thread block of 512 threads per (token, KV head), for steps with
+// Kernels 2, 3 and 4 in one thread block of 1024 threads per (token, KV head), for steps with
 // enough (token, KV head) pairs to fill the GPU (so most decode batches): the same arithmetic in
 // the same order (chunk sums of two 32-key warp butterflies each, their totals over the lanes and
 // one butterfly, probabilities summed over the heads in head order), without the round trips
@@ -803,10 +810,10 @@ size_t finish_smem(const SplitLayout& L, int G, int n_max, int nb_max) {
   const size_t n = size_t(n_max > 0 ? n_max : 1);
   return sizeof(double) * (size_t(G) * L.chunks * 2 + 2 * G) + sizeof(float) * G +
          sizeof(float) * (size_t(G) * n + 2 * n) + sizeof(uint32_t) * 3 * size_t(nb_max) +
-         sizeof(int) * (256 + k_topk_warps + 4);
+         sizeof(int) * (256 + k_max_warps + 4);
 }
 
-__global__ void __launch_bounds__(k_topk_threads) split_finish(SelectArgs a, SplitLayout L) {
+__global__ void __launch_bounds__(k_finish_threads) split_finish(SelectArgs a, SplitLayout L) {
   extern __shared__ __align__(16) double sf[];
   const int h = blockIdx.x, t = blockIdx.y;
   const TokenSel s = token_sel(a, t);
@@ -849,8 +856,8 @@ __global__ void __launch_bounds__(k_topk_threads) split_finish(SelectArgs a, Spl
     }
 
   const int chunks = (s.n + k_split_keys - 1) / k_split_keys;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int g = warp; g < G; g += k_topk_warps) {  // exact in any order
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+  for (int g = warp; g < G; g += n_warps) {  // exact in any order
     const float* cm = a.scratch + L.cmax + (th * G + g) * L.chunks;
     float v = -INFINITY;
     for (int i = lane; i < chunks; i += 32) v = fmaxf(v, cm[i]);
@@ -860,7 +867,7 @@ __global__ void __launch_bounds__(k_topk_threads) split_finish(SelectArgs a, Spl
   cp_async_wait<0>();
   __syncthreads();
   // Half-chunk sums: keys [64 c + 32 half, + 32) of head g, one warp butterfly each (split_sums).
-  for (int task = warp; task < G * chunks * 2; task += k_topk_warps) {
+  for (int task = warp; task < G * chunks * 2; task += n_warps) {
     const int g = task / (chunks * 2), ch = task % (chunks * 2);
     const int j = ch * 32 + lane;  // = 64 c + 32 half + lane
     double e = j < s.n ? exp(double(__fsub_rn(lgs[g * nm + j], mx[g]))) : 0.0;
@@ -869,7 +876,7 @@ __global__ void __launch_bounds__(k_topk_threads) split_finish(SelectArgs a, Spl
   }
   __syncthreads();
   // Totals (split_pool): chunk sums lane by lane, then one butterfly.
-  for (int g = warp; g < G; g += k_topk_warps) {
+  for (int g = warp; g < G; g += n_warps) {
     const double* c = hs + size_t(g) * L.chunks * 2;
     double z = 0.0;
     for (int i = lane; i < chunks; i += 32) z += c[2 * i] + c[2 * i + 1];
@@ -964,7 +971,7 @@ cudaError_t launch_split(const SelectArgs& a, cudaStream_t stream) {
   }
   if (finish) {
     if ((e = allow_smem(split_finish, s5)) != cudaSuccess) return e;
-    split_finish<<<dim3(H, T), k_topk_threads, s5, stream>>>(a, L);
+    split_finish<<<dim3(H, T), k_finish_threads, s5, stream>>>(a, L);
     return cudaGetLastError();
   }
   if ((e = allow_smem(split_pool, s3)) != cudaSuccess) return e;
