@@ -235,8 +235,8 @@ std::vector<SelectCase> selection_only_cases() {
                    {{16000, 1}, {9000, 1}, {3000, 1}, {12000, 1}}});
   cases.push_back({"1b-decode-batch", 128, 8, 64, 32, 16, 1024, 64, 16,
                    {{30000, 1}, {16000, 1}, {5000, 1}}});
-  // Enough (token, KV head) pairs for the one-kernel finish, few enough for clusters of eight
-  // thread blocks per pair, where the shorter tokens leave the last blocks of a cluster no keys.
+  // Enough (token, KV head) pairs for the one-kernel finish (split_finish) at long contexts, with
+  // tokens of different lengths in one launch.
   cases.push_back({"8b-decode-wide", 128, 16, 64, 32, 16, 1024, 64, 16,
                    {{12000, 1}, {9000, 1}, {6000, 40}}});
   return cases;
