@@ -24,8 +24,9 @@ constexpr float k_log2e = 1.4426950408889634f;
 // of eviction scores, then the tile's block list. A stage is two halves (its keys, then its
 // values); the half that is Slots - 1 halves ahead loads while one is used. Three slots (about
 // 85 KB with D = 128) load each half a whole stage ahead, so that the barriers rarely wait for
-// memory, and still let two tiles share an SM (their registers fill it); two slots (about 70 KB)
-// are for block lists too long for that.
+// memory; four (about 102 KB) hold two whole stages, the next loading while one is used, and
+// need one barrier per stage instead of two. The most slots that still let two tiles share an
+// SM (their registers fill it) are taken: the block list of long prompts leaves fewer.
 template <int D, int Slots>
 struct PrefillLayout {
   static constexpr int lds = D + 8;  // padded row (elements): conflict-free ldmatrix
@@ -433,7 +434,7 @@ __global__ void __launch_bounds__(k_threads, 2) prefill_kernel(PrefillArgs a) {
     cp_async_commit();
   };
 #pragma unroll
-  for (int i = 0; i < Slots - 1; ++i) issue(i);
+  for (int i = 0; i < (Slots == 4 ? 2 : Slots - 1); ++i) issue(i);
 
   // The tokens (bits) and position range of the warp's rows.
   uint64_t warp_bits = 0;
@@ -461,11 +462,18 @@ __global__ void __launch_bounds__(k_threads, 2) prefill_kernel(PrefillArgs a) {
   const float scale_log2 = a.scale * k_log2e, inv_scale = 1.0f / a.scale;
 
   for (int s = 0; s < n_stages; ++s) {
-    // The keys of stage s have landed, and every warp is done with the half whose slot the
-    // half Slots - 1 ahead takes.
-    cp_async_wait<Slots - 2>();
-    __syncthreads();
-    issue(2 * s + Slots - 1);
+    // The keys of stage s have landed (with four slots its values too), and every warp is done
+    // with the half (four slots: the stage) whose slots the next loads take.
+    if constexpr (Slots == 4) {
+      cp_async_wait<0>();
+      __syncthreads();
+      issue(2 * s + 2);
+      issue(2 * s + 3);
+    } else {
+      cp_async_wait<Slots - 2>();
+      __syncthreads();
+      issue(2 * s + Slots - 1);
+    }
 
     // Whether the warp's tokens see any key of the stage (else it skips it), and whether they
     // all see every key (then no key needs a mask): from the stage's entries, which are whole
@@ -488,10 +496,13 @@ __global__ void __launch_bounds__(k_threads, 2) prefill_kernel(PrefillArgs a) {
     if (attend)
       warp_scores<D, Bias>(q_smem, slot_smem + ((2 * s) % Slots) * Layout::slot_bytes,
                            bias_s + (s & 1) * k_keys, inv_scale, sc);
-    // The values of stage s have landed, and every warp is done with the half before.
-    cp_async_wait<Slots - 2>();
-    __syncthreads();
-    issue(2 * s + Slots);
+    // Two or three slots: the values of stage s have landed, and every warp is done with the
+    // half before.
+    if constexpr (Slots != 4) {
+      cp_async_wait<Slots - 2>();
+      __syncthreads();
+      issue(2 * s + Slots);
+    }
     if (attend) {
       const uint32_t v_smem = slot_smem + ((2 * s + 1) % Slots) * Layout::slot_bytes;
       const MaskView mv{tok_pos, ulist, umask, sk, n_keys, e_last, lg, bs, G, tile.count};
@@ -576,21 +587,28 @@ cudaError_t launch_kernel(const PrefillArgs& a, size_t smem, cudaStream_t stream
 
 template <int D>
 cudaError_t launch(const PrefillArgs& a, cudaStream_t stream) {
-  const size_t smem2 = shared_bytes<D, 2>(a.nb_max), smem3 = shared_bytes<D, 3>(a.nb_max);
+  const size_t smem2 = shared_bytes<D, 2>(a.nb_max), smem3 = shared_bytes<D, 3>(a.nb_max),
+               smem4 = shared_bytes<D, 4>(a.nb_max);
   const size_t limit = max_shared_bytes();
   // The block list grows with the context: past the device's limit (about 1900 blocks on a GPU
   // with 99 KB per thread block) the step is refused rather than launched.
   if (smem2 > limit) return cudaErrorInvalidConfiguration;
-  // Three slots where two tiles still share an SM with them, or where one tile per SM is all
-  // that fits either way; two where the third would cost the second tile.
+  // The most slots with which two tiles still share an SM; where none does, the most that fit.
   const SmShared& sm = sm_shared();
   const auto two_fit = [&](size_t bytes) { return 2 * (bytes + sm.reserved) <= sm.per_sm; };
-  const bool three = smem3 <= limit && (two_fit(smem3) || !two_fit(smem2));
-  if (three)
-    return a.use_bias ? launch_kernel<D, 3, true>(a, smem3, stream)
-                      : launch_kernel<D, 3, false>(a, smem3, stream);
-  return a.use_bias ? launch_kernel<D, 2, true>(a, smem2, stream)
-                    : launch_kernel<D, 2, false>(a, smem2, stream);
+  int slots = 2;
+  if (two_fit(smem4)) slots = 4;
+  else if (two_fit(smem3)) slots = 3;
+  else if (!two_fit(smem2)) slots = smem4 <= limit ? 4 : smem3 <= limit ? 3 : 2;
+  const bool b = a.use_bias;
+  switch (slots) {
+    case 4: return b ? launch_kernel<D, 4, true>(a, smem4, stream)
+                     : launch_kernel<D, 4, false>(a, smem4, stream);
+    case 3: return b ? launch_kernel<D, 3, true>(a, smem3, stream)
+                     : launch_kernel<D, 3, false>(a, smem3, stream);
+    default: return b ? launch_kernel<D, 2, true>(a, smem2, stream)
+                      : launch_kernel<D, 2, false>(a, smem2, stream);
+  }
 }
 
 }  // namespace
