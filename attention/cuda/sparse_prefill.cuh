@@ -1,8 +1,8 @@
 // Sparse (and dense) attention for prompt chunks: a tiled tensor-core kernel. A thread block
 // takes a tile of 128 rows, the (token, query head) pairs of up to min(64, 128 / group)
 // consecutive tokens of one sequence for one KV head, and walks the union of the blocks its tokens
-// selected (every block up to the last token's without a selection), 64 keys per stage (a stage's
-// values load while its keys are multiplied, the next keys while its values are). A warp (32
+// selected (every block up to the last token's without a selection), 64 keys per stage (keys and
+// values load through a ring of two to four slots, up to a whole stage ahead). A warp (32
 // rows) skips a stage that none of its tokens selected or that lies after them all; it masks keys
 // per row (the row token's own selection and causality) only in stages that some of its tokens do
 // not fully see, so that dense and shared stages cost only the MMAs and the softmax.
