@@ -988,13 +988,26 @@ cudaError_t launch_split(const SelectArgs& a, cudaStream_t stream) {
 // ---- The tiled path (prefill): one thread block per (tile of consecutive tokens, KV head) ------
 //
 // A prompt's tokens score against the same compressed keys, so the logits of a tile are a small
-// GEMM: its rows are the tile's (token, query head) pairs (8 * RI of them: 32 / group tokens for
-// RI = 4), its columns the keys. Each round stages 128 keys in shared memory as float32 (loaded
-// into registers during the previous round's arithmetic), and every thread computes RI rows x 4
-// keys, so that a staged key serves all the tile's rows and a query value 4 keys. The logits stay
-// in shared memory (global scratch where they do not fit); then each row's maximum and double
-// sum, S[j] in place of the tile's first head's logits, and each token's pooling and top-k by
-// one warp (a bitwise search for the k-th largest order key, then a pass in block order).
+// GEMM: its rows are the tile's (token, query head) pairs (8 * RI of them: 8 * RI / group
+// tokens), its columns the keys. Each round takes 128 keys, staged in shared memory as float32
+// 64 dimensions at a time (the next part loaded into registers during the arithmetic), and every
+// thread computes RI rows x 4 keys, so that a staged key serves all the tile's rows and a query
+// value 4 keys. The logits stay in shared memory (global scratch where they do not fit); then
+// each row's maximum and double sum, S[j] in place of the tile's first head's logits, and each
+// token's pooling and top-k by one warp.
+//
+// The GEMM is bound by the float32 units, the rest by latency (chains of double-precision
+// operations, shuffles, one warp per token), so the tile is sized for two thread blocks per
+// multiprocessor where their shared memory fits (16 rows at 16K positions): one block's GEMM
+// then runs beside the other's softmax and top-k. The exps go four at a time through libdevice's
+// own straight-line code (exp_core), so that their chains interleave. Pooling reads the window
+// scores from shared memory (staged once per sequence of the tile) and, up to 256 blocks, keeps
+// the order keys in registers, where the top-k searches the k-th largest key two bits a round.
+// On an H200, nosa-1b-like at 16K positions: 4.03 -> 2.93 ms a layer (one block per
+// multiprocessor with 32 rows and the same code: 3.2 ms). Its stall samples then: ~17% on the
+// key fetches' address arithmetic (block-table lookup, division by keys_per_block, per part),
+// ~20% at barriers (most where one warp per token pools and selects while the block's other
+// warps wait), ~22% on the GEMM's FFMA and shared loads, ~12% on the exps and quotients.
 //
 // The arithmetic is the reference's, as in the other paths: dot products in x order with
 // fused multiply-add (exact products, see above), the maximum exact, the sum of exp(double) in
@@ -1007,7 +1020,10 @@ cudaError_t launch_split(const SelectArgs& a, cudaStream_t stream) {
 
 constexpr int k_tile_threads = 256;
 constexpr int k_tile_warps = k_tile_threads / 32;
-constexpr int k_tile_keys = 128;  // keys staged per round: 4 per thread of a warp's 8-lane row
+constexpr int k_tile_keys = 128;  // keys per round: 4 per thread of a warp's 8-lane row
+constexpr int k_tile_xs = 64;     // dimensions staged at a time (head_dim 128: two parts)
+constexpr int k_tile_sq = k_tile_xs + 4;  // floats per staged key (= 4 mod 32: conflict-free)
+constexpr int k_tile_reg_lanes = 8;       // order keys per lane in registers: nb <= 256
 constexpr size_t k_tile_header_bytes = 2 * 32 * sizeof(double) + 32 * sizeof(float) +
                                        4 * 32 * sizeof(int);
 
@@ -1017,40 +1033,62 @@ struct TileShape {
   int rows = 32;            // 8 * RI
   int tokens = 1;           // rows / group
   int lg_stride = 0;        // floats per row of logits (= 4 mod 32: conflict-free stores)
-  int u_floats = 0;         // the staged keys, then each warp's top-k keys
+  int u_floats = 0;         // the staged keys; then each warp's top-k keys and window scores
+  int e_offset = 0;         // where in u the window scores start
   bool lg_smem = true;
+  bool two_per_sm = false;  // two thread blocks fit on a multiprocessor
   size_t smem = 0;
 };
+
+// The shared memory one of two thread blocks on a multiprocessor may take (half of the
+// multiprocessor's, less the part the system reserves per block: 113 KB on Hopper), asked once
+// per device.
+size_t tile_two_per_sm_bytes() {
+  static size_t cached[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
+  if (cached[dev] == 0) {
+    int sm = 0, reserved = 0;
+    cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+    cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev);
+    const long v = long(sm) / 2 - long(reserved);
+    cached[dev] = v > 0 ? size_t(v) : 1;
+  }
+  return std::min(cached[dev], max_shared_bytes());
+}
 
 TileShape tile_shape(int group, int d, int n_max, int nb_max) {
   TileShape s;
   if (group < 1 || group > 32 || (d != 64 && d != 128)) return s;
   s.lg_stride = (std::max(n_max, 1) + 31) / 32 * 32 + 4;
-  const size_t u = std::max<size_t>(size_t(k_tile_keys) * (d + 4), size_t(k_tile_warps) * 2 * nb_max);
+  s.e_offset = k_tile_warps * 2 * std::max(nb_max, 1);
+  const size_t top = size_t(s.e_offset) + size_t(std::max(n_max, 1));
+  const size_t u = std::max<size_t>(size_t(k_tile_keys) * k_tile_sq, top);
   s.u_floats = int((u + 3) / 4 * 4);
   auto bytes = [&](int rows, bool lg_smem) {
     return k_tile_header_bytes + sizeof(float) * (size_t(rows) * (d + 4) + s.u_floats) +
            (lg_smem ? sizeof(float) * size_t(rows) * s.lg_stride : 0);
   };
-  // The widest tile whose logits fit in shared memory, else the widest with them in the scratch.
+  auto take = [&](int ri, bool lg_smem, bool two) {
+    s.ok = true;
+    s.rows_per_thread = ri;
+    s.rows = 8 * ri;
+    s.tokens = s.rows / group;
+    s.lg_smem = lg_smem;
+    s.two_per_sm = two;
+    s.smem = bytes(s.rows, lg_smem);
+    return s;
+  };
+  // Two thread blocks per multiprocessor with 32 or 16 rows, else the widest tile whose logits
+  // fit in shared memory, else 32 rows with the logits in the scratch.
+  const size_t two = tile_two_per_sm_bytes();
+  for (int ri : {4, 2})
+    if (group <= 8 * ri && bytes(8 * ri, true) <= two) return take(ri, true, true);
   for (int ri : {4, 2, 1}) {
-    const int rows = 8 * ri;
-    if (group > rows) break;
-    if (bytes(rows, true) <= max_shared_bytes()) {
-      s.ok = true;
-      s.rows_per_thread = ri;
-      s.rows = rows;
-      s.tokens = rows / group;
-      s.lg_smem = true;
-      s.smem = bytes(rows, true);
-      return s;
-    }
+    if (group > 8 * ri) break;
+    if (bytes(8 * ri, true) <= max_shared_bytes()) return take(ri, true, false);
   }
-  s.rows_per_thread = 4;
-  s.rows = 32;
-  s.tokens = 32 / group;
-  s.lg_smem = false;
-  s.smem = bytes(32, false);
+  take(4, false, bytes(32, false) <= two);
   s.ok = s.smem <= max_shared_bytes();
   return s;
 }
@@ -1064,9 +1102,50 @@ size_t tile_scratch_floats(const TileShape& s, int n_kv_heads, int n_tokens) {
   return std::min(fit, tiles) * per_tile;
 }
 
+// CUDA's exp(x) where |x| < 708: libdevice's fast path (__nv_exp), the same operations with the
+// same constants, so the same value bit for bit, without the branch to the overflow and
+// underflow cases: straight-line code, so that the compiler interleaves independent calls.
+__device__ __forceinline__ double exp_core(double x) {
+  const double t = __fma_rn(x, __longlong_as_double(0x3FF71547652B82FEll),
+                            __longlong_as_double(0x4338000000000000ll));
+  const int j = __double2loint(t);
+  const double k = __dadd_rn(t, __longlong_as_double(0xC338000000000000ll));
+  double r = __fma_rn(k, __longlong_as_double(0xBFE62E42FEFA39EFll), x);
+  r = __fma_rn(k, __longlong_as_double(0xBC7ABC9E3B39803Fll), r);
+  double p = __fma_rn(__longlong_as_double(0x3E5ADE1569CE2BDFll), r,
+                      __longlong_as_double(0x3E928AF3FCA213EAll));
+  p = __fma_rn(p, r, __longlong_as_double(0x3EC71DEE62401315ll));
+  p = __fma_rn(p, r, __longlong_as_double(0x3EFA01997C89EB71ll));
+  p = __fma_rn(p, r, __longlong_as_double(0x3F2A01A014761F65ll));
+  p = __fma_rn(p, r, __longlong_as_double(0x3F56C16C1852B7AFll));
+  p = __fma_rn(p, r, __longlong_as_double(0x3F81111111122322ll));
+  p = __fma_rn(p, r, __longlong_as_double(0x3FA55555555502A1ll));
+  p = __fma_rn(p, r, __longlong_as_double(0x3FC5555555555511ll));
+  p = __fma_rn(p, r, __longlong_as_double(0x3FE000000000000Bll));
+  p = __fma_rn(p, r, 1.0);
+  p = __fma_rn(p, r, 1.0);
+  return __hiloint2double(int(unsigned(__double2hiint(p)) + (unsigned(j) << 20)),
+                          __double2loint(p));
+}
+
+// e[u] = exp(double(x[u])) for four floats, as exp() computes it: exp_core, or exp() itself
+// where some |x| is not below 708 (or is not a number).
+__device__ __forceinline__ void exp4(const float (&x)[4], double (&e)[4]) {
+  bool slow = false;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    e[u] = exp_core(double(x[u]));
+    slow |= !(fabsf(x[u]) < 708.0f);
+  }
+  if (slow) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) e[u] = exp(double(x[u]));
+  }
+}
+
 // The k (1 <= k < nb) largest keys of u[0..nb), ties toward the lower index, for one warp: every
 // lane must call it. The selected indices go to out (ascending), or, with out null, their
-// mark[b] becomes the +inf order key.
+// mark[b] becomes the +inf order key. For nb over 32 * k_tile_reg_lanes (see reg_topk).
 __device__ void warp_topk(const uint32_t* u, int nb, int k, int32_t* out, uint32_t* mark) {
   const int lane = threadIdx.x % 32;
   // The k-th largest key: the largest threshold that at least k keys reach, bit by bit.
@@ -1101,11 +1180,57 @@ __device__ void warp_topk(const uint32_t* u, int nb, int k, int32_t* out, uint32
   }
 }
 
+// warp_topk over keys in registers: v[c] is block 32 c + lane's key (nb <= 32 C, 0 past nb,
+// which no threshold reaches: the threshold always has a bit set). The k-th largest key two bits
+// a round (the three candidates' counts, at most 256 each, packed into one warp reduction);
+// the selected blocks to out, or with kMark their mark[c] becomes the +inf order key.
+template <int C, bool kMark>
+__device__ __forceinline__ void reg_topk(const uint32_t (&v)[C], int nb, int k, int32_t* out,
+                                         uint32_t (&mark)[C]) {
+  const int lane = threadIdx.x % 32;
+  uint32_t kth = 0;
+#pragma unroll 1
+  for (int sh = 30; sh >= 0; sh -= 2) {
+    const uint32_t c1 = kth | (1u << sh), c2 = kth | (2u << sh), c3 = kth | (3u << sh);
+    unsigned c = 0;
+#pragma unroll
+    for (int i = 0; i < C; ++i)
+      c += unsigned(v[i] >= c1) + (unsigned(v[i] >= c2) << 10) + (unsigned(v[i] >= c3) << 20);
+    c = __reduce_add_sync(0xffffffffu, c);
+    const unsigned n1 = c & 1023u, n2 = (c >> 10) & 1023u, n3 = c >> 20;
+    kth = n3 >= unsigned(k) ? c3 : n2 >= unsigned(k) ? c2 : n1 >= unsigned(k) ? c1 : kth;
+  }
+  unsigned above = 0;
+#pragma unroll
+  for (int i = 0; i < C; ++i) above += v[i] > kth;
+  const int ties_taken = k - int(__reduce_add_sync(0xffffffffu, above));
+  const uint32_t inf = order_key(INFINITY);
+  const unsigned lower = (1u << lane) - 1u;
+  int eq_before = 0, written = 0;
+#pragma unroll
+  for (int i = 0; i < C; ++i) {
+    if (32 * i >= nb) break;
+    const int b = 32 * i + lane;
+    const bool eq = b < nb && v[i] == kth;
+    const unsigned eqs = __ballot_sync(0xffffffffu, eq);
+    const bool sel = (b < nb && v[i] > kth) || (eq && eq_before + __popc(eqs & lower) < ties_taken);
+    const unsigned sels = __ballot_sync(0xffffffffu, sel);
+    if (sel) {
+      if (kMark)
+        mark[i] = inf;
+      else
+        out[written + __popc(sels & lower)] = b;
+    }
+    written += __popc(sels);
+    eq_before += __popc(eqs);
+  }
+}
+
 template <int D, int RI>
-__global__ void __launch_bounds__(k_tile_threads, 1)
+__global__ void __launch_bounds__(k_tile_threads, 2)
     tile_select(SelectArgs a, TileShape ts, int tile_begin) {
   extern __shared__ __align__(16) double tile_smem[];
-  constexpr int R = 8 * RI, QS = D + 4, P = D / 8;
+  constexpr int QS = D + 4, P = D / 8, XP = k_tile_xs / 8, PARTS = D / k_tile_xs;
   const KvView& kv = a.kv;
   const SparseView& p = a.p;
   const int h = blockIdx.y;
@@ -1120,9 +1245,9 @@ __global__ void __launch_bounds__(k_tile_threads, 1)
   int* tseq = tn + 32;                                // sequence
   int* tall = tseq + 32;                              // takes every block (or none)
   float* qs = reinterpret_cast<float*>(tall + 32);    // [R][QS] the queries
-  float* stage = qs + R * QS;                         // [128][QS] keys; then the top-k's keys
+  float* stage = qs + 8 * RI * QS;  // [128][k_tile_sq] keys; then the top-k's keys, window scores
   float* lg = ts.lg_smem ? stage + ts.u_floats
-                         : a.scratch + (int64_t(blockIdx.x) * H + h) * R * ns;  // [R][ns]
+                         : a.scratch + (int64_t(blockIdx.x) * H + h) * 8 * RI * ns;  // [R][ns]
 
   if (tid < Mt) {
     const int t = t0 + tid;
@@ -1146,7 +1271,7 @@ __global__ void __launch_bounds__(k_tile_threads, 1)
   if (any) {
     // The queries as float32, zero for rows without a token that selects.
     const bf16* q = static_cast<const bf16*>(a.q);
-    for (int idx = tid; idx < R * P; idx += k_tile_threads) {
+    for (int idx = tid; idx < 8 * RI * P; idx += k_tile_threads) {
       const int r = idx / P, x = idx % P, i = r / G;
       float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       if (r < Mt * G && !tall[i]) {
@@ -1162,9 +1287,10 @@ __global__ void __launch_bounds__(k_tile_threads, 1)
     }
 
     // The logits, one GEMM per sequence of the tile. Thread (rg, kg): rows rg + 8 i, keys
-    // kg + 32 k of each round (row and key strides of QS floats: conflict-free float4 reads).
+    // kg + 32 k of each round (row and key strides of 4 mod 32 floats: conflict-free float4
+    // reads); each round's keys come in PARTS parts of k_tile_xs dimensions, in x order.
     const int rg = lane % 8, kg = warp * 4 + lane / 8;
-    constexpr int LOADS = k_tile_keys * P / k_tile_threads;
+    constexpr int LOADS = k_tile_keys * XP / k_tile_threads;
     const uint4* ck = static_cast<const uint4*>(kv.ck);
     for (int s0 = 0; s0 < Mt && t0 + s0 < T;) {
       const int seq = tseq[s0];
@@ -1178,53 +1304,62 @@ __global__ void __launch_bounds__(k_tile_threads, 1)
       if (n_seg == 0) continue;
       const int32_t* table = a.step.block_table + int64_t(seq) * a.step.bt_stride;
       uint4 pre[LOADS];
-      auto fetch = [&](int j0) {
+      auto fetch = [&](int j0, int part) {
 #pragma unroll
         for (int it = 0; it < LOADS; ++it) {
-          const int idx = it * k_tile_threads + tid, r = idx / P, x = idx % P, j = j0 + r;
+          const int idx = it * k_tile_threads + tid, r = idx / XP, x = idx % XP, j = j0 + r;
           pre[it] = make_uint4(0, 0, 0, 0);
           if (j < n_seg)
-            pre[it] = ck[(kv_chunk(kv, table[j / m], a.layer, h) * m + j % m) * P + x];
+            pre[it] =
+                ck[(kv_chunk(kv, table[j / m], a.layer, h) * m + j % m) * P + part * XP + x];
         }
       };
-      fetch(0);
+      fetch(0, 0);
       for (int j0 = 0; j0 < n_seg; j0 += k_tile_keys) {
-        __syncthreads();  // the previous round's reads of the stage (and the queries) are done
-#pragma unroll
-        for (int it = 0; it < LOADS; ++it) {
-          const int idx = it * k_tile_threads + tid, r = idx / P, x = idx % P;
-          const bf16* e = reinterpret_cast<const bf16*>(&pre[it]);
-          float4* dst = reinterpret_cast<float4*>(stage + r * QS + x * 8);
-          dst[0] = make_float4(__bfloat162float(e[0]), __bfloat162float(e[1]),
-                               __bfloat162float(e[2]), __bfloat162float(e[3]));
-          dst[1] = make_float4(__bfloat162float(e[4]), __bfloat162float(e[5]),
-                               __bfloat162float(e[6]), __bfloat162float(e[7]));
-        }
-        __syncthreads();
-        if (j0 + k_tile_keys < n_seg) fetch(j0 + k_tile_keys);  // in flight during the dots
         float acc[RI][4];
 #pragma unroll
         for (int i = 0; i < RI; ++i)
 #pragma unroll
           for (int k = 0; k < 4; ++k) acc[i][k] = 0.0f;
+#pragma unroll
+        for (int part = 0; part < PARTS; ++part) {
+          __syncthreads();  // the previous part's reads of the stage (and the queries) are done
+#pragma unroll
+          for (int it = 0; it < LOADS; ++it) {
+            const int idx = it * k_tile_threads + tid, r = idx / XP, x = idx % XP;
+            const bf16* e = reinterpret_cast<const bf16*>(&pre[it]);
+            float4* dst = reinterpret_cast<float4*>(stage + r * k_tile_sq + x * 8);
+            dst[0] = make_float4(__bfloat162float(e[0]), __bfloat162float(e[1]),
+                                 __bfloat162float(e[2]), __bfloat162float(e[3]));
+            dst[1] = make_float4(__bfloat162float(e[4]), __bfloat162float(e[5]),
+                                 __bfloat162float(e[6]), __bfloat162float(e[7]));
+          }
+          __syncthreads();
+          // The next part in flight during the dots.
+          if (part + 1 < PARTS)
+            fetch(j0, part + 1);
+          else if (j0 + k_tile_keys < n_seg)
+            fetch(j0 + k_tile_keys, 0);
+          const float* qp = qs + part * k_tile_xs;
 #pragma unroll 4
-        for (int x = 0; x < D; x += 4) {
-          float4 qv[RI], cv[4];
+          for (int x = 0; x < k_tile_xs; x += 4) {
+            float4 qv[RI], cv[4];
 #pragma unroll
-          for (int i = 0; i < RI; ++i)
-            qv[i] = *reinterpret_cast<const float4*>(qs + (rg + 8 * i) * QS + x);
+            for (int i = 0; i < RI; ++i)
+              qv[i] = *reinterpret_cast<const float4*>(qp + (rg + 8 * i) * QS + x);
 #pragma unroll
-          for (int k = 0; k < 4; ++k)
-            cv[k] = *reinterpret_cast<const float4*>(stage + (kg + 32 * k) * QS + x);
+            for (int k = 0; k < 4; ++k)
+              cv[k] = *reinterpret_cast<const float4*>(stage + (kg + 32 * k) * k_tile_sq + x);
 #pragma unroll
-          for (int i = 0; i < RI; ++i)
+            for (int i = 0; i < RI; ++i)
 #pragma unroll
-            for (int k = 0; k < 4; ++k) {
-              acc[i][k] = __fmaf_rn(qv[i].x, cv[k].x, acc[i][k]);
-              acc[i][k] = __fmaf_rn(qv[i].y, cv[k].y, acc[i][k]);
-              acc[i][k] = __fmaf_rn(qv[i].z, cv[k].z, acc[i][k]);
-              acc[i][k] = __fmaf_rn(qv[i].w, cv[k].w, acc[i][k]);
-            }
+              for (int k = 0; k < 4; ++k) {
+                acc[i][k] = __fmaf_rn(qv[i].x, cv[k].x, acc[i][k]);
+                acc[i][k] = __fmaf_rn(qv[i].y, cv[k].y, acc[i][k]);
+                acc[i][k] = __fmaf_rn(qv[i].z, cv[k].z, acc[i][k]);
+                acc[i][k] = __fmaf_rn(qv[i].w, cv[k].w, acc[i][k]);
+              }
+          }
         }
 #pragma unroll
         for (int i = 0; i < RI; ++i) {
@@ -1240,7 +1375,8 @@ __global__ void __launch_bounds__(k_tile_threads, 1)
     }
     __syncthreads();
 
-    // Each row's maximum (exact) and sum of exp(double(logit - max)).
+    // Each row's maximum (exact) and sum of exp(double(logit - max)): each lane adds its keys
+    // lane, lane + 32, ... in order, four exps at a time.
     for (int r = warp; r < Mt * G; r += k_tile_warps) {
       const int i = r / G;
       if (tall[i]) continue;
@@ -1250,7 +1386,19 @@ __global__ void __launch_bounds__(k_tile_threads, 1)
       for (int j = lane; j < n; j += 32) mx = fmaxf(mx, l[j]);
       mx = warp_max(mx);
       double z = 0.0;
-      for (int j = lane; j < n; j += 32) z += exp(double(__fsub_rn(l[j], mx)));
+      for (int j0 = lane; j0 < n; j0 += 128) {
+        float x[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int j = j0 + 32 * u;
+          x[u] = j < n ? __fsub_rn(l[j], mx) : 0.0f;
+        }
+        double e[4];
+        exp4(x, e);
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          if (j0 + 32 * u < n) z += e[u];
+      }
       z = warp_sum_d(z);
       if (lane == 0) {
         hmax[r] = mx;
@@ -1261,58 +1409,110 @@ __global__ void __launch_bounds__(k_tile_threads, 1)
     __syncthreads();
 
     // S[j] over the keys that a block which is not forced pools, written over the logits of the
-    // token's first head (each key's thread reads its heads' logits first).
+    // token's first head (each key's thread reads its heads' logits first); the tile's tokens'
+    // keys dealt to the threads as one range, each key's heads four exps at a time.
+    int base = 0;
     for (int i = 0; i < Mt; ++i) {
       if (tall[i]) continue;
       const int qb = tpos[i] / p.block_size;
       const int jlo = max(0, m * p.init_blocks - 1), jhi = min(tn[i], m * (qb - p.local_blocks));
+      const int cnt = max(0, jhi - jlo);
       float* row = lg + int64_t(i) * G * ns;
-      for (int j = jlo + tid; j < jhi; j += k_tile_threads) {
+      const int first = base + (tid - base % k_tile_threads + k_tile_threads) % k_tile_threads;
+      for (int idx = first; idx < base + cnt; idx += k_tile_threads) {
+        const int j = jlo + idx - base;
         float v = 0.0f;
-        for (int g = 0; g < G; ++g) {
-          const int r = i * G + g;
-          const double e = exp(double(__fsub_rn(row[int64_t(g) * ns + j], hmax[r])));
-          v = __fadd_rn(v, __double2float_rn(quotient(e, hsum[r], hrcp[r])));
+        for (int g0 = 0; g0 < G; g0 += 4) {
+          float x[4];
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            const int g = g0 + u;
+            x[u] = g < G ? __fsub_rn(row[int64_t(g) * ns + j], hmax[i * G + g]) : 0.0f;
+          }
+          double e[4];
+          exp4(x, e);
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            const int r = i * G + g0 + u;
+            if (g0 + u < G) v = __fadd_rn(v, __double2float_rn(quotient(e[u], hsum[r], hrcp[r])));
+          }
         }
         row[j] = v;
       }
+      base += cnt;
     }
     __syncthreads();
   }
 
-  // Pooling and the top-k, one warp per token.
+  // Pooling and the top-k, one warp per token, per sequence of the tile: its window scores
+  // first staged in shared memory (NOSA).
   const bool nosa = a.mode == SelectMode::nosa;
+  float* E = stage + ts.e_offset;
   uint32_t* ks = reinterpret_cast<uint32_t*>(stage) + warp * 2 * a.nb_max;
   uint32_t* ke = ks + a.nb_max;
-  for (int i = warp; i < Mt; i += k_tile_warps) {
-    const int t = t0 + i;
-    if (t >= T) break;
-    int32_t* out = a.out + (int64_t(t) * H + h) * a.k_max;
-    const int qb = tpos[i] / p.block_size, nb = qb + 1, n = tn[i];
-    if (tall[i]) {
-      select_every_block(out, nb, a.k_max, lane, 32);
-      continue;
+  for (int s0 = 0; s0 < Mt && t0 + s0 < T;) {
+    const int seq = tseq[s0];
+    int s1 = s0 + 1;
+    while (s1 < Mt && t0 + s1 < T && tseq[s1] == seq) ++s1;
+    int n_seg = 0;
+    for (int i = s0; i < s1; ++i)
+      if (!tall[i]) n_seg = max(n_seg, tn[i]);
+    const int32_t* table = a.step.block_table + int64_t(seq) * a.step.bt_stride;
+    if (nosa)
+      for (int j = tid; j < n_seg; j += k_tile_threads)
+        E[j] = kv.ck_scores[kv_chunk(kv, table[j / m], a.layer, h) * m + j % m];
+    __syncthreads();
+    for (int i = s0 + warp; i < s1; i += k_tile_warps) {
+      const int t = t0 + i;
+      int32_t* out = a.out + (int64_t(t) * H + h) * a.k_max;
+      const int qb = tpos[i] / p.block_size, nb = qb + 1, n = tn[i];
+      if (tall[i]) {
+        select_every_block(out, nb, a.k_max, lane, 32);
+        continue;
+      }
+      const float* S = lg + int64_t(i) * G * ns;
+      auto score = [&](int j) { return S[j]; };
+      auto window = [&](int j) { return E[j]; };
+      const int k = min(p.topk, nb);
+      if (nb <= 32 * k_tile_reg_lanes) {
+        constexpr int C = k_tile_reg_lanes;
+        uint32_t vk[C], ek[C];
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+          const int b = 32 * c + lane;
+          vk[c] = ek[c] = 0;
+          if (b < nb) {
+            float vs, ve;
+            pool_block(p, b, m, n, qb, nosa, score, window, vs, ve);
+            vk[c] = order_key(vs);
+            if (nosa) ek[c] = order_key(ve);
+          }
+        }
+        if (nosa) {
+          reg_topk<C, true>(vk, nb, min(p.q_select, nb), nullptr, ek);
+          reg_topk<C, false>(ek, nb, k, out, ek);
+        } else {
+          reg_topk<C, false>(vk, nb, k, out, vk);
+        }
+      } else {
+        for (int b = lane; b < nb; b += 32) {
+          float vs, ve;
+          pool_block(p, b, m, n, qb, nosa, score, window, vs, ve);
+          ks[b] = order_key(vs);
+          if (nosa) ke[b] = order_key(ve);
+        }
+        __syncwarp();
+        if (nosa) {
+          warp_topk(ks, nb, min(p.q_select, nb), nullptr, ke);
+          __syncwarp();
+        }
+        warp_topk(nosa ? ke : ks, nb, k, out, nullptr);
+        __syncwarp();  // the next token reuses ks and ke
+      }
+      for (int b = k + lane; b < a.k_max; b += 32) out[b] = -1;
     }
-    const float* S = lg + int64_t(i) * G * ns;
-    const int32_t* table = a.step.block_table + int64_t(tseq[i]) * a.step.bt_stride;
-    for (int b = lane; b < nb; b += 32) {
-      float vs, ve;
-      pool_block(
-          p, b, m, n, qb, nosa, [&](int j) { return S[j]; },
-          [&](int j) { return kv.ck_scores[kv_chunk(kv, table[j / m], a.layer, h) * m + j % m]; },
-          vs, ve);
-      ks[b] = order_key(vs);
-      if (nosa) ke[b] = order_key(ve);
-    }
-    __syncwarp();
-    const int k = min(p.topk, nb);
-    if (nosa) {
-      warp_topk(ks, nb, min(p.q_select, nb), nullptr, ke);
-      __syncwarp();
-    }
-    warp_topk(nosa ? ke : ks, nb, k, out, nullptr);
-    for (int b = k + lane; b < a.k_max; b += 32) out[b] = -1;
-    __syncwarp();  // the next token reuses ks and ke
+    __syncthreads();  // the next sequence's window scores replace these
+    s0 = s1;
   }
 }
 
@@ -1325,6 +1525,14 @@ cudaError_t launch_tiles(const SelectArgs& a, const TileShape& ts, cudaStream_t 
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(ts.smem));
     if (e != cudaSuccess) return e;
     configured = ts.smem;
+  }
+  static bool carveout = false;  // two blocks per multiprocessor need all of its shared memory
+  if (!carveout) {
+    cudaError_t e = cudaFuncSetAttribute(tile_select<D, RI>,
+                                         cudaFuncAttributePreferredSharedMemoryCarveout,
+                                         int(cudaSharedmemCarveoutMaxShared));
+    if (e != cudaSuccess) return e;
+    carveout = true;
   }
   const int tiles = (T + ts.tokens - 1) / ts.tokens;
   int chunk = tiles;
