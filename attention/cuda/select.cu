@@ -1226,6 +1226,25 @@ __device__ __forceinline__ void reg_topk(const uint32_t (&v)[C], int nb, int k, 
   }
 }
 
+// The tile's tokens [s0, end) of one sequence (a tile can span sequences under continuous
+// batching; tokens past the step, `left` = T - t0 of them, end it too), and the most compressed
+// keys that any of them not taking every block scores.
+struct TileSegment {
+  int seq, end, n;
+};
+
+__device__ __forceinline__ TileSegment tile_segment(const int* tseq, const int* tn,
+                                                    const int* tall, int s0, int Mt, int left) {
+  TileSegment g;
+  g.seq = tseq[s0];
+  g.end = s0 + 1;
+  while (g.end < Mt && g.end < left && tseq[g.end] == g.seq) ++g.end;
+  g.n = 0;
+  for (int i = s0; i < g.end; ++i)
+    if (!tall[i]) g.n = max(g.n, tn[i]);
+  return g;
+}
+
 template <int D, int RI>
 __global__ void __launch_bounds__(k_tile_threads, 2)
     tile_select(SelectArgs a, TileShape ts, int tile_begin) {
@@ -1293,12 +1312,8 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
     constexpr int LOADS = k_tile_keys * XP / k_tile_threads;
     const uint4* ck = static_cast<const uint4*>(kv.ck);
     for (int s0 = 0; s0 < Mt && t0 + s0 < T;) {
-      const int seq = tseq[s0];
-      int s1 = s0 + 1;
-      while (s1 < Mt && t0 + s1 < T && tseq[s1] == seq) ++s1;
-      int n_seg = 0;
-      for (int i = s0; i < s1; ++i)
-        if (!tall[i]) n_seg = max(n_seg, tn[i]);
+      const TileSegment sg = tile_segment(tseq, tn, tall, s0, Mt, T - t0);
+      const int seq = sg.seq, s1 = sg.end, n_seg = sg.n;
       const int r0 = s0 * G, r1 = s1 * G;
       s0 = s1;
       if (n_seg == 0) continue;
@@ -1451,12 +1466,8 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
   uint32_t* ks = reinterpret_cast<uint32_t*>(stage) + warp * 2 * a.nb_max;
   uint32_t* ke = ks + a.nb_max;
   for (int s0 = 0; s0 < Mt && t0 + s0 < T;) {
-    const int seq = tseq[s0];
-    int s1 = s0 + 1;
-    while (s1 < Mt && t0 + s1 < T && tseq[s1] == seq) ++s1;
-    int n_seg = 0;
-    for (int i = s0; i < s1; ++i)
-      if (!tall[i]) n_seg = max(n_seg, tn[i]);
+    const TileSegment sg = tile_segment(tseq, tn, tall, s0, Mt, T - t0);
+    const int seq = sg.seq, s1 = sg.end, n_seg = sg.n;
     const int32_t* table = a.step.block_table + int64_t(seq) * a.step.bt_stride;
     if (nosa)
       for (int j = tid; j < n_seg; j += k_tile_threads)
