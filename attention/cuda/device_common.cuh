@@ -30,19 +30,36 @@ __device__ __host__ __forceinline__ int compressed_count(int64_t t, int kernel_s
   return int((t + 1 - kernel_size) / kernel_stride + 1);
 }
 
-// The current device's shared memory per thread block with opt-in (227 KB on Hopper, 163 KB on
-// A100, 99 KB on Ada), asked once per device: kernels size their tiles and fall back by it.
-inline size_t max_shared_bytes() {
-  static size_t cached[64] = {};
+// What kernels size themselves by, asked once per device: the shared memory a thread block may
+// opt in to (227 KB on Hopper, 163 KB on A100, 99 KB on Ada), a multiprocessor's, and the part
+// of it the runtime reserves per thread block (for how many blocks share a multiprocessor).
+struct DeviceLimits {
+  size_t max_shared = 48 * 1024;
+  size_t shared_per_sm = 0;
+  size_t reserved_per_block = 1024;
+};
+
+inline const DeviceLimits& device_limits() {
+  static DeviceLimits cached[64];
+  static bool asked[64] = {};
+  static const DeviceLimits fallback;
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 48 * 1024;
-  if (cached[dev] == 0) {
-    int bytes = 0;
-    cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    cached[dev] = bytes > 0 ? size_t(bytes) : size_t(48 * 1024);
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return fallback;
+  if (!asked[dev]) {
+    int opt_in = 0, per_sm = 0, reserved = 0;
+    cudaDeviceGetAttribute(&opt_in, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+    cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev);
+    DeviceLimits& l = cached[dev];
+    l.max_shared = opt_in > 0 ? size_t(opt_in) : size_t(48 * 1024);
+    l.shared_per_sm = per_sm > 0 ? size_t(per_sm) : 0;
+    l.reserved_per_block = reserved >= 0 ? size_t(reserved) : 1024;
+    asked[dev] = true;
   }
   return cached[dev];
 }
+
+inline size_t max_shared_bytes() { return device_limits().max_shared; }
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

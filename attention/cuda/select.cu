@@ -1044,17 +1044,10 @@ struct TileShape {
 // multiprocessor's, less the part the system reserves per block: 113 KB on Hopper), asked once
 // per device.
 size_t tile_two_per_sm_bytes() {
-  static size_t cached[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
-  if (cached[dev] == 0) {
-    int sm = 0, reserved = 0;
-    cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
-    cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev);
-    const long v = long(sm) / 2 - long(reserved);
-    cached[dev] = v > 0 ? size_t(v) : 1;
-  }
-  return std::min(cached[dev], max_shared_bytes());
+  const DeviceLimits& dev = device_limits();
+  const size_t half = dev.shared_per_sm / 2;
+  const size_t v = half > dev.reserved_per_block ? half - dev.reserved_per_block : 1;
+  return std::min(v, dev.max_shared);
 }
 
 TileShape tile_shape(int group, int d, int n_max, int nb_max) {

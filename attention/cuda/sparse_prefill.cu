@@ -542,30 +542,6 @@ size_t shared_bytes(int nb_max) {
          k_max_tile_tokens * 4 + k_warps * 4;
 }
 
-// Shared memory of a multiprocessor and what the runtime reserves per thread block, asked once
-// per device.
-struct SmShared {
-  size_t per_sm = 0;
-  size_t reserved = 1024;
-};
-
-const SmShared& sm_shared() {
-  static SmShared cached[64];
-  static bool asked[64] = {};
-  static const SmShared fallback;
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return fallback;
-  if (!asked[dev]) {
-    int per_sm = 0, reserved = 0;
-    cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
-    cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev);
-    cached[dev].per_sm = per_sm > 0 ? size_t(per_sm) : 0;
-    cached[dev].reserved = reserved >= 0 ? size_t(reserved) : 1024;
-    asked[dev] = true;
-  }
-  return cached[dev];
-}
-
 template <int D, int Slots, bool Bias>
 cudaError_t launch_kernel(const PrefillArgs& a, size_t smem, cudaStream_t stream) {
   static int configured = 0;
@@ -585,6 +561,8 @@ cudaError_t launch_kernel(const PrefillArgs& a, size_t smem, cudaStream_t stream
   return cudaGetLastError();
 }
 
+int g_forced_slots = 0;  // force_prefill_slots()
+
 template <int D>
 cudaError_t launch(const PrefillArgs& a, cudaStream_t stream) {
   const size_t smem2 = shared_bytes<D, 2>(a.nb_max), smem3 = shared_bytes<D, 3>(a.nb_max),
@@ -594,12 +572,17 @@ cudaError_t launch(const PrefillArgs& a, cudaStream_t stream) {
   // with 99 KB per thread block) the step is refused rather than launched.
   if (smem2 > limit) return cudaErrorInvalidConfiguration;
   // The most slots with which two tiles still share an SM; where none does, the most that fit.
-  const SmShared& sm = sm_shared();
-  const auto two_fit = [&](size_t bytes) { return 2 * (bytes + sm.reserved) <= sm.per_sm; };
+  const DeviceLimits& dev = device_limits();
+  const auto two_fit = [&](size_t bytes) {
+    return 2 * (bytes + dev.reserved_per_block) <= dev.shared_per_sm;
+  };
   int slots = 2;
   if (two_fit(smem4)) slots = 4;
   else if (two_fit(smem3)) slots = 3;
   else if (!two_fit(smem2)) slots = smem4 <= limit ? 4 : smem3 <= limit ? 3 : 2;
+  if (g_forced_slots == 4 && smem4 <= limit) slots = 4;
+  if (g_forced_slots == 3 && smem3 <= limit) slots = 3;
+  if (g_forced_slots == 2) slots = 2;
   const bool b = a.use_bias;
   switch (slots) {
     case 4: return b ? launch_kernel<D, 4, true>(a, smem4, stream)
@@ -619,6 +602,8 @@ size_t prefill_shared_bytes(int head_dim, int nb_max) {
 }
 
 size_t prefill_shared_limit() { return max_shared_bytes(); }
+
+void force_prefill_slots(int slots) { g_forced_slots = slots; }
 
 int prefill_tile_tokens(int group) {
   return group >= k_rows ? 1 : std::min(k_max_tile_tokens, k_rows / group);

@@ -46,5 +46,9 @@ int prefill_tile_tokens(int group);
 size_t prefill_shared_bytes(int head_dim, int nb_max);
 size_t prefill_shared_limit();
 cudaError_t launch_sparse_prefill(const PrefillArgs& args, cudaStream_t stream);
+// Tests: the K/V slots (2, 3 or 4) every later launch takes where its shared memory allows, so
+// that all three kernels are compared with the CPU (the launcher's own choice takes fewer slots
+// only for block lists longer than tests build); 0 restores the launcher's choice.
+void force_prefill_slots(int slots);
 
 }  // namespace nosa::attention::cuda

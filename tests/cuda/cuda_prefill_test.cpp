@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "attention/cuda/sparse_prefill.cuh"
 #include "tests/cuda/cuda_test_util.h"
 
 namespace nosa::test {
@@ -156,6 +157,19 @@ TEST(CudaPrefill, TokensOfOneTileSelectingDifferentBlocksMatchCpu) {
 
 // A long prompt chunk: hundreds of 64-key stages per tile, most of them seen whole by every row
 // (the unmasked path) and the last ones masked by causality.
+// The launcher takes four K/V slots at these lengths, three or two only for block lists of
+// hundreds of blocks: each count forced in turn, dense with the bias and NOSA's selections.
+TEST(CudaPrefill, EveryKvSlotCountMatchesCpu) {
+  NOSA_REQUIRE_GPU();
+  uint64_t seed = 900;
+  for (int slots : {2, 3, 4}) {
+    attention::cuda::force_prefill_slots(slots);
+    for (const PrefillCase& c : prefill_cases())
+      for (Attend how : {Attend::dense_bias, Attend::nosa}) run_prefill(c, how, seed++);
+  }
+  attention::cuda::force_prefill_slots(0);
+}
+
 TEST(CudaPrefill, LongPromptChunkMatchesCpu) {
   NOSA_REQUIRE_GPU();
   const PrefillCase c{"g8-d128-long", 128, 8, 64, {{3000, 64}}};
