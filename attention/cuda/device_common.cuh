@@ -61,6 +61,31 @@ inline const DeviceLimits& device_limits() {
 
 inline size_t max_shared_bytes() { return device_limits().max_shared; }
 
+// Lets Kernel (the __global__ function itself) take `bytes` of dynamic shared memory on the
+// current device and, with max_carveout, prefer all of the unified L1 as shared memory (for
+// several blocks per multiprocessor). Function attributes belong to a device, so what was set is
+// remembered per device; past 64 devices it is set at every call.
+template <auto Kernel>
+cudaError_t allow_shared(size_t bytes, bool max_carveout = false) {
+  static size_t allowed[64] = {};
+  static bool carved[64] = {};
+  int dev = 0;
+  const bool known = cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < 64;
+  if (bytes > 48 * 1024 && (!known || bytes > allowed[dev])) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+    if (e != cudaSuccess) return e;
+    if (known) allowed[dev] = bytes;
+  }
+  if (max_carveout && (!known || !carved[dev])) {
+    const cudaError_t e = cudaFuncSetAttribute(
+        Kernel, cudaFuncAttributePreferredSharedMemoryCarveout, int(cudaSharedmemCarveoutMaxShared));
+    if (e != cudaSuccess) return e;
+    if (known) carved[dev] = true;
+  }
+  return cudaSuccess;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

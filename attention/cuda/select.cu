@@ -298,13 +298,7 @@ cudaError_t launch(const SelectArgs& a, cudaStream_t stream) {
   const bool lg_smem = shared_bytes(a.group, D, a.n_max, a.nb_max, true) <= lg_smem_limit();
   const size_t smem = shared_bytes(a.group, D, a.n_max, a.nb_max, lg_smem);
   if (smem > max_shared_bytes()) return cudaErrorInvalidValue;
-  static size_t configured = 48 * 1024;
-  if (smem > configured) {
-    cudaError_t e = cudaFuncSetAttribute(select_kernel<D>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (e != cudaSuccess) return e;
-    configured = smem;
-  }
+  if (const cudaError_t e = allow_shared<select_kernel<D>>(smem); e != cudaSuccess) return e;
   const size_t per_token = size_t(a.kv.n_kv_heads) * a.group * size_t(a.n_max > 0 ? a.n_max : 1);
   // With the logits in shared memory the scratch is unused: one launch for every token.
   int chunk = lg_smem ? T : int(a.scratch_floats / per_token);
@@ -911,12 +905,6 @@ __global__ void __launch_bounds__(k_finish_threads) split_finish(SelectArgs a, S
   topk_and_compact(a, ks, ke, nb, flag, sh, out);
 }
 
-template <typename K>
-cudaError_t allow_smem(K kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-}
-
 bool split_fits(int n_kv_heads, int group, int head_dim, int keys_per_block, int n_max,
                 int nb_max, int n_tokens) {
   if (n_tokens > k_split_max_tokens || n_tokens > 65535 || group > 64) return false;
@@ -937,15 +925,8 @@ template <int D, int K>
 cudaError_t launch_logits(const SelectArgs& a, const SplitLayout& L, cudaStream_t stream) {
   const int T = a.step.n_tokens, H = a.kv.n_kv_heads;
   const size_t smem = logits_smem(a.group, D, K);
-  static bool configured = false;  // the occupancy is bound by shared memory
-  if (!configured) {
-    cudaError_t e = cudaFuncSetAttribute(split_logits<D, K>,
-                                         cudaFuncAttributePreferredSharedMemoryCarveout,
-                                         int(cudaSharedmemCarveoutMaxShared));
-    if (e != cudaSuccess) return e;
-    configured = true;
-  }
-  cudaError_t e = allow_smem(split_logits<D, K>, smem);
+  // The occupancy is bound by shared memory: all of the unified L1 as shared memory.
+  cudaError_t e = allow_shared<split_logits<D, K>>(smem, true);
   if (e != cudaSuccess) return e;
   split_logits<D, K><<<dim3((L.chunks + K - 1) / K, H, T), k_split_keys, smem, stream>>>(a, L);
   return cudaGetLastError();
@@ -970,12 +951,12 @@ cudaError_t launch_split(const SelectArgs& a, cudaStream_t stream) {
     if (e != cudaSuccess) return e;
   }
   if (finish) {
-    if ((e = allow_smem(split_finish, s5)) != cudaSuccess) return e;
+    if ((e = allow_shared<split_finish>(s5)) != cudaSuccess) return e;
     split_finish<<<dim3(H, T), k_finish_threads, s5, stream>>>(a, L);
     return cudaGetLastError();
   }
-  if ((e = allow_smem(split_pool, s3)) != cudaSuccess) return e;
-  if ((e = allow_smem(split_topk, s4)) != cudaSuccess) return e;
+  if ((e = allow_shared<split_pool>(s3)) != cudaSuccess) return e;
+  if ((e = allow_shared<split_topk>(s4)) != cudaSuccess) return e;
   if (a.mode != SelectMode::dense && a.n_max > 0) {
     split_sums<<<dim3(L.chunks, H, T), k_sums_threads, s2, stream>>>(a, L);
     split_pool<<<dim3(L.pool_chunks, H, T), k_pool_threads, s3, stream>>>(a, L);
@@ -1523,21 +1504,9 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
 template <int D, int RI>
 cudaError_t launch_tiles(const SelectArgs& a, const TileShape& ts, cudaStream_t stream) {
   const int T = a.step.n_tokens, H = a.kv.n_kv_heads;
-  static size_t configured = 48 * 1024;
-  if (ts.smem > configured) {
-    cudaError_t e = cudaFuncSetAttribute(tile_select<D, RI>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(ts.smem));
-    if (e != cudaSuccess) return e;
-    configured = ts.smem;
-  }
-  static bool carveout = false;  // two blocks per multiprocessor need all of its shared memory
-  if (!carveout) {
-    cudaError_t e = cudaFuncSetAttribute(tile_select<D, RI>,
-                                         cudaFuncAttributePreferredSharedMemoryCarveout,
-                                         int(cudaSharedmemCarveoutMaxShared));
-    if (e != cudaSuccess) return e;
-    carveout = true;
-  }
+  // Two blocks per multiprocessor need all of its shared memory.
+  if (const cudaError_t e = allow_shared<tile_select<D, RI>>(ts.smem, true); e != cudaSuccess)
+    return e;
   const int tiles = (T + ts.tokens - 1) / ts.tokens;
   int chunk = tiles;
   if (!ts.lg_smem) {

@@ -248,13 +248,7 @@ cudaError_t launch(const DecodeArgs& a, cudaStream_t stream) {
   const int smem_stages = k_stages * StageLayout<D>::bytes + k_max_entries * (8 + 4);
   const int smem_merge = (k_warps * 16 * 2 + k_warps * 16 * D) * 4;
   const int smem = smem_stages > smem_merge ? smem_stages : smem_merge;
-  static bool configured = false;
-  if (!configured) {
-    cudaError_t e =
-        cudaFuncSetAttribute(decode_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return e;
-    configured = true;
-  }
+  if (const cudaError_t e = allow_shared<decode_kernel<D>>(smem); e != cudaSuccess) return e;
   dim3 grid(a.n_list, a.kv.n_kv_heads, a.splits);
   decode_kernel<D><<<grid, 32 * k_warps, smem, stream>>>(a);
   cudaError_t e = cudaGetLastError();

@@ -544,18 +544,10 @@ size_t shared_bytes(int nb_max) {
 
 template <int D, int Slots, bool Bias>
 cudaError_t launch_kernel(const PrefillArgs& a, size_t smem, cudaStream_t stream) {
-  static int configured = 0;
-  if (int(smem) > configured) {
-    cudaError_t e = cudaFuncSetAttribute(prefill_kernel<D, Slots, Bias>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (e != cudaSuccess) return e;
-    // All of the unified L1 as shared memory: two tiles per SM need up to about 200 KB.
-    e = cudaFuncSetAttribute(prefill_kernel<D, Slots, Bias>,
-                             cudaFuncAttributePreferredSharedMemoryCarveout,
-                             int(cudaSharedmemCarveoutMaxShared));
-    if (e != cudaSuccess) return e;
-    configured = int(smem);
-  }
+  // All of the unified L1 as shared memory: two tiles per SM need up to about 200 KB.
+  if (const cudaError_t e = allow_shared<prefill_kernel<D, Slots, Bias>>(smem, true);
+      e != cudaSuccess)
+    return e;
   const dim3 grid(unsigned(a.n_tiles) * unsigned(a.kv.n_kv_heads));
   prefill_kernel<D, Slots, Bias><<<grid, k_threads, smem, stream>>>(a);
   return cudaGetLastError();
