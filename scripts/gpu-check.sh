@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, in one command on a machine with an NVIDIA GPU (written for the lent H200:
-# Ubuntu 24.04, nvcc 13, CMake and ninja on PATH, no network): configures and builds nosa with the
-# CUDA backend (sm_90 unless CUDA_ARCH says otherwise) on every core, runs the gpu-labelled tests,
+# Ubuntu 24.04, nvcc 13, CMake and ninja on PATH, no network): configures and builds nosa and the
+# GPU tests with the CUDA backend (sm_90 unless CUDA_ARCH says otherwise) on every core, runs the
+# gpu-labelled tests,
 # the end-to-end check against transformers, `nosa bench` (decode and prefill) and the
 # transformers and PyTorch SDPA peers, and writes a summary and the results under RESULTS
 # (default: $OUT when set, else build-gpu/results):
@@ -63,9 +64,15 @@ say "host: $(hostname), $(nproc) cores"
 step build
 nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 t0=$SECONDS
+# Only what the GPU steps run (nosa and the gpu-labelled test binaries): the CPU tests are CI's.
+gpu_targets() {
+  ninja -C "$build" -t targets all 2>/dev/null |
+    grep -oE '^(cuda_[a-z_]+_test|peer_all_reduce_(test|check)|nosa): ' | tr -d ': ' | sort -u
+}
 if cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DNOSA_CUDA=ON \
     -DCMAKE_CUDA_COMPILER="$nvcc" -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90}" >>"$log" 2>&1 &&
-  cmake --build "$build" -j "$jobs" >>"$log" 2>&1; then
+  # shellcheck disable=SC2046
+  cmake --build "$build" -j "$jobs" --target $(gpu_targets) >>"$log" 2>&1; then
   say "build: ok ($((SECONDS - t0)) s, $jobs jobs)"
 else
   say "build: FAILED (see log.txt)"
