@@ -3,8 +3,8 @@
 # Ubuntu 24.04, nvcc 13, CMake and ninja on PATH, no network): configures and builds nosa and the
 # GPU tests with the CUDA backend (sm_90 unless CUDA_ARCH says otherwise) on every core, runs the
 # gpu-labelled tests, the end-to-end check against transformers, `nosa bench` (decode and
-# prefill) and the transformers and PyTorch SDPA peers, and writes a summary and the results under RESULTS
-# (default: $OUT when set, else build-gpu/results):
+# prefill) and the transformers and PyTorch SDPA peers, and writes a summary and the results
+# under RESULTS (default: $OUT when set, else build-gpu/results):
 #   summary.txt              what ran, pass/fail, the benchmark table with commands
 #   log.txt                  everything the steps printed
 #   transformers_check.json  the check against transformers
