@@ -370,7 +370,10 @@ __global__ void __launch_bounds__(k_threads, 2) prefill_kernel(PrefillArgs a) {
     for (int i = threadIdx.x; i < tile.count * a.k_max; i += k_threads) {
       const int ti = i / a.k_max, e = i % a.k_max;
       const int b = a.selection[(int64_t(tile.first + ti) * H + h) * a.k_max + e];
-      if (b >= 0) atomicOr(reinterpret_cast<unsigned long long*>(&umask[b]), 1ull << ti);
+      // A token selects blocks up to its own; a larger id (bad input) must not write past the
+      // union's masks.
+      if (b >= 0 && b < nbu)
+        atomicOr(reinterpret_cast<unsigned long long*>(&umask[b]), 1ull << ti);
     }
     __syncthreads();
     int base = 0;
@@ -588,7 +591,7 @@ cudaError_t launch(const PrefillArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-// The least the kernel needs (two slots); it takes the third slot where that fits.
+// The least the kernel needs (two slots); the launcher takes three or four where they fit.
 size_t prefill_shared_bytes(int head_dim, int nb_max) {
   return head_dim == 64 ? shared_bytes<64, 2>(nb_max) : shared_bytes<128, 2>(nb_max);
 }

@@ -239,6 +239,9 @@ std::vector<SelectCase> selection_only_cases() {
   // tokens of different lengths in one launch.
   cases.push_back({"8b-decode-wide", 128, 16, 64, 32, 16, 1024, 64, 16,
                    {{12000, 1}, {9000, 1}, {6000, 40}}});
+  // Groups above 16 through split_finish (64 x n_max logits within its one-block limit).
+  cases.push_back({"g64-finish", 128, 64, 64, 32, 16, 1024, 64, 16,
+                   {{4000, 1}, {3000, 1}, {2500, 1}}});
   return cases;
 }
 
@@ -275,8 +278,9 @@ void run_select(const SelectCase& c, attention::Mode mode, bool ties, uint64_t s
   b.cpu->begin_step(f.step);
   b.gpu->begin_step(f.step);
   Selection sc = b.cpu->select_blocks(1, mode, q.cpu, p, *cache.cpu);
-  // Both GPU paths (attention/cuda/select.cuh): the per-token kernel and the split kernels.
-  for (const char* path : {"per-token", "split"}) {
+  // Every GPU path (attention/cuda/select.cuh): the per-token kernel, the split kernels and the
+  // tiled one (prefill's, here on decode steps; a group it does not take falls back).
+  for (const char* path : {"per-token", "split", "tiled"}) {
     runtime::force_cuda_select_path(path);
     Selection sg = b.gpu->select_blocks(1, mode, q.gpu, p, *cache.gpu);
     runtime::force_cuda_select_path("");

@@ -1,5 +1,5 @@
 // The prefill attention kernel (attention/cuda/sparse_prefill.cu) against the CPU reference on
-// random inputs: every group size a tile can hold (tiles of 128 rows, up to 64 tokens), head_dim
+// random inputs: group sizes from 1 to 64 (tiles of 128 rows, up to 64 tokens), head_dim
 // 64 and 128, block sizes below, at and above the 64-key stage, prompts that end in partial tiles
 // and partial blocks, and every way a tile's tokens can attend: all blocks (dense, with and
 // without the bias), the CPU's InfLLM-V2 and NOSA selections, and random selections under which
@@ -43,6 +43,12 @@ std::vector<PrefillCase> prefill_cases() {
       {"g16-d128-bs64", 128, 16, 64, {{0, 150}, {400, 13}}},
       {"g16-d128-bs16", 128, 16, 16, {{0, 70}, {90, 21}}},
       {"g64-d128-bs64", 128, 64, 64, {{0, 9}, {150, 1}, {80, 3}}},
+      // One token per warp (32 rows); a block size above 64 that is no power of two, with a
+      // tile's last warp empty; groups that divide 128 rows unevenly.
+      {"g32-d64-bs32", 64, 32, 32, {{0, 75}, {100, 9}}},
+      {"g48-d128-bs192", 128, 48, 192, {{0, 400}, {500, 7}}},
+      {"g3-d128-bs128", 128, 3, 128, {{0, 300}, {260, 50}}},
+      {"g12-d128-bs256", 128, 12, 256, {{0, 600}, {700, 20}}},
   };
 }
 
@@ -155,21 +161,26 @@ TEST(CudaPrefill, TokensOfOneTileSelectingDifferentBlocksMatchCpu) {
       run_prefill(c, how, seed += 10);
 }
 
-// A long prompt chunk: hundreds of 64-key stages per tile, most of them seen whole by every row
-// (the unmasked path) and the last ones masked by causality.
 // The launcher takes four K/V slots at these lengths, three or two only for block lists of
-// hundreds of blocks: each count forced in turn, dense with the bias and NOSA's selections.
+// hundreds of blocks: each count forced in turn, with and without the bias, under every kind of
+// selection.
 TEST(CudaPrefill, EveryKvSlotCountMatchesCpu) {
   NOSA_REQUIRE_GPU();
+  struct Restore {
+    ~Restore() { attention::cuda::force_prefill_slots(0); }
+  } restore;
   uint64_t seed = 900;
   for (int slots : {2, 3, 4}) {
     attention::cuda::force_prefill_slots(slots);
     for (const PrefillCase& c : prefill_cases())
-      for (Attend how : {Attend::dense_bias, Attend::nosa}) run_prefill(c, how, seed++);
+      for (Attend how : {Attend::dense, Attend::dense_bias, Attend::infllmv2, Attend::nosa,
+                         Attend::random_subsets})
+        run_prefill(c, how, seed++);
   }
-  attention::cuda::force_prefill_slots(0);
 }
 
+// A long prompt chunk: hundreds of 64-key stages per tile, most of them seen whole by every row
+// (the unmasked path) and the last ones masked by causality.
 TEST(CudaPrefill, LongPromptChunkMatchesCpu) {
   NOSA_REQUIRE_GPU();
   const PrefillCase c{"g8-d128-long", 128, 8, 64, {{3000, 64}}};
