@@ -2,6 +2,7 @@
 #include <cfloat>
 
 #include "attention/cuda/device_common.cuh"
+#include "attention/cuda/exp_core.cuh"
 #include "attention/cuda/select.cuh"
 
 namespace nosa::attention::cuda {
@@ -341,7 +342,6 @@ constexpr int k_sums_threads = 256;   // kernel 2: 4 slices of heads x 64 keys
 constexpr int k_pool_threads = 256;
 constexpr int k_pool_keys = 128;      // keys pooled per block of kernel 3 (about)
 constexpr int k_topk_threads = 512;
-constexpr int k_topk_warps = k_topk_threads / 32;
 constexpr int k_max_warps = 32;  // of any thread block: the top-k's per-warp counters
 // split_finish is a chain of dependent double-precision steps in one thread block per (token, KV
 // head): 32 warps hide more of its latency than 16 (8b-like, B = 64, 32K: 12.0 -> 11.8 ms a
@@ -1074,32 +1074,6 @@ size_t tile_scratch_floats(const TileShape& s, int n_kv_heads, int n_tokens) {
   size_t fit = k_scratch_budget_floats / per_tile;
   if (fit < 1) fit = 1;
   return std::min(fit, tiles) * per_tile;
-}
-
-// CUDA's exp(x) where |x| < 708: libdevice's fast path (__nv_exp), the same operations with the
-// same constants, so the same value bit for bit, without the branch to the overflow and
-// underflow cases: straight-line code, so that the compiler interleaves independent calls.
-__device__ __forceinline__ double exp_core(double x) {
-  const double t = __fma_rn(x, __longlong_as_double(0x3FF71547652B82FEll),
-                            __longlong_as_double(0x4338000000000000ll));
-  const int j = __double2loint(t);
-  const double k = __dadd_rn(t, __longlong_as_double(0xC338000000000000ll));
-  double r = __fma_rn(k, __longlong_as_double(0xBFE62E42FEFA39EFll), x);
-  r = __fma_rn(k, __longlong_as_double(0xBC7ABC9E3B39803Fll), r);
-  double p = __fma_rn(__longlong_as_double(0x3E5ADE1569CE2BDFll), r,
-                      __longlong_as_double(0x3E928AF3FCA213EAll));
-  p = __fma_rn(p, r, __longlong_as_double(0x3EC71DEE62401315ll));
-  p = __fma_rn(p, r, __longlong_as_double(0x3EFA01997C89EB71ll));
-  p = __fma_rn(p, r, __longlong_as_double(0x3F2A01A014761F65ll));
-  p = __fma_rn(p, r, __longlong_as_double(0x3F56C16C1852B7AFll));
-  p = __fma_rn(p, r, __longlong_as_double(0x3F81111111122322ll));
-  p = __fma_rn(p, r, __longlong_as_double(0x3FA55555555502A1ll));
-  p = __fma_rn(p, r, __longlong_as_double(0x3FC5555555555511ll));
-  p = __fma_rn(p, r, __longlong_as_double(0x3FE000000000000Bll));
-  p = __fma_rn(p, r, 1.0);
-  p = __fma_rn(p, r, 1.0);
-  return __hiloint2double(int(unsigned(__double2hiint(p)) + (unsigned(j) << 20)),
-                          __double2loint(p));
 }
 
 // e[u] = exp(double(x[u])) for four floats, as exp() computes it: exp_core, or exp() itself
