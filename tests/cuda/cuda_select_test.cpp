@@ -151,5 +151,16 @@ TEST(CudaSelect, PrefillAtLongContextsIsTheCpuSelection) {
             {Inputs::generic, Inputs::ties}, 3000);
 }
 
+// The top-k with its keys in registers (up to 256 blocks, all eight lanes' worth) and in shared
+// memory past that, with tiles whose tokens straddle the switch; a group of 32 at head_dim 128,
+// whose logits go to the global scratch.
+TEST(CudaSelect, PrefillAcrossTheTopkPathsIsTheCpuSelection) {
+  NOSA_REQUIRE_GPU();
+  run_cases({tiny_case("d64 g4 256-block switch", 64, 4, {{3000, 1200}}),
+             nosa_case("d128 g8 register lanes", 128, 8, {{14000, 1100}}),
+             nosa_case("d128 g32 scratch logits", 128, 32, {{0, 1100}, {24000, 40}})},
+            {Inputs::generic, Inputs::ties, Inputs::near_ties}, 4000);
+}
+
 }  // namespace
 }  // namespace nosa::test
