@@ -1018,6 +1018,7 @@ struct TileShape {
   int e_offset = 0;         // where in u the window scores start
   bool lg_smem = true;
   bool two_per_sm = false;  // two thread blocks fit on a multiprocessor
+  bool e_smem = true;       // the window scores staged in shared memory (else read from global)
   size_t smem = 0;
 };
 
@@ -1031,12 +1032,13 @@ size_t tile_two_per_sm_bytes() {
   return std::min(v, dev.max_shared);
 }
 
-TileShape tile_shape(int group, int d, int n_max, int nb_max) {
+TileShape tile_shape_with(int group, int d, int n_max, int nb_max, bool e_smem) {
   TileShape s;
   if (group < 1 || group > 32 || (d != 64 && d != 128)) return s;
+  s.e_smem = e_smem;
   s.lg_stride = (std::max(n_max, 1) + 31) / 32 * 32 + 4;
   s.e_offset = k_tile_warps * 2 * std::max(nb_max, 1);
-  const size_t top = size_t(s.e_offset) + size_t(std::max(n_max, 1));
+  const size_t top = size_t(s.e_offset) + (e_smem ? size_t(std::max(n_max, 1)) : 0);
   const size_t u = std::max<size_t>(size_t(k_tile_keys) * k_tile_sq, top);
   s.u_floats = int((u + 3) / 4 * 4);
   auto bytes = [&](int rows, bool lg_smem) {
@@ -1065,6 +1067,13 @@ TileShape tile_shape(int group, int d, int n_max, int nb_max) {
   take(4, false, bytes(32, false) <= two);
   s.ok = s.smem <= max_shared_bytes();
   return s;
+}
+
+// The window scores take n_max floats of shared memory: past about 170K positions (head_dim 128)
+// they would leave no room for any tile, and the pooling reads them from global memory instead.
+TileShape tile_shape(int group, int d, int n_max, int nb_max) {
+  const TileShape s = tile_shape_with(group, d, n_max, nb_max, true);
+  return s.ok ? s : tile_shape_with(group, d, n_max, nb_max, false);
 }
 
 size_t tile_scratch_floats(const TileShape& s, int n_kv_heads, int n_tokens) {
@@ -1408,7 +1417,7 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
   }
 
   // Pooling and the top-k, one warp per token, per sequence of the tile: its window scores
-  // first staged in shared memory (NOSA).
+  // first staged in shared memory (NOSA, where they fit: see tile_shape).
   const bool nosa = a.mode == SelectMode::nosa;
   float* E = stage + ts.e_offset;
   uint32_t* ks = reinterpret_cast<uint32_t*>(stage) + warp * 2 * a.nb_max;
@@ -1417,9 +1426,11 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
     const TileSegment sg = tile_segment(tseq, tn, tall, s0, Mt, T - t0);
     const int seq = sg.seq, s1 = sg.end, n_seg = sg.n;
     const int32_t* table = a.step.block_table + int64_t(seq) * a.step.bt_stride;
-    if (nosa)
-      for (int j = tid; j < n_seg; j += k_tile_threads)
-        E[j] = kv.ck_scores[kv_chunk(kv, table[j / m], a.layer, h) * m + j % m];
+    auto window_score = [&](int j) {
+      return kv.ck_scores[kv_chunk(kv, table[j / m], a.layer, h) * m + j % m];
+    };
+    if (nosa && ts.e_smem)
+      for (int j = tid; j < n_seg; j += k_tile_threads) E[j] = window_score(j);
     __syncthreads();
     for (int i = s0 + warp; i < s1; i += k_tile_warps) {
       const int t = t0 + i;
@@ -1431,7 +1442,7 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
       }
       const float* S = lg + int64_t(i) * G * ns;
       auto score = [&](int j) { return S[j]; };
-      auto window = [&](int j) { return E[j]; };
+      auto window = [&](int j) { return ts.e_smem ? E[j] : window_score(j); };
       const int k = min(p.topk, nb);
       if (nb <= 32 * k_tile_reg_lanes) {
         constexpr int C = k_tile_reg_lanes;
