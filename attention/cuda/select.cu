@@ -1546,6 +1546,10 @@ size_t select_scratch_floats(SelectPath path, int n_kv_heads, int group, int hea
   return tokens * per_token;
 }
 
+bool per_token_fits(int group, int head_dim, int n_max, int nb_max) {
+  return shared_bytes(group, head_dim, n_max, nb_max, false) <= max_shared_bytes();
+}
+
 cudaError_t launch_block_select(const SelectArgs& a, cudaStream_t stream) {
   if (a.step.n_tokens == 0) return cudaSuccess;
   const SelectPath path = a.path;

@@ -54,6 +54,10 @@ SelectPath select_path(SelectPath requested, int n_kv_heads, int group, int head
 // logits fit in shared memory; else they process tokens in groups to stay inside a fixed budget).
 size_t select_scratch_floats(SelectPath path, int n_kv_heads, int group, int head_dim,
                              int keys_per_block, int n_max, int nb_max, int n_tokens);
+// Whether the per-token kernel (the last fallback) fits this GPU's shared memory at this many
+// compressed keys and blocks; past it (about 530K positions with NOSA's parameters on Hopper)
+// no path can select, and the caller refuses the step.
+bool per_token_fits(int group, int head_dim, int n_max, int nb_max);
 cudaError_t launch_block_select(const SelectArgs& args, cudaStream_t stream);
 
 }  // namespace nosa::attention::cuda

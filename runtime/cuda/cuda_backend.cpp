@@ -655,6 +655,13 @@ class CudaBackend final : public Backend {
     if (g_select_path == "tiled") requested = acu::SelectPath::tiled;
     a.path = acu::select_path(requested, H, group, L.head_dim, L.keys_per_block, n_max, nb_max,
                               int(T));
+    NOSA_CHECK_CODE(a.path != acu::SelectPath::per_token ||
+                        acu::per_token_fits(group, L.head_dim, n_max, nb_max),
+                    ErrorCode::invalid_argument,
+                    "block selection over {} compressed keys ({} blocks) needs more shared memory "
+                    "than this GPU allows a thread block; the context is too long for the CUDA "
+                    "selection kernels",
+                    n_max, nb_max);
     a.scratch_floats = acu::select_scratch_floats(a.path, H, group, L.head_dim,
                                                   L.keys_per_block, n_max, nb_max, int(T));
     Tensor scratch;
