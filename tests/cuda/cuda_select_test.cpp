@@ -39,10 +39,15 @@ PrefillCase tiny_case(std::string name, int d, int group,
   return {std::move(name), d, group, 16, 8, 4, 64, 16, 4, std::move(seqs)};
 }
 
-enum class Inputs { generic, ties, near_ties };
+// extreme: queries about 130 times larger, so that a row's logits spread over more than 708 (the
+// exponentials of most keys underflow, exp() takes its slow path, and many probabilities are 0).
+enum class Inputs { generic, ties, near_ties, extreme };
 
 const char* inputs_name(Inputs in) {
-  return in == Inputs::generic ? "generic" : in == Inputs::ties ? "ties" : "near-ties";
+  return in == Inputs::generic     ? "generic"
+         : in == Inputs::ties      ? "ties"
+         : in == Inputs::near_ties ? "near-ties"
+                                   : "extreme";
 }
 
 float bf16_round(float v) { return bf16_to_f32(f32_to_bf16(v)); }
@@ -53,7 +58,7 @@ float bf16_round(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 // eight moved by 2^-8, so that logits, probabilities and pooled scores differ in their last
 // bits and any change of arithmetic on either side changes the selection.
 void shape_inputs(Backends& b, TwinCache& cache, Inputs in, uint64_t seed) {
-  if (in == Inputs::generic) return;
+  if (in == Inputs::generic || in == Inputs::extreme) return;
   std::mt19937_64 rng(seed);
   Tensor ck = b.cpu->to_host(cache.cpu->ck());
   Tensor cks = b.cpu->to_host(cache.cpu->ck_scores());
@@ -101,7 +106,8 @@ void run_prefill_select(const PrefillCase& c, attention::Mode mode, Inputs in, u
   cache.fill_random(b, seed, 0.0f, 2.0f);
   shape_inputs(b, cache, in, seed + 3);
   StepFixture f(c.seqs, c.block_size, n_blocks, seed + 7);
-  Twin q = twin(b, host_uniform({T, H * c.group, c.d}, seed + 8, -3, 3));
+  const float q_range = in == Inputs::extreme ? 400.0f : 3.0f;
+  Twin q = twin(b, host_uniform({T, H * c.group, c.d}, seed + 8, -q_range, q_range));
   b.cpu->begin_step(f.step);
   b.gpu->begin_step(f.step);
   Selection sc = b.cpu->select_blocks(1, mode, q.cpu, p, *cache.cpu);
@@ -160,6 +166,15 @@ TEST(CudaSelect, PrefillAcrossTheTopkPathsIsTheCpuSelection) {
              nosa_case("d128 g8 register lanes", 128, 8, {{14000, 1100}}),
              nosa_case("d128 g32 scratch logits", 128, 32, {{0, 1100}, {24000, 40}})},
             {Inputs::generic, Inputs::ties, Inputs::near_ties}, 4000);
+}
+
+// Logits spread past exp()'s fast path (the tiled path's exponentials then come from exp()
+// itself) and probabilities that underflow to 0 for most keys (ties at 0, broken by block).
+TEST(CudaSelect, PrefillWithLogitsSpreadPast708IsTheCpuSelection) {
+  NOSA_REQUIRE_GPU();
+  run_cases({nosa_case("nosa-1b-like extreme", 128, 8, {{3000, 1100}}),
+             tiny_case("d64 g4 extreme", 64, 4, {{0, 700}, {900, 411}})},
+            {Inputs::extreme}, 5000);
 }
 
 }  // namespace
