@@ -173,29 +173,30 @@ TEST(KvTiers, HostOffloadKeepsTheSelectionResidentAndLoadsOnlyNewChunks) {
   EXPECT_GT(st.bytes_host_to_device, 0);
 }
 
-TEST(KvTiers, DiskTierRoundTripsBlocksExactly) {
+// Four sequences whose blocks outgrow a host tier of host_blocks onto disk; no block fails.
+TierStats run_with_disk(int64_t n_blocks, int64_t host_blocks, uint64_t seed) {
   test::TempDir dir;
+  Sim sim(n_blocks, 120, host_blocks, (dir / "kv").string());
+  run(sim, 4, 96, 4, seed);
+  EXPECT_TRUE(sim.tiers->take_failed_blocks().empty());
+  return sim.tiers->stats();
+}
+
+TEST(KvTiers, DiskTierRoundTripsBlocksExactly) {
   // 48 blocks are written but the host holds 20 (one layer's selection touches up to 16): most
   // blocks live on disk and come back.
-  Sim sim(64, 120, 20, (dir / "kv").string());
-  run(sim, 4, 96, 4, 2);
-  TierStats st = sim.tiers->stats();
+  const TierStats st = run_with_disk(64, 20, 2);
   EXPECT_GT(st.bytes_disk_written, 0);
   EXPECT_GT(st.bytes_disk_read, 0);
   EXPECT_GT(st.disk_blocks_used, 0);
-  EXPECT_TRUE(sim.tiers->take_failed_blocks().empty());
 }
 
 TEST(KvTiers, DiskTierRoundTripsBlocksExactlyWhenBothTiersFillUp) {
-  test::TempDir dir;
   // Every one of the 48 blocks is written: host (16) and disk (32) end up full, with blocks
   // going back and forth (clean ones without being written again).
-  Sim sim(48, 120, 16, (dir / "kv").string());
-  run(sim, 4, 96, 4, 3);
-  TierStats st = sim.tiers->stats();
+  const TierStats st = run_with_disk(48, 16, 3);
   EXPECT_GT(st.bytes_disk_read, 0);
   EXPECT_EQ(st.host_blocks_used, 16);
-  EXPECT_TRUE(sim.tiers->take_failed_blocks().empty());
 }
 
 TEST(KvTiers, ReleaseFreesEveryTier) {
