@@ -365,13 +365,7 @@ TEST(CudaOps, AttentionOfASliceOfTheGroupsHeads) {
 TEST(CudaOps, ChunkTransferMovesBytesBothWaysAndKeepsTheSlotTable) {
   NOSA_REQUIRE_GPU();
   Backends b;
-  KvLayout L;
-  L.n_layers = 2;
-  L.n_kv_heads = 2;
-  L.head_dim = 64;
-  L.block_size = 16;
-  L.keys_per_block = 1;
-  L.dtype = DType::bf16;
+  const KvLayout L{2, 2, 64, 16, 1, DType::bf16};  // layers, KV heads, head_dim, block, keys
   runtime::KvCacheOptions o;
   o.offload = memory::Offload::host;
   o.device_slots = 12;
