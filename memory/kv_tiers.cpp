@@ -188,15 +188,24 @@ void KvTiers::acquire(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& 
 }
 
 void KvTiers::add_loads(std::vector<ChunkCopy>& loads) {
-  if (disk_) read_back(misses_);
-  for (auto& m : misses_) {
-    ChunkCopy c{m.chunk, m.slot, m.evicted, nullptr};
-    const int32_t block = block_of(m.chunk);
-    if (host_slot_of_block_[block] >= 0 || disk_slot_of_block_[block] >= 0) {
-      c.host = chunk_host(host_slot_for(block), m.chunk);
-      stats_.bytes_host_to_device += int64_t(shape_.chunk_bytes());
+  const size_t first = loads.size();
+  try {
+    if (disk_) read_back(misses_);
+    for (auto& m : misses_) {
+      ChunkCopy c{m.chunk, m.slot, m.evicted, nullptr};
+      const int32_t block = block_of(m.chunk);
+      if (host_slot_of_block_[block] >= 0 || disk_slot_of_block_[block] >= 0) {
+        c.host = chunk_host(host_slot_for(block), m.chunk);
+        stats_.bytes_host_to_device += int64_t(shape_.chunk_bytes());
+      }
+      loads.push_back(c);
     }
-    loads.push_back(c);
+  } catch (...) {
+    // The round's misses hold cache slots whose loads will never be performed: forget them, so
+    // that a later round loads them again instead of taking them for hits.
+    loads.resize(first);
+    for (const auto& m : misses_) cache_.drop(m.chunk);
+    throw;
   }
 }
 

@@ -256,6 +256,38 @@ TEST(KvTiers, ADiskReadErrorFailsOnlyTheBlockItTouched) {
   sim.check_chunk(other[0], sim.rows);
 }
 
+// A round whose read-back fails for one block loses the loads of its other misses too (the
+// caller gets an error, not the copies): those chunks must not count as resident afterwards.
+TEST(KvTiers, AFailedRoundLeavesNoUnloadedChunkResident) {
+  test::TempDir dir;
+  Sim sim(16, 8, 2, (dir / "kv").string());
+  std::vector<ChunkCopy> copies;
+  for (int32_t b = 0; b < 6; ++b) {  // blocks 0..3 end up on disk
+    copies.clear();
+    sim.tiers->begin_step({b}, {}, copies);
+    sim.dev->load(copies);
+    for (int r = 0; r < sim.rows; ++r) sim.write_row(b, r);
+    copies.clear();
+    sim.tiers->end_step({b}, copies);
+    sim.dev->store(copies);
+  }
+  // Only the first read fails: block 0's; block 1's succeeds.
+  int reads = 0;
+  sim.tiers->disk()->inject_faults([&reads](bool write, int64_t) { return !write && reads++ == 0; });
+  std::vector<ChunkId> both = {sim.shape.chunk(0, 0, 0), sim.shape.chunk(1, 0, 0)};
+  copies.clear();
+  EXPECT_THROW(sim.tiers->select(both.data(), 2, copies), Error);
+  EXPECT_EQ(sim.tiers->take_failed_blocks(), std::vector<int32_t>{0});
+  sim.tiers->disk()->inject_faults({});
+  sim.tiers->release({0});
+  // Block 1 is asked for again: it must arrive, not be taken for a chunk already on the device.
+  std::vector<ChunkId> again = {both[1]};
+  copies.clear();
+  sim.tiers->select(again.data(), 1, copies);
+  sim.dev->load(copies);
+  sim.check_chunk(again[0], sim.rows);
+}
+
 TEST(KvTiers, DuplicatesInOneSelectionAreAskedForOnce) {
   Sim sim(8, 16, 8, "");
   std::vector<int32_t> blocks = {0, 1};
