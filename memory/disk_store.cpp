@@ -69,8 +69,9 @@ DiskStore::DiskStore(const fs::path& dir, size_t slot_bytes, int64_t capacity_sl
     const std::string v = env;
     NOSA_CHECK(v == "auto" || v == "threads" || v == "uring",
                "NOSA_DISK_IO={}: use auto, threads or uring", v);
-    if (v == "threads") io = DiskIo::threads;
-    if (v == "uring") io = DiskIo::uring;
+    // It chooses only where the caller left the choice open.
+    if (io == DiskIo::automatic && v == "threads") io = DiskIo::threads;
+    if (io == DiskIo::automatic && v == "uring") io = DiskIo::uring;
   }
   NOSA_CHECK_CODE(io != DiskIo::uring || uring_available(), ErrorCode::unavailable,
                   "io_uring is not usable here (this build has no liburing, or the kernel or "

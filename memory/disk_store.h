@@ -22,7 +22,7 @@
 namespace nosa::memory {
 
 // How the store does its I/O: io_uring when it can (automatic), or the thread pool. The
-// environment can choose with NOSA_DISK_IO=auto|threads|uring.
+// environment chooses with NOSA_DISK_IO=auto|threads|uring where the caller asks for automatic.
 enum class DiskIo { automatic, threads, uring };
 
 class DiskStore {

@@ -344,6 +344,7 @@ void KvTiers::read_back_group(std::vector<ReadBack>& group) {
   for (const ReadBack& r : group) n_dirty += dirty(r) ? 1 : 0;
   if (n_dirty > bounce_slots_) {
     std::free(bounce_);
+    bounce_slots_ = 0;  // until the new buffer exists: a failed allocation leaves none
     bounce_ = static_cast<char*>(std::aligned_alloc(4096, group.size() * bytes));
     NOSA_CHECK_CODE(bounce_, ErrorCode::resource_exhausted, "out of host memory ({} bytes)",
                     group.size() * bytes);

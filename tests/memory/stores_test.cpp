@@ -133,6 +133,9 @@ TEST_P(DiskStoreIo, AnInjectedErrorFailsOnlyThatOperation) {
 
 TEST(DiskStore, AnUnknownIoChoiceIsAClearErrorThatLeavesNoFile) {
   test::TempDir dir;
+  struct Unset {
+    ~Unset() { ::unsetenv("NOSA_DISK_IO"); }  // on every exit: later stores must not see it
+  } unset;
   ::setenv("NOSA_DISK_IO", "threadz", 1);
   try {
     DiskStore disk(dir / "kv", 4096, 4);
@@ -141,7 +144,6 @@ TEST(DiskStore, AnUnknownIoChoiceIsAClearErrorThatLeavesNoFile) {
     EXPECT_EQ(e.code(), ErrorCode::invalid_argument);
     EXPECT_NE(e.message().find("NOSA_DISK_IO=threadz"), std::string::npos) << e.message();
   }
-  ::unsetenv("NOSA_DISK_IO");
   EXPECT_FALSE(std::filesystem::exists(dir / "kv"));
 }
 
