@@ -214,7 +214,8 @@ void KvTiers::begin_step(const std::vector<int32_t>& writes, const std::vector<i
   ++step_;
   round_tick_ = tick_ + 1;
   const int64_t per = shape_.chunks_per_block();
-  std::vector<ChunkId> chunks;
+  std::vector<ChunkId>& chunks = step_chunks_;
+  chunks.clear();
   for (int32_t b : writes)
     if (!writing_[b])
       for (int64_t i = 0; i < per; ++i) chunks.push_back(b * per + i);

@@ -14,7 +14,6 @@
 #include <functional>
 #include <memory>
 #include <string>
-#include <unordered_set>
 #include <vector>
 
 #include "memory/block_cache.h"
@@ -184,6 +183,7 @@ class KvTiers {
   std::vector<ChunkId> unique_;
   std::vector<int32_t> slots_, hit_slots_;
   std::vector<ChunkId> missing_;
+  std::vector<ChunkId> step_chunks_;  // begin_step's chunks, kept for its capacity
   std::vector<BlockCache::Load> misses_;
   std::vector<int32_t> back_;
   std::vector<ReadBack> group_;

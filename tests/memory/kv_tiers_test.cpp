@@ -7,7 +7,6 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
-#include <map>
 #include <random>
 #include <set>
 
@@ -78,6 +77,17 @@ struct Sim {
       std::memset(dev->slot(dev->table[c]) + r * row_bytes, pattern(c, r), row_bytes);
     }
   }
+  // One step that fills block b whole (every row written), as a prompt's block would be.
+  void write_block(int32_t b) {
+    std::vector<ChunkCopy> copies;
+    tiers->begin_step({b}, {}, copies);
+    dev->load(copies);
+    for (int r = 0; r < rows; ++r) write_row(b, r);
+    copies.clear();
+    tiers->end_step({b}, copies);
+    dev->store(copies);
+  }
+
   void check_chunk(ChunkId c, int valid_rows) {
     const size_t row_bytes = shape.chunk_bytes() / rows;
     ASSERT_GE(dev->table[c], 0);
@@ -204,15 +214,7 @@ TEST(KvTiers, ReleaseFreesEveryTier) {
   Sim sim(16, 64, 4, (dir / "kv").string());
   std::vector<ChunkCopy> copies;
   std::vector<int32_t> blocks = {0, 1, 2, 3, 4, 5};
-  for (int32_t b : blocks) {
-    copies.clear();
-    sim.tiers->begin_step({b}, {}, copies);
-    sim.dev->load(copies);
-    for (int r = 0; r < sim.rows; ++r) sim.write_row(b, r);
-    copies.clear();
-    sim.tiers->end_step({b}, copies);
-    sim.dev->store(copies);
-  }
+  for (int32_t b : blocks) sim.write_block(b);
   EXPECT_EQ(sim.tiers->stats().host_blocks_used, 4);
   EXPECT_EQ(sim.tiers->stats().disk_blocks_used, 2);
   sim.tiers->release(blocks);
@@ -226,15 +228,7 @@ TEST(KvTiers, ADiskReadErrorFailsOnlyTheBlockItTouched) {
   test::TempDir dir;
   Sim sim(16, 8, 2, (dir / "kv").string());
   std::vector<ChunkCopy> copies;
-  for (int32_t b = 0; b < 6; ++b) {  // blocks 0..3 end up on disk
-    copies.clear();
-    sim.tiers->begin_step({b}, {}, copies);
-    sim.dev->load(copies);
-    for (int r = 0; r < sim.rows; ++r) sim.write_row(b, r);
-    copies.clear();
-    sim.tiers->end_step({b}, copies);
-    sim.dev->store(copies);
-  }
+  for (int32_t b = 0; b < 6; ++b) sim.write_block(b);  // blocks 0..3 end up on disk
   sim.tiers->disk()->inject_faults([](bool write, int64_t) { return !write; });
   std::vector<ChunkId> chunk = {sim.shape.chunk(0, 0, 0)};
   copies.clear();
@@ -262,15 +256,7 @@ TEST(KvTiers, AFailedRoundLeavesNoUnloadedChunkResident) {
   test::TempDir dir;
   Sim sim(16, 8, 2, (dir / "kv").string());
   std::vector<ChunkCopy> copies;
-  for (int32_t b = 0; b < 6; ++b) {  // blocks 0..3 end up on disk
-    copies.clear();
-    sim.tiers->begin_step({b}, {}, copies);
-    sim.dev->load(copies);
-    for (int r = 0; r < sim.rows; ++r) sim.write_row(b, r);
-    copies.clear();
-    sim.tiers->end_step({b}, copies);
-    sim.dev->store(copies);
-  }
+  for (int32_t b = 0; b < 6; ++b) sim.write_block(b);  // blocks 0..3 end up on disk
   // Only the first read fails: block 0's; block 1's succeeds.
   int reads = 0;
   sim.tiers->disk()->inject_faults([&reads](bool write, int64_t) { return !write && reads++ == 0; });
@@ -323,15 +309,7 @@ TEST(KvTiers, BlocksComeBackFromAFullDiskTierExactly) {
   const std::vector<int32_t> order = {3, 17, 0,  22, 9, 5,  12, 20, 1,  15, 7,  23,
                                       2, 11, 19, 4,  8, 13, 6,  21, 10, 14, 16, 18};
   // Every block is rewritten once (as a block being filled would be), then read in rounds.
-  for (int32_t b : order) {
-    std::vector<ChunkCopy> copies;
-    sim.tiers->begin_step({b}, {}, copies);
-    sim.dev->load(copies);
-    for (int r = 0; r < sim.rows; ++r) sim.write_row(b, r);
-    copies.clear();
-    sim.tiers->end_step({b}, copies);
-    sim.dev->store(copies);
-  }
+  for (int32_t b : order) sim.write_block(b);
   const int per = int(sim.shape.chunks_per_block());
   for (int pass = 0; pass < 3; ++pass)
     for (int32_t b : order) {
