@@ -36,8 +36,9 @@ class Model {
 
   // Runs one step: appends the step's tokens to the KV cache (the blocks of every sequence must
   // already cover its new positions) and returns the logits [logit_rows, vocab] on rank 0 (an
-  // undefined tensor on other ranks). Decoding steps on one rank run from recorded step graphs
-  // where the backend has them (Backend::replay_step).
+  // undefined tensor on other ranks). Decoding steps run from recorded step graphs where the
+  // backend has them (Backend::replay_step), under tensor parallelism too where the communicator
+  // can be recorded (Communicator::graph_capturable).
   Tensor forward(const StepBatch& step, KvCache& cache);
 
   // Benchmarks: replaces each layer's selection after it is computed (its cost stays in the

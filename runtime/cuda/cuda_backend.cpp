@@ -948,6 +948,7 @@ class CudaBackend final : public Backend {
     const void* cache = nullptr;
     int tokens = 0;
     int cap_blocks = 0;  // block tables hold this many blocks; contexts up to cap * block size
+    std::string select_path;  // force_cuda_select_path() when recorded: replays keep it
     bool operator==(const GraphKey&) const = default;
   };
 
@@ -995,6 +996,7 @@ class CudaBackend final : public Backend {
     k.cache = &cache;
     k.tokens = int(T);
     k.cap_blocks = int((need + bucket - 1) / bucket * bucket);
+    k.select_path = g_select_path;
     return k;
   }
 
