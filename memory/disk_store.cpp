@@ -4,8 +4,10 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 
 #ifdef NOSA_HAVE_URING
 #include <liburing.h>
@@ -211,8 +213,19 @@ void DiskStore::ring_submit(const Op& op) {
     io_uring_prep_read(sqe, fd, op.buffer, unsigned(slot_bytes_), uint64_t(offset));
   io_uring_sqe_set_data(sqe, reinterpret_cast<void*>(uintptr_t(op.ticket)));
   ring_->inflight.emplace(op.ticket, op);
-  const int rc = io_uring_submit(&ring_->ring);
+  int rc = io_uring_submit(&ring_->ring);
+  for (int retry = 0; retry < 100 && (rc == -EAGAIN || rc == -EBUSY || rc == -EINTR); ++retry) {
+    lock.unlock();  // the kernel is short of resources for a moment: let completions drain
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    lock.lock();
+    rc = io_uring_submit(&ring_->ring);
+  }
   if (rc >= 0) return;
+  // The entry stays queued in the ring and a later submit would send it: it becomes a no-op
+  // whose completion nobody waits for (reap skips unknown tickets), so the failed operation's
+  // buffer and slot are never touched after its error is reported.
+  io_uring_prep_nop(sqe);
+  io_uring_sqe_set_data(sqe, reinterpret_cast<void*>(~uintptr_t(0)));
   ring_->inflight.erase(op.ticket);
   lock.unlock();
   finish(op, std::make_exception_ptr(Error(
