@@ -317,10 +317,10 @@ cudaError_t launch(const SelectArgs& a, cudaStream_t stream) {
 
 // ---- The split path (decode): four kernels over (key chunk | block chunk, KV head, token) -------
 //
-// 1. split_logits: 64 K compressed keys of one (token, KV head) per thread block of 64 threads
-//    (K = 1 is launched, see launch_split), K keys per thread, the block's block-table lookups
-//    first, then the rows staged in shared memory, all the group's heads; logits to the scratch,
-//    and each head's maximum over each chunk of 64 keys.
+// 1. split_logits: 64 compressed keys of one (token, KV head) per thread block of 64 threads, the
+//    block's block-table lookups first, then the rows staged in shared memory; each thread a
+//    tile of 4 keys x up to 4 heads per pass; logits to the scratch, and each head's maximum
+//    over the chunk.
 // 2. split_sums: each head's maximum over the chunks (exact), and per chunk each head's double sum
 //    of exp(double(logit - max)).
 // 3. split_pool: each head's sum over the chunks (in chunk order, so every block of a (token, head)
@@ -376,18 +376,18 @@ SplitLayout split_layout(int T, int H, int G, int m, int n_max, int nb_max) {
   return L;
 }
 
-// Kernel 1's shared memory: the query [G][d] and the warp maxima [2][K][G] (floats, rounded up
-// to 16 bytes), the chunks of the block's compressed keys [64 K + 1] (int64), then the block's
-// compressed-key rows [64 K][d / 8] (uint4, segment x of row r at x ^ (r & 7), so that eight
-// threads reading eight rows hit different banks).
-__host__ __device__ inline size_t logits_homes_offset(int G, int d, int K) {
-  return (size_t(G) * d + 2 * size_t(K) * G + 3) / 4 * 4;
+// Kernel 1's shared memory: the query [G][d + 4] (floats; the padding puts the two heads a warp
+// reads at once in different banks), the chunks of the block's compressed keys [65] (int64),
+// then the block's 64 compressed-key rows [64][d / 8] (uint4, segment x of row r at x ^ (r & 7),
+// so that eight threads reading eight rows hit different banks).
+__host__ __device__ inline size_t logits_homes_offset(int G, int d) {
+  return (size_t(G) * (d + 4) + 3) / 4 * 4;
 }
-__host__ __device__ inline size_t logits_rows_offset(int G, int d, int K) {
-  return logits_homes_offset(G, d, K) + ((size_t(k_split_keys) * K + 1) * 2 + 3) / 4 * 4;
+__host__ __device__ inline size_t logits_rows_offset(int G, int d) {
+  return logits_homes_offset(G, d) + ((size_t(k_split_keys) + 1) * 2 + 3) / 4 * 4;
 }
-size_t logits_smem(int G, int d, int K) {
-  return sizeof(float) * logits_rows_offset(G, d, K) + 16 * size_t(k_split_keys) * K * (d / 8);
+size_t logits_smem(int G, int d) {
+  return sizeof(float) * logits_rows_offset(G, d) + 16 * size_t(k_split_keys) * (d / 8);
 }
 size_t sums_smem(int G) { return sizeof(double) * 2 * G + sizeof(float) * G; }
 __host__ __device__ inline size_t pool_keys(const SplitLayout& L, int m) {
@@ -402,74 +402,77 @@ size_t topk_smem(int nb_max) {
          sizeof(int) * (256 + k_max_warps + 4);
 }
 
-// Keys [j0, j0 + 64 K) of head h0..h0 + 7 (NH of them, all 8 when FULL): acc[k][hh] += the dot
-// product of key threadIdx.x + 64 k with query head h0 + hh, x in order.
-template <int D, int K, bool FULL>
-__device__ __forceinline__ void logits_dots(const float* sq, const uint4* rows, int h0, int NH,
-                                            float (&acc)[K][8]) {
-  constexpr int P = D / 8;
-  const int sw = threadIdx.x & 7;  // the swizzle of this thread's rows (row - threadIdx.x: 64 k)
+// The logits of one chunk of 64 keys as a register-tiled product: thread (hg, kg) of the 64
+// (kg = thread % 16, hg = thread / 16) computes keys kg + 16 k (k < 4) against up to four of the
+// heads hg + 4 i per pass (hs: the heads, nh of them; all four when FULL), so that each staged
+// key value serves four heads and each query value four keys (a broadcast query read per FMA
+// was the bound before). Every logit still accumulates in x order.
+constexpr int k_logit_key_lanes = 16;   // kg
+constexpr int k_logit_head_lanes = k_split_keys / k_logit_key_lanes;  // hg: 4
+constexpr int k_logit_keys = k_split_keys / k_logit_key_lanes;        // keys per thread: 4
+constexpr int k_logit_heads = 4;        // heads per thread and pass
+
+template <int D, bool FULL>
+__device__ __forceinline__ void logits_tile(const float* sq, const uint4* rows, int kg,
+                                            const int (&hs)[k_logit_heads], int nh,
+                                            float (&acc)[k_logit_heads][k_logit_keys]) {
+  constexpr int P = D / 8, QS = D + 4;
+  const int sw = kg & 7;  // the swizzle of this thread's rows: (kg + 16 k) & 7
 #pragma unroll 2
   for (int x0 = 0; x0 < D; x0 += 8) {
-    float cv[K][8];
+    float cv[k_logit_keys][8];
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const uint4 raw = rows[(k * k_split_keys + threadIdx.x) * P + ((x0 / 8) ^ sw)];
+    for (int k = 0; k < k_logit_keys; ++k) {
+      const uint4 raw = rows[(kg + k_logit_key_lanes * k) * P + ((x0 / 8) ^ sw)];
       const bf16* e = reinterpret_cast<const bf16*>(&raw);
 #pragma unroll
       for (int xx = 0; xx < 8; ++xx) cv[k][xx] = __bfloat162float(e[xx]);
     }
 #pragma unroll
-    for (int hh = 0; hh < 8; ++hh) {
-      if (FULL || hh < NH) {
-        const float4* qh = reinterpret_cast<const float4*>(sq + (h0 + hh) * D + x0);
+    for (int hh = 0; hh < k_logit_heads; ++hh) {
+      if (FULL || hh < nh) {
+        const float4* qh = reinterpret_cast<const float4*>(sq + hs[hh] * QS + x0);
         const float4 qa = qh[0], qb = qh[1];
         const float qv[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
 #pragma unroll
         for (int xx = 0; xx < 8; ++xx)
 #pragma unroll
-          for (int k = 0; k < K; ++k) acc[k][hh] = __fmaf_rn(qv[xx], cv[k][xx], acc[k][hh]);
+          for (int k = 0; k < k_logit_keys; ++k)
+            acc[hh][k] = __fmaf_rn(qv[xx], cv[k][xx], acc[hh][k]);
       }
     }
   }
 }
 
-// K key chunks per thread block: thread i computes keys i, i + 64, ... of the block's 64 K, so
-// that every query value read from shared memory serves K keys.
-template <int D, int K>
+// One chunk of 64 keys of one (token, KV head) per thread block: the chunk's block-table lookups,
+// then its rows staged in shared memory while the query is converted. (Two or four chunks per
+// thread block, each staged while the one before is computed, were 1-5% slower a step on an
+// H200 at B = 64: fewer thread blocks fit a multiprocessor, and they hid less latency.)
+template <int D>
 __global__ void __launch_bounds__(k_split_keys) split_logits(SelectArgs a, SplitLayout L) {
   extern __shared__ __align__(16) float sq[];  // see logits_smem
   const int cg = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
   const TokenSel s = token_sel(a, t);
-  const int j0 = cg * K * k_split_keys;
+  const int j0 = cg * k_split_keys;
   if (s.all || j0 >= s.n) return;
   const KvView& kv = a.kv;
   const int H = kv.n_kv_heads, G = a.group, m = kv.keys_per_block;
   const int64_t th = int64_t(t) * H + h;
-  constexpr int P = D / 8;
-  int64_t* homes = reinterpret_cast<int64_t*>(sq + logits_homes_offset(G, D, K));
-  uint4* rows = reinterpret_cast<uint4*>(sq + logits_rows_offset(G, D, K));
-  // The chunks of the block's keys first, all lookups in flight at once; then the rows,
-  // coalesced, straight into shared memory.
-  const int jl = min(j0 + K * k_split_keys, s.n);  // keys [j0, jl)
+  constexpr int P = D / 8, QS = D + 4;
+  int64_t* homes = reinterpret_cast<int64_t*>(sq + logits_homes_offset(G, D));
+  uint4* rows = reinterpret_cast<uint4*>(sq + logits_rows_offset(G, D));
+  const int jl = min(j0 + k_split_keys, s.n);  // keys [j0, jl)
   const int lb0 = j0 / m, n_lb = (jl - 1) / m - lb0 + 1;
   {
     const int32_t* table = a.step.block_table + int64_t(a.step.token_seq[t]) * a.step.bt_stride;
     for (int i = threadIdx.x; i < n_lb; i += blockDim.x)
       homes[i] = kv_chunk(kv, table[lb0 + i], a.layer, h);
   }
-  const uint4* q = reinterpret_cast<const uint4*>(static_cast<const bf16*>(a.q) + th * G * D);
-  for (int i = threadIdx.x; i < G * D / 8; i += blockDim.x) {
-    const uint4 raw = q[i];
-    const bf16* e = reinterpret_cast<const bf16*>(&raw);
-#pragma unroll
-    for (int x = 0; x < 8; ++x) sq[i * 8 + x] = __bfloat162float(e[x]);
-  }
   __syncthreads();
   {
     const uint4* ck = static_cast<const uint4*>(kv.ck);
 #pragma unroll
-    for (int it = 0; it < P * K; ++it) {
+    for (int it = 0; it < P; ++it) {
       const int idx = it * k_split_keys + threadIdx.x;
       const int r = idx / P, x = idx % P, jr = j0 + r;
       if (jr < jl)
@@ -477,44 +480,58 @@ __global__ void __launch_bounds__(k_split_keys) split_logits(SelectArgs a, Split
     }
     cp_async_commit();
   }
-  float* wmax = sq + G * D;  // [2][K][G]
+  const uint4* q = reinterpret_cast<const uint4*>(static_cast<const bf16*>(a.q) + th * G * D);
+  for (int i = threadIdx.x; i < G * P; i += blockDim.x) {
+    const uint4 raw = q[i];
+    const bf16* e = reinterpret_cast<const bf16*>(&raw);
+    float* dst = sq + (i / P) * QS + (i % P) * 8;
+#pragma unroll
+    for (int x = 0; x < 8; ++x) dst[x] = __bfloat162float(e[x]);
+  }
   cp_async_wait<0>();
   __syncthreads();
 
   float* lg = a.scratch + L.lg + th * G * int64_t(a.n_max);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int h0 = 0; h0 < G; h0 += 8) {
-    float acc[K][8];
+  const int kg = threadIdx.x % k_logit_key_lanes, hg = threadIdx.x / k_logit_key_lanes;
+  // Heads hg + 4 i: k_logit_heads of them per pass; every thread runs every pass (the maxima are
+  // warp shuffles), a thread past the group's heads with nh = 0.
+  constexpr int heads_per_pass = k_logit_head_lanes * k_logit_heads;
+  for (int p0 = 0; p0 < G; p0 += heads_per_pass) {
+    int hs[k_logit_heads];
+    int nh = 0;
 #pragma unroll
-    for (int k = 0; k < K; ++k)
+    for (int hh = 0; hh < k_logit_heads; ++hh) {
+      hs[hh] = p0 + hg + k_logit_head_lanes * hh;
+      if (hs[hh] < G) nh = hh + 1;
+    }
+    float acc[k_logit_heads][k_logit_keys];
 #pragma unroll
-      for (int hh = 0; hh < 8; ++hh) acc[k][hh] = 0.0f;
-    const int nh = min(8, G - h0);
-    if (nh == 8)
-      logits_dots<D, K, true>(sq, rows, h0, 8, acc);
-    else
-      logits_dots<D, K, false>(sq, rows, h0, nh, acc);
+    for (int hh = 0; hh < k_logit_heads; ++hh)
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int j = j0 + k * k_split_keys + threadIdx.x;
-      const bool valid = j < s.n;  // rows past n hold garbage: their logits are never used
+      for (int k = 0; k < k_logit_keys; ++k) acc[hh][k] = 0.0f;
+    if (nh == k_logit_heads)
+      logits_tile<D, true>(sq, rows, kg, hs, nh, acc);
+    else if (nh > 0)
+      logits_tile<D, false>(sq, rows, kg, hs, nh, acc);
 #pragma unroll
-      for (int hh = 0; hh < 8; ++hh) {
-        if (hh < nh) {
-          const float l = __fmul_rn(acc[k][hh], a.scale);
-          if (valid) lg[int64_t(h0 + hh) * a.n_max + j] = l;
-          const float mx = warp_max(valid ? l : -INFINITY);
-          if (lane == 0) wmax[(warp * K + k) * G + h0 + hh] = mx;
+    for (int hh = 0; hh < k_logit_heads; ++hh) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int k = 0; k < k_logit_keys; ++k) {
+        const int j = j0 + kg + k_logit_key_lanes * k;
+        // Rows past n hold garbage: their logits are never stored nor counted.
+        if (hh < nh && j < s.n) {
+          const float l = __fmul_rn(acc[hh][k], a.scale);
+          lg[int64_t(hs[hh]) * a.n_max + j] = l;
+          mx = fmaxf(mx, l);
         }
       }
+      // The chunk's maximum over the 16 key lanes of this half warp.
+#pragma unroll
+      for (int o = k_logit_key_lanes / 2; o > 0; o /= 2)
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      if (hh < nh && kg == 0) a.scratch[L.cmax + (th * G + hs[hh]) * L.chunks + cg] = mx;
     }
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < K * G; i += blockDim.x) {
-    const int k = i / G, g = i % G, c = cg * K + k;
-    if (c * k_split_keys < s.n)
-      a.scratch[L.cmax + (th * G + g) * L.chunks + c] =
-          fmaxf(wmax[k * G + g], wmax[(K + k) * G + g]);
   }
 }
 
@@ -911,7 +928,7 @@ bool split_fits(int n_kv_heads, int group, int head_dim, int keys_per_block, int
   const SplitLayout L =
       split_layout(n_tokens, n_kv_heads, group, keys_per_block, n_max, nb_max);
   const size_t limit = max_shared_bytes();
-  return L.total <= k_split_budget_floats && logits_smem(group, head_dim, 1) <= limit &&
+  return L.total <= k_split_budget_floats && logits_smem(group, head_dim) <= limit &&
          pool_smem(L, group, keys_per_block) <= limit && topk_smem(nb_max) <= limit;
 }
 
@@ -921,14 +938,14 @@ bool split_fits(int n_kv_heads, int group, int head_dim, int keys_per_block, int
 constexpr int k_finish_min_pairs = 64;
 constexpr size_t k_finish_max_logits = 16384;
 
-template <int D, int K>
+template <int D>
 cudaError_t launch_logits(const SelectArgs& a, const SplitLayout& L, cudaStream_t stream) {
   const int T = a.step.n_tokens, H = a.kv.n_kv_heads;
-  const size_t smem = logits_smem(a.group, D, K);
+  const size_t smem = logits_smem(a.group, D);
   // The occupancy is bound by shared memory: all of the unified L1 as shared memory.
-  cudaError_t e = allow_shared<split_logits<D, K>>(smem, true);
+  cudaError_t e = allow_shared<split_logits<D>>(smem, true);
   if (e != cudaSuccess) return e;
-  split_logits<D, K><<<dim3((L.chunks + K - 1) / K, H, T), k_split_keys, smem, stream>>>(a, L);
+  split_logits<D><<<dim3(L.chunks, H, T), k_split_keys, smem, stream>>>(a, L);
   return cudaGetLastError();
 }
 
@@ -943,11 +960,7 @@ cudaError_t launch_split(const SelectArgs& a, cudaStream_t stream) {
                       s5 <= max_shared_bytes();
   cudaError_t e;
   if (a.mode != SelectMode::dense && a.n_max > 0) {
-    // One key chunk per thread block (K = 1): on an H200 at 64 x 2 (token, KV head) pairs and
-    // 16K positions, K = 4 (three thread blocks, six warps per multiprocessor) took 43 us per
-    // layer against 29 for one chunk per block (before its block-table lookups were batched):
-    // the multiprocessors need the warps more than the fewer shared-memory reads of the query.
-    e = launch_logits<D, 1>(a, L, stream);
+    e = launch_logits<D>(a, L, stream);
     if (e != cudaSuccess) return e;
   }
   if (finish) {

@@ -239,6 +239,11 @@ std::vector<SelectCase> selection_only_cases() {
   // tokens of different lengths in one launch.
   cases.push_back({"8b-decode-wide", 128, 16, 64, 32, 16, 1024, 64, 16,
                    {{12000, 1}, {9000, 1}, {6000, 40}}});
+  // Groups that split_logits' four head lanes do not divide (12: three heads a thread; 3 at
+  // head_dim 64: one lane without heads).
+  cases.push_back({"g12-decode", 128, 12, 64, 32, 16, 1024, 64, 16,
+                   {{9000, 1}, {5000, 1}, {3000, 20}}});
+  cases.push_back({"g3-d64-decode", 64, 3, 64, 32, 16, 1024, 64, 16, {{6000, 1}, {2000, 1}}});
   // Groups above 16 through split_finish (64 x n_max logits within its one-block limit).
   cases.push_back({"g64-finish", 128, 64, 64, 32, 16, 1024, 64, 16,
                    {{4000, 1}, {3000, 1}, {2500, 1}}});
