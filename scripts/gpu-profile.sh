@@ -21,12 +21,13 @@ for r in csv.DictReader(lines):
     name = re.sub(r"nosa::(attention|runtime)::cuda::\(anonymous namespace\)::", "", name)[:60]
     v = float(r["Metric Value"].replace(",", ""))
     unit = r["Metric Unit"]
-    v *= {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}.get(unit, 1.0)
+    v *= {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,
+          "second": 1e6, "s": 1e6}.get(unit, 1.0)
     tot[name] += v
     cnt[name] += 1
 total = sum(tot.values())
 print(f"  {'kernel':60s} {'calls':>6s} {'total us':>10s} {'share':>6s}")
-for k in sorted(tot, key=tot.get, reverse=True)[:14]:
+for k in sorted(tot, key=tot.get, reverse=True)[:30]:
     print(f"  {k:60s} {cnt[k]:6d} {tot[k]:10.1f} {100 * tot[k] / total:5.1f}%")
 print(f"  {'all kernels':60s} {sum(cnt.values()):6d} {total:10.1f}")
 PY
