@@ -80,8 +80,13 @@ Tensor Model::forward(const StepBatch& step, KvCache& cache) {
   try {
     logits = run_layers(step, cache);
   } catch (const std::exception& e) {
-    // Recording failed (an op that cannot be recorded, say): this step runs as usual.
-    backend_.abort_recording();
+    // A wrong input (a token id outside the vocabulary, say) fails the step as it would without
+    // graphs, and later steps with this key are still recorded; any other error means recording
+    // failed (an op that cannot be recorded, say): this step runs as usual.
+    const auto* error = dynamic_cast<const Error*>(&e);
+    const bool bad_input = error && error->code() == ErrorCode::invalid_argument;
+    backend_.abort_recording(bad_input);
+    if (bad_input) throw;
     logger("runtime")->warn("recording a step graph failed ({}); running the step directly",
                             e.what());
     return run_layers(step, cache);

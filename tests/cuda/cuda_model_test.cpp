@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "parallel/communicator.h"
+#include "runtime/core/error.h"
 #include "runtime/model.h"
 #include "runtime/sampling.h"
 #include "tests/common/test_util.h"
@@ -165,6 +166,43 @@ TEST(CudaModel, StepGraphsGiveTheLogitsOfDirectSteps) {
                 worst);
     EXPECT_LT(worst, 1e-2) << attention::mode_name(mode);
   }
+}
+
+// A step whose input is wrong (a token id outside the vocabulary) fails with a clear error also
+// when it is the step being recorded, and steps with the same key still run from graphs after it.
+TEST(CudaModel, ABadTokenInARecordedStepLeavesGraphsOn) {
+  NOSA_REQUIRE_GPU();
+  Backends b;
+  runtime::set_cuda_graphs(true);
+  Side gpu = load(*b.gpu, attention::Mode::nosa, 100);
+  const int bs = gpu.model->kv_layout().block_size;
+  std::vector<int32_t> blocks(40);
+  for (int i = 0; i < 40; ++i) blocks[i] = i;
+  StepBatch prefill;
+  prefill.add(StepFixture({{0, 300}}, bs, 40, 73, 1900).step.tokens, 0, &blocks, true);
+  gpu.model->forward(prefill, *gpu.cache);
+  const int64_t vocab = gpu.model->config().vocab_size;
+  auto decode = [&](int pos, int32_t token) {
+    StepBatch s;
+    s.add({token}, pos, &blocks);
+    return gpu.model->forward(s, *gpu.cache);
+  };
+  decode(300, 5);  // the key's first step runs directly; its second would be recorded
+  try {
+    decode(301, int32_t(vocab + 7));
+    ADD_FAILURE() << "a token id outside the vocabulary was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::invalid_argument) << e.what();
+    EXPECT_NE(std::string(e.what()).find("vocabulary"), std::string::npos) << e.what();
+  }
+  const int64_t before = runtime::cuda_graph_replays();
+  for (int pos = 301; pos < 311; ++pos) {
+    Tensor logits = b.gpu->to_host(decode(pos, 11 + pos % 50));
+    for (int64_t j = 0; j < logits.numel(); ++j)
+      ASSERT_TRUE(std::isfinite(logits.data<float>()[j])) << "position " << pos;
+  }
+  // Seen once, recorded once, then eight replays (none if the failure had turned graphs off).
+  EXPECT_GE(runtime::cuda_graph_replays() - before, 8);
 }
 
 TEST(CudaModel, GenerateRunsOnTheGpuFromTheCommandLine) {
