@@ -24,9 +24,12 @@ namespace fs = std::filesystem;
 struct DiskStore::Ring {
   static constexpr unsigned k_depth = 64;  // operations in flight (the completion queue holds 128)
   io_uring ring{};
-  std::mutex mutex;  // the submission queue and `inflight`
+  std::mutex mutex;  // the submission queue, `inflight` and `broken`
   std::condition_variable room;
   std::unordered_map<Ticket, Op> inflight;
+  // Why the completion thread stopped (waiting for completions failed for good); empty while it
+  // runs. Once set, every operation fails with it.
+  std::string broken;
   std::thread completions;
 };
 
@@ -126,12 +129,14 @@ DiskStore::~DiskStore() {
   for (auto& t : threads_) t.join();
 #ifdef NOSA_HAVE_URING
   if (ring_) {
-    {  // a no-op with ticket 0 ends the completion thread
+    {  // a no-op with ticket 0 ends the completion thread, unless it has stopped on its own
       std::lock_guard lock(ring_->mutex);
-      io_uring_sqe* sqe = io_uring_get_sqe(&ring_->ring);
-      io_uring_prep_nop(sqe);
-      io_uring_sqe_set_data(sqe, nullptr);
-      io_uring_submit(&ring_->ring);
+      io_uring_sqe* sqe = ring_->broken.empty() ? io_uring_get_sqe(&ring_->ring) : nullptr;
+      if (sqe) {
+        io_uring_prep_nop(sqe);
+        io_uring_sqe_set_data(sqe, nullptr);
+        io_uring_submit(&ring_->ring);
+      }
     }
     ring_->completions.join();
     io_uring_queue_exit(&ring_->ring);
@@ -147,6 +152,11 @@ DiskStore::~DiskStore() {
 void DiskStore::inject_faults(std::function<bool(bool, int64_t)> fail) {
   std::lock_guard lock(mutex_);
   fault_ = std::move(fail);
+}
+
+void DiskStore::inject_wait_faults(std::function<int(int)> result) {
+  std::lock_guard lock(mutex_);
+  wait_fault_ = std::move(result);
 }
 
 DiskStore::Ticket DiskStore::submit(bool write, int64_t slot, void* buffer) {
@@ -202,7 +212,18 @@ void DiskStore::finish(const Op& op, std::exception_ptr error) {
 #ifdef NOSA_HAVE_URING
 void DiskStore::ring_submit(const Op& op) {
   std::unique_lock lock(ring_->mutex);
-  ring_->room.wait(lock, [&] { return ring_->inflight.size() < Ring::k_depth; });
+  ring_->room.wait(lock, [&] {
+    return !ring_->broken.empty() || ring_->inflight.size() < Ring::k_depth;
+  });
+  if (!ring_->broken.empty()) {  // nothing would complete it
+    const std::string why = ring_->broken;
+    lock.unlock();
+    finish(op, std::make_exception_ptr(Error(
+                   ErrorCode::io, fmt::format("{}: the {} of block slot {} cannot run: {}",
+                                              file_name(op.slot), op.write ? "write" : "read",
+                                              op.slot, why))));
+    return;
+  }
   int64_t offset;
   const int fd = file_for(op.slot, offset);
   // Each operation is submitted at once, so a free entry exists while fewer than k_depth fly.
@@ -226,8 +247,11 @@ void DiskStore::ring_submit(const Op& op) {
   // buffer and slot are never touched after its error is reported.
   io_uring_prep_nop(sqe);
   io_uring_sqe_set_data(sqe, reinterpret_cast<void*>(~uintptr_t(0)));
-  ring_->inflight.erase(op.ticket);
+  // While the lock was let go between retries, a completion thread that stopped may have
+  // failed the operation already: it is finished once.
+  const bool still_ours = ring_->inflight.erase(op.ticket) != 0;
   lock.unlock();
+  if (!still_ours) return;
   finish(op, std::make_exception_ptr(Error(
                  ErrorCode::io, fmt::format("{}: submitting the {} of block slot {} failed: {}",
                                             file_name(op.slot), op.write ? "write" : "read",
@@ -237,10 +261,36 @@ void DiskStore::ring_submit(const Op& op) {
 void DiskStore::reap() {
   for (;;) {
     io_uring_cqe* cqe = nullptr;
-    const int rc = io_uring_wait_cqe(&ring_->ring, &cqe);
+    int rc = io_uring_wait_cqe(&ring_->ring, &cqe);
+    std::function<int(int)> wait_fault;
+    {
+      std::lock_guard lock(mutex_);
+      wait_fault = wait_fault_;
+    }
+    if (wait_fault) rc = wait_fault(rc);
+    if (rc == -EINTR) continue;  // a signal: wait again
     if (rc < 0) {
-      if (rc != -EINTR) logger("memory")->error("io_uring: waiting failed: {}", std::strerror(-rc));
-      continue;
+      // Any other failure is taken as final: retrying could spin forever while the operations
+      // in flight never complete. They fail now (their waiters get the error instead of hanging),
+      // later ones fail at submission, and the thread stops. The kernel may still finish what it
+      // was given, but with the completion queue unreadable nothing can tell when.
+      const std::string why =
+          fmt::format("waiting for io_uring completions failed: {}", std::strerror(-rc));
+      logger("memory")->error("{}; the disk tier does no more I/O", why);
+      std::vector<Op> lost;
+      {
+        std::lock_guard lock(ring_->mutex);
+        ring_->broken = why;
+        for (const auto& [ticket, op] : ring_->inflight) lost.push_back(op);
+        ring_->inflight.clear();
+      }
+      ring_->room.notify_all();  // submitters waiting for room fail instead
+      for (const Op& op : lost)
+        finish(op, std::make_exception_ptr(Error(
+                       ErrorCode::io, fmt::format("{}: the {} of block slot {} is lost: {}",
+                                                  file_name(op.slot),
+                                                  op.write ? "write" : "read", op.slot, why))));
+      return;
     }
     const Ticket ticket = Ticket(reinterpret_cast<uintptr_t>(io_uring_cqe_get_data(cqe)));
     const int res = cqe->res;

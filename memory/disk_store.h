@@ -3,7 +3,8 @@
 // (about 1 MiB or more for real models), through io_uring where the build has liburing and the
 // kernel allows it (one ring, many operations in flight, one completion thread), else by a small
 // pool of I/O threads. Errors come back to the caller of wait() as io errors naming the file;
-// the store stays usable.
+// the store stays usable, unless waiting for io_uring completions fails for good: then every
+// operation in flight and every later one fails (no waiter is left hanging).
 #pragma once
 
 #include <condition_variable>
@@ -52,6 +53,9 @@ class DiskStore {
 
   // Tests: make operations fail when the predicate says so (write = true for writes).
   void inject_faults(std::function<bool(bool write, int64_t slot)> fail);
+  // Tests (io_uring): the completion thread's waits return what `result` makes of what they got
+  // (0 or -errno). It runs on that thread and may block there, holding completions back.
+  void inject_wait_faults(std::function<int(int rc)> result);
 
  private:
   struct Op {
@@ -88,6 +92,7 @@ class DiskStore {
   bool stop_ = false;
   int64_t bytes_read_ = 0, bytes_written_ = 0;
   std::function<bool(bool, int64_t)> fault_;
+  std::function<int(int)> wait_fault_;
   std::unique_ptr<Ring> ring_;  // null: the thread pool does the I/O
 };
 

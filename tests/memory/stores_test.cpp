@@ -2,10 +2,18 @@
 // file and leave the store usable.
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <future>
+#include <mutex>
 #include <random>
+#include <thread>
 
 #include "memory/disk_store.h"
 #include "memory/host_store.h"
@@ -129,6 +137,105 @@ TEST_P(DiskStoreIo, AnInjectedErrorFailsOnlyThatOperation) {
   disk.wait(disk.write(2, host.slot(0)));  // the store goes on
   disk.wait(disk.read(2, host.slot(1)));
   EXPECT_EQ(std::memcmp(host.slot(0), host.slot(1), 4096), 0);
+}
+
+// The error an operation ends with (an internal one saying so when it succeeded).
+Error error_of(DiskStore& disk, DiskStore::Ticket ticket) {
+  try {
+    disk.wait(ticket);
+  } catch (const Error& e) {
+    return e;
+  }
+  return Error(ErrorCode::internal, "no error");
+}
+
+// A test whose failure is a hang ends the process with a message instead (the hang would also
+// keep the store's destructor waiting). It never delays a test that passes.
+class HangGuard {
+ public:
+  explicit HangGuard(const char* what) {
+    guard_ = std::thread([this, what] {
+      std::unique_lock lock(mutex_);
+      if (!done_cv_.wait_for(lock, std::chrono::seconds(60), [&] { return done_; })) {
+        std::fprintf(stderr, "hung: %s\n", what);
+        std::abort();
+      }
+    });
+  }
+  ~HangGuard() {
+    {
+      std::lock_guard lock(mutex_);
+      done_ = true;
+    }
+    done_cv_.notify_all();
+    guard_.join();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable done_cv_;
+  bool done_ = false;
+  std::thread guard_;
+};
+
+// When waiting for io_uring completions fails for good, no completion will ever come: the
+// operations in flight fail with an error instead of leaving their waiters hanging, later ones
+// fail at once, and the store still closes.
+TEST(DiskStore, AFailingCompletionWaitFailsEveryOperationInsteadOfHanging) {
+  if (!DiskStore::uring_available()) GTEST_SKIP() << "no io_uring in this build or kernel";
+  HangGuard guard("a failing io_uring completion wait");
+  test::TempDir dir;
+  auto alloc = make_plain_host_allocator();
+  HostStore host(4096, 8, *alloc);
+  DiskStore disk(dir / "kv", 4096, 8, 2, 1 << 20, DiskIo::uring);
+  // The first wait is held until all eight writes fly, then it and every later one fail.
+  std::promise<void> submitted;
+  std::shared_future<void> all_submitted = submitted.get_future().share();
+  disk.inject_wait_faults([all_submitted](int) {
+    all_submitted.wait();
+    return -EIO;
+  });
+  std::vector<DiskStore::Ticket> writes;
+  for (int s = 0; s < 8; ++s) {
+    std::memset(host.slot(s), s + 1, 4096);
+    writes.push_back(disk.write(s, host.slot(s)));
+  }
+  submitted.set_value();
+  for (int s = 0; s < 8; ++s) {
+    const Error e = error_of(disk, writes[size_t(s)]);
+    EXPECT_EQ(e.code(), ErrorCode::io) << e.message();
+    EXPECT_NE(e.message().find("nosa-kv-"), std::string::npos) << e.message();
+    EXPECT_NE(e.message().find("slot " + std::to_string(s)), std::string::npos) << e.message();
+    EXPECT_NE(e.message().find(std::strerror(EIO)), std::string::npos) << e.message();
+  }
+  // Later operations, reads and writes, fail cleanly too.
+  const Error read = error_of(disk, disk.read(3, host.slot(0)));
+  EXPECT_EQ(read.code(), ErrorCode::io) << read.message();
+  EXPECT_NE(read.message().find("read of block slot 3"), std::string::npos) << read.message();
+  EXPECT_NE(read.message().find(std::strerror(EIO)), std::string::npos) << read.message();
+  const Error write = error_of(disk, disk.write(5, host.slot(1)));
+  EXPECT_EQ(write.code(), ErrorCode::io) << write.message();
+  EXPECT_NE(write.message().find("write of block slot 5"), std::string::npos) << write.message();
+  disk.wait_all();
+  EXPECT_EQ(disk.bytes_written(), 0);
+  EXPECT_EQ(disk.bytes_read(), 0);
+}
+
+// A wait that a signal interrupts is only waited again: nothing fails.
+TEST(DiskStore, AnInterruptedCompletionWaitIsWaitedAgain) {
+  if (!DiskStore::uring_available()) GTEST_SKIP() << "no io_uring in this build or kernel";
+  HangGuard guard("an interrupted io_uring completion wait");
+  test::TempDir dir;
+  auto alloc = make_plain_host_allocator();
+  HostStore host(4096, 2, *alloc);
+  DiskStore disk(dir / "kv", 4096, 2, 2, 1 << 20, DiskIo::uring);
+  std::atomic<int> interrupted{0};
+  disk.inject_wait_faults([&interrupted](int rc) { return interrupted++ < 3 ? -EINTR : rc; });
+  std::memset(host.slot(0), 9, 4096);
+  disk.wait(disk.write(1, host.slot(0)));
+  disk.wait(disk.read(1, host.slot(1)));
+  EXPECT_EQ(std::memcmp(host.slot(0), host.slot(1), 4096), 0);
+  EXPECT_GE(interrupted.load(), 3);
 }
 
 TEST(DiskStore, AnUnknownIoChoiceIsAClearErrorThatLeavesNoFile) {
