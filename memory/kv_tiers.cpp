@@ -389,9 +389,7 @@ void KvTiers::read_back_group(std::vector<ReadBack>& group) {
       // The block stays on disk (and its sequence fails). A dirty victim was not touched; a
       // clean one's host copy may have been overwritten, but its disk copy is current.
       failed_.push_back(r.block);
-      if (dirty(r)) {
-        host_push_front(r.host_slot);
-      } else {
+      if (!dirty(r)) {
         if (r.victim >= 0) {
           host_slot_of_block_[r.victim] = -1;
           block_of_host_slot_[r.host_slot] = -1;
@@ -402,7 +400,7 @@ void KvTiers::read_back_group(std::vector<ReadBack>& group) {
         first_failed = r.block;
         first_error = errors[j];
       }
-      continue;
+      continue;  // a dirty victim goes back to the cold end below
     }
     const int64_t ds = disk_slot_of_block_[r.block];
     if (swapped[j]) {
@@ -425,6 +423,10 @@ void KvTiers::read_back_group(std::vector<ReadBack>& group) {
     block_of_host_slot_[r.host_slot] = r.block;
     touch_host(r.host_slot);
   }
+  // Dirty victims of failed reads keep their blocks and go back to the cold end in the order
+  // they were taken from it (the coldest first), so the round leaves their recency as it was.
+  for (size_t j = group.size(); j-- > 0;)
+    if (!errors[j].empty() && dirty(group[j])) host_push_front(group[j].host_slot);
   if (first_failed >= 0)
     NOSA_FAIL(ErrorCode::io, "reading KV block {} back from disk failed: {}", first_failed,
               first_error);

@@ -274,6 +274,37 @@ TEST(KvTiers, AFailedRoundLeavesNoUnloadedChunkResident) {
   sim.check_chunk(again[0], sim.rows);
 }
 
+// The host blocks whose reads back failed keep their place: the coldest is still the first to
+// move to disk. Here blocks 3 and 4, the two coldest (both dirty), are taken for blocks 0 and 1,
+// whose reads fail; a later read of block 2 must then take block 3, not block 4.
+TEST(KvTiers, AFailedReadBackLeavesTheHostOrderAsItWas) {
+  test::TempDir dir;
+  Sim sim(16, 8, 4, (dir / "kv").string());
+  // Host: blocks 3 4 5 6 (coldest first), disk: 0 1 2.
+  for (int32_t b = 0; b < 7; ++b) sim.write_block(b);
+  sim.tiers->disk()->inject_faults([](bool write, int64_t) { return !write; });
+  std::vector<ChunkId> lost = {sim.shape.chunk(0, 0, 0), sim.shape.chunk(1, 0, 0)};
+  std::vector<ChunkCopy> copies;
+  EXPECT_THROW(sim.tiers->select(lost.data(), 2, copies), Error);
+  EXPECT_EQ(sim.tiers->take_failed_blocks(), (std::vector<int32_t>{0, 1}));
+  sim.tiers->disk()->inject_faults({});
+  sim.tiers->release({0, 1});
+  const int64_t block_bytes = int64_t(sim.tiers->disk()->slot_bytes());  // one block's I/O
+  auto reads_for = [&](int32_t b) {  // selects a chunk of block b; the blocks read from disk
+    const int64_t before = sim.tiers->stats().bytes_disk_read;
+    std::vector<ChunkId> chunk = {sim.shape.chunk(b, 1, 1)};
+    copies.clear();
+    sim.tiers->select(chunk.data(), 1, copies);
+    sim.dev->load(copies);
+    sim.check_chunk(chunk[0], sim.rows);
+    return (sim.tiers->stats().bytes_disk_read - before) / block_bytes;
+  };
+  EXPECT_EQ(reads_for(2), 1);  // block 2 comes back in the coldest host block's place
+  EXPECT_EQ(reads_for(4), 0) << "block 4 went to disk before the colder block 3";
+  EXPECT_EQ(reads_for(3), 1);
+  EXPECT_TRUE(sim.tiers->take_failed_blocks().empty());
+}
+
 TEST(KvTiers, DuplicatesInOneSelectionAreAskedForOnce) {
   Sim sim(8, 16, 8, "");
   std::vector<int32_t> blocks = {0, 1};
