@@ -263,10 +263,11 @@ void KvTiers::select_misses(const ChunkId* chunks, int64_t n, std::vector<ChunkC
     if (b == last_block) continue;  // the heads of one block come together
     last_block = b;
     const int64_t hs = host_slot_of_block_[b];
-    if (hs >= 0) touch_host(hs);  // recency only: these blocks may still move to disk
+    if (hs >= 0) touch_host(hs);  // recency only: a hit's block may still move to disk
   }
   stats_.selected += int64_t(unique_.size());
-  // Only the blocks read for this round's loads are protected from reuse until they are done.
+  // Only the host blocks this round's loads read from (touched again by read_back) are protected
+  // from reuse until the loads are done.
   round_tick_ = tick_ + 1;
   struct Pending {
     std::vector<ChunkCopy>*& slot;
@@ -301,7 +302,13 @@ void KvTiers::read_back(const std::vector<BlockCache::Load>& misses) {
     const int32_t b = block_of(m.chunk);
     if (block_seen_[b] == block_stamp_) continue;
     block_seen_[b] = block_stamp_;
-    if (host_slot_of_block_[b] < 0 && disk_slot_of_block_[b] >= 0) back_.push_back(b);
+    const int64_t hs = host_slot_of_block_[b];
+    // A host block this round loads from is touched before any victim is chosen: touched in
+    // this round, it is no victim of the round (else it would go to disk only to be read back).
+    if (hs >= 0)
+      touch_host(hs);
+    else if (disk_slot_of_block_[b] >= 0)
+      back_.push_back(b);
   }
   constexpr size_t k_group = 32;  // reads in flight (and bounce buffers)
   size_t i = 0;

@@ -138,7 +138,8 @@ class KvTiers {
   int32_t block_of(ChunkId c) const { return int32_t(per_div_.div(uint32_t(c))); }
   void acquire(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads);
   void add_loads(std::vector<ChunkCopy>& loads);  // misses_ -> loads (host addresses, disk)
-  // Brings the disk-only blocks of these misses to the host, several reads in flight.
+  // Brings the disk-only blocks of these misses to the host, several reads in flight; the host
+  // blocks of the other misses are not among the blocks that make room.
   void read_back(const std::vector<BlockCache::Load>& misses);
   struct ReadBack {
     int32_t block;

@@ -305,6 +305,49 @@ TEST(KvTiers, AFailedReadBackLeavesTheHostOrderAsItWas) {
   EXPECT_TRUE(sim.tiers->take_failed_blocks().empty());
 }
 
+// A round's misses read their host blocks: those must not be the ones the round's reads back
+// from disk push out. Host: blocks 2 3 4 (coldest first), disk: 0 1. The round selects a chunk
+// of block 2 that is not on the device, one of block 3 that is (a hit: its host copy is not
+// needed) and chunks of blocks 0 and 1. Blocks 4 and 3 must make room, not block 2, which would
+// only be read back again.
+TEST(KvTiers, ARoundDoesNotMoveToDiskTheHostBlocksItLoads) {
+  test::TempDir dir;
+  Sim sim(16, 8, 3, (dir / "kv").string());
+  for (int32_t b = 0; b < 5; ++b) sim.write_block(b);  // the device holds blocks 3 and 4
+  std::vector<ChunkId> chunks = {sim.shape.chunk(2, 0, 0), sim.shape.chunk(3, 0, 0),
+                                 sim.shape.chunk(0, 0, 0), sim.shape.chunk(1, 0, 0)};
+  ASSERT_LT(sim.dev->table[chunks[0]], 0);
+  ASSERT_GE(sim.dev->table[chunks[1]], 0);
+  std::vector<ChunkCopy> copies;
+  sim.tiers->select(chunks.data(), int64_t(chunks.size()), copies);
+  sim.dev->load(copies);
+  for (ChunkId c : chunks) sim.check_chunk(c, sim.rows);
+  const int64_t block_bytes = int64_t(sim.tiers->disk()->slot_bytes());  // one block's I/O
+  const TierStats st = sim.tiers->stats();
+  EXPECT_EQ(st.bytes_disk_read, 2 * block_bytes) << "blocks 0 and 1 only";
+  EXPECT_EQ(st.bytes_disk_written, 4 * block_bytes) << "blocks 0 and 1 first, then 4 and 3";
+  EXPECT_TRUE(sim.tiers->take_failed_blocks().empty());
+}
+
+// The same for the blocks a step reads outside the selection: block 2, the coldest host block,
+// is read while block 0 comes back from disk; block 3 makes room.
+TEST(KvTiers, AStepDoesNotMoveToDiskTheHostBlocksItReads) {
+  test::TempDir dir;
+  Sim sim(16, 8, 3, (dir / "kv").string());
+  for (int32_t b = 0; b < 5; ++b) sim.write_block(b);  // host: 2 3 4, disk: 0 1
+  std::vector<ChunkCopy> copies;
+  sim.tiers->begin_step({}, {2, 0}, copies);
+  sim.dev->load(copies);
+  for (int32_t b : {2, 0})
+    for (int i = 0; i < int(sim.shape.chunks_per_block()); ++i)
+      sim.check_chunk(ChunkId(b) * sim.shape.chunks_per_block() + i, sim.rows);
+  copies.clear();
+  sim.tiers->end_step({}, copies);
+  const int64_t block_bytes = int64_t(sim.tiers->disk()->slot_bytes());  // one block's I/O
+  EXPECT_EQ(sim.tiers->stats().bytes_disk_read, block_bytes) << "block 0 only";
+  EXPECT_TRUE(sim.tiers->take_failed_blocks().empty());
+}
+
 TEST(KvTiers, DuplicatesInOneSelectionAreAskedForOnce) {
   Sim sim(8, 16, 8, "");
   std::vector<int32_t> blocks = {0, 1};
