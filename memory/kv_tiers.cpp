@@ -350,18 +350,30 @@ void KvTiers::read_back_group(std::vector<ReadBack>& group) {
   };
   size_t n_dirty = 0;
   for (const ReadBack& r : group) n_dirty += dirty(r) ? 1 : 0;
-  if (n_dirty > bounce_slots_) {
-    std::free(bounce_);
-    bounce_slots_ = 0;  // until the new buffer exists: a failed allocation leaves none
-    bounce_ = static_cast<char*>(std::aligned_alloc(4096, group.size() * bytes));
-    NOSA_CHECK_CODE(bounce_, ErrorCode::resource_exhausted, "out of host memory ({} bytes)",
-                    group.size() * bytes);
-    bounce_slots_ = group.size();
+  try {
+    if (n_dirty > bounce_slots_) {
+      std::free(bounce_);
+      bounce_slots_ = 0;  // until the new buffer exists: a failed allocation leaves none
+      bounce_ = static_cast<char*>(std::aligned_alloc(4096, group.size() * bytes));
+      NOSA_CHECK_CODE(bounce_, ErrorCode::resource_exhausted, "out of host memory ({} bytes)",
+                      group.size() * bytes);
+      bounce_slots_ = group.size();
+    }
+    // Victims' memory may be the source of copies already queued (earlier rounds).
+    const bool any_victim =
+        std::any_of(group.begin(), group.end(), [](const ReadBack& r) { return r.victim >= 0; });
+    if (any_victim && before_host_reuse_) before_host_reuse_();
+  } catch (...) {
+    // Nothing was read or moved yet: the host slots go back where they were taken from, the
+    // victims to the cold end in their order, else they would never make room again.
+    for (size_t j = group.size(); j-- > 0;) {
+      if (group[j].victim >= 0)
+        host_push_front(group[j].host_slot);
+      else
+        free_host_.push_back(group[j].host_slot);
+    }
+    throw;
   }
-  // Victims' memory may be the source of copies already queued (earlier rounds).
-  const bool any_victim =
-      std::any_of(group.begin(), group.end(), [](const ReadBack& r) { return r.victim >= 0; });
-  if (any_victim && before_host_reuse_) before_host_reuse_();
   std::vector<DiskStore::Ticket> tickets(group.size());
   std::vector<char*> landing(group.size(), nullptr);
   size_t next_bounce = 0;

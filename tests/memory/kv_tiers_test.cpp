@@ -348,6 +348,28 @@ TEST(KvTiers, AStepDoesNotMoveToDiskTheHostBlocksItReads) {
   EXPECT_TRUE(sim.tiers->take_failed_blocks().empty());
 }
 
+// A read back that fails before its reads are sent (here the caller's pending copies fail)
+// gives the host slots it took back: afterwards both host blocks can still make room.
+TEST(KvTiers, AReadBackFailingBeforeItsReadsGivesItsHostSlotsBack) {
+  test::TempDir dir;
+  Sim sim(16, 8, 2, (dir / "kv").string());
+  for (int32_t b = 0; b < 4; ++b) sim.write_block(b);  // host: 2 3, disk: 0 1
+  int calls = 0;
+  sim.tiers->set_before_host_reuse([&calls] {
+    if (calls++ == 0) throw Error(ErrorCode::unavailable, "the device failed");
+  });
+  std::vector<ChunkId> first = {sim.shape.chunk(0, 0, 0)};
+  std::vector<ChunkCopy> copies;
+  EXPECT_THROW(sim.tiers->select(first.data(), 1, copies), Error);
+  EXPECT_TRUE(sim.tiers->take_failed_blocks().empty());  // no block lost its data
+  std::vector<ChunkId> both = {sim.shape.chunk(0, 0, 0), sim.shape.chunk(1, 1, 0)};
+  copies.clear();
+  sim.tiers->select(both.data(), 2, copies);  // blocks 2 and 3 make room
+  sim.dev->load(copies);
+  for (ChunkId c : both) sim.check_chunk(c, sim.rows);
+  EXPECT_EQ(sim.tiers->stats().bytes_disk_read, 2 * int64_t(sim.tiers->disk()->slot_bytes()));
+}
+
 TEST(KvTiers, DuplicatesInOneSelectionAreAskedForOnce) {
   Sim sim(8, 16, 8, "");
   std::vector<int32_t> blocks = {0, 1};
