@@ -96,8 +96,8 @@ void KvTiers::touch_host(int64_t slot) {
 int64_t KvTiers::free_host_slot() {
   if (!free_host_.empty()) {
     int64_t s = free_host_.back();
+    host_->slot(s);  // allocates its arena; if that fails, the slot stays free
     free_host_.pop_back();
-    host_->slot(s);  // allocates its arena
     return s;
   }
   NOSA_ASSERT(disk_, "the host tier is full without a disk tier");
@@ -318,8 +318,8 @@ void KvTiers::read_back(const std::vector<BlockCache::Load>& misses) {
       ReadBack r{back_[i], -1, -1};
       if (!free_host_.empty()) {
         r.host_slot = free_host_.back();
+        host_->slot(r.host_slot);  // allocates its arena; if that fails, the slot stays free
         free_host_.pop_back();
-        host_->slot(r.host_slot);  // allocates its arena
       } else {
         const int64_t v = host_lru_.head;
         // A block touched in this round is the source of a load not yet performed: the rest

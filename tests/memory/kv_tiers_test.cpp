@@ -55,7 +55,9 @@ struct Sim {
   std::unique_ptr<Device> dev;
   int rows = 8;  // tokens per block; a chunk row is chunk_bytes / rows bytes
 
-  Sim(int64_t n_blocks, int64_t device_slots, int64_t host_blocks, const std::string& disk) {
+  Sim(int64_t n_blocks, int64_t device_slots, int64_t host_blocks, const std::string& disk,
+      std::unique_ptr<HostAllocator> host_alloc = nullptr) {
+    if (host_alloc) alloc = std::move(host_alloc);
     shape.n_layers = 2;
     shape.n_kv_heads = 2;
     shape.kv_chunk_bytes = 512;
@@ -368,6 +370,41 @@ TEST(KvTiers, AReadBackFailingBeforeItsReadsGivesItsHostSlotsBack) {
   sim.dev->load(copies);
   for (ChunkId c : both) sim.check_chunk(c, sim.rows);
   EXPECT_EQ(sim.tiers->stats().bytes_disk_read, 2 * int64_t(sim.tiers->disk()->slot_bytes()));
+}
+
+// Host memory that cannot be had once: the first allocation fails.
+struct FailingOnceAllocator : HostAllocator {
+  std::unique_ptr<HostAllocator> plain = make_plain_host_allocator();
+  int calls = 0;
+  void* allocate(size_t bytes) override {
+    if (calls++ == 0) throw Error(ErrorCode::resource_exhausted, "no host memory");
+    return plain->allocate(bytes);
+  }
+  void release(void* p, size_t bytes) override { plain->release(p, bytes); }
+};
+
+// A host slot whose memory could not be allocated stays free: the block's flush fails, and
+// once memory is there again the same flush takes that slot (the host tier's only one).
+TEST(KvTiers, AHostAllocationThatFailsLosesNoHostSlot) {
+  Sim sim(1, 8, 1, "", std::make_unique<FailingOnceAllocator>());
+  std::vector<ChunkCopy> copies;
+  sim.tiers->begin_step({0}, {}, copies);
+  sim.dev->load(copies);
+  for (int r = 0; r < sim.rows; ++r) sim.write_row(0, r);
+  copies.clear();
+  try {
+    sim.tiers->end_step({0}, copies);
+    ADD_FAILURE() << "the flush did not report the failed allocation";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::resource_exhausted) << e.what();
+  }
+  copies.clear();
+  sim.tiers->end_step({0}, copies);
+  ASSERT_EQ(copies.size(), size_t(sim.shape.chunks_per_block()));
+  sim.dev->store(copies);
+  for (const ChunkCopy& c : copies)
+    for (int r = 0; r < sim.rows; ++r)
+      EXPECT_EQ(c.host[r * (sim.shape.chunk_bytes() / sim.rows)], pattern(c.chunk, r));
 }
 
 TEST(KvTiers, DuplicatesInOneSelectionAreAskedForOnce) {
