@@ -178,16 +178,25 @@ class HangGuard {
   std::thread guard_;
 };
 
+// An io_uring disk store of `slots` 4 KiB block slots, with host memory for as many blocks.
+struct UringStore {
+  test::TempDir dir;
+  std::unique_ptr<HostAllocator> alloc = make_plain_host_allocator();
+  HostStore host;
+  DiskStore disk;
+  explicit UringStore(int slots)
+      : host(4096, slots, *alloc), disk(dir / "kv", 4096, slots, 2, 1 << 20, DiskIo::uring) {}
+};
+
 // When waiting for io_uring completions fails for good, no completion will ever come: the
 // operations in flight fail with an error instead of leaving their waiters hanging, later ones
 // fail at once, and the store still closes.
 TEST(DiskStore, AFailingCompletionWaitFailsEveryOperationInsteadOfHanging) {
   if (!DiskStore::uring_available()) GTEST_SKIP() << "no io_uring in this build or kernel";
   HangGuard guard("a failing io_uring completion wait");
-  test::TempDir dir;
-  auto alloc = make_plain_host_allocator();
-  HostStore host(4096, 8, *alloc);
-  DiskStore disk(dir / "kv", 4096, 8, 2, 1 << 20, DiskIo::uring);
+  UringStore store(8);
+  HostStore& host = store.host;
+  DiskStore& disk = store.disk;
   // The first wait is held until all eight writes fly, then it and every later one fail.
   std::promise<void> submitted;
   std::shared_future<void> all_submitted = submitted.get_future().share();
@@ -225,10 +234,9 @@ TEST(DiskStore, AFailingCompletionWaitFailsEveryOperationInsteadOfHanging) {
 TEST(DiskStore, AnInterruptedCompletionWaitIsWaitedAgain) {
   if (!DiskStore::uring_available()) GTEST_SKIP() << "no io_uring in this build or kernel";
   HangGuard guard("an interrupted io_uring completion wait");
-  test::TempDir dir;
-  auto alloc = make_plain_host_allocator();
-  HostStore host(4096, 2, *alloc);
-  DiskStore disk(dir / "kv", 4096, 2, 2, 1 << 20, DiskIo::uring);
+  UringStore store(2);
+  HostStore& host = store.host;
+  DiskStore& disk = store.disk;
   std::atomic<int> interrupted{0};
   disk.inject_wait_faults([&interrupted](int rc) { return interrupted++ < 3 ? -EINTR : rc; });
   std::memset(host.slot(0), 9, 4096);
