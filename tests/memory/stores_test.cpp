@@ -178,25 +178,41 @@ class HangGuard {
   std::thread guard_;
 };
 
-// An io_uring disk store of `slots` 4 KiB block slots, with host memory for as many blocks.
-struct UringStore {
-  test::TempDir dir;
-  std::unique_ptr<HostAllocator> alloc = make_plain_host_allocator();
-  HostStore host;
-  DiskStore disk;
-  explicit UringStore(int slots)
-      : host(4096, slots, *alloc), disk(dir / "kv", 4096, slots, 2, 1 << 20, DiskIo::uring) {}
+// The io_uring wait tests: skipped where the build or the kernel has no io_uring; a test that
+// hangs aborts (HangGuard); store(slots) opens an io_uring disk store of `slots` 4 KiB block
+// slots, with host memory for as many blocks.
+class UringWait : public ::testing::Test {
+ protected:
+  struct Store {
+    test::TempDir dir;
+    std::unique_ptr<HostAllocator> alloc = make_plain_host_allocator();
+    HostStore host;
+    DiskStore disk;
+    explicit Store(int slots)
+        : host(4096, slots, *alloc), disk(dir / "kv", 4096, slots, 2, 1 << 20, DiskIo::uring) {}
+  };
+  void SetUp() override {
+    if (!DiskStore::uring_available()) GTEST_SKIP() << "no io_uring in this build or kernel";
+    guard_ = std::make_unique<HangGuard>(
+        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+  }
+  Store& store(int slots) {
+    store_ = std::make_unique<Store>(slots);
+    return *store_;
+  }
+
+ private:
+  std::unique_ptr<HangGuard> guard_;  // declared first: outlives the store's closing
+  std::unique_ptr<Store> store_;
 };
 
 // When waiting for io_uring completions fails for good, no completion will ever come: the
 // operations in flight fail with an error instead of leaving their waiters hanging, later ones
 // fail at once, and the store still closes.
-TEST(DiskStore, AFailingCompletionWaitFailsEveryOperationInsteadOfHanging) {
-  if (!DiskStore::uring_available()) GTEST_SKIP() << "no io_uring in this build or kernel";
-  HangGuard guard("a failing io_uring completion wait");
-  UringStore store(8);
-  HostStore& host = store.host;
-  DiskStore& disk = store.disk;
+TEST_F(UringWait, AFailingCompletionWaitFailsEveryOperationInsteadOfHanging) {
+  Store& s = store(8);
+  HostStore& host = s.host;
+  DiskStore& disk = s.disk;
   // The first wait is held until all eight writes fly, then it and every later one fail.
   std::promise<void> submitted;
   std::shared_future<void> all_submitted = submitted.get_future().share();
@@ -231,12 +247,10 @@ TEST(DiskStore, AFailingCompletionWaitFailsEveryOperationInsteadOfHanging) {
 }
 
 // A wait that a signal interrupts is only waited again: nothing fails.
-TEST(DiskStore, AnInterruptedCompletionWaitIsWaitedAgain) {
-  if (!DiskStore::uring_available()) GTEST_SKIP() << "no io_uring in this build or kernel";
-  HangGuard guard("an interrupted io_uring completion wait");
-  UringStore store(2);
-  HostStore& host = store.host;
-  DiskStore& disk = store.disk;
+TEST_F(UringWait, AnInterruptedCompletionWaitIsWaitedAgain) {
+  Store& s = store(2);
+  HostStore& host = s.host;
+  DiskStore& disk = s.disk;
   std::atomic<int> interrupted{0};
   disk.inject_wait_faults([&interrupted](int rc) { return interrupted++ < 3 ? -EINTR : rc; });
   std::memset(host.slot(0), 9, 4096);
