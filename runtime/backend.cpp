@@ -55,7 +55,7 @@ void check_select_path_name(const std::string& path) {
 bool Backend::replay_step(const StepBatch&, const void*, const KvCache&, Tensor&) { return false; }
 bool Backend::begin_recording(const StepBatch&, const void*, const KvCache&) { return false; }
 bool Backend::end_recording(const Tensor&) { return false; }
-void Backend::abort_recording(bool) {}
+void Backend::abort_recording() {}
 void Backend::forget_graphs(const void*) {}
 
 }  // namespace nosa::runtime

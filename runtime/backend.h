@@ -151,12 +151,11 @@ class Backend {
                            Tensor& logits);
   // Whether to record this step: then the model runs its forward pass as usual (the launches are
   // recorded, not run) and calls end_recording with the logits tensor, which runs the graph (false:
-  // no graph could be made and nothing ran), or abort_recording after an error: `recordable`
-  // when the error was the step's input (a bad token id), so later steps with the key still get
-  // graphs; else recording failed and the backend stops trying for this model and cache.
+  // no graph could be made and nothing ran), or abort_recording after an error (the backend
+  // then stops trying for this model and cache). The model checks the step's inputs first.
   virtual bool begin_recording(const StepBatch& step, const void* model, const KvCache& cache);
   virtual bool end_recording(const Tensor& logits);
-  virtual void abort_recording(bool recordable);
+  virtual void abort_recording();
   virtual void forget_graphs(const void* tag);
 };
 

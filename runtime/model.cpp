@@ -68,6 +68,11 @@ Tensor Model::forward(const StepBatch& step, KvCache& cache) {
                "table has {}",
                i, need, s.n_past + s.n_new - 1, s.blocks ? s.blocks->size() : 0);
   }
+  // Checked here, before any step graph is recorded: an error while recording means the step
+  // cannot be recorded (the backend stops trying for this model and cache), never a bad input.
+  for (const int32_t id : step.tokens)
+    NOSA_CHECK(id >= 0 && id < config_.vocab_size, "token id {} is outside the vocabulary [0, {})",
+               id, config_.vocab_size);
   // Step graphs: collectives that only queue GPU work (one rank, or NCCL and the peer kernel),
   // the KV in HBM (offloading decides residency on the host between layers), no benchmark hook
   // replacing selections. Under tensor parallelism each rank records and replays its own graph;
@@ -80,13 +85,9 @@ Tensor Model::forward(const StepBatch& step, KvCache& cache) {
   try {
     logits = run_layers(step, cache);
   } catch (const std::exception& e) {
-    // A wrong input (a token id outside the vocabulary, say) fails the step as it would without
-    // graphs, and later steps with this key are still recorded; any other error means recording
-    // failed (an op that cannot be recorded, say): this step runs as usual.
-    const auto* error = dynamic_cast<const Error*>(&e);
-    const bool bad_input = error && error->code() == ErrorCode::invalid_argument;
-    backend_.abort_recording(bad_input);
-    if (bad_input) throw;
+    // Recording failed (an op that cannot be recorded, a group too large for the decode kernel):
+    // this step runs as usual.
+    backend_.abort_recording();
     logger("runtime")->warn("recording a step graph failed ({}); running the step directly",
                             e.what());
     return run_layers(step, cache);

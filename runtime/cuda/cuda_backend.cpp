@@ -424,13 +424,13 @@ class CudaBackend final : public Backend {
     return true;
   }
 
-  void abort_recording(bool recordable) override {
+  void abort_recording() override {
     if (!recording_) return;
     cudaGraph_t graph = nullptr;
     cudaStreamEndCapture(stream_, &graph);
     if (graph) cudaGraphDestroy(graph);
     cudaGetLastError();
-    if (!recordable) unrecordable_.push_back(recording_->key);
+    unrecordable_.push_back(recording_->key);
     recording_.reset();
     graph_decode_list_ = nullptr;
   }

@@ -169,7 +169,7 @@ TEST(CudaModel, StepGraphsGiveTheLogitsOfDirectSteps) {
 }
 
 // A step whose input is wrong (a token id outside the vocabulary) fails with a clear error also
-// when it is the step being recorded, and steps with the same key still run from graphs after it.
+// when it would be the step recorded, and steps with the same key still run from graphs after it.
 TEST(CudaModel, ABadTokenInARecordedStepLeavesGraphsOn) {
   NOSA_REQUIRE_GPU();
   Backends b;
@@ -201,7 +201,8 @@ TEST(CudaModel, ABadTokenInARecordedStepLeavesGraphsOn) {
     for (int64_t j = 0; j < logits.numel(); ++j)
       ASSERT_TRUE(std::isfinite(logits.data<float>()[j])) << "position " << pos;
   }
-  // Seen once, recorded once, then eight replays (none if the failure had turned graphs off).
+  // The bad step never reached the step graphs: 301 is the key's second step (recorded), 302 to
+  // 310 replay. (When a bad step was the one recorded, its failure turned graphs off: none.)
   EXPECT_GE(runtime::cuda_graph_replays() - before, 8);
 }
 

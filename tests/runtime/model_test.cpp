@@ -133,13 +133,24 @@ TEST(Model, SparseModesEqualDenseUntilTopkBlocksAndDifferAfter) {
   EXPECT_GT(max_rel_diff(n[10], d[10]), 1e-4);
 }
 
+// Refused by the model itself, before any backend work (or step graph recording) starts.
 TEST(Model, OutOfVocabularyTokenIsAClearError) {
   Harness h(attention::Mode::dense);
   std::vector<int32_t> blocks;
   h.blocks_for(2, blocks);
-  StepBatch step;
-  step.add({5, 5000}, 0, &blocks, true);
-  EXPECT_THROW(h.model->forward(step, *h.cache), Error);
+  for (const int32_t bad : {int32_t(h.model->config().vocab_size), -1}) {
+    StepBatch step;
+    step.add({5, bad}, 0, &blocks, true);
+    try {
+      h.model->forward(step, *h.cache);
+      ADD_FAILURE() << "token " << bad << " was accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::invalid_argument);
+      EXPECT_NE(e.message().find("token id " + std::to_string(bad) + " is outside the vocabulary"),
+                std::string::npos)
+          << e.message();
+    }
+  }
 }
 
 // A block table shorter than the step's positions is refused before any KV is written.
