@@ -8,7 +8,8 @@
 #   summary.txt              what ran, pass/fail, the benchmark table with commands
 #   log.txt                  everything the steps printed
 #   transformers_check.json  the check against transformers
-#   bench.json, bench.csv    every `nosa bench` result (machine, commit, configuration)
+#   bench.json, bench.csv    every `nosa bench` result (machine, commit, configuration): decode,
+#                            prefill and (not with --quick) offloaded decode
 #   peer.json                transformers generate on the same shapes
 #   sdpa.json                PyTorch SDPA attention alone on the same shapes (scripts/bench_sdpa.py)
 #
@@ -118,6 +119,8 @@ if [ $bench -eq 1 ]; then
     bench_cmds+=("--suite decode --shape nosa-1b-like --mode dense,nosa --batch 1,16,64 --context 16384,32768")
     bench_cmds+=("--suite decode --shape nosa-8b-like --mode dense,nosa --batch 1,16,64 --context 16384,32768")
     bench_cmds+=("--suite prefill --shape nosa-1b-like --mode dense,nosa --prompts 16 --prompt-len 16384")
+    # Issue 4's comparison: NOSA and InfLLM-V2 with the KV in pinned host memory.
+    bench_cmds+=("--suite offload --shape nosa-8b-like --mode nosa,infllmv2 --batch 16 --context 16384 --steps 8")
   fi
   i=0
   for args in "${bench_cmds[@]}"; do
@@ -240,6 +243,18 @@ for r in rows:
     vs = f"transformers {p['prefill_tokens_per_s']:.0f} tok/s" if p and "prefill_tokens_per_s" in p else ""
     print(f"  {r['shape']:13s} {r['mode']:8s} {r['prompts']} x {r['prompt_len']}: {r['tokens_per_s']:9.0f} tok/s "
           f"({r['seconds']:.2f} s)  {vs}")
+off = [r for r in rows if r.get("suite") == "offload" and "skipped" not in r]
+if off:
+    print("offloaded decode (floor = PCIe bytes at 51 GB/s, HBM bytes at 4.3 TB/s):")
+    for r in off:
+        print(f"  {r['shape']:13s} {r['mode']:8s} B={r['batch']} C={r['context']} {r['offload']}: "
+              f"{r['step_ms_median']:.3f} ms/step, x{r['ratio_to_floor']:.2f} floor, "
+              f"overlap {r['overlap']:.3f}, miss rate {r['miss_rate']:.3f}")
+    by_mode = {(r["shape"], r["batch"], r["context"], r["mode"]): r for r in off}
+    for (shape, b, c, mode), r in by_mode.items():
+        other = by_mode.get((shape, b, c, "infllmv2"))
+        if mode == "nosa" and other:
+            print(f"  NOSA over InfLLM-V2, both offloaded: {other['step_ms_median'] / r['step_ms_median']:.2f}x")
 if peer:
     print("transformers peer (" + peer_cmd + "):")
     for (shape, b, c), p in peer.items():
