@@ -180,15 +180,8 @@ EngineSetup EngineSetup::create(const EngineFlags& f, int64_t tokens_hint) {
     // own free memory: the smallest fit in the replica decides.
     const auto& sp = s.model->config().sparse;
     const int64_t per_seq = layout.chunks_per_block() * (sp.topk + 2);
-    int64_t fit = kv_options.device_slots / per_seq;
-    std::vector<char> mine(sizeof(fit));
-    std::memcpy(mine.data(), &fit, sizeof(fit));
-    const std::vector<char> all = parallel::all_gather_bytes(s.replica, mine, timeout);
-    for (size_t r = 0; r < all.size(); r += sizeof(fit)) {
-      int64_t other;
-      std::memcpy(&other, all.data() + r, sizeof(other));
-      fit = std::min(fit, other);
-    }
+    const int64_t fit =
+        parallel::all_min_value<int64_t>(s.replica, kv_options.device_slots / per_seq, timeout);
     eo.max_running = int(std::max<int64_t>(1, std::min<int64_t>(eo.max_running, fit)));
   }
   eo.max_context = f.max_context;

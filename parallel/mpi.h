@@ -71,6 +71,20 @@ void broadcast_value(const Replica& replica, T& value, std::chrono::milliseconds
   std::memcpy(&value, bytes.data(), sizeof(T));
 }
 
+// The smallest of every rank's value in the replica (start-up agreement on what all can hold).
+template <typename T>
+T all_min_value(const Replica& replica, T value, std::chrono::milliseconds timeout) {
+  std::vector<char> mine(sizeof(T));
+  std::memcpy(mine.data(), &value, sizeof(T));
+  const std::vector<char> all = all_gather_bytes(replica, mine, timeout);
+  for (size_t r = 0; r + sizeof(T) <= all.size(); r += sizeof(T)) {
+    T other;
+    std::memcpy(&other, all.data() + r, sizeof(T));
+    if (other < value) value = other;
+  }
+  return value;
+}
+
 // Tensor collectives over MPI for host (CPU backend) tensors of float32; a collective that does
 // not complete within `timeout` throws unavailable.
 std::unique_ptr<Communicator> make_mpi_communicator(const Replica& replica,
