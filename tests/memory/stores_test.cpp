@@ -39,6 +39,18 @@ TEST(HostStore, AllocatesArenasOnFirstUseWithAlignedSlots) {
   EXPECT_EQ(store.device_slot(99), store.slot(99));
 }
 
+// A disk store in a temporary directory and host memory to read and write it from.
+struct Stores {
+  test::TempDir dir;
+  std::unique_ptr<HostAllocator> alloc = make_plain_host_allocator();
+  HostStore host;
+  DiskStore disk;
+  Stores(size_t slot_bytes, int64_t host_slots, int64_t disk_slots, int io_threads,
+         size_t file_bytes, DiskIo io)
+      : host(slot_bytes, host_slots, *alloc),
+        disk(dir / "kv", slot_bytes, disk_slots, io_threads, file_bytes, io) {}
+};
+
 // Every disk test runs with io_uring (where this build and kernel have it) and the thread pool.
 class DiskStoreIo : public ::testing::TestWithParam<DiskIo> {
  protected:
@@ -54,10 +66,9 @@ INSTANTIATE_TEST_SUITE_P(Engines, DiskStoreIo, ::testing::Values(DiskIo::threads
                          });
 
 TEST_P(DiskStoreIo, RoundTripsBytesExactly) {
-  test::TempDir dir;
-  auto alloc = make_plain_host_allocator();
-  HostStore host(1 << 20, 8, *alloc);
-  DiskStore disk(dir / "kv", 1 << 20, 32, 3, 4 << 20, GetParam());  // several files
+  Stores st(1 << 20, 8, 32, 3, 4 << 20, GetParam());  // several files
+  HostStore& host = st.host;
+  DiskStore& disk = st.disk;
   EXPECT_STREQ(disk.io_engine(), GetParam() == DiskIo::uring ? "io_uring" : "threads");
   std::mt19937_64 rng(1);
   std::vector<DiskStore::Ticket> writes;
@@ -77,10 +88,9 @@ TEST_P(DiskStoreIo, RoundTripsBytesExactly) {
 
 // More operations than the ring holds at once, reads and writes interleaved, all exact.
 TEST_P(DiskStoreIo, ManyOperationsInFlightAllComplete) {
-  test::TempDir dir;
-  auto alloc = make_plain_host_allocator();
-  HostStore host(8192, 300, *alloc);
-  DiskStore disk(dir / "kv", 8192, 300, 4, 1 << 20, GetParam());
+  Stores st(8192, 300, 300, 4, 1 << 20, GetParam());
+  HostStore& host = st.host;
+  DiskStore& disk = st.disk;
   std::vector<DiskStore::Ticket> t;
   for (int s = 0; s < 150; ++s) {
     std::memset(host.slot(s), s + 1, 8192);
@@ -98,10 +108,9 @@ TEST_P(DiskStoreIo, ManyOperationsInFlightAllComplete) {
 
 // Reading a slot that was never written is an error naming the file, not garbage.
 TEST_P(DiskStoreIo, ReadingAnUnwrittenSlotIsAnError) {
-  test::TempDir dir;
-  auto alloc = make_plain_host_allocator();
-  HostStore host(4096, 2, *alloc);
-  DiskStore disk(dir / "kv", 4096, 8, 2, 1 << 20, GetParam());
+  Stores st(4096, 2, 8, 2, 1 << 20, GetParam());
+  HostStore& host = st.host;
+  DiskStore& disk = st.disk;
   std::memset(host.slot(0), 3, 4096);
   disk.wait(disk.write(0, host.slot(0)));
   try {
@@ -116,10 +125,9 @@ TEST_P(DiskStoreIo, ReadingAnUnwrittenSlotIsAnError) {
 }
 
 TEST_P(DiskStoreIo, AnInjectedErrorFailsOnlyThatOperation) {
-  test::TempDir dir;
-  auto alloc = make_plain_host_allocator();
-  HostStore host(4096, 4, *alloc);
-  DiskStore disk(dir / "kv", 4096, 4, 2, 1 << 20, GetParam());
+  Stores st(4096, 4, 4, 2, 1 << 20, GetParam());
+  HostStore& host = st.host;
+  DiskStore& disk = st.disk;
   std::memset(host.slot(0), 1, 4096);
   disk.inject_faults([](bool write, int64_t slot) { return write && slot == 2; });
   auto ok = disk.write(1, host.slot(0));
@@ -183,34 +191,26 @@ class HangGuard {
 // slots, with host memory for as many blocks.
 class UringWait : public ::testing::Test {
  protected:
-  struct Store {
-    test::TempDir dir;
-    std::unique_ptr<HostAllocator> alloc = make_plain_host_allocator();
-    HostStore host;
-    DiskStore disk;
-    explicit Store(int slots)
-        : host(4096, slots, *alloc), disk(dir / "kv", 4096, slots, 2, 1 << 20, DiskIo::uring) {}
-  };
   void SetUp() override {
     if (!DiskStore::uring_available()) GTEST_SKIP() << "no io_uring in this build or kernel";
     guard_ = std::make_unique<HangGuard>(
         ::testing::UnitTest::GetInstance()->current_test_info()->name());
   }
-  Store& store(int slots) {
-    store_ = std::make_unique<Store>(slots);
+  Stores& store(int slots) {
+    store_ = std::make_unique<Stores>(4096, slots, slots, 2, 1 << 20, DiskIo::uring);
     return *store_;
   }
 
  private:
   std::unique_ptr<HangGuard> guard_;  // declared first: outlives the store's closing
-  std::unique_ptr<Store> store_;
+  std::unique_ptr<Stores> store_;
 };
 
 // When waiting for io_uring completions fails for good, no completion will ever come: the
 // operations in flight fail with an error instead of leaving their waiters hanging, later ones
 // fail at once, and the store still closes.
 TEST_F(UringWait, AFailingCompletionWaitFailsEveryOperationInsteadOfHanging) {
-  Store& s = store(8);
+  Stores& s = store(8);
   HostStore& host = s.host;
   DiskStore& disk = s.disk;
   // The first wait is held until all eight writes fly, then it and every later one fail.
@@ -248,7 +248,7 @@ TEST_F(UringWait, AFailingCompletionWaitFailsEveryOperationInsteadOfHanging) {
 
 // A wait that a signal interrupts is only waited again: nothing fails.
 TEST_F(UringWait, AnInterruptedCompletionWaitIsWaitedAgain) {
-  Store& s = store(2);
+  Stores& s = store(2);
   HostStore& host = s.host;
   DiskStore& disk = s.disk;
   std::atomic<int> interrupted{0};
