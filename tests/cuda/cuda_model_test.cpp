@@ -168,6 +168,61 @@ TEST(CudaModel, StepGraphsGiveTheLogitsOfDirectSteps) {
   }
 }
 
+// The forced blocks attended on a second stream while the selection runs, then the selected
+// rest, merged (set_cuda_forced_overlap): the logits of the one-pass attention, with the steps
+// run directly and from graphs (the second stream forked and joined inside the recording).
+TEST(CudaModel, ForcedBlocksDuringTheSelectionGiveTheLogitsOfOnePass) {
+  NOSA_REQUIRE_GPU();
+  Backends b;
+  for (attention::Mode mode : {attention::Mode::infllmv2, attention::Mode::nosa}) {
+    Side gpu = load(*b.gpu, mode, 400);
+    const int bs = gpu.model->kv_layout().block_size;
+    std::vector<int32_t> prompt = StepFixture({{0, 1000}}, bs, 80, 74, 1900).step.tokens;
+    // Prefill of two sequences, then 24 decoding steps of both; every step's logits.
+    auto run = [&](bool overlap, bool graphs) {
+      runtime::set_cuda_graphs(graphs);
+      runtime::set_cuda_forced_overlap(overlap);
+      gpu.cache = std::make_unique<KvCache>(gpu.model->kv_layout(), 400, *b.gpu);
+      std::vector<int32_t> blocks_a(80), blocks_b(80);
+      for (int i = 0; i < 80; ++i) blocks_a[i] = i, blocks_b[i] = 200 + i;
+      StepBatch p1;
+      p1.add(prompt, 0, &blocks_a, true);
+      p1.add(std::vector<int32_t>(prompt.begin(), prompt.begin() + 700), 0, &blocks_b, true);
+      gpu.model->forward(p1, *gpu.cache);
+      std::vector<Tensor> out;
+      for (int step = 0; step < 24; ++step) {
+        StepBatch s;
+        s.add({int32_t(7 + step * 13 % 1500)}, 1000 + step, &blocks_a);
+        s.add({int32_t(9 + step * 17 % 1500)}, 700 + step, &blocks_b);
+        out.push_back(b.gpu->to_host(gpu.model->forward(s, *gpu.cache)));
+      }
+      return out;
+    };
+    const std::vector<Tensor> one_pass = run(false, false);
+    for (bool graphs : {false, true}) {
+      const std::vector<Tensor> split = run(true, graphs);
+      double worst = 0;
+      for (size_t i = 0; i < one_pass.size(); ++i) {
+        ASSERT_EQ(one_pass[i].numel(), split[i].numel());
+        const float* x = one_pass[i].data<float>();
+        const float* y = split[i].data<float>();
+        double num = 0, den = 0;
+        for (int64_t j = 0; j < one_pass[i].numel(); ++j) {
+          ASSERT_TRUE(std::isfinite(y[j])) << "step " << i;
+          num = std::max(num, double(std::fabs(x[j] - y[j])));
+          den = std::max(den, double(std::fabs(x[j])));
+        }
+        worst = std::max(worst, num / std::max(den, 1e-6));
+      }
+      std::printf("[ forced   ] %s, graphs %s: worst logits rel error vs one pass %.3e\n",
+                  attention::mode_name(mode), graphs ? "on" : "off", worst);
+      EXPECT_LT(worst, 1e-2) << attention::mode_name(mode) << (graphs ? " graphs" : "");
+    }
+  }
+  runtime::set_cuda_forced_overlap(false);
+  runtime::set_cuda_graphs(true);
+}
+
 // A step whose input is wrong (a token id outside the vocabulary) fails with a clear error also
 // when it would be the step recorded, and steps with the same key still run from graphs after it.
 TEST(CudaModel, ABadTokenInARecordedStepLeavesGraphsOn) {
