@@ -54,6 +54,7 @@ std::string g_select_path;  // force_cuda_select_path()
 int g_graphs = -1;          // set_cuda_graphs(); -1: the environment decides
 int g_forced_overlap = -1;  // set_cuda_forced_overlap(); -1: the environment decides
 std::atomic<int64_t> g_graph_replays{0};
+std::atomic<int64_t> g_forced_launches{0};  // cuda_forced_launches()
 
 bool graphs_enabled() {
   if (g_graphs >= 0) return g_graphs == 1;
@@ -77,6 +78,7 @@ static bool forced_overlap_enabled() {
 void set_cuda_graphs(bool enabled) { g_graphs = enabled ? 1 : 0; }
 void set_cuda_forced_overlap(bool enabled) { g_forced_overlap = enabled ? 1 : 0; }
 int64_t cuda_graph_replays() { return g_graph_replays.load(); }
+int64_t cuda_forced_launches() { return g_forced_launches.load(); }
 
 void force_cuda_select_path(const std::string& path) {
   check_select_path_name(path);
@@ -155,7 +157,7 @@ class CudaBackend final : public Backend {
 
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
-    forced_ = ForcedPart();
+    drop_forced();
     recording_.reset();
     graphs_.clear();
     step_keep_.clear();
@@ -320,7 +322,7 @@ class CudaBackend final : public Backend {
   void begin_step(const StepBatch& step) override {
     step_ = &step;
     plan_valid_ = false;
-    forced_ = ForcedPart();
+    drop_forced();
     bounds_.valid = false;
     const int T = int(step.n_tokens()), S = int(step.seqs.size());
     if (recording_) {
@@ -444,6 +446,7 @@ class CudaBackend final : public Backend {
 
   void abort_recording() override {
     if (!recording_) return;
+    drop_forced();  // a side-stream fork must be joined before the capture can end
     cudaGraph_t graph = nullptr;
     cudaStreamEndCapture(stream_, &graph);
     if (graph) cudaGraphDestroy(graph);
@@ -832,11 +835,18 @@ class CudaBackend final : public Backend {
     Tensor partial;  // both parts' splits
   };
   ForcedPart forced_;
+  // Forgets a forced part that attend() never took (an error between the selection and the
+  // attention, a step or recording abandoned): the main stream waits for the side stream first,
+  // so that nothing the side kernel reads or writes is reused while it runs.
+  void drop_forced() {
+    if (forced_.layer >= 0) cudaStreamWaitEvent(stream_, join_, 0);
+    forced_ = ForcedPart();
+  }
 
   void attend_forced_during_selection(int layer, attention::Mode mode, const Tensor& q,
                                       const attention::SparseParams& p, KvCache& cache,
                                       int k_max) {
-    forced_ = ForcedPart();
+    drop_forced();
     if (!forced_overlap_enabled() || cache.offloaded()) return;
     const KvLayout& L = cache.layout();
     const int H = L.n_kv_heads, hq = int(q.dim(1)), group = hq / H;
@@ -873,6 +883,7 @@ class CudaBackend final : public Backend {
     NOSA_CUDA_CHECK(cudaStreamWaitEvent(side_stream_, fork_, 0));
     NOSA_CUDA_CHECK(acu::launch_sparse_decode(a, side_stream_));
     NOSA_CUDA_CHECK(cudaEventRecord(join_, side_stream_));
+    ++g_forced_launches;
     forced_.layer = layer;
     forced_.init = a.forced_init;
     forced_.local = a.forced_local;

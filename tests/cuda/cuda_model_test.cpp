@@ -170,37 +170,51 @@ TEST(CudaModel, StepGraphsGiveTheLogitsOfDirectSteps) {
 
 // The forced blocks attended on a second stream while the selection runs, then the selected
 // rest, merged (set_cuda_forced_overlap): the logits of the one-pass attention, with the steps
-// run directly and from graphs (the second stream forked and joined inside the recording).
+// run directly and from graphs (the second stream forked and joined inside the recording). One
+// sequence is short (its first blocks: a query block below the window, every block selected).
 TEST(CudaModel, ForcedBlocksDuringTheSelectionGiveTheLogitsOfOnePass) {
   NOSA_REQUIRE_GPU();
+  struct Restore {
+    ~Restore() {
+      runtime::set_cuda_forced_overlap(false);
+      runtime::set_cuda_graphs(true);
+    }
+  } restore;
   Backends b;
   for (attention::Mode mode : {attention::Mode::infllmv2, attention::Mode::nosa}) {
     Side gpu = load(*b.gpu, mode, 400);
     const int bs = gpu.model->kv_layout().block_size;
     std::vector<int32_t> prompt = StepFixture({{0, 1000}}, bs, 80, 74, 1900).step.tokens;
-    // Prefill of two sequences, then 24 decoding steps of both; every step's logits.
+    // Prefill of three sequences, then 24 decoding steps of all three; every step's logits.
     auto run = [&](bool overlap, bool graphs) {
       runtime::set_cuda_graphs(graphs);
       runtime::set_cuda_forced_overlap(overlap);
       gpu.cache = std::make_unique<KvCache>(gpu.model->kv_layout(), 400, *b.gpu);
-      std::vector<int32_t> blocks_a(80), blocks_b(80);
-      for (int i = 0; i < 80; ++i) blocks_a[i] = i, blocks_b[i] = 200 + i;
+      std::vector<int32_t> blocks_a(80), blocks_b(80), blocks_c(80);
+      for (int i = 0; i < 80; ++i) blocks_a[i] = i, blocks_b[i] = 200 + i, blocks_c[i] = 300 + i;
       StepBatch p1;
       p1.add(prompt, 0, &blocks_a, true);
       p1.add(std::vector<int32_t>(prompt.begin(), prompt.begin() + 700), 0, &blocks_b, true);
+      p1.add(std::vector<int32_t>(prompt.begin(), prompt.begin() + 5), 0, &blocks_c, true);
       gpu.model->forward(p1, *gpu.cache);
       std::vector<Tensor> out;
       for (int step = 0; step < 24; ++step) {
         StepBatch s;
         s.add({int32_t(7 + step * 13 % 1500)}, 1000 + step, &blocks_a);
         s.add({int32_t(9 + step * 17 % 1500)}, 700 + step, &blocks_b);
+        s.add({int32_t(11 + step * 19 % 1500)}, 5 + step, &blocks_c);
         out.push_back(b.gpu->to_host(gpu.model->forward(s, *gpu.cache)));
       }
       return out;
     };
     const std::vector<Tensor> one_pass = run(false, false);
     for (bool graphs : {false, true}) {
+      const int64_t launches = runtime::cuda_forced_launches();
+      const int64_t replays = runtime::cuda_graph_replays();
       const std::vector<Tensor> split = run(true, graphs);
+      // Every layer of every step directly; with graphs, the steps up to the recording.
+      EXPECT_GT(runtime::cuda_forced_launches() - launches, 0) << attention::mode_name(mode);
+      if (graphs) EXPECT_GE(runtime::cuda_graph_replays() - replays, 20);
       double worst = 0;
       for (size_t i = 0; i < one_pass.size(); ++i) {
         ASSERT_EQ(one_pass[i].numel(), split[i].numel());
@@ -216,11 +230,10 @@ TEST(CudaModel, ForcedBlocksDuringTheSelectionGiveTheLogitsOfOnePass) {
       }
       std::printf("[ forced   ] %s, graphs %s: worst logits rel error vs one pass %.3e\n",
                   attention::mode_name(mode), graphs ? "on" : "off", worst);
-      EXPECT_LT(worst, 1e-2) << attention::mode_name(mode) << (graphs ? " graphs" : "");
+      // Only the order of the float sums of the split-K merge differs.
+      EXPECT_LT(worst, 5e-3) << attention::mode_name(mode) << (graphs ? " graphs" : "");
     }
   }
-  runtime::set_cuda_forced_overlap(false);
-  runtime::set_cuda_graphs(true);
 }
 
 // A step whose input is wrong (a token id outside the vocabulary) fails with a clear error also
