@@ -111,6 +111,26 @@ TEST(CudaModel, TinyModelMatchesTheCpuInEveryMode) {
   }
 }
 
+// The worst step of `got` against `want` (per step: the largest absolute difference over the
+// largest magnitude of `want`); infinity where the shapes differ or `got` is not finite.
+double worst_step_error(const std::vector<Tensor>& want, const std::vector<Tensor>& got) {
+  if (want.size() != got.size()) return INFINITY;
+  double worst = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (want[i].numel() != got[i].numel()) return INFINITY;
+    const float* x = want[i].data<float>();
+    const float* y = got[i].data<float>();
+    double num = 0, den = 0;
+    for (int64_t j = 0; j < want[i].numel(); ++j) {
+      if (!std::isfinite(y[j])) return INFINITY;
+      num = std::max(num, double(std::fabs(x[j] - y[j])));
+      den = std::max(den, double(std::fabs(x[j])));
+    }
+    worst = std::max(worst, num / std::max(den, 1e-6));
+  }
+  return worst;
+}
+
 // Decoding steps replayed from recorded CUDA graphs give the logits of the same steps run
 // directly, also across a context bucket's end (a new graph) and with two batch sizes.
 TEST(CudaModel, StepGraphsGiveTheLogitsOfDirectSteps) {
@@ -148,19 +168,7 @@ TEST(CudaModel, StepGraphsGiveTheLogitsOfDirectSteps) {
     // Replays: batch 1 crosses 1024 tokens (a new bucket) at step 24 exactly when batch 2 starts,
     // so each (batch, bucket) runs directly once, is recorded once, then replays.
     EXPECT_GE(runtime::cuda_graph_replays() - before, 40) << attention::mode_name(mode);
-    double worst = 0;
-    for (size_t i = 0; i < direct.size(); ++i) {
-      ASSERT_EQ(direct[i].numel(), replayed[i].numel());
-      const float* x = direct[i].data<float>();
-      const float* y = replayed[i].data<float>();
-      double num = 0, den = 0;
-      for (int64_t j = 0; j < direct[i].numel(); ++j) {
-        ASSERT_TRUE(std::isfinite(y[j])) << "step " << i;
-        num = std::max(num, double(std::fabs(x[j] - y[j])));
-        den = std::max(den, double(std::fabs(x[j])));
-      }
-      worst = std::max(worst, num / std::max(den, 1e-6));
-    }
+    const double worst = worst_step_error(direct, replayed);
     std::printf("[ graphs   ] %s: %lld replays, worst logits rel error vs direct %.3e\n",
                 attention::mode_name(mode), (long long)(runtime::cuda_graph_replays() - before),
                 worst);
@@ -215,19 +223,7 @@ TEST(CudaModel, ForcedBlocksDuringTheSelectionGiveTheLogitsOfOnePass) {
       // Every layer of every step directly; with graphs, the steps up to the recording.
       EXPECT_GT(runtime::cuda_forced_launches() - launches, 0) << attention::mode_name(mode);
       if (graphs) EXPECT_GE(runtime::cuda_graph_replays() - replays, 20);
-      double worst = 0;
-      for (size_t i = 0; i < one_pass.size(); ++i) {
-        ASSERT_EQ(one_pass[i].numel(), split[i].numel());
-        const float* x = one_pass[i].data<float>();
-        const float* y = split[i].data<float>();
-        double num = 0, den = 0;
-        for (int64_t j = 0; j < one_pass[i].numel(); ++j) {
-          ASSERT_TRUE(std::isfinite(y[j])) << "step " << i;
-          num = std::max(num, double(std::fabs(x[j] - y[j])));
-          den = std::max(den, double(std::fabs(x[j])));
-        }
-        worst = std::max(worst, num / std::max(den, 1e-6));
-      }
+      const double worst = worst_step_error(one_pass, split);
       std::printf("[ forced   ] %s, graphs %s: worst logits rel error vs one pass %.3e\n",
                   attention::mode_name(mode), graphs ? "on" : "off", worst);
       // Only the order of the float sums of the split-K merge differs.
