@@ -90,6 +90,14 @@ struct Sim {
     dev->store(copies);
   }
 
+  // One round selecting `chunks`: the loads performed, then every chunk holds its whole bytes.
+  void select_and_check(const std::vector<ChunkId>& chunks) {
+    std::vector<ChunkCopy> copies;
+    tiers->select(chunks.data(), int64_t(chunks.size()), copies);
+    dev->load(copies);
+    for (ChunkId c : chunks) check_chunk(c, rows);
+  }
+
   void check_chunk(ChunkId c, int valid_rows) {
     const size_t row_bytes = shape.chunk_bytes() / rows;
     ASSERT_GE(dev->table[c], 0);
@@ -166,9 +174,10 @@ void run(Sim& sim, int n_seqs, int steps, int select_per_head, uint64_t seed) {
     // What the kernels see, the slot table built from the copies handed out, agrees with the
     // tiers' count: every slot holds at most one chunk, and every slot in use holds one.
     std::set<int32_t> in_use;
-    for (int32_t slot : sim.dev->table)
+    for (int32_t slot : sim.dev->table) {
       if (slot >= 0)
         EXPECT_TRUE(in_use.insert(slot).second) << "slot " << slot << " holds two chunks";
+    }
     EXPECT_EQ(int64_t(in_use.size()), st.device_slots_used);
   }
 }
@@ -245,11 +254,7 @@ TEST(KvTiers, ADiskReadErrorFailsOnlyTheBlockItTouched) {
   // The engine goes on: other blocks still come back once the disk works again.
   sim.tiers->disk()->inject_faults({});
   sim.tiers->release({0});
-  std::vector<ChunkId> other = {sim.shape.chunk(1, 1, 1)};
-  copies.clear();
-  sim.tiers->select(other.data(), 1, copies);
-  sim.dev->load(copies);
-  sim.check_chunk(other[0], sim.rows);
+  sim.select_and_check({sim.shape.chunk(1, 1, 1)});
 }
 
 // A round whose read-back fails for one block loses the loads of its other misses too (the
@@ -269,11 +274,7 @@ TEST(KvTiers, AFailedRoundLeavesNoUnloadedChunkResident) {
   sim.tiers->disk()->inject_faults({});
   sim.tiers->release({0});
   // Block 1 is asked for again: it must arrive, not be taken for a chunk already on the device.
-  std::vector<ChunkId> again = {both[1]};
-  copies.clear();
-  sim.tiers->select(again.data(), 1, copies);
-  sim.dev->load(copies);
-  sim.check_chunk(again[0], sim.rows);
+  sim.select_and_check({both[1]});
 }
 
 // The host blocks whose reads back failed keep their place: the coldest is still the first to
@@ -294,11 +295,7 @@ TEST(KvTiers, AFailedReadBackLeavesTheHostOrderAsItWas) {
   const int64_t block_bytes = int64_t(sim.tiers->disk()->slot_bytes());  // one block's I/O
   auto reads_for = [&](int32_t b) {  // selects a chunk of block b; the blocks read from disk
     const int64_t before = sim.tiers->stats().bytes_disk_read;
-    std::vector<ChunkId> chunk = {sim.shape.chunk(b, 1, 1)};
-    copies.clear();
-    sim.tiers->select(chunk.data(), 1, copies);
-    sim.dev->load(copies);
-    sim.check_chunk(chunk[0], sim.rows);
+    sim.select_and_check({sim.shape.chunk(b, 1, 1)});
     return (sim.tiers->stats().bytes_disk_read - before) / block_bytes;
   };
   EXPECT_EQ(reads_for(2), 1);  // block 2 comes back in the coldest host block's place
@@ -320,10 +317,7 @@ TEST(KvTiers, ARoundDoesNotMoveToDiskTheHostBlocksItLoads) {
                                  sim.shape.chunk(0, 0, 0), sim.shape.chunk(1, 0, 0)};
   ASSERT_LT(sim.dev->table[chunks[0]], 0);
   ASSERT_GE(sim.dev->table[chunks[1]], 0);
-  std::vector<ChunkCopy> copies;
-  sim.tiers->select(chunks.data(), int64_t(chunks.size()), copies);
-  sim.dev->load(copies);
-  for (ChunkId c : chunks) sim.check_chunk(c, sim.rows);
+  sim.select_and_check(chunks);
   const int64_t block_bytes = int64_t(sim.tiers->disk()->slot_bytes());  // one block's I/O
   const TierStats st = sim.tiers->stats();
   EXPECT_EQ(st.bytes_disk_read, 2 * block_bytes) << "blocks 0 and 1 only";
@@ -365,10 +359,7 @@ TEST(KvTiers, AReadBackFailingBeforeItsReadsGivesItsHostSlotsBack) {
   EXPECT_THROW(sim.tiers->select(first.data(), 1, copies), Error);
   EXPECT_TRUE(sim.tiers->take_failed_blocks().empty());  // no block lost its data
   std::vector<ChunkId> both = {sim.shape.chunk(0, 0, 0), sim.shape.chunk(1, 1, 0)};
-  copies.clear();
-  sim.tiers->select(both.data(), 2, copies);  // blocks 2 and 3 make room
-  sim.dev->load(copies);
-  for (ChunkId c : both) sim.check_chunk(c, sim.rows);
+  sim.select_and_check(both);  // blocks 2 and 3 make room
   EXPECT_EQ(sim.tiers->stats().bytes_disk_read, 2 * int64_t(sim.tiers->disk()->slot_bytes()));
 }
 
@@ -448,10 +439,7 @@ TEST(KvTiers, BlocksComeBackFromAFullDiskTierExactly) {
     for (int32_t b : order) {
       std::vector<ChunkId> chunks;
       for (int i = 0; i < per; ++i) chunks.push_back(ChunkId(b) * per + i);
-      std::vector<ChunkCopy> copies;
-      sim.tiers->select(chunks.data(), int64_t(chunks.size()), copies);
-      sim.dev->load(copies);
-      for (ChunkId c : chunks) sim.check_chunk(c, sim.rows);
+      sim.select_and_check(chunks);
       st = sim.tiers->stats();
       ASSERT_LE(st.host_blocks_used, 8);
       ASSERT_LE(st.disk_blocks_used, 16);
