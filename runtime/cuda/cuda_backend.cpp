@@ -704,23 +704,9 @@ class CudaBackend final : public Backend {
     const bool slice = q_head_begin != 0 || out_heads.dim(1) != hq;
     Tensor out = slice ? alloc(DType::bf16, q.shape()) : out_heads;
     const Plan& plan = attend_plan(group, L.block_size);
-    const acu::KvView kv = kv_view(cache);
-    const float scale = 1.0f / std::sqrt(float(L.head_dim));
-    // The fields the decode and prefill kernels share.
-    auto fill_common = [&](auto& a) {
-      a.kv = kv;
-      a.step = view_;
-      a.layer = layer;
-      a.q = q.raw();
-      a.group = group;
-      a.scale = scale;
-      a.use_bias = use_bias;
-      a.selection = selection ? selection->blocks.data<int32_t>() : nullptr;
-      a.k_max = selection ? selection->k_max : 0;
-    };
     if (plan.n_decode > 0) {
       acu::DecodeArgs a;
-      fill_common(a);
+      fill_attention_args(a, layer, q, group, use_bias, selection, cache);
       a.max_blocks = selection ? std::min(selection->k_max, plan.decode_max_blocks)
                                : plan.decode_max_blocks;
       a.token_list = plan.decode_tokens;
@@ -752,7 +738,7 @@ class CudaBackend final : public Backend {
     }
     if (plan.n_tiles > 0) {
       acu::PrefillArgs a;
-      fill_common(a);
+      fill_attention_args(a, layer, q, group, use_bias, selection, cache);
       a.tiles = plan.tiles;
       a.n_tiles = plan.n_tiles;
       a.nb_max = plan.prefill_nb_max;
@@ -856,13 +842,7 @@ class CudaBackend final : public Backend {
     const Plan& plan = attend_plan(group, L.block_size);
     if (plan.n_decode == 0 || plan.n_tiles > 0) return;
     acu::DecodeArgs a;
-    a.kv = kv_view(cache);
-    a.step = view_;
-    a.layer = layer;
-    a.q = q.raw();
-    a.group = group;
-    a.scale = 1.0f / std::sqrt(float(L.head_dim));
-    a.use_bias = mode == attention::Mode::nosa;
+    fill_attention_args(a, layer, q, group, mode == attention::Mode::nosa, nullptr, cache);
     a.part = acu::DecodePart::forced;
     a.forced_init = p.init_blocks;
     a.forced_local = p.local_blocks();
@@ -890,6 +870,21 @@ class CudaBackend final : public Backend {
     forced_.forced_splits = a.splits;
     forced_.rest_splits = rest;
     forced_.partial = std::move(partial);
+  }
+
+  // The fields the decode and prefill attention kernels share.
+  template <class Args>
+  void fill_attention_args(Args& a, int layer, const Tensor& q, int group, bool use_bias,
+                           const Selection* selection, KvCache& cache) {
+    a.kv = kv_view(cache);
+    a.step = view_;
+    a.layer = layer;
+    a.q = q.raw();
+    a.group = group;
+    a.scale = 1.0f / std::sqrt(float(cache.layout().head_dim));
+    a.use_bias = use_bias;
+    a.selection = selection ? selection->blocks.data<int32_t>() : nullptr;
+    a.k_max = selection ? selection->k_max : 0;
   }
 
   // Which tokens take the decode kernel (single new tokens) and which the prefill tiles.
