@@ -75,7 +75,6 @@ struct BenchFlags {
   std::vector<double> miss_rates = {-1};  // offload suite: < 0 = the model's own selection
   std::string select_path;  // CUDA block selection: split, tiled, per-token, or automatic (empty)
   std::string cuda_graphs = "on";  // decoding steps replayed from CUDA graphs: on or off
-  std::string forced_overlap = "off";  // forced blocks attended during the selection: on or off
   std::string json_out, csv_out, label, commit;
   std::string plot_dir, plot_prefix, plot_link, markdown_out;
   std::vector<std::string> report_from;  // read these results instead of running
@@ -355,7 +354,6 @@ void run_decode(SuiteContext& ctx) {
         // Host time to queue the forward pass: near the step time means the CPU is the limit.
         row["enqueue_ms_median"] = median(enqueue_ms);
         row["cuda_graphs"] = f.cuda_graphs == "on";
-        row["forced_overlap"] = f.forced_overlap == "on";
         row["graph_replays"] = runtime::cuda_graph_replays() - replays_before;
         row["tokens_per_s"] = med > 0 ? double(B) * 1e3 / med : 0;
         row["weight_bytes"] = bm.weight_bytes;
@@ -867,9 +865,6 @@ int run_bench(const BenchFlags& f) {
   NOSA_CHECK(f.cuda_graphs == "on" || f.cuda_graphs == "off",
              "--cuda-graphs takes on or off, not '{}'", f.cuda_graphs);
   runtime::set_cuda_graphs(f.cuda_graphs == "on");
-  NOSA_CHECK(f.forced_overlap == "on" || f.forced_overlap == "off",
-             "--forced-overlap takes on or off, not '{}'", f.forced_overlap);
-  runtime::set_cuda_forced_overlap(f.forced_overlap == "on");
   parallel::MpiContext& mpi = parallel::MpiContext::get();
   BenchRanks ranks;
   ranks.replica = parallel::make_replica(f.tp);
@@ -956,10 +951,6 @@ Runner add_bench_command(CLI::App& app) {
                   "a step a path cannot take falls back from split to tiled to per-token)");
   cmd->add_option("--cuda-graphs", f->cuda_graphs,
                   "Decoding steps replayed from CUDA graphs (on) or queued kernel by kernel (off)")
-      ->capture_default_str();
-  cmd->add_option("--forced-overlap", f->forced_overlap,
-                  "Experimental: decode steps attend the forced blocks (the first and the local "
-                  "ones) on a second stream while the block selection runs (on), or after it (off)")
       ->capture_default_str();
   cmd->add_option("--offload", f->offload, "Offload suite: host or host+disk")
       ->capture_default_str();

@@ -174,12 +174,6 @@ void check_select_path_name(const std::string& path);
 // Whether the CUDA backend records and replays decoding steps as CUDA graphs (default: on, unless
 // the environment sets NOSA_CUDA_GRAPHS=0). For comparisons and tests.
 void set_cuda_graphs(bool enabled);
-// Experimental (default: off, unless the environment sets NOSA_FORCED_OVERLAP=1): decode steps
-// attend the forced blocks (the first init_blocks, the local window and the query's block) on a
-// second stream while the block selection runs, then the selected rest, and merge both.
-void set_cuda_forced_overlap(bool enabled);
-// Forced parts launched on the second stream so far (direct or recorded steps; tests).
-int64_t cuda_forced_launches();
 // Decoding steps run from recorded graphs so far, in this process (tests, benchmarks).
 int64_t cuda_graph_replays();
 

@@ -119,8 +119,6 @@ if [ $bench -eq 1 ]; then
     bench_cmds+=("--suite decode --shape nosa-1b-like --mode dense,nosa --batch 1,16,64 --context 16384,32768")
     bench_cmds+=("--suite decode --shape nosa-8b-like --mode dense,nosa --batch 1,16,64 --context 16384,32768")
     bench_cmds+=("--suite prefill --shape nosa-1b-like --mode dense,nosa --prompts 16 --prompt-len 16384")
-    # The experimental forced-block overlap against the rows above (same shapes, NOSA).
-    bench_cmds+=("--suite decode --shape nosa-8b-like --mode nosa --batch 1,64 --context 16384,32768 --forced-overlap on --label forced-overlap")
     # Issue 4's comparison: NOSA and InfLLM-V2 with the KV in pinned host memory.
     bench_cmds+=("--suite offload --shape nosa-8b-like --mode nosa,infllmv2 --batch 16 --context 16384 --steps 8")
   fi
@@ -232,8 +230,6 @@ for r in rows:
         continue
     p = peer.get((r["shape"], r["batch"], r["context"]))
     vs = f"{p['decode_step_ms'] / r['step_ms_median']:.1f}x faster" if p and "decode_step_ms" in p else ""
-    if r.get("label"):
-        vs += f" [{r['label']}]"
     print(f"  {r['shape']:13s} {r['mode']:8s} {r['batch']:3d} {r['context']:7d} {r['step_ms_median']:8.3f} "
           f"{r['tokens_per_s']:9.1f} {r['floor_ms']:8.3f} {r['ratio_to_floor']:7.2f} {vs:>15s}")
 print("prefill:")

@@ -65,37 +65,15 @@ __global__ void __launch_bounds__(32 * k_warps) decode_kernel(DecodeArgs a) {
   const int32_t* table = a.step.block_table + int64_t(seq) * a.step.bt_stride;
   const int32_t* sel = a.selection ? a.selection + (int64_t(t) * H + h) * a.k_max : nullptr;
 
-  // This launch's list of blocks (see DecodePart): entry e is block block_of_entry(e).
-  const int qb = pos / bs;
-  const int lo_end = min(a.forced_init, qb + 1);               // forced: [0, lo_end)
-  const int hi_begin = max(lo_end, qb - a.forced_local);       // and [hi_begin, qb]
-  int n_blocks = qb + 1;
-  int e_first = 0;
-  if (a.part == DecodePart::forced) {
-    n_blocks = lo_end + max(0, qb - hi_begin + 1);
-  } else if (sel) {
-    // The selection is ascending and holds every forced block: the unforced ones are the
-    // entries between those below lo_end and those from hi_begin on.
-    int c = 0, n_lo = 0, n_hi = 0;
+  int n_blocks = pos / bs + 1;
+  if (sel) {
+    int c = 0;
     for (int i0 = 0; i0 < a.k_max; i0 += blockDim.x) {
       const int i = i0 + threadIdx.x;
-      const int b = i < a.k_max ? sel[i] : -1;
-      c += __syncthreads_count(b >= 0);
-      if (a.part == DecodePart::unforced) {
-        n_lo += __syncthreads_count(b >= 0 && b < lo_end);
-        n_hi += __syncthreads_count(b >= hi_begin);
-      }
+      c += __syncthreads_count(i < a.k_max && sel[i] >= 0);
     }
     n_blocks = c;
-    if (a.part == DecodePart::unforced) {
-      e_first = n_lo;
-      n_blocks = c - n_lo - n_hi;
-    }
   }
-  auto block_of_entry = [&](int e) -> int {
-    if (a.part == DecodePart::forced) return e < lo_end ? e : hi_begin + (e - lo_end);
-    return sel ? int(sel[e_first + e]) : e;
-  };
   const int total_keys = n_blocks * bs;
   const int n_stages = (total_keys + k_stage_keys - 1) / k_stage_keys;
   const int per = (n_stages + a.splits - 1) / a.splits;
@@ -112,7 +90,7 @@ __global__ void __launch_bounds__(32 * k_warps) decode_kernel(DecodeArgs a) {
   const int e_base = s0 * k_stage_keys / bs;
   const int e_end = min(n_blocks, (s1 * k_stage_keys + bs - 1) / bs);
   for (int e = e_base + threadIdx.x; e < e_end; e += blockDim.x) {
-    const int lb = block_of_entry(e);
+    const int lb = sel ? int(sel[e]) : e;
     ent_lb[e - e_base] = lb;
     ent_chunk[e - e_base] = kv_slot(kv, table[lb], a.layer, h);
   }
@@ -169,10 +147,9 @@ __global__ void __launch_bounds__(32 * k_warps) decode_kernel(DecodeArgs a) {
   }
   __syncthreads();
   // Only the group's G rows are written: float4 of output, (m, l) per row.
-  const int S_all = a.all_splits > 0 ? a.all_splits : a.splits;
-  const int64_t unit = (int64_t(li) * H + h) * S_all + a.split_offset + split;
+  const int64_t unit = (int64_t(li) * H + h) * a.splits + split;
   float* po = a.partial + unit * 16 * D;
-  float* pml = a.partial + int64_t(a.n_list) * H * S_all * 16 * D + unit * 16 * 2;
+  float* pml = a.partial + int64_t(a.n_list) * H * a.splits * 16 * D + unit * 16 * 2;
   for (int i = threadIdx.x; i < G * (D / 4); i += blockDim.x) {
     const int r = i / (D / 4), c = (i % (D / 4)) * 4;
     float m = -INFINITY;
@@ -206,7 +183,7 @@ __global__ void __launch_bounds__(256) combine_kernel(DecodeArgs a) {
   extern __shared__ __align__(16) float wsm[];  // [G][splits] weights, [G] 1 / sum
   const int li = blockIdx.x, h = blockIdx.y;
   const int t = a.token_list[li];
-  const int H = a.kv.n_kv_heads, G = a.group, S = a.all_splits > 0 ? a.all_splits : a.splits;
+  const int H = a.kv.n_kv_heads, G = a.group, S = a.splits;
   const int64_t unit0 = (int64_t(li) * H + h) * S;
   const float* po = a.partial + unit0 * 16 * D;
   const float* pml = a.partial + int64_t(a.n_list) * H * S * 16 * D + unit0 * 16 * 2;
@@ -267,15 +244,6 @@ __global__ void __launch_bounds__(256) combine_kernel(DecodeArgs a) {
 }
 
 template <int D>
-cudaError_t launch_merge(const DecodeArgs& a, cudaStream_t stream) {
-  const int S = a.all_splits > 0 ? a.all_splits : a.splits;
-  const size_t smem_combine = sizeof(float) * size_t(a.group) * (S + 1);
-  if (smem_combine > 48 * 1024) return cudaErrorInvalidValue;  // decode_splits keeps it small
-  combine_kernel<D><<<dim3(a.n_list, a.kv.n_kv_heads), 256, smem_combine, stream>>>(a);
-  return cudaGetLastError();
-}
-
-template <int D>
 cudaError_t launch(const DecodeArgs& a, cudaStream_t stream) {
   const int smem_stages = k_stages * StageLayout<D>::bytes + k_max_entries * (8 + 4);
   const int smem_merge = (k_warps * 16 * 2 + k_warps * 16 * D) * 4;
@@ -284,8 +252,11 @@ cudaError_t launch(const DecodeArgs& a, cudaStream_t stream) {
   dim3 grid(a.n_list, a.kv.n_kv_heads, a.splits);
   decode_kernel<D><<<grid, 32 * k_warps, smem, stream>>>(a);
   cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess || !a.merge) return e;
-  return launch_merge<D>(a, stream);
+  if (e != cudaSuccess) return e;
+  const size_t smem_combine = sizeof(float) * size_t(a.group) * (a.splits + 1);
+  if (smem_combine > 48 * 1024) return cudaErrorInvalidValue;  // decode_splits keeps it small
+  combine_kernel<D><<<dim3(a.n_list, a.kv.n_kv_heads), 256, smem_combine, stream>>>(a);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -324,20 +295,9 @@ size_t decode_partial_floats(int n_list, int n_kv_heads, int splits, int head_di
 cudaError_t launch_sparse_decode(const DecodeArgs& a, cudaStream_t stream) {
   if (a.n_list == 0) return cudaSuccess;
   if (a.group > 16 || a.group < 1) return cudaErrorInvalidValue;
-  if (a.all_splits > 0 && a.split_offset + a.splits > a.all_splits) return cudaErrorInvalidValue;
   switch (a.kv.head_dim) {
     case 64: return launch<64>(a, stream);
     case 128: return launch<128>(a, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-cudaError_t launch_decode_merge(const DecodeArgs& a, cudaStream_t stream) {
-  if (a.n_list == 0) return cudaSuccess;
-  if (a.group > 16 || a.group < 1) return cudaErrorInvalidValue;
-  switch (a.kv.head_dim) {
-    case 64: return launch_merge<64>(a, stream);
-    case 128: return launch_merge<128>(a, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -13,12 +13,6 @@
 
 namespace nosa::attention::cuda {
 
-// Which of a token's blocks one launch attends: every listed block (the selection's, or all of
-// them), only the forced ones (the first init_blocks, the local_blocks before the query's block
-// and that block: no selection is needed to know them, so they can be attended while the
-// selection runs), or the listed ones that are not forced. The parts' splits are merged together.
-enum class DecodePart { all, forced, unforced };
-
 struct DecodeArgs {
   KvView kv;
   StepView step;
@@ -34,11 +28,6 @@ struct DecodeArgs {
   int n_list = 0;
   int splits = 1;                      // from decode_splits()
   float* partial = nullptr;            // decode_partial_floats() floats
-  DecodePart part = DecodePart::all;
-  int forced_init = 0, forced_local = 0;  // the forced blocks (parts forced and unforced)
-  int split_offset = 0;                   // this launch's first split in `partial`
-  int all_splits = 0;                     // the splits in `partial` (0: splits)
-  bool merge = true;                      // merge the splits (all_splits) after this launch
   void* out = nullptr;                 // [T][H * group][d] bf16
 };
 
@@ -47,7 +36,5 @@ struct DecodeArgs {
 int decode_splits(int n_list, int n_kv_heads, int max_blocks, int block_size, int sm_count);
 size_t decode_partial_floats(int n_list, int n_kv_heads, int splits, int head_dim);
 cudaError_t launch_sparse_decode(const DecodeArgs& args, cudaStream_t stream);
-// The merge of all_splits splits alone (after launches with merge = false).
-cudaError_t launch_decode_merge(const DecodeArgs& args, cudaStream_t stream);
 
 }  // namespace nosa::attention::cuda

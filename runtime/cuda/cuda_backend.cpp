@@ -52,9 +52,7 @@ namespace nosa::runtime {
 namespace {
 std::string g_select_path;  // force_cuda_select_path()
 int g_graphs = -1;          // set_cuda_graphs(); -1: the environment decides
-int g_forced_overlap = -1;  // set_cuda_forced_overlap(); -1: the environment decides
 std::atomic<int64_t> g_graph_replays{0};
-std::atomic<int64_t> g_forced_launches{0};  // cuda_forced_launches()
 
 bool graphs_enabled() {
   if (g_graphs >= 0) return g_graphs == 1;
@@ -66,19 +64,8 @@ bool graphs_enabled() {
 }
 }  // namespace
 
-static bool forced_overlap_enabled() {
-  if (g_forced_overlap >= 0) return g_forced_overlap == 1;
-  static const bool env_on = [] {
-    const char* e = std::getenv("NOSA_FORCED_OVERLAP");
-    return e && std::string(e) == "1";
-  }();
-  return env_on;
-}
-
 void set_cuda_graphs(bool enabled) { g_graphs = enabled ? 1 : 0; }
-void set_cuda_forced_overlap(bool enabled) { g_forced_overlap = enabled ? 1 : 0; }
 int64_t cuda_graph_replays() { return g_graph_replays.load(); }
-int64_t cuda_forced_launches() { return g_forced_launches.load(); }
 
 void force_cuda_select_path(const std::string& path) {
   check_select_path_name(path);
@@ -146,9 +133,6 @@ class CudaBackend final : public Backend {
     NOSA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&staged_, cudaEventDisableTiming));
     NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&read_back_, cudaEventDisableTiming));
-    NOSA_CUDA_CHECK(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking));
-    NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
-    NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
     NOSA_CUBLAS_CHECK(cublasCreate(&cublas_));
     NOSA_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
     workspace_ = alloc(DType::u8, {int64_t(32) << 20});
@@ -157,7 +141,6 @@ class CudaBackend final : public Backend {
 
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
-    drop_forced();
     recording_.reset();
     graphs_.clear();
     step_keep_.clear();
@@ -165,10 +148,6 @@ class CudaBackend final : public Backend {
     if (cublas_) cublasDestroy(cublas_);
     cudaEventDestroy(staged_);
     cudaEventDestroy(read_back_);
-    cudaStreamSynchronize(side_stream_);
-    cudaEventDestroy(fork_);
-    cudaEventDestroy(join_);
-    cudaStreamDestroy(side_stream_);
     cudaStreamDestroy(stream_);
   }
 
@@ -322,7 +301,6 @@ class CudaBackend final : public Backend {
   void begin_step(const StepBatch& step) override {
     step_ = &step;
     plan_valid_ = false;
-    drop_forced();
     bounds_.valid = false;
     const int T = int(step.n_tokens()), S = int(step.seqs.size());
     if (recording_) {
@@ -446,7 +424,6 @@ class CudaBackend final : public Backend {
 
   void abort_recording() override {
     if (!recording_) return;
-    drop_forced();  // a side-stream fork must be joined before the capture can end
     cudaGraph_t graph = nullptr;
     cudaStreamEndCapture(stream_, &graph);
     if (graph) cudaGraphDestroy(graph);
@@ -689,7 +666,6 @@ class CudaBackend final : public Backend {
       scratch = alloc(DType::f32, {int64_t(a.scratch_floats)});
       a.scratch = scratch.data<float>();
     }
-    attend_forced_during_selection(layer, mode, q, p, cache, k_max);
     NOSA_CUDA_CHECK(acu::launch_block_select(a, stream_));
     return sel;
   }
@@ -704,41 +680,38 @@ class CudaBackend final : public Backend {
     const bool slice = q_head_begin != 0 || out_heads.dim(1) != hq;
     Tensor out = slice ? alloc(DType::bf16, q.shape()) : out_heads;
     const Plan& plan = attend_plan(group, L.block_size);
+    const acu::KvView kv = kv_view(cache);
+    const float scale = 1.0f / std::sqrt(float(L.head_dim));
+    // The fields the decode and prefill kernels share.
+    auto fill_common = [&](auto& a) {
+      a.kv = kv;
+      a.step = view_;
+      a.layer = layer;
+      a.q = q.raw();
+      a.group = group;
+      a.scale = scale;
+      a.use_bias = use_bias;
+      a.selection = selection ? selection->blocks.data<int32_t>() : nullptr;
+      a.k_max = selection ? selection->k_max : 0;
+    };
     if (plan.n_decode > 0) {
       acu::DecodeArgs a;
-      fill_attention_args(a, layer, q, group, use_bias, selection, cache);
+      fill_common(a);
       a.max_blocks = selection ? std::min(selection->k_max, plan.decode_max_blocks)
                                : plan.decode_max_blocks;
       a.token_list = plan.decode_tokens;
       a.n_list = plan.n_decode;
+      a.splits = acu::decode_splits(a.n_list, H, a.max_blocks, L.block_size,
+                                    props_.multiProcessorCount);
+      Tensor partial = alloc(DType::f32, {int64_t(acu::decode_partial_floats(
+                                              a.n_list, H, a.splits, L.head_dim))});
+      a.partial = partial.data<float>();
       a.out = out.raw();
-      if (selection && forced_.layer == layer) {
-        // The forced blocks were attended on the side stream during the selection: the rest
-        // here, then both parts' splits merged once the side stream is done.
-        a.part = acu::DecodePart::unforced;
-        a.forced_init = forced_.init;
-        a.forced_local = forced_.local;
-        a.splits = forced_.rest_splits;
-        a.split_offset = forced_.forced_splits;
-        a.all_splits = forced_.forced_splits + forced_.rest_splits;
-        a.partial = forced_.partial.data<float>();
-        a.merge = false;
-        NOSA_CUDA_CHECK(acu::launch_sparse_decode(a, stream_));
-        NOSA_CUDA_CHECK(cudaStreamWaitEvent(stream_, join_, 0));
-        NOSA_CUDA_CHECK(acu::launch_decode_merge(a, stream_));
-        forced_ = ForcedPart();
-      } else {
-        a.splits = acu::decode_splits(a.n_list, H, a.max_blocks, L.block_size,
-                                      props_.multiProcessorCount);
-        Tensor partial = alloc(DType::f32, {int64_t(acu::decode_partial_floats(
-                                                a.n_list, H, a.splits, L.head_dim))});
-        a.partial = partial.data<float>();
-        NOSA_CUDA_CHECK(acu::launch_sparse_decode(a, stream_));
-      }
+      NOSA_CUDA_CHECK(acu::launch_sparse_decode(a, stream_));
     }
     if (plan.n_tiles > 0) {
       acu::PrefillArgs a;
-      fill_attention_args(a, layer, q, group, use_bias, selection, cache);
+      fill_common(a);
       a.tiles = plan.tiles;
       a.n_tiles = plan.n_tiles;
       a.nb_max = plan.prefill_nb_max;
@@ -812,81 +785,6 @@ class CudaBackend final : public Backend {
   }
 
  private:
-  // The forced blocks' part of a layer's decode attention, launched on the side stream while the
-  // selection runs (set_cuda_forced_overlap); attend() adds the rest and merges.
-  struct ForcedPart {
-    int layer = -1;
-    int init = 0, local = 0;
-    int forced_splits = 0, rest_splits = 0;
-    Tensor partial;  // both parts' splits
-  };
-  ForcedPart forced_;
-  // Forgets a forced part that attend() never took (an error between the selection and the
-  // attention, a step or recording abandoned): the main stream waits for the side stream first,
-  // so that nothing the side kernel reads or writes is reused while it runs.
-  void drop_forced() {
-    if (forced_.layer >= 0) cudaStreamWaitEvent(stream_, join_, 0);
-    forced_ = ForcedPart();
-  }
-
-  void attend_forced_during_selection(int layer, attention::Mode mode, const Tensor& q,
-                                      const attention::SparseParams& p, KvCache& cache,
-                                      int k_max) {
-    drop_forced();
-    if (!forced_overlap_enabled() || cache.offloaded()) return;
-    const KvLayout& L = cache.layout();
-    const int H = L.n_kv_heads, hq = int(q.dim(1)), group = hq / H;
-    // Every forced block must be in the selection (the unforced part is what lies between).
-    const int forced = p.init_blocks + p.local_blocks() + 1;
-    if (forced > p.topk || (mode == attention::Mode::nosa && forced > p.q_select())) return;
-    const Plan& plan = attend_plan(group, L.block_size);
-    if (plan.n_decode == 0 || plan.n_tiles > 0) return;
-    acu::DecodeArgs a;
-    fill_attention_args(a, layer, q, group, mode == attention::Mode::nosa, nullptr, cache);
-    a.part = acu::DecodePart::forced;
-    a.forced_init = p.init_blocks;
-    a.forced_local = p.local_blocks();
-    a.token_list = plan.decode_tokens;
-    a.n_list = plan.n_decode;
-    a.max_blocks = std::min(forced, plan.decode_max_blocks);
-    const int sms = props_.multiProcessorCount;
-    a.splits = acu::decode_splits(a.n_list, H, a.max_blocks, L.block_size, sms);
-    const int rest = acu::decode_splits(a.n_list, H, std::min(k_max, plan.decode_max_blocks),
-                                        L.block_size, sms);
-    a.all_splits = a.splits + rest;
-    Tensor partial = alloc(DType::f32, {int64_t(acu::decode_partial_floats(
-                                            a.n_list, H, a.all_splits, L.head_dim))});
-    a.partial = partial.data<float>();
-    a.merge = false;
-    // Forked from the main stream (the step's K/V are appended), joined back in attend().
-    NOSA_CUDA_CHECK(cudaEventRecord(fork_, stream_));
-    NOSA_CUDA_CHECK(cudaStreamWaitEvent(side_stream_, fork_, 0));
-    NOSA_CUDA_CHECK(acu::launch_sparse_decode(a, side_stream_));
-    NOSA_CUDA_CHECK(cudaEventRecord(join_, side_stream_));
-    ++g_forced_launches;
-    forced_.layer = layer;
-    forced_.init = a.forced_init;
-    forced_.local = a.forced_local;
-    forced_.forced_splits = a.splits;
-    forced_.rest_splits = rest;
-    forced_.partial = std::move(partial);
-  }
-
-  // The fields the decode and prefill attention kernels share.
-  template <class Args>
-  void fill_attention_args(Args& a, int layer, const Tensor& q, int group, bool use_bias,
-                           const Selection* selection, KvCache& cache) {
-    a.kv = kv_view(cache);
-    a.step = view_;
-    a.layer = layer;
-    a.q = q.raw();
-    a.group = group;
-    a.scale = 1.0f / std::sqrt(float(cache.layout().head_dim));
-    a.use_bias = use_bias;
-    a.selection = selection ? selection->blocks.data<int32_t>() : nullptr;
-    a.k_max = selection ? selection->k_max : 0;
-  }
-
   // Which tokens take the decode kernel (single new tokens) and which the prefill tiles.
   struct Plan {
     int group = 0, block_size = 0;
@@ -1048,7 +946,6 @@ class CudaBackend final : public Backend {
     int tokens = 0;
     int cap_blocks = 0;  // block tables hold this many blocks; contexts up to cap * block size
     std::string select_path;  // force_cuda_select_path() when recorded: replays keep it
-    bool forced_overlap = false;  // set_cuda_forced_overlap() when recorded
     bool operator==(const GraphKey&) const = default;
   };
 
@@ -1096,7 +993,6 @@ class CudaBackend final : public Backend {
     k.tokens = int(T);
     k.cap_blocks = int((need + bucket - 1) / bucket * bucket);
     k.select_path = g_select_path;
-    k.forced_overlap = forced_overlap_enabled();
     return k;
   }
 
@@ -1161,10 +1057,6 @@ class CudaBackend final : public Backend {
   int device_index_;
   cudaDeviceProp props_{};
   cudaStream_t stream_ = nullptr;
-  // The forced blocks' attention during the selection (ForcedPart), forked from stream_ at fork_
-  // and joined back at join_.
-  cudaStream_t side_stream_ = nullptr;
-  cudaEvent_t fork_ = nullptr, join_ = nullptr;
   cudaEvent_t staged_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   rcu::DeviceAllocator allocator_;

@@ -11,8 +11,6 @@ void force_cuda_select_path(const std::string& path) {
 }
 
 void set_cuda_graphs(bool) {}
-void set_cuda_forced_overlap(bool) {}
-int64_t cuda_forced_launches() { return 0; }
 int64_t cuda_graph_replays() { return 0; }
 
 std::unique_ptr<Backend> make_cuda_backend(int) {

@@ -176,62 +176,6 @@ TEST(CudaModel, StepGraphsGiveTheLogitsOfDirectSteps) {
   }
 }
 
-// The forced blocks attended on a second stream while the selection runs, then the selected
-// rest, merged (set_cuda_forced_overlap): the logits of the one-pass attention, with the steps
-// run directly and from graphs (the second stream forked and joined inside the recording). One
-// sequence is short (its first blocks: a query block below the window, every block selected).
-TEST(CudaModel, ForcedBlocksDuringTheSelectionGiveTheLogitsOfOnePass) {
-  NOSA_REQUIRE_GPU();
-  struct Restore {
-    ~Restore() {
-      runtime::set_cuda_forced_overlap(false);
-      runtime::set_cuda_graphs(true);
-    }
-  } restore;
-  Backends b;
-  for (attention::Mode mode : {attention::Mode::infllmv2, attention::Mode::nosa}) {
-    Side gpu = load(*b.gpu, mode, 400);
-    const int bs = gpu.model->kv_layout().block_size;
-    std::vector<int32_t> prompt = StepFixture({{0, 1000}}, bs, 80, 74, 1900).step.tokens;
-    // Prefill of three sequences, then 24 decoding steps of all three; every step's logits.
-    auto run = [&](bool overlap, bool graphs) {
-      runtime::set_cuda_graphs(graphs);
-      runtime::set_cuda_forced_overlap(overlap);
-      gpu.cache = std::make_unique<KvCache>(gpu.model->kv_layout(), 400, *b.gpu);
-      std::vector<int32_t> blocks_a(80), blocks_b(80), blocks_c(80);
-      for (int i = 0; i < 80; ++i) blocks_a[i] = i, blocks_b[i] = 200 + i, blocks_c[i] = 300 + i;
-      StepBatch p1;
-      p1.add(prompt, 0, &blocks_a, true);
-      p1.add(std::vector<int32_t>(prompt.begin(), prompt.begin() + 700), 0, &blocks_b, true);
-      p1.add(std::vector<int32_t>(prompt.begin(), prompt.begin() + 5), 0, &blocks_c, true);
-      gpu.model->forward(p1, *gpu.cache);
-      std::vector<Tensor> out;
-      for (int step = 0; step < 24; ++step) {
-        StepBatch s;
-        s.add({int32_t(7 + step * 13 % 1500)}, 1000 + step, &blocks_a);
-        s.add({int32_t(9 + step * 17 % 1500)}, 700 + step, &blocks_b);
-        s.add({int32_t(11 + step * 19 % 1500)}, 5 + step, &blocks_c);
-        out.push_back(b.gpu->to_host(gpu.model->forward(s, *gpu.cache)));
-      }
-      return out;
-    };
-    const std::vector<Tensor> one_pass = run(false, false);
-    for (bool graphs : {false, true}) {
-      const int64_t launches = runtime::cuda_forced_launches();
-      const int64_t replays = runtime::cuda_graph_replays();
-      const std::vector<Tensor> split = run(true, graphs);
-      // Every layer of every step directly; with graphs, the steps up to the recording.
-      EXPECT_GT(runtime::cuda_forced_launches() - launches, 0) << attention::mode_name(mode);
-      if (graphs) EXPECT_GE(runtime::cuda_graph_replays() - replays, 20);
-      const double worst = worst_step_error(one_pass, split);
-      std::printf("[ forced   ] %s, graphs %s: worst logits rel error vs one pass %.3e\n",
-                  attention::mode_name(mode), graphs ? "on" : "off", worst);
-      // Only the order of the float sums of the split-K merge differs.
-      EXPECT_LT(worst, 5e-3) << attention::mode_name(mode) << (graphs ? " graphs" : "");
-    }
-  }
-}
-
 // A step whose input is wrong (a token id outside the vocabulary) fails with a clear error also
 // when it would be the step recorded, and steps with the same key still run from graphs after it.
 TEST(CudaModel, ABadTokenInARecordedStepLeavesGraphsOn) {
@@ -297,7 +241,10 @@ TEST(CudaModel, OffloadedKvGivesTheSameTokensAsKvInHbm) {
   NOSA_REQUIRE_GPU();
   TempDir dir;
   std::string ids;
-  for (int i = 0; i < 3000; ++i) ids += (i ? "," : "") + std::to_string(3 + (i * 7919) % 1990);
+  for (int i = 0; i < 3000; ++i) {
+    if (i) ids += ',';
+    ids += std::to_string(3 + (i * 7919) % 1990);
+  }
   std::ofstream(dir / "ids.txt") << ids;
   for (const char* mode : {"infllmv2", "nosa"}) {
     const std::string base = nosa_binary() + " generate --model " +

@@ -315,11 +315,7 @@ TEST(CudaOps, SelectionBreaksExactTiesTowardTheLowerBlock) {
 
 // ---- attention --------------------------------------------------------------------------------
 
-// forced_overlap: the GPU's own selection runs first with set_cuda_forced_overlap on, so that
-// the forced blocks are attended on the second stream meanwhile (decode-only steps), and the
-// attention then takes the rest of the CPU's selection and merges both parts.
-void run_attend(const SelectCase& c, attention::Mode mode, uint64_t seed,
-                bool forced_overlap = false) {
+void run_attend(const SelectCase& c, attention::Mode mode, uint64_t seed) {
   Backends b;
   const attention::SparseParams p = case_params(c);
   KvLayout L{2, 2, c.d, c.block_size, c.block_size / c.kernel_stride, DType::f32};
@@ -333,20 +329,10 @@ void run_attend(const SelectCase& c, attention::Mode mode, uint64_t seed,
     Selection sc = b.cpu->select_blocks(1, mode, r.q.cpu, p, *r.cache.cpu);
     Selection sg = selection_on_gpu(b, sc);
     b.cpu->attend(1, r.q.cpu, 0, &sc, nosa, *r.cache.cpu, r.out.cpu);
-    if (forced_overlap) {
-      struct Restore {
-        ~Restore() { runtime::set_cuda_forced_overlap(false); }
-      } restore;
-      runtime::set_cuda_forced_overlap(true);
-      const int64_t launches = runtime::cuda_forced_launches();
-      b.gpu->select_blocks(1, mode, r.q.gpu, p, *r.cache.gpu);  // the fork; its blocks unused
-      EXPECT_EQ(runtime::cuda_forced_launches() - launches, 1) << c.name;
-    }
     b.gpu->attend(1, r.q.gpu, 0, &sg, nosa, *r.cache.gpu, r.out.gpu);
   }
   expect_close(b, r.out.cpu, r.out.gpu, k_tol,
-               std::string("attend ") + c.name + " " + attention::mode_name(mode) +
-                   (forced_overlap ? " forced overlap" : ""));
+               std::string("attend ") + c.name + " " + attention::mode_name(mode));
 }
 
 TEST(CudaOps, AttentionMatchesCpuForEveryModeDecodeAndPrefill) {
@@ -356,22 +342,6 @@ TEST(CudaOps, AttentionMatchesCpuForEveryModeDecodeAndPrefill) {
     for (attention::Mode mode :
          {attention::Mode::dense, attention::Mode::infllmv2, attention::Mode::nosa})
       run_attend(c, mode, seed += 10);
-}
-
-// The forced blocks' part during the selection and the selected rest after it, merged: the CPU's
-// attention, on decode-only steps (the forced part runs only there), short contexts included.
-TEST(CudaOps, AttentionInForcedAndSelectedPartsMatchesCpu) {
-  NOSA_REQUIRE_GPU();
-  const std::vector<SelectCase> cases = {
-      {"8b-long-decode", 128, 16, 64, 32, 16, 1024, 64, 16,
-       {{40000, 1}, {30, 1}, {5000, 1}, {12345, 1}}},
-      {"1b-decode", 128, 8, 64, 32, 16, 1024, 64, 16, {{16000, 1}, {1100, 1}, {70, 1}}},
-      {"tiny-decode", 64, 2, 16, 8, 4, 64, 16, 4, {{300, 1}, {1000, 1}, {3, 1}, {40, 1}}},
-  };
-  uint64_t seed = 900;
-  for (const SelectCase& c : cases)
-    for (attention::Mode mode : {attention::Mode::infllmv2, attention::Mode::nosa})
-      run_attend(c, mode, seed += 10, true);
 }
 
 TEST(CudaOps, AttentionOfASliceOfTheGroupsHeads) {
