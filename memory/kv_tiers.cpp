@@ -237,8 +237,9 @@ void KvTiers::select(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& l
   finish_select();
 }
 
-void KvTiers::select_misses(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads) {
-  if (++seen_stamp_ == 0) {  // wrapped: forget every stamp
+void KvTiers::select_misses(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads,
+                            bool more) {
+  if (!more && ++seen_stamp_ == 0) {  // wrapped: forget every stamp
     for (ChunkMark& m : marks_) m.seen = 0;
     seen_stamp_ = 1;
   }
@@ -274,9 +275,12 @@ void KvTiers::select_misses(const ChunkId* chunks, int64_t n, std::vector<ChunkC
     ~Pending() { slot = nullptr; }
   } guard{pending_};
   pending_ = &loads;
-  // Hits first (marked: no miss of this round evicts them), then the misses.
-  cache_.begin_round();
-  hit_slots_.clear();
+  // Hits first (marked: no miss of this round evicts them), then the misses. The hits of earlier
+  // pieces of the round wait in hit_slots_ for finish_select().
+  if (!more) {
+    cache_.begin_round();
+    hit_slots_.clear();
+  }
   missing_.clear();
   for (const ChunkId c : unique_) {
     const int32_t s = cache_.mark(c);

@@ -90,7 +90,13 @@ class KvTiers {
   // select() in two parts, so that the caller can start the loads before the hits' LRU
   // bookkeeping is done: select_misses() appends the loads (the hits are safe from its
   // evictions), finish_select() then moves the hits to the recent end of the LRU list.
-  void select_misses(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads);
+  // With `more`, the chunks continue the previous select_misses() call's round: one layer's
+  // selection given in pieces, so that the caller can start a piece's loads while the next piece
+  // is looked up. Within a round no chunk is counted twice and no miss evicts a chunk an earlier
+  // piece asked for; a chunk of a later piece, not yet asked for, is not protected (if the
+  // least recently used, a miss may take its slot, and it is then loaded again as a miss).
+  void select_misses(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads,
+                     bool more = false);
   void finish_select();
   // Step end: `full` blocks were completed in this step and are written back to the host
   // (appends the stores: device slot -> host, to be performed before the next step). Releases

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 
 #include "runtime/backend.h"
 #include "runtime/core/error.h"
@@ -86,6 +87,17 @@ void KvCache::begin_step(const StepBatch& step) {
   backend_.copy_chunks(copies_, true, *this);
 }
 
+// At most this many pieces per layer (NOSA_RESIDENCY_PIECES, default 4; 1: the whole selection
+// in one piece), for comparisons.
+static int64_t residency_pieces() {
+  static const int64_t pieces = [] {
+    const char* e = std::getenv("NOSA_RESIDENCY_PIECES");
+    const int64_t v = e ? std::atoll(e) : 4;
+    return std::clamp<int64_t>(v, 1, 64);
+  }();
+  return pieces;
+}
+
 void KvCache::make_resident(int layer, const Selection& selection, const StepBatch& step) {
   if (!tiers_) return;
   using Clock = std::chrono::steady_clock;
@@ -111,11 +123,23 @@ void KvCache::make_resident(int layer, const Selection& selection, const StepBat
       }
   }
   const auto t2 = Clock::now();
-  // Prefill tokens select mostly the same blocks: select() asks for each chunk once.
-  copies_.clear();
-  tiers_->select_misses(wanted_.data(), int64_t(wanted_.size()), copies_);
-  const auto t3 = Clock::now();
-  backend_.copy_chunks(copies_, true, *this);
+  // The selection in pieces of one round: the device gathers a piece's misses while the host
+  // looks up the next piece (prefill tokens select mostly the same blocks: each chunk is asked
+  // for once per round). Small selections go whole: a piece costs a launch.
+  const int64_t n = int64_t(wanted_.size());
+  constexpr int64_t k_min_piece = 512;
+  const int64_t pieces = std::clamp<int64_t>(n / k_min_piece, 1, residency_pieces());
+  int64_t tiers_ns = 0, enqueue_ns = 0;
+  for (int64_t i = 0; i < pieces; ++i) {
+    const int64_t begin = n * i / pieces, end = n * (i + 1) / pieces;
+    const auto a = Clock::now();
+    copies_.clear();
+    tiers_->select_misses(wanted_.data() + begin, end - begin, copies_, i > 0);
+    const auto b = Clock::now();
+    backend_.copy_chunks(copies_, true, *this);
+    tiers_ns += ns(a, b);
+    enqueue_ns += ns(b, Clock::now());
+  }
   const auto t4 = Clock::now();
   // The hits' LRU bookkeeping while the device gathers the misses.
   tiers_->finish_select();
@@ -124,8 +148,8 @@ void KvCache::make_resident(int layer, const Selection& selection, const StepBat
   times_.selected += int64_t(wanted_.size());
   times_.wait_ns += ns(t0, t1);
   times_.index_ns += ns(t1, t2);
-  times_.tiers_ns += ns(t2, t3);
-  times_.enqueue_ns += ns(t3, t4);
+  times_.tiers_ns += tiers_ns;
+  times_.enqueue_ns += enqueue_ns;
   times_.settle_ns += ns(t4, t5);
 }
 

@@ -114,8 +114,10 @@ struct Seq {
 };
 
 // Decoding of several sequences, one token per step, with random selections over their
-// finished blocks plus the current one, per layer and head.
-void run(Sim& sim, int n_seqs, int steps, int select_per_head, uint64_t seed) {
+// finished blocks plus the current one, per layer and head. With pieces > 1 each layer's
+// selection is given in that many pieces of one round (select_misses(..., more)), each piece's
+// loads performed before the next piece is asked for, as KvCache does.
+void run(Sim& sim, int n_seqs, int steps, int select_per_head, uint64_t seed, int pieces = 1) {
   std::mt19937 rng(seed);
   std::vector<Seq> seqs(n_seqs);
   int32_t next_block = 0;
@@ -142,13 +144,31 @@ void run(Sim& sim, int n_seqs, int steps, int select_per_head, uint64_t seed) {
       std::set<ChunkId> resident_before;
       for (ChunkId c : chunks)
         if (sim.dev->table[c] >= 0) resident_before.insert(c);
-      loads.clear();
-      sim.tiers->select(chunks.data(), int64_t(chunks.size()), loads);
-      // Only chunks that were not resident were loaded.
-      for (auto& l : loads) EXPECT_EQ(resident_before.count(l.chunk), 0u);
-      EXPECT_EQ(loads.size(),
-                std::set<ChunkId>(chunks.begin(), chunks.end()).size() - resident_before.size());
-      sim.dev->load(loads);
+      // Only chunks that were not resident were loaded (in pieces: or that an earlier piece's
+      // miss evicted before their piece asked for them), each once.
+      std::set<ChunkId> loaded, evicted;
+      const int64_t n = int64_t(chunks.size());
+      for (int i = 0; i < pieces; ++i) {
+        const int64_t begin = n * i / pieces, end = n * (i + 1) / pieces;
+        loads.clear();
+        sim.tiers->select_misses(chunks.data() + begin, end - begin, loads, i > 0);
+        for (auto& l : loads) {
+          EXPECT_TRUE(resident_before.count(l.chunk) == 0 || evicted.count(l.chunk) == 1)
+              << "chunk " << l.chunk << " was resident";
+          EXPECT_TRUE(loaded.insert(l.chunk).second) << "chunk " << l.chunk << " loaded twice";
+        }
+        for (auto& l : loads)
+          if (l.evicted >= 0) evicted.insert(l.evicted);
+        sim.dev->load(loads);
+      }
+      sim.tiers->finish_select();
+      size_t reloaded = 0;
+      for (ChunkId c : loaded) reloaded += resident_before.count(c);
+      EXPECT_EQ(loaded.size(), std::set<ChunkId>(chunks.begin(), chunks.end()).size() -
+                                   resident_before.size() + reloaded);
+      if (pieces == 1) {
+        EXPECT_EQ(reloaded, 0u);
+      }
       // The selection is resident and holds the right bytes.
       for (ChunkId c : chunks) {
         const int32_t b = int32_t(c / per);
@@ -192,6 +212,26 @@ TEST(KvTiers, HostOffloadKeepsTheSelectionResidentAndLoadsOnlyNewChunks) {
   EXPECT_GT(st.evictions, 0);
   EXPECT_EQ(st.disk_blocks, 0);
   EXPECT_GT(st.bytes_host_to_device, 0);
+}
+
+// The same run with each layer's selection in 3 pieces of one round, under eviction pressure:
+// every chunk a piece asks for stays resident through the later pieces (the invariants above),
+// and the device's slot table agrees with the tiers after every step.
+TEST(KvTiers, ASelectionInPiecesOfOneRoundKeepsEveryPieceResident) {
+  Sim sim(64, 120, 64, "");
+  run(sim, 4, 96, 3, 1, 3);
+  TierStats st = sim.tiers->stats();
+  EXPECT_GT(st.hits, 0);
+  EXPECT_GT(st.evictions, 0);
+}
+
+// The same with a disk tier: pieces whose reads back make room in a full host tier.
+TEST(KvTiers, ASelectionInPiecesReadsBackFromDiskExactly) {
+  test::TempDir dir;
+  Sim sim(64, 120, 24, (dir / "kv").string());
+  run(sim, 4, 96, 4, 3, 2);
+  EXPECT_TRUE(sim.tiers->take_failed_blocks().empty());
+  EXPECT_GT(sim.tiers->stats().bytes_disk_read, 0);
 }
 
 // Four sequences whose blocks outgrow a host tier of host_blocks onto disk; no block fails.
@@ -414,6 +454,32 @@ TEST(KvTiers, DuplicatesInOneSelectionAreAskedForOnce) {
   sim.tiers->select(chunks.data(), int64_t(chunks.size()), copies);  // all hits now
   EXPECT_TRUE(copies.empty());
   EXPECT_EQ(sim.tiers->stats().hits, 2);
+}
+
+// A round in pieces counts each chunk once, also when a later piece repeats an earlier one's.
+TEST(KvTiers, DuplicatesAcrossThePiecesOfARoundAreAskedForOnce) {
+  Sim sim(8, 16, 8, "");
+  std::vector<int32_t> blocks = {0, 1, 2};
+  sim.tiers->populate(blocks);
+  const ChunkId a = sim.shape.chunk(0, 1, 0), b = sim.shape.chunk(1, 0, 1),
+                c = sim.shape.chunk(2, 1, 1);
+  const std::vector<ChunkId> first = {a, b}, second = {b, c, a};
+  std::vector<ChunkCopy> copies;
+  sim.tiers->select_misses(first.data(), 2, copies);
+  sim.tiers->select_misses(second.data(), 3, copies, true);
+  sim.tiers->finish_select();
+  ASSERT_EQ(copies.size(), 3u);
+  EXPECT_EQ(copies[0].chunk, a);
+  EXPECT_EQ(copies[1].chunk, b);
+  EXPECT_EQ(copies[2].chunk, c);
+  EXPECT_EQ(sim.tiers->stats().selected, 3);
+  EXPECT_EQ(sim.tiers->stats().misses, 3);
+  // A new round (more = false) counts them again: all hits.
+  copies.clear();
+  sim.tiers->select_misses(second.data(), 3, copies);
+  sim.tiers->finish_select();
+  EXPECT_TRUE(copies.empty());
+  EXPECT_EQ(sim.tiers->stats().hits, 3);
 }
 
 // Populating more blocks than the host holds puts the oldest straight on disk. With both tiers

@@ -73,7 +73,9 @@ TEST(Engine, ContinuousBatchingChunkingAndPreemptionKeepTheTokens) {
       EXPECT_EQ(res[ids[i]].last.finish, FinishReason::length);
       EXPECT_EQ(int64_t(res[ids[i]].tokens.size()), rs[i].max_tokens);
     }
-    if (v.expect_preemption) EXPECT_GT(s.engine->stats().preemptions, 0);
+    if (v.expect_preemption) {
+      EXPECT_GT(s.engine->stats().preemptions, 0);
+    }
     EXPECT_EQ(s.cache->pool().used_blocks(), 0);  // everything released
   }
 }

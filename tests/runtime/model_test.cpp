@@ -28,7 +28,9 @@ struct Harness {
 
   std::vector<int32_t> blocks_for(int64_t n_tokens, std::vector<int32_t>& blocks) {
     int64_t need = (n_tokens + 15) / 16 - int64_t(blocks.size());
-    if (need > 0) EXPECT_TRUE(cache->pool().allocate(need, blocks));
+    if (need > 0) {
+      EXPECT_TRUE(cache->pool().allocate(need, blocks));
+    }
     return blocks;
   }
 };
