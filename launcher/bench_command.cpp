@@ -469,7 +469,9 @@ class SyntheticSelection {
       const int64_t pos = step.positions[t], qb = pos / p_.block_size;
       const int64_t k = std::min<int64_t>(p_.topk, qb + 1);
       for (int h = 0; h < n_heads; ++h) {
-        auto& cur = state_[{step.token_seq[t], layer, h}];
+        // Keyed by the sequence's block table, the same object in every step (and in either
+        // micro-batch of a step).
+        auto& cur = state_[{step.seqs[step.token_seq[t]].blocks, layer, h}];
         auto forced = [&](int64_t b) {
           return b < p_.init_blocks || b >= qb - p_.local_blocks();
         };
@@ -504,7 +506,7 @@ class SyntheticSelection {
   attention::SparseParams p_;
   double replace_;
   std::mt19937 rng_;
-  std::map<std::tuple<int, int, int>, std::vector<int32_t>> state_;
+  std::map<std::tuple<const std::vector<int32_t>*, int, int>, std::vector<int32_t>> state_;
 };
 
 void run_offload(SuiteContext& ctx) {

@@ -94,17 +94,17 @@ int32_t BlockCache::fill(ChunkId chunk, std::vector<Load>& loads) {
     free_.pop_back();
     ++used_;
   } else {
-    // The least recently used unpinned slot (pinned ones are off the list). Slots used in this
-    // round sit at the recent end, so if the oldest was used in this round, all were.
+    // The least recently used unpinned slot (pinned ones are off the list). Slots used in the
+    // protected rounds sit at the recent end, so if the oldest was used in them, all were.
     s = lru_.head;
     // Hits marked in this round but not settled yet still sit where they were: they go to the
     // recent end as they are met (in acquire() they are all there already).
-    for (int64_t moved = 0; s >= 0 && state_[s].round == round_ && moved < capacity(); ++moved) {
+    for (int64_t moved = 0; s >= 0 && protected_slot(s) && moved < capacity(); ++moved) {
       unlink(s);
       push_back(s);
       s = lru_.head;
     }
-    NOSA_CHECK_CODE(s >= 0 && state_[s].round != round_, ErrorCode::resource_exhausted,
+    NOSA_CHECK_CODE(s >= 0 && !protected_slot(s), ErrorCode::resource_exhausted,
                     "the GPU block cache ({} slots) cannot hold the blocks one step selects; "
                     "raise --gpu-kv-gib or lower the batch",
                     capacity());

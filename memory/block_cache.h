@@ -6,6 +6,7 @@
 // asks for are done by the caller.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -51,6 +52,11 @@ class BlockCache {
   int32_t slot_of(ChunkId chunk) const { return slot_of_chunk_[index(chunk)]; }
   bool resident(ChunkId chunk) const { return slot_of_chunk_[index(chunk)] >= 0; }
 
+  // How many rounds, this one included, keep the chunks they used from eviction (default 1).
+  // 2 while the device may still be reading the previous round's chunks when this round's
+  // loads land (two micro-batches, their rounds interleaved).
+  void set_protected_rounds(int n) { protected_rounds_ = uint64_t(std::max(n, 1)); }
+
   // Pinned chunks stay resident (counted: pin twice, unpin twice).
   void pin(ChunkId chunk);
   void unpin(ChunkId chunk);
@@ -68,6 +74,7 @@ class BlockCache {
   int32_t touch(ChunkId chunk);  // a hit: marks the slot used in this round
   int32_t touch_round(ChunkId chunk);  // the same without moving it in the LRU list
   int32_t fill(ChunkId chunk, std::vector<Load>& loads);  // a miss
+  bool protected_slot(int32_t s) const { return state_[s].round + protected_rounds_ > round_; }
   void unlink(int32_t slot);
   void push_back(int32_t slot);  // most recently used end
 
@@ -92,6 +99,7 @@ class BlockCache {
   std::vector<int32_t> free_;
   int64_t used_ = 0;
   uint64_t round_ = 1;
+  uint64_t protected_rounds_ = 1;
   CacheStats stats_;
 };
 

@@ -98,6 +98,9 @@ class KvTiers {
   void select_misses(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads,
                      bool more = false);
   void finish_select();
+  // See BlockCache::set_protected_rounds (each select or select_misses without `more`, and
+  // begin_step, is a round).
+  void set_protected_rounds(int n) { cache_.set_protected_rounds(n); }
   // Step end: `full` blocks were completed in this step and are written back to the host
   // (appends the stores: device slot -> host, to be performed before the next step). Releases
   // the step's pins.

@@ -90,8 +90,29 @@ class Backend {
   virtual void check_shapes(const KvLayout& layout, int group) const {}
 
   // Uploads a step's metadata (positions, sequence of each token, block tables); the ops below
-  // refer to the current step.
-  virtual void begin_step(const StepBatch& step) = 0;
+  // refer to the current step. With `more`, the step is another part of the same forward pass
+  // (a micro-batch, below), in the current slot: the other slots' steps stay valid.
+  virtual void begin_step(const StepBatch& step, bool more = false) = 0;
+
+  // Micro-batches (offloaded decoding): a backend that holds more than one step's metadata at
+  // once lets the model run two halves of a batch layer by layer, interleaved, so that one
+  // half's misses are gathered while the other half computes.
+  virtual int step_slots() const { return 1; }
+  // Makes `slot` current: begin_step fills it and the ops refer to its step.
+  virtual void use_step_slot(int slot) {}
+  // Overlapped gathers (on backends with more than one step slot): gather_selected queues on a
+  // side stream, read_back_selection waits only for the selection's own kernels, and a slot's
+  // attention waits for its slot's gathers. Off: everything in one queue, in order.
+  virtual void set_gather_overlap(bool on) {}
+  // Marks the point after which `s` is complete (after select_blocks, and after anything that
+  // replaced its blocks): read_back_selection waits for that point only.
+  virtual void selection_ready(const Selection& s) {}
+  // A layer's selection in host memory (see read_back), for the residency path.
+  virtual const void* read_back_selection(const Selection& s) { return read_back(s.blocks); }
+  // The residency path's loads (host -> slot) for the current step slot's attention.
+  virtual void gather_selected(const std::vector<memory::ChunkCopy>& loads, KvCache& cache) {
+    copy_chunks(loads, true, cache);
+  }
 
   // Dense ops. Shapes: x [T, K], w [N, K], out [T, N].
   virtual void embedding(const Tensor& table, Tensor& out) = 0;  // rows of the step's tokens

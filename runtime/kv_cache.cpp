@@ -106,7 +106,7 @@ void KvCache::make_resident(int layer, const Selection& selection, const StepBat
   };
   const auto t0 = Clock::now();
   // [T][H][k_max], ascending block indices per row, -1 padded.
-  const auto* sel = static_cast<const int32_t*>(backend_.read_back(selection.blocks));
+  const auto* sel = static_cast<const int32_t*>(backend_.read_back_selection(selection));
   const auto t1 = Clock::now();
   const int H = layout_.n_kv_heads, k = selection.k_max;
   const int64_t T = step.n_tokens();
@@ -136,7 +136,7 @@ void KvCache::make_resident(int layer, const Selection& selection, const StepBat
     copies_.clear();
     tiers_->select_misses(wanted_.data() + begin, end - begin, copies_, i > 0);
     const auto b = Clock::now();
-    backend_.copy_chunks(copies_, true, *this);
+    backend_.gather_selected(copies_, *this);
     tiers_ns += ns(a, b);
     enqueue_ns += ns(b, Clock::now());
   }

@@ -94,6 +94,11 @@ class KvCache {
   // selection, the selected chunks; at the end, the blocks the step filled go to the host.
   void begin_step(const StepBatch& step);
   void make_resident(int layer, const Selection& selection, const StepBatch& step);
+  // Two micro-batches in flight: a round's loads must not evict the previous round's chunks,
+  // which the other micro-batch's attention may still be reading.
+  void set_micro_batches(bool on) {
+    if (tiers_) tiers_->set_protected_rounds(on ? 2 : 1);
+  }
   void end_step(const StepBatch& step);
   // Frees a sequence's blocks in every tier.
   void release(std::vector<int32_t>& blocks);

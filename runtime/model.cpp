@@ -1,6 +1,8 @@
 #include "runtime/model.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "runtime/core/error.h"
 #include "runtime/core/logging.h"
@@ -39,6 +41,8 @@ Model::Model(ModelConfig config, ModelWeights weights, parallel::Partition part,
              attention::Mode mode, Backend& backend, parallel::Communicator& comm)
     : config_(std::move(config)), w_(std::move(weights)), part_(part), mode_(mode),
       backend_(backend), comm_(comm), rope_(make_rope_table(config_)) {
+  const char* e = std::getenv("NOSA_MICRO_BATCH_MIN_SEQS");
+  micro_min_seqs_ = e ? std::max(0, std::atoi(e)) : 16;
   backend_.check_shapes(kv_layout(), part_.group_q_count / part_.kv_count);
   backend_.prepare_rope(rope_);
 }
@@ -96,80 +100,190 @@ Tensor Model::forward(const StepBatch& step, KvCache& cache) {
   return logits;
 }
 
-Tensor Model::run_layers(const StepBatch& step, KvCache& cache) {
+Model::Acts Model::alloc_acts(int64_t T) {
   Backend& be = backend_;
   const DType act = be.activation_dtype();
-  const int64_t T = step.n_tokens(), H = config_.hidden_size, d = config_.head_dim;
+  const int64_t H = config_.hidden_size, d = config_.head_dim;
   // q holds every query head of the local KV heads' groups (selection needs them all); this rank
   // attends with and projects out the heads [q_off, q_off + hq) of them.
   const int hq_all = part_.group_q_count, hq = part_.q_count, hk = part_.kv_count;
-  const int q_off = part_.q_begin - part_.group_q_begin, nkv = config_.num_key_value_heads;
+  const int nkv = config_.num_key_value_heads;
   const int64_t F = part_.ffn_count;
-  const bool sparse = mode_ != attention::Mode::dense;
-  const bool nosa = mode_ == attention::Mode::nosa;
-  NOSA_ASSERT(T > 0, "empty step");
+  Acts a;
+  a.x = be.alloc(act, {T, H});
+  a.h = be.alloc(act, {T, H});
+  a.qkv = be.alloc(act, {T, int64_t(hq_all + hk + nkv) * d});
+  a.q = be.alloc(act, {T, hq_all, d});
+  a.k = be.alloc(act, {T, hk, d});
+  a.v_all = be.alloc(act, {T, nkv, d});
+  if (mode_ == attention::Mode::nosa) a.c = be.alloc(DType::f32, {T, hk});
+  a.attn = be.alloc(act, {T, hq, d});
+  a.proj = be.alloc(act, {T, H});
+  a.gate_up = be.alloc(act, {T, 2 * F});
+  a.mlp = be.alloc(act, {T, F});
+  return a;
+}
 
-  be.begin_step(step);
-  Tensor x = be.alloc(act, {T, H});
-  Tensor h = be.alloc(act, {T, H});
-  Tensor qkv = be.alloc(act, {T, int64_t(hq_all + hk + nkv) * d});
-  Tensor q = be.alloc(act, {T, hq_all, d});
-  Tensor k = be.alloc(act, {T, hk, d});
-  Tensor v_all = be.alloc(act, {T, nkv, d});
-  Tensor c = nosa ? be.alloc(DType::f32, {T, hk}) : Tensor();
-  Tensor attn = be.alloc(act, {T, hq, d});
-  Tensor proj = be.alloc(act, {T, H});
-  Tensor gate_up = be.alloc(act, {T, 2 * F});
-  Tensor mlp = be.alloc(act, {T, F});
-
-  be.embedding(w_.embed, x);
-  cache.begin_step(step);
-  const float eps = float(config_.rms_norm_eps);
-  const int n_layers = config_.num_hidden_layers;
+void Model::embed(Acts& a) {
+  backend_.embedding(w_.embed, a.x);
   // Each residual add is fused with the RMSNorm that follows it; the first layer's norm stands
   // alone, and the last add has none after it (the final norm runs on the logit rows only).
-  be.rmsnorm(x, w_.layers[0].attn_norm, eps, h);
-  for (int l = 0; l < n_layers; ++l) {
-    const LayerWeights& L = w_.layers[l];
-    be.linear(h, L.qkv, L.qkv_bias.defined() ? &L.qkv_bias : nullptr, qkv);
-    be.split_qkv_rope(qkv, rope_, q, k, v_all);
-    if (nosa)
-      be.eviction_scores(v_all, L.nosa_a, L.nosa_delta_w,
-                         L.nosa_delta_b.defined() ? &L.nosa_delta_b : nullptr, part_.kv_begin,
-                         part_.kv_begin + hk, c);
-    be.append_kv(l, k, v_all, part_.kv_begin, nosa ? &c : nullptr, cache);
-    if (sparse) {
-      be.update_compressed(l, nosa, config_.sparse, cache);
-      Selection sel = be.select_blocks(l, mode_, q, config_.sparse, cache);
-      if (selection_override_) selection_override_(l, step, sel);
-      cache.make_resident(l, sel, step);
-      be.attend(l, q, q_off, &sel, nosa, cache, attn);
-    } else {
-      be.attend(l, q, q_off, nullptr, false, cache, attn);
-    }
-    Tensor attn2d = attn.reshape({T, int64_t(hq) * d});
-    be.linear(attn2d, L.o_proj, L.o_bias.defined() ? &L.o_bias : nullptr, proj);
-    if (comm_.size() > 1) comm_.all_reduce_sum(proj);
-    be.add_rmsnorm(x, proj, L.mlp_norm, eps, h);
+  backend_.rmsnorm(a.x, w_.layers[0].attn_norm, float(config_.rms_norm_eps), a.h);
+}
 
-    be.linear(h, L.gate_up, L.gate_up_bias.defined() ? &L.gate_up_bias : nullptr, gate_up);
-    be.silu_mul(gate_up, mlp);
-    be.linear(mlp, L.down, L.down_bias.defined() ? &L.down_bias : nullptr, proj);
-    if (comm_.size() > 1) comm_.all_reduce_sum(proj);
-    if (l + 1 < n_layers) be.add_rmsnorm(x, proj, w_.layers[l + 1].attn_norm, eps, h);
-    else be.add(x, proj);
+void Model::layer_to_selection(int l, const StepBatch& step, Acts& a, KvCache& cache,
+                               Selection& sel) {
+  Backend& be = backend_;
+  const LayerWeights& L = w_.layers[l];
+  const bool nosa = mode_ == attention::Mode::nosa;
+  const int hk = part_.kv_count;
+  be.linear(a.h, L.qkv, L.qkv_bias.defined() ? &L.qkv_bias : nullptr, a.qkv);
+  be.split_qkv_rope(a.qkv, rope_, a.q, a.k, a.v_all);
+  if (nosa)
+    be.eviction_scores(a.v_all, L.nosa_a, L.nosa_delta_w,
+                       L.nosa_delta_b.defined() ? &L.nosa_delta_b : nullptr, part_.kv_begin,
+                       part_.kv_begin + hk, a.c);
+  be.append_kv(l, a.k, a.v_all, part_.kv_begin, nosa ? &a.c : nullptr, cache);
+  if (mode_ == attention::Mode::dense) return;
+  be.update_compressed(l, nosa, config_.sparse, cache);
+  sel = be.select_blocks(l, mode_, a.q, config_.sparse, cache);
+  if (selection_override_) selection_override_(l, step, sel);
+  be.selection_ready(sel);
+}
+
+void Model::layer_from_attention(int l, Acts& a, const Selection* sel, KvCache& cache) {
+  Backend& be = backend_;
+  const LayerWeights& L = w_.layers[l];
+  const float eps = float(config_.rms_norm_eps);
+  const int64_t T = a.x.dim(0);
+  const int hq = part_.q_count, q_off = part_.q_begin - part_.group_q_begin;
+  be.attend(l, a.q, q_off, sel, mode_ == attention::Mode::nosa, cache, a.attn);
+  Tensor attn2d = a.attn.reshape({T, int64_t(hq) * config_.head_dim});
+  be.linear(attn2d, L.o_proj, L.o_bias.defined() ? &L.o_bias : nullptr, a.proj);
+  if (comm_.size() > 1) comm_.all_reduce_sum(a.proj);
+  be.add_rmsnorm(a.x, a.proj, L.mlp_norm, eps, a.h);
+
+  be.linear(a.h, L.gate_up, L.gate_up_bias.defined() ? &L.gate_up_bias : nullptr, a.gate_up);
+  be.silu_mul(a.gate_up, a.mlp);
+  be.linear(a.mlp, L.down, L.down_bias.defined() ? &L.down_bias : nullptr, a.proj);
+  if (comm_.size() > 1) comm_.all_reduce_sum(a.proj);
+  if (l + 1 < config_.num_hidden_layers)
+    be.add_rmsnorm(a.x, a.proj, w_.layers[l + 1].attn_norm, eps, a.h);
+  else
+    be.add(a.x, a.proj);
+}
+
+Tensor Model::logits_of(const Tensor& rows) {
+  Backend& be = backend_;
+  Tensor normed = be.alloc(be.activation_dtype(), rows.shape());
+  be.rmsnorm(rows, w_.final_norm, float(config_.rms_norm_eps), normed);
+  // Logits in float32 on every backend: bf16 logits would tie far more often under greedy.
+  Tensor logits = be.alloc(DType::f32, {rows.dim(0), config_.vocab_size});
+  be.linear(normed, w_.lm_head, nullptr, logits);
+  return logits;
+}
+
+Tensor Model::run_layers(const StepBatch& step, KvCache& cache) {
+  Backend& be = backend_;
+  const int64_t T = step.n_tokens();
+  NOSA_ASSERT(T > 0, "empty step");
+  const bool decode_only = std::all_of(step.seqs.begin(), step.seqs.end(),
+                                       [](const StepSequence& s) { return s.n_new == 1; });
+  if (cache.offloaded() && mode_ != attention::Mode::dense && be.step_slots() >= 2 &&
+      micro_min_seqs_ > 0 && int(step.seqs.size()) >= std::max(2, micro_min_seqs_) &&
+      decode_only)
+    return run_micro_batches(step, cache);
+
+  be.begin_step(step);
+  Acts a = alloc_acts(T);
+  embed(a);
+  cache.begin_step(step);
+  for (int l = 0; l < config_.num_hidden_layers; ++l) {
+    Selection sel;
+    layer_to_selection(l, step, a, cache, sel);
+    const bool sparse = mode_ != attention::Mode::dense;
+    if (sparse) cache.make_resident(l, sel, step);
+    layer_from_attention(l, a, sparse ? &sel : nullptr, cache);
   }
   cache.end_step(step);
   if (part_.rank != 0 || step.logit_rows.empty()) return Tensor();
-  const int64_t n = int64_t(step.logit_rows.size());
-  Tensor rows = be.alloc(act, {n, H});
-  be.gather_logit_rows(x, rows);
-  Tensor normed = be.alloc(act, {n, H});
-  be.rmsnorm(rows, w_.final_norm, eps, normed);
-  // Logits in float32 on every backend: bf16 logits would tie far more often under greedy.
-  Tensor logits = be.alloc(DType::f32, {n, config_.vocab_size});
-  be.linear(normed, w_.lm_head, nullptr, logits);
-  return logits;
+  Tensor rows = be.alloc(be.activation_dtype(), {int64_t(step.logit_rows.size()),
+                                                  int64_t(config_.hidden_size)});
+  be.gather_logit_rows(a.x, rows);
+  return logits_of(rows);
+}
+
+// Two micro-batches, each in its own step slot of the backend, interleaved so that one half's
+// gather runs while the other half computes. Per layer, in the order the device runs them:
+//   A up to its selection | B from its attention (previous layer) | B up to its selection |
+//   A from its attention
+// while the host does A's residency (after A's selection) and then B's; the side stream
+// gathers B's misses of the previous layer, then A's, then B's. Each half is the same
+// computation as in one batch: the tokens are those of the whole step.
+Tensor Model::run_micro_batches(const StepBatch& step, KvCache& cache) {
+  Backend& be = backend_;
+  const int S = int(step.seqs.size()), n_layers = config_.num_hidden_layers;
+  StepBatch half[2];
+  for (int i = 0; i < S; ++i) {
+    const StepSequence& s = step.seqs[i];
+    half[i < S / 2 ? 0 : 1].add({step.tokens[s.token_begin]}, s.n_past, s.blocks, s.want_logits,
+                                s.all_logits);
+  }
+  NOSA_ASSERT(half[0].logit_rows.size() + half[1].logit_rows.size() == step.logit_rows.size(),
+              "micro-batches: {} + {} logit rows for {}", half[0].logit_rows.size(),
+              half[1].logit_rows.size(), step.logit_rows.size());
+  struct Restore {
+    Backend& be;
+    KvCache& cache;
+    ~Restore() {
+      be.set_gather_overlap(false);
+      cache.set_micro_batches(false);
+      be.use_step_slot(0);
+    }
+  } restore{be, cache};
+  be.use_step_slot(0);
+  be.begin_step(half[0]);
+  be.use_step_slot(1);
+  be.begin_step(half[1], true);
+  be.set_gather_overlap(true);
+  cache.set_micro_batches(true);
+  cache.begin_step(step);
+  Acts a[2];
+  for (int i = 0; i < 2; ++i) {
+    be.use_step_slot(i);
+    a[i] = alloc_acts(half[i].n_tokens());
+    embed(a[i]);
+  }
+  Selection sel[2];
+  for (int l = 0; l < n_layers; ++l) {
+    be.use_step_slot(0);
+    layer_to_selection(l, half[0], a[0], cache, sel[0]);
+    if (l > 0) {
+      be.use_step_slot(1);
+      layer_from_attention(l - 1, a[1], &sel[1], cache);
+    }
+    be.use_step_slot(0);
+    cache.make_resident(l, sel[0], half[0]);
+    be.use_step_slot(1);
+    layer_to_selection(l, half[1], a[1], cache, sel[1]);
+    be.use_step_slot(0);
+    layer_from_attention(l, a[0], &sel[0], cache);
+    be.use_step_slot(1);
+    cache.make_resident(l, sel[1], half[1]);
+  }
+  be.use_step_slot(1);
+  layer_from_attention(n_layers - 1, a[1], &sel[1], cache);
+  cache.end_step(step);
+  ++micro_steps_;
+  if (part_.rank != 0 || step.logit_rows.empty()) return Tensor();
+  const int64_t n0 = int64_t(half[0].logit_rows.size()), n = int64_t(step.logit_rows.size());
+  Tensor rows = be.alloc(be.activation_dtype(), {n, int64_t(config_.hidden_size)});
+  for (int i = 0; i < 2; ++i) {
+    be.use_step_slot(i);
+    Tensor part = i == 0 ? rows.rows(0, n0) : rows.rows(n0, n);
+    if (part.dim(0) > 0) be.gather_logit_rows(a[i].x, part);
+  }
+  return logits_of(rows);
 }
 
 std::unique_ptr<Model> load_model(const std::filesystem::path& dir, const LoadOptions& options,

@@ -45,6 +45,13 @@ class Model {
   // step), e.g. to sweep a controlled step-to-step miss rate. Null: no override.
   using SelectionOverride = std::function<void(int layer, const StepBatch&, Selection&)>;
   void set_selection_override(SelectionOverride fn) { selection_override_ = std::move(fn); }
+  // Offloaded decoding steps of at least `min_seqs` sequences run as two micro-batches (halves
+  // of the sequences), layer by layer interleaved, so that one half's misses are gathered while
+  // the other half computes; the weights are read twice. 0: never. Default: 16, or
+  // NOSA_MICRO_BATCH_MIN_SEQS from the environment. Needs a backend with two step slots.
+  void set_micro_batch_min_seqs(int min_seqs) { micro_min_seqs_ = min_seqs; }
+  // Steps run as two micro-batches so far (tests, benchmarks).
+  int64_t micro_batch_steps() const { return micro_steps_; }
 
  private:
   ModelConfig config_;
@@ -56,7 +63,25 @@ class Model {
   RopeTable rope_;
   SelectionOverride selection_override_;
 
+  int micro_min_seqs_;
+  int64_t micro_steps_ = 0;
   Tensor run_layers(const StepBatch& step, KvCache& cache);
+  Tensor run_micro_batches(const StepBatch& step, KvCache& cache);
+  // One (micro-)batch's activations through the layers.
+  struct Acts {
+    Tensor x, h, qkv, q, k, v_all, c, attn, proj, gate_up, mlp;
+  };
+  Acts alloc_acts(int64_t T);
+  // The embedding and the first layer's norm.
+  void embed(Acts& a);
+  // Layer l up to its block selection (sparse modes; the selection is then complete, see
+  // Backend::selection_ready).
+  void layer_to_selection(int l, const StepBatch& step, Acts& a, KvCache& cache, Selection& sel);
+  // Layer l from its attention on (sel: null in dense mode): x gets the layer's output, h the
+  // next layer's normed input.
+  void layer_from_attention(int l, Acts& a, const Selection* sel, KvCache& cache);
+  // Logits of the rows of x (all of them the step's logit rows, in order) on rank 0.
+  Tensor logits_of(const Tensor& rows);
 };
 
 struct LoadOptions {

@@ -76,7 +76,14 @@ class CpuBackend final : public Backend {
   size_t free_memory_bytes() const override { return size_t(4) << 30; }
   void synchronize() override {}
 
-  void begin_step(const StepBatch& step) override { step_ = &step; }
+  void begin_step(const StepBatch& step, bool) override { step_ = &step; }
+  // Two slots: the model's micro-batch path runs here too (in order, so it only checks that the
+  // split computes what the whole batch does).
+  int step_slots() const override { return 2; }
+  void use_step_slot(int slot) override {
+    if (slot != slot_) std::swap(step_, other_step_);
+    slot_ = slot;
+  }
 
   void embedding(const Tensor& table, Tensor& out) override {
     require_f32(table, "embedding");
@@ -366,6 +373,8 @@ class CpuBackend final : public Backend {
 
  private:
   const StepBatch* step_ = nullptr;
+  const StepBatch* other_step_ = nullptr;  // the step of the slot not current
+  int slot_ = 0;
 };
 
 }  // namespace

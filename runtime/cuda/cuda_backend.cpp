@@ -133,6 +133,11 @@ class CudaBackend final : public Backend {
     NOSA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&staged_, cudaEventDisableTiming));
     NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&read_back_, cudaEventDisableTiming));
+    NOSA_CUDA_CHECK(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
+    for (int i = 0; i < 2; ++i) {
+      NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&selected_[i], cudaEventDisableTiming));
+      NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&gathered_[i], cudaEventDisableTiming));
+    }
     NOSA_CUBLAS_CHECK(cublasCreate(&cublas_));
     NOSA_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
     workspace_ = alloc(DType::u8, {int64_t(32) << 20});
@@ -140,6 +145,7 @@ class CudaBackend final : public Backend {
   }
 
   ~CudaBackend() override {
+    cudaStreamSynchronize(side_);
     cudaStreamSynchronize(stream_);
     recording_.reset();
     graphs_.clear();
@@ -148,6 +154,11 @@ class CudaBackend final : public Backend {
     if (cublas_) cublasDestroy(cublas_);
     cudaEventDestroy(staged_);
     cudaEventDestroy(read_back_);
+    for (int i = 0; i < 2; ++i) {
+      cudaEventDestroy(selected_[i]);
+      cudaEventDestroy(gathered_[i]);
+    }
+    cudaStreamDestroy(side_);
     cudaStreamDestroy(stream_);
   }
 
@@ -244,7 +255,10 @@ class CudaBackend final : public Backend {
     return free_bytes > reserve ? free_bytes - reserve : 0;
   }
 
-  void synchronize() override { NOSA_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  void synchronize() override {
+    NOSA_CUDA_CHECK(cudaStreamSynchronize(side_));
+    NOSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
 
   void* native_stream() override { return stream_; }
 
@@ -275,17 +289,22 @@ class CudaBackend final : public Backend {
     if (copies.empty()) return;
     transfers_.clear();
     for (const auto& c : copies) transfers_.push_back({c.host, c.chunk, c.evicted, c.slot});
-    mcu::TransferArgs a;
+    mcu::TransferArgs a = transfer_args(cache, to_device);
     a.items = static_cast<const mcu::ChunkTransfer*>(
         stage(transfers_.data(), transfers_.size() * sizeof(mcu::ChunkTransfer)));
     a.n = int(transfers_.size());
+    NOSA_CUDA_CHECK(mcu::launch_chunk_transfer(a, stream_));
+  }
+
+  static mcu::TransferArgs transfer_args(KvCache& cache, bool to_device) {
+    mcu::TransferArgs a;
     a.kv = static_cast<char*>(cache.kv().raw());
     a.bias = static_cast<char*>(cache.bias().raw());
     a.slot_table = cache.slot_table().data<int32_t>();
     a.kv_bytes = int64_t(cache.layout().kv_chunk_bytes());
     a.bias_bytes = int64_t(cache.layout().bias_chunk_bytes());
     a.to_device = to_device;
-    NOSA_CUDA_CHECK(mcu::launch_chunk_transfer(a, stream_));
+    return a;
   }
 
   void fill_uniform(Tensor& t, uint64_t seed, float lo, float hi) override {
@@ -298,10 +317,12 @@ class CudaBackend final : public Backend {
 
   // ---- the step -----------------------------------------------------------------------------
 
-  void begin_step(const StepBatch& step) override {
+  void begin_step(const StepBatch& step, bool more) override {
+    NOSA_ASSERT(!more || !recording_, "a step graph records one step");
     step_ = &step;
     plan_valid_ = false;
     bounds_.valid = false;
+    gather_pending_[slot_] = false;
     const int T = int(step.n_tokens()), S = int(step.seqs.size());
     if (recording_) {
       // The graph's metadata buffer: a copy from pinned memory that each replay refills first.
@@ -315,16 +336,95 @@ class CudaBackend final : public Backend {
       graph_decode_list_ = view_.logit_rows + view_.n_logits;
       return;
     }
-    // The previous step's uploads have been read once staged_ fires; then its buffers go.
-    NOSA_CUDA_CHECK(cudaEventSynchronize(staged_));
-    step_keep_.clear();
-    staging_used_ = 0;
+    if (!more) {
+      // The previous step's uploads have been read once staged_ fires; then its buffers go, and
+      // its gathers' lists once the side stream is done.
+      NOSA_CUDA_CHECK(cudaEventSynchronize(staged_));
+      step_keep_.clear();
+      staging_used_ = 0;
+      if (side_items_used_ > 0) {
+        NOSA_CUDA_CHECK(cudaStreamSynchronize(side_));
+        side_items_used_ = 0;
+      }
+    }
     int stride = 1;
     for (const StepSequence& s : step.seqs)
       stride = std::max<int>(stride, int(s.blocks ? s.blocks->size() : 0));
     std::vector<int32_t> meta(step_meta_ints(T, S, stride, step.logit_rows.size()), 0);
     write_step_meta(step, stride, meta.data());
     set_view(static_cast<const int32_t*>(stage(meta.data(), meta.size() * 4)), step, stride);
+  }
+
+  // ---- micro-batches: two step slots, gathers on a side stream ----------------------------
+
+  int step_slots() const override { return 2; }
+
+  void use_step_slot(int slot) override {
+    NOSA_ASSERT(slot == 0 || slot == 1, "step slot {} of 2", slot);
+    if (slot == slot_) return;
+    std::swap(step_, other_.step);
+    std::swap(view_, other_.view);
+    std::swap(plan_, other_.plan);
+    std::swap(plan_valid_, other_.plan_valid);
+    std::swap(bounds_, other_.bounds);
+    slot_ = slot;
+  }
+
+  void set_gather_overlap(bool on) override {
+    if (overlap_ && !on) {
+      // Whatever comes next on the main stream comes after every gather.
+      NOSA_CUDA_CHECK(cudaEventRecord(gathered_[0], side_));
+      NOSA_CUDA_CHECK(cudaStreamWaitEvent(stream_, gathered_[0], 0));
+      gather_pending_[0] = gather_pending_[1] = false;
+    }
+    overlap_ = on;
+  }
+
+  void selection_ready(const Selection& s) override {
+    if (overlap_) NOSA_CUDA_CHECK(cudaEventRecord(selected_[slot_], stream_));
+  }
+
+  const void* read_back_selection(const Selection& s) override {
+    if (!overlap_ || s.blocks.device() != Device::cuda) return read_back(s.blocks);
+    // Only the selection's own kernels are waited for (selection_ready), not the other slot's
+    // work queued after them on the main stream.
+    void* host = readback_pinned_.get(std::max<size_t>(s.blocks.bytes(), 1));
+    if (s.blocks.bytes()) {
+      NOSA_CUDA_CHECK(cudaStreamWaitEvent(side_, selected_[slot_], 0));
+      NOSA_CUDA_CHECK(cudaMemcpyAsync(host, s.blocks.raw(), s.blocks.bytes(),
+                                      cudaMemcpyDeviceToHost, side_));
+      NOSA_CUDA_CHECK(cudaEventRecord(read_back_, side_));
+      NOSA_CUDA_CHECK(cudaEventSynchronize(read_back_));
+    }
+    return host;
+  }
+
+  void gather_selected(const std::vector<memory::ChunkCopy>& loads, KvCache& cache) override {
+    if (!overlap_) return copy_chunks(loads, true, cache);
+    if (loads.empty()) return;
+    // The transfer list is read by the kernel from pinned host memory (no upload on the main
+    // stream to wait for); lists stay until the next step begins.
+    const size_t bytes = loads.size() * sizeof(mcu::ChunkTransfer);
+    const size_t offset = (side_items_used_ + 255) / 256 * 256;
+    if (offset + bytes > side_items_capacity_) {
+      NOSA_CUDA_CHECK(cudaStreamSynchronize(side_));  // the old lists are read
+      side_items_capacity_ = std::max(side_items_capacity_ * 2, offset + bytes + (size_t(1) << 20));
+      side_items_ = std::make_unique<PinnedBuffer>();
+      side_items_->get(side_items_capacity_);
+    }
+    auto* items = reinterpret_cast<mcu::ChunkTransfer*>(
+        static_cast<char*>(side_items_->get(side_items_capacity_)) + offset);
+    for (size_t i = 0; i < loads.size(); ++i) {
+      const auto& c = loads[i];
+      items[i] = {c.host, c.chunk, c.evicted, c.slot};
+    }
+    side_items_used_ = offset + bytes;
+    mcu::TransferArgs a = transfer_args(cache, true);
+    a.items = items;
+    a.n = int(loads.size());
+    NOSA_CUDA_CHECK(mcu::launch_chunk_transfer(a, side_));
+    NOSA_CUDA_CHECK(cudaEventRecord(gathered_[slot_], side_));
+    gather_pending_[slot_] = true;
   }
 
   // ---- step graphs --------------------------------------------------------------------------
@@ -673,6 +773,10 @@ class CudaBackend final : public Backend {
   void attend(int layer, const Tensor& q, int q_head_begin, const Selection* selection,
               bool use_bias, KvCache& cache, Tensor& out_heads) override {
     require(q, DType::bf16, "attend q");
+    if (gather_pending_[slot_]) {  // this slot's misses, gathered on the side stream
+      NOSA_CUDA_CHECK(cudaStreamWaitEvent(stream_, gathered_[slot_], 0));
+      gather_pending_[slot_] = false;
+    }
     const KvLayout& L = cache.layout();
     const int H = L.n_kv_heads, hq = int(q.dim(1)), group = hq / H;
     // The kernels write every query head of the local groups; a rank that owns only some of
@@ -1073,6 +1177,24 @@ class CudaBackend final : public Backend {
   std::vector<Tensor> step_keep_;
   PinnedBuffer upload_pinned_, result_pinned_, readback_pinned_;
   cudaEvent_t read_back_ = nullptr;
+
+  // Micro-batches: the step slot that is not current (use_step_slot swaps it in), the side
+  // stream of the overlapped gathers and their pinned transfer lists, and per slot the events
+  // after its selection and after its last gather.
+  struct OtherSlot {
+    const StepBatch* step = nullptr;
+    acu::StepView view;
+    Plan plan;
+    bool plan_valid = false;
+    StepBounds bounds;
+  } other_;
+  int slot_ = 0;
+  bool overlap_ = false;
+  cudaStream_t side_ = nullptr;
+  cudaEvent_t selected_[2] = {nullptr, nullptr}, gathered_[2] = {nullptr, nullptr};
+  bool gather_pending_[2] = {false, false};
+  std::unique_ptr<PinnedBuffer> side_items_;
+  size_t side_items_capacity_ = 0, side_items_used_ = 0;
 
 
   // Step graphs (the destructor drops them first).

@@ -105,6 +105,34 @@ TEST(BlockCache, MarkedHitsAreSafeFromTheRoundsLoads) {
   EXPECT_EQ(c.stats().misses, 4);
 }
 
+// With two protected rounds (two micro-batches in flight) the previous round's chunks are safe
+// from this round's loads too, even as the least recently used; a third round may take them.
+TEST(BlockCache, TwoProtectedRoundsKeepThePreviousRound) {
+  BlockCache c(4, 100);
+  c.set_protected_rounds(2);
+  std::vector<BlockCache::Load> loads;
+  acquire_all(c, {1, 2}, loads);  // round A
+  acquire_all(c, {3, 4}, loads);  // round B: 1 and 2 are the least recent
+  loads.clear();
+  acquire_all(c, {5}, loads);  // round C: round B is protected, round A is not
+  ASSERT_EQ(loads.size(), 1u);
+  EXPECT_EQ(loads[0].evicted, 1);
+  loads.clear();
+  acquire_all(c, {6, 7}, loads);  // round D: C (5) protected; 2 goes, then 3 (round B)
+  ASSERT_EQ(loads.size(), 2u);
+  EXPECT_EQ(loads[0].evicted, 2);
+  EXPECT_EQ(loads[1].evicted, 3);
+  // Round E needs three slots beside round D's two in a cache of four: a clear error.
+  loads.clear();
+  EXPECT_THROW(acquire_all(c, {8, 9, 10}, loads), Error);
+  // With one (the default), only the round itself is safe.
+  BlockCache d(2, 100);
+  loads.clear();
+  acquire_all(d, {1, 2}, loads);
+  acquire_all(d, {3}, loads);  // evicts 1 (the previous round's)
+  EXPECT_FALSE(d.resident(1));
+}
+
 TEST(BlockCache, PinnedChunksAreNeverEvicted) {
   BlockCache c(2, 100);
   std::vector<BlockCache::Load> loads;

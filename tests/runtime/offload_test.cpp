@@ -30,9 +30,14 @@ GenerationRequest request(int64_t prompt_len, uint64_t seed, int64_t max_tokens)
   return test::random_request(prompt_len, seed, max_tokens);
 }
 
+// micro_min_seqs >= 0: Model::set_micro_batch_min_seqs; micro_steps: the steps it then ran as
+// two micro-batches.
 std::vector<std::vector<int32_t>> generate(attention::Mode mode, const KvCacheOptions& kv,
-                                           memory::TierStats* stats = nullptr) {
+                                           memory::TierStats* stats = nullptr,
+                                           int micro_min_seqs = -1,
+                                           int64_t* micro_steps = nullptr) {
   Rig rig(mode, kv, 400, 256);
+  if (micro_min_seqs >= 0) rig.model->set_micro_batch_min_seqs(micro_min_seqs);
   std::vector<RequestId> ids;
   const int64_t lengths[] = {900, 700, 1200, 300};
   for (int i = 0; i < 4; ++i) ids.push_back(rig.engine->submit(request(lengths[i], 10 + i, 24)));
@@ -43,6 +48,7 @@ std::vector<std::vector<int32_t>> generate(attention::Mode mode, const KvCacheOp
     out.push_back(res[id].tokens);
   }
   if (stats) *stats = rig.engine->stats().tiers;
+  if (micro_steps) *micro_steps = rig.model->micro_batch_steps();
   return out;
 }
 
@@ -71,6 +77,32 @@ TEST_P(OffloadGivesTheSameTokens, HostAndHostPlusDisk) {
   // Overlap is measured: the fraction of each step's selection also selected the step before.
   EXPECT_GT(ds.overlap, 0);
   EXPECT_LE(ds.overlap, ds.selected);
+}
+
+// Decoding steps of the four sequences as two micro-batches of two (their layers interleaved,
+// each half's loads as its own rounds, the previous round protected): the tokens of one batch
+// with the KV kept whole, with the host tier and with host and disk.
+TEST_P(OffloadGivesTheSameTokens, InTwoMicroBatches) {
+  auto expected = generate(GetParam(), {});
+  KvCacheOptions host;
+  host.offload = memory::Offload::host;
+  host.device_slots = 600;
+  memory::TierStats hs;
+  int64_t micro = 0;
+  EXPECT_EQ(generate(GetParam(), host, &hs, 2, &micro), expected);
+  EXPECT_GT(micro, 20);  // the decoding steps with all four sequences running
+  EXPECT_GT(hs.evictions, 0);
+
+  test::TempDir dir;
+  KvCacheOptions disk = host;
+  disk.offload = memory::Offload::host_disk;
+  disk.host_blocks = 120;
+  disk.disk_dir = dir / "kv";
+  memory::TierStats ds;
+  micro = 0;
+  EXPECT_EQ(generate(GetParam(), disk, &ds, 2, &micro), expected);
+  EXPECT_GT(micro, 20);
+  EXPECT_GT(ds.bytes_disk_read, 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, OffloadGivesTheSameTokens,
