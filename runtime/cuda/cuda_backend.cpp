@@ -134,6 +134,7 @@ class CudaBackend final : public Backend {
     NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&staged_, cudaEventDisableTiming));
     NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&read_back_, cudaEventDisableTiming));
     NOSA_CUDA_CHECK(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
+    NOSA_CUDA_CHECK(cudaStreamCreateWithFlags(&fetch_, cudaStreamNonBlocking));
     for (int i = 0; i < 2; ++i) {
       NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&selected_[i], cudaEventDisableTiming));
       NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&gathered_[i], cudaEventDisableTiming));
@@ -146,6 +147,7 @@ class CudaBackend final : public Backend {
 
   ~CudaBackend() override {
     cudaStreamSynchronize(side_);
+    cudaStreamSynchronize(fetch_);
     cudaStreamSynchronize(stream_);
     recording_.reset();
     graphs_.clear();
@@ -159,6 +161,7 @@ class CudaBackend final : public Backend {
       cudaEventDestroy(gathered_[i]);
     }
     cudaStreamDestroy(side_);
+    cudaStreamDestroy(fetch_);
     cudaStreamDestroy(stream_);
   }
 
@@ -387,13 +390,13 @@ class CudaBackend final : public Backend {
   const void* read_back_selection(const Selection& s) override {
     if (!overlap_ || s.blocks.device() != Device::cuda) return read_back(s.blocks);
     // Only the selection's own kernels are waited for (selection_ready), not the other slot's
-    // work queued after them on the main stream.
+    // work queued after them on the main stream, nor the gathers on the side stream.
     void* host = readback_pinned_.get(std::max<size_t>(s.blocks.bytes(), 1));
     if (s.blocks.bytes()) {
-      NOSA_CUDA_CHECK(cudaStreamWaitEvent(side_, selected_[slot_], 0));
+      NOSA_CUDA_CHECK(cudaStreamWaitEvent(fetch_, selected_[slot_], 0));
       NOSA_CUDA_CHECK(cudaMemcpyAsync(host, s.blocks.raw(), s.blocks.bytes(),
-                                      cudaMemcpyDeviceToHost, side_));
-      NOSA_CUDA_CHECK(cudaEventRecord(read_back_, side_));
+                                      cudaMemcpyDeviceToHost, fetch_));
+      NOSA_CUDA_CHECK(cudaEventRecord(read_back_, fetch_));
       NOSA_CUDA_CHECK(cudaEventSynchronize(read_back_));
     }
     return host;
@@ -1191,6 +1194,7 @@ class CudaBackend final : public Backend {
   int slot_ = 0;
   bool overlap_ = false;
   cudaStream_t side_ = nullptr;
+  cudaStream_t fetch_ = nullptr;  // the selections' copies to the host
   cudaEvent_t selected_[2] = {nullptr, nullptr}, gathered_[2] = {nullptr, nullptr};
   bool gather_pending_[2] = {false, false};
   std::unique_ptr<PinnedBuffer> side_items_;

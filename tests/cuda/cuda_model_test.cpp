@@ -198,10 +198,11 @@ TEST(CudaModel, TwoMicroBatchesGiveTheLogitsOfOneBatch) {
       std::vector<std::vector<int32_t>> blocks(4, std::vector<int32_t>(80));
       for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 80; ++j) blocks[i][j] = i * 80 + j;
-      StepBatch p;
-      for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < 4; ++i) {  // one prefill step each: a round fits the block cache
+        StepBatch p;
         p.add(std::vector<int32_t>(prompt.begin(), prompt.begin() + lengths[i]), 0, &blocks[i]);
-      gpu.model->forward(p, *gpu.cache);
+        gpu.model->forward(p, *gpu.cache);
+      }
       std::vector<Tensor> out;
       for (int step = 0; step < 24; ++step) {
         StepBatch s;
