@@ -120,7 +120,7 @@ if [ $bench -eq 1 ]; then
     bench_cmds+=("--suite decode --shape nosa-8b-like --mode dense,nosa --batch 1,16,64 --context 16384,32768")
     bench_cmds+=("--suite prefill --shape nosa-1b-like --mode dense,nosa --prompts 16 --prompt-len 16384")
     # Issue 4's comparison: NOSA and InfLLM-V2 with the KV in pinned host memory.
-    bench_cmds+=("--suite offload --shape nosa-8b-like --mode nosa,infllmv2 --batch 16 --context 16384 --steps 8")
+    bench_cmds+=("--suite offload --shape nosa-8b-like --mode nosa,infllmv2 --batch 16,64 --context 16384 --steps 8")
   fi
   i=0
   for args in "${bench_cmds[@]}"; do
@@ -254,7 +254,7 @@ if off:
     for (shape, b, c, mode), r in by_mode.items():
         other = by_mode.get((shape, b, c, "infllmv2"))
         if mode == "nosa" and other:
-            print(f"  NOSA over InfLLM-V2, both offloaded: {other['step_ms_median'] / r['step_ms_median']:.2f}x")
+            print(f"  NOSA over InfLLM-V2, both offloaded, B={b}: {other['step_ms_median'] / r['step_ms_median']:.2f}x")
 if peer:
     print("transformers peer (" + peer_cmd + "):")
     for (shape, b, c), p in peer.items():
