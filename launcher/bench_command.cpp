@@ -73,6 +73,9 @@ struct BenchFlags {
   double gpu_kv_gib = 0, host_kv_gib = 0, disk_kv_gib = 0;
   std::string disk_kv_dir;
   std::vector<double> miss_rates = {-1};  // offload suite: < 0 = the model's own selection
+  // Offload suite: Model::set_micro_batch_min_seqs values whose steps alternate in one run (empty:
+  // the model's default).
+  std::vector<int> micro_min_seqs;
   std::string select_path;  // CUDA block selection: split, tiled, per-token, or automatic (empty)
   std::string cuda_graphs = "on";  // decoding steps replayed from CUDA graphs: on or off
   std::string json_out, csv_out, label, commit;
@@ -573,8 +576,13 @@ void run_offload(SuiteContext& ctx) {
           for (int64_t i = 0; i < n_blocks; ++i) all[i] = int32_t(i);
           std::vector<std::vector<int32_t>> tables(B);
           std::unique_ptr<SyntheticSelection> synth;
-          std::vector<double> times_ms;
-          memory::TierStats before;
+          // The variants (micro-batch thresholds) whose steps alternate; -1: the model's default.
+          std::vector<int> variants = f.micro_min_seqs;
+          if (variants.empty()) variants.push_back(-1);
+          const size_t nv = variants.size();
+          std::vector<std::vector<double>> times_ms(nv);
+          std::vector<memory::TierStats> delta(nv);  // summed over each variant's timed steps
+          std::vector<int64_t> micro_steps(nv, 0);   // of those, run as two micro-batches
           try {
             const auto t_pop = Clock::now();
             cache->tiers()->populate(all);  // pins host memory, writes overflow to disk
@@ -593,70 +601,99 @@ void run_offload(SuiteContext& ctx) {
             }
             std::mt19937 rng(uint32_t(f.seed));
             std::vector<runtime::SamplingParams> greedy(B);
-            for (int s = 0; s < f.warmup + f.steps; ++s) {
-              if (s == f.warmup) before = cache->tiers()->stats();
+            // Every variant warms up; then the timed steps take the variants in turn.
+            const int warmup = std::max<int>(f.warmup, int(nv));
+            for (int s = 0; s < warmup + f.steps * int(nv); ++s) {
+              const size_t v = size_t(s) % nv;
+              if (variants[v] >= 0) model.set_micro_batch_min_seqs(variants[v]);
               runtime::StepBatch step;
               for (int i = 0; i < B; ++i)
                 step.add({int32_t(rng() % uint32_t(c.vocab_size))}, context, &tables[i]);
+              const memory::TierStats st0 = cache->tiers()->stats();
+              const int64_t micro0 = model.micro_batch_steps();
               const auto t0 = Clock::now();
               Tensor logits = model.forward(step, *cache);
               finish_step(ctx, logits, greedy);
               const double ms =
                   std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-              if (s >= f.warmup) times_ms.push_back(ms);
+              if (s < warmup) continue;
+              times_ms[v].push_back(ms);
+              micro_steps[v] += model.micro_batch_steps() - micro0;
+              const memory::TierStats st1 = cache->tiers()->stats();
+              memory::TierStats& d = delta[v];
+              d.selected += st1.selected - st0.selected;
+              d.overlap += st1.overlap - st0.overlap;
+              d.misses += st1.misses - st0.misses;
+              d.bytes_host_to_device += st1.bytes_host_to_device - st0.bytes_host_to_device;
+              d.bytes_device_to_host += st1.bytes_device_to_host - st0.bytes_device_to_host;
+              d.bytes_disk_read += st1.bytes_disk_read - st0.bytes_disk_read;
+              d.bytes_disk_written += st1.bytes_disk_written - st0.bytes_disk_written;
             }
           } catch (const Error& e) {
+            model.set_micro_batch_min_seqs(runtime::Model::default_micro_batch_min_seqs());
             skip(e);
             continue;
           }
           model.set_selection_override({});
+          model.set_micro_batch_min_seqs(runtime::Model::default_micro_batch_min_seqs());
           const memory::TierStats after = cache->tiers()->stats();
-          const double steps = double(f.steps);
-          const double selected = double(after.selected - before.selected);
-          const double h2d = double(after.bytes_host_to_device - before.bytes_host_to_device) / steps;
-          const double d2h = double(after.bytes_device_to_host - before.bytes_device_to_host) / steps;
-          const double disk = double(after.bytes_disk_read - before.bytes_disk_read) / steps;
-          const double disk_written =
-              double(after.bytes_disk_written - before.bytes_disk_written) / steps;
-          // The HBM part of the floor: weights and the selected KV (as the decode suite counts it).
-          const double kv_read = kv_read_bytes(mode, p, layout, context, B, c.num_hidden_layers);
-          const double hbm_ms = (bm.weight_bytes + kv_read) / k_hbm_bytes_per_s * 1e3;
-          const double pcie_ms = (h2d + d2h) / k_gather_bytes_per_s * 1e3;
-          // Reads and writes share the disk (measured: 1.4 GB/s reads, 1.5 GB/s writes).
-          const double disk_ms = (disk / 1.4e9 + disk_written / 1.5e9) * 1e3;
-          const double floor_ms = std::max({hbm_ms, pcie_ms, disk_ms});
-          const double med = median(times_ms);
-          row["step_ms_median"] = med;
-          row["step_ms_p10"] = percentile(times_ms, 0.1);
-          row["step_ms_p90"] = percentile(times_ms, 0.9);
-          row["tokens_per_s"] = med > 0 ? double(B) * 1e3 / med : 0;
-          row["overlap"] = selected > 0 ? double(after.overlap - before.overlap) / selected : 0;
-          row["miss_rate"] =
-              selected > 0 ? double(after.misses - before.misses) / selected : 0;
-          row["pcie_bytes_per_step"] = h2d + d2h;
-          row["disk_bytes_per_step"] = disk;
-          row["disk_write_bytes_per_step"] = disk_written;
-          row["disk_floor_ms"] = disk_ms;
-          row["hbm_floor_ms"] = hbm_ms;
-          row["pcie_floor_ms"] = pcie_ms;
-          row["floor_ms"] = floor_ms;
-          row["ratio_to_floor"] = floor_ms > 0 ? med / floor_ms : 0;
-          row["gpu_cache_gib"] = double(o.device_slots) * slot_bytes / gib;
-          row["host_gib"] = double(after.host_blocks) * double(cpb) * slot_bytes / gib;
-          row["disk_gib"] = double(after.disk_blocks) * double(cpb) * slot_bytes / gib;
-          ctx.rows.push_back(row);
+          for (size_t v = 0; v < nv; ++v) {
+            json vrow = row;
+            const memory::TierStats& d = delta[v];
+            if (variants[v] >= 0) {
+              vrow["micro_batch_min_seqs"] = variants[v];
+              if (nv > 1)
+                vrow["label"] = f.label + (f.label.empty() ? "" : " ") +
+                                fmt::format("micro-{}", variants[v]);
+            }
+            const double steps = double(f.steps);
+            const double selected = double(d.selected);
+            const double h2d = double(d.bytes_host_to_device) / steps;
+            const double d2h = double(d.bytes_device_to_host) / steps;
+            const double disk = double(d.bytes_disk_read) / steps;
+            const double disk_written = double(d.bytes_disk_written) / steps;
+            // The HBM part of the floor: weights and the selected KV (as the decode suite counts
+            // it).
+            const double kv_read = kv_read_bytes(mode, p, layout, context, B, c.num_hidden_layers);
+            const double hbm_ms = (bm.weight_bytes + kv_read) / k_hbm_bytes_per_s * 1e3;
+            const double pcie_ms = (h2d + d2h) / k_gather_bytes_per_s * 1e3;
+            // Reads and writes share the disk (measured: 1.4 GB/s reads, 1.5 GB/s writes).
+            const double disk_ms = (disk / 1.4e9 + disk_written / 1.5e9) * 1e3;
+            const double floor_ms = std::max({hbm_ms, pcie_ms, disk_ms});
+            const double med = median(times_ms[v]);
+            vrow["step_ms_median"] = med;
+            vrow["micro_batch_steps"] = micro_steps[v];
+            vrow["step_ms_p10"] = percentile(times_ms[v], 0.1);
+            vrow["step_ms_p90"] = percentile(times_ms[v], 0.9);
+            vrow["tokens_per_s"] = med > 0 ? double(B) * 1e3 / med : 0;
+            vrow["overlap"] = selected > 0 ? double(d.overlap) / selected : 0;
+            vrow["miss_rate"] = selected > 0 ? double(d.misses) / selected : 0;
+            vrow["pcie_bytes_per_step"] = h2d + d2h;
+            vrow["disk_bytes_per_step"] = disk;
+            vrow["disk_write_bytes_per_step"] = disk_written;
+            vrow["disk_floor_ms"] = disk_ms;
+            vrow["hbm_floor_ms"] = hbm_ms;
+            vrow["pcie_floor_ms"] = pcie_ms;
+            vrow["floor_ms"] = floor_ms;
+            vrow["ratio_to_floor"] = floor_ms > 0 ? med / floor_ms : 0;
+            vrow["gpu_cache_gib"] = double(o.device_slots) * slot_bytes / gib;
+            vrow["host_gib"] = double(after.host_blocks) * double(cpb) * slot_bytes / gib;
+            vrow["disk_gib"] = double(after.disk_blocks) * double(cpb) * slot_bytes / gib;
+            ctx.rows.push_back(vrow);
+            logger("bench")->info(
+                "offload {:8s} B={:3d} C={:6d} miss={:5s}{}: {:8.3f} ms/step {:9.1f} tok/s  "
+                "overlap {:.3f} miss rate {:.3f}  PCIe {:.1f} MB/step{}  floor {:.3f} ms x{:.2f}",
+                mode_name, B, context, miss < 0 ? "model" : fmt::format("{:.2f}", miss),
+                variants[v] >= 0 ? fmt::format(" micro-{}", variants[v]) : std::string(), med,
+                vrow["tokens_per_s"].get<double>(), vrow["overlap"].get<double>(),
+                vrow["miss_rate"].get<double>(), (h2d + d2h) / 1e6,
+                disk + disk_written > 0
+                    ? fmt::format("  disk {:.1f} MB read, {:.1f} MB written/step", disk / 1e6,
+                                  disk_written / 1e6)
+                    : std::string(),
+                floor_ms, vrow["ratio_to_floor"].get<double>());
+          }
           ctx.clear();
-          logger("bench")->info(
-              "offload {:8s} B={:3d} C={:6d} miss={:5s}: {:8.3f} ms/step {:9.1f} tok/s  overlap "
-              "{:.3f} miss rate {:.3f}  PCIe {:.1f} MB/step{}  floor {:.3f} ms x{:.2f}",
-              mode_name, B, context, miss < 0 ? "model" : fmt::format("{:.2f}", miss), med,
-              row["tokens_per_s"].get<double>(), row["overlap"].get<double>(),
-              row["miss_rate"].get<double>(), (h2d + d2h) / 1e6,
-              disk + disk_written > 0
-                  ? fmt::format("  disk {:.1f} MB read, {:.1f} MB written/step", disk / 1e6,
-                                disk_written / 1e6)
-                  : std::string(),
-              floor_ms, row["ratio_to_floor"].get<double>());
         }
   }
 }
@@ -964,6 +1001,12 @@ Runner add_bench_command(CLI::App& app) {
   cmd->add_option("--miss-rate", f->miss_rates,
                   "Offload suite: controlled fractions of each selection replaced per step "
                   "(comma-separated; -1 = the model's own selection)")
+      ->delimiter(',');
+  cmd->add_option("--micro-batch-min-seqs", f->micro_min_seqs,
+                  "Offload suite: decoding steps of at least this many sequences run as two "
+                  "micro-batches (0: never; default: the engine's, 32). Several values "
+                  "(comma-separated) alternate step by step on the same tiers, one row each "
+                  "(labelled micro-N): an A/B within one process")
       ->delimiter(',');
   cmd->add_option("--json", f->json_out, "Write the results (with machine and commit) as JSON");
   cmd->add_option("--csv", f->csv_out, "Write the results as CSV");

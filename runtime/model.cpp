@@ -41,13 +41,17 @@ Model::Model(ModelConfig config, ModelWeights weights, parallel::Partition part,
              attention::Mode mode, Backend& backend, parallel::Communicator& comm)
     : config_(std::move(config)), w_(std::move(weights)), part_(part), mode_(mode),
       backend_(backend), comm_(comm), rope_(make_rope_table(config_)) {
-  const char* e = std::getenv("NOSA_MICRO_BATCH_MIN_SEQS");
-  micro_min_seqs_ = e ? std::max(0, std::atoi(e)) : 16;
+  micro_min_seqs_ = default_micro_batch_min_seqs();
   backend_.check_shapes(kv_layout(), part_.group_q_count / part_.kv_count);
   backend_.prepare_rope(rope_);
 }
 
 Model::~Model() { backend_.forget_graphs(this); }
+
+int Model::default_micro_batch_min_seqs() {
+  const char* e = std::getenv("NOSA_MICRO_BATCH_MIN_SEQS");
+  return e ? std::max(0, std::atoi(e)) : 32;
+}
 
 KvLayout Model::kv_layout() const {
   KvLayout l;

@@ -47,9 +47,12 @@ class Model {
   void set_selection_override(SelectionOverride fn) { selection_override_ = std::move(fn); }
   // Offloaded decoding steps of at least `min_seqs` sequences run as two micro-batches (halves
   // of the sequences), layer by layer interleaved, so that one half's misses are gathered while
-  // the other half computes; the weights are read twice. 0: never. Default: 16, or
-  // NOSA_MICRO_BATCH_MIN_SEQS from the environment. Needs a backend with two step slots.
+  // the other half computes; the weights are read twice. 0: never. Needs a backend with two
+  // step slots.
   void set_micro_batch_min_seqs(int min_seqs) { micro_min_seqs_ = min_seqs; }
+  // The default: NOSA_MICRO_BATCH_MIN_SEQS from the environment, else 32 (at 16 sequences of an
+  // 8b-like model reading the weights twice costs what the overlap gains).
+  static int default_micro_batch_min_seqs();
   // Steps run as two micro-batches so far (tests, benchmarks).
   int64_t micro_batch_steps() const { return micro_steps_; }
 

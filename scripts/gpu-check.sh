@@ -120,7 +120,9 @@ if [ $bench -eq 1 ]; then
     bench_cmds+=("--suite decode --shape nosa-8b-like --mode dense,nosa --batch 1,16,64 --context 16384,32768")
     bench_cmds+=("--suite prefill --shape nosa-1b-like --mode dense,nosa --prompts 16 --prompt-len 16384")
     # Issue 4's comparison: NOSA and InfLLM-V2 with the KV in pinned host memory.
-    bench_cmds+=("--suite offload --shape nosa-8b-like --mode nosa,infllmv2 --batch 16,64 --context 16384 --steps 8")
+    # Micro-batches at the default threshold (32 sequences) and never, alternating step by step
+    # in one process: an A/B on the same tiers and host memory.
+    bench_cmds+=("--suite offload --shape nosa-8b-like --mode nosa,infllmv2 --batch 16,64 --context 16384 --steps 8 --micro-batch-min-seqs 32,0")
   fi
   i=0
   for args in "${bench_cmds[@]}"; do
@@ -249,12 +251,13 @@ if off:
     for r in off:
         print(f"  {r['shape']:13s} {r['mode']:8s} B={r['batch']} C={r['context']} {r['offload']}: "
               f"{r['step_ms_median']:.3f} ms/step, x{r['ratio_to_floor']:.2f} floor, "
-              f"overlap {r['overlap']:.3f}, miss rate {r['miss_rate']:.3f}")
-    by_mode = {(r["shape"], r["batch"], r["context"], r["mode"]): r for r in off}
-    for (shape, b, c, mode), r in by_mode.items():
-        other = by_mode.get((shape, b, c, "infllmv2"))
+              f"overlap {r['overlap']:.3f}, miss rate {r['miss_rate']:.3f}  {r.get('label', '')}")
+    by_mode = {(r["shape"], r["batch"], r["context"], r.get("label", ""), r["mode"]): r for r in off}
+    for (shape, b, c, label, mode), r in by_mode.items():
+        other = by_mode.get((shape, b, c, label, "infllmv2"))
         if mode == "nosa" and other:
-            print(f"  NOSA over InfLLM-V2, both offloaded, B={b}: {other['step_ms_median'] / r['step_ms_median']:.2f}x")
+            print(f"  NOSA over InfLLM-V2, both offloaded, B={b} {label}: "
+                  f"{other['step_ms_median'] / r['step_ms_median']:.2f}x")
 if peer:
     print("transformers peer (" + peer_cmd + "):")
     for (shape, b, c), p in peer.items():

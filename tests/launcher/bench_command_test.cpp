@@ -89,6 +89,32 @@ TEST(BenchCommand, OffloadSuiteRefusesOffloadNoneAndDiskWithoutADirectory) {
   EXPECT_NE(disk.err.find("needs --disk-kv-dir"), std::string::npos) << disk.err;
 }
 
+// --micro-batch-min-seqs with two values alternates them step by step on the same tiers: one row
+// each, labelled, with its own steps and counters; the micro-batched one selects what the other
+// does (the same model and positions: the same miss rate up to the steps' own selections).
+TEST(BenchCommand, OffloadSuiteAlternatesMicroBatchVariantsInOneRun) {
+  TempDir dir;
+  auto r = run_command(fmt::format("{} bench --suite offload --shape tiny --device cpu --mode nosa "
+                                   "--batch 4 --context 1024 --steps 3 --warmup 1 "
+                                   "--micro-batch-min-seqs 2,0 --json {}",
+                                   nosa_binary(), (dir / "o.json").string()));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto j = nlohmann::json::parse(slurp(dir / "o.json"));
+  ASSERT_EQ(j["results"].size(), 2u);
+  EXPECT_EQ(j["results"][0]["label"], "micro-2");
+  EXPECT_EQ(j["results"][0]["micro_batch_min_seqs"], 2);
+  EXPECT_EQ(j["results"][1]["label"], "micro-0");
+  EXPECT_EQ(j["results"][1]["micro_batch_min_seqs"], 0);
+  EXPECT_EQ(j["results"][0]["micro_batch_steps"], 3);  // 4 sequences >= 2: every timed step
+  EXPECT_EQ(j["results"][1]["micro_batch_steps"], 0);
+  for (const auto& row : j["results"]) {
+    EXPECT_EQ(row["steps"], 3);
+    EXPECT_GT(row["step_ms_median"].get<double>(), 0.0);
+    EXPECT_GT(row["miss_rate"].get<double>(), 0.0);
+    EXPECT_LT(row["miss_rate"].get<double>(), 1.0);
+  }
+}
+
 namespace bench = nosa::launcher::bench;
 
 // ---- a PNG reader for the checks ----------------------------------------------------------------
