@@ -227,6 +227,9 @@ Tensor Model::run_layers(const StepBatch& step, KvCache& cache) {
 Tensor Model::run_micro_batches(const StepBatch& step, KvCache& cache) {
   Backend& be = backend_;
   const int S = int(step.seqs.size()), n_layers = config_.num_hidden_layers;
+  if (micro_steps_ == 0)
+    logger("runtime")->debug("offloaded decoding: a step of {} sequences runs as two micro-batches "
+                             "(from {} sequences on)", S, micro_min_seqs_);
   StepBatch half[2];
   for (int i = 0; i < S; ++i) {
     const StepSequence& s = step.seqs[i];

@@ -343,6 +343,36 @@ TEST(BatchCommand, TensorParallelOffloadedBatchGivesTheTokensOfOneRank) {
   for (const auto& [id, j] : want) EXPECT_EQ(got[id]["token_ids"], j["token_ids"]) << id;
 }
 
+// Offloaded decoding steps as two micro-batches under tensor parallelism: both ranks split every
+// step alike and stay in lockstep (the same collectives in the same order), and the tokens are
+// those of one rank deciding each step in one batch.
+TEST(BatchCommand, TensorParallelMicroBatchesGiveTheTokensOfOneRank) {
+  if (run_command("command -v mpirun").exit_code != 0) GTEST_SKIP() << "mpirun not found";
+  TempDir dir;
+  const int n = 12;
+  write_prompts(dir / "in.jsonl", n);
+  const std::string flags =
+      "--max-tokens 24 --ignore-eos --max-running 4 --progress off --offload host "
+      "--gpu-kv-gib 0.004 --host-kv-gib 0.004";
+  auto single = run_command("NOSA_MICRO_BATCH_MIN_SEQS=0 " +
+                            batch_command(dir / "in.jsonl", dir / "ref.jsonl", flags));
+  ASSERT_EQ(single.exit_code, 0) << single.err;
+  auto want = results_by_id(dir / "ref.jsonl");
+  ASSERT_EQ(want.size(), size_t(n));
+  auto r = run_command(fmt::format(
+      "NOSA_MICRO_BATCH_MIN_SEQS=2 mpirun --allow-run-as-root --oversubscribe -x "
+      "NOSA_MICRO_BATCH_MIN_SEQS -np 2 {} batch --model {} --input {} --output {} --threads 1 "
+      "--log-level debug {} --tp 2",
+      nosa_binary(), model_dir(), (dir / "in.jsonl").string(), (dir / "out.jsonl").string(),
+      flags));
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE((r.out + r.err).find("runs as two micro-batches"), std::string::npos)
+      << "no step ran as two micro-batches";
+  auto got = results_by_id(dir / "out.jsonl");
+  ASSERT_EQ(got.size(), size_t(n));
+  for (const auto& [id, j] : want) EXPECT_EQ(got[id]["token_ids"], j["token_ids"]) << id;
+}
+
 TEST(BatchCommand, MpirunReplicasSplitTheInputIntoOneCompleteOutput) {
   if (run_command("command -v mpirun").exit_code != 0) GTEST_SKIP() << "mpirun not found";
   TempDir dir;
