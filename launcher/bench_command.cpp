@@ -520,6 +520,8 @@ void run_offload(SuiteContext& ctx) {
              "the offload suite takes --offload host or host+disk, not '{}'", f.offload);
   NOSA_CHECK(f.offload == "host" || !f.disk_kv_dir.empty(),
              "--offload host+disk needs --disk-kv-dir (where the KV files go)");
+  for (const int m : f.micro_min_seqs)
+    NOSA_CHECK(m >= 0, "--micro-batch-min-seqs takes sequence counts >= 0 (0: never), not {}", m);
   for (const std::string& mode_name : f.modes) {
     const attention::Mode mode = attention::parse_mode(mode_name);
     NOSA_CHECK(mode != attention::Mode::dense,

@@ -183,8 +183,18 @@ void KvTiers::acquire(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& 
   pending_ = &loads;
   slots_.resize(size_t(n));
   misses_.clear();
-  cache_.acquire(chunks, n, slots_.data(), misses_);
+  try {
+    cache_.acquire(chunks, n, slots_.data(), misses_);
+  } catch (...) {
+    forget_misses();
+    throw;
+  }
   add_loads(loads);
+}
+
+void KvTiers::forget_misses() {
+  for (const auto& m : misses_) cache_.drop(m.chunk);
+  misses_.clear();
 }
 
 void KvTiers::add_loads(std::vector<ChunkCopy>& loads) {
@@ -204,7 +214,7 @@ void KvTiers::add_loads(std::vector<ChunkCopy>& loads) {
     // The round's misses hold cache slots whose loads will never be performed: forget them, so
     // that a later round loads them again instead of taking them for hits.
     loads.resize(first);
-    for (const auto& m : misses_) cache_.drop(m.chunk);
+    forget_misses();
     throw;
   }
 }
@@ -287,7 +297,12 @@ void KvTiers::select_misses(const ChunkId* chunks, int64_t n, std::vector<ChunkC
     if (s >= 0) hit_slots_.push_back(s); else missing_.push_back(c);
   }
   misses_.clear();
-  for (const ChunkId c : missing_) cache_.load(c, misses_);
+  try {
+    for (const ChunkId c : missing_) cache_.load(c, misses_);
+  } catch (...) {
+    forget_misses();  // slots taken for loads that will never be performed
+    throw;
+  }
   add_loads(loads);
 }
 

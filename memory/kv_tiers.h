@@ -147,6 +147,9 @@ class KvTiers {
   int32_t block_of(ChunkId c) const { return int32_t(per_div_.div(uint32_t(c))); }
   void acquire(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads);
   void add_loads(std::vector<ChunkCopy>& loads);  // misses_ -> loads (host addresses, disk)
+  // A round that fails: the chunks given slots for its misses (misses_) are forgotten, so that a
+  // later round loads them instead of taking them for hits.
+  void forget_misses();
   // Brings the disk-only blocks of these misses to the host, several reads in flight; the host
   // blocks of the other misses are not among the blocks that make room.
   void read_back(const std::vector<BlockCache::Load>& misses);

@@ -41,6 +41,9 @@ KvCache::KvCache(const KvLayout& layout, int64_t n_blocks, Backend& backend,
     // A block moving to disk reuses host memory that queued copies may still read.
     tiers_->set_before_host_reuse([this] { backend_.synchronize(); });
     tiers_->set_flush_loads([this](std::vector<memory::ChunkCopy>& loads) {
+      // After every gather already queued (micro-batches queue them on another stream): an
+      // earlier gather that evicted one of these chunks must not clear its new slot-table entry.
+      backend_.synchronize();
       backend_.copy_chunks(loads, true, *this);
       backend_.synchronize();
     });

@@ -243,9 +243,14 @@ Tensor Model::run_micro_batches(const StepBatch& step, KvCache& cache) {
     Backend& be;
     KvCache& cache;
     ~Restore() {
-      be.set_gather_overlap(false);
       cache.set_micro_batches(false);
-      be.use_step_slot(0);
+      try {
+        be.use_step_slot(0);
+        be.set_gather_overlap(false);
+      } catch (const std::exception& e) {
+        // Unwinding from the step's own error (a device error is sticky): that one is reported.
+        logger("runtime")->error("micro-batches: restoring the backend failed: {}", e.what());
+      }
     }
   } restore{be, cache};
   be.use_step_slot(0);

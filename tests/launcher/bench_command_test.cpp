@@ -87,6 +87,11 @@ TEST(BenchCommand, OffloadSuiteRefusesOffloadNoneAndDiskWithoutADirectory) {
   auto disk = run_command(base + "--offload host+disk");
   EXPECT_NE(disk.exit_code, 0);
   EXPECT_NE(disk.err.find("needs --disk-kv-dir"), std::string::npos) << disk.err;
+  auto micro = run_command(base + "--micro-batch-min-seqs 32,-1");
+  EXPECT_NE(micro.exit_code, 0);
+  EXPECT_NE(micro.err.find("--micro-batch-min-seqs takes sequence counts >= 0"),
+            std::string::npos)
+      << micro.err;
 }
 
 // --micro-batch-min-seqs with two values alternates them step by step on the same tiers: one row

@@ -260,6 +260,40 @@ TEST(KvTiers, DiskTierRoundTripsBlocksExactlyWhenBothTiersFillUp) {
   EXPECT_EQ(st.host_blocks_used, 16);
 }
 
+// A round larger than the block cache fails with resource_exhausted after some of its misses
+// took slots: those are forgotten (their loads were never handed out), so the next round loads
+// them instead of taking them for hits; in pieces too.
+TEST(KvTiers, ARoundTooLargeForTheCacheLeavesNoUnloadedChunkResident) {
+  for (const bool pieces : {false, true}) {
+    Sim sim(16, 6, 16, "");
+    for (int32_t b = 0; b < 3; ++b) sim.write_block(b);
+    std::vector<ChunkId> chunks;  // 8 chunks for a cache of 6 slots
+    for (int32_t b = 0; b < 3; ++b)
+      for (int h = 0; h < 2; ++h) chunks.push_back(sim.shape.chunk(b, 0, h));
+    chunks.push_back(sim.shape.chunk(0, 1, 0));
+    chunks.push_back(sim.shape.chunk(0, 1, 1));
+    std::vector<ChunkCopy> copies;
+    try {
+      if (pieces) {
+        sim.tiers->select_misses(chunks.data(), 4, copies);
+        sim.dev->load(copies);  // the first piece's loads are performed
+        copies.clear();
+        sim.tiers->select_misses(chunks.data() + 4, 4, copies, true);
+      } else {
+        sim.tiers->select(chunks.data(), int64_t(chunks.size()), copies);
+      }
+      FAIL() << "a round of 8 chunks fit a cache of 6";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::resource_exhausted) << e.message();
+    }
+    // A round that fits now loads every chunk it needs and reads the right bytes (a chunk left
+    // resident without its load would be a hit on another chunk's slot).
+    sim.tiers->finish_select();
+    const std::vector<ChunkId> fits(chunks.begin() + 2, chunks.end());
+    sim.select_and_check(fits);
+  }
+}
+
 TEST(KvTiers, ReleaseFreesEveryTier) {
   test::TempDir dir;
   Sim sim(16, 64, 4, (dir / "kv").string());
