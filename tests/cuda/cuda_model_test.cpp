@@ -176,52 +176,72 @@ TEST(CudaModel, StepGraphsGiveTheLogitsOfDirectSteps) {
   }
 }
 
+// Prefill of one sequence per length (one step each, so that a round fits a small block cache),
+// then 24 decoding steps of all of them; every decoding step's logits. Offloaded (`slots` chunks
+// in the block cache) with micro-batches from 2 sequences on, else the KV whole in HBM and one
+// batch.
+std::vector<Tensor> run_for_micro_batches(Backends& b, Side& gpu,
+                                          const std::vector<int64_t>& lengths, bool offload,
+                                          int64_t slots) {
+  const int n = int(lengths.size()), bs = gpu.model->kv_layout().block_size;
+  std::vector<int32_t> prompt = StepFixture({{0, 1000}}, bs, 80, 74, 1900).step.tokens;
+  runtime::KvCacheOptions o;
+  if (offload) {
+    o.offload = memory::Offload::host;
+    o.device_slots = slots;
+  }
+  gpu.cache = std::make_unique<KvCache>(gpu.model->kv_layout(), int64_t(n) * 80, *b.gpu, o);
+  gpu.model->set_micro_batch_min_seqs(offload ? 2 : 0);
+  std::vector<std::vector<int32_t>> blocks(n, std::vector<int32_t>(80));
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < 80; ++j) blocks[i][j] = i * 80 + j;
+  for (int i = 0; i < n; ++i) {
+    StepBatch p;
+    p.add(std::vector<int32_t>(prompt.begin(), prompt.begin() + lengths[i]), 0, &blocks[i]);
+    gpu.model->forward(p, *gpu.cache);
+  }
+  std::vector<Tensor> out;
+  for (int step = 0; step < 24; ++step) {
+    StepBatch s;
+    for (int i = 0; i < n; ++i)
+      s.add({int32_t(7 + (step * 13 + i * 5) % 1500)}, lengths[i] + step, &blocks[i]);
+    out.push_back(b.gpu->to_host(gpu.model->forward(s, *gpu.cache)));
+  }
+  return out;
+}
+
+// Micro-batched offloaded decoding against one batch with the KV whole in HBM, both modes.
+void check_micro_batches(const std::vector<int64_t>& lengths, int64_t slots, const char* what) {
+  Backends b;
+  for (attention::Mode mode : {attention::Mode::infllmv2, attention::Mode::nosa}) {
+    Side gpu = load(*b.gpu, mode, 400);
+    const std::vector<Tensor> whole = run_for_micro_batches(b, gpu, lengths, false, slots);
+    const int64_t before = gpu.model->micro_batch_steps();
+    const std::vector<Tensor> halves = run_for_micro_batches(b, gpu, lengths, true, slots);
+    EXPECT_EQ(gpu.model->micro_batch_steps() - before, 24) << attention::mode_name(mode);
+    EXPECT_GT(gpu.cache->tiers()->stats().evictions, 0) << attention::mode_name(mode);
+    const double worst = worst_step_error(whole, halves);
+    std::printf("[ micro    ] %s, %s: worst logits rel error vs one batch in HBM %.3e\n", what,
+                attention::mode_name(mode), worst);
+    EXPECT_LT(worst, 1e-2) << attention::mode_name(mode);
+  }
+}
+
 // Offloaded decoding steps as two micro-batches (their gathers on the side stream while the
 // other half computes, the previous round protected from eviction) give the logits of the same
 // steps with the KV kept whole in HBM, with a block cache small enough to evict every step.
 TEST(CudaModel, TwoMicroBatchesGiveTheLogitsOfOneBatch) {
   NOSA_REQUIRE_GPU();
-  Backends b;
-  for (attention::Mode mode : {attention::Mode::infllmv2, attention::Mode::nosa}) {
-    Side gpu = load(*b.gpu, mode, 400);
-    const int bs = gpu.model->kv_layout().block_size;
-    std::vector<int32_t> prompt = StepFixture({{0, 1000}}, bs, 80, 74, 1900).step.tokens;
-    const int64_t lengths[4] = {1000, 990, 700, 430};
-    auto run = [&](bool offload) {
-      runtime::KvCacheOptions o;
-      if (offload) {
-        o.offload = memory::Offload::host;
-        o.device_slots = 300;  // of ~840 chunks written: evicts every step
-      }
-      gpu.cache = std::make_unique<KvCache>(gpu.model->kv_layout(), 400, *b.gpu, o);
-      gpu.model->set_micro_batch_min_seqs(offload ? 2 : 0);
-      std::vector<std::vector<int32_t>> blocks(4, std::vector<int32_t>(80));
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 80; ++j) blocks[i][j] = i * 80 + j;
-      for (int i = 0; i < 4; ++i) {  // one prefill step each: a round fits the block cache
-        StepBatch p;
-        p.add(std::vector<int32_t>(prompt.begin(), prompt.begin() + lengths[i]), 0, &blocks[i]);
-        gpu.model->forward(p, *gpu.cache);
-      }
-      std::vector<Tensor> out;
-      for (int step = 0; step < 24; ++step) {
-        StepBatch s;
-        for (int i = 0; i < 4; ++i)
-          s.add({int32_t(7 + (step * 13 + i * 5) % 1500)}, lengths[i] + step, &blocks[i]);
-        out.push_back(b.gpu->to_host(gpu.model->forward(s, *gpu.cache)));
-      }
-      return out;
-    };
-    const std::vector<Tensor> whole = run(false);
-    const int64_t before = gpu.model->micro_batch_steps();
-    const std::vector<Tensor> halves = run(true);
-    EXPECT_EQ(gpu.model->micro_batch_steps() - before, 24) << attention::mode_name(mode);
-    EXPECT_GT(gpu.cache->tiers()->stats().evictions, 0) << attention::mode_name(mode);
-    const double worst = worst_step_error(whole, halves);
-    std::printf("[ micro    ] %s: worst logits rel error vs one batch in HBM %.3e\n",
-                attention::mode_name(mode), worst);
-    EXPECT_LT(worst, 1e-2) << attention::mode_name(mode);
-  }
+  check_micro_batches({1000, 990, 700, 430}, 300, "4 sequences");  // of ~840 chunks written
+}
+
+// The same with 64 sequences: each half's selection (32 tokens x 2 KV heads x 16 blocks) goes to
+// the tiers in two pieces, each piece's gather on the side stream before the next is looked up.
+TEST(CudaModel, TwoMicroBatchesInPiecesGiveTheLogitsOfOneBatch) {
+  NOSA_REQUIRE_GPU();
+  std::vector<int64_t> lengths;
+  for (int i = 0; i < 64; ++i) lengths.push_back(300 + (i * 37) % 400);
+  check_micro_batches(lengths, 3000, "64 sequences");  // of ~8000 chunks written
 }
 
 // A step whose input is wrong (a token id outside the vocabulary) fails with a clear error also
