@@ -589,6 +589,18 @@ void run_offload(SuiteContext& ctx) {
             const auto t_pop = Clock::now();
             cache->tiers()->populate(all);  // pins host memory, writes overflow to disk
             row["populate_s"] = std::chrono::duration<double>(Clock::now() - t_pop).count();
+            // Where the pinned KV landed against the GPU's node: gathers across the socket
+            // interconnect are slower, and the placement may differ from process to process.
+            json numa = json::object();
+            std::string where;
+            for (const auto& [node, pages] : cache->tiers()->host_numa_pages()) {
+              numa[std::to_string(node)] = pages;
+              where += fmt::format("{}{}: {}", where.empty() ? "" : ", ", node, pages);
+            }
+            row["host_numa_pages"] = numa;
+            row["device_numa_node"] = be.numa_node();
+            logger("bench")->info("host KV pages sampled by NUMA node: {}; the device's node: {}",
+                                  where, be.numa_node());
             for (int i = 0; i < B; ++i)
               for (int64_t j = 0; j < blocks_per_seq; ++j)
                 tables[i].push_back(int32_t(i * blocks_per_seq + j));

@@ -1,5 +1,8 @@
 #include "memory/host_store.h"
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <cstdlib>
 
 #include "runtime/core/error.h"
@@ -63,6 +66,27 @@ char* HostStore::device_slot(int64_t index) const {
   char* base = device_arenas_[a].load(std::memory_order_acquire);
   NOSA_ASSERT(base, "host slot {} was never touched", index);
   return base + size_t(index % slots_per_arena_) * slot_bytes_;
+}
+
+// The NUMA node holding the page at p (get_mempolicy with MPOL_F_NODE | MPOL_F_ADDR), or -1.
+static int numa_node_of(const void* p) {
+#ifdef SYS_get_mempolicy
+  constexpr unsigned long k_node = 1, k_addr = 2;  // MPOL_F_NODE, MPOL_F_ADDR
+  int node = -1;
+  if (::syscall(SYS_get_mempolicy, &node, nullptr, 0UL, p, k_node | k_addr) == 0) return node;
+#endif
+  return -1;
+}
+
+std::map<int, int64_t> HostStore::numa_pages(int per_arena) const {
+  std::lock_guard lock(mutex_);
+  std::map<int, int64_t> pages;
+  for (size_t a = 0; a < arenas_.size(); ++a) {
+    if (!arenas_[a]) continue;
+    const size_t bytes = arena_bytes(int64_t(a));
+    for (int i = 0; i < per_arena; ++i) ++pages[numa_node_of(arenas_[a] + bytes / per_arena * i)];
+  }
+  return pages;
 }
 
 size_t HostStore::allocated_bytes() const {

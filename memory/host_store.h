@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -43,6 +44,10 @@ class HostStore {
   // The device address of a slot that was already touched (lock-free: once per load).
   char* device_slot(int64_t index) const;
   size_t allocated_bytes() const;
+  // Diagnostics: `per_arena` pages sampled evenly from each allocated arena, counted by the NUMA
+  // node that holds them (-1 where the kernel does not say). Where pinned KV lands relative to
+  // the GPU bounds the gathers' bandwidth.
+  std::map<int, int64_t> numa_pages(int per_arena = 16) const;
 
  private:
   size_t arena_bytes(int64_t arena) const;

@@ -130,6 +130,8 @@ class KvTiers {
   }
 
   TierStats stats() const;
+  // See HostStore::numa_pages.
+  std::map<int, int64_t> host_numa_pages() const { return host_->numa_pages(); }
 
  private:
   void unpin_step_reads();

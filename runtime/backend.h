@@ -67,6 +67,8 @@ class Backend {
   // waits only for the work queued before it (the residency path reads each layer's selection
   // this way: no allocation, no device-wide synchronisation). Host tensors: their own memory.
   virtual const void* read_back(const Tensor& t);
+  // The NUMA node the device is attached to, or -1 (host backends, or unknown): diagnostics.
+  virtual int numa_node() const { return -1; }
   // Bytes of device memory free for the KV cache (host backends: a policy limit).
   virtual size_t free_memory_bytes() const = 0;
   // Waits for queued work.

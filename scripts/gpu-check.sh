@@ -251,7 +251,8 @@ if off:
     for r in off:
         print(f"  {r['shape']:13s} {r['mode']:8s} B={r['batch']} C={r['context']} {r['offload']}: "
               f"{r['step_ms_median']:.3f} ms/step, x{r['ratio_to_floor']:.2f} floor, "
-              f"overlap {r['overlap']:.3f}, miss rate {r['miss_rate']:.3f}  {r.get('label', '')}")
+              f"overlap {r['overlap']:.3f}, miss rate {r['miss_rate']:.3f}  {r.get('label', '')}  "
+              f"(host KV pages by NUMA node {r.get('host_numa_pages')}, GPU on node {r.get('device_numa_node')})")
     by_mode = {(r["shape"], r["batch"], r["context"], r.get("label", ""), r["mode"]): r for r in off}
     for (shape, b, c, label, mode), r in by_mode.items():
         other = by_mode.get((shape, b, c, label, "infllmv2"))

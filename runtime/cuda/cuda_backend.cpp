@@ -11,9 +11,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cmath>
 #include <cstring>
 #include <deque>
+#include <fstream>
 #include <optional>
 
 #include "attention/cuda/compress.cuh"
@@ -245,6 +247,19 @@ class CudaBackend final : public Backend {
       NOSA_CUDA_CHECK(cudaEventSynchronize(read_back_));
     }
     return host;
+  }
+
+  int numa_node() const override {
+    char bus[32] = {};
+    if (cudaDeviceGetPCIBusId(bus, sizeof bus, device_index_) != cudaSuccess) {
+      cudaGetLastError();
+      return -1;
+    }
+    std::string id(bus);
+    for (char& ch : id) ch = char(std::tolower(static_cast<unsigned char>(ch)));
+    std::ifstream f("/sys/bus/pci/devices/" + id + "/numa_node");
+    int node = -1;
+    return f >> node ? node : -1;
   }
 
   size_t free_memory_bytes() const override {

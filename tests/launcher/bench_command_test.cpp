@@ -112,6 +112,14 @@ TEST(BenchCommand, OffloadSuiteAlternatesMicroBatchVariantsInOneRun) {
   EXPECT_EQ(j["results"][1]["micro_batch_min_seqs"], 0);
   EXPECT_EQ(j["results"][0]["micro_batch_steps"], 3);  // 4 sequences >= 2: every timed step
   EXPECT_EQ(j["results"][1]["micro_batch_steps"], 0);
+  // The host KV's placement: sampled pages of every allocated arena, by NUMA node.
+  int64_t sampled = 0;
+  for (const auto& [node, pages] : j["results"][0]["host_numa_pages"].items()) {
+    EXPECT_GE(std::stoi(node), -1);
+    sampled += pages.get<int64_t>();
+  }
+  EXPECT_GE(sampled, 16);  // at least one arena, 16 pages each
+  EXPECT_EQ(j["results"][0]["device_numa_node"], -1);  // the CPU backend has no device node
   for (const auto& row : j["results"]) {
     EXPECT_EQ(row["steps"], 3);
     EXPECT_GT(row["step_ms_median"].get<double>(), 0.0);
