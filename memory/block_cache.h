@@ -48,6 +48,23 @@ class BlockCache {
   int32_t mark(ChunkId chunk) { return touch_round(chunk); }
   int32_t load(ChunkId chunk, std::vector<Load>& loads) { return fill(chunk, loads); }
   void settle(const int32_t* slots, int64_t n);
+  // mark() by the chunk's index (see index_of), with its map entry and its slot's state fetched
+  // ahead: for callers that already know the index.
+  int32_t mark_index(int64_t i) {
+    const int32_t s = slot_of_chunk_[i];
+    if (s < 0) return -1;
+    if (state_[s].round != round_) ++stats_.hits;
+    state_[s].round = round_;
+    return s;
+  }
+  void prefetch_index(int64_t i) const { __builtin_prefetch(&slot_of_chunk_[i]); }
+  void prefetch_state(int64_t i) const {
+    const int32_t s = slot_of_chunk_[i];
+    if (s >= 0) __builtin_prefetch(&state_[s]);
+  }
+  // The index of a chunk in the per-chunk map: layer-major when the cache was given per_block
+  // and heads (one layer's chunks together).
+  int64_t index_of(ChunkId chunk) const { return index(chunk); }
   // A resident chunk's slot, or -1.
   int32_t slot_of(ChunkId chunk) const { return slot_of_chunk_[index(chunk)]; }
   bool resident(ChunkId chunk) const { return slot_of_chunk_[index(chunk)] >= 0; }

@@ -59,6 +59,10 @@ KvTiers::KvTiers(const TierShape& shape, const TierBudget& budget, HostAllocator
   writing_.assign(shape.n_blocks, 0);
   marks_.assign(size_t(shape.n_blocks * shape.chunks_per_block()), ChunkMark{});
   block_seen_.assign(shape.n_blocks, 0);
+  // select_misses indexes the marks and the block cache's map with one index.
+  const ChunkId last = shape.n_blocks * shape.chunks_per_block() - 1;
+  NOSA_ASSERT(cache_.index_of(last) == layer_major(last) && cache_.index_of(1) == layer_major(1),
+              "the marks and the block cache's map disagree on their layout");
 }
 
 KvTiers::~KvTiers() {
@@ -253,21 +257,41 @@ void KvTiers::select_misses(const ChunkId* chunks, int64_t n, std::vector<ChunkC
     for (ChunkMark& m : marks_) m.seen = 0;
     seen_stamp_ = 1;
   }
-  unique_.clear();
+  // Hits first (marked: no miss of this round evicts them), then the misses. The hits of earlier
+  // pieces of the round wait in hit_slots_ for finish_select().
+  if (!more) {
+    cache_.begin_round();
+    hit_slots_.clear();
+  }
+  missing_.clear();
+  int64_t unique = 0;
   int32_t last_block = -1;
-  constexpr int64_t k_ahead = 16;  // the marks are scattered: fetch them ahead
-  for (int64_t i = 0; i < std::min(n, k_ahead); ++i)
-    __builtin_prefetch(&marks_[size_t(layer_major(chunks[i]))]);
+  // One pass: the chunk's mark (duplicates, overlap) and its slot in the block cache sit at the
+  // same layer-major index of two arrays, both scattered: fetched ahead together, and the slot's
+  // state once the slot is known.
+  constexpr int64_t k_ahead = 16;
+  for (int64_t i = 0; i < std::min(n, k_ahead); ++i) {
+    const int64_t x = layer_major(chunks[i]);
+    __builtin_prefetch(&marks_[size_t(x)]);
+    cache_.prefetch_index(x);
+  }
   for (int64_t i = 0; i < n; ++i) {
+    if (i + k_ahead < n) {
+      const int64_t x = layer_major(chunks[i + k_ahead]);
+      __builtin_prefetch(&marks_[size_t(x)]);
+      cache_.prefetch_index(x);
+    }
+    if (i + k_ahead / 2 < n) cache_.prefetch_state(layer_major(chunks[i + k_ahead / 2]));
     const ChunkId c = chunks[i];
-    if (i + k_ahead < n)
-      __builtin_prefetch(&marks_[size_t(layer_major(chunks[i + k_ahead]))]);
-    ChunkMark& m = marks_[size_t(layer_major(c))];
-    if (m.seen == seen_stamp_) continue;  // asked for already in this call
+    const int64_t x = layer_major(c);
+    ChunkMark& m = marks_[size_t(x)];
+    if (m.seen == seen_stamp_) continue;  // asked for already in this round
     m.seen = seen_stamp_;
-    unique_.push_back(c);
+    ++unique;
     if (m.step + 1 == step_) ++stats_.overlap;
     m.step = step_;
+    const int32_t s = cache_.mark_index(x);
+    if (s >= 0) hit_slots_.push_back(s); else missing_.push_back(c);
     // Host recency decides which blocks move to disk: without a disk tier nothing does.
     if (!disk_) continue;
     const int32_t b = block_of(c);
@@ -276,7 +300,7 @@ void KvTiers::select_misses(const ChunkId* chunks, int64_t n, std::vector<ChunkC
     const int64_t hs = host_slot_of_block_[b];
     if (hs >= 0) touch_host(hs);  // recency only: a hit's block may still move to disk
   }
-  stats_.selected += int64_t(unique_.size());
+  stats_.selected += unique;
   // Only the host blocks this round's loads read from (touched again by read_back) are protected
   // from reuse until the loads are done.
   round_tick_ = tick_ + 1;
@@ -285,17 +309,6 @@ void KvTiers::select_misses(const ChunkId* chunks, int64_t n, std::vector<ChunkC
     ~Pending() { slot = nullptr; }
   } guard{pending_};
   pending_ = &loads;
-  // Hits first (marked: no miss of this round evicts them), then the misses. The hits of earlier
-  // pieces of the round wait in hit_slots_ for finish_select().
-  if (!more) {
-    cache_.begin_round();
-    hit_slots_.clear();
-  }
-  missing_.clear();
-  for (const ChunkId c : unique_) {
-    const int32_t s = cache_.mark(c);
-    if (s >= 0) hit_slots_.push_back(s); else missing_.push_back(c);
-  }
   misses_.clear();
   try {
     for (const ChunkId c : missing_) cache_.load(c, misses_);

@@ -195,7 +195,6 @@ class KvTiers {
   std::vector<uint32_t> block_seen_;      // per block: the read_back() call that last saw it
   uint32_t block_stamp_ = 0;
   // Buffers reused by every call (no allocation per layer).
-  std::vector<ChunkId> unique_;
   std::vector<int32_t> slots_, hit_slots_;
   std::vector<ChunkId> missing_;
   std::vector<ChunkId> step_chunks_;  // begin_step's chunks, kept for its capacity
