@@ -46,6 +46,11 @@ void EngineFlags::add_to(CLI::App& app) {
   app.add_option("--disk-kv-dir", disk_kv_dir, "host+disk: directory for KV files");
   app.add_option("--disk-kv-gib", disk_kv_gib, "host+disk: GiB of disk for KV files")
       ->capture_default_str();
+  app.add_option("--micro-batch-min-seqs", micro_batch_min_seqs,
+                 "Offloading: decoding steps of at least this many sequences run as two "
+                 "micro-batches, one half's blocks gathered while the other half computes (0: "
+                 "never; default: 32, or NOSA_MICRO_BATCH_MIN_SEQS)")
+      ->check(CLI::Range(0, 1000000));
   app.add_option("--tp", tp,
                  "Tensor-parallel ranks per replica; under mpirun, -np N starts N / tp replicas")
       ->capture_default_str();
@@ -152,6 +157,7 @@ EngineSetup EngineSetup::create(const EngineFlags& f, int64_t tokens_hint) {
   runtime::LoadOptions lo;
   if (!f.attention.empty()) lo.mode = attention::parse_mode(f.attention);
   s.model = runtime::load_model(f.model, lo, *s.backend, *s.comm);
+  if (f.micro_batch_min_seqs >= 0) s.model->set_micro_batch_min_seqs(f.micro_batch_min_seqs);
   runtime::KvLayout layout = s.model->kv_layout();
   runtime::KvCacheOptions kv_options;
   kv_options.offload = memory::parse_offload(f.offload);
