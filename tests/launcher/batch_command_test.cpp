@@ -343,65 +343,51 @@ TEST(BatchCommand, TensorParallelOffloadedBatchGivesTheTokensOfOneRank) {
   for (const auto& [id, j] : want) EXPECT_EQ(got[id]["token_ids"], j["token_ids"]) << id;
 }
 
-// --micro-batch-min-seqs: offloaded decoding steps of 2 sequences or more run as two
-// micro-batches (the log says so at debug level) and give the tokens of 0 (never); a negative
-// count is refused with the flag's name.
-TEST(BatchCommand, MicroBatchFlagGivesTheTokensOfOneBatch) {
-  TempDir dir;
-  const int n = 8;
-  write_prompts(dir / "in.jsonl", n);
-  const std::string flags =
-      "--max-tokens 16 --ignore-eos --max-running 4 --progress off --offload host "
-      "--gpu-kv-gib 0.004 --host-kv-gib 0.004";
-  auto one = run_command(batch_command(dir / "in.jsonl", dir / "ref.jsonl",
-                                       flags + " --micro-batch-min-seqs 0"));
-  ASSERT_EQ(one.exit_code, 0) << one.err;
-  auto r = run_command(fmt::format(
-      "{} batch --model {} --input {} --output {} --threads 1 --log-level debug {} "
-      "--micro-batch-min-seqs 2",
-      nosa_binary(), model_dir(), (dir / "in.jsonl").string(), (dir / "out.jsonl").string(),
-      flags));
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_NE((r.out + r.err).find("runs as two micro-batches"), std::string::npos);
-  auto want = results_by_id(dir / "ref.jsonl");
-  auto got = results_by_id(dir / "out.jsonl");
-  ASSERT_EQ(want.size(), size_t(n));
-  ASSERT_EQ(got.size(), size_t(n));
-  for (const auto& [id, j] : want) EXPECT_EQ(got[id]["token_ids"], j["token_ids"]) << id;
-  auto bad = run_command(batch_command(dir / "in.jsonl", dir / "bad.jsonl",
-                                       flags + " --micro-batch-min-seqs -1"));
-  EXPECT_NE(bad.exit_code, 0);
-  EXPECT_NE(bad.err.find("--micro-batch-min-seqs"), std::string::npos) << bad.err;
-}
-
-// Offloaded decoding steps as two micro-batches under tensor parallelism: both ranks split every
-// step alike and stay in lockstep (the same collectives in the same order), and the tokens are
-// those of one rank deciding each step in one batch.
-TEST(BatchCommand, TensorParallelMicroBatchesGiveTheTokensOfOneRank) {
-  if (run_command("command -v mpirun").exit_code != 0) GTEST_SKIP() << "mpirun not found";
+// Offloaded decoding with --micro-batch-min-seqs 2 (every decoding step of 2 running sequences
+// or more in two micro-batches), launched with `launch` in front and `extra` flags, gives the
+// tokens of one process deciding each step in one batch; the model's debug log says it split.
+void expect_micro_batches_keep_the_tokens(const std::string& launch, const std::string& extra) {
   TempDir dir;
   const int n = 12;
   write_prompts(dir / "in.jsonl", n);
   const std::string flags =
       "--max-tokens 24 --ignore-eos --max-running 4 --progress off --offload host "
       "--gpu-kv-gib 0.004 --host-kv-gib 0.004";
-  auto single = run_command("NOSA_MICRO_BATCH_MIN_SEQS=0 " +
-                            batch_command(dir / "in.jsonl", dir / "ref.jsonl", flags));
-  ASSERT_EQ(single.exit_code, 0) << single.err;
-  auto want = results_by_id(dir / "ref.jsonl");
-  ASSERT_EQ(want.size(), size_t(n));
+  auto one = run_command(batch_command(dir / "in.jsonl", dir / "ref.jsonl",
+                                       flags + " --micro-batch-min-seqs 0"));
+  ASSERT_EQ(one.exit_code, 0) << one.err;
   auto r = run_command(fmt::format(
-      "NOSA_MICRO_BATCH_MIN_SEQS=2 mpirun --allow-run-as-root --oversubscribe -x "
-      "NOSA_MICRO_BATCH_MIN_SEQS -np 2 {} batch --model {} --input {} --output {} --threads 1 "
-      "--log-level debug {} --tp 2",
-      nosa_binary(), model_dir(), (dir / "in.jsonl").string(), (dir / "out.jsonl").string(),
-      flags));
+      "{}{} batch --model {} --input {} --output {} --threads 1 --log-level debug {} "
+      "--micro-batch-min-seqs 2 {}",
+      launch, nosa_binary(), model_dir(), (dir / "in.jsonl").string(),
+      (dir / "out.jsonl").string(), flags, extra));
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   EXPECT_NE((r.out + r.err).find("runs as two micro-batches"), std::string::npos)
       << "no step ran as two micro-batches";
+  auto want = results_by_id(dir / "ref.jsonl");
   auto got = results_by_id(dir / "out.jsonl");
+  ASSERT_EQ(want.size(), size_t(n));
   ASSERT_EQ(got.size(), size_t(n));
   for (const auto& [id, j] : want) EXPECT_EQ(got[id]["token_ids"], j["token_ids"]) << id;
+}
+
+TEST(BatchCommand, MicroBatchesGiveTheTokensOfOneBatch) {
+  expect_micro_batches_keep_the_tokens("", "");
+  // A negative count is refused, naming the flag.
+  TempDir dir;
+  write_prompts(dir / "in.jsonl", 1);
+  auto bad = run_command(batch_command(dir / "in.jsonl", dir / "bad.jsonl",
+                                       "--offload host --micro-batch-min-seqs -1"));
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("--micro-batch-min-seqs"), std::string::npos) << bad.err;
+}
+
+// Under tensor parallelism both ranks split every step alike and stay in lockstep (the same
+// collectives in the same order).
+TEST(BatchCommand, TensorParallelMicroBatchesGiveTheTokensOfOneRank) {
+  if (run_command("command -v mpirun").exit_code != 0) GTEST_SKIP() << "mpirun not found";
+  expect_micro_batches_keep_the_tokens("mpirun --allow-run-as-root --oversubscribe -np 2 ",
+                                       "--tp 2");
 }
 
 TEST(BatchCommand, MpirunReplicasSplitTheInputIntoOneCompleteOutput) {
