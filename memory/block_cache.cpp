@@ -38,14 +38,10 @@ void BlockCache::acquire(const ChunkId* chunks, int64_t n, int32_t* slots,
   // Hits first, so that no miss of this round evicts a chunk the round wants. The map and the
   // slots' state are scattered: each is fetched a few entries ahead.
   constexpr int64_t k_ahead = 16;
-  for (int64_t i = 0; i < std::min(n, k_ahead); ++i)
-    __builtin_prefetch(&slot_of_chunk_[index(chunks[i])]);
+  for (int64_t i = 0; i < std::min(n, k_ahead); ++i) prefetch_index(index(chunks[i]));
   for (int64_t i = 0; i < n; ++i) {
-    if (i + k_ahead < n) __builtin_prefetch(&slot_of_chunk_[index(chunks[i + k_ahead])]);
-    if (i + k_ahead / 2 < n) {
-      const int32_t s = slot_of_chunk_[index(chunks[i + k_ahead / 2])];
-      if (s >= 0) __builtin_prefetch(&state_[s]);
-    }
+    if (i + k_ahead < n) prefetch_index(index(chunks[i + k_ahead]));
+    if (i + k_ahead / 2 < n) prefetch_state(index(chunks[i + k_ahead / 2]));
     slots[i] = touch(chunks[i]);
   }
   for (int64_t i = 0; i < n; ++i)
@@ -65,13 +61,6 @@ int32_t BlockCache::touch(ChunkId chunk) {
   return s;
 }
 
-int32_t BlockCache::touch_round(ChunkId chunk) {
-  int32_t s = slot_of_chunk_[index(chunk)];
-  if (s < 0) return -1;
-  if (state_[s].round != round_) ++stats_.hits;
-  state_[s].round = round_;
-  return s;
-}
 
 void BlockCache::settle(const int32_t* slots, int64_t n) {
   constexpr int64_t k_ahead = 8;

@@ -45,11 +45,11 @@ class BlockCache {
   // order). Same slots, loads and statistics as acquire(); only the order within the round's
   // end of the LRU list differs (the misses come before the hits).
   void begin_round() { ++round_; }
-  int32_t mark(ChunkId chunk) { return touch_round(chunk); }
+  int32_t mark(ChunkId chunk) { return mark_index(index(chunk)); }
   int32_t load(ChunkId chunk, std::vector<Load>& loads) { return fill(chunk, loads); }
   void settle(const int32_t* slots, int64_t n);
-  // mark() by the chunk's index (see index_of), with its map entry and its slot's state fetched
-  // ahead: for callers that already know the index.
+  // mark() by the chunk's index (see index_of), for callers that already know it; they fetch
+  // its map entry and its slot's state ahead with the prefetch calls.
   int32_t mark_index(int64_t i) {
     const int32_t s = slot_of_chunk_[i];
     if (s < 0) return -1;
@@ -89,7 +89,6 @@ class BlockCache {
 
  private:
   int32_t touch(ChunkId chunk);  // a hit: marks the slot used in this round
-  int32_t touch_round(ChunkId chunk);  // the same without moving it in the LRU list
   int32_t fill(ChunkId chunk, std::vector<Load>& loads);  // a miss
   bool protected_slot(int32_t s) const { return state_[s].round + protected_rounds_ > round_; }
   void unlink(int32_t slot);

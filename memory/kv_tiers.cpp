@@ -32,7 +32,6 @@ KvTiers::KvTiers(const TierShape& shape, const TierBudget& budget, HostAllocator
       budget_(budget),
       block_bytes_(size_t(shape.chunks_per_block()) * shape.chunk_bytes()),
       per_div_(uint32_t(shape.chunks_per_block())),
-      heads_div_(uint32_t(shape.n_kv_heads)),
       cache_(budget.device_slots, shape.n_blocks * shape.chunks_per_block(),
              shape.chunks_per_block(), shape.n_kv_heads) {
   NOSA_CHECK(shape.n_blocks > 0 && budget.host_blocks > 0, "empty KV tiers");
@@ -59,10 +58,6 @@ KvTiers::KvTiers(const TierShape& shape, const TierBudget& budget, HostAllocator
   writing_.assign(shape.n_blocks, 0);
   marks_.assign(size_t(shape.n_blocks * shape.chunks_per_block()), ChunkMark{});
   block_seen_.assign(shape.n_blocks, 0);
-  // select_misses indexes the marks and the block cache's map with one index.
-  const ChunkId last = shape.n_blocks * shape.chunks_per_block() - 1;
-  NOSA_ASSERT(cache_.index_of(last) == layer_major(last) && cache_.index_of(1) == layer_major(1),
-              "the marks and the block cache's map disagree on their layout");
 }
 
 KvTiers::~KvTiers() {

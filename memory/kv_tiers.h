@@ -140,12 +140,9 @@ class KvTiers {
   void touch_host(int64_t slot);
   char* chunk_host(int64_t host_slot, ChunkId chunk) const;
   // The chunk's place in per-chunk arrays laid out layer-major: one layer's selection (what one
-  // round touches) then falls within n_blocks * n_kv_heads entries instead of all of them.
-  int64_t layer_major(ChunkId c) const {
-    const uint32_t b = per_div_.div(uint32_t(c)), r = uint32_t(c) - b * per_div_.divisor();
-    const uint32_t layer = heads_div_.div(r), head = r - layer * heads_div_.divisor();
-    return (int64_t(layer) * shape_.n_blocks + b) * shape_.n_kv_heads + head;
-  }
+  // round touches) then falls within n_blocks * n_kv_heads entries instead of all of them. The
+  // marks use the block cache's layout, so that one index serves both.
+  int64_t layer_major(ChunkId c) const { return cache_.index_of(c); }
   int32_t block_of(ChunkId c) const { return int32_t(per_div_.div(uint32_t(c))); }
   void acquire(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads);
   void add_loads(std::vector<ChunkCopy>& loads);  // misses_ -> loads (host addresses, disk)
@@ -169,7 +166,7 @@ class KvTiers {
   TierShape shape_;
   TierBudget budget_;
   size_t block_bytes_;
-  FastDiv per_div_, heads_div_;  // chunks per block, KV heads
+  FastDiv per_div_;  // chunks per block
   BlockCache cache_;
   std::unique_ptr<HostStore> host_;
   std::unique_ptr<DiskStore> disk_;
