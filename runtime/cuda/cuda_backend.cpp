@@ -237,13 +237,17 @@ class CudaBackend final : public Backend {
 
   // Into a persistent pinned buffer; an event marks the copy's end, so the host waits for the
   // work queued before it and nothing else (no allocation, no pageable copy).
-  const void* read_back(const Tensor& t) override {
+  const void* read_back(const Tensor& t) override { return copy_to_host(t, stream_, nullptr); }
+
+  // t's bytes in the persistent pinned buffer, copied on `stream` after `after` (when given)
+  // and waited for.
+  const void* copy_to_host(const Tensor& t, cudaStream_t stream, cudaEvent_t after) {
     if (t.device() == Device::cpu) return t.raw();
     void* host = readback_pinned_.get(std::max<size_t>(t.bytes(), 1));
     if (t.bytes()) {
-      NOSA_CUDA_CHECK(
-          cudaMemcpyAsync(host, t.raw(), t.bytes(), cudaMemcpyDeviceToHost, stream_));
-      NOSA_CUDA_CHECK(cudaEventRecord(read_back_, stream_));
+      if (after) NOSA_CUDA_CHECK(cudaStreamWaitEvent(stream, after, 0));
+      NOSA_CUDA_CHECK(cudaMemcpyAsync(host, t.raw(), t.bytes(), cudaMemcpyDeviceToHost, stream));
+      NOSA_CUDA_CHECK(cudaEventRecord(read_back_, stream));
       NOSA_CUDA_CHECK(cudaEventSynchronize(read_back_));
     }
     return host;
@@ -304,25 +308,34 @@ class CudaBackend final : public Backend {
 
   void copy_chunks(const std::vector<memory::ChunkCopy>& copies, bool to_device,
                    KvCache& cache) override {
-    if (copies.empty()) return;
-    transfers_.clear();
-    for (const auto& c : copies) transfers_.push_back({c.host, c.chunk, c.evicted, c.slot});
-    mcu::TransferArgs a = transfer_args(cache, to_device);
-    a.items = static_cast<const mcu::ChunkTransfer*>(
-        stage(transfers_.data(), transfers_.size() * sizeof(mcu::ChunkTransfer)));
-    a.n = int(transfers_.size());
-    NOSA_CUDA_CHECK(mcu::launch_chunk_transfer(a, stream_));
+    launch_transfers(copies, to_device, cache, stream_);
   }
 
-  static mcu::TransferArgs transfer_args(KvCache& cache, bool to_device) {
+  // One transfer kernel for these copies on `stream`, reading its list straight from pinned
+  // staging memory (no upload to wait for, nothing allocated).
+  void launch_transfers(const std::vector<memory::ChunkCopy>& copies, bool to_device,
+                        KvCache& cache, cudaStream_t stream) {
+    if (copies.empty()) return;
+    // Staging memory is reused once every kernel reading it is done: the main stream's readers
+    // are covered by staged_, the side stream's by a synchronisation (side_staged_).
+    if (stream == side_) side_staged_ = true;
+    auto* items = reinterpret_cast<mcu::ChunkTransfer*>(
+        staging_space(copies.size() * sizeof(mcu::ChunkTransfer)));
+    for (size_t i = 0; i < copies.size(); ++i) {
+      const auto& c = copies[i];
+      items[i] = {c.host, c.chunk, c.evicted, c.slot};
+    }
     mcu::TransferArgs a;
+    a.items = items;
+    a.n = int(copies.size());
     a.kv = static_cast<char*>(cache.kv().raw());
     a.bias = static_cast<char*>(cache.bias().raw());
     a.slot_table = cache.slot_table().data<int32_t>();
     a.kv_bytes = int64_t(cache.layout().kv_chunk_bytes());
     a.bias_bytes = int64_t(cache.layout().bias_chunk_bytes());
     a.to_device = to_device;
-    return a;
+    NOSA_CUDA_CHECK(mcu::launch_chunk_transfer(a, stream));
+    if (stream == stream_) NOSA_CUDA_CHECK(cudaEventRecord(staged_, stream_));
   }
 
   void fill_uniform(Tensor& t, uint64_t seed, float lo, float hi) override {
@@ -354,17 +367,7 @@ class CudaBackend final : public Backend {
       graph_decode_list_ = view_.logit_rows + view_.n_logits;
       return;
     }
-    if (!more) {
-      // The previous step's uploads have been read once staged_ fires; then its buffers go, and
-      // its gathers' lists once the side stream is done.
-      NOSA_CUDA_CHECK(cudaEventSynchronize(staged_));
-      step_keep_.clear();
-      staging_used_ = 0;
-      if (side_items_used_ > 0) {
-        NOSA_CUDA_CHECK(cudaStreamSynchronize(side_));
-        side_items_used_ = 0;
-      }
-    }
+    if (!more) reset_staging();
     int stride = 1;
     for (const StepSequence& s : step.seqs)
       stride = std::max<int>(stride, int(s.blocks ? s.blocks->size() : 0));
@@ -403,44 +406,16 @@ class CudaBackend final : public Backend {
   }
 
   const void* read_back_selection(const Selection& s) override {
-    if (!overlap_ || s.blocks.device() != Device::cuda) return read_back(s.blocks);
+    if (!overlap_) return read_back(s.blocks);
     // Only the selection's own kernels are waited for (selection_ready), not the other slot's
     // work queued after them on the main stream, nor the gathers on the side stream.
-    void* host = readback_pinned_.get(std::max<size_t>(s.blocks.bytes(), 1));
-    if (s.blocks.bytes()) {
-      NOSA_CUDA_CHECK(cudaStreamWaitEvent(fetch_, selected_[slot_], 0));
-      NOSA_CUDA_CHECK(cudaMemcpyAsync(host, s.blocks.raw(), s.blocks.bytes(),
-                                      cudaMemcpyDeviceToHost, fetch_));
-      NOSA_CUDA_CHECK(cudaEventRecord(read_back_, fetch_));
-      NOSA_CUDA_CHECK(cudaEventSynchronize(read_back_));
-    }
-    return host;
+    return copy_to_host(s.blocks, fetch_, selected_[slot_]);
   }
 
   void gather_selected(const std::vector<memory::ChunkCopy>& loads, KvCache& cache) override {
     if (!overlap_) return copy_chunks(loads, true, cache);
     if (loads.empty()) return;
-    // The transfer list is read by the kernel from pinned host memory (no upload on the main
-    // stream to wait for); lists stay until the next step begins.
-    const size_t bytes = loads.size() * sizeof(mcu::ChunkTransfer);
-    const size_t offset = (side_items_used_ + 255) / 256 * 256;
-    if (offset + bytes > side_items_capacity_) {
-      NOSA_CUDA_CHECK(cudaStreamSynchronize(side_));  // the old lists are read
-      side_items_capacity_ = std::max(side_items_capacity_ * 2, offset + bytes + (size_t(1) << 20));
-      side_items_ = std::make_unique<PinnedBuffer>();
-      side_items_->get(side_items_capacity_);
-    }
-    auto* items = reinterpret_cast<mcu::ChunkTransfer*>(
-        static_cast<char*>(side_items_->get(side_items_capacity_)) + offset);
-    for (size_t i = 0; i < loads.size(); ++i) {
-      const auto& c = loads[i];
-      items[i] = {c.host, c.chunk, c.evicted, c.slot};
-    }
-    side_items_used_ = offset + bytes;
-    mcu::TransferArgs a = transfer_args(cache, true);
-    a.items = items;
-    a.n = int(loads.size());
-    NOSA_CUDA_CHECK(mcu::launch_chunk_transfer(a, side_));
+    launch_transfers(loads, true, cache, side_);
     NOSA_CUDA_CHECK(cudaEventRecord(gathered_[slot_], side_));
     gather_pending_[slot_] = true;
   }
@@ -458,9 +433,7 @@ class CudaBackend final : public Backend {
     // The token ids were checked by the model (Model::forward) before any replay.
     // The last replay has read the metadata buffer, and the last direct step its uploads.
     NOSA_CUDA_CHECK(cudaEventSynchronize(g->done));
-    NOSA_CUDA_CHECK(cudaEventSynchronize(staged_));
-    step_keep_.clear();
-    staging_used_ = 0;
+    reset_staging();
     write_step_meta(step, key->cap_blocks, static_cast<int32_t*>(g->meta_host.get(g->meta_bytes)));
     step_ = &step;
     plan_valid_ = false;
@@ -492,9 +465,7 @@ class CudaBackend final : public Backend {
       return false;
     }
     sightings_.erase(seen);
-    NOSA_CUDA_CHECK(cudaEventSynchronize(staged_));
-    step_keep_.clear();
-    staging_used_ = 0;
+    reset_staging();
     auto g = std::make_unique<StepGraph>();
     g->key = *key;
     const int T = int(step.n_tokens());
@@ -918,7 +889,6 @@ class CudaBackend final : public Backend {
     int prefill_nb_max = 1;
   };
 
-  std::vector<mcu::ChunkTransfer> transfers_;
 
   const Plan& attend_plan(int group, int block_size) {
     if (plan_valid_ && plan_.group == group && plan_.block_size == block_size) return plan_;
@@ -1118,25 +1088,42 @@ class CudaBackend final : public Backend {
     return k;
   }
 
-  // Copies host data to a device buffer that lives until the next step (stream-ordered).
-  const void* stage(const void* data, size_t bytes) {
-    if (bytes == 0) return nullptr;
+  // Room for `bytes` in this step's pinned staging memory (kept until the next step begins).
+  char* staging_space(size_t bytes) {
     const size_t offset = (staging_used_ + 255) / 256 * 256;
     if (offset + bytes > staging_capacity_) {
-      // Growing: wait until earlier copies out of the old buffer are done.
+      // Growing: wait until earlier copies out of the old buffer, and side-stream kernels reading
+      // it, are done.
       NOSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      if (side_staged_) NOSA_CUDA_CHECK(cudaStreamSynchronize(side_));
       staging_capacity_ = std::max(staging_capacity_ * 2, offset + bytes + (size_t(1) << 20));
       staging_host_ = std::make_unique<PinnedBuffer>();
       staging_host_->get(staging_capacity_);
     }
-    char* host = static_cast<char*>(staging_host_->get(staging_capacity_)) + offset;
+    staging_used_ = offset + bytes;
+    return static_cast<char*>(staging_host_->get(staging_capacity_)) + offset;
+  }
+
+  // `data` in device memory kept until the next step begins, uploaded through staging memory.
+  const void* stage(const void* data, size_t bytes) {
+    if (bytes == 0) return nullptr;
+    char* host = staging_space(bytes);
     std::memcpy(host, data, bytes);
     Tensor dev = alloc(DType::u8, {int64_t(bytes)});
     NOSA_CUDA_CHECK(cudaMemcpyAsync(dev.raw(), host, bytes, cudaMemcpyHostToDevice, stream_));
     NOSA_CUDA_CHECK(cudaEventRecord(staged_, stream_));
     step_keep_.push_back(dev);
-    staging_used_ = offset + bytes;
     return dev.raw();
+  }
+
+  // A new step: once every reader of the previous step's staging memory is done (its uploads,
+  // marked by staged_, and side-stream kernels), the memory and its uploads' buffers are reused.
+  void reset_staging() {
+    NOSA_CUDA_CHECK(cudaEventSynchronize(staged_));
+    if (side_staged_) NOSA_CUDA_CHECK(cudaStreamSynchronize(side_));
+    side_staged_ = false;
+    step_keep_.clear();
+    staging_used_ = 0;
   }
 
   static void require(const Tensor& t, DType dtype, const char* what) {
@@ -1212,8 +1199,7 @@ class CudaBackend final : public Backend {
   cudaStream_t fetch_ = nullptr;  // the selections' copies to the host
   cudaEvent_t selected_[2] = {nullptr, nullptr}, gathered_[2] = {nullptr, nullptr};
   bool gather_pending_[2] = {false, false};
-  std::unique_ptr<PinnedBuffer> side_items_;
-  size_t side_items_capacity_ = 0, side_items_used_ = 0;
+  bool side_staged_ = false;  // side-stream kernels read this step's staging memory
 
 
   // Step graphs (the destructor drops them first).
