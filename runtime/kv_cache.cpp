@@ -2,9 +2,9 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cstdlib>
 
 #include "runtime/backend.h"
+#include "runtime/core/env.h"
 #include "runtime/core/error.h"
 #include "runtime/core/logging.h"
 
@@ -24,6 +24,7 @@ KvCache::KvCache(const KvLayout& layout, int64_t n_blocks, Backend& backend,
   int64_t slots = chunks;
   if (options.offload != memory::Offload::none) {
     slots = options.device_slots;
+    max_pieces_ = env_int("NOSA_RESIDENCY_PIECES", 4, 1, 64);
     NOSA_CHECK_CODE(slots > 0, ErrorCode::resource_exhausted,
                     "no device memory for the GPU block cache");
     memory::TierShape shape;
@@ -90,17 +91,6 @@ void KvCache::begin_step(const StepBatch& step) {
   backend_.copy_chunks(copies_, true, *this);
 }
 
-// At most this many pieces per layer (NOSA_RESIDENCY_PIECES, default 4; 1: the whole selection
-// in one piece), for comparisons.
-static int64_t residency_pieces() {
-  static const int64_t pieces = [] {
-    const char* e = std::getenv("NOSA_RESIDENCY_PIECES");
-    const int64_t v = e ? std::atoll(e) : 4;
-    return std::clamp<int64_t>(v, 1, 64);
-  }();
-  return pieces;
-}
-
 void KvCache::make_resident(int layer, const Selection& selection, const StepBatch& step) {
   if (!tiers_) return;
   using Clock = std::chrono::steady_clock;
@@ -131,7 +121,7 @@ void KvCache::make_resident(int layer, const Selection& selection, const StepBat
   // for once per round). Small selections go whole: a piece costs a launch.
   const int64_t n = int64_t(wanted_.size());
   constexpr int64_t k_min_piece = 512;
-  const int64_t pieces = std::clamp<int64_t>(n / k_min_piece, 1, residency_pieces());
+  const int64_t pieces = std::clamp<int64_t>(n / k_min_piece, 1, max_pieces_);
   int64_t tiers_ns = 0, enqueue_ns = 0;
   for (int64_t i = 0; i < pieces; ++i) {
     const int64_t begin = n * i / pieces, end = n * (i + 1) / pieces;

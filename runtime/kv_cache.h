@@ -124,6 +124,9 @@ class KvCache {
   bool keep_released_ = false;
   std::vector<int32_t> released_;
   ResidencyTimes times_;
+  // At most this many pieces per layer's residency (NOSA_RESIDENCY_PIECES, default 4; 1: the
+  // whole selection in one piece), for comparisons.
+  int64_t max_pieces_ = 4;
 };
 
 }  // namespace nosa::runtime

@@ -2,8 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 
+#include "runtime/core/env.h"
 #include "runtime/core/error.h"
 #include "runtime/core/logging.h"
 
@@ -49,8 +49,7 @@ Model::Model(ModelConfig config, ModelWeights weights, parallel::Partition part,
 Model::~Model() { backend_.forget_graphs(this); }
 
 int Model::default_micro_batch_min_seqs() {
-  const char* e = std::getenv("NOSA_MICRO_BATCH_MIN_SEQS");
-  return e ? std::max(0, std::atoi(e)) : 32;
+  return int(env_int("NOSA_MICRO_BATCH_MIN_SEQS", 32, 0, 1000000));
 }
 
 KvLayout Model::kv_layout() const {

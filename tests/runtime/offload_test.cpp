@@ -3,11 +3,15 @@
 // over a real run; a disk error fails only the request whose blocks it touched.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <map>
 #include <random>
 
+#include "runtime/backend.h"
 #include "runtime/core/error.h"
 #include "runtime/engine.h"
+#include "runtime/kv_cache.h"
+#include "runtime/model.h"
 #include "runtime/step.h"
 #include "tests/common/engine_rig.h"
 #include "tests/common/test_util.h"
@@ -108,6 +112,49 @@ TEST_P(OffloadGivesTheSameTokens, InTwoMicroBatches) {
 INSTANTIATE_TEST_SUITE_P(Modes, OffloadGivesTheSameTokens,
                          ::testing::Values(attention::Mode::infllmv2, attention::Mode::nosa),
                          [](const auto& info) { return attention::mode_name(info.param); });
+
+// Sets an environment variable for one scope.
+struct ScopedEnv {
+  const char* name;
+  ScopedEnv(const char* n, const char* value) : name(n) { ::setenv(n, value, 1); }
+  ~ScopedEnv() { ::unsetenv(name); }
+};
+
+// The residency switches in the environment are checked like flags: a value that is not an
+// integer in range is an invalid_argument naming the variable, not a silent default.
+TEST(Offload, BadResidencySwitchesInTheEnvironmentAreClearErrors) {
+  auto backend = make_cpu_backend();
+  KvLayout layout;
+  layout.n_layers = 2;
+  layout.n_kv_heads = 2;
+  layout.head_dim = 64;
+  layout.block_size = 16;
+  layout.keys_per_block = 4;
+  layout.dtype = DType::f32;
+  KvCacheOptions host;
+  host.offload = memory::Offload::host;
+  host.device_slots = 64;
+  for (const char* bad : {"0", "65", "four", "4x", ""}) {
+    ScopedEnv env("NOSA_RESIDENCY_PIECES", bad);
+    try {
+      KvCache cache(layout, 16, *backend, host);
+      ADD_FAILURE() << "NOSA_RESIDENCY_PIECES='" << bad << "' was taken";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::invalid_argument);
+      EXPECT_NE(e.message().find("NOSA_RESIDENCY_PIECES"), std::string::npos) << e.message();
+    }
+  }
+  {
+    ScopedEnv env("NOSA_RESIDENCY_PIECES", "2");
+    EXPECT_NO_THROW(KvCache(layout, 16, *backend, host));
+  }
+  for (const char* bad : {"-1", "many"}) {
+    ScopedEnv env("NOSA_MICRO_BATCH_MIN_SEQS", bad);
+    EXPECT_THROW(Model::default_micro_batch_min_seqs(), Error) << bad;
+  }
+  ScopedEnv env("NOSA_MICRO_BATCH_MIN_SEQS", "8");
+  EXPECT_EQ(Model::default_micro_batch_min_seqs(), 8);
+}
 
 // Tensor parallelism: the leader's cache records the blocks its engine frees (only when asked
 // to), and they travel to the followers in the next step plan, whose tiers free them too.
