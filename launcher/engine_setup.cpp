@@ -157,7 +157,11 @@ EngineSetup EngineSetup::create(const EngineFlags& f, int64_t tokens_hint) {
   runtime::LoadOptions lo;
   if (!f.attention.empty()) lo.mode = attention::parse_mode(f.attention);
   s.model = runtime::load_model(f.model, lo, *s.backend, *s.comm);
-  if (f.micro_batch_min_seqs >= 0) s.model->set_micro_batch_min_seqs(f.micro_batch_min_seqs);
+  // Every rank of a replica must split the same steps (the halves' collectives come in their
+  // own order): the leader's threshold holds, also when the ranks' environments differ.
+  int micro = f.micro_batch_min_seqs >= 0 ? f.micro_batch_min_seqs : s.model->micro_batch_min_seqs();
+  parallel::broadcast_value(s.replica, micro, timeout);
+  s.model->set_micro_batch_min_seqs(micro);
   runtime::KvLayout layout = s.model->kv_layout();
   runtime::KvCacheOptions kv_options;
   kv_options.offload = memory::parse_offload(f.offload);

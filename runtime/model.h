@@ -50,6 +50,7 @@ class Model {
   // the other half computes; the weights are read twice. 0: never. Needs a backend with two
   // step slots.
   void set_micro_batch_min_seqs(int min_seqs) { micro_min_seqs_ = min_seqs; }
+  int micro_batch_min_seqs() const { return micro_min_seqs_; }
   // The default: NOSA_MICRO_BATCH_MIN_SEQS from the environment, else 32 (at 16 sequences of an
   // 8b-like model reading the weights twice costs what the overlap gains).
   static int default_micro_batch_min_seqs();

@@ -390,6 +390,37 @@ TEST(BatchCommand, TensorParallelMicroBatchesGiveTheTokensOfOneRank) {
                                        "--tp 2");
 }
 
+// Ranks whose environments disagree on the micro-batch threshold still split the same steps
+// (the leader's threshold holds): the job finishes with the tokens of one rank instead of the
+// ranks' collectives going out of step.
+TEST(BatchCommand, TensorParallelRanksAgreeOnTheMicroBatchThreshold) {
+  if (run_command("command -v mpirun").exit_code != 0) GTEST_SKIP() << "mpirun not found";
+  TempDir dir;
+  const int n = 6;
+  write_prompts(dir / "in.jsonl", n);
+  const std::string flags =
+      "--max-tokens 16 --ignore-eos --max-running 4 --progress off --offload host "
+      "--gpu-kv-gib 0.004 --host-kv-gib 0.004 --rank-timeout 20";
+  auto one = run_command(batch_command(dir / "in.jsonl", dir / "ref.jsonl",
+                                       flags + " --micro-batch-min-seqs 0"));
+  ASSERT_EQ(one.exit_code, 0) << one.err;
+  const std::string rank = fmt::format(
+      "{} batch --model {} --input {} --output {} --threads 1 --log-level debug {} --tp 2",
+      nosa_binary(), model_dir(), (dir / "in.jsonl").string(), (dir / "out.jsonl").string(),
+      flags);
+  auto r = run_command("timeout 120 mpirun --allow-run-as-root --oversubscribe -np 1 -x "
+                       "NOSA_MICRO_BATCH_MIN_SEQS=2 " + rank + " : -np 1 -x "
+                       "NOSA_MICRO_BATCH_MIN_SEQS=0 " + rank);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE((r.out + r.err).find("[rank 1][runtime] offloaded decoding: a step"),
+            std::string::npos)
+      << "rank 1 did not follow the leader's threshold";
+  auto want = results_by_id(dir / "ref.jsonl");
+  auto got = results_by_id(dir / "out.jsonl");
+  ASSERT_EQ(got.size(), size_t(n));
+  for (const auto& [id, j] : want) EXPECT_EQ(got[id]["token_ids"], j["token_ids"]) << id;
+}
+
 TEST(BatchCommand, MpirunReplicasSplitTheInputIntoOneCompleteOutput) {
   if (run_command("command -v mpirun").exit_code != 0) GTEST_SKIP() << "mpirun not found";
   TempDir dir;
