@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -343,10 +344,12 @@ TEST(BatchCommand, TensorParallelOffloadedBatchGivesTheTokensOfOneRank) {
   for (const auto& [id, j] : want) EXPECT_EQ(got[id]["token_ids"], j["token_ids"]) << id;
 }
 
-// Offloaded decoding with --micro-batch-min-seqs 2 (every decoding step of 2 running sequences
-// or more in two micro-batches), launched with `launch` in front and `extra` flags, gives the
-// tokens of one process deciding each step in one batch; the model's debug log says it split.
-void expect_micro_batches_keep_the_tokens(const std::string& launch, const std::string& extra) {
+// Offloaded decoding with micro-batches: `launch` turns one rank's `nosa batch` command (debug
+// log, the offload flags, `extra`) into the command line to run; the job must end well with the
+// tokens of one process deciding each step in one batch, and some rank must say it split a
+// step. Returns the run's output for further checks.
+CommandResult expect_micro_batches_keep_the_tokens(
+    const std::function<std::string(const std::string&)>& launch, const std::string& extra) {
   TempDir dir;
   const int n = 12;
   write_prompts(dir / "in.jsonl", n);
@@ -355,24 +358,26 @@ void expect_micro_batches_keep_the_tokens(const std::string& launch, const std::
       "--gpu-kv-gib 0.004 --host-kv-gib 0.004";
   auto one = run_command(batch_command(dir / "in.jsonl", dir / "ref.jsonl",
                                        flags + " --micro-batch-min-seqs 0"));
-  ASSERT_EQ(one.exit_code, 0) << one.err;
-  auto r = run_command(fmt::format(
-      "{}{} batch --model {} --input {} --output {} --threads 1 --log-level debug {} "
-      "--micro-batch-min-seqs 2 {}",
-      launch, nosa_binary(), model_dir(), (dir / "in.jsonl").string(),
-      (dir / "out.jsonl").string(), flags, extra));
-  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_EQ(one.exit_code, 0) << one.err;
+  auto r = run_command(launch(fmt::format(
+      "{} batch --model {} --input {} --output {} --threads 1 --log-level debug {} {}",
+      nosa_binary(), model_dir(), (dir / "in.jsonl").string(), (dir / "out.jsonl").string(),
+      flags, extra)));
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
   EXPECT_NE((r.out + r.err).find("runs as two micro-batches"), std::string::npos)
       << "no step ran as two micro-batches";
   auto want = results_by_id(dir / "ref.jsonl");
   auto got = results_by_id(dir / "out.jsonl");
-  ASSERT_EQ(want.size(), size_t(n));
-  ASSERT_EQ(got.size(), size_t(n));
+  EXPECT_EQ(want.size(), size_t(n));
+  EXPECT_EQ(got.size(), size_t(n));
   for (const auto& [id, j] : want) EXPECT_EQ(got[id]["token_ids"], j["token_ids"]) << id;
+  return r;
 }
 
+std::string as_is(const std::string& command) { return command; }
+
 TEST(BatchCommand, MicroBatchesGiveTheTokensOfOneBatch) {
-  expect_micro_batches_keep_the_tokens("", "");
+  expect_micro_batches_keep_the_tokens(as_is, "--micro-batch-min-seqs 2");
   // A negative count is refused, naming the flag.
   TempDir dir;
   write_prompts(dir / "in.jsonl", 1);
@@ -386,8 +391,11 @@ TEST(BatchCommand, MicroBatchesGiveTheTokensOfOneBatch) {
 // collectives in the same order).
 TEST(BatchCommand, TensorParallelMicroBatchesGiveTheTokensOfOneRank) {
   if (run_command("command -v mpirun").exit_code != 0) GTEST_SKIP() << "mpirun not found";
-  expect_micro_batches_keep_the_tokens("mpirun --allow-run-as-root --oversubscribe -np 2 ",
-                                       "--tp 2");
+  expect_micro_batches_keep_the_tokens(
+      [](const std::string& rank) {
+        return "mpirun --allow-run-as-root --oversubscribe -np 2 " + rank;
+      },
+      "--micro-batch-min-seqs 2 --tp 2");
 }
 
 // Ranks whose environments disagree on the micro-batch threshold still split the same steps
@@ -395,30 +403,16 @@ TEST(BatchCommand, TensorParallelMicroBatchesGiveTheTokensOfOneRank) {
 // ranks' collectives going out of step.
 TEST(BatchCommand, TensorParallelRanksAgreeOnTheMicroBatchThreshold) {
   if (run_command("command -v mpirun").exit_code != 0) GTEST_SKIP() << "mpirun not found";
-  TempDir dir;
-  const int n = 6;
-  write_prompts(dir / "in.jsonl", n);
-  const std::string flags =
-      "--max-tokens 16 --ignore-eos --max-running 4 --progress off --offload host "
-      "--gpu-kv-gib 0.004 --host-kv-gib 0.004 --rank-timeout 20";
-  auto one = run_command(batch_command(dir / "in.jsonl", dir / "ref.jsonl",
-                                       flags + " --micro-batch-min-seqs 0"));
-  ASSERT_EQ(one.exit_code, 0) << one.err;
-  const std::string rank = fmt::format(
-      "{} batch --model {} --input {} --output {} --threads 1 --log-level debug {} --tp 2",
-      nosa_binary(), model_dir(), (dir / "in.jsonl").string(), (dir / "out.jsonl").string(),
-      flags);
-  auto r = run_command("timeout 120 mpirun --allow-run-as-root --oversubscribe -np 1 -x "
-                       "NOSA_MICRO_BATCH_MIN_SEQS=2 " + rank + " : -np 1 -x "
-                       "NOSA_MICRO_BATCH_MIN_SEQS=0 " + rank);
-  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  auto r = expect_micro_batches_keep_the_tokens(
+      [](const std::string& rank) {
+        return "timeout 120 mpirun --allow-run-as-root --oversubscribe -np 1 -x "
+               "NOSA_MICRO_BATCH_MIN_SEQS=2 " + rank + " : -np 1 -x NOSA_MICRO_BATCH_MIN_SEQS=0 " +
+               rank;
+      },
+      "--tp 2 --rank-timeout 20");
   EXPECT_NE((r.out + r.err).find("[rank 1][runtime] offloaded decoding: a step"),
             std::string::npos)
       << "rank 1 did not follow the leader's threshold";
-  auto want = results_by_id(dir / "ref.jsonl");
-  auto got = results_by_id(dir / "out.jsonl");
-  ASSERT_EQ(got.size(), size_t(n));
-  for (const auto& [id, j] : want) EXPECT_EQ(got[id]["token_ids"], j["token_ids"]) << id;
 }
 
 TEST(BatchCommand, MpirunReplicasSplitTheInputIntoOneCompleteOutput) {
