@@ -76,6 +76,9 @@ struct BenchFlags {
   // Offload suite: Model::set_micro_batch_min_seqs values whose steps alternate in one run (empty:
   // the model's default).
   std::vector<int> micro_min_seqs;
+  // Offload suite: where decoding steps decide residency (device: partitions of the block cache,
+  // host: the selection read back each layer); several values give a row each, own tiers each.
+  std::vector<std::string> residency = {"device"};
   std::string select_path;  // CUDA block selection: split, tiled, per-token, or automatic (empty)
   std::string cuda_graphs = "on";  // decoding steps replayed from CUDA graphs: on or off
   std::string json_out, csv_out, label, commit;
@@ -522,6 +525,8 @@ void run_offload(SuiteContext& ctx) {
              "--offload host+disk needs --disk-kv-dir (where the KV files go)");
   for (const int m : f.micro_min_seqs)
     NOSA_CHECK(m >= 0, "--micro-batch-min-seqs takes sequence counts >= 0 (0: never), not {}", m);
+  for (const std::string& r : f.residency)
+    NOSA_CHECK(r == "device" || r == "host", "--residency takes device or host, not '{}'", r);
   for (const std::string& mode_name : f.modes) {
     const attention::Mode mode = attention::parse_mode(mode_name);
     NOSA_CHECK(mode != attention::Mode::dense,
@@ -533,16 +538,22 @@ void run_offload(SuiteContext& ctx) {
     runtime::KvLayout layout = model.kv_layout();
     const int64_t cpb = layout.chunks_per_block();
     const double slot_bytes = double(layout.kv_chunk_bytes() + layout.bias_chunk_bytes());
+    std::vector<std::pair<double, std::string>> cases;  // (miss rate, residency)
+    for (double miss : f.miss_rates)
+      for (const std::string& r : f.residency) cases.emplace_back(miss, r);
     for (int64_t context : f.context)
       for (int B : f.batch)
-        for (double miss : f.miss_rates) {
-          ctx.next(fmt::format("offload {} B={} C={} miss={}", mode_name, B, context,
-                               miss < 0 ? "model" : fmt::format("{:.2f}", miss)));
+        for (const auto& one_case : cases) {
+          const double miss = one_case.first;
+          const std::string& residency = one_case.second;
+          ctx.next(fmt::format("offload {} B={} C={} miss={} residency={}", mode_name, B, context,
+                               miss < 0 ? "model" : fmt::format("{:.2f}", miss), residency));
           json row = {{"suite", "offload"},  {"shape", f.shape},  {"layers", c.num_hidden_layers},
                       {"mode", mode_name},   {"batch", B},        {"context", context},
                       {"steps", f.steps},    {"label", f.label},  {"offload", f.offload},
                       {"tp", ctx.ranks.replica.size},
-                      {"controlled_miss_rate", miss < 0 ? json() : json(miss)}};
+                      {"controlled_miss_rate", miss < 0 ? json() : json(miss)},
+                      {"residency", residency}};
           const int64_t blocks_per_seq = (context + 1 + layout.block_size - 1) / layout.block_size;
           const int64_t n_blocks = blocks_per_seq * B;
           runtime::KvCacheOptions o;
@@ -555,6 +566,10 @@ void run_offload(SuiteContext& ctx) {
                               ? int64_t(f.host_kv_gib * gib / (double(cpb) * slot_bytes))
                               : n_blocks;
           if (o.offload == memory::Offload::host_disk) o.disk_dir = f.disk_kv_dir;
+          if (residency == "device") {
+            o.decode_partitions = B;
+            o.min_partition_slots = p.topk;
+          }
           // A configuration the tiers cannot hold (host budget, disk, pinning) is reported as
           // skipped with the reason, and the run goes on.
           auto skip = [&](const Error& e) {
@@ -585,6 +600,7 @@ void run_offload(SuiteContext& ctx) {
           std::vector<std::vector<double>> times_ms(nv);
           std::vector<memory::TierStats> delta(nv);  // summed over each variant's timed steps
           std::vector<int64_t> micro_steps(nv, 0);   // of those, run as two micro-batches
+          std::vector<int64_t> device_steps(nv, 0);  // of those, with residency on the device
           try {
             const auto t_pop = Clock::now();
             cache->tiers()->populate(all);  // pins host memory, writes overflow to disk
@@ -623,7 +639,7 @@ void run_offload(SuiteContext& ctx) {
               runtime::StepBatch step;
               for (int i = 0; i < B; ++i)
                 step.add({int32_t(rng() % uint32_t(c.vocab_size))}, context, &tables[i]);
-              const memory::TierStats st0 = cache->tiers()->stats();
+              const memory::TierStats st0 = cache->stats();
               const int64_t micro0 = model.micro_batch_steps();
               const auto t0 = Clock::now();
               Tensor logits = model.forward(step, *cache);
@@ -633,7 +649,9 @@ void run_offload(SuiteContext& ctx) {
               if (s < warmup) continue;
               times_ms[v].push_back(ms);
               micro_steps[v] += model.micro_batch_steps() - micro0;
-              const memory::TierStats st1 = cache->tiers()->stats();
+              device_steps[v] += cache->on_device();
+              cache->sync_stats();
+              const memory::TierStats st1 = cache->stats();
               memory::TierStats& d = delta[v];
               d.selected += st1.selected - st0.selected;
               d.overlap += st1.overlap - st0.overlap;
@@ -650,16 +668,20 @@ void run_offload(SuiteContext& ctx) {
           }
           model.set_selection_override({});
           model.set_micro_batch_min_seqs(runtime::Model::default_micro_batch_min_seqs());
-          const memory::TierStats after = cache->tiers()->stats();
+          const memory::TierStats after = cache->stats();
           for (size_t v = 0; v < nv; ++v) {
             json vrow = row;
             const memory::TierStats& d = delta[v];
+            std::string label = f.label;
+            auto add_label = [&](const std::string& part) {
+              label += (label.empty() ? "" : " ") + part;
+            };
+            if (f.residency.size() > 1) add_label(residency + "-residency");
             if (variants[v] >= 0) {
               vrow["micro_batch_min_seqs"] = variants[v];
-              if (nv > 1)
-                vrow["label"] = f.label + (f.label.empty() ? "" : " ") +
-                                fmt::format("micro-{}", variants[v]);
+              if (nv > 1) add_label(fmt::format("micro-{}", variants[v]));
             }
+            vrow["label"] = label;
             const double steps = double(f.steps);
             const double selected = double(d.selected);
             const double h2d = double(d.bytes_host_to_device) / steps;
@@ -677,6 +699,7 @@ void run_offload(SuiteContext& ctx) {
             const double med = median(times_ms[v]);
             vrow["step_ms_median"] = med;
             vrow["micro_batch_steps"] = micro_steps[v];
+            vrow["device_residency_steps"] = device_steps[v];
             vrow["step_ms_p10"] = percentile(times_ms[v], 0.1);
             vrow["step_ms_p90"] = percentile(times_ms[v], 0.9);
             vrow["tokens_per_s"] = med > 0 ? double(B) * 1e3 / med : 0;
@@ -695,10 +718,10 @@ void run_offload(SuiteContext& ctx) {
             vrow["disk_gib"] = double(after.disk_blocks) * double(cpb) * slot_bytes / gib;
             ctx.rows.push_back(vrow);
             logger("bench")->info(
-                "offload {:8s} B={:3d} C={:6d} miss={:5s}{}: {:8.3f} ms/step {:9.1f} tok/s  "
+                "offload {:8s} B={:3d} C={:6d} miss={:5s} {}{}: {:8.3f} ms/step {:9.1f} tok/s  "
                 "overlap {:.3f} miss rate {:.3f}  PCIe {:.1f} MB/step{}  floor {:.3f} ms x{:.2f}",
                 mode_name, B, context, miss < 0 ? "model" : fmt::format("{:.2f}", miss),
-                variants[v] >= 0 ? fmt::format(" micro-{}", variants[v]) : std::string(), med,
+                device_steps[v] > 0 ? "device" : "host", variants[v] >= 0 ? fmt::format(" micro-{}", variants[v]) : std::string(), med,
                 vrow["tokens_per_s"].get<double>(), vrow["overlap"].get<double>(),
                 vrow["miss_rate"].get<double>(), (h2d + d2h) / 1e6,
                 disk + disk_written > 0
@@ -1021,6 +1044,12 @@ Runner add_bench_command(CLI::App& app) {
                   "micro-batches (0: never; default: the engine's, 32). Several values "
                   "(comma-separated) alternate step by step on the same tiers, one row each "
                   "(labelled micro-N): an A/B within one process")
+      ->delimiter(',');
+  cmd->add_option("--residency", f->residency,
+                  "Offload suite: where decoding steps decide which blocks to load: device "
+                  "(each sequence's partition of the block cache, no read back; the default) or "
+                  "host (each layer's selection read back and looked up). Both (comma-separated): "
+                  "a row each, on tiers of their own")
       ->delimiter(',');
   cmd->add_option("--json", f->json_out, "Write the results (with machine and commit) as JSON");
   cmd->add_option("--csv", f->csv_out, "Write the results as CSV");

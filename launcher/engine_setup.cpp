@@ -178,7 +178,6 @@ EngineSetup EngineSetup::create(const EngineFlags& f, int64_t tokens_hint) {
   }
   // Every rank of a replica holds the same block ids: the leader's count decides.
   parallel::broadcast_value(s.replica, blocks, timeout);
-  s.cache = std::make_unique<runtime::KvCache>(layout, blocks, *s.backend, kv_options);
   runtime::EngineOptions eo;
   eo.max_batch_tokens =
       f.max_batch_tokens > 0 ? f.max_batch_tokens : (want_cuda ? 16384 : 2048);
@@ -193,7 +192,18 @@ EngineSetup EngineSetup::create(const EngineFlags& f, int64_t tokens_hint) {
     const int64_t fit =
         parallel::all_min_value<int64_t>(s.replica, kv_options.device_slots / per_seq, timeout);
     eo.max_running = int(std::max<int64_t>(1, std::min<int64_t>(eo.max_running, fit)));
+    // Decoding steps keep their residency on the device (docs/memory.md, "Partitions"): a
+    // partition per running sequence, half again the selection's width, as many as fit in
+    // seven eighths of the block cache (larger batches take the host path).
+    if (s.model->mode() != attention::Mode::dense) {
+      const int64_t width = sp.topk + sp.topk / 2;
+      const int64_t room = kv_options.device_slots - kv_options.device_slots / 8;
+      kv_options.decode_partitions =
+          int(std::min<int64_t>(eo.max_running, room / (layout.chunks_per_block() * width)));
+      kv_options.min_partition_slots = sp.topk;
+    }
   }
+  s.cache = std::make_unique<runtime::KvCache>(layout, blocks, *s.backend, kv_options);
   eo.max_context = f.max_context;
   s.runner = std::make_unique<runtime::ReplicaRunner>(s.replica, *s.model, *s.cache, timeout);
   runtime::ReplicaRunner* runner = s.runner.get();

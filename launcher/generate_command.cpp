@@ -84,8 +84,9 @@ int run_generate(const GenerateFlags& f) {
   }
   NOSA_CHECK_CODE(reason != runtime::FinishReason::error, ErrorCode::resource_exhausted, "{}",
                   error);
-  if (const auto* tiers = s.cache->tiers()) {
-    const auto t = tiers->stats();
+  if (s.cache->tiers()) {
+    s.cache->sync_stats();
+    const auto t = s.cache->stats();
     logger("memory")->info(
         "KV tiers: {} chunks selected, {:.1f}% also selected the step before; device hits {} "
         "misses {} evictions {}; host->device {:.1f} MiB, device->host {:.1f} MiB, disk read "

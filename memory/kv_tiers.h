@@ -129,6 +129,13 @@ class KvTiers {
     flush_loads_ = std::move(fn);
   }
 
+  // The device-visible address of a block's host memory (every layer and head of it, chunk
+  // after chunk as chunk_host lays them out), or null when the block is not in host memory.
+  char* block_host_address(int32_t block) const {
+    const int64_t slot = host_slot_of_block_[size_t(block)];
+    return slot >= 0 ? host_->device_slot(slot) : nullptr;
+  }
+
   TierStats stats() const;
   // See HostStore::numa_pages.
   std::map<int, int64_t> host_numa_pages() const { return host_->numa_pages(); }

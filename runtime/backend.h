@@ -115,6 +115,12 @@ class Backend {
   virtual void gather_selected(const std::vector<memory::ChunkCopy>& loads, KvCache& cache) {
     copy_chunks(loads, true, cache);
   }
+  // Device-side residency of one layer's selection for a decoding step (memory/partitions.h;
+  // `step` is the current step slot's, `seq_partition` its sequences' partitions): queued like
+  // gather_selected, so that the slot's attention finds every selected chunk resident. The
+  // default runs the reference on host tensors (the CPU backend).
+  virtual void resident_partitions(int layer, const Selection& selection, const StepBatch& step,
+                                   const std::vector<int32_t>& seq_partition, KvCache& cache);
 
   // Dense ops. Shapes: x [T, K], w [N, K], out [T, N].
   virtual void embedding(const Tensor& table, Tensor& out) = 0;  // rows of the step's tokens

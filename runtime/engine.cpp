@@ -87,7 +87,7 @@ EngineStats Engine::stats() const {
   s.running = int64_t(running_.size());
   s.kv_blocks_used = cache_.pool().used_blocks();
   s.kv_blocks_total = cache_.pool().capacity();
-  if (cache_.tiers()) s.tiers = cache_.tiers()->stats();
+  if (cache_.tiers()) s.tiers = cache_.stats();
   return s;
 }
 

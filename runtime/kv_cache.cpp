@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 
+#include "memory/partitions.h"
 #include "runtime/backend.h"
 #include "runtime/core/env.h"
 #include "runtime/core/error.h"
@@ -33,11 +34,15 @@ KvCache::KvCache(const KvLayout& layout, int64_t n_blocks, Backend& backend,
     shape.kv_chunk_bytes = layout.kv_chunk_bytes();
     shape.bias_chunk_bytes = layout.bias_chunk_bytes();
     shape.n_blocks = n_blocks;
+    host_allocator_ = backend.host_allocator();
+    // Partitions for device-side residency come out of the block cache; the host path keeps
+    // the rest.
+    if (options.decode_partitions > 0 && env_int("NOSA_DEVICE_RESIDENCY", 1, 0, 1) == 1)
+      make_partitions(options, slots);
     memory::TierBudget budget;
-    budget.device_slots = slots;
+    budget.device_slots = parts_ ? parts_->base : slots;
     budget.host_blocks = options.host_blocks > 0 ? options.host_blocks : n_blocks;
     if (options.offload == memory::Offload::host_disk) budget.disk_dir = options.disk_dir;
-    host_allocator_ = backend.host_allocator();
     tiers_ = std::make_unique<memory::KvTiers>(shape, budget, *host_allocator_);
     // A block moving to disk reuses host memory that queued copies may still read.
     tiers_->set_before_host_reuse([this] { backend_.synchronize(); });
@@ -58,7 +63,47 @@ KvCache::KvCache(const KvLayout& layout, int64_t n_blocks, Backend& backend,
   ck_scores_ = backend.zeros(DType::f32, {chunks, layout.keys_per_block});
 }
 
+void KvCache::make_partitions(const KvCacheOptions& o, int64_t slots) {
+  const int64_t cpb = layout_.chunks_per_block();
+  const int64_t per = int64_t(o.decode_partitions) * cpb;  // partitions' (sequence, layer, head)s
+  const int64_t R = o.partition_slots > 0 ? o.partition_slots
+                                          : std::min<int64_t>(memory::k_max_partition_slots, (slots - slots / 8) / per);
+  // The host path still needs the blocks being written and read (two per sequence, layer and
+  // head) and one sequence's selection for a prompt's rounds.
+  const int64_t host_min = 2 * per + cpb * std::max(1, o.min_partition_slots);
+  if (R < std::max(1, o.min_partition_slots) || R > memory::k_max_partition_slots || slots - R * per < host_min) {
+    logger("memory")->info(
+        "device-side residency off: {} chunks of block cache cannot give {} sequences "
+        "partitions of {} to {} slots per layer and head beside the host path's {}",
+        slots, o.decode_partitions, o.min_partition_slots, memory::k_max_partition_slots, host_min);
+    return;
+  }
+  DevicePartitions d;
+  d.count = o.decode_partitions;
+  d.slots = int(R);
+  d.base = slots - R * per;
+  const int64_t n = R * per;
+  Tensor chunk = Tensor::empty_host(DType::i64, {n});
+  std::fill_n(chunk.data<int64_t>(), n, int64_t(-1));
+  d.chunk = backend_.upload(chunk, DType::i64);
+  d.stamp = backend_.zeros(DType::i32, {n});
+  d.counters = backend_.zeros(DType::i64, {memory::part_counters});
+  const size_t table_bytes = size_t(pool_.capacity()) * sizeof(char*);
+  d.block_host = static_cast<char**>(host_allocator_->allocate(table_bytes));
+  std::fill_n(d.block_host, pool_.capacity(), nullptr);
+  d.block_host_device = static_cast<char* const*>(host_allocator_->device_address(d.block_host));
+  parts_ = std::move(d);
+  partition_of_first_.assign(size_t(pool_.capacity()), -1);
+  for (int p = o.decode_partitions - 1; p >= 0; --p) free_partitions_.push_back(p);
+  logger("memory")->info(
+      "device-side residency: {} partitions of {} slots per layer and head ({} chunks), the "
+      "host path keeps {}",
+      parts_->count, parts_->slots, n, parts_->base);
+}
+
 KvCache::~KvCache() {
+  if (parts_ && parts_->block_host)
+    host_allocator_->release(parts_->block_host, size_t(pool_.capacity()) * sizeof(char*));
   backend_.forget_graphs(this);
   if (times_.calls == 0) return;
   const double n = double(times_.calls);
@@ -89,10 +134,85 @@ void KvCache::begin_step(const StepBatch& step) {
   copies_.clear();
   tiers_->begin_step(writes, reads, copies_);
   backend_.copy_chunks(copies_, true, *this);
+  if (on_device_) sync_stats();  // the last step's device-side counters (it has finished)
+  on_device_ = parts_ && device_residency_ &&
+               std::all_of(step.seqs.begin(), step.seqs.end(),
+                           [](const StepSequence& s) { return s.n_new == 1; }) &&
+               assign_partitions(step);
+  device_steps_ += on_device_;
+}
+
+bool KvCache::assign_partitions(const StepBatch& step) {
+  size_t wanted = 0;
+  for (const StepSequence& s : step.seqs) wanted += partition_of_first_[size_t(s.blocks->at(0))] < 0;
+  if (wanted > free_partitions_.size()) return false;
+  // Every block a selection can miss (all but the ones being written, which are resident) must
+  // be in host memory: the device copies it from there.
+  const int64_t bs = layout_.block_size;
+  for (const StepSequence& s : step.seqs)
+    for (int64_t b = 0; b < s.n_past / bs; ++b) {
+      const int32_t block = s.blocks->at(size_t(b));
+      char* host = tiers_->block_host_address(block);
+      if (!host) return false;
+      parts_->block_host[block] = host;
+    }
+  for (const StepSequence& s : step.seqs) {
+    int32_t& p = partition_of_first_[size_t(s.blocks->at(0))];
+    if (p >= 0) continue;
+    p = free_partitions_.back();
+    free_partitions_.pop_back();
+  }
+  ++parts_->step_stamp;
+  return true;
+}
+
+void KvCache::free_partition(int32_t first_block) {
+  int32_t& p = partition_of_first_[size_t(first_block)];
+  if (p < 0) return;
+  // Its slots keep their chunks: the next owner evicts them (a chunk whose block was reused in
+  // the meantime was made resident elsewhere when it was written, so the slot table no longer
+  // points at the old slot and the eviction leaves it alone).
+  free_partitions_.push_back(p);
+  p = -1;
+}
+
+memory::TierStats KvCache::stats() const {
+  if (!tiers_) return {};
+  memory::TierStats t = tiers_->stats();
+  if (!parts_) return t;
+  const int64_t* c = device_counts_;
+  t.hits += c[memory::part_hits];
+  t.misses += c[memory::part_misses];
+  t.evictions += c[memory::part_evictions];
+  t.selected += c[memory::part_hits] + c[memory::part_misses];
+  t.overlap += c[memory::part_overlap];
+  t.bytes_host_to_device +=
+      c[memory::part_misses] * int64_t(layout_.kv_chunk_bytes() + layout_.bias_chunk_bytes());
+  const int64_t n = int64_t(parts_->count) * layout_.chunks_per_block() * parts_->slots;
+  t.device_slots += n;
+  t.device_slots_used += std::min(n, c[memory::part_misses]);
+  return t;
+}
+
+void KvCache::sync_stats() {
+  if (!parts_) return;
+  const auto* c = static_cast<const int64_t*>(backend_.read_back(parts_->counters));
+  std::copy_n(c, int(memory::part_counters), device_counts_);
+  NOSA_CHECK_CODE(device_counts_[memory::part_errors] == 0, ErrorCode::internal,
+                  "device-side residency: {} misses found no partition slot or host memory",
+                  device_counts_[memory::part_errors]);
 }
 
 void KvCache::make_resident(int layer, const Selection& selection, const StepBatch& step) {
   if (!tiers_) return;
+  if (on_device_) {
+    seq_partition_.clear();
+    for (const StepSequence& s : step.seqs)
+      seq_partition_.push_back(partition_of_first_[size_t(s.blocks->at(0))]);
+    backend_.resident_partitions(layer, selection, step, seq_partition_, *this);
+    ++times_.calls;
+    return;
+  }
   using Clock = std::chrono::steady_clock;
   auto ns = [](Clock::time_point a, Clock::time_point b) {
     return int64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(b - a).count());
@@ -168,7 +288,12 @@ void KvCache::release(std::vector<int32_t>& blocks) {
 }
 
 void KvCache::release_tiers(const std::vector<int32_t>& blocks) {
-  if (tiers_) tiers_->release(blocks);
+  if (!tiers_) return;
+  tiers_->release(blocks);
+  // A follower gets the released blocks of several sequences in one list: any of them may be a
+  // sequence's first.
+  if (parts_)
+    for (int32_t b : blocks) free_partition(b);
 }
 
 }  // namespace nosa::runtime

@@ -16,10 +16,12 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <utility>
 
 #include "memory/block_pool.h"
 #include "memory/kv_tiers.h"
+#include "memory/partitions.h"
 #include "runtime/core/tensor.h"
 #include "runtime/step.h"
 
@@ -55,10 +57,32 @@ struct KvCacheOptions {
   int64_t device_slots = 0;
   int64_t host_blocks = 0;
   std::filesystem::path disk_dir;
+  // Decoding steps decide residency on the device (memory/partitions.h) for up to this many
+  // sequences at once (0: never), each with partition_slots slots per layer and KV head taken
+  // out of device_slots (0: what is left after an eighth kept for the host path, at most
+  // memory::k_max_partition_slots).
+  // Partitions narrower than min_partition_slots (the selection's width) are not made.
+  int decode_partitions = 0;
+  int partition_slots = 0;
+  int min_partition_slots = 1;
 };
 
 class Backend;
 struct Selection;
+
+// The device-side residency state of an offloaded cache (memory/partitions.h): partitions of
+// `slots` slots per (sequence, layer, KV head) from slot `base` on; per partition slot its chunk
+// (int64, -1: none) and last stamp (uint32 as i32); counters (int64 x part_counters); each
+// block's host memory as the device addresses it (written by the host before each step).
+struct DevicePartitions {
+  int count = 0;
+  int slots = 0;
+  int64_t base = 0;
+  Tensor chunk, stamp, counters;
+  char** block_host = nullptr;  // host memory, [n_blocks]
+  char* const* block_host_device = nullptr;  // the same table as the device reads it
+  uint32_t step_stamp = 0;  // the current step's
+};
 
 // Where make_resident's host time goes (summed over calls; nanoseconds).
 struct ResidencyTimes {
@@ -92,6 +116,8 @@ class KvCache {
   // Residency around one step (no-ops without offloading): the blocks the step writes (and the
   // block before them, which compressed windows read) become resident; after each layer's
   // selection, the selected chunks; at the end, the blocks the step filled go to the host.
+  // A decoding step whose sequences all have (or get) a partition and whose blocks are all in
+  // host memory decides its layers' residency on the device (no read back, nothing waited for).
   void begin_step(const StepBatch& step);
   void make_resident(int layer, const Selection& selection, const StepBatch& step);
   // Two micro-batches in flight: a round's loads must not evict the previous round's chunks,
@@ -110,7 +136,19 @@ class KvCache {
   std::vector<int32_t> take_released() { return std::exchange(released_, {}); }
   void release_tiers(const std::vector<int32_t>& blocks);
   const ResidencyTimes& residency_times() const { return times_; }
-
+  // Device-side residency: null when the cache has no partitions. on_device(): whether the
+  // current step uses them. set_device_residency(false) keeps every later step on the host path
+  // (comparisons; NOSA_DEVICE_RESIDENCY=0 at construction does the same).
+  const DevicePartitions* partitions() const { return parts_ ? &*parts_ : nullptr; }
+  DevicePartitions* partitions() { return parts_ ? &*parts_ : nullptr; }
+  bool on_device() const { return on_device_; }
+  int64_t device_steps() const { return device_steps_; }  // steps that used them, so far
+  void set_device_residency(bool on) { device_residency_ = on; }
+  // The tiers' statistics with the device-side rounds' counters folded in (as of the last
+  // begin_step or sync_stats).
+  memory::TierStats stats() const;
+  // Folds the device-side counters in now (waits for the queued work).
+  void sync_stats();
  private:
   KvLayout layout_;
   memory::BlockPool pool_;
@@ -124,6 +162,16 @@ class KvCache {
   bool keep_released_ = false;
   std::vector<int32_t> released_;
   ResidencyTimes times_;
+  std::optional<DevicePartitions> parts_;
+  std::vector<int32_t> partition_of_first_;  // by a sequence's first block: its partition, or -1
+  std::vector<int32_t> free_partitions_;
+  std::vector<int32_t> seq_partition_;       // make_resident's scratch
+  bool device_residency_ = true, on_device_ = false;
+  int64_t device_steps_ = 0;
+  int64_t device_counts_[memory::part_counters] = {};  // as of the last sync_stats
+  void make_partitions(const KvCacheOptions& options, int64_t slots);
+  bool assign_partitions(const StepBatch& step);
+  void free_partition(int32_t first_block);
   // At most this many pieces per layer's residency (NOSA_RESIDENCY_PIECES, default 4; 1: the
   // whole selection in one piece), for comparisons.
   int64_t max_pieces_ = 4;

@@ -66,7 +66,7 @@ bool runs_on_gpu(const EngineFlags& f) {
 
 // KV tier traffic for the summary, as "name: value" lines (none without offloading).
 std::vector<std::pair<std::string, std::string>> kv_tier_summary(const EngineSetup& setup) {
-  if (auto* tiers = setup.cache->tiers()) return kv_tier_lines(tiers->stats());
+  if (setup.cache->tiers()) return kv_tier_lines(setup.cache->stats());
   return {};
 }
 

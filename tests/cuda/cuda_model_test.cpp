@@ -178,20 +178,25 @@ TEST(CudaModel, StepGraphsGiveTheLogitsOfDirectSteps) {
 
 // Prefill of one sequence per length (one step each, so that a round fits a small block cache),
 // then 24 decoding steps of all of them; every decoding step's logits. Offloaded (`slots` chunks
-// in the block cache) with micro-batches from 2 sequences on, else the KV whole in HBM and one
-// batch.
+// in the block cache) with micro-batches from `micro` sequences on (0: never) and, with
+// `partition_slots`, residency decided on the device; else the KV whole in HBM and one batch.
 std::vector<Tensor> run_for_micro_batches(Backends& b, Side& gpu,
                                           const std::vector<int64_t>& lengths, bool offload,
-                                          int64_t slots) {
+                                          int64_t slots, int micro = 2, int partition_slots = 0) {
   const int n = int(lengths.size()), bs = gpu.model->kv_layout().block_size;
   std::vector<int32_t> prompt = StepFixture({{0, 1000}}, bs, 80, 74, 1900).step.tokens;
   runtime::KvCacheOptions o;
   if (offload) {
     o.offload = memory::Offload::host;
     o.device_slots = slots;
+    if (partition_slots > 0) {
+      o.decode_partitions = n;
+      o.partition_slots = partition_slots;
+      o.min_partition_slots = gpu.model->config().sparse.topk;
+    }
   }
   gpu.cache = std::make_unique<KvCache>(gpu.model->kv_layout(), int64_t(n) * 80, *b.gpu, o);
-  gpu.model->set_micro_batch_min_seqs(offload ? 2 : 0);
+  gpu.model->set_micro_batch_min_seqs(offload ? micro : 0);
   std::vector<std::vector<int32_t>> blocks(n, std::vector<int32_t>(80));
   for (int i = 0; i < n; ++i)
     for (int j = 0; j < 80; ++j) blocks[i][j] = i * 80 + j;
@@ -233,6 +238,36 @@ void check_micro_batches(const std::vector<int64_t>& lengths, int64_t slots, con
 TEST(CudaModel, TwoMicroBatchesGiveTheLogitsOfOneBatch) {
   NOSA_REQUIRE_GPU();
   check_micro_batches({1000, 990, 700, 430}, 300, "4 sequences");  // of ~840 chunks written
+}
+
+// Residency decided on the device (each sequence's partition of the block cache, no selection
+// read back): the logits of the KV kept whole in HBM, in one batch and in two micro-batches
+// (the decision and the copies then on the side stream), with partitions small enough to evict.
+TEST(CudaModel, ResidencyOnTheDeviceGivesTheLogitsOfKvInHbm) {
+  NOSA_REQUIRE_GPU();
+  Backends b;
+  const std::vector<int64_t> lengths = {1000, 990, 700, 430};
+  for (attention::Mode mode : {attention::Mode::infllmv2, attention::Mode::nosa}) {
+    Side gpu = load(*b.gpu, mode, 400);
+    const std::vector<Tensor> whole = run_for_micro_batches(b, gpu, lengths, false, 0);
+    for (int micro : {0, 2}) {
+      // 4 sequences x 2 layers x 2 heads x 20 slots = 320 partition slots, 300 for the prompts.
+      const std::vector<Tensor> dev = run_for_micro_batches(b, gpu, lengths, true, 620, micro, 20);
+      const memory::TierStats st = [&] {
+        gpu.cache->sync_stats();
+        return gpu.cache->stats();
+      }();
+      EXPECT_EQ(gpu.cache->device_steps(), 24) << attention::mode_name(mode);
+      EXPECT_GT(st.evictions, 0) << attention::mode_name(mode);
+      EXPECT_GT(st.misses, 0) << attention::mode_name(mode);
+      const double worst = worst_step_error(whole, dev);
+      std::printf("[ device   ] %s, micro-batches from %d: %lld device steps, %lld hits, %lld "
+                  "misses, worst logits rel error vs HBM %.3e\n",
+                  attention::mode_name(mode), micro, (long long)gpu.cache->device_steps(),
+                  (long long)st.hits, (long long)st.misses, worst);
+      EXPECT_LT(worst, 1e-2) << attention::mode_name(mode) << " micro " << micro;
+    }
+  }
 }
 
 // The same with 64 sequences: each half's selection (32 tokens x 2 KV heads x 16 blocks) goes to

@@ -39,7 +39,8 @@ GenerationRequest request(int64_t prompt_len, uint64_t seed, int64_t max_tokens)
 std::vector<std::vector<int32_t>> generate(attention::Mode mode, const KvCacheOptions& kv,
                                            memory::TierStats* stats = nullptr,
                                            int micro_min_seqs = -1,
-                                           int64_t* micro_steps = nullptr) {
+                                           int64_t* micro_steps = nullptr,
+                                           int64_t* device_steps = nullptr) {
   Rig rig(mode, kv, 400, 256);
   if (micro_min_seqs >= 0) rig.model->set_micro_batch_min_seqs(micro_min_seqs);
   std::vector<RequestId> ids;
@@ -51,8 +52,10 @@ std::vector<std::vector<int32_t>> generate(attention::Mode mode, const KvCacheOp
     EXPECT_EQ(res[id].last.finish, FinishReason::length) << res[id].last.error;
     out.push_back(res[id].tokens);
   }
+  rig.cache->sync_stats();
   if (stats) *stats = rig.engine->stats().tiers;
   if (micro_steps) *micro_steps = rig.model->micro_batch_steps();
+  if (device_steps) *device_steps = rig.cache->device_steps();
   return out;
 }
 
@@ -107,6 +110,42 @@ TEST_P(OffloadGivesTheSameTokens, InTwoMicroBatches) {
   EXPECT_EQ(generate(GetParam(), disk, &ds, 2, &micro), expected);
   EXPECT_GT(micro, 20);
   EXPECT_GT(ds.bytes_disk_read, 0);
+}
+
+// Decoding steps that decide residency on the device (each sequence's partition of the block
+// cache; prompts still take the host path): the same tokens, in one batch and in two
+// micro-batches, and with host and disk (steps whose blocks are on disk take the host path).
+TEST_P(OffloadGivesTheSameTokens, WithResidencyOnTheDevice) {
+  auto expected = generate(GetParam(), {});
+  KvCacheOptions host;
+  host.offload = memory::Offload::host;
+  host.device_slots = 600;
+  host.decode_partitions = 4;
+  host.partition_slots = 20;  // of 4 chunks per block: 320 slots; the selection's width is 16
+  host.min_partition_slots = 16;
+  memory::TierStats hs;
+  int64_t device_steps = 0, micro = 0;
+  EXPECT_EQ(generate(GetParam(), host, &hs, 0, nullptr, &device_steps), expected);
+  EXPECT_GT(device_steps, 20);
+  EXPECT_GT(hs.evictions, 0);
+  EXPECT_GT(hs.hits, hs.misses);
+  EXPECT_EQ(hs.device_slots, 600);
+
+  device_steps = 0;
+  EXPECT_EQ(generate(GetParam(), host, nullptr, 2, &micro, &device_steps), expected);
+  EXPECT_GT(micro, 20);
+  EXPECT_GT(device_steps, 20);
+
+  test::TempDir dir;
+  KvCacheOptions disk = host;
+  disk.offload = memory::Offload::host_disk;
+  disk.host_blocks = 120;
+  disk.disk_dir = dir / "kv";
+  memory::TierStats ds;
+  device_steps = 0;
+  EXPECT_EQ(generate(GetParam(), disk, &ds, 0, nullptr, &device_steps), expected);
+  EXPECT_GT(ds.bytes_disk_read, 0);
+  EXPECT_GT(device_steps, 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, OffloadGivesTheSameTokens,

@@ -1,0 +1,150 @@
+#include "memory/cuda/partitions.cuh"
+
+namespace nosa::memory::cuda {
+
+namespace {
+
+constexpr int k_threads = 256;
+
+__global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies) {
+  extern __shared__ unsigned long long smem[];
+  const int R = a.part_slots, k = a.k, H = a.n_heads;
+  unsigned long long* keys = smem;                                 // [R]: (stamp, slot) or max
+  long long* miss_chunk = reinterpret_cast<long long*>(keys + R);  // [k]
+  long long* miss_block = miss_chunk + k;                          // [k]
+  int* miss_flag = reinterpret_cast<int*>(miss_block + k);         // [k]
+  unsigned char* used = reinterpret_cast<unsigned char*>(miss_flag + k);  // [R]
+  __shared__ unsigned long long count[part_counters];
+  __shared__ int n_miss;
+
+  const int t = blockIdx.x / H, h = blockIdx.x % H;
+  const int seq = a.token_seq[t];
+  const int32_t* table = a.block_table + int64_t(seq) * a.bt_stride;
+  const int64_t local = ((int64_t(a.seq_partition[seq]) * a.n_layers + a.layer) * H + h) * R;
+  const int64_t base = a.part_base + local;
+  const int32_t* row = a.selection + (int64_t(t) * H + h) * k;
+  PartitionCopy* out = copies + (int64_t(t) * H + h) * k;
+
+  for (int j = threadIdx.x; j < R; j += blockDim.x) used[j] = 0;
+  if (threadIdx.x < part_counters) count[threadIdx.x] = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < k; i += blockDim.x) {
+    int miss = 0;
+    const int32_t b = row[i];
+    if (b >= 0) {
+      const int64_t block = table[b];
+      const int64_t chunk = (block * a.n_layers + a.layer) * H + h;
+      const int32_t s = a.slot_table[chunk];
+      if (s < 0) {
+        miss = 1;
+        miss_chunk[i] = chunk;
+        miss_block[i] = block;
+      } else {
+        atomicAdd(&count[part_hits], 1ull);
+        if (s >= base && s < base + R) {
+          used[s - base] = 1;
+          if (a.part_stamp[local + (s - base)] + 1 == a.stamp)
+            atomicAdd(&count[part_overlap], 1ull);
+        } else {
+          atomicAdd(&count[part_overlap], 1ull);  // a block the host path keeps
+        }
+      }
+    }
+    miss_flag[i] = miss;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    // The misses in the order of the selection (a row holds at most a few hundred entries).
+    int r = 0;
+    for (int i = 0; i < k; ++i)
+      if (miss_flag[i]) {
+        miss_chunk[r] = miss_chunk[i];
+        miss_block[r] = miss_block[i];
+        ++r;
+      }
+    n_miss = r;
+  }
+  for (int j = threadIdx.x; j < R; j += blockDim.x)
+    keys[j] = used[j] ? ~0ull : (static_cast<unsigned long long>(a.part_stamp[local + j]) << 32) |
+                                    static_cast<unsigned long long>(j);
+  __syncthreads();
+  const int m = n_miss;
+  const int64_t chunk_bytes = a.kv_bytes + a.bias_bytes;
+  int placed = 0;
+  for (int j = threadIdx.x; j < R; j += blockDim.x) {
+    if (used[j]) {
+      a.part_stamp[local + j] = a.stamp;
+      continue;
+    }
+    // The j-th free slot's rank among the free ones, least recently used first.
+    const unsigned long long key = keys[j];
+    int rank = 0;
+    for (int x = 0; x < R; ++x) rank += keys[x] < key;
+    if (rank >= m) continue;
+    ++placed;
+    const int32_t slot = int32_t(base + j);
+    const int64_t old = a.part_chunk[local + j];
+    if (old >= 0 && atomicCAS(&a.slot_table[old], slot, -1) == slot)
+      atomicAdd(&count[part_evictions], 1ull);
+    const int64_t chunk = miss_chunk[rank];
+    a.part_chunk[local + j] = chunk;
+    a.part_stamp[local + j] = a.stamp;
+    a.slot_table[chunk] = slot;
+    const char* host = a.block_host[miss_block[rank]];
+    if (!host) atomicAdd(&count[part_errors], 1ull);
+    out[rank] = {host ? host + (int64_t(a.layer) * H + h) * chunk_bytes : nullptr, slot};
+  }
+  for (int i = m + threadIdx.x; i < k; i += blockDim.x) out[i] = {nullptr, -1};
+  if (placed) atomicAdd(&count[part_misses], static_cast<unsigned long long>(placed));
+  __syncthreads();
+  if (threadIdx.x == 0 && count[part_misses] < static_cast<unsigned long long>(m)) {
+    // Misses without a slot: their copies stay empty and the step's result is wrong; the host
+    // reports it (KvCache::sync_stats).
+    count[part_errors] += static_cast<unsigned long long>(m) - count[part_misses];
+    for (int r = int(count[part_misses]); r < m; ++r) out[r] = {nullptr, -1};
+  }
+  if (threadIdx.x < part_counters && count[threadIdx.x])
+    atomicAdd(reinterpret_cast<unsigned long long*>(&a.counters[threadIdx.x]),
+              count[threadIdx.x]);
+}
+
+__global__ void copy_kernel(const PartitionCopy* copies, char* kv, char* bias, int64_t kv_bytes,
+                            int64_t bias_bytes) {
+  const PartitionCopy c = copies[blockIdx.x];
+  if (!c.host) return;
+  const int4* src_kv = reinterpret_cast<const int4*>(c.host);
+  const int4* src_bias = reinterpret_cast<const int4*>(c.host + kv_bytes);
+  int4* dst_kv = reinterpret_cast<int4*>(kv + c.slot * kv_bytes);
+  int4* dst_bias = reinterpret_cast<int4*>(bias + c.slot * bias_bytes);
+  for (int64_t i = threadIdx.x; i < kv_bytes / 16; i += blockDim.x) dst_kv[i] = src_kv[i];
+  for (int64_t i = threadIdx.x; i < bias_bytes / 16; i += blockDim.x) dst_bias[i] = src_bias[i];
+}
+
+}  // namespace
+
+cudaError_t launch_resident_partitions(const PartitionArgs& a, PartitionCopy* copies,
+                                       cudaStream_t stream) {
+  const int64_t rows = int64_t(a.n_tokens) * a.n_heads;
+  if (rows == 0 || a.k == 0) return cudaSuccess;
+  if (a.kv_bytes % 16 || a.bias_bytes % 16 || a.part_slots < 1 ||
+      a.part_slots > k_max_partition_slots)
+    return cudaErrorInvalidValue;
+  const size_t shared = size_t(a.part_slots) * 9 + size_t(a.k) * 20 + 16;
+  static bool raised = false;
+  if (!raised) {
+    // Up to 1024 slots and a wide selection need more than the default 48 KiB.
+    const cudaError_t e = cudaFuncSetAttribute(
+        decide_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024);
+    if (e != cudaSuccess) return e;
+    raised = true;
+  }
+  if (shared > 96 * 1024) return cudaErrorInvalidValue;
+  decide_kernel<<<unsigned(rows), k_threads, shared, stream>>>(a, copies);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  copy_kernel<<<unsigned(rows * a.k), 256, 0, stream>>>(copies, a.kv, a.bias, a.kv_bytes,
+                                                        a.bias_bytes);
+  return cudaGetLastError();
+}
+
+}  // namespace nosa::memory::cuda

@@ -1,0 +1,92 @@
+// Device-side residency's kernel (memory/cuda/partitions.cu) against the reference
+// (memory/partitions.cpp) on random reachable states: the same slot table, partition chunks and
+// stamps, counters and slot bytes, byte for byte.
+#include <gtest/gtest.h>
+
+#include <cuda_runtime.h>
+
+#include "memory/cuda/partitions.cuh"
+#include "runtime/backend.h"
+#include "tests/cuda/cuda_test_util.h"
+#include "tests/memory/partition_case.h"
+
+namespace nosa::memory {
+namespace {
+
+// A device copy of a vector, copied back on request.
+template <typename T>
+struct DeviceArray {
+  T* p = nullptr;
+  size_t n = 0;
+  explicit DeviceArray(const std::vector<T>& v) : n(v.size()) {
+    EXPECT_EQ(cudaMalloc(&p, std::max<size_t>(1, n) * sizeof(T)), cudaSuccess);
+    if (n) {
+      EXPECT_EQ(cudaMemcpy(p, v.data(), n * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
+    }
+  }
+  ~DeviceArray() { cudaFree(p); }
+  std::vector<T> get() const {
+    std::vector<T> v(n);
+    if (n) {
+      EXPECT_EQ(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+    }
+    return v;
+  }
+};
+
+TEST(CudaPartitions, TheKernelMakesTheReferencesDecisionsAndCopies) {
+  NOSA_REQUIRE_GPU();
+  for (uint32_t seed = 1; seed <= 60; ++seed) {
+    // Up to 64 tokens and selections of up to 256 blocks (partitions of up to 768 slots).
+    test::PartitionCase c = test::random_partition_case(seed, seed % 3 ? 24 : 64,
+                                                        seed % 4 ? 48 : 256);
+    test::PartitionCase ref = c;
+    std::vector<char*> host_ptrs(size_t(c.n_blocks));
+    for (int64_t b = 0; b < c.n_blocks; ++b)
+      host_ptrs[size_t(b)] = ref.host.data() + b * c.block_bytes();
+    resident_partitions_reference(ref.args(host_ptrs.data()));
+
+    // The device run reads the blocks' bytes from pinned, mapped host memory, as in the engine.
+    char* pinned = nullptr;
+    ASSERT_EQ(cudaHostAlloc(reinterpret_cast<void**>(&pinned), c.host.size(), cudaHostAllocMapped),
+              cudaSuccess);
+    std::copy(c.host.begin(), c.host.end(), pinned);
+    std::vector<char*> dev_ptrs(size_t(c.n_blocks));
+    for (int64_t b = 0; b < c.n_blocks; ++b) dev_ptrs[size_t(b)] = pinned + b * c.block_bytes();
+    DeviceArray<int32_t> selection(c.selection), token_seq(c.token_seq),
+        block_table(c.block_table), seq_partition(c.seq_partition), slot_table(c.slot_table);
+    DeviceArray<int64_t> part_chunk(c.part_chunk), counters(c.counters);
+    DeviceArray<uint32_t> part_stamp(c.part_stamp);
+    DeviceArray<char> kv(c.kv), bias(c.bias);
+    DeviceArray<char*> block_host(dev_ptrs);
+    DeviceArray<cuda::PartitionCopy> copies(
+        std::vector<cuda::PartitionCopy>(size_t(c.T) * c.H * c.k));
+    PartitionArgs a = c.args(block_host.p);
+    a.selection = selection.p;
+    a.token_seq = token_seq.p;
+    a.block_table = block_table.p;
+    a.seq_partition = seq_partition.p;
+    a.slot_table = slot_table.p;
+    a.part_chunk = part_chunk.p;
+    a.part_stamp = part_stamp.p;
+    a.kv = kv.p;
+    a.bias = bias.p;
+    a.counters = counters.p;
+    ASSERT_EQ(cuda::launch_resident_partitions(a, copies.p, nullptr), cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    cudaFreeHost(pinned);
+    EXPECT_EQ(slot_table.get(), ref.slot_table) << "seed " << seed;
+    EXPECT_EQ(part_chunk.get(), ref.part_chunk) << "seed " << seed;
+    EXPECT_EQ(part_stamp.get(), ref.part_stamp) << "seed " << seed;
+    EXPECT_EQ(counters.get(), ref.counters) << "seed " << seed;
+    EXPECT_TRUE(kv.get() == ref.kv) << "seed " << seed;
+    EXPECT_TRUE(bias.get() == ref.bias) << "seed " << seed;
+    if (seed == 60)
+      std::printf("[ partition] 60 random states: kernel = reference (last: %d tokens, %d heads, "
+                  "width %d, %d slots, %lld misses)\n",
+                  c.T, c.H, c.k, c.R, (long long)ref.counters[part_misses]);
+  }
+}
+
+}  // namespace
+}  // namespace nosa::memory
