@@ -66,16 +66,21 @@ KvCache::KvCache(const KvLayout& layout, int64_t n_blocks, Backend& backend,
 void KvCache::make_partitions(const KvCacheOptions& o, int64_t slots) {
   const int64_t cpb = layout_.chunks_per_block();
   const int64_t per = int64_t(o.decode_partitions) * cpb;  // partitions' (sequence, layer, head)s
-  const int64_t R = o.partition_slots > 0 ? o.partition_slots
-                                          : std::min<int64_t>(memory::k_max_partition_slots, (slots - slots / 8) / per);
   // The host path still needs the blocks being written and read (two per sequence, layer and
   // head) and one sequence's selection for a prompt's rounds.
   const int64_t host_min = 2 * per + cpb * std::max(1, o.min_partition_slots);
-  if (R < std::max(1, o.min_partition_slots) || R > memory::k_max_partition_slots || slots - R * per < host_min) {
+  const int64_t R =
+      o.partition_slots > 0
+          ? o.partition_slots
+          : std::min({int64_t(memory::k_max_partition_slots), (slots - slots / 8) / per,
+                      (slots - host_min) / per});
+  if (R < std::max(1, o.min_partition_slots) || R > memory::k_max_partition_slots ||
+      slots - R * per < host_min) {
     logger("memory")->info(
         "device-side residency off: {} chunks of block cache cannot give {} sequences "
         "partitions of {} to {} slots per layer and head beside the host path's {}",
-        slots, o.decode_partitions, o.min_partition_slots, memory::k_max_partition_slots, host_min);
+        slots, o.decode_partitions, o.min_partition_slots, memory::k_max_partition_slots,
+        host_min);
     return;
   }
   DevicePartitions d;
@@ -144,7 +149,8 @@ void KvCache::begin_step(const StepBatch& step) {
 
 bool KvCache::assign_partitions(const StepBatch& step) {
   size_t wanted = 0;
-  for (const StepSequence& s : step.seqs) wanted += partition_of_first_[size_t(s.blocks->at(0))] < 0;
+  for (const StepSequence& s : step.seqs)
+    wanted += partition_of_first_[size_t(s.blocks->at(0))] < 0;
   if (wanted > free_partitions_.size()) return false;
   // Every block a selection can miss (all but the ones being written, which are resident) must
   // be in host memory: the device copies it from there.

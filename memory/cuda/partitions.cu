@@ -65,8 +65,9 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies) {
     n_miss = r;
   }
   for (int j = threadIdx.x; j < R; j += blockDim.x)
-    keys[j] = used[j] ? ~0ull : (static_cast<unsigned long long>(a.part_stamp[local + j]) << 32) |
-                                    static_cast<unsigned long long>(j);
+    keys[j] = used[j] ? ~0ull
+                      : (static_cast<unsigned long long>(a.part_stamp[local + j]) << 32) |
+                            static_cast<unsigned long long>(j);
   __syncthreads();
   const int m = n_miss;
   const int64_t chunk_bytes = a.kv_bytes + a.bias_bytes;
@@ -104,8 +105,7 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies) {
     for (int r = int(count[part_misses]); r < m; ++r) out[r] = {nullptr, -1};
   }
   if (threadIdx.x < part_counters && count[threadIdx.x])
-    atomicAdd(reinterpret_cast<unsigned long long*>(&a.counters[threadIdx.x]),
-              count[threadIdx.x]);
+    atomicAdd(reinterpret_cast<unsigned long long*>(&a.counters[threadIdx.x]), count[threadIdx.x]);
 }
 
 __global__ void copy_kernel(const PartitionCopy* copies, char* kv, char* bias, int64_t kv_bytes,
@@ -133,8 +133,8 @@ cudaError_t launch_resident_partitions(const PartitionArgs& a, PartitionCopy* co
   static bool raised = false;
   if (!raised) {
     // Up to 1024 slots and a wide selection need more than the default 48 KiB.
-    const cudaError_t e = cudaFuncSetAttribute(
-        decide_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024);
+    const cudaError_t e =
+        cudaFuncSetAttribute(decide_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024);
     if (e != cudaSuccess) return e;
     raised = true;
   }

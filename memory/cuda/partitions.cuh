@@ -4,9 +4,9 @@
 // the chunk from mapped host memory (the gather's 51 GB/s pattern).
 #pragma once
 
-#include <cstdint>
-
 #include <cuda_runtime.h>
+
+#include <cstdint>
 
 #include "memory/partitions.h"
 

@@ -454,7 +454,8 @@ class CudaBackend final : public Backend {
     a.block_host = parts->block_host_device;
     a.counters = parts->counters.data<int64_t>();
     const int64_t n = int64_t(a.n_tokens) * a.n_heads * a.k;
-    Tensor copies = alloc(DType::u8, {std::max<int64_t>(1, n) * int64_t(sizeof(mcu::PartitionCopy))});
+    Tensor copies =
+        alloc(DType::u8, {std::max<int64_t>(1, n) * int64_t(sizeof(mcu::PartitionCopy))});
     step_keep_.push_back(copies);
     auto* items = static_cast<mcu::PartitionCopy*>(copies.raw());
     if (!overlap_) {

@@ -1,9 +1,8 @@
 // Device-side residency's kernel (memory/cuda/partitions.cu) against the reference
 // (memory/partitions.cpp) on random reachable states: the same slot table, partition chunks and
 // stamps, counters and slot bytes, byte for byte.
-#include <gtest/gtest.h>
-
 #include <cuda_runtime.h>
+#include <gtest/gtest.h>
 
 #include "memory/cuda/partitions.cuh"
 #include "runtime/backend.h"
@@ -38,8 +37,8 @@ TEST(CudaPartitions, TheKernelMakesTheReferencesDecisionsAndCopies) {
   NOSA_REQUIRE_GPU();
   for (uint32_t seed = 1; seed <= 60; ++seed) {
     // Up to 64 tokens and selections of up to 256 blocks (partitions of up to 768 slots).
-    test::PartitionCase c = test::random_partition_case(seed, seed % 3 ? 24 : 64,
-                                                        seed % 4 ? 48 : 256);
+    test::PartitionCase c =
+        test::random_partition_case(seed, seed % 3 ? 24 : 64, seed % 4 ? 48 : 256);
     test::PartitionCase ref = c;
     std::vector<char*> host_ptrs(size_t(c.n_blocks));
     for (int64_t b = 0; b < c.n_blocks; ++b)
@@ -53,8 +52,8 @@ TEST(CudaPartitions, TheKernelMakesTheReferencesDecisionsAndCopies) {
     std::copy(c.host.begin(), c.host.end(), pinned);
     std::vector<char*> dev_ptrs(size_t(c.n_blocks));
     for (int64_t b = 0; b < c.n_blocks; ++b) dev_ptrs[size_t(b)] = pinned + b * c.block_bytes();
-    DeviceArray<int32_t> selection(c.selection), token_seq(c.token_seq),
-        block_table(c.block_table), seq_partition(c.seq_partition), slot_table(c.slot_table);
+    DeviceArray<int32_t> selection(c.selection), token_seq(c.token_seq), block_table(c.block_table),
+        seq_partition(c.seq_partition), slot_table(c.slot_table);
     DeviceArray<int64_t> part_chunk(c.part_chunk), counters(c.counters);
     DeviceArray<uint32_t> part_stamp(c.part_stamp);
     DeviceArray<char> kv(c.kv), bias(c.bias);
@@ -82,9 +81,10 @@ TEST(CudaPartitions, TheKernelMakesTheReferencesDecisionsAndCopies) {
     EXPECT_TRUE(kv.get() == ref.kv) << "seed " << seed;
     EXPECT_TRUE(bias.get() == ref.bias) << "seed " << seed;
     if (seed == 60)
-      std::printf("[ partition] 60 random states: kernel = reference (last: %d tokens, %d heads, "
-                  "width %d, %d slots, %lld misses)\n",
-                  c.T, c.H, c.k, c.R, (long long)ref.counters[part_misses]);
+      std::printf(
+          "[ partition] 60 random states: kernel = reference (last: %d tokens, %d heads, "
+          "width %d, %d slots, %lld misses)\n",
+          c.T, c.H, c.k, c.R, (long long)ref.counters[part_misses]);
   }
 }
 

@@ -56,8 +56,7 @@ struct PartitionCase {
   }
 };
 
-inline PartitionCase random_partition_case(uint32_t seed, int max_tokens = 24,
-                                           int max_width = 48) {
+inline PartitionCase random_partition_case(uint32_t seed, int max_tokens = 24, int max_width = 48) {
   std::mt19937 rng(seed);
   auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
   auto chance = [&](double p) { return std::bernoulli_distribution(p)(rng); };
@@ -120,9 +119,9 @@ inline PartitionCase random_partition_case(uint32_t seed, int max_tokens = 24,
       for (int j = 0; j < c.R; ++j) {
         const int64_t slot = c.part_base + local + j;
         if (chance(0.3)) continue;  // empty
-        if (chance(0.6)) {  // one of the owner's chunks, mapped here or stale
-          const int64_t ch = c.chunk(tables[t][size_t(pick(0, int(tables[t].size()) - 1))],
-                                     c.layer, h);
+        if (chance(0.6)) {          // one of the owner's chunks, mapped here or stale
+          const int64_t ch =
+              c.chunk(tables[t][size_t(pick(0, int(tables[t].size()) - 1))], c.layer, h);
           c.part_chunk[local + j] = ch;
           if (c.slot_table[ch] < 0 && chance(0.7)) c.slot_table[ch] = int32_t(slot);
         } else {  // a chunk of a sequence that ended

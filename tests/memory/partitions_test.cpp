@@ -2,11 +2,12 @@
 // slot table cost nothing, misses take their partition's least recently used free slots in
 // order and get the host bytes, a slot evicts its old chunk only if the table still points at
 // it, and a partition too small for its misses is an error.
+#include "memory/partitions.h"
+
 #include <gtest/gtest.h>
 
 #include <cstring>
 
-#include "memory/partitions.h"
 #include "runtime/core/error.h"
 #include "tests/memory/partition_case.h"
 
@@ -26,8 +27,8 @@ bool holds(const PartitionCase& c, int64_t slot, int64_t block, int layer, int h
   const char* src = c.host.data() + block * c.block_bytes() +
                     (int64_t(layer) * c.H + head) * (c.kv_bytes + c.bias_bytes);
   return std::memcmp(c.kv.data() + slot * c.kv_bytes, src, size_t(c.kv_bytes)) == 0 &&
-         std::memcmp(c.bias.data() + slot * c.bias_bytes, src + c.kv_bytes,
-                     size_t(c.bias_bytes)) == 0;
+         std::memcmp(c.bias.data() + slot * c.bias_bytes, src + c.kv_bytes, size_t(c.bias_bytes)) ==
+             0;
 }
 
 // One token, two heads, layer 1 of 2, partitions of 6 slots from slot 10 on.
@@ -49,7 +50,7 @@ PartitionCase small_case() {
   c.block_table = {5, 6, 7, 4};  // logical -> physical
   c.bt_stride = 4;
   c.seq_partition = {1};
-  c.selection = {0, 1, 2, -1,  // head 0: blocks 5, 6, 7
+  c.selection = {0, 1, 2,  -1,   // head 0: blocks 5, 6, 7
                  1, 3, -1, -1};  // head 1: blocks 6, 4
   const int64_t n = int64_t(c.n_parts) * c.L * c.H * c.R;
   c.part_chunk.assign(size_t(n), -1);
