@@ -24,6 +24,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -515,6 +516,21 @@ class SyntheticSelection {
   std::map<std::tuple<const std::vector<int32_t>*, int, int>, std::vector<int32_t>> state_;
 };
 
+// AnonHugePages of this process (/proc/self/smaps_rollup) in GiB; -1 where it cannot be read.
+double anon_huge_pages_gib() {
+  std::ifstream f("/proc/self/smaps_rollup");
+  std::string key;
+  double kb = -1;
+  while (f >> key) {
+    if (key == "AnonHugePages:") {
+      f >> kb;
+      break;
+    }
+    f.ignore(std::numeric_limits<std::streamsize>::max(), '\n');
+  }
+  return kb < 0 ? -1 : kb / (1 << 20);
+}
+
 void run_offload(SuiteContext& ctx) {
   const BenchFlags& f = ctx.flags;
   runtime::Backend& be = ctx.backend;
@@ -614,6 +630,9 @@ void run_offload(SuiteContext& ctx) {
               where += fmt::format("{}{}: {}", where.empty() ? "" : ", ", node, pages);
             }
             row["host_numa_pages"] = numa;
+            // How much of the process's memory is in 2 MiB pages (the pinned KV arenas ask for
+            // them: the gathers' address translation depends on it).
+            row["anon_huge_pages_gib"] = anon_huge_pages_gib();
             row["device_numa_node"] = be.numa_node();
             logger("bench")->info("host KV pages sampled by NUMA node: {}; the device's node: {}",
                                   where, be.numa_node());
@@ -795,7 +814,7 @@ int config_count(const BenchFlags& f) {
   const int modes = int(f.modes.size());
   if (f.suite == "prefill") return modes;
   const int n = modes * int(f.context.size() * f.batch.size());
-  return f.suite == "offload" ? n * int(f.miss_rates.size()) : n;
+  return f.suite == "offload" ? n * int(f.miss_rates.size() * f.residency.size()) : n;
 }
 
 // The command line of this process ("nosa bench ..."; "mpirun -np N " first under MPI), with

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "memory/partitions.h"
 #include "parallel/nccl_communicator.h"
 #include "runtime/core/error.h"
 #include "runtime/core/logging.h"
@@ -193,14 +194,18 @@ EngineSetup EngineSetup::create(const EngineFlags& f, int64_t tokens_hint) {
         parallel::all_min_value<int64_t>(s.replica, kv_options.device_slots / per_seq, timeout);
     eo.max_running = int(std::max<int64_t>(1, std::min<int64_t>(eo.max_running, fit)));
     // Decoding steps keep their residency on the device (docs/memory.md, "Partitions"): a
-    // partition per running sequence, half again the selection's width, as many as fit in
-    // seven eighths of the block cache (larger batches take the host path).
+    // partition per running sequence, at least half again the selection's width, in at most
+    // half of the block cache (the rest stays the host path's, for the prompts' rounds);
+    // batches larger than the partitions take the host path.
     if (s.model->mode() != attention::Mode::dense) {
-      const int64_t width = sp.topk + sp.topk / 2;
-      const int64_t room = kv_options.device_slots - kv_options.device_slots / 8;
-      kv_options.decode_partitions =
-          int(std::min<int64_t>(eo.max_running, room / (layout.chunks_per_block() * width)));
-      kv_options.min_partition_slots = sp.topk;
+      const int64_t cpb = layout.chunks_per_block(), room = kv_options.device_slots / 2;
+      const int64_t n = std::min<int64_t>(eo.max_running, room / (cpb * (sp.topk + sp.topk / 2)));
+      if (n > 0) {
+        kv_options.decode_partitions = int(n);
+        kv_options.partition_slots =
+            int(std::min<int64_t>(memory::k_max_partition_slots, room / (cpb * n)));
+        kv_options.min_partition_slots = sp.topk;
+      }
     }
   }
   s.cache = std::make_unique<runtime::KvCache>(layout, blocks, *s.backend, kv_options);

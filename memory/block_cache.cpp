@@ -24,6 +24,15 @@ BlockCache::BlockCache(int64_t capacity, int64_t n_chunks, int64_t per_block, in
   for (int64_t s = capacity - 1; s >= 0; --s) free_.push_back(int32_t(s));
 }
 
+void BlockCache::grow(int64_t new_capacity) {
+  const int64_t old = capacity();
+  NOSA_CHECK(new_capacity >= old && new_capacity < (int64_t(1) << 31),
+             "bad block cache capacity {} (was {})", new_capacity, old);
+  chunk_of_slot_.resize(size_t(new_capacity), -1);
+  state_.resize(size_t(new_capacity));
+  for (int64_t s = new_capacity - 1; s >= old; --s) free_.push_back(int32_t(s));
+}
+
 void BlockCache::unlink(int32_t s) {
   lru_.unlink(s, [this](int32_t i) -> SlotState& { return state_[i]; });
 }

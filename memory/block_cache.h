@@ -82,6 +82,9 @@ class BlockCache {
   void drop(ChunkId chunk);
 
   int64_t capacity() const { return int64_t(chunk_of_slot_.size()); }
+  // More slots (capacity..new_capacity-1, free): partitions of device-side residency handed
+  // back to the cache.
+  void grow(int64_t new_capacity);
   int64_t used() const { return used_; }
   const CacheStats& stats() const { return stats_; }
   // Unpinned slots from least to most recently used (for tests and diagnostics).

@@ -98,6 +98,8 @@ class KvTiers {
   void select_misses(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& loads,
                      bool more = false);
   void finish_select();
+  // Slots added to the device tier after construction (BlockCache::grow).
+  void add_device_slots(int64_t n) { cache_.grow(cache_.capacity() + n); }
   // See BlockCache::set_protected_rounds (each select or select_misses without `more`, and
   // begin_step, is a round).
   void set_protected_rounds(int n) { cache_.set_protected_rounds(n); }

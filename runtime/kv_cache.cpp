@@ -65,6 +65,7 @@ KvCache::KvCache(const KvLayout& layout, int64_t n_blocks, Backend& backend,
 
 void KvCache::make_partitions(const KvCacheOptions& o, int64_t slots) {
   const int64_t cpb = layout_.chunks_per_block();
+  selection_width_ = std::max(1, o.min_partition_slots);
   const int64_t per = int64_t(o.decode_partitions) * cpb;  // partitions' (sequence, layer, head)s
   // The host path still needs the blocks being written and read (two per sequence, layer and
   // head) and one sequence's selection for a prompt's rounds.
@@ -72,8 +73,7 @@ void KvCache::make_partitions(const KvCacheOptions& o, int64_t slots) {
   const int64_t R =
       o.partition_slots > 0
           ? o.partition_slots
-          : std::min({int64_t(memory::k_max_partition_slots), (slots - slots / 8) / per,
-                      (slots - host_min) / per});
+          : std::min(int64_t(memory::k_max_partition_slots), (slots - host_min) / per);
   if (R < std::max(1, o.min_partition_slots) || R > memory::k_max_partition_slots ||
       slots - R * per < host_min) {
     logger("memory")->info(
@@ -123,6 +123,7 @@ KvCache::~KvCache() {
 
 void KvCache::begin_step(const StepBatch& step) {
   if (!tiers_) return;
+  if (parts_) keep_room_for(step);
   std::vector<int32_t>& writes = step_blocks_;
   std::vector<int32_t>& reads = step_reads_;
   writes.clear();
@@ -145,6 +146,33 @@ void KvCache::begin_step(const StepBatch& step) {
                            [](const StepSequence& s) { return s.n_new == 1; }) &&
                assign_partitions(step);
   device_steps_ += on_device_;
+}
+
+void KvCache::keep_room_for(const StepBatch& step) {
+  const int64_t bs = layout_.block_size, cpb = layout_.chunks_per_block();
+  int64_t need = 0, prompts = 0;
+  for (const StepSequence& s : step.seqs) {
+    // Pinned: the blocks written and the one before; one layer's round: the blocks its tokens
+    // select, at most every block of the sequence.
+    const int64_t written = (s.n_past + s.n_new - 1) / bs - s.n_past / bs + 1;
+    const int64_t blocks = (s.n_past + s.n_new + bs - 1) / bs;
+    need += (written + 1) * cpb + std::min(blocks, s.n_new * selection_width_) * layout_.n_kv_heads;
+    prompts += s.n_new > 1;
+  }
+  if (prompts == 0 || need <= parts_->base) return;
+  const int64_t n = int64_t(parts_->count) * cpb * parts_->slots;
+  logger("memory")->info(
+      "a prompt step may need {} chunks of block cache, the host path keeps {}: device-side "
+      "residency off from now on, its {} slots go back to the host path",
+      need, parts_->base, n);
+  // Chunks the partitions held stay in the slot table: the host path never trusts an entry
+  // for a chunk it does not hold (it loads the chunk, which rewrites the entry).
+  backend_.synchronize();
+  sync_stats();
+  tiers_->add_device_slots(n);
+  host_allocator_->release(parts_->block_host, size_t(pool_.capacity()) * sizeof(char*));
+  parts_.reset();
+  on_device_ = false;
 }
 
 bool KvCache::assign_partitions(const StepBatch& step) {
@@ -185,8 +213,7 @@ void KvCache::free_partition(int32_t first_block) {
 memory::TierStats KvCache::stats() const {
   if (!tiers_) return {};
   memory::TierStats t = tiers_->stats();
-  if (!parts_) return t;
-  const int64_t* c = device_counts_;
+  const int64_t* c = device_counts_;  // zeros if no step ever decided residency on the device
   t.hits += c[memory::part_hits];
   t.misses += c[memory::part_misses];
   t.evictions += c[memory::part_evictions];
@@ -194,9 +221,11 @@ memory::TierStats KvCache::stats() const {
   t.overlap += c[memory::part_overlap];
   t.bytes_host_to_device +=
       c[memory::part_misses] * int64_t(layout_.kv_chunk_bytes() + layout_.bias_chunk_bytes());
-  const int64_t n = int64_t(parts_->count) * layout_.chunks_per_block() * parts_->slots;
-  t.device_slots += n;
-  t.device_slots_used += std::min(n, c[memory::part_misses]);
+  if (parts_) {
+    const int64_t n = int64_t(parts_->count) * layout_.chunks_per_block() * parts_->slots;
+    t.device_slots += n;
+    t.device_slots_used += std::min(n, c[memory::part_misses]);
+  }
   return t;
 }
 

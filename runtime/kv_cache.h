@@ -59,8 +59,9 @@ struct KvCacheOptions {
   std::filesystem::path disk_dir;
   // Decoding steps decide residency on the device (memory/partitions.h) for up to this many
   // sequences at once (0: never), each with partition_slots slots per layer and KV head taken
-  // out of device_slots (0: what is left after an eighth kept for the host path, at most
-  // memory::k_max_partition_slots).
+  // out of device_slots (0: all that the host path's minimum leaves, at most
+  // memory::k_max_partition_slots; the host path then holds the blocks being written and read
+  // and one sequence's selection, and no more for a prompt's rounds).
   // Partitions narrower than min_partition_slots (the selection's width) are not made.
   int decode_partitions = 0;
   int partition_slots = 0;
@@ -169,7 +170,11 @@ class KvCache {
   bool device_residency_ = true, on_device_ = false;
   int64_t device_steps_ = 0;
   int64_t device_counts_[memory::part_counters] = {};  // as of the last sync_stats
+  int selection_width_ = 1;
   void make_partitions(const KvCacheOptions& options, int64_t slots);
+  // A step with prompt tokens whose rounds may need more of the block cache than the host path
+  // keeps: the partitions go back to the host path, and residency stays there from then on.
+  void keep_room_for(const StepBatch& step);
   bool assign_partitions(const StepBatch& step);
   void free_partition(int32_t first_block);
   // At most this many pieces per layer's residency (NOSA_RESIDENCY_PIECES, default 4; 1: the

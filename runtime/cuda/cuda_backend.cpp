@@ -18,6 +18,8 @@
 #include <fstream>
 #include <optional>
 
+#include <sys/mman.h>
+
 #include "attention/cuda/compress.cuh"
 #include "attention/cuda/eviction.cuh"
 #include "attention/cuda/select.cuh"
@@ -27,6 +29,7 @@
 #include "memory/cuda/partitions.cuh"
 #include "memory/cuda/transfer.cuh"
 #include "runtime/backend.h"
+#include "runtime/core/env.h"
 #include "runtime/core/error.h"
 #include "runtime/core/logging.h"
 #include "runtime/cuda/device_allocator.h"
@@ -286,10 +289,40 @@ class CudaBackend final : public Backend {
   void* native_stream() override { return stream_; }
 
   // Host memory for the offloaded KV: pinned and mapped, so that the transfer kernel reads it
-  // directly over PCIe.
+  // directly over PCIe. Large allocations (the arenas) are asked for in 2 MiB pages (transparent
+  // huge pages, where the kernel has them) and then registered: the gathers read scattered
+  // 32 KiB chunks across many GiB, and with 4 KiB pages the device's address translation, not
+  // PCIe, bounded them once host memory had been fragmented by earlier allocations.
+  // NOSA_HOST_HUGE_PAGES=0 keeps cudaHostAlloc's pages.
   std::unique_ptr<memory::HostAllocator> host_allocator() override {
     struct Pinned final : memory::HostAllocator {
+      bool huge = env_int("NOSA_HOST_HUGE_PAGES", 1, 0, 1) == 1;
+      const size_t k_huge = size_t(2) << 20;
       void* allocate(size_t bytes) override {
+        if (huge && bytes >= k_huge) {
+          const size_t len = (bytes + k_huge - 1) / k_huge * k_huge;
+          // Over-allocate by one page to align the start to 2 MiB, then trim.
+          void* raw = mmap(nullptr, len + k_huge, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+          NOSA_CHECK_CODE(raw != MAP_FAILED, ErrorCode::resource_exhausted,
+                          "cannot map {} bytes of host memory for the KV cache", bytes);
+          const uintptr_t start = (uintptr_t(raw) + k_huge - 1) / k_huge * k_huge;
+          if (start > uintptr_t(raw)) munmap(raw, start - uintptr_t(raw));
+          const uintptr_t end = start + len, raw_end = uintptr_t(raw) + len + k_huge;
+          if (raw_end > end) munmap(reinterpret_cast<void*>(end), raw_end - end);
+          void* p = reinterpret_cast<void*>(start);
+          madvise(p, len, MADV_HUGEPAGE);  // a hint: no error where THP is off
+          const cudaError_t e =
+              cudaHostRegister(p, len, cudaHostRegisterMapped | cudaHostRegisterPortable);
+          if (e != cudaSuccess) {
+            cudaGetLastError();
+            munmap(p, len);
+            NOSA_FAIL(ErrorCode::resource_exhausted,
+                      "cannot pin {} bytes of host memory for the KV cache: {}", bytes,
+                      cudaGetErrorString(e));
+          }
+          return p;
+        }
         void* p = nullptr;
         NOSA_CHECK_CODE(
             cudaHostAlloc(&p, bytes, cudaHostAllocMapped | cudaHostAllocPortable) == cudaSuccess,
@@ -297,7 +330,14 @@ class CudaBackend final : public Backend {
             bytes);
         return p;
       }
-      void release(void* p, size_t) override { cudaFreeHost(p); }
+      void release(void* p, size_t bytes) override {
+        if (huge && bytes >= k_huge) {
+          cudaHostUnregister(p);
+          munmap(p, (bytes + k_huge - 1) / k_huge * k_huge);
+          return;
+        }
+        cudaFreeHost(p);
+      }
       void* device_address(void* p) override {
         void* d = nullptr;
         NOSA_CUDA_CHECK(cudaHostGetDevicePointer(&d, p, 0));

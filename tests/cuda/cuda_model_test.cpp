@@ -251,8 +251,8 @@ TEST(CudaModel, ResidencyOnTheDeviceGivesTheLogitsOfKvInHbm) {
     Side gpu = load(*b.gpu, mode, 400);
     const std::vector<Tensor> whole = run_for_micro_batches(b, gpu, lengths, false, 0);
     for (int micro : {0, 2}) {
-      // 4 sequences x 2 layers x 2 heads x 20 slots = 320 partition slots, 300 for the prompts.
-      const std::vector<Tensor> dev = run_for_micro_batches(b, gpu, lengths, true, 620, micro, 20);
+      // 4 sequences x 2 layers x 2 heads x 20 slots = 320 partition slots, 400 for the prompts.
+      const std::vector<Tensor> dev = run_for_micro_batches(b, gpu, lengths, true, 720, micro, 20);
       const memory::TierStats st = [&] {
         gpu.cache->sync_stats();
         return gpu.cache->stats();

@@ -64,6 +64,33 @@ TEST(BlockCache, HitsCostNothingAndMissesLoadIntoFreeSlots) {
   EXPECT_EQ(std::set<int32_t>(s1.begin(), s1.end()).size(), 3u);
 }
 
+// Slots handed back (device-side residency's partitions) are free slots: a round too large for
+// the old capacity fits, nothing resident moves, and the LRU order goes on.
+TEST(BlockCache, GrownSlotsAreFreeAndTheResidentStay) {
+  BlockCache c(3, 100);
+  std::vector<BlockCache::Load> loads;
+  const auto before = acquire_all(c, {1, 2, 3}, loads);
+  EXPECT_THROW(acquire_all(c, {4, 5, 6, 7}, loads), Error);
+  BlockCache g(3, 100);
+  acquire_all(g, {1, 2, 3}, loads);
+  g.grow(6);
+  EXPECT_EQ(g.capacity(), 6);
+  loads.clear();
+  const auto slots = acquire_all(g, {1, 4, 5, 6}, loads);
+  EXPECT_EQ(slots[0], before[0]);  // a hit where it was
+  ASSERT_EQ(loads.size(), 3u);
+  for (const auto& l : loads) {
+    EXPECT_GE(l.slot, 3);  // the new slots, no eviction
+    EXPECT_EQ(l.evicted, -1);
+  }
+  EXPECT_TRUE(g.resident(2) && g.resident(3));
+  loads.clear();
+  acquire_all(g, {7}, loads);  // full: the least recently used (2) goes
+  ASSERT_EQ(loads.size(), 1u);
+  EXPECT_EQ(loads[0].evicted, 2);
+  EXPECT_THROW(g.grow(5), Error);
+}
+
 TEST(BlockCache, EvictsTheLeastRecentlySelected) {
   BlockCache c(3, 100);
   std::vector<BlockCache::Load> loads;

@@ -119,7 +119,7 @@ TEST_P(OffloadGivesTheSameTokens, WithResidencyOnTheDevice) {
   auto expected = generate(GetParam(), {});
   KvCacheOptions host;
   host.offload = memory::Offload::host;
-  host.device_slots = 600;
+  host.device_slots = 800;  // the host path keeps 480: a prompt step's rounds fit
   host.decode_partitions = 4;
   host.partition_slots = 20;  // of 4 chunks per block: 320 slots; the selection's width is 16
   host.min_partition_slots = 16;
@@ -129,7 +129,7 @@ TEST_P(OffloadGivesTheSameTokens, WithResidencyOnTheDevice) {
   EXPECT_GT(device_steps, 20);
   EXPECT_GT(hs.evictions, 0);
   EXPECT_GT(hs.hits, hs.misses);
-  EXPECT_EQ(hs.device_slots, 600);
+  EXPECT_EQ(hs.device_slots, 800);
 
   device_steps = 0;
   EXPECT_EQ(generate(GetParam(), host, nullptr, 2, &micro, &device_steps), expected);
@@ -142,10 +142,18 @@ TEST_P(OffloadGivesTheSameTokens, WithResidencyOnTheDevice) {
   disk.host_blocks = 120;
   disk.disk_dir = dir / "kv";
   memory::TierStats ds;
-  device_steps = 0;
-  EXPECT_EQ(generate(GetParam(), disk, &ds, 0, nullptr, &device_steps), expected);
+  EXPECT_EQ(generate(GetParam(), disk, &ds), expected);  // most steps: some blocks on disk
   EXPECT_GT(ds.bytes_disk_read, 0);
-  EXPECT_GT(device_steps, 0);
+
+  // A block cache whose host path could not hold a prompt step's rounds beside the partitions:
+  // the first prompt step hands the partitions back, and everything runs on the host path.
+  KvCacheOptions tight = host;
+  tight.device_slots = 600;
+  memory::TierStats ts;
+  device_steps = -1;
+  EXPECT_EQ(generate(GetParam(), tight, &ts, 0, nullptr, &device_steps), expected);
+  EXPECT_EQ(device_steps, 0);
+  EXPECT_EQ(ts.device_slots, 600);
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, OffloadGivesTheSameTokens,
