@@ -658,6 +658,7 @@ void run_offload(SuiteContext& ctx) {
               runtime::StepBatch step;
               for (int i = 0; i < B; ++i)
                 step.add({int32_t(rng() % uint32_t(c.vocab_size))}, context, &tables[i]);
+              cache->sync_stats();  // the warm-up steps' device-side counters too
               const memory::TierStats st0 = cache->stats();
               const int64_t micro0 = model.micro_batch_steps();
               const auto t0 = Clock::now();

@@ -122,7 +122,7 @@ if [ $bench -eq 1 ]; then
     # Issue 4's comparison: NOSA and InfLLM-V2 with the KV in pinned host memory.
     # Micro-batches at the default threshold (32 sequences) and never, alternating step by step
     # in one process: an A/B on the same tiers and host memory.
-    bench_cmds+=("--suite offload --shape nosa-8b-like --mode nosa,infllmv2 --batch 16,64 --context 16384 --steps 8 --micro-batch-min-seqs 32,0")
+    bench_cmds+=("--suite offload --shape nosa-8b-like --mode nosa,infllmv2 --batch 16,64 --context 16384 --steps 8 --micro-batch-min-seqs 32,0 --residency device,host")
   fi
   i=0
   for args in "${bench_cmds[@]}"; do
@@ -252,7 +252,7 @@ if off:
         print(f"  {r['shape']:13s} {r['mode']:8s} B={r['batch']} C={r['context']} {r['offload']}: "
               f"{r['step_ms_median']:.3f} ms/step, x{r['ratio_to_floor']:.2f} floor, "
               f"overlap {r['overlap']:.3f}, miss rate {r['miss_rate']:.3f}  {r.get('label', '')}  "
-              f"(host KV pages by NUMA node {r.get('host_numa_pages')}, GPU on node {r.get('device_numa_node')})")
+              f"(huge pages {r.get('anon_huge_pages_gib', -1):.1f} GiB, populate {r.get('populate_s', 0):.1f} s)")
     by_mode = {(r["shape"], r["batch"], r["context"], r.get("label", ""), r["mode"]): r for r in off}
     for (shape, b, c, label, mode), r in by_mode.items():
         other = by_mode.get((shape, b, c, label, "infllmv2"))

@@ -1,12 +1,14 @@
 #include "memory/cuda/partitions.cuh"
 
+#include <algorithm>
+
 namespace nosa::memory::cuda {
 
 namespace {
 
 constexpr int k_threads = 256;
 
-__global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies) {
+__global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* n_copies) {
   extern __shared__ unsigned long long smem[];
   const int R = a.part_slots, k = a.k, H = a.n_heads;
   unsigned long long* keys = smem;                                 // [R]: (stamp, slot) or max
@@ -15,7 +17,7 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies) {
   int* miss_flag = reinterpret_cast<int*>(miss_block + k);         // [k]
   unsigned char* used = reinterpret_cast<unsigned char*>(miss_flag + k);  // [R]
   __shared__ unsigned long long count[part_counters];
-  __shared__ int n_miss;
+  __shared__ int n_miss, first_copy;
 
   const int t = blockIdx.x / H, h = blockIdx.x % H;
   const int seq = a.token_seq[t];
@@ -23,7 +25,6 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies) {
   const int64_t local = ((int64_t(a.seq_partition[seq]) * a.n_layers + a.layer) * H + h) * R;
   const int64_t base = a.part_base + local;
   const int32_t* row = a.selection + (int64_t(t) * H + h) * k;
-  PartitionCopy* out = copies + (int64_t(t) * H + h) * k;
 
   for (int j = threadIdx.x; j < R; j += blockDim.x) used[j] = 0;
   if (threadIdx.x < part_counters) count[threadIdx.x] = 0;
@@ -63,6 +64,7 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies) {
         ++r;
       }
     n_miss = r;
+    first_copy = r ? atomicAdd(n_copies, r) : 0;  // this row's place in the copy list
   }
   for (int j = threadIdx.x; j < R; j += blockDim.x)
     keys[j] = used[j] ? ~0ull
@@ -70,6 +72,7 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies) {
                             static_cast<unsigned long long>(j);
   __syncthreads();
   const int m = n_miss;
+  PartitionCopy* out = copies + first_copy;
   const int64_t chunk_bytes = a.kv_bytes + a.bias_bytes;
   int placed = 0;
   for (int j = threadIdx.x; j < R; j += blockDim.x) {
@@ -95,7 +98,6 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies) {
     if (!host) atomicAdd(&count[part_errors], 1ull);
     out[rank] = {host ? host + (int64_t(a.layer) * H + h) * chunk_bytes : nullptr, slot};
   }
-  for (int i = m + threadIdx.x; i < k; i += blockDim.x) out[i] = {nullptr, -1};
   if (placed) atomicAdd(&count[part_misses], static_cast<unsigned long long>(placed));
   __syncthreads();
   if (threadIdx.x == 0 && count[part_misses] < static_cast<unsigned long long>(m)) {
@@ -108,22 +110,28 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies) {
     atomicAdd(reinterpret_cast<unsigned long long*>(&a.counters[threadIdx.x]), count[threadIdx.x]);
 }
 
-__global__ void copy_kernel(const PartitionCopy* copies, char* kv, char* bias, int64_t kv_bytes,
-                            int64_t bias_bytes) {
-  const PartitionCopy c = copies[blockIdx.x];
-  if (!c.host) return;
-  const int4* src_kv = reinterpret_cast<const int4*>(c.host);
-  const int4* src_bias = reinterpret_cast<const int4*>(c.host + kv_bytes);
-  int4* dst_kv = reinterpret_cast<int4*>(kv + c.slot * kv_bytes);
-  int4* dst_bias = reinterpret_cast<int4*>(bias + c.slot * bias_bytes);
-  for (int64_t i = threadIdx.x; i < kv_bytes / 16; i += blockDim.x) dst_kv[i] = src_kv[i];
-  for (int64_t i = threadIdx.x; i < bias_bytes / 16; i += blockDim.x) dst_bias[i] = src_bias[i];
+// A fixed grid over the compact list (its length known only on the device): a few thread blocks
+// per multiprocessor keep enough reads in flight for PCIe without a block per possible miss
+// competing for the multiprocessors with the other micro-batch's kernels.
+__global__ void copy_kernel(const PartitionCopy* copies, const int* n_copies, char* kv, char* bias,
+                            int64_t kv_bytes, int64_t bias_bytes) {
+  const int n = *n_copies;
+  for (int x = blockIdx.x; x < n; x += gridDim.x) {
+    const PartitionCopy c = copies[x];
+    if (!c.host) continue;
+    const int4* src_kv = reinterpret_cast<const int4*>(c.host);
+    const int4* src_bias = reinterpret_cast<const int4*>(c.host + kv_bytes);
+    int4* dst_kv = reinterpret_cast<int4*>(kv + c.slot * kv_bytes);
+    int4* dst_bias = reinterpret_cast<int4*>(bias + c.slot * bias_bytes);
+    for (int64_t i = threadIdx.x; i < kv_bytes / 16; i += blockDim.x) dst_kv[i] = src_kv[i];
+    for (int64_t i = threadIdx.x; i < bias_bytes / 16; i += blockDim.x) dst_bias[i] = src_bias[i];
+  }
 }
 
 }  // namespace
 
 cudaError_t launch_resident_partitions(const PartitionArgs& a, PartitionCopy* copies,
-                                       cudaStream_t stream) {
+                                       int* n_copies, cudaStream_t stream) {
   const int64_t rows = int64_t(a.n_tokens) * a.n_heads;
   if (rows == 0 || a.k == 0) return cudaSuccess;
   if (a.kv_bytes % 16 || a.bias_bytes % 16 || a.part_slots < 1 ||
@@ -139,11 +147,17 @@ cudaError_t launch_resident_partitions(const PartitionArgs& a, PartitionCopy* co
     raised = true;
   }
   if (shared > 96 * 1024) return cudaErrorInvalidValue;
-  decide_kernel<<<unsigned(rows), k_threads, shared, stream>>>(a, copies);
-  cudaError_t e = cudaGetLastError();
+  int device = 0, sms = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (e == cudaSuccess) e = cudaMemsetAsync(n_copies, 0, sizeof(int), stream);
   if (e != cudaSuccess) return e;
-  copy_kernel<<<unsigned(rows * a.k), 256, 0, stream>>>(copies, a.kv, a.bias, a.kv_bytes,
-                                                        a.bias_bytes);
+  decide_kernel<<<unsigned(rows), k_threads, shared, stream>>>(a, copies, n_copies);
+  e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  const int64_t grid = std::min<int64_t>(rows * a.k, int64_t(2) * std::max(sms, 1));
+  copy_kernel<<<unsigned(grid), 256, 0, stream>>>(copies, n_copies, a.kv, a.bias, a.kv_bytes,
+                                                  a.bias_bytes);
   return cudaGetLastError();
 }
 

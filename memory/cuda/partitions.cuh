@@ -1,7 +1,7 @@
 // Device-side residency (memory/partitions.h) as two kernels: one thread block per (token, KV
 // head) finds the hits, ranks the partition's free slots by (stamp, slot), updates the slot
-// table and the partition's state, and writes its copies; then one thread block per copy moves
-// the chunk from mapped host memory (the gather's 51 GB/s pattern).
+// table and the partition's state, and appends its copies to a list; then a fixed grid of
+// thread blocks moves the listed chunks from mapped host memory, one chunk per block at a time.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -18,9 +18,10 @@ struct PartitionCopy {
   int64_t slot = -1;
 };
 
-// `copies`: device memory for n_tokens * n_heads * k entries. Every pointer of `a` is one the
-// device reads (block_host: mapped host memory).
+// `copies`: device memory for n_tokens * n_heads * k entries, filled as a compact list whose
+// length goes to `n_copies` (device memory, one int). Every pointer of `a` is one the device
+// reads (block_host: mapped host memory).
 cudaError_t launch_resident_partitions(const PartitionArgs& a, PartitionCopy* copies,
-                                       cudaStream_t stream);
+                                       int* n_copies, cudaStream_t stream);
 
 }  // namespace nosa::memory::cuda

@@ -494,12 +494,14 @@ class CudaBackend final : public Backend {
     a.block_host = parts->block_host_device;
     a.counters = parts->counters.data<int64_t>();
     const int64_t n = int64_t(a.n_tokens) * a.n_heads * a.k;
+    // The copy list, then its length.
     Tensor copies =
-        alloc(DType::u8, {std::max<int64_t>(1, n) * int64_t(sizeof(mcu::PartitionCopy))});
+        alloc(DType::u8, {std::max<int64_t>(1, n) * int64_t(sizeof(mcu::PartitionCopy)) + 16});
     step_keep_.push_back(copies);
     auto* items = static_cast<mcu::PartitionCopy*>(copies.raw());
+    int* n_copies = reinterpret_cast<int*>(items + std::max<int64_t>(1, n));
     if (!overlap_) {
-      NOSA_CUDA_CHECK(mcu::launch_resident_partitions(a, items, stream_));
+      NOSA_CUDA_CHECK(mcu::launch_resident_partitions(a, items, n_copies, stream_));
       NOSA_CUDA_CHECK(cudaEventRecord(staged_, stream_));
       return;
     }
@@ -507,7 +509,7 @@ class CudaBackend final : public Backend {
     // slot's work queued on the main stream runs meanwhile.
     side_staged_ = true;
     NOSA_CUDA_CHECK(cudaStreamWaitEvent(side_, selected_[slot_], 0));
-    NOSA_CUDA_CHECK(mcu::launch_resident_partitions(a, items, side_));
+    NOSA_CUDA_CHECK(mcu::launch_resident_partitions(a, items, n_copies, side_));
     NOSA_CUDA_CHECK(cudaEventRecord(gathered_[slot_], side_));
     gather_pending_[slot_] = true;
   }

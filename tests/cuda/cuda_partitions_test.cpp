@@ -60,6 +60,7 @@ TEST(CudaPartitions, TheKernelMakesTheReferencesDecisionsAndCopies) {
     DeviceArray<char*> block_host(dev_ptrs);
     DeviceArray<cuda::PartitionCopy> copies(
         std::vector<cuda::PartitionCopy>(size_t(c.T) * c.H * c.k));
+    DeviceArray<int> n_copies(std::vector<int>{0});
     PartitionArgs a = c.args(block_host.p);
     a.selection = selection.p;
     a.token_seq = token_seq.p;
@@ -71,7 +72,7 @@ TEST(CudaPartitions, TheKernelMakesTheReferencesDecisionsAndCopies) {
     a.kv = kv.p;
     a.bias = bias.p;
     a.counters = counters.p;
-    ASSERT_EQ(cuda::launch_resident_partitions(a, copies.p, nullptr), cudaSuccess);
+    ASSERT_EQ(cuda::launch_resident_partitions(a, copies.p, n_copies.p, nullptr), cudaSuccess);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     cudaFreeHost(pinned);
     EXPECT_EQ(slot_table.get(), ref.slot_table) << "seed " << seed;
@@ -80,6 +81,7 @@ TEST(CudaPartitions, TheKernelMakesTheReferencesDecisionsAndCopies) {
     EXPECT_EQ(counters.get(), ref.counters) << "seed " << seed;
     EXPECT_TRUE(kv.get() == ref.kv) << "seed " << seed;
     EXPECT_TRUE(bias.get() == ref.bias) << "seed " << seed;
+    EXPECT_EQ(int64_t(n_copies.get()[0]), ref.counters[part_misses]) << "seed " << seed;
     if (seed == 60)
       std::printf(
           "[ partition] 60 random states: kernel = reference (last: %d tokens, %d heads, "
