@@ -10,6 +10,7 @@
 
 #include "memory/partitions.h"
 #include "parallel/nccl_communicator.h"
+#include "runtime/core/env.h"
 #include "runtime/core/error.h"
 #include "runtime/core/logging.h"
 #include "runtime/core/thread_pool.h"
@@ -198,12 +199,20 @@ EngineSetup EngineSetup::create(const EngineFlags& f, int64_t tokens_hint) {
     // half of the block cache (the rest stays the host path's, for the prompts' rounds);
     // batches larger than the partitions take the host path.
     if (s.model->mode() != attention::Mode::dense) {
+      // Every rank of a replica makes the same partitions (the smallest fit decides): whether a
+      // cache has them decides whether steps split into micro-batches, which ranks must agree on.
+      // NOSA_DEVICE_RESIDENCY=0 keeps every step on the host path.
       const int64_t cpb = layout.chunks_per_block(), room = kv_options.device_slots / 2;
-      const int64_t n = std::min<int64_t>(eo.max_running, room / (cpb * (sp.topk + sp.topk / 2)));
+      const bool wanted = env_int("NOSA_DEVICE_RESIDENCY", 1, 0, 1) == 1;
+      const int64_t n = parallel::all_min_value<int64_t>(
+          s.replica,
+          wanted ? std::min<int64_t>(eo.max_running, room / (cpb * (sp.topk + sp.topk / 2))) : 0,
+          timeout);
       if (n > 0) {
         kv_options.decode_partitions = int(n);
-        kv_options.partition_slots =
-            int(std::min<int64_t>(memory::k_max_partition_slots, room / (cpb * n)));
+        kv_options.partition_slots = int(parallel::all_min_value<int64_t>(
+            s.replica, std::min<int64_t>(memory::k_max_partition_slots, room / (cpb * n)),
+            timeout));
         kv_options.min_partition_slots = sp.topk;
       }
     }

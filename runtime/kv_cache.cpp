@@ -37,8 +37,7 @@ KvCache::KvCache(const KvLayout& layout, int64_t n_blocks, Backend& backend,
     host_allocator_ = backend.host_allocator();
     // Partitions for device-side residency come out of the block cache; the host path keeps
     // the rest.
-    if (options.decode_partitions > 0 && env_int("NOSA_DEVICE_RESIDENCY", 1, 0, 1) == 1)
-      make_partitions(options, slots);
+    if (options.decode_partitions > 0) make_partitions(options, slots);
     memory::TierBudget budget;
     budget.device_slots = parts_ ? parts_->base : slots;
     budget.host_blocks = options.host_blocks > 0 ? options.host_blocks : n_blocks;
@@ -141,7 +140,7 @@ void KvCache::begin_step(const StepBatch& step) {
   tiers_->begin_step(writes, reads, copies_);
   backend_.copy_chunks(copies_, true, *this);
   if (on_device_) sync_stats();  // the last step's device-side counters (it has finished)
-  on_device_ = parts_ && device_residency_ &&
+  on_device_ = parts_ &&
                std::all_of(step.seqs.begin(), step.seqs.end(),
                            [](const StepSequence& s) { return s.n_new == 1; }) &&
                assign_partitions(step);

@@ -137,14 +137,12 @@ class KvCache {
   std::vector<int32_t> take_released() { return std::exchange(released_, {}); }
   void release_tiers(const std::vector<int32_t>& blocks);
   const ResidencyTimes& residency_times() const { return times_; }
-  // Device-side residency: null when the cache has no partitions. on_device(): whether the
-  // current step uses them. set_device_residency(false) keeps every later step on the host path
-  // (comparisons; NOSA_DEVICE_RESIDENCY=0 at construction does the same).
+  // Device-side residency: null when the cache has no partitions (never made, or handed back to
+  // the host path). on_device(): whether the current step uses them.
   const DevicePartitions* partitions() const { return parts_ ? &*parts_ : nullptr; }
   DevicePartitions* partitions() { return parts_ ? &*parts_ : nullptr; }
   bool on_device() const { return on_device_; }
   int64_t device_steps() const { return device_steps_; }  // steps that used them, so far
-  void set_device_residency(bool on) { device_residency_ = on; }
   // The tiers' statistics with the device-side rounds' counters folded in (as of the last
   // begin_step or sync_stats).
   memory::TierStats stats() const;
@@ -167,7 +165,7 @@ class KvCache {
   std::vector<int32_t> partition_of_first_;  // by a sequence's first block: its partition, or -1
   std::vector<int32_t> free_partitions_;
   std::vector<int32_t> seq_partition_;       // make_resident's scratch
-  bool device_residency_ = true, on_device_ = false;
+  bool on_device_ = false;
   int64_t device_steps_ = 0;
   int64_t device_counts_[memory::part_counters] = {};  // as of the last sync_stats
   int selection_width_ = 1;
