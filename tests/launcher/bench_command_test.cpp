@@ -94,6 +94,36 @@ TEST(BenchCommand, OffloadSuiteRefusesOffloadNoneAndDiskWithoutADirectory) {
       << micro.err;
 }
 
+// --residency device,host: a row each, on tiers of their own; the device rows' steps decide
+// residency on the device, the host rows' none, and both select the same chunks per step.
+TEST(BenchCommand, OffloadSuiteComparesResidencyOnTheDeviceAndOnTheHost) {
+  TempDir dir;
+  auto r = run_command(fmt::format("{} bench --suite offload --shape tiny --device cpu --mode nosa "
+                                   "--batch 4 --context 1024 --steps 3 --warmup 1 "
+                                   "--residency device,host --json {}",
+                                   nosa_binary(), (dir / "o.json").string()));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto j = nlohmann::json::parse(slurp(dir / "o.json"));
+  ASSERT_EQ(j["results"].size(), 2u);
+  const auto& dev = j["results"][0];
+  const auto& host = j["results"][1];
+  EXPECT_EQ(dev["label"], "device-residency");
+  EXPECT_EQ(dev["residency"], "device");
+  EXPECT_EQ(dev["device_residency_steps"], 3);
+  EXPECT_EQ(host["label"], "host-residency");
+  EXPECT_EQ(host["device_residency_steps"], 0);
+  EXPECT_GT(dev["miss_rate"].get<double>(), 0.0);
+  EXPECT_GT(dev["pcie_bytes_per_step"].get<double>(), 0.0);
+  // Partitions keep a little less spare room than one LRU over the whole cache: close, not equal.
+  EXPECT_NEAR(dev["miss_rate"].get<double>(), host["miss_rate"].get<double>(), 0.05);
+  EXPECT_NEAR(dev["overlap"].get<double>(), host["overlap"].get<double>(), 0.05);
+  auto bad = run_command(fmt::format("{} bench --suite offload --shape tiny --device cpu "
+                                     "--residency gpu",
+                                     nosa_binary()));
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("--residency"), std::string::npos) << bad.err;
+}
+
 // --micro-batch-min-seqs with two values alternates them step by step on the same tiers: one row
 // each, labelled, with its own steps and counters; the micro-batched one selects what the other
 // does (the same model and positions: the same miss rate up to the steps' own selections).
@@ -101,7 +131,7 @@ TEST(BenchCommand, OffloadSuiteAlternatesMicroBatchVariantsInOneRun) {
   TempDir dir;
   auto r = run_command(fmt::format("{} bench --suite offload --shape tiny --device cpu --mode nosa "
                                    "--batch 4 --context 1024 --steps 3 --warmup 1 "
-                                   "--micro-batch-min-seqs 2,0 --json {}",
+                                   "--micro-batch-min-seqs 2,0 --residency host --json {}",
                                    nosa_binary(), (dir / "o.json").string()));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   auto j = nlohmann::json::parse(slurp(dir / "o.json"));
