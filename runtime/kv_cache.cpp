@@ -144,6 +144,9 @@ void KvCache::begin_step(const StepBatch& step) {
                std::all_of(step.seqs.begin(), step.seqs.end(),
                            [](const StepSequence& s) { return s.n_new == 1; }) &&
                assign_partitions(step);
+  if (on_device_ && device_steps_ == 0)
+    logger("memory")->debug("a decoding step of {} sequences decides residency on the device",
+                            step.seqs.size());
   device_steps_ += on_device_;
 }
 

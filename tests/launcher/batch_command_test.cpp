@@ -388,6 +388,36 @@ TEST(BatchCommand, MicroBatchesGiveTheTokensOfOneBatch) {
   EXPECT_NE(bad.err.find("--micro-batch-min-seqs"), std::string::npos) << bad.err;
 }
 
+// Residency decided on the device under tensor parallelism: each rank keeps partitions of its
+// own block cache (the replica's smallest fit), and the job gives the tokens of the host path in
+// one process, with a block cache whose partitions hold every running sequence.
+TEST(BatchCommand, TensorParallelResidencyOnTheDeviceGivesTheTokensOfOneRank) {
+  if (run_command("command -v mpirun").exit_code != 0) GTEST_SKIP() << "mpirun not found";
+  TempDir dir;
+  const int n = 6;
+  write_prompts(dir / "in.jsonl", n);
+  const std::string flags =
+      "--max-tokens 24 --ignore-eos --max-running 3 --progress off --offload host "
+      "--gpu-kv-gib 0.02 --host-kv-gib 0.004";
+  auto one = run_command("env NOSA_DEVICE_RESIDENCY=0 " +
+                         batch_command(dir / "in.jsonl", dir / "ref.jsonl", flags));
+  ASSERT_EQ(one.exit_code, 0) << one.err;
+  auto r = run_command(fmt::format(
+      "timeout 120 mpirun --allow-run-as-root --oversubscribe -np 2 {} batch --model {} --input "
+      "{} --output {} --threads 1 --log-level debug --tp 2 --rank-timeout 20 {}",
+      nosa_binary(), model_dir(), (dir / "in.jsonl").string(), (dir / "out.jsonl").string(),
+      flags));
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  for (const char* rank : {"[rank 0]", "[rank 1]"})
+    EXPECT_NE((r.out + r.err).find(std::string(rank) + "[memory] a decoding step of"),
+              std::string::npos)
+        << rank << " decided no step's residency on the device";
+  auto want = results_by_id(dir / "ref.jsonl");
+  auto got = results_by_id(dir / "out.jsonl");
+  ASSERT_EQ(got.size(), size_t(n));
+  for (const auto& [id, j] : want) EXPECT_EQ(got[id]["token_ids"], j["token_ids"]) << id;
+}
+
 // Under tensor parallelism both ranks split every step alike and stay in lockstep (the same
 // collectives in the same order).
 TEST(BatchCommand, TensorParallelMicroBatchesGiveTheTokensOfOneRank) {
