@@ -41,40 +41,23 @@ void Backend::copy_chunks(const std::vector<memory::ChunkCopy>&, bool, KvCache&)
 
 void Backend::resident_partitions(int layer, const Selection& selection, const StepBatch& step,
                                   const std::vector<int32_t>& seq_partition, KvCache& cache) {
-  DevicePartitions* parts = cache.partitions();
-  NOSA_ASSERT(parts && cache.kv().device() == Device::cpu,
+  NOSA_ASSERT(cache.kv().device() == Device::cpu,
               "resident_partitions: the {} backend runs the reference on host tensors only",
               name());
-  const KvLayout& L = cache.layout();
   int stride = 1;
   for (const StepSequence& s : step.seqs) stride = std::max(stride, int(s.blocks->size()));
   std::vector<int32_t> table(step.seqs.size() * size_t(stride), 0);
   for (size_t i = 0; i < step.seqs.size(); ++i)
     std::copy(step.seqs[i].blocks->begin(), step.seqs[i].blocks->end(),
               table.begin() + int64_t(i) * stride);
-  memory::PartitionArgs a;
+  memory::PartitionArgs a = cache.partition_args(layer);
   a.selection = selection.blocks.data<int32_t>();
   a.n_tokens = int(step.n_tokens());
-  a.n_heads = L.n_kv_heads;
   a.k = selection.k_max;
   a.token_seq = step.token_seq.data();
   a.block_table = table.data();
   a.bt_stride = stride;
   a.seq_partition = seq_partition.data();
-  a.layer = layer;
-  a.n_layers = L.n_layers;
-  a.slot_table = cache.slot_table().data<int32_t>();
-  a.part_base = parts->base;
-  a.part_slots = parts->slots;
-  a.part_chunk = parts->chunk.data<int64_t>();
-  a.part_stamp = reinterpret_cast<uint32_t*>(parts->stamp.data<int32_t>());
-  a.stamp = parts->step_stamp;
-  a.kv = static_cast<char*>(cache.kv().raw());
-  a.bias = static_cast<char*>(cache.bias().raw());
-  a.kv_bytes = int64_t(L.kv_chunk_bytes());
-  a.bias_bytes = int64_t(L.bias_chunk_bytes());
-  a.block_host = parts->block_host_device;
-  a.counters = parts->counters.data<int64_t>();
   memory::resident_partitions_reference(a);
 }
 

@@ -212,6 +212,27 @@ void KvCache::free_partition(int32_t first_block) {
   p = -1;
 }
 
+memory::PartitionArgs KvCache::partition_args(int layer) {
+  NOSA_ASSERT(parts_, "partition_args: the cache has no partitions");
+  memory::PartitionArgs a;
+  a.n_heads = layout_.n_kv_heads;
+  a.layer = layer;
+  a.n_layers = layout_.n_layers;
+  a.slot_table = slot_table_.data<int32_t>();
+  a.part_base = parts_->base;
+  a.part_slots = parts_->slots;
+  a.part_chunk = parts_->chunk.data<int64_t>();
+  a.part_stamp = reinterpret_cast<uint32_t*>(parts_->stamp.data<int32_t>());
+  a.stamp = parts_->step_stamp;
+  a.kv = static_cast<char*>(kv_.raw());
+  a.bias = static_cast<char*>(bias_.raw());
+  a.kv_bytes = int64_t(layout_.kv_chunk_bytes());
+  a.bias_bytes = int64_t(layout_.bias_chunk_bytes());
+  a.block_host = parts_->block_host_device;
+  a.counters = parts_->counters.data<int64_t>();
+  return a;
+}
+
 memory::TierStats KvCache::stats() const {
   if (!tiers_) return {};
   memory::TierStats t = tiers_->stats();

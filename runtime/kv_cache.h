@@ -143,6 +143,10 @@ class KvCache {
   DevicePartitions* partitions() { return parts_ ? &*parts_ : nullptr; }
   bool on_device() const { return on_device_; }
   int64_t device_steps() const { return device_steps_; }  // steps that used them, so far
+  // The arguments of a device-side round of `layer` that the cache holds (the slot table, the
+  // partitions, the slots' bytes, the host table, the counters, the layout); the backend adds
+  // the step's (selection, tokens, block tables, partitions of the sequences).
+  memory::PartitionArgs partition_args(int layer);
   // The tiers' statistics with the device-side rounds' counters folded in (as of the last
   // begin_step or sync_stats).
   memory::TierStats stats() const;

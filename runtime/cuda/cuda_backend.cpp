@@ -463,36 +463,20 @@ class CudaBackend final : public Backend {
 
   void resident_partitions(int layer, const Selection& selection, const StepBatch& step,
                            const std::vector<int32_t>& seq_partition, KvCache& cache) override {
-    DevicePartitions* parts = cache.partitions();
-    NOSA_ASSERT(parts && step_ == &step, "resident_partitions: not the current step slot's step");
-    const KvLayout& L = cache.layout();
-    memory::PartitionArgs a;
+    NOSA_ASSERT(step_ == &step && !overlap_,
+                "resident_partitions: not the current step, or micro-batches (a cache with "
+                "partitions runs whole steps)");
+    memory::PartitionArgs a = cache.partition_args(layer);
     a.selection = selection.blocks.data<int32_t>();
     a.n_tokens = int(step.n_tokens());
-    a.n_heads = L.n_kv_heads;
     a.k = selection.k_max;
     a.token_seq = view_.token_seq;
     a.block_table = view_.block_table;
     a.bt_stride = view_.bt_stride;
-    // Read straight from pinned staging memory (no upload that the side stream would have to
-    // wait for).
+    // Read straight from pinned staging memory (no upload to queue).
     auto* parts_of_seqs = reinterpret_cast<int32_t*>(staging_space(seq_partition.size() * 4));
     std::copy(seq_partition.begin(), seq_partition.end(), parts_of_seqs);
     a.seq_partition = parts_of_seqs;
-    a.layer = layer;
-    a.n_layers = L.n_layers;
-    a.slot_table = cache.slot_table().data<int32_t>();
-    a.part_base = parts->base;
-    a.part_slots = parts->slots;
-    a.part_chunk = parts->chunk.data<int64_t>();
-    a.part_stamp = reinterpret_cast<uint32_t*>(parts->stamp.data<int32_t>());
-    a.stamp = parts->step_stamp;
-    a.kv = static_cast<char*>(cache.kv().raw());
-    a.bias = static_cast<char*>(cache.bias().raw());
-    a.kv_bytes = int64_t(L.kv_chunk_bytes());
-    a.bias_bytes = int64_t(L.bias_chunk_bytes());
-    a.block_host = parts->block_host_device;
-    a.counters = parts->counters.data<int64_t>();
     const int64_t n = int64_t(a.n_tokens) * a.n_heads * a.k;
     // The copy list, then its length.
     Tensor copies =
@@ -500,18 +484,8 @@ class CudaBackend final : public Backend {
     step_keep_.push_back(copies);
     auto* items = static_cast<mcu::PartitionCopy*>(copies.raw());
     int* n_copies = reinterpret_cast<int*>(items + std::max<int64_t>(1, n));
-    if (!overlap_) {
-      NOSA_CUDA_CHECK(mcu::launch_resident_partitions(a, items, n_copies, stream_));
-      NOSA_CUDA_CHECK(cudaEventRecord(staged_, stream_));
-      return;
-    }
-    // On the side stream after this slot's selection, like the host path's gathers: the other
-    // slot's work queued on the main stream runs meanwhile.
-    side_staged_ = true;
-    NOSA_CUDA_CHECK(cudaStreamWaitEvent(side_, selected_[slot_], 0));
-    NOSA_CUDA_CHECK(mcu::launch_resident_partitions(a, items, n_copies, side_));
-    NOSA_CUDA_CHECK(cudaEventRecord(gathered_[slot_], side_));
-    gather_pending_[slot_] = true;
+    NOSA_CUDA_CHECK(mcu::launch_resident_partitions(a, items, n_copies, stream_));
+    NOSA_CUDA_CHECK(cudaEventRecord(staged_, stream_));  // it reads staging memory
   }
 
   // ---- step graphs --------------------------------------------------------------------------

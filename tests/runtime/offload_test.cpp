@@ -59,6 +59,15 @@ std::vector<std::vector<int32_t>> generate(attention::Mode mode, const KvCacheOp
   return out;
 }
 
+// The same block cache with a host tier of 120 blocks (of the ~200 written: the rest go to disk
+// and come back) and the disk tier in `dir`.
+KvCacheOptions with_disk(KvCacheOptions o, const std::filesystem::path& dir) {
+  o.offload = memory::Offload::host_disk;
+  o.host_blocks = 120;
+  o.disk_dir = dir;
+  return o;
+}
+
 class OffloadGivesTheSameTokens : public ::testing::TestWithParam<attention::Mode> {};
 
 TEST_P(OffloadGivesTheSameTokens, HostAndHostPlusDisk) {
@@ -73,10 +82,7 @@ TEST_P(OffloadGivesTheSameTokens, HostAndHostPlusDisk) {
   EXPECT_GT(hs.bytes_host_to_device, 0);
 
   test::TempDir dir;
-  KvCacheOptions disk = host;
-  disk.offload = memory::Offload::host_disk;
-  disk.host_blocks = 120;  // of the ~200 blocks written: the rest go to disk and come back
-  disk.disk_dir = dir / "kv";
+  const KvCacheOptions disk = with_disk(host, dir / "kv");
   memory::TierStats ds;
   EXPECT_EQ(generate(GetParam(), disk, &ds), expected);
   EXPECT_GT(ds.bytes_disk_written, 0);
@@ -101,10 +107,7 @@ TEST_P(OffloadGivesTheSameTokens, InTwoMicroBatches) {
   EXPECT_GT(hs.evictions, 0);
 
   test::TempDir dir;
-  KvCacheOptions disk = host;
-  disk.offload = memory::Offload::host_disk;
-  disk.host_blocks = 120;
-  disk.disk_dir = dir / "kv";
+  const KvCacheOptions disk = with_disk(host, dir / "kv");
   memory::TierStats ds;
   micro = 0;
   EXPECT_EQ(generate(GetParam(), disk, &ds, 2, &micro), expected);
@@ -138,10 +141,7 @@ TEST_P(OffloadGivesTheSameTokens, WithResidencyOnTheDevice) {
   EXPECT_GT(device_steps, 20);
 
   test::TempDir dir;
-  KvCacheOptions disk = host;
-  disk.offload = memory::Offload::host_disk;
-  disk.host_blocks = 120;
-  disk.disk_dir = dir / "kv";
+  const KvCacheOptions disk = with_disk(host, dir / "kv");
   memory::TierStats ds;
   EXPECT_EQ(generate(GetParam(), disk, &ds), expected);  // most steps: some blocks on disk
   EXPECT_GT(ds.bytes_disk_read, 0);
