@@ -38,7 +38,9 @@ void EngineFlags::add_to(CLI::App& app) {
       ->capture_default_str();
   app.add_option("--offload", offload,
                  "Where the KV cache lives: none (all on the device), host (host memory, the "
-                 "device caches the selected blocks) or host+disk")
+                 "device caches the selected blocks; decoding steps decide which to load on the "
+                 "device, in a partition of the cache per sequence; NOSA_DEVICE_RESIDENCY=0 "
+                 "decides on the host) or host+disk")
       ->capture_default_str();
   app.add_option("--gpu-kv-gib", gpu_kv_gib,
                  "Offloading: GiB of device memory for the block cache (default: what is free; "
@@ -49,9 +51,9 @@ void EngineFlags::add_to(CLI::App& app) {
   app.add_option("--disk-kv-gib", disk_kv_gib, "host+disk: GiB of disk for KV files")
       ->capture_default_str();
   app.add_option("--micro-batch-min-seqs", micro_batch_min_seqs,
-                 "Offloading: decoding steps of at least this many sequences run as two "
-                 "micro-batches, one half's blocks gathered while the other half computes (0: "
-                 "never; default: 32, or NOSA_MICRO_BATCH_MIN_SEQS)")
+                 "Offloading, residency decided on the host: decoding steps of at least this many "
+                 "sequences run as two micro-batches, one half's blocks gathered while the other "
+                 "half computes (0: never; default: 32, or NOSA_MICRO_BATCH_MIN_SEQS)")
       ->check(CLI::Range(0, 1000000));
   app.add_option("--tp", tp,
                  "Tensor-parallel ranks per replica; under mpirun, -np N starts N / tp replicas")
@@ -206,7 +208,9 @@ EngineSetup EngineSetup::create(const EngineFlags& f, int64_t tokens_hint) {
       const bool wanted = env_int("NOSA_DEVICE_RESIDENCY", 1, 0, 1) == 1;
       const int64_t n = parallel::all_min_value<int64_t>(
           s.replica,
-          wanted ? std::min<int64_t>(eo.max_running, room / (cpb * (sp.topk + sp.topk / 2))) : 0,
+          wanted ? std::min<int64_t>(eo.max_running,
+                                     room / (cpb * std::max(1, sp.topk + sp.topk / 2)))
+                 : 0,
           timeout);
       if (n > 0) {
         kv_options.decode_partitions = int(n);

@@ -13,6 +13,8 @@
 //     and are copied there from the block's host memory.
 // A partition's slot whose chunk was later loaded elsewhere by the host path is stale, not
 // wrong: a slot evicts its old chunk from the slot table only if the table still points at it.
+// This relies on running sequences never sharing a block (the engine has no prefix sharing):
+// each chunk a step selects belongs to one sequence, so to one partition.
 // The state (slot table, per-slot chunk and stamp) lives where the backend's KV lives; this file
 // holds the plain-pointer arguments and the reference implementation that the CUDA kernel
 // (memory/cuda/partitions.cu) is tested against.

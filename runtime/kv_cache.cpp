@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <chrono>
 
+#include <fmt/format.h>
+
 #include "memory/partitions.h"
 #include "runtime/backend.h"
 #include "runtime/core/env.h"
@@ -37,7 +39,8 @@ KvCache::KvCache(const KvLayout& layout, int64_t n_blocks, Backend& backend,
     host_allocator_ = backend.host_allocator();
     // Partitions for device-side residency come out of the block cache; the host path keeps
     // the rest.
-    if (options.decode_partitions > 0) make_partitions(options, slots);
+    partitioned_ = options.decode_partitions > 0;
+    if (partitioned_) make_partitions(options, slots);
     memory::TierBudget budget;
     budget.device_slots = parts_ ? parts_->base : slots;
     budget.host_blocks = options.host_blocks > 0 ? options.host_blocks : n_blocks;
@@ -82,6 +85,7 @@ void KvCache::make_partitions(const KvCacheOptions& o, int64_t slots) {
         host_min);
     return;
   }
+  NOSA_CHECK(slots < (int64_t(1) << 31), "a block cache of {} chunks is too large", slots);
   DevicePartitions d;
   d.count = o.decode_partitions;
   d.slots = int(R);
@@ -106,6 +110,15 @@ void KvCache::make_partitions(const KvCacheOptions& o, int64_t slots) {
 }
 
 KvCache::~KvCache() {
+  // Queued kernels may still read or write the pinned memory released below (unregistering
+  // huge-page arenas does not wait for them, as cudaFreeHost did).
+  if (tiers_) {
+    try {
+      backend_.synchronize();
+    } catch (const std::exception& e) {
+      logger("memory")->error("KV cache: waiting for the device before freeing: {}", e.what());
+    }
+  }
   if (parts_ && parts_->block_host)
     host_allocator_->release(parts_->block_host, size_t(pool_.capacity()) * sizeof(char*));
   backend_.forget_graphs(this);
@@ -122,7 +135,16 @@ KvCache::~KvCache() {
 
 void KvCache::begin_step(const StepBatch& step) {
   if (!tiers_) return;
-  if (parts_) keep_room_for(step);
+  if (on_device_) sync_stats();  // the last step's device-side counters (it has finished)
+  on_device_ = parts_ &&
+               std::all_of(step.seqs.begin(), step.seqs.end(),
+                           [](const StepSequence& s) { return s.n_new == 1; }) &&
+               assign_partitions(step);
+  if (on_device_ && device_steps_ == 0)
+    logger("memory")->debug("a decoding step of {} sequences decides residency on the device",
+                            step.seqs.size());
+  device_steps_ += on_device_;
+  if (parts_ && !on_device_) keep_room_for(step);
   std::vector<int32_t>& writes = step_blocks_;
   std::vector<int32_t>& reads = step_reads_;
   writes.clear();
@@ -137,36 +159,36 @@ void KvCache::begin_step(const StepBatch& step) {
     if (s.n_past / bs > 0) reads.push_back(blocks.at(s.n_past / bs - 1));
   }
   copies_.clear();
-  tiers_->begin_step(writes, reads, copies_);
+  try {
+    tiers_->begin_step(writes, reads, copies_);
+  } catch (...) {
+    after_failed_round();
+    throw;
+  }
   backend_.copy_chunks(copies_, true, *this);
-  if (on_device_) sync_stats();  // the last step's device-side counters (it has finished)
-  on_device_ = parts_ &&
-               std::all_of(step.seqs.begin(), step.seqs.end(),
-                           [](const StepSequence& s) { return s.n_new == 1; }) &&
-               assign_partitions(step);
-  if (on_device_ && device_steps_ == 0)
-    logger("memory")->debug("a decoding step of {} sequences decides residency on the device",
-                            step.seqs.size());
-  device_steps_ += on_device_;
 }
 
 void KvCache::keep_room_for(const StepBatch& step) {
   const int64_t bs = layout_.block_size, cpb = layout_.chunks_per_block();
-  int64_t need = 0, prompts = 0;
+  int64_t need = 0;
   for (const StepSequence& s : step.seqs) {
     // Pinned: the blocks written and the one before; one layer's round: the blocks its tokens
     // select, at most every block of the sequence.
     const int64_t written = (s.n_past + s.n_new - 1) / bs - s.n_past / bs + 1;
     const int64_t blocks = (s.n_past + s.n_new + bs - 1) / bs;
-    need += (written + 1) * cpb + std::min(blocks, s.n_new * selection_width_) * layout_.n_kv_heads;
-    prompts += s.n_new > 1;
+    need += (written + 1) * cpb +
+            std::min(blocks, s.n_new * selection_width_) * layout_.n_kv_heads;
   }
-  if (prompts == 0 || need <= parts_->base) return;
-  const int64_t n = int64_t(parts_->count) * cpb * parts_->slots;
+  if (need <= parts_->base) return;
+  hand_back_partitions(fmt::format(
+      "a step on the host path may need {} chunks of block cache, the host path keeps {}", need,
+      parts_->base));
+}
+
+void KvCache::hand_back_partitions(const std::string& why) {
+  const int64_t n = int64_t(parts_->count) * layout_.chunks_per_block() * parts_->slots;
   logger("memory")->info(
-      "a prompt step may need {} chunks of block cache, the host path keeps {}: device-side "
-      "residency off from now on, its {} slots go back to the host path",
-      need, parts_->base, n);
+      "{}: device-side residency off from now on, its {} slots go back to the host path", why, n);
   // Chunks the partitions held stay in the slot table: the host path never trusts an entry
   // for a chunk it does not hold (it loads the chunk, which rewrites the entry).
   backend_.synchronize();
@@ -175,6 +197,20 @@ void KvCache::keep_room_for(const StepBatch& step) {
   host_allocator_->release(parts_->block_host, size_t(pool_.capacity()) * sizeof(char*));
   parts_.reset();
   on_device_ = false;
+}
+
+void KvCache::after_failed_round() {
+  // A host-path round that failed may have evicted chunks whose slot-table entries were never
+  // cleared (their transfer was not queued): harmless to the host path, which never trusts an
+  // entry for a chunk it does not hold, but the device path would take them for hits.
+  if (!parts_) return;
+  try {
+    hand_back_partitions("a host-path round failed");
+  } catch (const std::exception& e) {
+    logger("memory")->error("handing the partitions back after a failed round: {}", e.what());
+    parts_.reset();
+    on_device_ = false;
+  }
 }
 
 bool KvCache::assign_partitions(const StepBatch& step) {
@@ -305,7 +341,12 @@ void KvCache::make_resident(int layer, const Selection& selection, const StepBat
     const int64_t begin = n * i / pieces, end = n * (i + 1) / pieces;
     const auto a = Clock::now();
     copies_.clear();
-    tiers_->select_misses(wanted_.data() + begin, end - begin, copies_, i > 0);
+    try {
+      tiers_->select_misses(wanted_.data() + begin, end - begin, copies_, i > 0);
+    } catch (...) {
+      after_failed_round();
+      throw;
+    }
     const auto b = Clock::now();
     backend_.gather_selected(copies_, *this);
     tiers_ns += ns(a, b);

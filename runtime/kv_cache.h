@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <memory>
 #include <optional>
+#include <string>
 #include <utility>
 
 #include "memory/block_pool.h"
@@ -142,6 +143,9 @@ class KvCache {
   const DevicePartitions* partitions() const { return parts_ ? &*parts_ : nullptr; }
   DevicePartitions* partitions() { return parts_ ? &*parts_ : nullptr; }
   bool on_device() const { return on_device_; }
+  // Whether partitions were asked for at construction (also when they were not made, or were
+  // handed back since): the same on every rank of a replica, for decisions ranks must share.
+  bool partitioned() const { return partitioned_; }
   int64_t device_steps() const { return device_steps_; }  // steps that used them, so far
   // The arguments of a device-side round of `layer` that the cache holds (the slot table, the
   // partitions, the slots' bytes, the host table, the counters, the layout); the backend adds
@@ -174,9 +178,12 @@ class KvCache {
   int64_t device_counts_[memory::part_counters] = {};  // as of the last sync_stats
   int selection_width_ = 1;
   void make_partitions(const KvCacheOptions& options, int64_t slots);
-  // A step with prompt tokens whose rounds may need more of the block cache than the host path
+  bool partitioned_ = false;
+  // A step on the host path whose rounds may need more of the block cache than the host path
   // keeps: the partitions go back to the host path, and residency stays there from then on.
   void keep_room_for(const StepBatch& step);
+  void hand_back_partitions(const std::string& why);
+  void after_failed_round();
   bool assign_partitions(const StepBatch& step);
   void free_partition(int32_t first_block);
   // At most this many pieces per layer's residency (NOSA_RESIDENCY_PIECES, default 4; 1: the

@@ -17,7 +17,7 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* n_cop
   int* miss_flag = reinterpret_cast<int*>(miss_block + k);         // [k]
   unsigned char* used = reinterpret_cast<unsigned char*>(miss_flag + k);  // [R]
   __shared__ unsigned long long count[part_counters];
-  __shared__ int n_miss, first_copy;
+  __shared__ int n_miss, first_copy, width;
 
   const int t = blockIdx.x / H, h = blockIdx.x % H;
   const int seq = a.token_seq[t];
@@ -28,11 +28,16 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* n_cop
 
   for (int j = threadIdx.x; j < R; j += blockDim.x) used[j] = 0;
   if (threadIdx.x < part_counters) count[threadIdx.x] = 0;
+  if (threadIdx.x == 0) width = k;
+  __syncthreads();
+  // The row ends at its first -1, as in the reference.
+  for (int i = threadIdx.x; i < k; i += blockDim.x)
+    if (row[i] < 0) atomicMin(&width, i);
   __syncthreads();
   for (int i = threadIdx.x; i < k; i += blockDim.x) {
     int miss = 0;
     const int32_t b = row[i];
-    if (b >= 0) {
+    if (i < width) {
       const int64_t block = table[b];
       const int64_t chunk = (block * a.n_layers + a.layer) * H + h;
       const int32_t s = a.slot_table[chunk];
@@ -106,6 +111,7 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* n_cop
     count[part_errors] += static_cast<unsigned long long>(m) - count[part_misses];
     for (int r = int(count[part_misses]); r < m; ++r) out[r] = {nullptr, -1};
   }
+  __syncthreads();
   if (threadIdx.x < part_counters && count[threadIdx.x])
     atomicAdd(reinterpret_cast<unsigned long long*>(&a.counters[threadIdx.x]), count[threadIdx.x]);
 }
@@ -138,15 +144,13 @@ cudaError_t launch_resident_partitions(const PartitionArgs& a, PartitionCopy* co
       a.part_slots > k_max_partition_slots)
     return cudaErrorInvalidValue;
   const size_t shared = size_t(a.part_slots) * 9 + size_t(a.k) * 20 + 16;
-  static bool raised = false;
-  if (!raised) {
-    // Up to 1024 slots and a wide selection need more than the default 48 KiB.
-    const cudaError_t e =
-        cudaFuncSetAttribute(decide_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024);
+  if (shared > 48 * 1024) {
+    // Only a selection thousands of blocks wide needs more than the default 48 KiB (1024 slots
+    // take 9 KiB); the device's limit then decides.
+    const cudaError_t e = cudaFuncSetAttribute(
+        decide_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
     if (e != cudaSuccess) return e;
-    raised = true;
   }
-  if (shared > 96 * 1024) return cudaErrorInvalidValue;
   int device = 0, sms = 0;
   cudaError_t e = cudaGetDevice(&device);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);

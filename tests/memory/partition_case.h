@@ -104,6 +104,9 @@ inline PartitionCase random_partition_case(uint32_t seed, int max_tokens = 24, i
       all.resize(size_t(std::min(n, pick(0, c.k))));
       std::sort(all.begin(), all.end());
       std::copy(all.begin(), all.end(), c.selection.begin() + (int64_t(t) * c.H + h) * c.k);
+      // Now and then something after the padding's first -1, which ends the row.
+      if (int(all.size()) + 1 < c.k && chance(0.1))
+        c.selection[(int64_t(t) * c.H + h) * c.k + c.k - 1] = 0;
     }
   // The host path's slots first, then the partitions.
   c.part_base = pick(4, 64);

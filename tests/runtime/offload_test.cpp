@@ -229,29 +229,42 @@ TEST(Offload, ALeaderSendsTheBlocksItFreedToItsFollowers) {
   cache.release_tiers(plan.released);  // a follower's side: freeing freed blocks is harmless
 }
 
+// With partitions for device-side residency too: the failed round (on the host path: the blocks
+// are on disk) hands the partitions back, since its evictions' slot-table entries were never
+// cleared, and the other request still finishes.
 TEST(Offload, ADiskErrorFailsOnlyTheAffectedRequest) {
-  test::TempDir dir;
-  KvCacheOptions kv;
-  kv.offload = memory::Offload::host_disk;
-  kv.device_slots = 600;
-  kv.host_blocks = 110;
-  kv.disk_dir = dir / "kv";
-  Rig rig(attention::Mode::nosa, kv, 400, 128);
-  // A long request fills the host; its oldest blocks go to disk. Then reads fail.
-  RequestId a = rig.engine->submit(request(2500, 1, 40));
-  std::map<RequestId, TokenEvent> ends;
-  while (rig.engine->stats().tiers.disk_blocks_used == 0)
-    for (auto& e : rig.engine->step())
-      if (e.finish != FinishReason::none) ends[e.id] = e;
-  rig.cache->tiers()->disk()->inject_faults([](bool write, int64_t) { return !write; });
-  RequestId b = rig.engine->submit(request(50, 2, 20));
-  auto res = rig.run_all();
-  for (auto& [id, r] : res) ends[id] = r.last;
-  EXPECT_EQ(ends[a].finish, FinishReason::error);
-  EXPECT_NE(ends[a].error.find("disk"), std::string::npos) << ends[a].error;
-  EXPECT_EQ(ends[b].finish, FinishReason::length) << ends[b].error;
-  EXPECT_EQ(res[b].tokens.size(), 20u);
-  EXPECT_EQ(rig.cache->pool().used_blocks(), 0);
+  for (const bool partitions : {false, true}) {
+    SCOPED_TRACE(partitions ? "with partitions" : "without partitions");
+    test::TempDir dir;
+    KvCacheOptions kv;
+    kv.offload = memory::Offload::host_disk;
+    kv.device_slots = partitions ? 760 : 600;  // the host path keeps 600 either way
+    kv.host_blocks = 110;
+    kv.disk_dir = dir / "kv";
+    if (partitions) {
+      kv.decode_partitions = 2;
+      kv.partition_slots = 20;
+      kv.min_partition_slots = 16;
+    }
+    Rig rig(attention::Mode::nosa, kv, 400, 128);
+    // A long request fills the host; its oldest blocks go to disk. Then reads fail.
+    RequestId a = rig.engine->submit(request(2500, 1, 40));
+    std::map<RequestId, TokenEvent> ends;
+    while (rig.engine->stats().tiers.disk_blocks_used == 0)
+      for (auto& e : rig.engine->step())
+        if (e.finish != FinishReason::none) ends[e.id] = e;
+    EXPECT_EQ(rig.cache->partitions() != nullptr, partitions);
+    rig.cache->tiers()->disk()->inject_faults([](bool write, int64_t) { return !write; });
+    RequestId b = rig.engine->submit(request(50, 2, 20));
+    auto res = rig.run_all();
+    for (auto& [id, r] : res) ends[id] = r.last;
+    EXPECT_EQ(ends[a].finish, FinishReason::error);
+    EXPECT_NE(ends[a].error.find("disk"), std::string::npos) << ends[a].error;
+    EXPECT_EQ(ends[b].finish, FinishReason::length) << ends[b].error;
+    EXPECT_EQ(res[b].tokens.size(), 20u);
+    EXPECT_EQ(rig.cache->pool().used_blocks(), 0);
+    EXPECT_EQ(rig.cache->partitions(), nullptr);  // handed back (or never made)
+  }
 }
 
 }  // namespace
