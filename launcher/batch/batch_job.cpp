@@ -66,8 +66,13 @@ bool runs_on_gpu(const EngineFlags& f) {
 
 // KV tier traffic for the summary, as "name: value" lines (none without offloading).
 std::vector<std::pair<std::string, std::string>> kv_tier_summary(const EngineSetup& setup) {
-  if (setup.cache->tiers()) return kv_tier_lines(setup.cache->stats());
-  return {};
+  if (!setup.cache->tiers()) return {};
+  try {
+    setup.cache->sync_stats();  // the last step's device-side counters
+  } catch (const std::exception& e) {
+    logger("batch")->warn("KV tier counters of the last step are missing: {}", e.what());
+  }
+  return kv_tier_lines(setup.cache->stats());
 }
 
 // The checkpoint's chat format, the one the service's /v1/chat/completions uses (chatml, llama3
