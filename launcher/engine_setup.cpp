@@ -51,9 +51,10 @@ void EngineFlags::add_to(CLI::App& app) {
   app.add_option("--disk-kv-gib", disk_kv_gib, "host+disk: GiB of disk for KV files")
       ->capture_default_str();
   app.add_option("--micro-batch-min-seqs", micro_batch_min_seqs,
-                 "Offloading, residency decided on the host: decoding steps of at least this many "
-                 "sequences run as two micro-batches, one half's blocks gathered while the other "
-                 "half computes (0: never; default: 32, or NOSA_MICRO_BATCH_MIN_SEQS)")
+                 "Offloading with residency decided on the host (NOSA_DEVICE_RESIDENCY=0): "
+                 "decoding steps of at least this many sequences run as two micro-batches, one "
+                 "half's blocks gathered while the other half computes (0: never; default: 32, or "
+                 "NOSA_MICRO_BATCH_MIN_SEQS)")
       ->check(CLI::Range(0, 1000000));
   app.add_option("--tp", tp,
                  "Tensor-parallel ranks per replica; under mpirun, -np N starts N / tp replicas")

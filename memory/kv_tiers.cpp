@@ -192,7 +192,13 @@ void KvTiers::acquire(const ChunkId* chunks, int64_t n, std::vector<ChunkCopy>& 
 }
 
 void KvTiers::forget_misses() {
-  for (const auto& m : misses_) cache_.drop(m.chunk);
+  for (const auto& m : misses_) {
+    cache_.drop(m.chunk);
+    // Their slot-table entries may now name slots that hold something else: the chunk's (an
+    // early flush may have loaded it) and the evicted chunk's (its clearing load never ran).
+    stale_.push_back({m.chunk, -1, -1, nullptr});
+    if (m.evicted >= 0) stale_.push_back({m.evicted, -1, -1, nullptr});
+  }
   misses_.clear();
 }
 

@@ -14,6 +14,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "memory/block_cache.h"
@@ -118,6 +119,10 @@ class KvTiers {
   void release(const std::vector<int32_t>& blocks);
   // Blocks whose disk I/O failed since the last call: their sequences must end with an error.
   std::vector<int32_t> take_failed_blocks();
+  // After a failed round: loads (slot -1, nothing to copy) that clear the slot-table entries the
+  // round left naming slots that no longer hold their chunk. The host path never trusts such an
+  // entry; device-side residency would, so the caller performs these.
+  std::vector<ChunkCopy> take_stale_entries() { return std::exchange(stale_, {}); }
   // Tests: make disk operations fail.
   DiskStore* disk() { return disk_.get(); }
   // Called before a host slot that may be the source or target of copies already handed out is
@@ -210,6 +215,7 @@ class KvTiers {
   char* bounce_ = nullptr;  // disk reads land here before their host slot's block moves out
   size_t bounce_slots_ = 0;
   std::vector<int32_t> failed_;
+  std::vector<ChunkCopy> stale_;
   uint32_t step_ = 1;
   uint64_t tick_ = 1;
   uint64_t round_tick_ = 0;  // host blocks touched since this tick serve pending loads

@@ -140,10 +140,6 @@ void KvCache::begin_step(const StepBatch& step) {
                std::all_of(step.seqs.begin(), step.seqs.end(),
                            [](const StepSequence& s) { return s.n_new == 1; }) &&
                assign_partitions(step);
-  if (on_device_ && device_steps_ == 0)
-    logger("memory")->debug("a decoding step of {} sequences decides residency on the device",
-                            step.seqs.size());
-  device_steps_ += on_device_;
   if (parts_ && !on_device_) keep_room_for(step);
   std::vector<int32_t>& writes = step_blocks_;
   std::vector<int32_t>& reads = step_reads_;
@@ -162,10 +158,15 @@ void KvCache::begin_step(const StepBatch& step) {
   try {
     tiers_->begin_step(writes, reads, copies_);
   } catch (...) {
+    on_device_ = false;
     after_failed_round();
     throw;
   }
   backend_.copy_chunks(copies_, true, *this);
+  if (on_device_ && device_steps_ == 0)
+    logger("memory")->debug("a decoding step of {} sequences decides residency on the device",
+                            step.seqs.size());
+  device_steps_ += on_device_;
 }
 
 void KvCache::keep_room_for(const StepBatch& step) {
@@ -191,8 +192,12 @@ void KvCache::hand_back_partitions(const std::string& why) {
       "{}: device-side residency off from now on, its {} slots go back to the host path", why, n);
   // Chunks the partitions held stay in the slot table: the host path never trusts an entry
   // for a chunk it does not hold (it loads the chunk, which rewrites the entry).
-  backend_.synchronize();
-  sync_stats();
+  try {
+    backend_.synchronize();  // the partitions' rounds read the host table released below
+    sync_stats();
+  } catch (const std::exception& e) {
+    logger("memory")->error("device-side residency's last counters are lost: {}", e.what());
+  }
   tiers_->add_device_slots(n);
   host_allocator_->release(parts_->block_host, size_t(pool_.capacity()) * sizeof(char*));
   parts_.reset();
@@ -200,19 +205,23 @@ void KvCache::hand_back_partitions(const std::string& why) {
 }
 
 void KvCache::after_failed_round() {
-  // A host-path round that failed may have evicted chunks whose slot-table entries were never
-  // cleared (their transfer was not queued): harmless to the host path, which never trusts an
-  // entry for a chunk it does not hold, but the device path would take them for hits.
-  if (!parts_) return;
+  // A host-path round that failed leaves slot-table entries naming slots that no longer hold
+  // their chunk (loads that never ran): harmless to the host path, which never trusts an entry
+  // for a chunk it does not hold, but the device path would take them for hits. Cleared now.
+  std::vector<memory::ChunkCopy> clears = tiers_->take_stale_entries();
+  if (!parts_ || clears.empty()) return;
   try {
-    hand_back_partitions("a host-path round failed");
+    backend_.copy_chunks(clears, true, *this);
   } catch (const std::exception& e) {
-    logger("memory")->error("handing the partitions back after a failed round: {}", e.what());
-    parts_.reset();
-    on_device_ = false;
+    logger("memory")->error("clearing {} slot-table entries after a failed round: {}",
+                            clears.size(), e.what());
+    hand_back_partitions("the slot table could not be cleared");
   }
 }
 
+// Runs before the step's host-path round (begin_step's): that round never moves one of these
+// blocks' host memory (the blocks it writes are not among them, and the block it reads was just
+// found in host memory), so the addresses written here hold for the step.
 bool KvCache::assign_partitions(const StepBatch& step) {
   size_t wanted = 0;
   for (const StepSequence& s : step.seqs)

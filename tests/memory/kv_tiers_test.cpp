@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <random>
 #include <set>
@@ -345,6 +346,18 @@ TEST(KvTiers, AFailedRoundLeavesNoUnloadedChunkResident) {
   copies.clear();
   EXPECT_THROW(sim.tiers->select(both.data(), 2, copies), Error);
   EXPECT_EQ(sim.tiers->take_failed_blocks(), std::vector<int32_t>{0});
+  // The round's chunks come back as slot-table entries to clear (slot -1, nothing to copy): the
+  // device-side residency trusts the table.
+  std::vector<ChunkCopy> stale = sim.tiers->take_stale_entries();
+  std::vector<ChunkId> cleared;
+  for (const ChunkCopy& c : stale) {
+    EXPECT_EQ(c.slot, -1);
+    EXPECT_EQ(c.host, nullptr);
+    EXPECT_EQ(c.evicted, -1);
+    cleared.push_back(c.chunk);
+  }
+  for (ChunkId c : both) EXPECT_NE(std::find(cleared.begin(), cleared.end(), c), cleared.end());
+  EXPECT_TRUE(sim.tiers->take_stale_entries().empty());
   sim.tiers->disk()->inject_faults({});
   sim.tiers->release({0});
   // Block 1 is asked for again: it must arrive, not be taken for a chunk already on the device.
