@@ -1,6 +1,7 @@
 #include "runtime/backend.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "memory/partitions.h"
 #include "runtime/core/error.h"
@@ -59,6 +60,12 @@ void Backend::resident_partitions(int layer, const Selection& selection, const S
   a.bt_stride = stride;
   a.seq_partition = seq_partition.data();
   memory::resident_partitions_reference(a);
+}
+
+void Backend::queue_copy_to_host(const Tensor& t, void* host) {
+  NOSA_ASSERT(t.device() == Device::cpu, "queue_copy_to_host: the {} backend has no device "
+              "tensors", name());
+  std::memcpy(host, t.raw(), t.bytes());
 }
 
 const void* Backend::read_back(const Tensor& t) {

@@ -67,6 +67,12 @@ class Backend {
   // waits only for the work queued before it (the residency path reads each layer's selection
   // this way: no allocation, no device-wide synchronisation). Host tensors: their own memory.
   virtual const void* read_back(const Tensor& t);
+  // Queues a copy of a small tensor into `host` (memory from host_allocator()) behind the work
+  // queued so far, without waiting; wait_host_copy() waits for the last one. A copy queued at
+  // the end of a step is done by the time the step's results are back, so the wait is free then.
+  // Host tensors: copied at once.
+  virtual void queue_copy_to_host(const Tensor& t, void* host);
+  virtual void wait_host_copy() {}
   // The NUMA node the device is attached to, or -1 (host backends, or unknown): diagnostics.
   virtual int numa_node() const { return -1; }
   // Bytes of device memory free for the KV cache (host backends: a policy limit).

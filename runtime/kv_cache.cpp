@@ -96,6 +96,8 @@ void KvCache::make_partitions(const KvCacheOptions& o, int64_t slots) {
   d.chunk = backend_.upload(chunk, DType::i64);
   d.stamp = backend_.zeros(DType::i32, {n});
   d.counters = backend_.zeros(DType::i64, {memory::part_counters});
+  d.counters_host = static_cast<int64_t*>(
+      host_allocator_->allocate(sizeof(int64_t) * memory::part_counters));
   const size_t table_bytes = size_t(pool_.capacity()) * sizeof(char*);
   d.block_host = static_cast<char**>(host_allocator_->allocate(table_bytes));
   std::fill_n(d.block_host, pool_.capacity(), nullptr);
@@ -119,8 +121,7 @@ KvCache::~KvCache() {
       logger("memory")->error("KV cache: waiting for the device before freeing: {}", e.what());
     }
   }
-  if (parts_ && parts_->block_host)
-    host_allocator_->release(parts_->block_host, size_t(pool_.capacity()) * sizeof(char*));
+  if (parts_) release_partition_memory();
   backend_.forget_graphs(this);
   if (times_.calls == 0) return;
   const double n = double(times_.calls);
@@ -135,7 +136,13 @@ KvCache::~KvCache() {
 
 void KvCache::begin_step(const StepBatch& step) {
   if (!tiers_) return;
-  if (on_device_) sync_stats();  // the last step's device-side counters (it has finished)
+  if (counts_queued_) {
+    // The last step's device-side counters, copied at its end: done by now (its results came
+    // back), so this waits for nothing.
+    backend_.wait_host_copy();
+    counts_queued_ = false;
+    fold_counts(parts_->counters_host);
+  }
   on_device_ = parts_ &&
                std::all_of(step.seqs.begin(), step.seqs.end(),
                            [](const StepSequence& s) { return s.n_new == 1; }) &&
@@ -199,9 +206,15 @@ void KvCache::hand_back_partitions(const std::string& why) {
     logger("memory")->error("device-side residency's last counters are lost: {}", e.what());
   }
   tiers_->add_device_slots(n);
-  host_allocator_->release(parts_->block_host, size_t(pool_.capacity()) * sizeof(char*));
+  release_partition_memory();
   parts_.reset();
   on_device_ = false;
+  counts_queued_ = false;
+}
+
+void KvCache::release_partition_memory() {
+  host_allocator_->release(parts_->block_host, size_t(pool_.capacity()) * sizeof(char*));
+  host_allocator_->release(parts_->counters_host, sizeof(int64_t) * memory::part_counters);
 }
 
 void KvCache::after_failed_round() {
@@ -299,8 +312,12 @@ memory::TierStats KvCache::stats() const {
 
 void KvCache::sync_stats() {
   if (!parts_) return;
-  const auto* c = static_cast<const int64_t*>(backend_.read_back(parts_->counters));
-  std::copy_n(c, int(memory::part_counters), device_counts_);
+  counts_queued_ = false;
+  fold_counts(static_cast<const int64_t*>(backend_.read_back(parts_->counters)));
+}
+
+void KvCache::fold_counts(const int64_t* counts) {
+  std::copy_n(counts, int(memory::part_counters), device_counts_);
   NOSA_CHECK_CODE(device_counts_[memory::part_errors] == 0, ErrorCode::internal,
                   "device-side residency: {} misses found no partition slot or host memory",
                   device_counts_[memory::part_errors]);
@@ -386,6 +403,10 @@ void KvCache::end_step(const StepBatch& step) {
   copies_.clear();
   tiers_->end_step(full, copies_);
   backend_.copy_chunks(copies_, false, *this);
+  if (on_device_) {
+    backend_.queue_copy_to_host(parts_->counters, parts_->counters_host);
+    counts_queued_ = true;
+  }
 }
 
 void KvCache::release(std::vector<int32_t>& blocks) {

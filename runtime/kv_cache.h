@@ -81,6 +81,7 @@ struct DevicePartitions {
   int slots = 0;
   int64_t base = 0;
   Tensor chunk, stamp, counters;
+  int64_t* counters_host = nullptr;  // host memory: the counters as of the last step's end
   char** block_host = nullptr;  // host memory, [n_blocks]
   char* const* block_host_device = nullptr;  // the same table as the device reads it
   uint32_t step_stamp = 0;  // the current step's
@@ -138,10 +139,9 @@ class KvCache {
   std::vector<int32_t> take_released() { return std::exchange(released_, {}); }
   void release_tiers(const std::vector<int32_t>& blocks);
   const ResidencyTimes& residency_times() const { return times_; }
-  // Device-side residency: null when the cache has no partitions (never made, or handed back to
-  // the host path). on_device(): whether the current step uses them.
-  const DevicePartitions* partitions() const { return parts_ ? &*parts_ : nullptr; }
-  DevicePartitions* partitions() { return parts_ ? &*parts_ : nullptr; }
+  // Device-side residency: whether the cache has partitions (false when never made, or handed
+  // back to the host path); on_device(): whether the current step uses them.
+  bool has_partitions() const { return parts_.has_value(); }
   bool on_device() const { return on_device_; }
   // Whether partitions were asked for at construction (also when they were not made, or were
   // handed back since): the same on every rank of a replica, for decisions ranks must share.
@@ -175,7 +175,10 @@ class KvCache {
   std::vector<int32_t> seq_partition_;       // make_resident's scratch
   bool on_device_ = false;
   int64_t device_steps_ = 0;
-  int64_t device_counts_[memory::part_counters] = {};  // as of the last sync_stats
+  int64_t device_counts_[memory::part_counters] = {};  // as last folded in
+  bool counts_queued_ = false;  // end_step queued a copy of the counters to counters_host
+  void fold_counts(const int64_t* counts);
+  void release_partition_memory();
   int selection_width_ = 1;
   void make_partitions(const KvCacheOptions& options, int64_t slots);
   bool partitioned_ = false;

@@ -137,7 +137,7 @@ __global__ void copy_kernel(const PartitionCopy* copies, const int* n_copies, ch
 }  // namespace
 
 cudaError_t launch_resident_partitions(const PartitionArgs& a, PartitionCopy* copies,
-                                       int* n_copies, cudaStream_t stream) {
+                                       int* n_copies, int multiprocessors, cudaStream_t stream) {
   const int64_t rows = int64_t(a.n_tokens) * a.n_heads;
   if (rows == 0 || a.k == 0) return cudaSuccess;
   if (a.kv_bytes % 16 || a.bias_bytes % 16 || a.part_slots < 1 ||
@@ -152,15 +152,12 @@ cudaError_t launch_resident_partitions(const PartitionArgs& a, PartitionCopy* co
         decide_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
     if (e != cudaSuccess) return e;
   }
-  int device = 0, sms = 0;
-  cudaError_t e = cudaGetDevice(&device);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (e == cudaSuccess) e = cudaMemsetAsync(n_copies, 0, sizeof(int), stream);
+  cudaError_t e = cudaMemsetAsync(n_copies, 0, sizeof(int), stream);
   if (e != cudaSuccess) return e;
   decide_kernel<<<unsigned(rows), k_threads, shared, stream>>>(a, copies, n_copies);
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  const int64_t grid = std::min<int64_t>(rows * a.k, int64_t(2) * std::max(sms, 1));
+  const int64_t grid = std::min<int64_t>(rows * a.k, int64_t(2) * std::max(multiprocessors, 1));
   copy_kernel<<<unsigned(grid), 256, 0, stream>>>(copies, n_copies, a.kv, a.bias, a.kv_bytes,
                                                   a.bias_bytes);
   return cudaGetLastError();

@@ -21,7 +21,8 @@ struct PartitionCopy {
 // `copies`: device memory for n_tokens * n_heads * k entries, filled as a compact list whose
 // length goes to `n_copies` (device memory, one int). Every pointer of `a` is one the device
 // reads (block_host: mapped host memory).
+// `multiprocessors`: the device's count, for the copies' grid.
 cudaError_t launch_resident_partitions(const PartitionArgs& a, PartitionCopy* copies,
-                                       int* n_copies, cudaStream_t stream);
+                                       int* n_copies, int multiprocessors, cudaStream_t stream);
 
 }  // namespace nosa::memory::cuda

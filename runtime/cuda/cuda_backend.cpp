@@ -139,6 +139,7 @@ class CudaBackend final : public Backend {
     NOSA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&staged_, cudaEventDisableTiming));
     NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&read_back_, cudaEventDisableTiming));
+    NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&host_copied_, cudaEventDisableTiming));
     NOSA_CUDA_CHECK(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
     NOSA_CUDA_CHECK(cudaStreamCreateWithFlags(&fetch_, cudaStreamNonBlocking));
     for (int i = 0; i < 2; ++i) {
@@ -162,6 +163,7 @@ class CudaBackend final : public Backend {
     if (cublas_) cublasDestroy(cublas_);
     cudaEventDestroy(staged_);
     cudaEventDestroy(read_back_);
+    cudaEventDestroy(host_copied_);
     for (int i = 0; i < 2; ++i) {
       cudaEventDestroy(selected_[i]);
       cudaEventDestroy(gathered_[i]);
@@ -242,6 +244,14 @@ class CudaBackend final : public Backend {
   // Into a persistent pinned buffer; an event marks the copy's end, so the host waits for the
   // work queued before it and nothing else (no allocation, no pageable copy).
   const void* read_back(const Tensor& t) override { return copy_to_host(t, stream_, nullptr); }
+
+  void queue_copy_to_host(const Tensor& t, void* host) override {
+    if (t.device() == Device::cpu) return Backend::queue_copy_to_host(t, host);
+    NOSA_CUDA_CHECK(cudaMemcpyAsync(host, t.raw(), t.bytes(), cudaMemcpyDeviceToHost, stream_));
+    NOSA_CUDA_CHECK(cudaEventRecord(host_copied_, stream_));
+  }
+
+  void wait_host_copy() override { NOSA_CUDA_CHECK(cudaEventSynchronize(host_copied_)); }
 
   // t's bytes in the persistent pinned buffer, copied on `stream` after `after` (when given)
   // and waited for.
@@ -477,14 +487,17 @@ class CudaBackend final : public Backend {
     auto* parts_of_seqs = reinterpret_cast<int32_t*>(staging_space(seq_partition.size() * 4));
     std::copy(seq_partition.begin(), seq_partition.end(), parts_of_seqs);
     a.seq_partition = parts_of_seqs;
-    const int64_t n = int64_t(a.n_tokens) * a.n_heads * a.k;
-    // The copy list, then its length.
-    Tensor copies =
-        alloc(DType::u8, {std::max<int64_t>(1, n) * int64_t(sizeof(mcu::PartitionCopy)) + 16});
-    step_keep_.push_back(copies);
-    auto* items = static_cast<mcu::PartitionCopy*>(copies.raw());
-    int* n_copies = reinterpret_cast<int*>(items + std::max<int64_t>(1, n));
-    NOSA_CUDA_CHECK(mcu::launch_resident_partitions(a, items, n_copies, stream_));
+    // The copy list, then its length: one buffer for every round, grown when a round needs more.
+    const int64_t n = std::max<int64_t>(1, int64_t(a.n_tokens) * a.n_heads * a.k);
+    const int64_t bytes = n * int64_t(sizeof(mcu::PartitionCopy)) + 16;
+    if (partition_copies_.numel() < bytes) {
+      if (partition_copies_.defined()) step_keep_.push_back(partition_copies_);  // queued readers
+      partition_copies_ = alloc(DType::u8, {bytes});
+    }
+    auto* items = static_cast<mcu::PartitionCopy*>(partition_copies_.raw());
+    int* n_copies = reinterpret_cast<int*>(items + n);
+    NOSA_CUDA_CHECK(mcu::launch_resident_partitions(a, items, n_copies,
+                                                    props_.multiProcessorCount, stream_));
     NOSA_CUDA_CHECK(cudaEventRecord(staged_, stream_));  // it reads staging memory
   }
 
@@ -1250,6 +1263,10 @@ class CudaBackend final : public Backend {
   std::vector<Tensor> step_keep_;
   PinnedBuffer upload_pinned_, result_pinned_, readback_pinned_;
   cudaEvent_t read_back_ = nullptr;
+  cudaEvent_t host_copied_ = nullptr;  // after the last queue_copy_to_host
+  // Device-side residency's copy list and its length, reused by every layer's round (they run
+  // in order on the main stream).
+  Tensor partition_copies_;
 
   // Micro-batches: the step slot that is not current (use_step_slot swaps it in), the side
   // stream of the overlapped gathers and their pinned transfer lists, and per slot the events

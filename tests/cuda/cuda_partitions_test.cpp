@@ -61,6 +61,9 @@ TEST(CudaPartitions, TheKernelMakesTheReferencesDecisionsAndCopies) {
     DeviceArray<cuda::PartitionCopy> copies(
         std::vector<cuda::PartitionCopy>(size_t(c.T) * c.H * c.k));
     DeviceArray<int> n_copies(std::vector<int>{0});
+    int multiprocessors = 0;
+    ASSERT_EQ(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, 0),
+              cudaSuccess);
     PartitionArgs a = c.args(block_host.p);
     a.selection = selection.p;
     a.token_seq = token_seq.p;
@@ -72,7 +75,7 @@ TEST(CudaPartitions, TheKernelMakesTheReferencesDecisionsAndCopies) {
     a.kv = kv.p;
     a.bias = bias.p;
     a.counters = counters.p;
-    ASSERT_EQ(cuda::launch_resident_partitions(a, copies.p, n_copies.p, nullptr), cudaSuccess);
+    ASSERT_EQ(cuda::launch_resident_partitions(a, copies.p, n_copies.p, multiprocessors, nullptr), cudaSuccess);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     cudaFreeHost(pinned);
     EXPECT_EQ(slot_table.get(), ref.slot_table) << "seed " << seed;

@@ -40,7 +40,8 @@ std::vector<std::vector<int32_t>> generate(attention::Mode mode, const KvCacheOp
                                            memory::TierStats* stats = nullptr,
                                            int micro_min_seqs = -1,
                                            int64_t* micro_steps = nullptr,
-                                           int64_t* device_steps = nullptr) {
+                                           int64_t* device_steps = nullptr,
+                                           memory::TierStats* unsynced = nullptr) {
   Rig rig(mode, kv, 400, 256);
   if (micro_min_seqs >= 0) rig.model->set_micro_batch_min_seqs(micro_min_seqs);
   std::vector<RequestId> ids;
@@ -52,6 +53,9 @@ std::vector<std::vector<int32_t>> generate(attention::Mode mode, const KvCacheOp
     EXPECT_EQ(res[id].last.finish, FinishReason::length) << res[id].last.error;
     out.push_back(res[id].tokens);
   }
+  // As the engine reports them step by step (the device-side counters of every step but the
+  // last), then all of them.
+  if (unsynced) *unsynced = rig.engine->stats().tiers;
   rig.cache->sync_stats();
   if (stats) *stats = rig.engine->stats().tiers;
   if (micro_steps) *micro_steps = rig.model->micro_batch_steps();
@@ -126,10 +130,13 @@ TEST_P(OffloadGivesTheSameTokens, WithResidencyOnTheDevice) {
   host.decode_partitions = 4;
   host.partition_slots = 20;  // of 4 chunks per block: 320 slots; the selection's width is 16
   host.min_partition_slots = 16;
-  memory::TierStats hs;
+  memory::TierStats hs, unsynced;
   int64_t device_steps = 0, micro = 0;
-  EXPECT_EQ(generate(GetParam(), host, &hs, 0, nullptr, &device_steps), expected);
+  EXPECT_EQ(generate(GetParam(), host, &hs, 0, nullptr, &device_steps, &unsynced), expected);
   EXPECT_GT(device_steps, 20);
+  // Each step's device-side counters reach the engine's statistics at the next step's start.
+  EXPECT_GE(unsynced.hits * 10, hs.hits * 9);
+  EXPECT_LE(unsynced.hits, hs.hits);
   EXPECT_GT(hs.evictions, 0);
   EXPECT_GT(hs.hits, hs.misses);
   EXPECT_EQ(hs.device_slots, 800);
@@ -259,7 +266,7 @@ TEST(Offload, ADiskErrorFailsOnlyTheAffectedRequest) {
     while (rig.engine->stats().tiers.disk_blocks_used == 0)
       for (auto& e : rig.engine->step())
         if (e.finish != FinishReason::none) ends[e.id] = e;
-    EXPECT_EQ(rig.cache->partitions() != nullptr, partitions);
+    EXPECT_EQ(rig.cache->has_partitions(), partitions);
     rig.cache->tiers()->disk()->inject_faults([](bool write, int64_t) { return !write; });
     RequestId b = rig.engine->submit(request(50, 2, 20));
     auto res = rig.run_all();
@@ -269,7 +276,7 @@ TEST(Offload, ADiskErrorFailsOnlyTheAffectedRequest) {
     EXPECT_EQ(ends[b].finish, FinishReason::length) << ends[b].error;
     EXPECT_EQ(res[b].tokens, alone);
     EXPECT_EQ(rig.cache->pool().used_blocks(), 0);
-    EXPECT_EQ(rig.cache->partitions() != nullptr, partitions);  // kept: the entries were cleared
+    EXPECT_EQ(rig.cache->has_partitions(), partitions);  // kept: the entries were cleared
     if (partitions) {
       EXPECT_GT(rig.cache->device_steps(), 0);
     }
