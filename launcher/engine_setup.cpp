@@ -202,9 +202,8 @@ EngineSetup EngineSetup::create(const EngineFlags& f, int64_t tokens_hint) {
     // half of the block cache (the rest stays the host path's, for the prompts' rounds);
     // batches larger than the partitions take the host path.
     if (s.model->mode() != attention::Mode::dense) {
-      // Every rank of a replica makes the same partitions (the smallest fit decides): whether a
-      // cache has them decides whether steps split into micro-batches, which ranks must agree on.
-      // NOSA_DEVICE_RESIDENCY=0 keeps every step on the host path.
+      // Every rank of a replica makes the same partitions (the smallest fit decides).
+      // NOSA_DEVICE_RESIDENCY=0 keeps every step on the host path (and its micro-batches).
       const int64_t cpb = layout.chunks_per_block(), room = kv_options.device_slots / 2;
       const bool wanted = env_int("NOSA_DEVICE_RESIDENCY", 1, 0, 1) == 1;
       const int64_t n = parallel::all_min_value<int64_t>(

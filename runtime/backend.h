@@ -122,8 +122,8 @@ class Backend {
     copy_chunks(loads, true, cache);
   }
   // Device-side residency of one layer's selection for a decoding step (memory/partitions.h;
-  // `step` is the current step slot's, `seq_partition` its sequences' partitions): queued like
-  // gather_selected, so that the slot's attention finds every selected chunk resident. The
+  // `seq_partition`: the step's sequences' partitions), queued before the layer's attention,
+  // which then finds every selected chunk resident. Whole steps only (no micro-batches). The
   // default runs the reference on host tensors (the CPU backend).
   virtual void resident_partitions(int layer, const Selection& selection, const StepBatch& step,
                                    const std::vector<int32_t>& seq_partition, KvCache& cache);

@@ -143,10 +143,7 @@ void KvCache::begin_step(const StepBatch& step) {
     counts_queued_ = false;
     fold_counts(parts_->counters_host);
   }
-  on_device_ = parts_ &&
-               std::all_of(step.seqs.begin(), step.seqs.end(),
-                           [](const StepSequence& s) { return s.n_new == 1; }) &&
-               assign_partitions(step);
+  on_device_ = parts_ && step.decode_only() && assign_partitions(step);
   if (parts_ && !on_device_) keep_room_for(step);
   std::vector<int32_t>& writes = step_blocks_;
   std::vector<int32_t>& reads = step_reads_;

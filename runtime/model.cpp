@@ -190,15 +190,13 @@ Tensor Model::run_layers(const StepBatch& step, KvCache& cache) {
   Backend& be = backend_;
   const int64_t T = step.n_tokens();
   NOSA_ASSERT(T > 0, "empty step");
-  const bool decode_only = std::all_of(step.seqs.begin(), step.seqs.end(),
-                                       [](const StepSequence& s) { return s.n_new == 1; });
   // Not with device-side residency (a cache made with partitions): its decoding steps have no
   // host work to hide, and two micro-batches measured slower than one batch there
   // (docs/memory.md). The test is static (partitions asked for, whether or not a rank made or
   // kept them), so that every rank of a replica splits the same steps.
   if (cache.offloaded() && mode_ != attention::Mode::dense && be.step_slots() >= 2 &&
       micro_min_seqs_ > 0 && int(step.seqs.size()) >= std::max(2, micro_min_seqs_) &&
-      decode_only && !cache.partitioned())
+      step.decode_only() && !cache.partitioned())
     return run_micro_batches(step, cache);
 
   be.begin_step(step);

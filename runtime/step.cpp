@@ -1,10 +1,15 @@
 #include "runtime/step.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "runtime/core/error.h"
 
 namespace nosa::runtime {
+
+bool StepBatch::decode_only() const {
+  return std::all_of(seqs.begin(), seqs.end(), [](const StepSequence& s) { return s.n_new == 1; });
+}
 
 void StepBatch::add(const std::vector<int32_t>& new_tokens, int64_t n_past,
                     const std::vector<int32_t>* blocks, bool want_logits, bool all_logits) {

@@ -24,6 +24,8 @@ struct StepBatch {
   std::vector<int32_t> logit_rows;  // rows of tokens whose logits are returned, in order
 
   int64_t n_tokens() const { return int64_t(tokens.size()); }
+  // Every sequence computes one new token (no prompt chunk).
+  bool decode_only() const;
   // Appends a sequence's new tokens (positions n_past...) and fills token_seq and logit_rows.
   void add(const std::vector<int32_t>& new_tokens, int64_t n_past,
            const std::vector<int32_t>* blocks, bool want_logits = true, bool all_logits = false);
