@@ -247,11 +247,14 @@ bool KvCache::assign_partitions(const StepBatch& step) {
       if (!host) return false;
       parts_->block_host[block] = host;
     }
+  seq_partition_.clear();
   for (const StepSequence& s : step.seqs) {
     int32_t& p = partition_of_first_[size_t(s.blocks->at(0))];
-    if (p >= 0) continue;
-    p = free_partitions_.back();
-    free_partitions_.pop_back();
+    if (p < 0) {
+      p = free_partitions_.back();
+      free_partitions_.pop_back();
+    }
+    seq_partition_.push_back(p);
   }
   ++parts_->step_stamp;
   return true;
@@ -323,9 +326,9 @@ void KvCache::fold_counts(const int64_t* counts) {
 void KvCache::make_resident(int layer, const Selection& selection, const StepBatch& step) {
   if (!tiers_) return;
   if (on_device_) {
-    seq_partition_.clear();
-    for (const StepSequence& s : step.seqs)
-      seq_partition_.push_back(partition_of_first_[size_t(s.blocks->at(0))]);
+    NOSA_ASSERT(step.seqs.size() == seq_partition_.size(),
+                "make_resident: not the step begin_step saw ({} sequences, {} partitions)",
+                step.seqs.size(), seq_partition_.size());
     backend_.resident_partitions(layer, selection, step, seq_partition_, *this);
     ++times_.calls;
     return;

@@ -172,7 +172,7 @@ class KvCache {
   std::optional<DevicePartitions> parts_;
   std::vector<int32_t> partition_of_first_;  // by a sequence's first block: its partition, or -1
   std::vector<int32_t> free_partitions_;
-  std::vector<int32_t> seq_partition_;       // make_resident's scratch
+  std::vector<int32_t> seq_partition_;       // the device step's sequences' partitions
   bool on_device_ = false;
   int64_t device_steps_ = 0;
   int64_t device_counts_[memory::part_counters] = {};  // as last folded in
