@@ -344,34 +344,44 @@ TEST(BatchCommand, TensorParallelOffloadedBatchGivesTheTokensOfOneRank) {
   for (const auto& [id, j] : want) EXPECT_EQ(got[id]["token_ids"], j["token_ids"]) << id;
 }
 
-// Offloaded decoding with micro-batches: `launch` turns one rank's `nosa batch` command (debug
-// log, the offload flags, `extra`) into the command line to run; the job must end well with the
-// tokens of one process deciding each step in one batch, and some rank must say it split a
-// step. Returns the run's output for further checks.
-CommandResult expect_micro_batches_keep_the_tokens(
-    const std::function<std::string(const std::string&)>& launch, const std::string& extra) {
+// `nosa batch` on n prompts with the offload `flags`, once in one process as the reference
+// (environment `ref_env`, `ref_extra`), then as `launch` turns one rank's command (debug log,
+// environment `run_env`, `extra`) into the command line to run: the run must end well with the
+// reference's tokens. Returns the run's output for further checks.
+CommandResult expect_tokens_of_the_reference(
+    const std::function<std::string(const std::string&)>& launch, int n, const std::string& flags,
+    const std::string& ref_env, const std::string& ref_extra, const std::string& run_env,
+    const std::string& extra) {
   TempDir dir;
-  const int n = 12;
   write_prompts(dir / "in.jsonl", n);
-  const std::string flags =
-      "--max-tokens 24 --ignore-eos --max-running 4 --progress off --offload host "
-      "--gpu-kv-gib 0.004 --host-kv-gib 0.004";
-  auto one = run_command(batch_command(dir / "in.jsonl", dir / "ref.jsonl",
-                                       flags + " --micro-batch-min-seqs 0"));
+  auto one = run_command("env " + ref_env + " " +
+                         batch_command(dir / "in.jsonl", dir / "ref.jsonl", flags + " " + ref_extra));
   EXPECT_EQ(one.exit_code, 0) << one.err;
-  // The host path's residency (a cache with device-side partitions does not split steps).
-  auto r = run_command("env NOSA_DEVICE_RESIDENCY=0 " + launch(fmt::format(
+  auto r = run_command("env " + run_env + " " + launch(fmt::format(
       "{} batch --model {} --input {} --output {} --threads 1 --log-level debug {} {}",
       nosa_binary(), model_dir(), (dir / "in.jsonl").string(), (dir / "out.jsonl").string(),
       flags, extra)));
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
-  EXPECT_NE((r.out + r.err).find("runs as two micro-batches"), std::string::npos)
-      << "no step ran as two micro-batches";
   auto want = results_by_id(dir / "ref.jsonl");
   auto got = results_by_id(dir / "out.jsonl");
   EXPECT_EQ(want.size(), size_t(n));
   EXPECT_EQ(got.size(), size_t(n));
   for (const auto& [id, j] : want) EXPECT_EQ(got[id]["token_ids"], j["token_ids"]) << id;
+  return r;
+}
+
+// Offloaded decoding with micro-batches (the host path's residency: a cache with device-side
+// partitions does not split steps): the tokens of one process deciding each step in one batch,
+// and some rank says it split a step.
+CommandResult expect_micro_batches_keep_the_tokens(
+    const std::function<std::string(const std::string&)>& launch, const std::string& extra) {
+  auto r = expect_tokens_of_the_reference(
+      launch, 12,
+      "--max-tokens 24 --ignore-eos --max-running 4 --progress off --offload host "
+      "--gpu-kv-gib 0.004 --host-kv-gib 0.004",
+      "", "--micro-batch-min-seqs 0", "NOSA_DEVICE_RESIDENCY=0", extra);
+  EXPECT_NE((r.out + r.err).find("runs as two micro-batches"), std::string::npos)
+      << "no step ran as two micro-batches";
   return r;
 }
 
@@ -393,29 +403,18 @@ TEST(BatchCommand, MicroBatchesGiveTheTokensOfOneBatch) {
 // one process, with a block cache whose partitions hold every running sequence.
 TEST(BatchCommand, TensorParallelResidencyOnTheDeviceGivesTheTokensOfOneRank) {
   if (run_command("command -v mpirun").exit_code != 0) GTEST_SKIP() << "mpirun not found";
-  TempDir dir;
-  const int n = 6;
-  write_prompts(dir / "in.jsonl", n);
-  const std::string flags =
+  auto r = expect_tokens_of_the_reference(
+      [](const std::string& rank) {
+        return "timeout 120 mpirun --allow-run-as-root --oversubscribe -np 2 " + rank;
+      },
+      6,
       "--max-tokens 24 --ignore-eos --max-running 3 --progress off --offload host "
-      "--gpu-kv-gib 0.02 --host-kv-gib 0.004";
-  auto one = run_command("env NOSA_DEVICE_RESIDENCY=0 " +
-                         batch_command(dir / "in.jsonl", dir / "ref.jsonl", flags));
-  ASSERT_EQ(one.exit_code, 0) << one.err;
-  auto r = run_command(fmt::format(
-      "timeout 120 mpirun --allow-run-as-root --oversubscribe -np 2 {} batch --model {} --input "
-      "{} --output {} --threads 1 --log-level debug --tp 2 --rank-timeout 20 {}",
-      nosa_binary(), model_dir(), (dir / "in.jsonl").string(), (dir / "out.jsonl").string(),
-      flags));
-  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+      "--gpu-kv-gib 0.02 --host-kv-gib 0.004",
+      "NOSA_DEVICE_RESIDENCY=0", "", "NOSA_DEVICE_RESIDENCY=1", "--tp 2 --rank-timeout 20");
   for (const char* rank : {"[rank 0]", "[rank 1]"})
     EXPECT_NE((r.out + r.err).find(std::string(rank) + "[memory] a decoding step of"),
               std::string::npos)
         << rank << " decided no step's residency on the device";
-  auto want = results_by_id(dir / "ref.jsonl");
-  auto got = results_by_id(dir / "out.jsonl");
-  ASSERT_EQ(got.size(), size_t(n));
-  for (const auto& [id, j] : want) EXPECT_EQ(got[id]["token_ids"], j["token_ids"]) << id;
 }
 
 // Under tensor parallelism both ranks split every step alike and stay in lockstep (the same
