@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "memory/cuda/chunk_copy.cuh"
+
 namespace nosa::memory::cuda {
 
 namespace {
@@ -116,21 +118,16 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* n_cop
     atomicAdd(reinterpret_cast<unsigned long long*>(&a.counters[threadIdx.x]), count[threadIdx.x]);
 }
 
-// A fixed grid over the compact list (its length known only on the device): a few thread blocks
-// per multiprocessor keep enough reads in flight for PCIe without a block per possible miss
-// competing for the multiprocessors with the other micro-batch's kernels.
+// A fixed grid over the compact list (its length known only on the device): two thread blocks per
+// multiprocessor keep enough reads in flight for PCIe, without a thread block per possible miss.
 __global__ void copy_kernel(const PartitionCopy* copies, const int* n_copies, char* kv, char* bias,
                             int64_t kv_bytes, int64_t bias_bytes) {
   const int n = *n_copies;
   for (int x = blockIdx.x; x < n; x += gridDim.x) {
     const PartitionCopy c = copies[x];
-    if (!c.host) continue;
-    const int4* src_kv = reinterpret_cast<const int4*>(c.host);
-    const int4* src_bias = reinterpret_cast<const int4*>(c.host + kv_bytes);
-    int4* dst_kv = reinterpret_cast<int4*>(kv + c.slot * kv_bytes);
-    int4* dst_bias = reinterpret_cast<int4*>(bias + c.slot * bias_bytes);
-    for (int64_t i = threadIdx.x; i < kv_bytes / 16; i += blockDim.x) dst_kv[i] = src_kv[i];
-    for (int64_t i = threadIdx.x; i < bias_bytes / 16; i += blockDim.x) dst_bias[i] = src_bias[i];
+    if (c.host)
+      copy_chunk_block(c.host, kv + c.slot * kv_bytes, bias + c.slot * bias_bytes, kv_bytes,
+                       bias_bytes, true);
   }
 }
 
