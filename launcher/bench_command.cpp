@@ -74,12 +74,16 @@ struct BenchFlags {
   double gpu_kv_gib = 0, host_kv_gib = 0, disk_kv_gib = 0;
   std::string disk_kv_dir;
   std::vector<double> miss_rates = {-1};  // offload suite: < 0 = the model's own selection
-  // Offload suite: Model::set_micro_batch_min_seqs values whose steps alternate in one run (empty:
-  // the model's default).
+  // Offload suite, residency on the host: Model::set_micro_batch_min_seqs values whose steps
+  // alternate in one run (empty: the model's default).
   std::vector<int> micro_min_seqs;
   // Offload suite: where decoding steps decide residency (device: partitions of the block cache,
   // host: the selection read back each layer); several values give a row each, own tiers each.
   std::vector<std::string> residency = {"device"};
+  // Offload suite, residency on the device: whether the misses' copies overlap attention over the
+  // hits (on, off); several values alternate step by step like the micro-batch variants (empty:
+  // the backend's default).
+  std::vector<std::string> copy_overlap;
   std::string select_path;  // CUDA block selection: split, tiled, per-token, or automatic (empty)
   std::string cuda_graphs = "on";  // decoding steps replayed from CUDA graphs: on or off
   std::string json_out, csv_out, label, commit;
@@ -543,6 +547,8 @@ void run_offload(SuiteContext& ctx) {
     NOSA_CHECK(m >= 0, "--micro-batch-min-seqs takes sequence counts >= 0 (0: never), not {}", m);
   for (const std::string& r : f.residency)
     NOSA_CHECK(r == "device" || r == "host", "--residency takes device or host, not '{}'", r);
+  for (const std::string& o : f.copy_overlap)
+    NOSA_CHECK(o == "on" || o == "off", "--copy-overlap takes on or off, not '{}'", o);
   for (const std::string& mode_name : f.modes) {
     const attention::Mode mode = attention::parse_mode(mode_name);
     NOSA_CHECK(mode != attention::Mode::dense,
@@ -609,10 +615,25 @@ void run_offload(SuiteContext& ctx) {
           for (int64_t i = 0; i < n_blocks; ++i) all[i] = int32_t(i);
           std::vector<std::vector<int32_t>> tables(B);
           std::unique_ptr<SyntheticSelection> synth;
-          // The variants (micro-batch thresholds) whose steps alternate; -1: the model's default.
-          std::vector<int> variants = f.micro_min_seqs;
-          if (variants.empty()) variants.push_back(-1);
+          // The variants whose steps alternate: with residency on the host, micro-batch
+          // thresholds (-1: the model's default); on the device (a cache with partitions runs
+          // whole steps), copy overlaps (-1: the backend's default).
+          struct Variant {
+            int micro = -1, overlap = -1;
+          };
+          std::vector<Variant> variants;
+          if (residency == "device") {
+            for (const std::string& o : f.copy_overlap) variants.push_back({-1, int(o == "on")});
+          } else {
+            for (const int m : f.micro_min_seqs) variants.push_back({m, -1});
+          }
+          if (variants.empty()) variants.push_back({});
           const size_t nv = variants.size();
+          const bool overlap_default = be.partition_copy_overlap();
+          auto restore = [&] {
+            model.set_micro_batch_min_seqs(runtime::Model::default_micro_batch_min_seqs());
+            be.set_partition_copy_overlap(overlap_default);
+          };
           std::vector<std::vector<double>> times_ms(nv);
           std::vector<memory::TierStats> delta(nv);  // summed over each variant's timed steps
           std::vector<int64_t> micro_steps(nv, 0);   // of those, run as two micro-batches
@@ -654,7 +675,8 @@ void run_offload(SuiteContext& ctx) {
             const int warmup = std::max<int>(f.warmup, int(nv));
             for (int s = 0; s < warmup + f.steps * int(nv); ++s) {
               const size_t v = size_t(s) % nv;
-              if (variants[v] >= 0) model.set_micro_batch_min_seqs(variants[v]);
+              if (variants[v].micro >= 0) model.set_micro_batch_min_seqs(variants[v].micro);
+              if (variants[v].overlap >= 0) be.set_partition_copy_overlap(variants[v].overlap);
               runtime::StepBatch step;
               for (int i = 0; i < B; ++i)
                 step.add({int32_t(rng() % uint32_t(c.vocab_size))}, context, &tables[i]);
@@ -682,12 +704,12 @@ void run_offload(SuiteContext& ctx) {
               d.bytes_disk_written += st1.bytes_disk_written - st0.bytes_disk_written;
             }
           } catch (const Error& e) {
-            model.set_micro_batch_min_seqs(runtime::Model::default_micro_batch_min_seqs());
+            restore();
             skip(e);
             continue;
           }
           model.set_selection_override({});
-          model.set_micro_batch_min_seqs(runtime::Model::default_micro_batch_min_seqs());
+          restore();
           const memory::TierStats after = cache->stats();
           for (size_t v = 0; v < nv; ++v) {
             json vrow = row;
@@ -697,9 +719,15 @@ void run_offload(SuiteContext& ctx) {
               label += (label.empty() ? "" : " ") + part;
             };
             if (f.residency.size() > 1) add_label(residency + "-residency");
-            if (variants[v] >= 0) {
-              vrow["micro_batch_min_seqs"] = variants[v];
-              if (nv > 1) add_label(fmt::format("micro-{}", variants[v]));
+            if (variants[v].micro >= 0) {
+              vrow["micro_batch_min_seqs"] = variants[v].micro;
+              if (f.micro_min_seqs.size() > 1)
+                add_label(fmt::format("micro-{}", variants[v].micro));
+            }
+            if (variants[v].overlap >= 0) {
+              vrow["copy_overlap"] = variants[v].overlap == 1;
+              if (f.copy_overlap.size() > 1)
+                add_label(variants[v].overlap ? "overlap-on" : "overlap-off");
             }
             vrow["label"] = label;
             const double steps = double(f.steps);
@@ -738,11 +766,15 @@ void run_offload(SuiteContext& ctx) {
             vrow["disk_gib"] = double(after.disk_blocks) * double(cpb) * slot_bytes / gib;
             ctx.rows.push_back(vrow);
             logger("bench")->info(
-                "offload {:8s} B={:3d} C={:6d} miss={:5s} {}{}: {:8.3f} ms/step {:9.1f} tok/s  "
+                "offload {:8s} B={:3d} C={:6d} miss={:5s} {}{}{}: {:8.3f} ms/step {:9.1f} tok/s  "
                 "overlap {:.3f} miss rate {:.3f}  PCIe {:.1f} MB/step{}  floor {:.3f} ms x{:.2f}",
                 mode_name, B, context, miss < 0 ? "model" : fmt::format("{:.2f}", miss),
                 device_steps[v] > 0 ? "device" : "host",
-                variants[v] >= 0 ? fmt::format(" micro-{}", variants[v]) : std::string(), med,
+                variants[v].micro >= 0 ? fmt::format(" micro-{}", variants[v].micro)
+                                       : std::string(),
+                variants[v].overlap >= 0 ? fmt::format(" overlap-{}", variants[v].overlap ? "on" : "off")
+                                         : std::string(),
+                med,
                 vrow["tokens_per_s"].get<double>(), vrow["overlap"].get<double>(),
                 vrow["miss_rate"].get<double>(), (h2d + d2h) / 1e6,
                 disk + disk_written > 0
@@ -1061,16 +1093,22 @@ Runner add_bench_command(CLI::App& app) {
                   "(comma-separated; -1 = the model's own selection)")
       ->delimiter(',');
   cmd->add_option("--micro-batch-min-seqs", f->micro_min_seqs,
-                  "Offload suite: decoding steps of at least this many sequences run as two "
-                  "micro-batches (0: never; default: the engine's, 32). Several values "
-                  "(comma-separated) alternate step by step on the same tiers, one row each "
-                  "(labelled micro-N): an A/B within one process")
+                  "Offload suite, residency on the host: decoding steps of at least this many "
+                  "sequences run as two micro-batches (0: never; default: the engine's, 32). "
+                  "Several values (comma-separated) alternate step by step on the same tiers, one "
+                  "row each (labelled micro-N): an A/B within one process")
       ->delimiter(',');
   cmd->add_option("--residency", f->residency,
                   "Offload suite: where decoding steps decide which blocks to load: device "
                   "(each sequence's partition of the block cache, no read back; the default) or "
                   "host (each layer's selection read back and looked up). Both (comma-separated): "
                   "a row each, on tiers of their own")
+      ->delimiter(',');
+  cmd->add_option("--copy-overlap", f->copy_overlap,
+                  "Offload suite, residency on the device: on = attention over the resident "
+                  "blocks while the missing ones are copied (the default), off = the copies "
+                  "first. Both (comma-separated) alternate step by step on the same tiers, a row "
+                  "each (labelled overlap-on, overlap-off)")
       ->delimiter(',');
   cmd->add_option("--json", f->json_out, "Write the results (with machine and commit) as JSON");
   cmd->add_option("--csv", f->csv_out, "Write the results as CSV");

@@ -24,16 +24,20 @@ void resident_partitions_reference(const PartitionArgs& a) {
       std::fill(used.begin(), used.end(), 0);
       miss_chunk.clear();
       miss_block.clear();
-      const int32_t* row = a.selection + (int64_t(t) * H + h) * a.k;
+      const int64_t row_at = (int64_t(t) * H + h) * a.k;
+      const int32_t* row = a.selection + row_at;
+      int n_hits = 0;
       for (int i = 0; i < a.k && row[i] >= 0; ++i) {
         const int64_t block = table[row[i]];
         const int64_t chunk = (block * a.n_layers + a.layer) * H + h;
         const int32_t s = a.slot_table[chunk];
         if (s < 0) {
+          if (a.miss_rows) a.miss_rows[row_at + int64_t(miss_chunk.size())] = row[i];
           miss_chunk.push_back(chunk);
           miss_block.push_back(block);
           continue;
         }
+        if (a.hit_rows) a.hit_rows[row_at + n_hits++] = row[i];
         ++a.counters[part_hits];
         if (s >= base && s < base + R) {
           used[size_t(s - base)] = 1;
@@ -42,6 +46,10 @@ void resident_partitions_reference(const PartitionArgs& a) {
           ++a.counters[part_overlap];  // a block the host path keeps: being written, or recent
         }
       }
+      if (a.hit_rows) std::fill(a.hit_rows + row_at + n_hits, a.hit_rows + row_at + a.k, -1);
+      if (a.miss_rows)
+        std::fill(a.miss_rows + row_at + int64_t(miss_chunk.size()), a.miss_rows + row_at + a.k,
+                  -1);
       // The misses take the least recently used slots this step does not use, in order.
       free_slots.clear();
       for (int j = 0; j < R; ++j)

@@ -64,6 +64,11 @@ struct PartitionArgs {
   int64_t kv_bytes = 0, bias_bytes = 0;
   char* const* block_host = nullptr;
   int64_t* counters = nullptr;  // [part_counters]
+  // Optional ([T][H][k] each, null: not written): each row's selection split in two, the logical
+  // blocks that were hits and those that were misses, each in the selection's order and -1
+  // padded. Attention can then read the hits while the misses are still being copied.
+  int32_t* hit_rows = nullptr;
+  int32_t* miss_rows = nullptr;
 };
 
 // The reference: every (token, KV head) in turn, copies with memcpy. Throws internal if a

@@ -127,6 +127,11 @@ class Backend {
   // default runs the reference on host tensors (the CPU backend).
   virtual void resident_partitions(int layer, const Selection& selection, const StepBatch& step,
                                    const std::vector<int32_t>& seq_partition, KvCache& cache);
+  // Whether resident_partitions' copies overlap the layer's attention over the chunks already
+  // resident (attention then runs in two parts and merges them). Backends that copy in place
+  // have nothing to overlap.
+  virtual void set_partition_copy_overlap(bool on) {}
+  virtual bool partition_copy_overlap() const { return false; }
 
   // Dense ops. Shapes: x [T, K], w [N, K], out [T, N].
   virtual void embedding(const Tensor& table, Tensor& out) = 0;  // rows of the step's tokens

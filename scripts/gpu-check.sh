@@ -119,10 +119,11 @@ if [ $bench -eq 1 ]; then
     bench_cmds+=("--suite decode --shape nosa-1b-like --mode dense,nosa --batch 1,16,64 --context 16384,32768")
     bench_cmds+=("--suite decode --shape nosa-8b-like --mode dense,nosa --batch 1,16,64 --context 16384,32768")
     bench_cmds+=("--suite prefill --shape nosa-1b-like --mode dense,nosa --prompts 16 --prompt-len 16384")
-    # Issue 4's comparison: NOSA and InfLLM-V2 with the KV in pinned host memory.
-    # Micro-batches at the default threshold (32 sequences) and never, alternating step by step
-    # in one process: an A/B on the same tiers and host memory.
-    bench_cmds+=("--suite offload --shape nosa-8b-like --mode nosa,infllmv2 --batch 16,64 --context 16384 --steps 8 --micro-batch-min-seqs 32,0 --residency device,host")
+    # Issue 4's comparison: NOSA and InfLLM-V2 with the KV in pinned host memory. Each A/B
+    # alternates step by step in one process, on the same tiers and host memory: residency on
+    # the device with the copies overlapping attention over the hits or not; on the host,
+    # micro-batches at the default threshold (32 sequences) or never.
+    bench_cmds+=("--suite offload --shape nosa-8b-like --mode nosa,infllmv2 --batch 16,64 --context 16384 --steps 8 --copy-overlap on,off --micro-batch-min-seqs 32,0 --residency device,host")
   fi
   i=0
   for args in "${bench_cmds[@]}"; do

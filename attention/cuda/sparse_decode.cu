@@ -1,3 +1,6 @@
+#include <algorithm>
+#include <type_traits>
+
 #include "attention/cuda/attention_tile.cuh"
 #include "attention/cuda/sparse_decode.cuh"
 
@@ -147,9 +150,10 @@ __global__ void __launch_bounds__(32 * k_warps) decode_kernel(DecodeArgs a) {
   }
   __syncthreads();
   // Only the group's G rows are written: float4 of output, (m, l) per row.
-  const int64_t unit = (int64_t(li) * H + h) * a.splits + split;
+  const int total = a.split_total > 0 ? a.split_total : a.splits;
+  const int64_t unit = (int64_t(li) * H + h) * total + a.split_begin + split;
   float* po = a.partial + unit * 16 * D;
-  float* pml = a.partial + int64_t(a.n_list) * H * a.splits * 16 * D + unit * 16 * 2;
+  float* pml = a.partial + int64_t(a.n_list) * H * total * 16 * D + unit * 16 * 2;
   for (int i = threadIdx.x; i < G * (D / 4); i += blockDim.x) {
     const int r = i / (D / 4), c = (i % (D / 4)) * 4;
     float m = -INFINITY;
@@ -183,7 +187,7 @@ __global__ void __launch_bounds__(256) combine_kernel(DecodeArgs a) {
   extern __shared__ __align__(16) float wsm[];  // [G][splits] weights, [G] 1 / sum
   const int li = blockIdx.x, h = blockIdx.y;
   const int t = a.token_list[li];
-  const int H = a.kv.n_kv_heads, G = a.group, S = a.splits;
+  const int H = a.kv.n_kv_heads, G = a.group, S = a.split_total > 0 ? a.split_total : a.splits;
   const int64_t unit0 = (int64_t(li) * H + h) * S;
   const float* po = a.partial + unit0 * 16 * D;
   const float* pml = a.partial + int64_t(a.n_list) * H * S * 16 * D + unit0 * 16 * 2;
@@ -244,19 +248,37 @@ __global__ void __launch_bounds__(256) combine_kernel(DecodeArgs a) {
 }
 
 template <int D>
-cudaError_t launch(const DecodeArgs& a, cudaStream_t stream) {
+cudaError_t launch_part(const DecodeArgs& a, cudaStream_t stream) {
   const int smem_stages = k_stages * StageLayout<D>::bytes + k_max_entries * (8 + 4);
   const int smem_merge = (k_warps * 16 * 2 + k_warps * 16 * D) * 4;
   const int smem = smem_stages > smem_merge ? smem_stages : smem_merge;
   if (const cudaError_t e = allow_shared<decode_kernel<D>>(smem); e != cudaSuccess) return e;
   dim3 grid(a.n_list, a.kv.n_kv_heads, a.splits);
   decode_kernel<D><<<grid, 32 * k_warps, smem, stream>>>(a);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
-  const size_t smem_combine = sizeof(float) * size_t(a.group) * (a.splits + 1);
+  return cudaGetLastError();
+}
+
+template <int D>
+cudaError_t launch_merge(const DecodeArgs& a, cudaStream_t stream) {
+  const int total = a.split_total > 0 ? a.split_total : a.splits;
+  const size_t smem_combine = sizeof(float) * size_t(a.group) * (total + 1);
   if (smem_combine > 48 * 1024) return cudaErrorInvalidValue;  // decode_splits keeps it small
   combine_kernel<D><<<dim3(a.n_list, a.kv.n_kv_heads), 256, smem_combine, stream>>>(a);
   return cudaGetLastError();
+}
+
+// The checks every launch makes, then f(std::integral_constant<int, head_dim>).
+template <typename F>
+cudaError_t dispatch(const DecodeArgs& a, F f) {
+  if (a.n_list == 0) return cudaSuccess;
+  if (a.group > 16 || a.group < 1 || a.splits < 1 || a.split_begin < 0 ||
+      (a.split_total > 0 && a.split_begin + a.splits > a.split_total))
+    return cudaErrorInvalidValue;
+  switch (a.kv.head_dim) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace
@@ -266,7 +288,7 @@ int decode_splits(int n_list, int n_kv_heads, int max_blocks, int block_size, in
   if (pairs <= 0) return 1;
   const int stages = (max_blocks * block_size + k_stage_keys - 1) / k_stage_keys;
   // Every split's share must fit k_max_split_stages (its entries live in shared memory).
-  const int need = (stages + k_max_split_stages - 1) / k_max_split_stages;
+  const int need = decode_min_splits(max_blocks, block_size);
   // The split count with the least estimated time: whole waves of thread blocks (two per
   // multiprocessor) times the stages of one block plus its start (about k_start stages: the
   // selection, block table and slot lookups before the first load). Ties: fewer splits (less to
@@ -275,7 +297,7 @@ int decode_splits(int n_list, int n_kv_heads, int max_blocks, int block_size, in
   const int slots = 2 * (sm_count > 0 ? sm_count : 1);
   int hi = stages / 2 > need ? stages / 2 : need;
   if (hi > k_max_splits) hi = k_max_splits > need ? k_max_splits : need;
-  int best = need > 0 ? need : 1;
+  int best = need;
   int64_t best_cost = -1;
   for (int k = best; k <= hi; ++k) {
     const int64_t waves = (int64_t(pairs) * k + slots - 1) / slots;
@@ -292,14 +314,24 @@ size_t decode_partial_floats(int n_list, int n_kv_heads, int splits, int head_di
   return size_t(n_list) * n_kv_heads * splits * 16 * (head_dim + 2);
 }
 
+int decode_min_splits(int max_blocks, int block_size) {
+  const int stages = (max_blocks * block_size + k_stage_keys - 1) / k_stage_keys;
+  return std::max(1, (stages + k_max_split_stages - 1) / k_max_split_stages);
+}
+
 cudaError_t launch_sparse_decode(const DecodeArgs& a, cudaStream_t stream) {
-  if (a.n_list == 0) return cudaSuccess;
-  if (a.group > 16 || a.group < 1) return cudaErrorInvalidValue;
-  switch (a.kv.head_dim) {
-    case 64: return launch<64>(a, stream);
-    case 128: return launch<128>(a, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch(a, [&](auto d) {
+    const cudaError_t e = launch_part<decltype(d)::value>(a, stream);
+    return e != cudaSuccess ? e : launch_merge<decltype(d)::value>(a, stream);
+  });
+}
+
+cudaError_t launch_sparse_decode_part(const DecodeArgs& a, cudaStream_t stream) {
+  return dispatch(a, [&](auto d) { return launch_part<decltype(d)::value>(a, stream); });
+}
+
+cudaError_t launch_sparse_decode_merge(const DecodeArgs& a, cudaStream_t stream) {
+  return dispatch(a, [&](auto d) { return launch_merge<decltype(d)::value>(a, stream); });
 }
 
 }  // namespace nosa::attention::cuda

@@ -62,16 +62,35 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* n_cop
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    // The misses in the order of the selection (a row holds at most a few hundred entries).
-    int r = 0;
-    for (int i = 0; i < k; ++i)
+    // The misses in the order of the selection (a row holds at most a few hundred entries);
+    // miss_flag[i] becomes entry i's place among the misses (r >= 0) or the hits (-1 - r).
+    int r = 0, n_hit = 0;
+    for (int i = 0; i < width; ++i)
       if (miss_flag[i]) {
         miss_chunk[r] = miss_chunk[i];
         miss_block[r] = miss_block[i];
-        ++r;
+        miss_flag[i] = r++;
+      } else {
+        miss_flag[i] = -1 - n_hit++;
       }
     n_miss = r;
     first_copy = r ? atomicAdd(n_copies, r) : 0;  // this row's place in the copy list
+  }
+  __syncthreads();
+  if (a.hit_rows) {
+    const int64_t at = (int64_t(t) * H + h) * k;
+    const int n_hit = width - n_miss;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) {
+      if (i < width) {
+        const int place = miss_flag[i];
+        if (place >= 0)
+          a.miss_rows[at + place] = row[i];
+        else
+          a.hit_rows[at - 1 - place] = row[i];
+      }
+      if (i >= n_hit) a.hit_rows[at + i] = -1;
+      if (i >= n_miss) a.miss_rows[at + i] = -1;
+    }
   }
   for (int j = threadIdx.x; j < R; j += blockDim.x)
     keys[j] = used[j] ? ~0ull
@@ -133,12 +152,12 @@ __global__ void copy_kernel(const PartitionCopy* copies, const int* n_copies, ch
 
 }  // namespace
 
-cudaError_t launch_resident_partitions(const PartitionArgs& a, PartitionCopy* copies,
-                                       int* n_copies, int multiprocessors, cudaStream_t stream) {
+cudaError_t launch_partition_decisions(const PartitionArgs& a, PartitionCopy* copies,
+                                       int* n_copies, cudaStream_t stream) {
   const int64_t rows = int64_t(a.n_tokens) * a.n_heads;
   if (rows == 0 || a.k == 0) return cudaSuccess;
   if (a.kv_bytes % 16 || a.bias_bytes % 16 || a.part_slots < 1 ||
-      a.part_slots > k_max_partition_slots)
+      a.part_slots > k_max_partition_slots || (a.hit_rows == nullptr) != (a.miss_rows == nullptr))
     return cudaErrorInvalidValue;
   const size_t shared = size_t(a.part_slots) * 9 + size_t(a.k) * 20 + 16;
   if (shared > 40 * 1024) {
@@ -152,12 +171,25 @@ cudaError_t launch_resident_partitions(const PartitionArgs& a, PartitionCopy* co
   cudaError_t e = cudaMemsetAsync(n_copies, 0, sizeof(int), stream);
   if (e != cudaSuccess) return e;
   decide_kernel<<<unsigned(rows), k_threads, shared, stream>>>(a, copies, n_copies);
-  e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
+  return cudaGetLastError();
+}
+
+cudaError_t launch_partition_copies(const PartitionArgs& a, const PartitionCopy* copies,
+                                    const int* n_copies, int multiprocessors,
+                                    cudaStream_t stream) {
+  const int64_t rows = int64_t(a.n_tokens) * a.n_heads;
+  if (rows == 0 || a.k == 0) return cudaSuccess;
   const int64_t grid = std::min<int64_t>(rows * a.k, int64_t(2) * std::max(multiprocessors, 1));
   copy_kernel<<<unsigned(grid), 256, 0, stream>>>(copies, n_copies, a.kv, a.bias, a.kv_bytes,
                                                   a.bias_bytes);
   return cudaGetLastError();
+}
+
+cudaError_t launch_resident_partitions(const PartitionArgs& a, PartitionCopy* copies,
+                                       int* n_copies, int multiprocessors, cudaStream_t stream) {
+  const cudaError_t e = launch_partition_decisions(a, copies, n_copies, stream);
+  if (e != cudaSuccess) return e;
+  return launch_partition_copies(a, copies, n_copies, multiprocessors, stream);
 }
 
 }  // namespace nosa::memory::cuda

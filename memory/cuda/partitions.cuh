@@ -25,4 +25,13 @@ struct PartitionCopy {
 cudaError_t launch_resident_partitions(const PartitionArgs& a, PartitionCopy* copies,
                                        int* n_copies, int multiprocessors, cudaStream_t stream);
 
+// The same in two launches, for queueing the copies on another stream than the decisions (after
+// an event): the decisions update the slot table and fill the list (and a.hit_rows and
+// a.miss_rows, when given); the copies then move the listed chunks.
+cudaError_t launch_partition_decisions(const PartitionArgs& a, PartitionCopy* copies,
+                                       int* n_copies, cudaStream_t stream);
+cudaError_t launch_partition_copies(const PartitionArgs& a, const PartitionCopy* copies,
+                                    const int* n_copies, int multiprocessors,
+                                    cudaStream_t stream);
+
 }  // namespace nosa::memory::cuda

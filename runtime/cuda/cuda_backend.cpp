@@ -140,6 +140,8 @@ class CudaBackend final : public Backend {
     NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&staged_, cudaEventDisableTiming));
     NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&read_back_, cudaEventDisableTiming));
     NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&host_copied_, cudaEventDisableTiming));
+    NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&decided_, cudaEventDisableTiming));
+    NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&copied_, cudaEventDisableTiming));
     NOSA_CUDA_CHECK(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
     NOSA_CUDA_CHECK(cudaStreamCreateWithFlags(&fetch_, cudaStreamNonBlocking));
     for (int i = 0; i < 2; ++i) {
@@ -164,6 +166,8 @@ class CudaBackend final : public Backend {
     cudaEventDestroy(staged_);
     cudaEventDestroy(read_back_);
     cudaEventDestroy(host_copied_);
+    cudaEventDestroy(decided_);
+    cudaEventDestroy(copied_);
     for (int i = 0; i < 2; ++i) {
       cudaEventDestroy(selected_[i]);
       cudaEventDestroy(gathered_[i]);
@@ -401,6 +405,7 @@ class CudaBackend final : public Backend {
 
   void begin_step(const StepBatch& step, bool more) override {
     NOSA_ASSERT(!more || !recording_, "a step graph records one step");
+    join_partition_copies();
     step_ = &step;
     plan_valid_ = false;
     bounds_.valid = false;
@@ -496,9 +501,40 @@ class CudaBackend final : public Backend {
     }
     auto* items = static_cast<mcu::PartitionCopy*>(partition_copies_.raw());
     int* n_copies = reinterpret_cast<int*>(items + n);
-    NOSA_CUDA_CHECK(mcu::launch_resident_partitions(a, items, n_copies,
-                                                    props_.multiProcessorCount, stream_));
+    join_partition_copies();  // the previous layer's (attend joins them; this is for safety)
+    if (!overlap_partition_copies_) {
+      NOSA_CUDA_CHECK(mcu::launch_resident_partitions(a, items, n_copies,
+                                                      props_.multiProcessorCount, stream_));
+      NOSA_CUDA_CHECK(cudaEventRecord(staged_, stream_));  // it reads staging memory
+      return;
+    }
+    // The rows split into hits and misses, for attention over the hits while the misses are
+    // copied on the side stream (attend).
+    if (split_rows_.numel() < 2 * n) {
+      if (split_rows_.defined()) step_keep_.push_back(split_rows_);
+      split_rows_ = alloc(DType::i32, {2 * n});
+    }
+    a.hit_rows = split_rows_.data<int32_t>();
+    a.miss_rows = a.hit_rows + n;
+    NOSA_CUDA_CHECK(mcu::launch_partition_decisions(a, items, n_copies, stream_));
     NOSA_CUDA_CHECK(cudaEventRecord(staged_, stream_));  // it reads staging memory
+    NOSA_CUDA_CHECK(cudaEventRecord(decided_, stream_));
+    NOSA_CUDA_CHECK(cudaStreamWaitEvent(side_, decided_, 0));
+    NOSA_CUDA_CHECK(
+        mcu::launch_partition_copies(a, items, n_copies, props_.multiProcessorCount, side_));
+    NOSA_CUDA_CHECK(cudaEventRecord(copied_, side_));
+    pending_copies_ = {layer, a.k, a.hit_rows, a.miss_rows};
+  }
+
+  void set_partition_copy_overlap(bool on) override { overlap_partition_copies_ = on; }
+  bool partition_copy_overlap() const override { return overlap_partition_copies_; }
+
+  // Makes the main stream wait for device-side residency's copies on the side stream, if any
+  // are pending.
+  void join_partition_copies() {
+    if (pending_copies_.layer < 0) return;
+    NOSA_CUDA_CHECK(cudaStreamWaitEvent(stream_, copied_, 0));
+    pending_copies_.layer = -1;
   }
 
   // ---- step graphs --------------------------------------------------------------------------
@@ -854,6 +890,12 @@ class CudaBackend final : public Backend {
     const bool slice = q_head_begin != 0 || out_heads.dim(1) != hq;
     Tensor out = slice ? alloc(DType::bf16, q.shape()) : out_heads;
     const Plan& plan = attend_plan(group, L.block_size);
+    // Device-side residency copying this layer's misses on the side stream: the hits first,
+    // then the misses once copied (a decoding step, so no prefill tiles).
+    const PendingCopies parts = pending_copies_;
+    const bool in_parts = parts.layer == layer && selection && parts.k == selection->k_max &&
+                          plan.n_tiles == 0;
+    if (!in_parts) join_partition_copies();
     const acu::KvView kv = kv_view(cache);
     const float scale = 1.0f / std::sqrt(float(L.head_dim));
     // The fields the decode and prefill kernels share.
@@ -877,11 +919,25 @@ class CudaBackend final : public Backend {
       a.n_list = plan.n_decode;
       a.splits = acu::decode_splits(a.n_list, H, a.max_blocks, L.block_size,
                                     props_.multiProcessorCount);
+      // The misses are few: the fewest splits that hold a row.
+      const int miss_splits = in_parts ? acu::decode_min_splits(a.max_blocks, L.block_size) : 0;
+      a.split_total = a.splits + miss_splits;
       Tensor partial = alloc(DType::f32, {int64_t(acu::decode_partial_floats(
-                                              a.n_list, H, a.splits, L.head_dim))});
+                                              a.n_list, H, a.split_total, L.head_dim))});
       a.partial = partial.data<float>();
       a.out = out.raw();
-      NOSA_CUDA_CHECK(acu::launch_sparse_decode(a, stream_));
+      if (in_parts) {
+        a.selection = parts.hits;
+        NOSA_CUDA_CHECK(acu::launch_sparse_decode_part(a, stream_));
+        join_partition_copies();
+        a.selection = parts.misses;
+        a.split_begin = a.splits;
+        a.splits = miss_splits;
+        NOSA_CUDA_CHECK(acu::launch_sparse_decode_part(a, stream_));
+        NOSA_CUDA_CHECK(acu::launch_sparse_decode_merge(a, stream_));
+      } else {
+        NOSA_CUDA_CHECK(acu::launch_sparse_decode(a, stream_));
+      }
     }
     if (plan.n_tiles > 0) {
       acu::PrefillArgs a;
@@ -1267,6 +1323,17 @@ class CudaBackend final : public Backend {
   // Device-side residency's copy list and its length, reused by every layer's round (they run
   // in order on the main stream).
   Tensor partition_copies_;
+  // Overlapping the copies with attention over the hits (NOSA_RESIDENCY_OVERLAP=0: the copies
+  // first, on the main stream): the rows split into hits and misses ([2][T][H][k]), and the
+  // layer whose copies run on the side stream until copied_ (-1: none).
+  bool overlap_partition_copies_ = env_int("NOSA_RESIDENCY_OVERLAP", 1, 0, 1) != 0;
+  Tensor split_rows_;
+  struct PendingCopies {
+    int layer = -1, k = 0;
+    const int32_t* hits = nullptr;
+    const int32_t* misses = nullptr;
+  } pending_copies_;
+  cudaEvent_t decided_ = nullptr, copied_ = nullptr;
 
   // Micro-batches: the step slot that is not current (use_step_slot swaps it in), the side
   // stream of the overlapped gathers and their pinned transfer lists, and per slot the events

@@ -1,6 +1,6 @@
 // Device-side residency's kernel (memory/cuda/partitions.cu) against the reference
 // (memory/partitions.cpp) on random reachable states: the same slot table, partition chunks and
-// stamps, counters and slot bytes, byte for byte.
+// stamps, counters, slot bytes and rows split into hits and misses, byte for byte.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -61,6 +61,8 @@ TEST(CudaPartitions, TheKernelMakesTheReferencesDecisionsAndCopies) {
     DeviceArray<cuda::PartitionCopy> copies(
         std::vector<cuda::PartitionCopy>(size_t(c.T) * c.H * c.k));
     DeviceArray<int> n_copies(std::vector<int>{0});
+    const std::vector<int32_t> unwritten(c.selection.size(), test::PartitionCase::k_unwritten);
+    DeviceArray<int32_t> hit_rows(unwritten), miss_rows(unwritten);
     int multiprocessors = 0;
     ASSERT_EQ(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, 0),
               cudaSuccess);
@@ -75,13 +77,18 @@ TEST(CudaPartitions, TheKernelMakesTheReferencesDecisionsAndCopies) {
     a.kv = kv.p;
     a.bias = bias.p;
     a.counters = counters.p;
-    ASSERT_EQ(cuda::launch_resident_partitions(a, copies.p, n_copies.p, multiprocessors, nullptr), cudaSuccess);
+    a.hit_rows = hit_rows.p;
+    a.miss_rows = miss_rows.p;
+    ASSERT_EQ(cuda::launch_resident_partitions(a, copies.p, n_copies.p, multiprocessors, nullptr),
+              cudaSuccess);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     cudaFreeHost(pinned);
     EXPECT_EQ(slot_table.get(), ref.slot_table) << "seed " << seed;
     EXPECT_EQ(part_chunk.get(), ref.part_chunk) << "seed " << seed;
     EXPECT_EQ(part_stamp.get(), ref.part_stamp) << "seed " << seed;
     EXPECT_EQ(counters.get(), ref.counters) << "seed " << seed;
+    EXPECT_EQ(hit_rows.get(), ref.hit_rows) << "seed " << seed;
+    EXPECT_EQ(miss_rows.get(), ref.miss_rows) << "seed " << seed;
     EXPECT_TRUE(kv.get() == ref.kv) << "seed " << seed;
     EXPECT_TRUE(bias.get() == ref.bias) << "seed " << seed;
     EXPECT_EQ(int64_t(n_copies.get()[0]), ref.counters[part_misses]) << "seed " << seed;

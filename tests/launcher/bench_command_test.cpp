@@ -158,6 +158,40 @@ TEST(BenchCommand, OffloadSuiteAlternatesMicroBatchVariantsInOneRun) {
   }
 }
 
+// Each residency alternates its own variants: copy overlaps on the device (a cache with
+// partitions runs whole steps), micro-batch thresholds on the host.
+TEST(BenchCommand, OffloadSuiteAlternatesEachResidencysOwnVariants) {
+  TempDir dir;
+  auto r = run_command(fmt::format("{} bench --suite offload --shape tiny --device cpu --mode nosa "
+                                   "--batch 4 --context 1024 --steps 2 --warmup 1 "
+                                   "--residency device,host --copy-overlap on,off "
+                                   "--micro-batch-min-seqs 2,0 --json {}",
+                                   nosa_binary(), (dir / "o.json").string()));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto j = nlohmann::json::parse(slurp(dir / "o.json"));
+  ASSERT_EQ(j["results"].size(), 4u);
+  const auto& rows = j["results"];
+  EXPECT_EQ(rows[0]["label"], "device-residency overlap-on");
+  EXPECT_EQ(rows[0]["copy_overlap"], true);
+  EXPECT_EQ(rows[1]["label"], "device-residency overlap-off");
+  EXPECT_EQ(rows[1]["copy_overlap"], false);
+  EXPECT_EQ(rows[2]["label"], "host-residency micro-2");
+  EXPECT_EQ(rows[3]["label"], "host-residency micro-0");
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(rows[i]["device_residency_steps"], 2) << i;
+    EXPECT_EQ(rows[i]["micro_batch_steps"], 0) << i;
+    EXPECT_FALSE(rows[i].contains("micro_batch_min_seqs")) << i;
+  }
+  EXPECT_EQ(rows[2]["micro_batch_steps"], 2);
+  EXPECT_EQ(rows[3]["micro_batch_steps"], 0);
+  EXPECT_FALSE(rows[2].contains("copy_overlap"));
+  auto bad = run_command(fmt::format("{} bench --suite offload --shape tiny --device cpu "
+                                     "--copy-overlap maybe",
+                                     nosa_binary()));
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("--copy-overlap takes on or off"), std::string::npos) << bad.err;
+}
+
 namespace bench = nosa::launcher::bench;
 
 // ---- a PNG reader for the checks ----------------------------------------------------------------

@@ -16,10 +16,14 @@
 namespace nosa::memory::test {
 
 struct PartitionCase {
+  static constexpr int32_t k_unwritten = -7;
   int T = 0, H = 0, k = 0, L = 0, layer = 0, R = 0, n_parts = 0, bt_stride = 0;
   int64_t part_base = 0, n_blocks = 0, kv_bytes = 64, bias_bytes = 16;
   uint32_t stamp = 0;
   std::vector<int32_t> selection, token_seq, block_table, seq_partition, slot_table;
+  // The selection split into hits and misses ([T][H][k] each; a value no round writes until one
+  // does, so that an entry left unwritten shows).
+  std::vector<int32_t> hit_rows, miss_rows;
   std::vector<int64_t> part_chunk, counters = std::vector<int64_t>(part_counters, 0);
   std::vector<uint32_t> part_stamp;
   std::vector<char> kv, bias, host;  // host: every block's bytes, block after block
@@ -52,6 +56,10 @@ struct PartitionCase {
     a.bias_bytes = bias_bytes;
     a.block_host = block_host;
     a.counters = counters.data();
+    hit_rows.assign(selection.size(), k_unwritten);
+    miss_rows.assign(selection.size(), k_unwritten);
+    a.hit_rows = hit_rows.data();
+    a.miss_rows = miss_rows.data();
     return a;
   }
 };

@@ -128,7 +128,8 @@ TEST(Partitions, APartitionTooSmallForItsMissesIsAnError) {
 }
 
 // Random reachable states: afterwards every selected chunk is mapped to a slot holding its host
-// bytes, only misses were copied, and each partition's slots used this step carry its stamp.
+// bytes, only misses were copied, each partition's slots used this step carry its stamp, and the
+// rows are split into the hits and the misses.
 TEST(Partitions, EverySelectedChunkIsResidentAfterARound) {
   for (uint32_t seed = 1; seed <= 40; ++seed) {
     PartitionCase c = test::random_partition_case(seed);
@@ -139,8 +140,26 @@ TEST(Partitions, EverySelectedChunkIsResidentAfterARound) {
     for (int t = 0; t < c.T; ++t)
       for (int h = 0; h < c.H; ++h) {
         const int64_t local = ((int64_t(c.seq_partition[t]) * c.L + c.layer) * c.H + h) * c.R;
+        const int64_t row = (int64_t(t) * c.H + h) * c.k;
+        std::vector<int32_t> hits, misses;  // the row's blocks, as the split must give them
         for (int i = 0; i < c.k; ++i) {
-          const int32_t b = c.selection[(int64_t(t) * c.H + h) * c.k + i];
+          const int32_t b = c.selection[row + i];
+          if (b < 0) break;
+          (before[c.chunk(c.block_table[int64_t(t) * c.bt_stride + b], c.layer, h)] < 0 ? misses
+                                                                                       : hits)
+              .push_back(b);
+        }
+        hits.resize(size_t(c.k), -1);
+        misses.resize(size_t(c.k), -1);
+        EXPECT_EQ(std::vector<int32_t>(c.hit_rows.begin() + row, c.hit_rows.begin() + row + c.k),
+                  hits)
+            << "seed " << seed;
+        EXPECT_EQ(
+            std::vector<int32_t>(c.miss_rows.begin() + row, c.miss_rows.begin() + row + c.k),
+            misses)
+            << "seed " << seed;
+        for (int i = 0; i < c.k; ++i) {
+          const int32_t b = c.selection[row + i];
           if (b < 0) break;
           const int64_t block = c.block_table[int64_t(t) * c.bt_stride + b];
           const int64_t ch = c.chunk(block, c.layer, h);
