@@ -10,7 +10,7 @@ namespace {
 
 constexpr int k_threads = 256;
 
-__global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* n_copies) {
+__global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* counts) {
   extern __shared__ unsigned long long smem[];
   const int R = a.part_slots, k = a.k, H = a.n_heads;
   unsigned long long* keys = smem;                                 // [R]: (stamp, slot) or max
@@ -19,7 +19,7 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* n_cop
   int* miss_flag = reinterpret_cast<int*>(miss_block + k);         // [k]
   unsigned char* used = reinterpret_cast<unsigned char*>(miss_flag + k);  // [R]
   __shared__ unsigned long long count[part_counters];
-  __shared__ int n_miss, first_copy, width;
+  __shared__ int n_miss, width;
 
   const int t = blockIdx.x / H, h = blockIdx.x % H;
   const int seq = a.token_seq[t];
@@ -74,7 +74,8 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* n_cop
         miss_flag[i] = -1 - n_hit++;
       }
     n_miss = r;
-    first_copy = r ? atomicAdd(n_copies, r) : 0;  // this row's place in the copy list
+    counts[blockIdx.x] = r;
+    if (r) atomicAdd(&counts[gridDim.x], r);
   }
   __syncthreads();
   if (a.hit_rows) {
@@ -98,7 +99,7 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* n_cop
                             static_cast<unsigned long long>(j);
   __syncthreads();
   const int m = n_miss;
-  PartitionCopy* out = copies + first_copy;
+  PartitionCopy* out = copies + int64_t(blockIdx.x) * k;  // this row's copies
   const int64_t chunk_bytes = a.kv_bytes + a.bias_bytes;
   int placed = 0;
   for (int j = threadIdx.x; j < R; j += blockDim.x) {
@@ -137,13 +138,16 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* n_cop
     atomicAdd(reinterpret_cast<unsigned long long*>(&a.counters[threadIdx.x]), count[threadIdx.x]);
 }
 
-// A fixed grid over the compact list (its length known only on the device): two thread blocks per
-// multiprocessor keep enough reads in flight for PCIe, without a thread block per possible miss.
-__global__ void copy_kernel(const PartitionCopy* copies, const int* n_copies, char* kv, char* bias,
-                            int64_t kv_bytes, int64_t bias_bytes) {
-  const int n = *n_copies;
-  for (int x = blockIdx.x; x < n; x += gridDim.x) {
-    const PartitionCopy c = copies[x];
+// Thread blocks (row, j) copy the row's misses j, j + gridDim.y, ...: short-lived blocks (a
+// decoding step misses a few chunks per row), so that the compute kernels of another micro-batch
+// find multiprocessors as soon as a block ends. A grid of long-lived blocks looping over every
+// copy held each multiprocessor for the whole copy, and the other micro-batch's GEMMs waited.
+__global__ void copy_kernel(const PartitionCopy* copies, const int* counts, int k, char* kv,
+                            char* bias, int64_t kv_bytes, int64_t bias_bytes) {
+  const int n = counts[blockIdx.x];
+  const PartitionCopy* row = copies + int64_t(blockIdx.x) * k;
+  for (int x = blockIdx.y; x < n; x += gridDim.y) {
+    const PartitionCopy c = row[x];
     if (c.host)
       copy_chunk_block(c.host, kv + c.slot * kv_bytes, bias + c.slot * bias_bytes, kv_bytes,
                        bias_bytes, true);
@@ -152,8 +156,8 @@ __global__ void copy_kernel(const PartitionCopy* copies, const int* n_copies, ch
 
 }  // namespace
 
-cudaError_t launch_partition_decisions(const PartitionArgs& a, PartitionCopy* copies,
-                                       int* n_copies, cudaStream_t stream) {
+cudaError_t launch_partition_decisions(const PartitionArgs& a, PartitionCopy* copies, int* counts,
+                                       cudaStream_t stream) {
   const int64_t rows = int64_t(a.n_tokens) * a.n_heads;
   if (rows == 0 || a.k == 0) return cudaSuccess;
   if (a.kv_bytes % 16 || a.bias_bytes % 16 || a.part_slots < 1 ||
@@ -168,28 +172,28 @@ cudaError_t launch_partition_decisions(const PartitionArgs& a, PartitionCopy* co
         decide_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
     if (e != cudaSuccess) return e;
   }
-  cudaError_t e = cudaMemsetAsync(n_copies, 0, sizeof(int), stream);
+  cudaError_t e = cudaMemsetAsync(counts + rows, 0, sizeof(int), stream);
   if (e != cudaSuccess) return e;
-  decide_kernel<<<unsigned(rows), k_threads, shared, stream>>>(a, copies, n_copies);
+  decide_kernel<<<unsigned(rows), k_threads, shared, stream>>>(a, copies, counts);
   return cudaGetLastError();
 }
 
 cudaError_t launch_partition_copies(const PartitionArgs& a, const PartitionCopy* copies,
-                                    const int* n_copies, int multiprocessors,
-                                    cudaStream_t stream) {
+                                    const int* counts, cudaStream_t stream) {
   const int64_t rows = int64_t(a.n_tokens) * a.n_heads;
   if (rows == 0 || a.k == 0) return cudaSuccess;
-  const int64_t grid = std::min<int64_t>(rows * a.k, int64_t(2) * std::max(multiprocessors, 1));
-  copy_kernel<<<unsigned(grid), 256, 0, stream>>>(copies, n_copies, a.kv, a.bias, a.kv_bytes,
-                                                  a.bias_bytes);
+  // Two blocks per row: most rows miss one or two chunks.
+  const dim3 grid(unsigned(rows), unsigned(std::min(a.k, 2)));
+  copy_kernel<<<grid, 256, 0, stream>>>(copies, counts, a.k, a.kv, a.bias, a.kv_bytes,
+                                         a.bias_bytes);
   return cudaGetLastError();
 }
 
-cudaError_t launch_resident_partitions(const PartitionArgs& a, PartitionCopy* copies,
-                                       int* n_copies, int multiprocessors, cudaStream_t stream) {
-  const cudaError_t e = launch_partition_decisions(a, copies, n_copies, stream);
+cudaError_t launch_resident_partitions(const PartitionArgs& a, PartitionCopy* copies, int* counts,
+                                       cudaStream_t stream) {
+  const cudaError_t e = launch_partition_decisions(a, copies, counts, stream);
   if (e != cudaSuccess) return e;
-  return launch_partition_copies(a, copies, n_copies, multiprocessors, stream);
+  return launch_partition_copies(a, copies, counts, stream);
 }
 
 }  // namespace nosa::memory::cuda

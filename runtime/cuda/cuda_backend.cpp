@@ -492,20 +492,20 @@ class CudaBackend final : public Backend {
     auto* parts_of_seqs = reinterpret_cast<int32_t*>(staging_space(seq_partition.size() * 4));
     std::copy(seq_partition.begin(), seq_partition.end(), parts_of_seqs);
     a.seq_partition = parts_of_seqs;
-    // The copy list, then its length: one buffer per step slot for every round, grown when a
-    // round needs more.
-    const int64_t n = std::max<int64_t>(1, int64_t(a.n_tokens) * a.n_heads * a.k);
-    const int64_t bytes = n * int64_t(sizeof(mcu::PartitionCopy)) + 16;
+    // The rows' copy lists, then their counts and total: one buffer per step slot for every
+    // round, grown when a round needs more.
+    const int64_t rows = int64_t(a.n_tokens) * a.n_heads;
+    const int64_t n = std::max<int64_t>(1, rows * a.k);
+    const int64_t bytes = n * int64_t(sizeof(mcu::PartitionCopy)) + (rows + 1) * 4;
     join_partition_copies(slot_);  // the previous layer's (attend joins them; this is for safety)
     if (r.copies.numel() < bytes) {
       if (r.copies.defined()) step_keep_.push_back(r.copies);  // queued readers
       r.copies = alloc(DType::u8, {bytes});
     }
     auto* items = static_cast<mcu::PartitionCopy*>(r.copies.raw());
-    int* n_copies = reinterpret_cast<int*>(items + n);
+    int* counts = reinterpret_cast<int*>(items + n);
     if (!overlap_partition_copies_) {
-      NOSA_CUDA_CHECK(mcu::launch_resident_partitions(a, items, n_copies,
-                                                      props_.multiProcessorCount, stream_));
+      NOSA_CUDA_CHECK(mcu::launch_resident_partitions(a, items, counts, stream_));
       NOSA_CUDA_CHECK(cudaEventRecord(staged_, stream_));  // it reads staging memory
       return;
     }
@@ -517,12 +517,11 @@ class CudaBackend final : public Backend {
     }
     a.hit_rows = r.split_rows.data<int32_t>();
     a.miss_rows = a.hit_rows + n;
-    NOSA_CUDA_CHECK(mcu::launch_partition_decisions(a, items, n_copies, stream_));
+    NOSA_CUDA_CHECK(mcu::launch_partition_decisions(a, items, counts, stream_));
     NOSA_CUDA_CHECK(cudaEventRecord(staged_, stream_));  // it reads staging memory
     NOSA_CUDA_CHECK(cudaEventRecord(r.decided, stream_));
     NOSA_CUDA_CHECK(cudaStreamWaitEvent(side_, r.decided, 0));
-    NOSA_CUDA_CHECK(
-        mcu::launch_partition_copies(a, items, n_copies, props_.multiProcessorCount, side_));
+    NOSA_CUDA_CHECK(mcu::launch_partition_copies(a, items, counts, side_));
     NOSA_CUDA_CHECK(cudaEventRecord(r.copied, side_));
     r.pending = {layer, a.k, a.hit_rows, a.miss_rows};
   }

@@ -60,12 +60,10 @@ TEST(CudaPartitions, TheKernelMakesTheReferencesDecisionsAndCopies) {
     DeviceArray<char*> block_host(dev_ptrs);
     DeviceArray<cuda::PartitionCopy> copies(
         std::vector<cuda::PartitionCopy>(size_t(c.T) * c.H * c.k));
-    DeviceArray<int> n_copies(std::vector<int>{0});
+    const int rows = c.T * c.H;
+    DeviceArray<int> counts(std::vector<int>(size_t(rows) + 1, -1));
     const std::vector<int32_t> unwritten(c.selection.size(), test::PartitionCase::k_unwritten);
     DeviceArray<int32_t> hit_rows(unwritten), miss_rows(unwritten);
-    int multiprocessors = 0;
-    ASSERT_EQ(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, 0),
-              cudaSuccess);
     PartitionArgs a = c.args(block_host.p);
     a.selection = selection.p;
     a.token_seq = token_seq.p;
@@ -79,8 +77,7 @@ TEST(CudaPartitions, TheKernelMakesTheReferencesDecisionsAndCopies) {
     a.counters = counters.p;
     a.hit_rows = hit_rows.p;
     a.miss_rows = miss_rows.p;
-    ASSERT_EQ(cuda::launch_resident_partitions(a, copies.p, n_copies.p, multiprocessors, nullptr),
-              cudaSuccess);
+    ASSERT_EQ(cuda::launch_resident_partitions(a, copies.p, counts.p, nullptr), cudaSuccess);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     cudaFreeHost(pinned);
     EXPECT_EQ(slot_table.get(), ref.slot_table) << "seed " << seed;
@@ -91,7 +88,14 @@ TEST(CudaPartitions, TheKernelMakesTheReferencesDecisionsAndCopies) {
     EXPECT_EQ(miss_rows.get(), ref.miss_rows) << "seed " << seed;
     EXPECT_TRUE(kv.get() == ref.kv) << "seed " << seed;
     EXPECT_TRUE(bias.get() == ref.bias) << "seed " << seed;
-    EXPECT_EQ(int64_t(n_copies.get()[0]), ref.counters[part_misses]) << "seed " << seed;
+    // Each row's copies are its misses (the reference's split rows say which), and the total.
+    const std::vector<int> got = counts.get();
+    for (int r = 0; r < rows; ++r) {
+      int misses = 0;
+      while (misses < c.k && ref.miss_rows[size_t(r) * c.k + misses] >= 0) ++misses;
+      EXPECT_EQ(got[size_t(r)], misses) << "seed " << seed << " row " << r;
+    }
+    EXPECT_EQ(int64_t(got[size_t(rows)]), ref.counters[part_misses]) << "seed " << seed;
     if (seed == 60)
       std::printf(
           "[ partition] 60 random states: kernel = reference (last: %d tokens, %d heads, "
