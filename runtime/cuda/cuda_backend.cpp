@@ -140,15 +140,7 @@ class CudaBackend final : public Backend {
     NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&staged_, cudaEventDisableTiming));
     NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&read_back_, cudaEventDisableTiming));
     NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&host_copied_, cudaEventDisableTiming));
-    // The side stream (micro-batches' gathers and device-side residency's copies) at the
-    // highest priority: while the main stream's kernels fill the multiprocessors, the block
-    // scheduler starts the copies' thread blocks first as multiprocessors free up, so that the
-    // copies keep PCIe busy (NOSA_SIDE_STREAM_PRIORITY=0: the default priority).
-    int least = 0, greatest = 0;
-    NOSA_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-    NOSA_CUDA_CHECK(cudaStreamCreateWithPriority(
-        &side_, cudaStreamNonBlocking,
-        env_int("NOSA_SIDE_STREAM_PRIORITY", 1, 0, 1) == 1 ? greatest : least));
+    NOSA_CUDA_CHECK(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
     NOSA_CUDA_CHECK(cudaStreamCreateWithFlags(&fetch_, cudaStreamNonBlocking));
     for (int i = 0; i < 2; ++i) {
       NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&selected_[i], cudaEventDisableTiming));
