@@ -74,8 +74,8 @@ struct BenchFlags {
   double gpu_kv_gib = 0, host_kv_gib = 0, disk_kv_gib = 0;
   std::string disk_kv_dir;
   std::vector<double> miss_rates = {-1};  // offload suite: < 0 = the model's own selection
-  // Offload suite: Model::set_micro_batch_min_seqs values whose steps alternate in one run
-  // (empty: the model's default).
+  // Offload suite, residency on the host: Model::set_micro_batch_min_seqs values whose steps
+  // alternate in one run (empty: the model's default).
   std::vector<int> micro_min_seqs;
   // Offload suite: where decoding steps decide residency (device: partitions of the block cache,
   // host: the selection read back each layer); several values give a row each, own tiers each.
@@ -615,18 +615,19 @@ void run_offload(SuiteContext& ctx) {
           for (int64_t i = 0; i < n_blocks; ++i) all[i] = int32_t(i);
           std::vector<std::vector<int32_t>> tables(B);
           std::unique_ptr<SyntheticSelection> synth;
-          // The variants whose steps alternate: micro-batch thresholds (-1: the model's
-          // default), and with residency on the device, times copy overlaps (-1: the backend's
-          // default).
+          // The variants whose steps alternate: with residency on the host, micro-batch
+          // thresholds (-1: the model's default); on the device (a cache with partitions runs
+          // whole steps), copy overlaps (-1: the backend's default).
           struct Variant {
             int micro = -1, overlap = -1;
           };
           std::vector<Variant> variants;
-          std::vector<std::string> overlaps = {""};
-          if (residency == "device" && !f.copy_overlap.empty()) overlaps = f.copy_overlap;
-          for (const int m : f.micro_min_seqs.empty() ? std::vector<int>{-1} : f.micro_min_seqs)
-            for (const std::string& o : overlaps)
-              variants.push_back({m, o.empty() ? -1 : int(o == "on")});
+          if (residency == "device") {
+            for (const std::string& o : f.copy_overlap) variants.push_back({-1, int(o == "on")});
+          } else {
+            for (const int m : f.micro_min_seqs) variants.push_back({m, -1});
+          }
+          if (variants.empty()) variants.push_back({});
           const size_t nv = variants.size();
           const bool overlap_default = be.partition_copy_overlap();
           auto restore = [&] {
@@ -1092,10 +1093,10 @@ Runner add_bench_command(CLI::App& app) {
                   "(comma-separated; -1 = the model's own selection)")
       ->delimiter(',');
   cmd->add_option("--micro-batch-min-seqs", f->micro_min_seqs,
-                  "Offload suite: decoding steps of at least this many sequences run as two "
-                  "micro-batches (0: never; default: the engine's, 32). Several values "
-                  "(comma-separated) alternate step by step on the same tiers, one row each "
-                  "(labelled micro-N): an A/B within one process")
+                  "Offload suite, residency on the host: decoding steps of at least this many "
+                  "sequences run as two micro-batches (0: never; default: the engine's, 32). "
+                  "Several values (comma-separated) alternate step by step on the same tiers, one "
+                  "row each (labelled micro-N): an A/B within one process")
       ->delimiter(',');
   cmd->add_option("--residency", f->residency,
                   "Offload suite: where decoding steps decide which blocks to load: device "

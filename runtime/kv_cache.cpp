@@ -39,7 +39,8 @@ KvCache::KvCache(const KvLayout& layout, int64_t n_blocks, Backend& backend,
     host_allocator_ = backend.host_allocator();
     // Partitions for device-side residency come out of the block cache; the host path keeps
     // the rest.
-    if (options.decode_partitions > 0) make_partitions(options, slots);
+    partitioned_ = options.decode_partitions > 0;
+    if (partitioned_) make_partitions(options, slots);
     memory::TierBudget budget;
     budget.device_slots = parts_ ? parts_->base : slots;
     budget.host_blocks = options.host_blocks > 0 ? options.host_blocks : n_blocks;
@@ -246,12 +247,14 @@ bool KvCache::assign_partitions(const StepBatch& step) {
       if (!host) return false;
       parts_->block_host[block] = host;
     }
+  seq_partition_.clear();
   for (const StepSequence& s : step.seqs) {
     int32_t& p = partition_of_first_[size_t(s.blocks->at(0))];
     if (p < 0) {
       p = free_partitions_.back();
       free_partitions_.pop_back();
     }
+    seq_partition_.push_back(p);
   }
   ++parts_->step_stamp;
   return true;
@@ -323,16 +326,10 @@ void KvCache::fold_counts(const int64_t* counts) {
 void KvCache::make_resident(int layer, const Selection& selection, const StepBatch& step) {
   if (!tiers_) return;
   if (on_device_) {
-    // The step's sequences, or one micro-batch's: their partitions (begin_step gave every
-    // sequence of the step one).
-    call_partitions_.clear();
-    for (const StepSequence& s : step.seqs) {
-      const int32_t p = partition_of_first_[size_t(s.blocks->at(0))];
-      NOSA_ASSERT(p >= 0, "make_resident: a sequence without a partition (not in the step "
-                  "begin_step saw)");
-      call_partitions_.push_back(p);
-    }
-    backend_.resident_partitions(layer, selection, step, call_partitions_, *this);
+    NOSA_ASSERT(step.seqs.size() == seq_partition_.size(),
+                "make_resident: not the step begin_step saw ({} sequences, {} partitions)",
+                step.seqs.size(), seq_partition_.size());
+    backend_.resident_partitions(layer, selection, step, seq_partition_, *this);
     ++times_.calls;
     return;
   }

@@ -143,6 +143,9 @@ class KvCache {
   // back to the host path); on_device(): whether the current step uses them.
   bool has_partitions() const { return parts_.has_value(); }
   bool on_device() const { return on_device_; }
+  // Whether partitions were asked for at construction (also when they were not made, or were
+  // handed back since): the same on every rank of a replica, for decisions ranks must share.
+  bool partitioned() const { return partitioned_; }
   int64_t device_steps() const { return device_steps_; }  // steps that used them, so far
   // The arguments of a device-side round of `layer` that the cache holds (the slot table, the
   // partitions, the slots' bytes, the host table, the counters, the layout); the backend adds
@@ -169,7 +172,7 @@ class KvCache {
   std::optional<DevicePartitions> parts_;
   std::vector<int32_t> partition_of_first_;  // by a sequence's first block: its partition, or -1
   std::vector<int32_t> free_partitions_;
-  std::vector<int32_t> call_partitions_;     // make_resident's sequences' partitions
+  std::vector<int32_t> seq_partition_;       // the device step's sequences' partitions
   bool on_device_ = false;
   int64_t device_steps_ = 0;
   int64_t device_counts_[memory::part_counters] = {};  // as last folded in
@@ -178,6 +181,7 @@ class KvCache {
   void release_partition_memory();
   int selection_width_ = 1;
   void make_partitions(const KvCacheOptions& options, int64_t slots);
+  bool partitioned_ = false;
   // A step on the host path whose rounds may need more of the block cache than the host path
   // keeps: the partitions go back to the host path, and residency stays there from then on.
   void keep_room_for(const StepBatch& step);

@@ -190,11 +190,13 @@ Tensor Model::run_layers(const StepBatch& step, KvCache& cache) {
   Backend& be = backend_;
   const int64_t T = step.n_tokens();
   NOSA_ASSERT(T > 0, "empty step");
-  // The test depends on the step alone, so that every rank of a replica splits the same steps
-  // (whether each decides residency on the host or on the device).
+  // Not with device-side residency (a cache made with partitions): its decoding steps have no
+  // host work to hide, and two micro-batches measured slower than one batch there
+  // (docs/memory.md). The test is static (partitions asked for, whether or not a rank made or
+  // kept them), so that every rank of a replica splits the same steps.
   if (cache.offloaded() && mode_ != attention::Mode::dense && be.step_slots() >= 2 &&
       micro_min_seqs_ > 0 && int(step.seqs.size()) >= std::max(2, micro_min_seqs_) &&
-      step.decode_only())
+      step.decode_only() && !cache.partitioned())
     return run_micro_batches(step, cache);
 
   be.begin_step(step);
@@ -220,9 +222,9 @@ Tensor Model::run_layers(const StepBatch& step, KvCache& cache) {
 // gather runs while the other half computes. Per layer, in the order the device runs them:
 //   A up to its selection | B from its attention (previous layer) | B up to its selection |
 //   A from its attention
-// while A's residency is decided (after A's selection: on the host, or on the device) and then
-// B's; the side stream copies B's misses of the previous layer, then A's, then B's. Each half is
-// the same computation as in one batch: the tokens are those of the whole step.
+// while the host does A's residency (after A's selection) and then B's; the side stream
+// gathers B's misses of the previous layer, then A's, then B's. Each half is the same
+// computation as in one batch: the tokens are those of the whole step.
 Tensor Model::run_micro_batches(const StepBatch& step, KvCache& cache) {
   Backend& be = backend_;
   const int S = int(step.seqs.size()), n_layers = config_.num_hidden_layers;

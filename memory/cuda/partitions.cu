@@ -139,9 +139,9 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* count
 }
 
 // Thread blocks (row, j) copy the row's misses j, j + gridDim.y, ...: short-lived blocks (a
-// decoding step misses a few chunks per row), so that the compute kernels of another micro-batch
-// find multiprocessors as soon as a block ends. A grid of long-lived blocks looping over every
-// copy held each multiprocessor for the whole copy, and the other micro-batch's GEMMs waited.
+// decoding step misses a few chunks per row), so that the kernels running beside the copies
+// (attention over the hits) find multiprocessors as soon as a block ends, where a grid of
+// long-lived blocks looping over one list held every multiprocessor for the whole copy.
 __global__ void copy_kernel(const PartitionCopy* copies, const int* counts, int k, char* kv,
                             char* bias, int64_t kv_bytes, int64_t bias_bytes) {
   const int n = counts[blockIdx.x];

@@ -140,13 +140,13 @@ class CudaBackend final : public Backend {
     NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&staged_, cudaEventDisableTiming));
     NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&read_back_, cudaEventDisableTiming));
     NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&host_copied_, cudaEventDisableTiming));
+    NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&decided_, cudaEventDisableTiming));
+    NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&copied_, cudaEventDisableTiming));
     NOSA_CUDA_CHECK(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
     NOSA_CUDA_CHECK(cudaStreamCreateWithFlags(&fetch_, cudaStreamNonBlocking));
     for (int i = 0; i < 2; ++i) {
       NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&selected_[i], cudaEventDisableTiming));
       NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&gathered_[i], cudaEventDisableTiming));
-      NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&residency_[i].decided, cudaEventDisableTiming));
-      NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&residency_[i].copied, cudaEventDisableTiming));
     }
     NOSA_CUBLAS_CHECK(cublasCreate(&cublas_));
     NOSA_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
@@ -166,11 +166,11 @@ class CudaBackend final : public Backend {
     cudaEventDestroy(staged_);
     cudaEventDestroy(read_back_);
     cudaEventDestroy(host_copied_);
+    cudaEventDestroy(decided_);
+    cudaEventDestroy(copied_);
     for (int i = 0; i < 2; ++i) {
       cudaEventDestroy(selected_[i]);
       cudaEventDestroy(gathered_[i]);
-      cudaEventDestroy(residency_[i].decided);
-      cudaEventDestroy(residency_[i].copied);
     }
     cudaStreamDestroy(side_);
     cudaStreamDestroy(fetch_);
@@ -405,7 +405,7 @@ class CudaBackend final : public Backend {
 
   void begin_step(const StepBatch& step, bool more) override {
     NOSA_ASSERT(!more || !recording_, "a step graph records one step");
-    join_partition_copies(slot_);
+    join_partition_copies();
     step_ = &step;
     plan_valid_ = false;
     bounds_.valid = false;
@@ -449,11 +449,10 @@ class CudaBackend final : public Backend {
 
   void set_gather_overlap(bool on) override {
     if (overlap_ && !on) {
-      // Whatever comes next on the main stream comes after every gather and copy.
+      // Whatever comes next on the main stream comes after every gather.
       NOSA_CUDA_CHECK(cudaEventRecord(gathered_[0], side_));
       NOSA_CUDA_CHECK(cudaStreamWaitEvent(stream_, gathered_[0], 0));
       gather_pending_[0] = gather_pending_[1] = false;
-      residency_[0].pending.layer = residency_[1].pending.layer = -1;
     }
     overlap_ = on;
   }
@@ -479,8 +478,9 @@ class CudaBackend final : public Backend {
 
   void resident_partitions(int layer, const Selection& selection, const StepBatch& step,
                            const std::vector<int32_t>& seq_partition, KvCache& cache) override {
-    NOSA_ASSERT(step_ == &step, "resident_partitions: not the current step slot's step");
-    SlotResidency& r = residency_[slot_];
+    NOSA_ASSERT(step_ == &step && !overlap_,
+                "resident_partitions: not the current step, or micro-batches (a cache with "
+                "partitions runs whole steps)");
     memory::PartitionArgs a = cache.partition_args(layer);
     a.selection = selection.blocks.data<int32_t>();
     a.n_tokens = int(step.n_tokens());
@@ -492,17 +492,17 @@ class CudaBackend final : public Backend {
     auto* parts_of_seqs = reinterpret_cast<int32_t*>(staging_space(seq_partition.size() * 4));
     std::copy(seq_partition.begin(), seq_partition.end(), parts_of_seqs);
     a.seq_partition = parts_of_seqs;
-    // The rows' copy lists, then their counts and total: one buffer per step slot for every
-    // round, grown when a round needs more.
+    // The rows' copy lists, then their counts and total: one buffer for every round, grown
+    // when a round needs more.
     const int64_t rows = int64_t(a.n_tokens) * a.n_heads;
     const int64_t n = std::max<int64_t>(1, rows * a.k);
     const int64_t bytes = n * int64_t(sizeof(mcu::PartitionCopy)) + (rows + 1) * 4;
-    join_partition_copies(slot_);  // the previous layer's (attend joins them; this is for safety)
-    if (r.copies.numel() < bytes) {
-      if (r.copies.defined()) step_keep_.push_back(r.copies);  // queued readers
-      r.copies = alloc(DType::u8, {bytes});
+    join_partition_copies();  // the previous layer's (attend joins them; this is for safety)
+    if (partition_copies_.numel() < bytes) {
+      if (partition_copies_.defined()) step_keep_.push_back(partition_copies_);  // queued readers
+      partition_copies_ = alloc(DType::u8, {bytes});
     }
-    auto* items = static_cast<mcu::PartitionCopy*>(r.copies.raw());
+    auto* items = static_cast<mcu::PartitionCopy*>(partition_copies_.raw());
     int* counts = reinterpret_cast<int*>(items + n);
     if (!overlap_partition_copies_) {
       NOSA_CUDA_CHECK(mcu::launch_resident_partitions(a, items, counts, stream_));
@@ -511,31 +511,30 @@ class CudaBackend final : public Backend {
     }
     // The rows split into hits and misses, for attention over the hits while the misses are
     // copied on the side stream (attend).
-    if (r.split_rows.numel() < 2 * n) {
-      if (r.split_rows.defined()) step_keep_.push_back(r.split_rows);
-      r.split_rows = alloc(DType::i32, {2 * n});
+    if (split_rows_.numel() < 2 * n) {
+      if (split_rows_.defined()) step_keep_.push_back(split_rows_);
+      split_rows_ = alloc(DType::i32, {2 * n});
     }
-    a.hit_rows = r.split_rows.data<int32_t>();
+    a.hit_rows = split_rows_.data<int32_t>();
     a.miss_rows = a.hit_rows + n;
     NOSA_CUDA_CHECK(mcu::launch_partition_decisions(a, items, counts, stream_));
     NOSA_CUDA_CHECK(cudaEventRecord(staged_, stream_));  // it reads staging memory
-    NOSA_CUDA_CHECK(cudaEventRecord(r.decided, stream_));
-    NOSA_CUDA_CHECK(cudaStreamWaitEvent(side_, r.decided, 0));
+    NOSA_CUDA_CHECK(cudaEventRecord(decided_, stream_));
+    NOSA_CUDA_CHECK(cudaStreamWaitEvent(side_, decided_, 0));
     NOSA_CUDA_CHECK(mcu::launch_partition_copies(a, items, counts, side_));
-    NOSA_CUDA_CHECK(cudaEventRecord(r.copied, side_));
-    r.pending = {layer, a.k, a.hit_rows, a.miss_rows};
+    NOSA_CUDA_CHECK(cudaEventRecord(copied_, side_));
+    pending_copies_ = {layer, a.k, a.hit_rows, a.miss_rows};
   }
 
   void set_partition_copy_overlap(bool on) override { overlap_partition_copies_ = on; }
   bool partition_copy_overlap() const override { return overlap_partition_copies_; }
 
-  // Makes the main stream wait for a step slot's device-side residency copies on the side
-  // stream, if any are pending.
-  void join_partition_copies(int slot) {
-    SlotResidency& r = residency_[slot];
-    if (r.pending.layer < 0) return;
-    NOSA_CUDA_CHECK(cudaStreamWaitEvent(stream_, r.copied, 0));
-    r.pending.layer = -1;
+  // Makes the main stream wait for device-side residency's copies on the side stream, if any
+  // are pending.
+  void join_partition_copies() {
+    if (pending_copies_.layer < 0) return;
+    NOSA_CUDA_CHECK(cudaStreamWaitEvent(stream_, copied_, 0));
+    pending_copies_.layer = -1;
   }
 
   // ---- step graphs --------------------------------------------------------------------------
@@ -893,10 +892,10 @@ class CudaBackend final : public Backend {
     const Plan& plan = attend_plan(group, L.block_size);
     // Device-side residency copying this layer's misses on the side stream: the hits first,
     // then the misses once copied (a decoding step, so no prefill tiles).
-    const PendingCopies parts = residency_[slot_].pending;
+    const PendingCopies parts = pending_copies_;
     const bool in_parts = parts.layer == layer && selection && parts.k == selection->k_max &&
                           plan.n_tiles == 0;
-    if (!in_parts) join_partition_copies(slot_);
+    if (!in_parts) join_partition_copies();
     const acu::KvView kv = kv_view(cache);
     const float scale = 1.0f / std::sqrt(float(L.head_dim));
     // The fields the decode and prefill kernels share.
@@ -930,7 +929,7 @@ class CudaBackend final : public Backend {
       if (in_parts) {
         a.selection = parts.hits;
         NOSA_CUDA_CHECK(acu::launch_sparse_decode_part(a, stream_));
-        join_partition_copies(slot_);
+        join_partition_copies();
         a.selection = parts.misses;
         a.split_begin = a.splits;
         a.splits = miss_splits;
@@ -1321,21 +1320,20 @@ class CudaBackend final : public Backend {
   PinnedBuffer upload_pinned_, result_pinned_, readback_pinned_;
   cudaEvent_t read_back_ = nullptr;
   cudaEvent_t host_copied_ = nullptr;  // after the last queue_copy_to_host
-  // Device-side residency's copies overlapping attention over the hits (NOSA_RESIDENCY_OVERLAP=0:
-  // the copies first, on the main stream). Per step slot: the copy list and its length, the
-  // rows split into hits and misses ([2][T][H][k]), the layer whose copies run on the side
-  // stream until `copied` (-1: none).
+  // Device-side residency's copy list and its length, reused by every layer's round (they run
+  // in order on the main stream).
+  Tensor partition_copies_;
+  // Overlapping the copies with attention over the hits (NOSA_RESIDENCY_OVERLAP=0: the copies
+  // first, on the main stream): the rows split into hits and misses ([2][T][H][k]), and the
+  // layer whose copies run on the side stream until copied_ (-1: none).
   bool overlap_partition_copies_ = env_int("NOSA_RESIDENCY_OVERLAP", 1, 0, 1) != 0;
+  Tensor split_rows_;
   struct PendingCopies {
     int layer = -1, k = 0;
     const int32_t* hits = nullptr;
     const int32_t* misses = nullptr;
-  };
-  struct SlotResidency {
-    Tensor copies, split_rows;
-    PendingCopies pending;
-    cudaEvent_t decided = nullptr, copied = nullptr;
-  } residency_[2];
+  } pending_copies_;
+  cudaEvent_t decided_ = nullptr, copied_ = nullptr;
 
   // Micro-batches: the step slot that is not current (use_step_slot swaps it in), the side
   // stream of the overlapped gathers and their pinned transfer lists, and per slot the events

@@ -158,9 +158,9 @@ TEST(BenchCommand, OffloadSuiteAlternatesMicroBatchVariantsInOneRun) {
   }
 }
 
-// Residency on the device alternates micro-batch thresholds times copy overlaps, on the host
-// micro-batch thresholds alone (its copies are the host path's gathers).
-TEST(BenchCommand, OffloadSuiteAlternatesEachResidencysVariants) {
+// Each residency alternates its own variants: copy overlaps on the device (a cache with
+// partitions runs whole steps), micro-batch thresholds on the host.
+TEST(BenchCommand, OffloadSuiteAlternatesEachResidencysOwnVariants) {
   TempDir dir;
   auto r = run_command(fmt::format("{} bench --suite offload --shape tiny --device cpu --mode nosa "
                                    "--batch 4 --context 1024 --steps 2 --warmup 1 "
@@ -169,24 +169,22 @@ TEST(BenchCommand, OffloadSuiteAlternatesEachResidencysVariants) {
                                    nosa_binary(), (dir / "o.json").string()));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   auto j = nlohmann::json::parse(slurp(dir / "o.json"));
-  ASSERT_EQ(j["results"].size(), 6u);
+  ASSERT_EQ(j["results"].size(), 4u);
   const auto& rows = j["results"];
-  const char* labels[] = {"device-residency micro-2 overlap-on",
-                          "device-residency micro-2 overlap-off",
-                          "device-residency micro-0 overlap-on",
-                          "device-residency micro-0 overlap-off",
-                          "host-residency micro-2",
-                          "host-residency micro-0"};
-  for (int i = 0; i < 6; ++i) EXPECT_EQ(rows[i]["label"], labels[i]) << i;
-  for (int i = 0; i < 4; ++i) {
-    EXPECT_EQ(rows[i]["copy_overlap"], i % 2 == 0) << i;
+  EXPECT_EQ(rows[0]["label"], "device-residency overlap-on");
+  EXPECT_EQ(rows[0]["copy_overlap"], true);
+  EXPECT_EQ(rows[1]["label"], "device-residency overlap-off");
+  EXPECT_EQ(rows[1]["copy_overlap"], false);
+  EXPECT_EQ(rows[2]["label"], "host-residency micro-2");
+  EXPECT_EQ(rows[3]["label"], "host-residency micro-0");
+  for (int i = 0; i < 2; ++i) {
     EXPECT_EQ(rows[i]["device_residency_steps"], 2) << i;
+    EXPECT_EQ(rows[i]["micro_batch_steps"], 0) << i;
+    EXPECT_FALSE(rows[i].contains("micro_batch_min_seqs")) << i;
   }
-  EXPECT_FALSE(rows[4].contains("copy_overlap"));
-  EXPECT_EQ(rows[5]["device_residency_steps"], 0);
-  // 4 sequences >= 2: every timed step of the micro-2 rows, both residencies.
-  for (int i : {0, 1, 4}) EXPECT_EQ(rows[i]["micro_batch_steps"], 2) << i;
-  for (int i : {2, 3, 5}) EXPECT_EQ(rows[i]["micro_batch_steps"], 0) << i;
+  EXPECT_EQ(rows[2]["micro_batch_steps"], 2);
+  EXPECT_EQ(rows[3]["micro_batch_steps"], 0);
+  EXPECT_FALSE(rows[2].contains("copy_overlap"));
   auto bad = run_command(fmt::format("{} bench --suite offload --shape tiny --device cpu "
                                      "--copy-overlap maybe",
                                      nosa_binary()));
