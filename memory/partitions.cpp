@@ -10,6 +10,7 @@ namespace nosa::memory {
 
 void resident_partitions_reference(const PartitionArgs& a) {
   const int H = a.n_heads, R = a.part_slots;
+  const uint32_t stamp = a.stamp_at ? *a.stamp_at : a.stamp;
   const int64_t chunk_bytes = a.kv_bytes + a.bias_bytes;
   std::vector<uint8_t> used(size_t(R), 0);
   std::vector<int64_t> miss_chunk, miss_block;
@@ -41,7 +42,7 @@ void resident_partitions_reference(const PartitionArgs& a) {
         ++a.counters[part_hits];
         if (s >= base && s < base + R) {
           used[size_t(s - base)] = 1;
-          if (a.part_stamp[local + (s - base)] + 1 == a.stamp) ++a.counters[part_overlap];
+          if (a.part_stamp[local + (s - base)] + 1 == stamp) ++a.counters[part_overlap];
         } else {
           ++a.counters[part_overlap];  // a block the host path keeps: being written, or recent
         }
@@ -71,7 +72,7 @@ void resident_partitions_reference(const PartitionArgs& a) {
         }
         const int64_t chunk = miss_chunk[r];
         a.part_chunk[local + j] = chunk;
-        a.part_stamp[local + j] = a.stamp;
+        a.part_stamp[local + j] = stamp;
         a.slot_table[chunk] = slot;
         const char* host = a.block_host[miss_block[r]];
         NOSA_ASSERT(host, "block {} missed on the device has no host memory", miss_block[r]);
@@ -81,7 +82,7 @@ void resident_partitions_reference(const PartitionArgs& a) {
         ++a.counters[part_misses];
       }
       for (int j = 0; j < R; ++j)
-        if (used[size_t(j)]) a.part_stamp[local + j] = a.stamp;
+        if (used[size_t(j)]) a.part_stamp[local + j] = stamp;
     }
   }
 }

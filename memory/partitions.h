@@ -57,6 +57,9 @@ struct PartitionArgs {
   int64_t* part_chunk = nullptr;
   uint32_t* part_stamp = nullptr;
   uint32_t stamp = 0;  // this step's (> every earlier step's; 0 = never used)
+  // Where the step's stamp is read instead (null: `stamp`): device memory that a backend
+  // recording steps as graphs advances on the device, once per step.
+  const uint32_t* stamp_at = nullptr;
   // Slots' bytes, and each block's host memory (every layer and head of it, chunk after chunk:
   // keys and values, then eviction scores), as the copying code addresses it.
   char* kv = nullptr;

@@ -85,6 +85,8 @@ struct DevicePartitions {
   char** block_host = nullptr;  // host memory, [n_blocks]
   char* const* block_host_device = nullptr;  // the same table as the device reads it
   uint32_t step_stamp = 0;  // the current step's
+  // The device's step stamp, for backends that advance it on the device (step graphs).
+  Tensor step_stamp_device;
 };
 
 // Where make_resident's host time goes (summed over calls; nanoseconds).
@@ -151,6 +153,8 @@ class KvCache {
   // partitions, the slots' bytes, the host table, the counters, the layout); the backend adds
   // the step's (selection, tokens, block tables, partitions of the sequences).
   memory::PartitionArgs partition_args(int layer);
+  // The current device step's sequences' partitions (begin_step's decision), in step order.
+  const std::vector<int32_t>& step_partitions() const { return seq_partition_; }
   // The tiers' statistics with the device-side rounds' counters folded in (as of the last
   // begin_step or sync_stats).
   memory::TierStats stats() const;

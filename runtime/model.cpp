@@ -81,25 +81,38 @@ Tensor Model::forward(const StepBatch& step, KvCache& cache) {
     NOSA_CHECK(id >= 0 && id < config_.vocab_size, "token id {} is outside the vocabulary [0, {})",
                id, config_.vocab_size);
   // Step graphs: collectives that only queue GPU work (one rank, or NCCL and the peer kernel),
-  // the KV in HBM (offloading decides residency on the host between layers), no benchmark hook
-  // replacing selections. Under tensor parallelism each rank records and replays its own graph;
-  // a rank that runs a step directly instead still launches the same collectives in order.
-  const bool graphs = comm_.graph_capturable() && !cache.offloaded() && !selection_override_;
+  // no benchmark hook replacing selections, and the KV in HBM or a decoding step whose residency
+  // the device decides (the host path decides it between layers). Under tensor parallelism each
+  // rank records and replays its own graph; a rank that runs a step directly instead still
+  // launches the same collectives in order.
+  const bool graphs = comm_.graph_capturable() && !selection_override_;
   if (!graphs) return run_layers(step, cache);
+  if (!cache.offloaded()) return run_maybe_recorded(step, cache, false);
+  if (!cache.has_partitions() || !step.decode_only()) return run_layers(step, cache);
+  // The step's tier work (blocks written, counters of the step before) and the decision, on the
+  // host and outside any graph; then the layers, from a graph if the device decides.
+  cache.begin_step(step);
+  Tensor logits = cache.on_device() ? run_maybe_recorded(step, cache, true)
+                                    : run_layers(step, cache, true);
+  cache.end_step(step);
+  return logits;
+}
+
+Tensor Model::run_maybe_recorded(const StepBatch& step, KvCache& cache, bool cache_begun) {
   Tensor logits;
   if (backend_.replay_step(step, this, cache, logits)) return logits;
-  if (!backend_.begin_recording(step, this, cache)) return run_layers(step, cache);
+  if (!backend_.begin_recording(step, this, cache)) return run_layers(step, cache, cache_begun);
   try {
-    logits = run_layers(step, cache);
+    logits = run_layers(step, cache, cache_begun);
   } catch (const std::exception& e) {
     // Recording failed (an op that cannot be recorded, a group too large for the decode kernel):
     // this step runs as usual.
     backend_.abort_recording();
     logger("runtime")->warn("recording a step graph failed ({}); running the step directly",
                             e.what());
-    return run_layers(step, cache);
+    return run_layers(step, cache, cache_begun);
   }
-  if (!backend_.end_recording(logits)) return run_layers(step, cache);
+  if (!backend_.end_recording(logits)) return run_layers(step, cache, cache_begun);
   return logits;
 }
 
@@ -186,7 +199,7 @@ Tensor Model::logits_of(const Tensor& rows) {
   return logits;
 }
 
-Tensor Model::run_layers(const StepBatch& step, KvCache& cache) {
+Tensor Model::run_layers(const StepBatch& step, KvCache& cache, bool cache_begun) {
   Backend& be = backend_;
   const int64_t T = step.n_tokens();
   NOSA_ASSERT(T > 0, "empty step");
@@ -196,13 +209,13 @@ Tensor Model::run_layers(const StepBatch& step, KvCache& cache) {
   // kept them), so that every rank of a replica splits the same steps.
   if (cache.offloaded() && mode_ != attention::Mode::dense && be.step_slots() >= 2 &&
       micro_min_seqs_ > 0 && int(step.seqs.size()) >= std::max(2, micro_min_seqs_) &&
-      step.decode_only() && !cache.partitioned())
+      step.decode_only() && !cache.partitioned() && !cache_begun)
     return run_micro_batches(step, cache);
 
   be.begin_step(step);
   Acts a = alloc_acts(T);
   embed(a);
-  cache.begin_step(step);
+  if (!cache_begun) cache.begin_step(step);
   for (int l = 0; l < config_.num_hidden_layers; ++l) {
     Selection sel;
     layer_to_selection(l, step, a, cache, sel);
@@ -210,7 +223,7 @@ Tensor Model::run_layers(const StepBatch& step, KvCache& cache) {
     if (sparse) cache.make_resident(l, sel, step);
     layer_from_attention(l, a, sparse ? &sel : nullptr, cache);
   }
-  cache.end_step(step);
+  if (!cache_begun) cache.end_step(step);
   if (part_.rank != 0 || step.logit_rows.empty()) return Tensor();
   Tensor rows = be.alloc(be.activation_dtype(), {int64_t(step.logit_rows.size()),
                                                   int64_t(config_.hidden_size)});

@@ -69,7 +69,12 @@ class Model {
 
   int micro_min_seqs_;
   int64_t micro_steps_ = 0;
-  Tensor run_layers(const StepBatch& step, KvCache& cache);
+  // The step's layers; with cache_begun, the caller has run cache.begin_step and runs
+  // cache.end_step after (steps whose residency the device decides, which may run from graphs).
+  Tensor run_layers(const StepBatch& step, KvCache& cache, bool cache_begun = false);
+  // The step from a recorded graph where the backend has one, else directly (recording it when
+  // the backend asks).
+  Tensor run_maybe_recorded(const StepBatch& step, KvCache& cache, bool cache_begun);
   Tensor run_micro_batches(const StepBatch& step, KvCache& cache);
   // One (micro-)batch's activations through the layers.
   struct Acts {

@@ -21,6 +21,7 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* count
   __shared__ unsigned long long count[part_counters];
   __shared__ int n_miss, width;
 
+  const uint32_t stamp = a.stamp_at ? *a.stamp_at : a.stamp;
   const int t = blockIdx.x / H, h = blockIdx.x % H;
   const int seq = a.token_seq[t];
   const int32_t* table = a.block_table + int64_t(seq) * a.bt_stride;
@@ -51,7 +52,7 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* count
         atomicAdd(&count[part_hits], 1ull);
         if (s >= base && s < base + R) {
           used[s - base] = 1;
-          if (a.part_stamp[local + (s - base)] + 1 == a.stamp)
+          if (a.part_stamp[local + (s - base)] + 1 == stamp)
             atomicAdd(&count[part_overlap], 1ull);
         } else {
           atomicAdd(&count[part_overlap], 1ull);  // a block the host path keeps
@@ -104,7 +105,7 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* count
   int placed = 0;
   for (int j = threadIdx.x; j < R; j += blockDim.x) {
     if (used[j]) {
-      a.part_stamp[local + j] = a.stamp;
+      a.part_stamp[local + j] = stamp;
       continue;
     }
     // The j-th free slot's rank among the free ones, least recently used first.
@@ -119,7 +120,7 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* count
       atomicAdd(&count[part_evictions], 1ull);
     const int64_t chunk = miss_chunk[rank];
     a.part_chunk[local + j] = chunk;
-    a.part_stamp[local + j] = a.stamp;
+    a.part_stamp[local + j] = stamp;
     a.slot_table[chunk] = slot;
     const char* host = a.block_host[miss_block[rank]];
     if (!host) atomicAdd(&count[part_errors], 1ull);
@@ -154,7 +155,14 @@ __global__ void copy_kernel(const PartitionCopy* copies, const int* counts, int 
   }
 }
 
+__global__ void next_stamp_kernel(uint32_t* at) { *at += 1; }
+
 }  // namespace
+
+cudaError_t launch_next_stamp(uint32_t* at, cudaStream_t stream) {
+  next_stamp_kernel<<<1, 1, 0, stream>>>(at);
+  return cudaGetLastError();
+}
 
 cudaError_t launch_partition_decisions(const PartitionArgs& a, PartitionCopy* copies, int* counts,
                                        cudaStream_t stream) {

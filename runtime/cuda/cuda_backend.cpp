@@ -406,6 +406,7 @@ class CudaBackend final : public Backend {
   void begin_step(const StepBatch& step, bool more) override {
     NOSA_ASSERT(!more || !recording_, "a step graph records one step");
     join_partition_copies();
+    stamp_advanced_ = false;
     step_ = &step;
     plan_valid_ = false;
     bounds_.valid = false;
@@ -488,21 +489,38 @@ class CudaBackend final : public Backend {
     a.token_seq = view_.token_seq;
     a.block_table = view_.block_table;
     a.bt_stride = view_.bt_stride;
-    // Read straight from pinned staging memory (no upload to queue).
-    auto* parts_of_seqs = reinterpret_cast<int32_t*>(staging_space(seq_partition.size() * 4));
-    std::copy(seq_partition.begin(), seq_partition.end(), parts_of_seqs);
-    a.seq_partition = parts_of_seqs;
+    // The sequences' partitions: read straight from pinned staging memory (no upload to
+    // queue), or, while a step graph records, from the graph's metadata, which each replay
+    // refills (replay_step).
+    if (recording_) {
+      NOSA_ASSERT(seq_partition.size() == size_t(recording_->key.tokens),
+                  "resident_partitions: {} partitions for a graph of {} sequences",
+                  seq_partition.size(), recording_->key.tokens);
+      a.seq_partition = recording_->meta_dev.data<int32_t>() + recording_->parts_at;
+    } else {
+      auto* parts_of_seqs = reinterpret_cast<int32_t*>(staging_space(seq_partition.size() * 4));
+      std::copy(seq_partition.begin(), seq_partition.end(), parts_of_seqs);
+      a.seq_partition = parts_of_seqs;
+    }
+    // The step's stamp, advanced on the device before its first round (a replayed step gets a
+    // new one too).
+    if (!stamp_advanced_ && a.stamp_at) {
+      NOSA_CUDA_CHECK(mcu::launch_next_stamp(const_cast<uint32_t*>(a.stamp_at), stream_));
+      stamp_advanced_ = true;
+    }
     // The rows' copy lists, then their counts and total: one buffer for every round, grown
-    // when a round needs more.
+    // when a round needs more (a recording graph's own, whose addresses it keeps).
+    Tensor& copies = recording_ ? recording_->partition_copies : partition_copies_;
+    Tensor& split_rows = recording_ ? recording_->split_rows : split_rows_;
     const int64_t rows = int64_t(a.n_tokens) * a.n_heads;
     const int64_t n = std::max<int64_t>(1, rows * a.k);
     const int64_t bytes = n * int64_t(sizeof(mcu::PartitionCopy)) + (rows + 1) * 4;
     join_partition_copies();  // the previous layer's (attend joins them; this is for safety)
-    if (partition_copies_.numel() < bytes) {
-      if (partition_copies_.defined()) step_keep_.push_back(partition_copies_);  // queued readers
-      partition_copies_ = alloc(DType::u8, {bytes});
+    if (copies.numel() < bytes) {
+      if (copies.defined()) step_keep_.push_back(copies);  // queued readers
+      copies = alloc(DType::u8, {bytes});
     }
-    auto* items = static_cast<mcu::PartitionCopy*>(partition_copies_.raw());
+    auto* items = static_cast<mcu::PartitionCopy*>(copies.raw());
     int* counts = reinterpret_cast<int*>(items + n);
     if (!overlap_partition_copies_) {
       NOSA_CUDA_CHECK(mcu::launch_resident_partitions(a, items, counts, stream_));
@@ -511,11 +529,11 @@ class CudaBackend final : public Backend {
     }
     // The rows split into hits and misses, for attention over the hits while the misses are
     // copied on the side stream (attend).
-    if (split_rows_.numel() < 2 * n) {
-      if (split_rows_.defined()) step_keep_.push_back(split_rows_);
-      split_rows_ = alloc(DType::i32, {2 * n});
+    if (split_rows.numel() < 2 * n) {
+      if (split_rows.defined()) step_keep_.push_back(split_rows);
+      split_rows = alloc(DType::i32, {2 * n});
     }
-    a.hit_rows = split_rows_.data<int32_t>();
+    a.hit_rows = split_rows.data<int32_t>();
     a.miss_rows = a.hit_rows + n;
     NOSA_CUDA_CHECK(mcu::launch_partition_decisions(a, items, counts, stream_));
     NOSA_CUDA_CHECK(cudaEventRecord(staged_, stream_));  // it reads staging memory
@@ -551,7 +569,9 @@ class CudaBackend final : public Backend {
     // The last replay has read the metadata buffer, and the last direct step its uploads.
     NOSA_CUDA_CHECK(cudaEventSynchronize(g->done));
     reset_staging();
-    write_step_meta(step, key->cap_blocks, static_cast<int32_t*>(g->meta_host.get(g->meta_bytes)));
+    int32_t* host = static_cast<int32_t*>(g->meta_host.get(g->meta_bytes));
+    write_step_meta(step, key->cap_blocks, host);
+    write_partitions(cache, int(step.n_tokens()), host + g->parts_at);
     step_ = &step;
     plan_valid_ = false;
     bounds_.valid = false;
@@ -586,11 +606,15 @@ class CudaBackend final : public Backend {
     auto g = std::make_unique<StepGraph>();
     g->key = *key;
     const int T = int(step.n_tokens());
-    // The step's metadata, then the decode kernel's token list [0, T).
-    g->meta_bytes = (step_meta_ints(T, T, key->cap_blocks, size_t(T)) + size_t(T)) * 4;
+    // The step's metadata, then the decode kernel's token list [0, T), then the sequences'
+    // partitions (device-side residency; replay_step rewrites them).
+    const size_t step_ints = step_meta_ints(T, T, key->cap_blocks, size_t(T));
+    g->meta_bytes = (step_ints + 2 * size_t(T)) * 4;
+    g->parts_at = step_ints + size_t(T);
     int32_t* host = static_cast<int32_t*>(g->meta_host.get(g->meta_bytes));
     std::fill_n(host, g->meta_bytes / 4, 0);
-    for (int i = 0; i < T; ++i) host[g->meta_bytes / 4 - size_t(T) + size_t(i)] = i;
+    for (int i = 0; i < T; ++i) host[step_ints + size_t(i)] = i;
+    write_partitions(cache, T, host + g->parts_at);
     NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&g->done, cudaEventDisableTiming));
     NOSA_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed));
     recording_ = std::move(g);
@@ -626,6 +650,15 @@ class CudaBackend final : public Backend {
     }
     graphs_.push_back(std::move(g));
     return true;
+  }
+
+  // The sequences' partitions of a step that decides residency on the device (zeros otherwise).
+  static void write_partitions(const KvCache& cache, int T, int32_t* out) {
+    const std::vector<int32_t>& parts = cache.step_partitions();
+    if (cache.on_device() && parts.size() == size_t(T))
+      std::copy(parts.begin(), parts.end(), out);
+    else
+      std::fill_n(out, T, 0);
   }
 
   void abort_recording() override {
@@ -1183,7 +1216,9 @@ class CudaBackend final : public Backend {
     rcu::DeviceAllocator pool;  // every tensor the recorded launches touch, besides model and KV
     PinnedBuffer meta_host;
     size_t meta_bytes = 0;
+    size_t parts_at = 0;  // in ints: the sequences' partitions within the metadata
     Tensor meta_dev, logits;
+    Tensor partition_copies, split_rows;  // device-side residency's lists, recorded steps'
     cudaGraphExec_t exec = nullptr;
     cudaEvent_t done = nullptr;
     uint64_t last_use = 0;
@@ -1334,6 +1369,7 @@ class CudaBackend final : public Backend {
     const int32_t* misses = nullptr;
   } pending_copies_;
   cudaEvent_t decided_ = nullptr, copied_ = nullptr;
+  bool stamp_advanced_ = false;  // this step's partition stamp, advanced by its first round
 
   // Micro-batches: the step slot that is not current (use_step_slot swaps it in), the side
   // stream of the overlapped gathers and their pinned transfer lists, and per slot the events

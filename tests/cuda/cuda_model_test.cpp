@@ -244,9 +244,11 @@ TEST(CudaModel, TwoMicroBatchesGiveTheLogitsOfOneBatch) {
 
 // Residency decided on the device (each sequence's partition of the block cache, no selection
 // read back): the logits of the KV kept whole in HBM, with partitions small enough to evict
-// (micro-batches asked for are not used with partitions). Both ways: attention over the hits
-// while the misses are copied on the side stream, then over the misses (the default), and the
-// copies first on the main stream (NOSA_RESIDENCY_OVERLAP=0).
+// (micro-batches asked for are not used with partitions). Every way: attention over the hits
+// while the misses are copied on the side stream, then over the misses (the default), or the
+// copies first on the main stream (NOSA_RESIDENCY_OVERLAP=0); the steps run directly, or from
+// graphs (recorded at a key's second step, then replayed: the partitions and the step's stamp
+// come from the replay's metadata and the device).
 TEST(CudaModel, ResidencyOnTheDeviceGivesTheLogitsOfKvInHbm) {
   NOSA_REQUIRE_GPU();
   for (const char* overlap : {"1", "0"}) {
@@ -254,31 +256,39 @@ TEST(CudaModel, ResidencyOnTheDeviceGivesTheLogitsOfKvInHbm) {
     Backends b;  // reads the switch
     unsetenv("NOSA_RESIDENCY_OVERLAP");
     const std::vector<int64_t> lengths = {1000, 990, 700, 430};
-    for (attention::Mode mode : {attention::Mode::infllmv2, attention::Mode::nosa}) {
-      const std::string what = fmt::format("{}, overlap {}", attention::mode_name(mode), overlap);
-      Side gpu = load(*b.gpu, mode, 400);
-      const std::vector<Tensor> whole = run_for_micro_batches(b, gpu, lengths, false, 0);
-      // 4 sequences x 2 layers x 2 heads x 20 slots = 320 partition slots, 400 for the prompts;
-      // micro-batches from 2 sequences asked for.
-      const std::vector<Tensor> dev = run_for_micro_batches(b, gpu, lengths, true, 720, 2, 20);
-      // Every step's counters but the last's, copied at each step's end and folded in at the
-      // next one's start (Backend::queue_copy_to_host), then all of them.
-      const memory::TierStats folded = gpu.cache->stats();
-      gpu.cache->sync_stats();
-      const memory::TierStats st = gpu.cache->stats();
-      EXPECT_GE(folded.hits * 10, st.hits * 9) << what;
-      EXPECT_LE(folded.hits, st.hits) << what;
-      EXPECT_EQ(gpu.cache->device_steps(), 24) << what;
-      EXPECT_EQ(gpu.model->micro_batch_steps(), 0) << what;
-      EXPECT_GT(st.evictions, 0) << what;
-      EXPECT_GT(st.misses, 0) << what;
-      const double worst = worst_step_error(whole, dev);
-      std::printf("[ device   ] %s: %lld device steps, %lld hits, %lld misses, worst logits rel "
-                  "error vs HBM %.3e\n",
-                  what.c_str(), (long long)gpu.cache->device_steps(), (long long)st.hits,
-                  (long long)st.misses, worst);
-      EXPECT_LT(worst, 1e-2) << what;
-    }
+    for (attention::Mode mode : {attention::Mode::infllmv2, attention::Mode::nosa})
+      for (bool graphs : {true, false}) {
+        const std::string what = fmt::format("{}, overlap {}, graphs {}",
+                                             attention::mode_name(mode), overlap, graphs);
+        Side gpu = load(*b.gpu, mode, 400);
+        runtime::set_cuda_graphs(false);
+        const std::vector<Tensor> whole = run_for_micro_batches(b, gpu, lengths, false, 0);
+        runtime::set_cuda_graphs(graphs);
+        const int64_t replays = runtime::cuda_graph_replays();
+        // 4 sequences x 2 layers x 2 heads x 20 slots = 320 partition slots, 400 for the
+        // prompts; micro-batches from 2 sequences asked for.
+        const std::vector<Tensor> dev = run_for_micro_batches(b, gpu, lengths, true, 720, 2, 20);
+        runtime::set_cuda_graphs(true);
+        // 24 steps of one key (a bucket of 1024 tokens holds them): one direct, one recorded.
+        EXPECT_EQ(runtime::cuda_graph_replays() - replays, graphs ? 22 : 0) << what;
+        // Every step's counters but the last's, copied at each step's end and folded in at the
+        // next one's start (Backend::queue_copy_to_host), then all of them.
+        const memory::TierStats folded = gpu.cache->stats();
+        gpu.cache->sync_stats();
+        const memory::TierStats st = gpu.cache->stats();
+        EXPECT_GE(folded.hits * 10, st.hits * 9) << what;
+        EXPECT_LE(folded.hits, st.hits) << what;
+        EXPECT_EQ(gpu.cache->device_steps(), 24) << what;
+        EXPECT_EQ(gpu.model->micro_batch_steps(), 0) << what;
+        EXPECT_GT(st.evictions, 0) << what;
+        EXPECT_GT(st.misses, 0) << what;
+        const double worst = worst_step_error(whole, dev);
+        std::printf("[ device   ] %s: %lld device steps, %lld hits, %lld misses, worst logits "
+                    "rel error vs HBM %.3e\n",
+                    what.c_str(), (long long)gpu.cache->device_steps(), (long long)st.hits,
+                    (long long)st.misses, worst);
+        EXPECT_LT(worst, 1e-2) << what;
+      }
   }
 }
 
