@@ -524,7 +524,7 @@ class CudaBackend final : public Backend {
     int* counts = reinterpret_cast<int*>(items + n);
     if (!overlap_partition_copies_) {
       NOSA_CUDA_CHECK(mcu::launch_resident_partitions(a, items, counts, stream_));
-      NOSA_CUDA_CHECK(cudaEventRecord(staged_, stream_));  // it reads staging memory
+      mark_staging_read();
       return;
     }
     // The rows split into hits and misses, for attention over the hits while the misses are
@@ -536,12 +536,19 @@ class CudaBackend final : public Backend {
     a.hit_rows = split_rows.data<int32_t>();
     a.miss_rows = a.hit_rows + n;
     NOSA_CUDA_CHECK(mcu::launch_partition_decisions(a, items, counts, stream_));
-    NOSA_CUDA_CHECK(cudaEventRecord(staged_, stream_));  // it reads staging memory
+    mark_staging_read();
     NOSA_CUDA_CHECK(cudaEventRecord(decided_, stream_));
     NOSA_CUDA_CHECK(cudaStreamWaitEvent(side_, decided_, 0));
     NOSA_CUDA_CHECK(mcu::launch_partition_copies(a, items, counts, side_));
     NOSA_CUDA_CHECK(cudaEventRecord(copied_, side_));
     pending_copies_ = {layer, a.k, a.hit_rows, a.miss_rows};
+  }
+
+  // After a direct step's kernel that reads staging memory (reset_staging waits for it). A
+  // recording step reads its graph's metadata instead, and an event recorded in a capture
+  // cannot be waited for outside it.
+  void mark_staging_read() {
+    if (!recording_) NOSA_CUDA_CHECK(cudaEventRecord(staged_, stream_));
   }
 
   void set_partition_copy_overlap(bool on) override { overlap_partition_copies_ = on; }
