@@ -216,5 +216,8 @@ void check_select_path_name(const std::string& path);
 void set_cuda_graphs(bool enabled);
 // Decoding steps run from recorded graphs so far, in this process (tests, benchmarks).
 int64_t cuda_graph_replays();
+// Decode attention run in two parts (device-side residency: the hits beside the misses' copies,
+// then the misses) so far, in this process, not counting graph replays (tests).
+int64_t cuda_attention_in_parts();
 
 }  // namespace nosa::runtime

@@ -59,6 +59,7 @@ namespace {
 std::string g_select_path;  // force_cuda_select_path()
 int g_graphs = -1;          // set_cuda_graphs(); -1: the environment decides
 std::atomic<int64_t> g_graph_replays{0};
+std::atomic<int64_t> g_attention_in_parts{0};
 
 bool graphs_enabled() {
   if (g_graphs >= 0) return g_graphs == 1;
@@ -72,6 +73,7 @@ bool graphs_enabled() {
 
 void set_cuda_graphs(bool enabled) { g_graphs = enabled ? 1 : 0; }
 int64_t cuda_graph_replays() { return g_graph_replays.load(); }
+int64_t cuda_attention_in_parts() { return g_attention_in_parts.load(); }
 
 void force_cuda_select_path(const std::string& path) {
   check_select_path_name(path);
@@ -632,6 +634,7 @@ class CudaBackend final : public Backend {
     NOSA_ASSERT(recording_ != nullptr, "end_recording without begin_recording");
     std::unique_ptr<StepGraph> g = std::move(recording_);
     graph_decode_list_ = nullptr;
+    pending_copies_.layer = -1;  // attend joined every layer's copies inside the capture
     cudaGraph_t graph = nullptr;
     cudaError_t err = cudaStreamEndCapture(stream_, &graph);
     if (err == cudaSuccess) err = cudaGraphInstantiate(&g->exec, graph, 0);
@@ -661,15 +664,20 @@ class CudaBackend final : public Backend {
 
   // The sequences' partitions of a step that decides residency on the device (zeros otherwise).
   static void write_partitions(const KvCache& cache, int T, int32_t* out) {
-    const std::vector<int32_t>& parts = cache.step_partitions();
-    if (cache.on_device() && parts.size() == size_t(T))
-      std::copy(parts.begin(), parts.end(), out);
-    else
+    if (!cache.on_device()) {
       std::fill_n(out, T, 0);
+      return;
+    }
+    const std::vector<int32_t>& parts = cache.step_partitions();
+    NOSA_ASSERT(parts.size() == size_t(T), "a step graph of {} sequences, {} partitions", T,
+                parts.size());
+    std::copy(parts.begin(), parts.end(), out);
   }
 
   void abort_recording() override {
     if (!recording_) return;
+    // Copies the capture queued on the side stream never ran: nothing to wait for.
+    pending_copies_.layer = -1;
     cudaGraph_t graph = nullptr;
     cudaStreamEndCapture(stream_, &graph);
     if (graph) cudaGraphDestroy(graph);
@@ -975,6 +983,7 @@ class CudaBackend final : public Backend {
         a.splits = miss_splits;
         NOSA_CUDA_CHECK(acu::launch_sparse_decode_part(a, stream_));
         NOSA_CUDA_CHECK(acu::launch_sparse_decode_merge(a, stream_));
+        ++g_attention_in_parts;
       } else {
         NOSA_CUDA_CHECK(acu::launch_sparse_decode(a, stream_));
       }
@@ -1215,6 +1224,7 @@ class CudaBackend final : public Backend {
     int tokens = 0;
     int cap_blocks = 0;  // block tables hold this many blocks; contexts up to cap * block size
     std::string select_path;  // force_cuda_select_path() when recorded: replays keep it
+    bool copy_overlap = false;  // set_partition_copy_overlap() when recorded
     bool operator==(const GraphKey&) const = default;
   };
 
@@ -1264,6 +1274,7 @@ class CudaBackend final : public Backend {
     k.tokens = int(T);
     k.cap_blocks = int((need + bucket - 1) / bucket * bucket);
     k.select_path = g_select_path;
+    k.copy_overlap = overlap_partition_copies_;
     return k;
   }
 

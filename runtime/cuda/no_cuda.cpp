@@ -12,6 +12,7 @@ void force_cuda_select_path(const std::string& path) {
 
 void set_cuda_graphs(bool) {}
 int64_t cuda_graph_replays() { return 0; }
+int64_t cuda_attention_in_parts() { return 0; }
 
 std::unique_ptr<Backend> make_cuda_backend(int) {
   NOSA_FAIL(ErrorCode::unavailable, "this build of nosa has no CUDA backend (built without nvcc)");

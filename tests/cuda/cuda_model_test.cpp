@@ -265,12 +265,19 @@ TEST(CudaModel, ResidencyOnTheDeviceGivesTheLogitsOfKvInHbm) {
         const std::vector<Tensor> whole = run_for_micro_batches(b, gpu, lengths, false, 0);
         runtime::set_cuda_graphs(graphs);
         const int64_t replays = runtime::cuda_graph_replays();
+        const int64_t in_parts = runtime::cuda_attention_in_parts();
         // 4 sequences x 2 layers x 2 heads x 20 slots = 320 partition slots, 400 for the
         // prompts; micro-batches from 2 sequences asked for.
         const std::vector<Tensor> dev = run_for_micro_batches(b, gpu, lengths, true, 720, 2, 20);
         runtime::set_cuda_graphs(true);
         // 24 steps of one key (a bucket of 1024 tokens holds them): one direct, one recorded.
         EXPECT_EQ(runtime::cuda_graph_replays() - replays, graphs ? 22 : 0) << what;
+        // Attention in two parts in every layer of the steps run directly or recorded (with
+        // graphs, two steps), never with the copies first.
+        const int64_t layers = gpu.model->config().num_hidden_layers;
+        EXPECT_EQ(runtime::cuda_attention_in_parts() - in_parts,
+                  std::string(overlap) == "1" ? (graphs ? 2 : 24) * layers : 0)
+            << what;
         // Every step's counters but the last's, copied at each step's end and folded in at the
         // next one's start (Backend::queue_copy_to_host), then all of them.
         const memory::TierStats folded = gpu.cache->stats();
