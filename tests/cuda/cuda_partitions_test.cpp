@@ -92,7 +92,9 @@ TEST(CudaPartitions, TheKernelMakesTheReferencesDecisionsAndCopies) {
     EXPECT_EQ(part_chunk.get(), ref.part_chunk) << "seed " << seed;
     EXPECT_EQ(part_stamp.get(), ref.part_stamp) << "seed " << seed;
     EXPECT_EQ(counters.get(), ref.counters) << "seed " << seed;
-    if (seed % 2) EXPECT_EQ(stamp_at.get()[0], c.stamp) << "seed " << seed;
+    if (seed % 2) {
+      EXPECT_EQ(stamp_at.get()[0], c.stamp) << "seed " << seed;
+    }
     EXPECT_EQ(hit_rows.get(), ref.hit_rows) << "seed " << seed;
     EXPECT_EQ(miss_rows.get(), ref.miss_rows) << "seed " << seed;
     EXPECT_TRUE(kv.get() == ref.kv) << "seed " << seed;
