@@ -10,7 +10,8 @@ namespace nosa::memory {
 
 void resident_partitions_reference(const PartitionArgs& a) {
   const int H = a.n_heads, R = a.part_slots;
-  const uint32_t stamp = a.stamp_at ? *a.stamp_at : a.stamp;
+  if (a.layer == 0) ++*a.step_stamp;
+  const uint32_t stamp = *a.step_stamp;
   const int64_t chunk_bytes = a.kv_bytes + a.bias_bytes;
   std::vector<uint8_t> used(size_t(R), 0);
   std::vector<int64_t> miss_chunk, miss_block;

@@ -56,10 +56,10 @@ struct PartitionArgs {
   int part_slots = 0;  // at most k_max_partition_slots
   int64_t* part_chunk = nullptr;
   uint32_t* part_stamp = nullptr;
-  uint32_t stamp = 0;  // this step's (> every earlier step's; 0 = never used)
-  // Where the step's stamp is read instead (null: `stamp`): device memory that a backend
-  // recording steps as graphs advances on the device, once per step.
-  const uint32_t* stamp_at = nullptr;
+  // The step's stamp (> every earlier step's; 0 = never used), where the cache's state lives. A
+  // round of layer 0 starts a step: it advances the stamp first (on the device for the kernel,
+  // so that a step replayed from a graph gets a new one too).
+  uint32_t* step_stamp = nullptr;
   // Slots' bytes, and each block's host memory (every layer and head of it, chunk after chunk:
   // keys and values, then eviction scores), as the copying code addresses it.
   char* kv = nullptr;

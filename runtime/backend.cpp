@@ -59,7 +59,6 @@ void Backend::resident_partitions(int layer, const Selection& selection, const S
   a.block_table = table.data();
   a.bt_stride = stride;
   a.seq_partition = seq_partition.data();
-  a.stamp_at = nullptr;  // the host's stamp: no step runs from a graph here
   memory::resident_partitions_reference(a);
 }
 

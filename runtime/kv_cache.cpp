@@ -96,7 +96,7 @@ void KvCache::make_partitions(const KvCacheOptions& o, int64_t slots) {
   d.chunk = backend_.upload(chunk, DType::i64);
   d.stamp = backend_.zeros(DType::i32, {n});
   d.counters = backend_.zeros(DType::i64, {memory::part_counters});
-  d.step_stamp_device = backend_.zeros(DType::i32, {1});
+  d.step_stamp = backend_.zeros(DType::i32, {1});
   d.counters_host = static_cast<int64_t*>(
       host_allocator_->allocate(sizeof(int64_t) * memory::part_counters));
   const size_t table_bytes = size_t(pool_.capacity()) * sizeof(char*);
@@ -257,7 +257,6 @@ bool KvCache::assign_partitions(const StepBatch& step) {
     }
     seq_partition_.push_back(p);
   }
-  ++parts_->step_stamp;
   return true;
 }
 
@@ -282,8 +281,7 @@ memory::PartitionArgs KvCache::partition_args(int layer) {
   a.part_slots = parts_->slots;
   a.part_chunk = parts_->chunk.data<int64_t>();
   a.part_stamp = reinterpret_cast<uint32_t*>(parts_->stamp.data<int32_t>());
-  a.stamp = parts_->step_stamp;
-  a.stamp_at = reinterpret_cast<const uint32_t*>(parts_->step_stamp_device.data<int32_t>());
+  a.step_stamp = reinterpret_cast<uint32_t*>(parts_->step_stamp.data<int32_t>());
   a.kv = static_cast<char*>(kv_.raw());
   a.bias = static_cast<char*>(bias_.raw());
   a.kv_bytes = int64_t(layout_.kv_chunk_bytes());

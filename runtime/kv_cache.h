@@ -84,9 +84,7 @@ struct DevicePartitions {
   int64_t* counters_host = nullptr;  // host memory: the counters as of the last step's end
   char** block_host = nullptr;  // host memory, [n_blocks]
   char* const* block_host_device = nullptr;  // the same table as the device reads it
-  uint32_t step_stamp = 0;  // the current step's
-  // The device's step stamp, for backends that advance it on the device (step graphs).
-  Tensor step_stamp_device;
+  Tensor step_stamp;  // uint32 as i32: the last step's stamp (layer 0's round advances it)
 };
 
 // Where make_resident's host time goes (summed over calls; nanoseconds).

@@ -21,7 +21,7 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* count
   __shared__ unsigned long long count[part_counters];
   __shared__ int n_miss, width;
 
-  const uint32_t stamp = a.stamp_at ? *a.stamp_at : a.stamp;
+  const uint32_t stamp = *a.step_stamp;
   const int t = blockIdx.x / H, h = blockIdx.x % H;
   const int seq = a.token_seq[t];
   const int32_t* table = a.block_table + int64_t(seq) * a.bt_stride;
@@ -159,13 +159,12 @@ __global__ void next_stamp_kernel(uint32_t* at) { *at += 1; }
 
 }  // namespace
 
-cudaError_t launch_next_stamp(uint32_t* at, cudaStream_t stream) {
-  next_stamp_kernel<<<1, 1, 0, stream>>>(at);
-  return cudaGetLastError();
-}
-
 cudaError_t launch_partition_decisions(const PartitionArgs& a, PartitionCopy* copies, int* counts,
                                        cudaStream_t stream) {
+  if (a.layer == 0) {  // a new step (as in the reference)
+    next_stamp_kernel<<<1, 1, 0, stream>>>(a.step_stamp);
+    if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  }
   const int64_t rows = int64_t(a.n_tokens) * a.n_heads;
   if (rows == 0 || a.k == 0) return cudaSuccess;
   if (a.kv_bytes % 16 || a.bias_bytes % 16 || a.part_slots < 1 ||

@@ -33,8 +33,4 @@ cudaError_t launch_partition_decisions(const PartitionArgs& a, PartitionCopy* co
 cudaError_t launch_partition_copies(const PartitionArgs& a, const PartitionCopy* copies,
                                     const int* counts, cudaStream_t stream);
 
-// Advances the step stamp that a.stamp_at points at, before a step's first round: on the device,
-// so that a step recorded as a graph gets a new stamp at every replay.
-cudaError_t launch_next_stamp(uint32_t* at, cudaStream_t stream);
-
 }  // namespace nosa::memory::cuda

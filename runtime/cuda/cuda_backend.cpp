@@ -408,7 +408,6 @@ class CudaBackend final : public Backend {
   void begin_step(const StepBatch& step, bool more) override {
     NOSA_ASSERT(!more || !recording_, "a step graph records one step");
     join_partition_copies();
-    stamp_advanced_ = false;
     step_ = &step;
     plan_valid_ = false;
     bounds_.valid = false;
@@ -503,12 +502,6 @@ class CudaBackend final : public Backend {
       auto* parts_of_seqs = reinterpret_cast<int32_t*>(staging_space(seq_partition.size() * 4));
       std::copy(seq_partition.begin(), seq_partition.end(), parts_of_seqs);
       a.seq_partition = parts_of_seqs;
-    }
-    // The step's stamp, advanced on the device before its first round (a replayed step gets a
-    // new one too).
-    if (!stamp_advanced_ && a.stamp_at) {
-      NOSA_CUDA_CHECK(mcu::launch_next_stamp(const_cast<uint32_t*>(a.stamp_at), stream_));
-      stamp_advanced_ = true;
     }
     // The rows' copy lists, then their counts and total: one buffer for every round, grown
     // when a round needs more (a recording graph's own, whose addresses it keeps).
@@ -1387,7 +1380,6 @@ class CudaBackend final : public Backend {
     const int32_t* misses = nullptr;
   } pending_copies_;
   cudaEvent_t decided_ = nullptr, copied_ = nullptr;
-  bool stamp_advanced_ = false;  // this step's partition stamp, advanced by its first round
 
   // Micro-batches: the step slot that is not current (use_step_slot swaps it in), the side
   // stream of the overlapped gathers and their pinned transfer lists, and per slot the events

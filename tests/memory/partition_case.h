@@ -19,7 +19,7 @@ struct PartitionCase {
   static constexpr int32_t k_unwritten = -7;
   int T = 0, H = 0, k = 0, L = 0, layer = 0, R = 0, n_parts = 0, bt_stride = 0;
   int64_t part_base = 0, n_blocks = 0, kv_bytes = 64, bias_bytes = 16;
-  uint32_t stamp = 0;
+  uint32_t stamp = 0;  // the step stamp: after a round, the one it used
   std::vector<int32_t> selection, token_seq, block_table, seq_partition, slot_table;
   // The selection split into hits and misses ([T][H][k] each; a value no round writes until one
   // does, so that an entry left unwritten shows).
@@ -49,7 +49,7 @@ struct PartitionCase {
     a.part_slots = R;
     a.part_chunk = part_chunk.data();
     a.part_stamp = part_stamp.data();
-    a.stamp = stamp;
+    a.step_stamp = &stamp;  // a round of layer 0 advances it
     a.kv = kv.data();
     a.bias = bias.data();
     a.kv_bytes = kv_bytes;
