@@ -20,21 +20,11 @@
 namespace nosa::attention::cuda {
 namespace {
 
-template <typename T>
-T* device_copy(const std::vector<T>& v) {
-  T* p = nullptr;
-  EXPECT_EQ(cudaMalloc(&p, std::max<size_t>(1, v.size()) * sizeof(T)), cudaSuccess);
-  if (!v.empty()) {
-    EXPECT_EQ(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  }
-  return p;
-}
+using ::nosa::test::DeviceArray;
 
-std::vector<float> output_of(const void* out, size_t n) {
-  std::vector<__nv_bfloat16> b(n);
-  EXPECT_EQ(cudaMemcpy(b.data(), out, n * 2, cudaMemcpyDeviceToHost), cudaSuccess);
-  std::vector<float> f(n);
-  for (size_t i = 0; i < n; ++i) f[i] = __bfloat162float(b[i]);
+std::vector<float> to_float(const std::vector<__nv_bfloat16>& b) {
+  std::vector<float> f(b.size());
+  for (size_t i = 0; i < b.size(); ++i) f[i] = __bfloat162float(b[i]);
   return f;
 }
 
@@ -84,79 +74,67 @@ double run_case(const Case& c, uint32_t seed, int mode, bool use_bias) {
   std::vector<int32_t> list(c.T);
   std::iota(list.begin(), list.end(), 0);
 
+  DeviceArray<__nv_bfloat16> kv_dev(kv), q_dev(q);
+  DeviceArray<float> bias_dev(bias);
+  DeviceArray<int32_t> positions_dev(positions), token_seq_dev(token_seq), table_dev(table),
+      list_dev(list), sel_whole(whole), sel_first(first), sel_second(second);
   DecodeArgs a;
-  a.kv.kv = device_copy(kv);
-  a.kv.bias = device_copy(bias);
+  a.kv.kv = kv_dev.p;
+  a.kv.bias = bias_dev.p;
   a.kv.n_layers = 1;
   a.kv.n_kv_heads = c.H;
   a.kv.head_dim = c.D;
   a.kv.block_size = c.bs;
-  a.step.positions = device_copy(positions);
-  a.step.token_seq = device_copy(token_seq);
-  a.step.block_table = device_copy(table);
+  a.step.positions = positions_dev.p;
+  a.step.token_seq = token_seq_dev.p;
+  a.step.block_table = table_dev.p;
   a.step.bt_stride = max_blocks;
   a.step.n_tokens = c.T;
   a.step.n_seqs = c.T;
-  a.q = device_copy(q);
+  a.q = q_dev.p;
   a.group = c.G;
   a.scale = 1.0f / std::sqrt(float(c.D));
   a.use_bias = use_bias;
   a.k_max = c.k;
   a.max_blocks = c.k;
-  a.token_list = device_copy(list);
+  a.token_list = list_dev.p;
   a.n_list = c.T;
   int sms = 0;
   EXPECT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), cudaSuccess);
   a.splits = decode_splits(c.T, c.H, c.k, c.bs, sms);
   const int second_splits = decode_min_splits(c.k, c.bs);
-  const size_t n_out = q.size();
-  float* partial = nullptr;
-  EXPECT_EQ(cudaMalloc(&partial, decode_partial_floats(c.T, c.H, a.splits + second_splits, c.D) *
-                                     sizeof(float)),
-            cudaSuccess);
-  a.partial = partial;
-  std::vector<__nv_bfloat16> nan(n_out, __float2bfloat16(NAN));
-  void* out_whole = device_copy(nan);
-  void* out_parts = device_copy(nan);
+  DeviceArray<float> partial(
+      std::vector<float>(decode_partial_floats(c.T, c.H, a.splits + second_splits, c.D)));
+  a.partial = partial.p;
+  const std::vector<__nv_bfloat16> nan(q.size(), __float2bfloat16(NAN));
+  DeviceArray<__nv_bfloat16> out_whole(nan), out_parts(nan);
 
-  int32_t* sel_whole = device_copy(whole);
-  int32_t* sel_first = device_copy(first);
-  int32_t* sel_second = device_copy(second);
   DecodeArgs w = a;
-  w.selection = sel_whole;
-  w.out = out_whole;
+  w.selection = sel_whole.p;
+  w.out = out_whole.p;
   EXPECT_EQ(launch_sparse_decode(w, nullptr), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   DecodeArgs p = a;
-  p.out = out_parts;
+  p.out = out_parts.p;
   p.split_total = a.splits + second_splits;
-  p.selection = sel_first;
+  p.selection = sel_first.p;
   EXPECT_EQ(launch_sparse_decode_part(p, nullptr), cudaSuccess);
-  p.selection = sel_second;
+  p.selection = sel_second.p;
   p.split_begin = a.splits;
   p.splits = second_splits;
   EXPECT_EQ(launch_sparse_decode_part(p, nullptr), cudaSuccess);
   EXPECT_EQ(launch_sparse_decode_merge(p, nullptr), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 
-  const std::vector<float> ref = output_of(out_whole, n_out), got = output_of(out_parts, n_out);
+  const std::vector<float> ref = to_float(out_whole.get()), got = to_float(out_parts.get());
   double num = 0, den = 0;
   int64_t bad = 0;
-  for (size_t i = 0; i < n_out; ++i) {
+  for (size_t i = 0; i < ref.size(); ++i) {
     if (!std::isfinite(got[i]) || !std::isfinite(ref[i])) ++bad;
     num += (got[i] - ref[i]) * double(got[i] - ref[i]);
     den += double(ref[i]) * ref[i];
   }
   EXPECT_EQ(bad, 0) << "seed " << seed;
-  for (void* ptr : {static_cast<void*>(a.kv.kv), static_cast<void*>(a.kv.bias),
-                    const_cast<void*>(static_cast<const void*>(a.step.positions)),
-                    const_cast<void*>(static_cast<const void*>(a.step.token_seq)),
-                    const_cast<void*>(static_cast<const void*>(a.step.block_table)),
-                    const_cast<void*>(a.q), const_cast<void*>(static_cast<const void*>(a.token_list)),
-                    static_cast<void*>(partial), out_whole, out_parts,
-                    static_cast<void*>(sel_whole), static_cast<void*>(sel_first),
-                    static_cast<void*>(sel_second)})
-    cudaFree(ptr);
   return den > 0 ? std::sqrt(num / den) : 0.0;
 }
 

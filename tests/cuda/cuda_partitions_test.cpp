@@ -13,26 +13,7 @@
 namespace nosa::memory {
 namespace {
 
-// A device copy of a vector, copied back on request.
-template <typename T>
-struct DeviceArray {
-  T* p = nullptr;
-  size_t n = 0;
-  explicit DeviceArray(const std::vector<T>& v) : n(v.size()) {
-    EXPECT_EQ(cudaMalloc(&p, std::max<size_t>(1, n) * sizeof(T)), cudaSuccess);
-    if (n) {
-      EXPECT_EQ(cudaMemcpy(p, v.data(), n * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-    }
-  }
-  ~DeviceArray() { cudaFree(p); }
-  std::vector<T> get() const {
-    std::vector<T> v(n);
-    if (n) {
-      EXPECT_EQ(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-    }
-    return v;
-  }
-};
+using ::nosa::test::DeviceArray;
 
 TEST(CudaPartitions, TheKernelMakesTheReferencesDecisionsAndCopies) {
   NOSA_REQUIRE_GPU();

@@ -1,10 +1,13 @@
 // Helpers of the CUDA backend tests: both backends side by side, the same random inputs on each
 // (bf16-representable values, so that the GPU sees exactly what the CPU sees), NaN-poisoned GPU
-// outputs (an element the GPU forgets to write stays NaN), and error measures.
+// outputs (an element the GPU forgets to write stays NaN), error measures, and device copies of
+// host vectors for the tests that call kernels directly.
 #pragma once
 
+#include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <string>
@@ -17,6 +20,29 @@
 #include "runtime/step.h"
 
 namespace nosa::test {
+
+// A device copy of a host vector (freed with it), copied back on request.
+template <typename T>
+struct DeviceArray {
+  T* p = nullptr;
+  size_t n = 0;
+  explicit DeviceArray(const std::vector<T>& v) : n(v.size()) {
+    EXPECT_EQ(cudaMalloc(&p, std::max<size_t>(1, n) * sizeof(T)), cudaSuccess);
+    if (n) {
+      EXPECT_EQ(cudaMemcpy(p, v.data(), n * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
+    }
+  }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  ~DeviceArray() { cudaFree(p); }
+  std::vector<T> get() const {
+    std::vector<T> v(n);
+    if (n) {
+      EXPECT_EQ(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+    }
+    return v;
+  }
+};
 
 // Skips the test where no GPU exists (CI builds and skips these tests).
 #define NOSA_REQUIRE_GPU()                                          \
