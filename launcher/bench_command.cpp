@@ -766,15 +766,10 @@ void run_offload(SuiteContext& ctx) {
             vrow["disk_gib"] = double(after.disk_blocks) * double(cpb) * slot_bytes / gib;
             ctx.rows.push_back(vrow);
             logger("bench")->info(
-                "offload {:8s} B={:3d} C={:6d} miss={:5s} {}{}{}: {:8.3f} ms/step {:9.1f} tok/s  "
+                "offload {:8s} B={:3d} C={:6d} miss={:5s} {}{}: {:8.3f} ms/step {:9.1f} tok/s  "
                 "overlap {:.3f} miss rate {:.3f}  PCIe {:.1f} MB/step{}  floor {:.3f} ms x{:.2f}",
                 mode_name, B, context, miss < 0 ? "model" : fmt::format("{:.2f}", miss),
-                device_steps[v] > 0 ? "device" : "host",
-                variants[v].micro >= 0 ? fmt::format(" micro-{}", variants[v].micro)
-                                       : std::string(),
-                variants[v].overlap >= 0 ? fmt::format(" overlap-{}", variants[v].overlap ? "on" : "off")
-                                         : std::string(),
-                med,
+                device_steps[v] > 0 ? "device" : "host", label.empty() ? "" : " " + label, med,
                 vrow["tokens_per_s"].get<double>(), vrow["overlap"].get<double>(),
                 vrow["miss_rate"].get<double>(), (h2d + d2h) / 1e6,
                 disk + disk_written > 0

@@ -209,7 +209,7 @@ Tensor Model::run_layers(const StepBatch& step, KvCache& cache, bool cache_begun
   // kept them), so that every rank of a replica splits the same steps.
   if (cache.offloaded() && mode_ != attention::Mode::dense && be.step_slots() >= 2 &&
       micro_min_seqs_ > 0 && int(step.seqs.size()) >= std::max(2, micro_min_seqs_) &&
-      step.decode_only() && !cache.partitioned() && !cache_begun)
+      step.decode_only() && !cache.partitioned())
     return run_micro_batches(step, cache);
 
   be.begin_step(step);
