@@ -960,8 +960,11 @@ class CudaBackend final : public Backend {
       a.n_list = plan.n_decode;
       a.splits = acu::decode_splits(a.n_list, H, a.max_blocks, L.block_size,
                                     props_.multiProcessorCount);
-      // The misses are few: the fewest splits that hold a row.
-      const int miss_splits = in_parts ? acu::decode_min_splits(a.max_blocks, L.block_size) : 0;
+      // The misses get as many splits as the hits: a split's share comes from the row's own
+      // count, so the few misses spread over the whole GPU, which has nothing else to run
+      // once they are copied (with the fewest splits, 2 KV heads x 16 rows ran one thread
+      // block each over all of a row's misses).
+      const int miss_splits = in_parts ? a.splits : 0;
       a.split_total = a.splits + miss_splits;
       Tensor partial = alloc(DType::f32, {int64_t(acu::decode_partial_floats(
                                               a.n_list, H, a.split_total, L.head_dim))});
