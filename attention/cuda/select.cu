@@ -1,4 +1,3 @@
-#include <cstdlib>
 #include <algorithm>
 #include <cfloat>
 
@@ -935,9 +934,13 @@ bool split_fits(int n_kv_heads, int group, int head_dim, int keys_per_block, int
 
 // split_finish replaces kernels 2-4 where its shared memory fits and the step has enough
 // (token, KV head) pairs to fill about half of an H200, or a pair's logits are few enough for one
-// thread block (decode of short contexts, or of few tokens up to ~16K positions with 8 heads).
+// thread block (decode of short contexts: up to 4K positions with 16 heads, 8K with 8). With
+// fewer pairs at 16K-32K positions the four kernels spread each pair's exponentials over the
+// GPU and win (H200, a step: 8b-like B = 16 7.21 -> 7.06 ms at 16K, 7.86 -> 7.52 at 32K;
+// B = 1 6.63 -> 6.43 at 16K; 1b-like B = 16 3.36 -> 3.27 at 16K); from 128 pairs on
+// (B = 64) split_finish wins (9.83 against 10.26 ms).
 constexpr int k_finish_min_pairs = 64;
-constexpr size_t k_finish_max_logits = 16384;
+constexpr size_t k_finish_max_logits = 4096;
 
 template <int D>
 cudaError_t launch_logits(const SelectArgs& a, const SplitLayout& L, cudaStream_t stream) {
@@ -957,11 +960,8 @@ cudaError_t launch_split(const SelectArgs& a, cudaStream_t stream) {
   if (!a.scratch || a.scratch_floats < L.total) return cudaErrorInvalidValue;
   const size_t s2 = sums_smem(G), s3 = pool_smem(L, G, m), s4 = topk_smem(a.nb_max),
                s5 = finish_smem(L, G, a.n_max, a.nb_max);
-  bool finish = (T * H >= k_finish_min_pairs || size_t(G) * a.n_max <= k_finish_max_logits) &&
-                s5 <= max_shared_bytes();
-  static const char* forced = std::getenv("NOSA_SELECT_FINISH");  // experiment: 0 or 1
-  if (forced && forced[0] == '0') finish = false;
-  if (forced && forced[0] == '1') finish = s5 <= max_shared_bytes();
+  const bool finish = (T * H >= k_finish_min_pairs || size_t(G) * a.n_max <= k_finish_max_logits) &&
+                      s5 <= max_shared_bytes();
   cudaError_t e;
   if (a.mode != SelectMode::dense && a.n_max > 0) {
     e = launch_logits<D>(a, L, stream);

@@ -229,8 +229,8 @@ std::vector<SelectCase> selection_only_cases() {
   std::vector<SelectCase> cases = select_cases();
   cases.push_back({"8b-long-decode", 128, 16, 64, 32, 16, 1024, 64, 16,
                    {{40000, 1}, {30, 1}, {5000, 1}, {12345, 1}}});
-  // Small decode batches (one wave of (token, KV head) pairs) whose exponentials fit in shared
-  // memory: the split path keeps them instead of computing them twice.
+  // Small decode batches (fewer (token, KV head) pairs than split_finish needs at these
+  // lengths): the split path's four kernels.
   cases.push_back({"8b-decode-batch", 128, 16, 64, 32, 16, 1024, 64, 16,
                    {{16000, 1}, {9000, 1}, {3000, 1}, {12000, 1}}});
   cases.push_back({"1b-decode-batch", 128, 8, 64, 32, 16, 1024, 64, 16,
@@ -244,8 +244,11 @@ std::vector<SelectCase> selection_only_cases() {
   cases.push_back({"g12-decode", 128, 12, 64, 32, 16, 1024, 64, 16,
                    {{9000, 1}, {5000, 1}, {3000, 20}}});
   cases.push_back({"g3-d64-decode", 64, 3, 64, 32, 16, 1024, 64, 16, {{6000, 1}, {2000, 1}}});
-  // Groups above 16 through split_finish (64 x n_max logits within its one-block limit).
+  // Groups above 16 through split_finish (64 x n_max logits within its one-block limit; 84
+  // (token, KV head) pairs, enough for it), and through the four kernels (6 pairs).
   cases.push_back({"g64-finish", 128, 64, 64, 32, 16, 1024, 64, 16,
+                   {{4000, 1}, {3000, 1}, {2500, 40}}});
+  cases.push_back({"g64-few-pairs", 128, 64, 64, 32, 16, 1024, 64, 16,
                    {{4000, 1}, {3000, 1}, {2500, 1}}});
   return cases;
 }
