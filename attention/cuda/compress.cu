@@ -1,4 +1,5 @@
 #include "attention/cuda/compress.cuh"
+#include "attention/cuda/dependent_launch.cuh"
 #include "attention/cuda/device_common.cuh"
 
 namespace nosa::attention::cuda {
@@ -7,6 +8,7 @@ namespace {
 
 // grid (T, H), block d/2 threads (two elements each).
 __global__ void append_kv_kernel(AppendKvArgs a) {
+  dependent_launch_begin();
   const int t = blockIdx.x, h = blockIdx.y;
   const KvView& kv = a.kv;
   const int d = kv.head_dim, bs = kv.block_size, H = kv.n_kv_heads;
@@ -32,6 +34,7 @@ __global__ void append_kv_kernel(AppendKvArgs a) {
 
 // grid (max_new_windows, S, H), block d threads. Sums in the CPU reference's order.
 __global__ void update_compressed_kernel(UpdateCompressedArgs a) {
+  dependent_launch_begin();
   const int s = blockIdx.y, h = blockIdx.z;
   const KvView& kv = a.kv;
   const int d = kv.head_dim, bs = kv.block_size, m = kv.keys_per_block;
@@ -70,15 +73,14 @@ __global__ void update_compressed_kernel(UpdateCompressedArgs a) {
 cudaError_t launch_append_kv(const AppendKvArgs& a, cudaStream_t stream) {
   if (a.step.n_tokens == 0) return cudaSuccess;
   dim3 grid(a.step.n_tokens, a.kv.n_kv_heads);
-  append_kv_kernel<<<grid, a.kv.head_dim / 2 < 32 ? 32 : a.kv.head_dim / 2, 0, stream>>>(a);
-  return cudaGetLastError();
+  return launch_dependent(append_kv_kernel, grid, a.kv.head_dim / 2 < 32 ? 32 : a.kv.head_dim / 2, 0,
+                          stream, a);
 }
 
 cudaError_t launch_update_compressed(const UpdateCompressedArgs& a, cudaStream_t stream) {
   if (a.max_new_windows <= 0 || a.step.n_seqs == 0) return cudaSuccess;
   dim3 grid(a.max_new_windows, a.step.n_seqs, a.kv.n_kv_heads);
-  update_compressed_kernel<<<grid, a.kv.head_dim, 0, stream>>>(a);
-  return cudaGetLastError();
+  return launch_dependent(update_compressed_kernel, grid, a.kv.head_dim, 0, stream, a);
 }
 
 }  // namespace nosa::attention::cuda

@@ -1,3 +1,4 @@
+#include "attention/cuda/dependent_launch.cuh"
 #include "attention/cuda/device_common.cuh"
 #include "attention/cuda/eviction.cuh"
 
@@ -9,6 +10,7 @@ __device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1
 
 // grid (T), one warp per output head.
 __global__ void eviction_kernel(EvictionArgs a) {
+  dependent_launch_begin();
   const int t = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = a.head_begin + warp;
@@ -29,8 +31,8 @@ __global__ void eviction_kernel(EvictionArgs a) {
 
 cudaError_t launch_eviction_scores(const EvictionArgs& a, cudaStream_t stream) {
   if (a.n_tokens == 0 || a.head_end <= a.head_begin) return cudaSuccess;
-  eviction_kernel<<<a.n_tokens, 32 * (a.head_end - a.head_begin), 0, stream>>>(a);
-  return cudaGetLastError();
+  return launch_dependent(eviction_kernel, a.n_tokens, 32 * (a.head_end - a.head_begin), 0, stream,
+                          a);
 }
 
 }  // namespace nosa::attention::cuda

@@ -1,6 +1,7 @@
 #include <algorithm>
 #include <cfloat>
 
+#include "attention/cuda/dependent_launch.cuh"
 #include "attention/cuda/device_common.cuh"
 #include "attention/cuda/exp_core.cuh"
 #include "attention/cuda/select.cuh"
@@ -451,6 +452,7 @@ __device__ __forceinline__ void logits_tile(const float* sq, const uint4* rows, 
 template <int D>
 __global__ void __launch_bounds__(k_split_keys) split_logits(SelectArgs a, SplitLayout L) {
   extern __shared__ __align__(16) float sq[];  // see logits_smem
+  dependent_launch_begin();
   const int cg = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
   const TokenSel s = token_sel(a, t);
   const int j0 = cg * k_split_keys;
@@ -537,6 +539,7 @@ __global__ void __launch_bounds__(k_split_keys) split_logits(SelectArgs a, Split
 
 __global__ void __launch_bounds__(k_sums_threads) split_sums(SelectArgs a, SplitLayout L) {
   extern __shared__ __align__(16) double sd[];  // [G][2] warp sums, then [G] maxima (float)
+  dependent_launch_begin();
   const int c = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
   const TokenSel s = token_sel(a, t);
   const int j0 = c * k_split_keys;
@@ -574,6 +577,7 @@ __global__ void __launch_bounds__(k_sums_threads) split_sums(SelectArgs a, Split
 
 __global__ void __launch_bounds__(k_pool_threads) split_pool(SelectArgs a, SplitLayout L) {
   extern __shared__ __align__(16) double sp[];  // [G] sums; [G] maxima, [G][nk] p, [nk] S, E
+  dependent_launch_begin();
   const int cb = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
   const TokenSel s = token_sel(a, t);
   const int b0 = cb * L.pool_blocks;
@@ -780,6 +784,7 @@ __device__ void topk_and_compact(const SelectArgs& a, uint32_t* ks, uint32_t* ke
 
 __global__ void __launch_bounds__(k_topk_threads) split_topk(SelectArgs a, SplitLayout L) {
   extern __shared__ __align__(16) uint32_t st[];
+  dependent_launch_begin();
   const int h = blockIdx.x, t = blockIdx.y;
   const TokenSel s = token_sel(a, t);
   const int H = a.kv.n_kv_heads;
@@ -826,6 +831,7 @@ size_t finish_smem(const SplitLayout& L, int G, int n_max, int nb_max) {
 
 __global__ void __launch_bounds__(k_finish_threads) split_finish(SelectArgs a, SplitLayout L) {
   extern __shared__ __align__(16) double sf[];
+  dependent_launch_begin();
   const int h = blockIdx.x, t = blockIdx.y;
   const TokenSel s = token_sel(a, t);
   const KvView& kv = a.kv;
@@ -949,8 +955,7 @@ cudaError_t launch_logits(const SelectArgs& a, const SplitLayout& L, cudaStream_
   // The occupancy is bound by shared memory: all of the unified L1 as shared memory.
   cudaError_t e = allow_shared<split_logits<D>>(smem, true);
   if (e != cudaSuccess) return e;
-  split_logits<D><<<dim3(L.chunks, H, T), k_split_keys, smem, stream>>>(a, L);
-  return cudaGetLastError();
+  return launch_dependent(split_logits<D>, dim3(L.chunks, H, T), k_split_keys, smem, stream, a, L);
 }
 
 template <int D>
@@ -969,17 +974,18 @@ cudaError_t launch_split(const SelectArgs& a, cudaStream_t stream) {
   }
   if (finish) {
     if ((e = allow_shared<split_finish>(s5)) != cudaSuccess) return e;
-    split_finish<<<dim3(H, T), k_finish_threads, s5, stream>>>(a, L);
-    return cudaGetLastError();
+    return launch_dependent(split_finish, dim3(H, T), k_finish_threads, s5, stream, a, L);
   }
   if ((e = allow_shared<split_pool>(s3)) != cudaSuccess) return e;
   if ((e = allow_shared<split_topk>(s4)) != cudaSuccess) return e;
   if (a.mode != SelectMode::dense && a.n_max > 0) {
-    split_sums<<<dim3(L.chunks, H, T), k_sums_threads, s2, stream>>>(a, L);
-    split_pool<<<dim3(L.pool_chunks, H, T), k_pool_threads, s3, stream>>>(a, L);
+    if ((e = launch_dependent(split_sums, dim3(L.chunks, H, T), k_sums_threads, s2, stream, a, L)) !=
+            cudaSuccess ||
+        (e = launch_dependent(split_pool, dim3(L.pool_chunks, H, T), k_pool_threads, s3, stream, a,
+                              L)) != cudaSuccess)
+      return e;
   }
-  split_topk<<<dim3(H, T), k_topk_threads, s4, stream>>>(a, L);
-  return cudaGetLastError();
+  return launch_dependent(split_topk, dim3(H, T), k_topk_threads, s4, stream, a, L);
 }
 
 

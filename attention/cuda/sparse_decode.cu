@@ -2,6 +2,7 @@
 #include <type_traits>
 
 #include "attention/cuda/attention_tile.cuh"
+#include "attention/cuda/dependent_launch.cuh"
 #include "attention/cuda/sparse_decode.cuh"
 
 namespace nosa::attention::cuda {
@@ -59,6 +60,7 @@ __device__ __forceinline__ void load_decode_stage(const Stage<D>& st, const KvVi
 template <int D>
 __global__ void __launch_bounds__(32 * k_warps) decode_kernel(DecodeArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
+  dependent_launch_begin();
   const KvView& kv = a.kv;
   const int li = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
   const int t = a.token_list[li];
@@ -185,6 +187,7 @@ __global__ void __launch_bounds__(32 * k_warps) decode_kernel(DecodeArgs a) {
 template <int D>
 __global__ void __launch_bounds__(256) combine_kernel(DecodeArgs a) {
   extern __shared__ __align__(16) float wsm[];  // [G][splits] weights, [G] 1 / sum
+  dependent_launch_begin();
   const int li = blockIdx.x, h = blockIdx.y;
   const int t = a.token_list[li];
   const int H = a.kv.n_kv_heads, G = a.group, S = a.split_total > 0 ? a.split_total : a.splits;
@@ -254,8 +257,7 @@ cudaError_t launch_part(const DecodeArgs& a, cudaStream_t stream) {
   const int smem = smem_stages > smem_merge ? smem_stages : smem_merge;
   if (const cudaError_t e = allow_shared<decode_kernel<D>>(smem); e != cudaSuccess) return e;
   dim3 grid(a.n_list, a.kv.n_kv_heads, a.splits);
-  decode_kernel<D><<<grid, 32 * k_warps, smem, stream>>>(a);
-  return cudaGetLastError();
+  return launch_dependent(decode_kernel<D>, grid, 32 * k_warps, smem, stream, a);
 }
 
 template <int D>
@@ -263,8 +265,8 @@ cudaError_t launch_merge(const DecodeArgs& a, cudaStream_t stream) {
   const int total = a.split_total > 0 ? a.split_total : a.splits;
   const size_t smem_combine = sizeof(float) * size_t(a.group) * (total + 1);
   if (smem_combine > 48 * 1024) return cudaErrorInvalidValue;  // decode_splits keeps it small
-  combine_kernel<D><<<dim3(a.n_list, a.kv.n_kv_heads), 256, smem_combine, stream>>>(a);
-  return cudaGetLastError();
+  return launch_dependent(combine_kernel<D>, dim3(a.n_list, a.kv.n_kv_heads), 256, smem_combine,
+                          stream, a);
 }
 
 // The checks every launch makes, then f(std::integral_constant<int, head_dim>).

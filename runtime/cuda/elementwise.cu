@@ -1,11 +1,14 @@
 #include <cuda_bf16.h>
 
+#include "attention/cuda/dependent_launch.cuh"
 #include "runtime/cuda/model_kernels.cuh"
 
 namespace nosa::runtime::cuda {
 
 namespace {
 
+using attention::cuda::dependent_launch_begin;
+using attention::cuda::launch_dependent;
 using bf16 = __nv_bfloat16;
 
 __global__ void copy_rows_kernel(const bf16* src, const int32_t* rows, int n, bf16* out) {
@@ -21,6 +24,7 @@ __global__ void copy_rows_kernel(const bf16* src, const int32_t* rows, int n, bf
 }
 
 __global__ void add_kernel(bf16* x, const bf16* y, int64_t n) {
+  dependent_launch_begin();
   const int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 2;
   if (i + 1 < n) {
     __nv_bfloat162 a = *reinterpret_cast<__nv_bfloat162*>(x + i);
@@ -41,6 +45,7 @@ __device__ __forceinline__ float silu_mul_one(float g, float u) {
 // stores, where f is a multiple of 8; else 1).
 template <int V>
 __global__ void silu_mul_kernel(const bf16* gate_up, bf16* out, int f, int blocks_per_row) {
+  dependent_launch_begin();
   const int64_t row = blockIdx.x / blocks_per_row;
   const bf16* g = gate_up + row * 2 * f;
   const bf16* u = g + f;
@@ -122,9 +127,8 @@ cudaError_t launch_gather_rows(const void* x, const int32_t* rows, int n_rows, i
 cudaError_t launch_add(void* x, const void* y, int64_t n, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const int64_t pairs = (n + 1) / 2;
-  add_kernel<<<unsigned((pairs + 255) / 256), 256, 0, stream>>>(static_cast<bf16*>(x),
-                                                                static_cast<const bf16*>(y), n);
-  return cudaGetLastError();
+  return launch_dependent(add_kernel, unsigned((pairs + 255) / 256), 256, 0, stream,
+                          static_cast<bf16*>(x), static_cast<const bf16*>(y), n);
 }
 
 cudaError_t launch_silu_mul(const void* gate_up, void* out, int rows, int f, cudaStream_t stream) {
@@ -133,12 +137,12 @@ cudaError_t launch_silu_mul(const void* gate_up, void* out, int rows, int f, cud
   auto* o = static_cast<bf16*>(out);
   if (f % 8 == 0) {  // every row of gate_up, up and out then starts on a 16-byte boundary
     const int per_row = (f / 8 + 255) / 256;
-    silu_mul_kernel<8><<<unsigned(int64_t(rows) * per_row), 256, 0, stream>>>(gu, o, f, per_row);
-  } else {
-    const int per_row = (f + 255) / 256;
-    silu_mul_kernel<1><<<unsigned(int64_t(rows) * per_row), 256, 0, stream>>>(gu, o, f, per_row);
+    return launch_dependent(silu_mul_kernel<8>, unsigned(int64_t(rows) * per_row), 256, 0, stream,
+                            gu, o, f, per_row);
   }
-  return cudaGetLastError();
+  const int per_row = (f + 255) / 256;
+  return launch_dependent(silu_mul_kernel<1>, unsigned(int64_t(rows) * per_row), 256, 0, stream, gu,
+                          o, f, per_row);
 }
 
 cudaError_t launch_bias_add(void* out, bool out_f32, const void* bias, int rows, int n,

@@ -1,11 +1,14 @@
 #include <cuda_bf16.h>
 
+#include "attention/cuda/dependent_launch.cuh"
 #include "runtime/cuda/model_kernels.cuh"
 
 namespace nosa::runtime::cuda {
 
 namespace {
 
+using attention::cuda::dependent_launch_begin;
+using attention::cuda::launch_dependent;
 using bf16 = __nv_bfloat16;
 
 // Eight bf16 values as float32 and back (16-byte loads and stores).
@@ -51,6 +54,7 @@ __device__ __forceinline__ float block_sum(float v) {
 // pass. VEC: 8 elements per access (n % 8 == 0 and 16-byte aligned rows).
 template <bool ADD, bool VEC>
 __global__ void rmsnorm_kernel(RmsNormArgs a) {
+  dependent_launch_begin();
   const int64_t row = int64_t(blockIdx.x) * a.n;
   bf16* x = static_cast<bf16*>(const_cast<void*>(a.x)) + row;
   const bf16* r = ADD ? static_cast<const bf16*>(a.residual) + row : nullptr;
@@ -115,14 +119,9 @@ cudaError_t launch_rmsnorm(const RmsNormArgs& a, cudaStream_t stream) {
   // Vectorized: one 8-element access per thread for rows up to 4096 wide.
   const int lanes = vec ? (a.n / 8 + 31) / 32 * 32 : (a.n >= 1024 ? 512 : 128);
   const int threads = lanes < 64 ? 64 : (lanes > 512 ? 512 : lanes);
-  if (add) {
-    if (vec) rmsnorm_kernel<true, true><<<a.rows, threads, 0, stream>>>(a);
-    else rmsnorm_kernel<true, false><<<a.rows, threads, 0, stream>>>(a);
-  } else {
-    if (vec) rmsnorm_kernel<false, true><<<a.rows, threads, 0, stream>>>(a);
-    else rmsnorm_kernel<false, false><<<a.rows, threads, 0, stream>>>(a);
-  }
-  return cudaGetLastError();
+  void (*kernel)(RmsNormArgs) = add ? (vec ? rmsnorm_kernel<true, true> : rmsnorm_kernel<true, false>)
+                                     : (vec ? rmsnorm_kernel<false, true> : rmsnorm_kernel<false, false>);
+  return launch_dependent(kernel, a.rows, threads, 0, stream, a);
 }
 
 }  // namespace nosa::runtime::cuda

@@ -1,11 +1,14 @@
 #include <cuda_bf16.h>
 
+#include "attention/cuda/dependent_launch.cuh"
 #include "runtime/cuda/model_kernels.cuh"
 
 namespace nosa::runtime::cuda {
 
 namespace {
 
+using attention::cuda::dependent_launch_begin;
+using attention::cuda::launch_dependent;
 using bf16 = __nv_bfloat16;
 
 // One block per token: the token's cos / sin table first (one sincos per dimension pair, as the
@@ -14,6 +17,7 @@ using bf16 = __nv_bfloat16;
 // the rotated heads two dimensions at a time, then copy v 16 bytes at a time.
 __global__ void rope_kernel(RopeArgs a) {
   extern __shared__ float cs[];  // [half] cos, then [half] sin
+  dependent_launch_begin();
   const int t = blockIdx.x, d = a.head_dim, half = d / 2;
   const int width = (a.hq + a.hk + a.hv) * d;
   const bf16* src = static_cast<const bf16*>(a.qkv) + int64_t(t) * width;
@@ -75,8 +79,7 @@ __global__ void rope_kernel(RopeArgs a) {
 
 cudaError_t launch_split_qkv_rope(const RopeArgs& a, cudaStream_t stream) {
   if (a.n_tokens == 0) return cudaSuccess;
-  rope_kernel<<<a.n_tokens, 256, sizeof(float) * a.head_dim, stream>>>(a);
-  return cudaGetLastError();
+  return launch_dependent(rope_kernel, a.n_tokens, 256, sizeof(float) * a.head_dim, stream, a);
 }
 
 }  // namespace nosa::runtime::cuda

@@ -1,0 +1,65 @@
+// Programmatic dependent launch (Hopper and later) for the kernels of a decoding step: a kernel
+// launched by launch_dependent() is scheduled while the kernel before it on the stream still
+// runs, and waits inside (dependent_launch_begin) until that kernel has finished and its writes
+// are visible. A step is hundreds of short kernels in a chain; this takes the launch and the
+// ramp of each off the chain. Included by .cu files only.
+//
+// The contract: a kernel launched by launch_dependent() calls dependent_launch_begin() before
+// it touches global memory (reads and writes alike: the kernel before may still be reading what
+// this one overwrites). Elsewhere (a plain launch, or a GPU before sm_90) the call does nothing.
+// NOSA_PDL=0 in the environment launches every kernel plainly.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <utility>
+
+namespace nosa::attention::cuda {
+
+// First statement of a kernel launched by launch_dependent(): lets the next kernel of the stream
+// be scheduled (it waits in its own dependent_launch_begin), then waits for the previous one.
+__device__ __forceinline__ void dependent_launch_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Whether launches on the current device use the attribute: compute capability 9.0 or later,
+// unless NOSA_PDL=0.
+inline bool dependent_launch_enabled() {
+  static const bool allowed = [] {
+    const char* e = std::getenv("NOSA_PDL");
+    return !(e && e[0] == '0');
+  }();
+  if (!allowed) return false;
+  constexpr int k_max_devices = 64;
+  static int major[k_max_devices] = {};  // 0: not asked yet
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= k_max_devices) return false;
+  if (major[dev] == 0 &&
+      cudaDeviceGetAttribute(&major[dev], cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+    return false;
+  return major[dev] >= 9;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), scheduled early after the stream's previous
+// kernel (see the contract above).
+template <typename... Params, typename... Args>
+cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                             cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = dependent_launch_enabled() ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+}  // namespace nosa::attention::cuda
