@@ -17,11 +17,11 @@
 
 namespace nosa::attention::cuda {
 
-// First statement of a kernel launched by launch_dependent(): lets the next kernel of the stream
-// be scheduled (it waits in its own dependent_launch_begin), then waits for the previous one.
+// First statement of a kernel launched by launch_dependent(): waits for the previous kernel of
+// the stream. (No early trigger of the next one: its waiting thread blocks would hold
+// multiprocessor resources that this one's blocks need.)
 __device__ __forceinline__ void dependent_launch_begin() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
