@@ -2,7 +2,8 @@
 // launched by launch_dependent() is scheduled while the kernel before it on the stream still
 // runs, and waits inside (dependent_launch_begin) until that kernel has finished and its writes
 // are visible. A step is hundreds of short kernels in a chain; this takes the launch and the
-// ramp of each off the chain. Included by .cu files only.
+// ramp of each off the chain: on an H200, 0.2-0.9% a step in every decode configuration measured
+// (8b-like NOSA B = 16 7.05 -> 7.01 ms, dense B = 1 6.29 -> 6.24). Included by .cu files only.
 //
 // The contract: a kernel launched by launch_dependent() calls dependent_launch_begin() before
 // it touches global memory (reads and writes alike: the kernel before may still be reading what
@@ -18,8 +19,8 @@
 namespace nosa::attention::cuda {
 
 // First statement of a kernel launched by launch_dependent(): waits for the previous kernel of
-// the stream. (No early trigger of the next one: its waiting thread blocks would hold
-// multiprocessor resources that this one's blocks need.)
+// the stream. (With an early trigger of the next one as well, its waiting thread blocks held
+// multiprocessor resources that this one's needed: 8b-like NOSA B = 16 became 2% slower.)
 __device__ __forceinline__ void dependent_launch_begin() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
