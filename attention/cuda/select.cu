@@ -344,6 +344,7 @@ constexpr int k_pool_threads = 256;
 constexpr int k_pool_keys = 128;      // keys pooled per block of kernel 3 (about)
 constexpr int k_topk_threads = 512;
 constexpr int k_max_warps = 32;  // of any thread block: the top-k's per-warp counters
+constexpr int k_count_topk_max = 512;  // radix_topk counts ranks up to this many blocks
 // split_finish is a chain of dependent double-precision steps in one thread block per (token, KV
 // head): 32 warps hide more of its latency than 16 (8b-like, B = 64, 32K: 12.0 -> 11.8 ms a
 // step). Spreading a pair over a cluster of eight thread blocks (distributed shared memory) was
@@ -679,12 +680,30 @@ __device__ TopkLayout topk_layout(uint32_t* ks, int nb_max) {
   return l;
 }
 
-// flag[b] = rank of u[b] < k, rank by (u descending, index ascending): the radix-select
-// threshold (the k-th largest key, found 8 bits at a time), then the lowest-indexed ties.
+// flag[b] = rank of u[b] < k, rank by (u descending, index ascending). Up to k_count_topk_max
+// keys (32K positions), each key's rank by counting the keys ahead of it (every thread reads the
+// same key at once: a shared-memory broadcast), nb^2 comparisons in all; more, the radix-select
+// threshold (the k-th largest key, found 8 bits at a time, a dozen barriers), then the
+// lowest-indexed ties. (On an H200 the radix select of 256 keys took about 9 us a layer at
+// B = 16, nearly all of it barriers and latency.)
 __device__ void radix_topk(const uint32_t* u, int nb, int k, int* flag, const TopkShared& sh) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (k >= nb || k <= 0) {
     for (int b = threadIdx.x; b < nb; b += blockDim.x) flag[b] = k > 0;
+    return;
+  }
+  if (nb <= k_count_topk_max) {
+    for (int b = threadIdx.x; b < nb; b += blockDim.x) {
+      const uint32_t ub = u[b];
+      int ahead = 0;
+#pragma unroll 8
+      for (int j = 0; j < nb; ++j) {
+        const uint32_t uj = u[j];
+        ahead += int(uj > ub) | (int(uj == ub) & int(j < b));
+      }
+      flag[b] = ahead < k;
+    }
+    __syncthreads();
     return;
   }
   uint32_t prefix = 0, mask = 0;
