@@ -13,6 +13,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <utility>
 
@@ -36,13 +37,16 @@ inline bool dependent_launch_enabled() {
   }();
   if (!allowed) return false;
   constexpr int k_max_devices = 64;
-  static int major[k_max_devices] = {};  // 0: not asked yet
+  static std::atomic<int> major[k_max_devices] = {};  // 0: not asked yet
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= k_max_devices) return false;
-  if (major[dev] == 0 &&
-      cudaDeviceGetAttribute(&major[dev], cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
-    return false;
-  return major[dev] >= 9;
+  int m = major[dev].load(std::memory_order_relaxed);
+  if (m == 0) {
+    if (cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+      return false;
+    major[dev].store(m, std::memory_order_relaxed);
+  }
+  return m >= 9;
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), scheduled early after the stream's previous
