@@ -8,7 +8,9 @@
 // The contract: a kernel launched by launch_dependent() calls dependent_launch_begin() before
 // it touches global memory (reads and writes alike: the kernel before may still be reading what
 // this one overwrites). Elsewhere (a plain launch, or a GPU before sm_90) the call does nothing.
-// NOSA_PDL=0 in the environment launches every kernel plainly.
+// NOSA_PDL=0 in the environment launches every kernel plainly, and so does a build for any GPU
+// before sm_90 (NOSA_CUDA_MIN_ARCH, from CMAKE_CUDA_ARCHITECTURES): such a kernel, compiled from
+// its PTX on a newer GPU, would lack the wait.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -28,9 +30,14 @@ __device__ __forceinline__ void dependent_launch_begin() {
 #endif
 }
 
-// Whether launches on the current device use the attribute: compute capability 9.0 or later,
-// unless NOSA_PDL=0.
+#ifndef NOSA_CUDA_MIN_ARCH
+#define NOSA_CUDA_MIN_ARCH 0
+#endif
+
+// Whether launches on the current device use the attribute: every kernel built for sm_90 or
+// later, a device of compute capability 9.0 or later, and not NOSA_PDL=0.
 inline bool dependent_launch_enabled() {
+  if (NOSA_CUDA_MIN_ARCH < 90) return false;
   static const bool allowed = [] {
     const char* e = std::getenv("NOSA_PDL");
     return !(e && e[0] == '0');
