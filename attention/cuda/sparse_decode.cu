@@ -57,6 +57,11 @@ __device__ __forceinline__ void load_decode_stage(const Stage<D>& st, const KvVi
 
 // grid (n_list, H, splits), 4 warps; warp w takes keys [16 w, 16 w + 16) of every stage. Writes
 // the split's unnormalized output rows, their maxima and sums (partial_o / partial_ml).
+// The splits whose partial results `partial` holds (and the merge reads).
+__host__ __device__ inline int total_splits(const DecodeArgs& a) {
+  return a.split_total > 0 ? a.split_total : a.splits;
+}
+
 template <int D>
 __global__ void __launch_bounds__(32 * k_warps) decode_kernel(DecodeArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -152,7 +157,7 @@ __global__ void __launch_bounds__(32 * k_warps) decode_kernel(DecodeArgs a) {
   }
   __syncthreads();
   // Only the group's G rows are written: float4 of output, (m, l) per row.
-  const int total = a.split_total > 0 ? a.split_total : a.splits;
+  const int total = total_splits(a);
   const int64_t unit = (int64_t(li) * H + h) * total + a.split_begin + split;
   float* po = a.partial + unit * 16 * D;
   float* pml = a.partial + int64_t(a.n_list) * H * total * 16 * D + unit * 16 * 2;
@@ -190,7 +195,7 @@ __global__ void __launch_bounds__(256) combine_kernel(DecodeArgs a) {
   dependent_launch_begin();
   const int li = blockIdx.x, h = blockIdx.y;
   const int t = a.token_list[li];
-  const int H = a.kv.n_kv_heads, G = a.group, S = a.split_total > 0 ? a.split_total : a.splits;
+  const int H = a.kv.n_kv_heads, G = a.group, S = total_splits(a);
   const int64_t unit0 = (int64_t(li) * H + h) * S;
   const float* po = a.partial + unit0 * 16 * D;
   const float* pml = a.partial + int64_t(a.n_list) * H * S * 16 * D + unit0 * 16 * 2;
@@ -262,8 +267,7 @@ cudaError_t launch_part(const DecodeArgs& a, cudaStream_t stream) {
 
 template <int D>
 cudaError_t launch_merge(const DecodeArgs& a, cudaStream_t stream) {
-  const int total = a.split_total > 0 ? a.split_total : a.splits;
-  const size_t smem_combine = sizeof(float) * size_t(a.group) * (total + 1);
+  const size_t smem_combine = sizeof(float) * size_t(a.group) * (total_splits(a) + 1);
   if (smem_combine > 48 * 1024) return cudaErrorInvalidValue;  // decode_splits keeps it small
   return launch_dependent(combine_kernel<D>, dim3(a.n_list, a.kv.n_kv_heads), 256, smem_combine,
                           stream, a);
@@ -274,7 +278,7 @@ template <typename F>
 cudaError_t dispatch(const DecodeArgs& a, F f) {
   if (a.n_list == 0) return cudaSuccess;
   if (a.group > 16 || a.group < 1 || a.splits < 1 || a.split_begin < 0 ||
-      (a.split_total > 0 && a.split_begin + a.splits > a.split_total))
+      a.split_begin + a.splits > total_splits(a))
     return cudaErrorInvalidValue;
   switch (a.kv.head_dim) {
     case 64: return f(std::integral_constant<int, 64>{});

@@ -960,12 +960,11 @@ class CudaBackend final : public Backend {
       a.n_list = plan.n_decode;
       a.splits = acu::decode_splits(a.n_list, H, a.max_blocks, L.block_size,
                                     props_.multiProcessorCount);
-      // The misses get as many splits as the hits: a split's share comes from the row's own
-      // count, so the few misses spread over the whole GPU, which has nothing else to run
-      // once they are copied (with the fewest splits, 2 KV heads x 16 rows ran one thread
+      // In parts, the misses get as many splits as the hits: a split's share comes from the
+      // row's own count, so the few misses spread over the whole GPU, which has nothing else to
+      // run once they are copied (with the fewest splits, 2 KV heads x 16 rows ran one thread
       // block each over all of a row's misses).
-      const int miss_splits = in_parts ? a.splits : 0;
-      a.split_total = a.splits + miss_splits;
+      a.split_total = in_parts ? 2 * a.splits : a.splits;
       Tensor partial = alloc(DType::f32, {int64_t(acu::decode_partial_floats(
                                               a.n_list, H, a.split_total, L.head_dim))});
       a.partial = partial.data<float>();
@@ -976,7 +975,6 @@ class CudaBackend final : public Backend {
         join_partition_copies();
         a.selection = parts.misses;
         a.split_begin = a.splits;
-        a.splits = miss_splits;
         NOSA_CUDA_CHECK(acu::launch_sparse_decode_part(a, stream_));
         NOSA_CUDA_CHECK(acu::launch_sparse_decode_merge(a, stream_));
         ++g_attention_in_parts;
