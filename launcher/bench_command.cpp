@@ -84,7 +84,8 @@ struct BenchFlags {
   // hits (on, off); several values alternate step by step like the micro-batch variants (empty:
   // the backend's default).
   std::vector<std::string> copy_overlap;
-  std::string select_path;  // CUDA block selection: split, tiled, per-token, or automatic (empty)
+  // CUDA block selection: split (split-finish, split-spread), tiled, per-token, automatic (empty)
+  std::string select_path;
   std::string cuda_graphs = "on";  // decoding steps replayed from CUDA graphs: on or off
   std::string json_out, csv_out, label, commit;
   std::string plot_dir, plot_prefix, plot_link, markdown_out;
@@ -1072,7 +1073,9 @@ Runner add_bench_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--select-path", f->select_path,
                   "CUDA block selection kernels: split, tiled or per-token (default: automatic; "
-                  "a step a path cannot take falls back from split to tiled to per-token)");
+                  "a step a path cannot take falls back from split to tiled to per-token); "
+                  "split-finish and split-spread force the split path's finish to one thread "
+                  "block per (token, KV head) or to three kernels spread over the GPU");
   cmd->add_option("--cuda-graphs", f->cuda_graphs,
                   "Decoding steps replayed from CUDA graphs (on) or queued kernel by kernel (off)")
       ->capture_default_str();

@@ -79,9 +79,12 @@ std::unique_ptr<memory::HostAllocator> Backend::host_allocator() {
 }
 
 void check_select_path_name(const std::string& path) {
-  NOSA_CHECK_CODE(path.empty() || path == "split" || path == "tiled" || path == "per-token",
+  NOSA_CHECK_CODE(path.empty() || path == "split" || path == "split-finish" ||
+                      path == "split-spread" || path == "tiled" || path == "per-token",
                   ErrorCode::invalid_argument,
-                  "unknown selection path '{}' (use split, tiled, per-token or empty)", path);
+                  "unknown selection path '{}' (use split, split-finish, split-spread, tiled, "
+                  "per-token or empty)",
+                  path);
 }
 
 bool Backend::replay_step(const StepBatch&, const void*, const KvCache&, Tensor&) { return false; }

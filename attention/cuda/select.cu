@@ -984,8 +984,11 @@ cudaError_t launch_split(const SelectArgs& a, cudaStream_t stream) {
   if (!a.scratch || a.scratch_floats < L.total) return cudaErrorInvalidValue;
   const size_t s2 = sums_smem(G), s3 = pool_smem(L, G, m), s4 = topk_smem(a.nb_max),
                s5 = finish_smem(L, G, a.n_max, a.nb_max);
-  const bool finish = (T * H >= k_finish_min_pairs || size_t(G) * a.n_max <= k_finish_max_logits) &&
-                      s5 <= max_shared_bytes();
+  const bool finish =
+      s5 <= max_shared_bytes() &&
+      (a.split_finish >= 0 ? a.split_finish == 1
+                           : T * H >= k_finish_min_pairs ||
+                                 size_t(G) * a.n_max <= k_finish_max_logits);
   cudaError_t e;
   if (a.mode != SelectMode::dense && a.n_max > 0) {
     e = launch_logits<D>(a, L, stream);

@@ -43,6 +43,9 @@ struct SelectArgs {
   float* scratch = nullptr;      // logits, select_scratch_floats(...) floats
   size_t scratch_floats = 0;
   SelectPath path = SelectPath::per_token;  // as select_path() resolved it
+  // The split path's finish: -1 its own choice, 1 one thread block per (token, KV head) where
+  // its shared memory fits, 0 the three kernels spread over the GPU.
+  int split_finish = -1;
 };
 
 // The path a step takes: split where requested or automatic and its scratch and shared memory

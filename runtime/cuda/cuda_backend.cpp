@@ -895,7 +895,9 @@ class CudaBackend final : public Backend {
     // Automatic unless force_cuda_select_path() asked for one (tests, comparisons).
     acu::SelectPath requested = acu::SelectPath::automatic;
     if (g_select_path == "per-token") requested = acu::SelectPath::per_token;
-    if (g_select_path == "split") requested = acu::SelectPath::split;
+    if (g_select_path.starts_with("split")) requested = acu::SelectPath::split;
+    if (g_select_path == "split-finish") a.split_finish = 1;
+    if (g_select_path == "split-spread") a.split_finish = 0;
     if (g_select_path == "tiled") requested = acu::SelectPath::tiled;
     a.path = acu::select_path(requested, H, group, L.head_dim, L.keys_per_block, n_max, nb_max,
                               int(T));

@@ -192,6 +192,26 @@ TEST(BenchCommand, OffloadSuiteAlternatesEachResidencysOwnVariants) {
   EXPECT_NE(bad.err.find("--copy-overlap takes on or off"), std::string::npos) << bad.err;
 }
 
+// --select-path names the split path's two finishes too; an unknown name is refused with the
+// names it takes.
+TEST(BenchCommand, SelectPathTakesTheSplitFinishesAndRefusesOtherNames) {
+  TempDir dir;
+  auto r = run_command(fmt::format("{} bench --suite decode --shape tiny --device cpu --mode nosa "
+                                   "--batch 2 --context 256 --steps 1 --warmup 0 "
+                                   "--select-path split-spread --json {}",
+                                   nosa_binary(), (dir / "d.json").string()));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(slurp(dir / "d.json"))["results"].size(), 1u);
+  auto bad = run_command(fmt::format("{} bench --suite decode --shape tiny --device cpu "
+                                     "--select-path split-sometimes",
+                                     nosa_binary()));
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("unknown selection path 'split-sometimes' (use split, split-finish, "
+                         "split-spread, tiled, per-token or empty)"),
+            std::string::npos)
+      << bad.err;
+}
+
 namespace bench = nosa::launcher::bench;
 
 // ---- a PNG reader for the checks ----------------------------------------------------------------
