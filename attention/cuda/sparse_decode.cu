@@ -88,6 +88,24 @@ __global__ void __launch_bounds__(32 * k_warps) decode_kernel(DecodeArgs a) {
   const int n_stages = (total_keys + k_stage_keys - 1) / k_stage_keys;
   const int per = (n_stages + a.splits - 1) / a.splits;
   const int s0 = min(split * per, n_stages), s1 = min(s0 + per, n_stages);
+  // Where this split's rows go: G rows of D outputs, and (m, l) per row.
+  const int total = total_splits(a);
+  const int64_t unit = (int64_t(li) * H + h) * total + a.split_begin + split;
+  float* po = a.partial + unit * 16 * D;
+  float* pml = a.partial + int64_t(a.n_list) * H * total * 16 * D + unit * 16 * 2;
+  if (s0 == s1) {
+    // Nothing to attend (the misses' part of a row that missed few blocks, or none): the empty
+    // partial the merge weighs 0, without the query loads and the warps' merge.
+    for (int i = threadIdx.x; i < G * (D / 4); i += blockDim.x) {
+      const int r = i / (D / 4), c = (i % (D / 4)) * 4;
+      *reinterpret_cast<float4*>(po + r * D + c) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (c == 0) {
+        pml[r * 2] = -INFINITY;
+        pml[r * 2 + 1] = 0.0f;
+      }
+    }
+    return;
+  }
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const bf16* qbase = static_cast<const bf16*>(a.q) + (int64_t(t) * H * G + int64_t(h) * G) * D;
@@ -157,10 +175,6 @@ __global__ void __launch_bounds__(32 * k_warps) decode_kernel(DecodeArgs a) {
   }
   __syncthreads();
   // Only the group's G rows are written: float4 of output, (m, l) per row.
-  const int total = total_splits(a);
-  const int64_t unit = (int64_t(li) * H + h) * total + a.split_begin + split;
-  float* po = a.partial + unit * 16 * D;
-  float* pml = a.partial + int64_t(a.n_list) * H * total * 16 * D + unit * 16 * 2;
   for (int i = threadIdx.x; i < G * (D / 4); i += blockDim.x) {
     const int r = i / (D / 4), c = (i % (D / 4)) * 4;
     float m = -INFINITY;

@@ -9,7 +9,13 @@ namespace nosa::memory::cuda {
 namespace {
 
 constexpr int k_threads = 256;
+// Up to this many misses in a row, warp 0 takes the least recently used free slots one at a time
+// (a warp-wide minimum per miss); more misses rank every free slot against all the others. A
+// decoding step misses a few blocks per row, and ranking all R slots (R^2 comparisons, about
+// 1 million at R = 1024) was the kernel's cost whatever the misses.
+constexpr int k_pick_max = 32;
 
+// One thread block per (token, KV head): the row's hits and misses, then its misses' slots.
 __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* counts) {
   extern __shared__ unsigned long long smem[];
   const int R = a.part_slots, k = a.k, H = a.n_heads;
@@ -19,7 +25,8 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* count
   int* miss_flag = reinterpret_cast<int*>(miss_block + k);         // [k]
   unsigned char* used = reinterpret_cast<unsigned char*>(miss_flag + k);  // [R]
   __shared__ unsigned long long count[part_counters];
-  __shared__ int n_miss, width;
+  __shared__ int n_miss, width, n_picked;
+  __shared__ int picked[k_pick_max];  // the slots taken, least recently used first
 
   const uint32_t stamp = *a.step_stamp;
   const int t = blockIdx.x / H, h = blockIdx.x % H;
@@ -62,26 +69,45 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* count
     miss_flag[i] = miss;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    // The misses in the order of the selection (a row holds at most a few hundred entries);
-    // miss_flag[i] becomes entry i's place among the misses (r >= 0) or the hits (-1 - r).
+  if (threadIdx.x < 32) {
+    // Warp 0 lists the misses in the order of the selection, 32 entries at a time; miss_flag[i]
+    // becomes entry i's place among the misses (r >= 0) or the hits (-1 - r). Each pass reads
+    // its entries before any is moved, and an entry only moves down.
+    const int lane = threadIdx.x;
+    const unsigned below = (1u << lane) - 1;
     int r = 0, n_hit = 0;
-    for (int i = 0; i < width; ++i)
-      if (miss_flag[i]) {
-        miss_chunk[r] = miss_chunk[i];
-        miss_block[r] = miss_block[i];
-        miss_flag[i] = r++;
-      } else {
-        miss_flag[i] = -1 - n_hit++;
+    for (int at = 0; at < width; at += 32) {
+      const int i = at + lane;
+      const bool in = i < width, miss = in && miss_flag[i];
+      const unsigned misses = __ballot_sync(~0u, miss), hits = __ballot_sync(~0u, in && !miss);
+      long long chunk = 0, block = 0;
+      if (miss) {
+        chunk = miss_chunk[i];
+        block = miss_block[i];
       }
-    n_miss = r;
-    counts[blockIdx.x] = r;
-    if (r) atomicAdd(&counts[gridDim.x], r);
+      __syncwarp();
+      if (miss) {
+        const int place = r + __popc(misses & below);
+        miss_chunk[place] = chunk;
+        miss_block[place] = block;
+        miss_flag[i] = place;
+      } else if (in) {
+        miss_flag[i] = -1 - (n_hit + __popc(hits & below));
+      }
+      __syncwarp();
+      r += __popc(misses);
+      n_hit += __popc(hits);
+    }
+    if (lane == 0) {
+      n_miss = r;
+      counts[blockIdx.x] = r;
+    }
   }
   __syncthreads();
+  const int m = n_miss;
   if (a.hit_rows) {
     const int64_t at = (int64_t(t) * H + h) * k;
-    const int n_hit = width - n_miss;
+    const int n_hit = width - m;
     for (int i = threadIdx.x; i < k; i += blockDim.x) {
       if (i < width) {
         const int place = miss_flag[i];
@@ -91,29 +117,46 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* count
           a.hit_rows[at - 1 - place] = row[i];
       }
       if (i >= n_hit) a.hit_rows[at + i] = -1;
-      if (i >= n_miss) a.miss_rows[at + i] = -1;
+      if (i >= m) a.miss_rows[at + i] = -1;
     }
   }
-  for (int j = threadIdx.x; j < R; j += blockDim.x)
-    keys[j] = used[j] ? ~0ull
-                      : (static_cast<unsigned long long>(a.part_stamp[local + j]) << 32) |
-                            static_cast<unsigned long long>(j);
+  if (m > 0) {
+    for (int j = threadIdx.x; j < R; j += blockDim.x)
+      keys[j] = used[j] ? ~0ull
+                        : (static_cast<unsigned long long>(a.part_stamp[local + j]) << 32) |
+                              static_cast<unsigned long long>(j);
+    __syncthreads();
+  }
+  if (m > 0 && m <= k_pick_max && threadIdx.x < 32) {
+    // The free slots by (stamp, slot), smallest first, one warp-wide minimum per miss; a lane
+    // keeps the minimum of its slots (j = lane mod 32) and refreshes it when its slot is taken.
+    const int lane = threadIdx.x;
+    auto lane_min = [&] {
+      unsigned long long least = ~0ull;
+      for (int j = lane; j < R; j += 32) least = min(least, keys[j]);
+      return least;
+    };
+    unsigned long long mine = lane_min();
+    int r = 0;
+    for (; r < m; ++r) {
+      unsigned long long least = mine;
+      for (int step = 16; step > 0; step >>= 1)
+        least = min(least, __shfl_xor_sync(~0u, least, step));
+      if (least == ~0ull) break;  // no free slot left
+      const int j = int(least & 0xffffffffu);
+      if (lane == 0) picked[r] = j;
+      if ((j & 31) == lane) {
+        keys[j] = ~0ull;
+        mine = lane_min();
+      }
+    }
+    if (lane == 0) n_picked = r;
+  }
   __syncthreads();
-  const int m = n_miss;
   PartitionCopy* out = copies + int64_t(blockIdx.x) * k;  // this row's copies
   const int64_t chunk_bytes = a.kv_bytes + a.bias_bytes;
-  int placed = 0;
-  for (int j = threadIdx.x; j < R; j += blockDim.x) {
-    if (used[j]) {
-      a.part_stamp[local + j] = stamp;
-      continue;
-    }
-    // The j-th free slot's rank among the free ones, least recently used first.
-    const unsigned long long key = keys[j];
-    int rank = 0;
-    for (int x = 0; x < R; ++x) rank += keys[x] < key;
-    if (rank >= m) continue;
-    ++placed;
+  // Free slot j takes miss `rank`: evicts the chunk it held if the table still points at it.
+  auto take = [&](int j, int rank) {
     const int32_t slot = int32_t(base + j);
     const int64_t old = a.part_chunk[local + j];
     if (old >= 0 && atomicCAS(&a.slot_table[old], slot, -1) == slot)
@@ -125,8 +168,26 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* count
     const char* host = a.block_host[miss_block[rank]];
     if (!host) atomicAdd(&count[part_errors], 1ull);
     out[rank] = {host ? host + (int64_t(a.layer) * H + h) * chunk_bytes : nullptr, slot};
+  };
+  for (int j = threadIdx.x; j < R; j += blockDim.x)
+    if (used[j]) a.part_stamp[local + j] = stamp;
+  if (m > 0 && m <= k_pick_max) {
+    for (int r = threadIdx.x; r < n_picked; r += blockDim.x) take(picked[r], r);
+    if (threadIdx.x == 0) count[part_misses] = static_cast<unsigned long long>(n_picked);
+  } else if (m > 0) {
+    int placed = 0;
+    for (int j = threadIdx.x; j < R; j += blockDim.x) {
+      if (used[j]) continue;
+      // The j-th free slot's rank among the free ones, least recently used first.
+      const unsigned long long key = keys[j];
+      int rank = 0;
+      for (int x = 0; x < R; ++x) rank += keys[x] < key;
+      if (rank >= m) continue;
+      ++placed;
+      take(j, rank);
+    }
+    if (placed) atomicAdd(&count[part_misses], static_cast<unsigned long long>(placed));
   }
-  if (placed) atomicAdd(&count[part_misses], static_cast<unsigned long long>(placed));
   __syncthreads();
   if (threadIdx.x == 0 && count[part_misses] < static_cast<unsigned long long>(m)) {
     // Misses without a slot: their copies stay empty and the step's result is wrong; the host
@@ -179,8 +240,6 @@ cudaError_t launch_partition_decisions(const PartitionArgs& a, PartitionCopy* co
         decide_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
     if (e != cudaSuccess) return e;
   }
-  cudaError_t e = cudaMemsetAsync(counts + rows, 0, sizeof(int), stream);
-  if (e != cudaSuccess) return e;
   decide_kernel<<<unsigned(rows), k_threads, shared, stream>>>(a, copies, counts);
   return cudaGetLastError();
 }

@@ -19,8 +19,8 @@ struct PartitionCopy {
 };
 
 // `copies`: device memory for n_tokens * n_heads * k entries, row (token, head) r's copies from
-// entry r * k on; `counts`: device memory for n_tokens * n_heads + 1 ints, each row's number of
-// copies, then their total. Every pointer of `a` is one the device reads (block_host: mapped
+// entry r * k on; `counts`: device memory for n_tokens * n_heads ints, each row's number of
+// copies. Every pointer of `a` is one the device reads (block_host: mapped
 // host memory).
 cudaError_t launch_resident_partitions(const PartitionArgs& a, PartitionCopy* copies, int* counts,
                                        cudaStream_t stream);

@@ -503,13 +503,13 @@ class CudaBackend final : public Backend {
       std::copy(seq_partition.begin(), seq_partition.end(), parts_of_seqs);
       a.seq_partition = parts_of_seqs;
     }
-    // The rows' copy lists, then their counts and total: one buffer for every round, grown
+    // The rows' copy lists, then their counts: one buffer for every round, grown
     // when a round needs more (a recording graph's own, whose addresses it keeps).
     Tensor& copies = recording_ ? recording_->partition_copies : partition_copies_;
     Tensor& split_rows = recording_ ? recording_->split_rows : split_rows_;
     const int64_t rows = int64_t(a.n_tokens) * a.n_heads;
     const int64_t n = std::max<int64_t>(1, rows * a.k);
-    const int64_t bytes = n * int64_t(sizeof(mcu::PartitionCopy)) + (rows + 1) * 4;
+    const int64_t bytes = n * int64_t(sizeof(mcu::PartitionCopy)) + rows * 4;
     join_partition_copies();  // the previous layer's (attend joins them; this is for safety)
     if (copies.numel() < bytes) {
       if (copies.defined()) step_keep_.push_back(copies);  // queued readers
