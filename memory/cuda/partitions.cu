@@ -200,26 +200,19 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* count
     atomicAdd(reinterpret_cast<unsigned long long*>(&a.counters[threadIdx.x]), count[threadIdx.x]);
 }
 
-// Thread blocks (i, j) copy misses j, j + gridDim.y, ... of rows i, i + gridDim.x, ...: few and
-// short-lived blocks (a decoding step misses a few chunks per row), so that the kernels running
-// beside the copies (attention over the hits) find multiprocessors as soon as a block ends, where
-// a grid of long-lived blocks looping over one list held every multiprocessor for the whole copy.
-// A block has a whole chunk's reads in flight (chunk_copy.cuh), so at most k_copy_rows rows of
-// blocks run: more only queue behind the bus's bandwidth while they hold the memory system's
-// request slots that the attention beside them needs.
-constexpr int k_copy_rows = 32;
-
-__global__ void copy_kernel(const PartitionCopy* copies, const int* counts, int rows, int k,
-                            char* kv, char* bias, int64_t kv_bytes, int64_t bias_bytes) {
-  for (int r = blockIdx.x; r < rows; r += gridDim.x) {
-    const int n = counts[r];
-    const PartitionCopy* row = copies + int64_t(r) * k;
-    for (int x = blockIdx.y; x < n; x += gridDim.y) {
-      const PartitionCopy c = row[x];
-      if (c.host)
-        copy_chunk_block(c.host, kv + c.slot * kv_bytes, bias + c.slot * bias_bytes, kv_bytes,
-                         bias_bytes, true);
-    }
+// Thread blocks (row, j) copy the row's misses j, j + gridDim.y, ...: short-lived blocks (a
+// decoding step misses a few chunks per row), so that the kernels running beside the copies
+// (attention over the hits) find multiprocessors as soon as a block ends, where a grid of
+// long-lived blocks looping over one list held every multiprocessor for the whole copy.
+__global__ void copy_kernel(const PartitionCopy* copies, const int* counts, int k, char* kv,
+                            char* bias, int64_t kv_bytes, int64_t bias_bytes) {
+  const int n = counts[blockIdx.x];
+  const PartitionCopy* row = copies + int64_t(blockIdx.x) * k;
+  for (int x = blockIdx.y; x < n; x += gridDim.y) {
+    const PartitionCopy c = row[x];
+    if (c.host)
+      copy_chunk_block(c.host, kv + c.slot * kv_bytes, bias + c.slot * bias_bytes, kv_bytes,
+                       bias_bytes, true);
   }
 }
 
@@ -256,8 +249,8 @@ cudaError_t launch_partition_copies(const PartitionArgs& a, const PartitionCopy*
   const int64_t rows = int64_t(a.n_tokens) * a.n_heads;
   if (rows == 0 || a.k == 0) return cudaSuccess;
   // Two blocks per row: most rows miss one or two chunks.
-  const dim3 grid(unsigned(std::min<int64_t>(rows, k_copy_rows)), unsigned(std::min(a.k, 2)));
-  copy_kernel<<<grid, 256, 0, stream>>>(copies, counts, int(rows), a.k, a.kv, a.bias, a.kv_bytes,
+  const dim3 grid(unsigned(rows), unsigned(std::min(a.k, 2)));
+  copy_kernel<<<grid, 256, 0, stream>>>(copies, counts, a.k, a.kv, a.bias, a.kv_bytes,
                                          a.bias_bytes);
   return cudaGetLastError();
 }
