@@ -369,11 +369,14 @@ TEST(CudaOps, AttentionOfASliceOfTheGroupsHeads) {
 
 // The zero-copy transfer kernel of offloaded caches: host -> slot copies the keys, values and
 // eviction scores byte for byte and updates the slot table (the new chunk in, the evicted one
-// out; a chunk never written changes only the table); slot -> host copies them back.
-TEST(CudaOps, ChunkTransferMovesBytesBothWaysAndKeepsTheSlotTable) {
+// out; a chunk never written changes only the table); slot -> host copies them back. Chunks of
+// 4 KiB (one 16-byte word per copying thread) and of 32 KiB (eight: all a thread has in flight).
+class ChunkTransfer : public ::testing::TestWithParam<KvLayout> {};
+
+TEST_P(ChunkTransfer, MovesBytesBothWaysAndKeepsTheSlotTable) {
   NOSA_REQUIRE_GPU();
   Backends b;
-  const KvLayout L{2, 2, 64, 16, 1, DType::bf16};  // layers, KV heads, head_dim, block, keys
+  const KvLayout L = GetParam();
   runtime::KvCacheOptions o;
   o.offload = memory::Offload::host;
   o.device_slots = 12;
@@ -439,6 +442,14 @@ TEST(CudaOps, ChunkTransferMovesBytesBothWaysAndKeepsTheSlotTable) {
   pinned->release(src, size_t(n_chunks) * chunk_bytes);
   pinned->release(back, size_t(n_chunks) * chunk_bytes);
 }
+
+// layers, KV heads, head_dim, block, keys per block
+INSTANTIATE_TEST_SUITE_P(CudaOps, ChunkTransfer,
+                         ::testing::Values(KvLayout{2, 2, 64, 16, 1, DType::bf16},
+                                           KvLayout{2, 2, 128, 64, 4, DType::bf16}),
+                         [](const ::testing::TestParamInfo<KvLayout>& info) {
+                           return "chunk_" + std::to_string(info.param.kv_chunk_bytes());
+                         });
 
 TEST(CudaOps, SamplingPicksTheCpuTokens) {
   NOSA_REQUIRE_GPU();
