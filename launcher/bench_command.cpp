@@ -87,6 +87,7 @@ struct BenchFlags {
   // CUDA block selection: split (split-finish, split-spread), tiled, per-token, automatic (empty)
   std::string select_path;
   std::string cuda_graphs = "on";  // decoding steps replayed from CUDA graphs: on or off
+  bool speculation_probe = false;  // decode suite: Model::set_speculation_probe
   std::string json_out, csv_out, label, commit;
   std::string plot_dir, plot_prefix, plot_link, markdown_out;
   std::vector<std::string> report_from;  // read these results instead of running
@@ -279,6 +280,7 @@ void run_decode(SuiteContext& ctx) {
     const attention::Mode mode = attention::parse_mode(mode_name);
     BenchModel bm = random_model(be, f, mode, ctx.ranks);
     runtime::Model& model = *bm.model;
+    model.set_speculation_probe(f.speculation_probe);
     const runtime::ModelConfig& c = model.config();
     const attention::SparseParams& p = c.sparse;
     runtime::KvLayout layout = model.kv_layout();
@@ -323,11 +325,15 @@ void run_decode(SuiteContext& ctx) {
         std::vector<runtime::SamplingParams> greedy(B);
         std::vector<double> times_ms, enqueue_ms;
         int64_t replays_before = 0;
+        runtime::Model::SpeculationStats spec0;
         for (int s = 0; s < f.warmup + f.steps; ++s) {
           runtime::StepBatch step;
           for (int i = 0; i < B; ++i)
             step.add({int32_t(rng() % uint32_t(c.vocab_size))}, context, &tables[i]);
-          if (s == f.warmup) replays_before = runtime::cuda_graph_replays();
+          if (s == f.warmup) {
+            replays_before = runtime::cuda_graph_replays();
+            spec0 = model.speculation_stats();
+          }
           const auto t0 = Clock::now();
           Tensor logits = model.forward(step, *cache);
           const auto t1 = Clock::now();  // the host has queued the step's work
@@ -362,6 +368,27 @@ void run_decode(SuiteContext& ctx) {
           } catch (const Error& e) {  // the step's figures stand without it
             row["attention_error"] = e.message();
           }
+        }
+        if (f.speculation_probe && sparse) {
+          // Over the timed steps: how much of each layer's selection, and of the blocks it did
+          // not select the step before, the selection made from the layer before's input found.
+          const runtime::Model::SpeculationStats& s1 = model.speculation_stats();
+          const int64_t sel = s1.selected - spec0.selected, pred = s1.predicted - spec0.predicted,
+                        fresh = s1.fresh - spec0.fresh,
+                        fresh_pred = s1.fresh_predicted - spec0.fresh_predicted,
+                        wasted = s1.wasted - spec0.wasted;
+          auto share = [](int64_t a, int64_t b) { return b > 0 ? double(a) / double(b) : 0.0; };
+          row["speculation"] = {{"selected", sel},         {"predicted", pred},
+                                {"fresh", fresh},          {"fresh_predicted", fresh_pred},
+                                {"wasted", wasted},        {"predicted_share", share(pred, sel)},
+                                {"fresh_predicted_share", share(fresh_pred, fresh)},
+                                {"wasted_per_fresh", share(wasted, fresh)}};
+          logger("bench")->info(
+              "decode {} B={} C={}: the selection from the layer before's input took {:.1f}% of "
+              "the selected blocks and {:.1f}% of those new since the step before ({} of {}), "
+              "plus {:.2f} blocks nobody used per new one",
+              mode_name, B, context, 100 * share(pred, sel), 100 * share(fresh_pred, fresh),
+              fresh_pred, fresh, share(wasted, fresh));
         }
         // Host time to queue the forward pass: near the step time means the CPU is the limit.
         row["enqueue_ms_median"] = median(enqueue_ms);
@@ -1076,6 +1103,10 @@ Runner add_bench_command(CLI::App& app) {
                   "a step a path cannot take falls back from split to tiled to per-token); "
                   "split-finish and split-spread force the split path's finish to one thread "
                   "block per (token, KV head) or to three kernels spread over the GPU");
+  cmd->add_flag("--speculation-probe", f->speculation_probe,
+                "Decode: also select each layer's blocks from the layer before's input, as a "
+                "prefetch overlapping that layer would, and report how much of the real selection "
+                "(and of its blocks new since the step before) it found (steps run without graphs)");
   cmd->add_option("--cuda-graphs", f->cuda_graphs,
                   "Decoding steps replayed from CUDA graphs (on) or queued kernel by kernel (off)")
       ->capture_default_str();

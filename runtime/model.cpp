@@ -85,7 +85,7 @@ Tensor Model::forward(const StepBatch& step, KvCache& cache) {
   // the device decides (the host path decides it between layers). Under tensor parallelism each
   // rank records and replays its own graph; a rank that runs a step directly instead still
   // launches the same collectives in order.
-  const bool graphs = comm_.graph_capturable() && !selection_override_;
+  const bool graphs = comm_.graph_capturable() && !selection_override_ && !probe_;
   if (!graphs) return run_layers(step, cache);
   if (!cache.offloaded()) return run_maybe_recorded(step, cache, false);
   if (!cache.has_partitions() || !step.decode_only()) return run_layers(step, cache);
@@ -189,6 +189,59 @@ void Model::layer_from_attention(int l, Acts& a, const Selection* sel, KvCache& 
     be.add(a.x, a.proj);
 }
 
+std::vector<int32_t> Model::speculative_rows(int l, Acts& a, KvCache& cache, int& k_max) {
+  Backend& be = backend_;
+  const LayerWeights& L = w_.layers[l];
+  Tensor h = be.alloc(a.h.dtype(), a.h.shape());
+  be.rmsnorm(a.x, L.attn_norm, float(config_.rms_norm_eps), h);
+  Tensor qkv = be.alloc(a.qkv.dtype(), a.qkv.shape());
+  be.linear(h, L.qkv, L.qkv_bias.defined() ? &L.qkv_bias : nullptr, qkv);
+  Tensor q = be.alloc(a.q.dtype(), a.q.shape()), k = be.alloc(a.k.dtype(), a.k.shape()),
+         v = be.alloc(a.v_all.dtype(), a.v_all.shape());
+  be.split_qkv_rope(qkv, rope_, q, k, v);
+  const Selection s = be.select_blocks(l, mode_, q, config_.sparse, cache);
+  k_max = s.k_max;
+  const auto* rows = static_cast<const int32_t*>(be.read_back_selection(s));
+  return std::vector<int32_t>(rows, rows + s.blocks.numel());
+}
+
+void Model::probe_compare(int l, const StepBatch& step, const Selection& sel,
+                          const std::vector<int32_t>& spec) {
+  const int H = part_.kv_count, k = sel.k_max;
+  const int64_t T = step.n_tokens();
+  NOSA_ASSERT(int64_t(spec.size()) == T * H * k, "speculation probe: {} entries for {} x {} x {}",
+              spec.size(), T, H, k);
+  const auto* real = static_cast<const int32_t*>(backend_.read_back_selection(sel));
+  auto row_of = [k](const int32_t* r) {
+    std::vector<int32_t> v;
+    for (int i = 0; i < k && r[i] >= 0; ++i) v.push_back(r[i]);
+    std::sort(v.begin(), v.end());
+    return v;
+  };
+  auto has = [](const std::vector<int32_t>& v, int32_t b) {
+    return std::binary_search(v.begin(), v.end(), b);
+  };
+  SpeculationStats& st = spec_stats_;
+  for (int64_t t = 0; t < T; ++t)
+    for (int h = 0; h < H; ++h) {
+      const std::vector<int32_t> now = row_of(real + (t * H + h) * k);
+      const std::vector<int32_t> guess = row_of(spec.data() + (t * H + h) * k);
+      auto& last = probe_last_[{step.seqs[step.token_seq[t]].blocks, l, h}];
+      const bool known = !last.empty();
+      for (const int32_t b : now) {
+        ++st.selected;
+        st.predicted += has(guess, b);
+        if (known && !has(last, b)) {
+          ++st.fresh;
+          st.fresh_predicted += has(guess, b);
+        }
+      }
+      if (known)
+        for (const int32_t b : guess) st.wasted += !has(now, b) && !has(last, b);
+      last = now;
+    }
+}
+
 Tensor Model::logits_of(const Tensor& rows) {
   Backend& be = backend_;
   Tensor normed = be.alloc(be.activation_dtype(), rows.shape());
@@ -216,10 +269,18 @@ Tensor Model::run_layers(const StepBatch& step, KvCache& cache, bool cache_begun
   Acts a = alloc_acts(T);
   embed(a);
   if (!cache_begun) cache.begin_step(step);
+  const bool sparse = mode_ != attention::Mode::dense;
+  const bool probe = probe_ && sparse && step.decode_only();
+  std::vector<int32_t> spec;  // the probe's selection of the next layer
   for (int l = 0; l < config_.num_hidden_layers; ++l) {
+    int spec_k = 0;
+    std::vector<int32_t> next_spec;
+    if (probe && l + 1 < config_.num_hidden_layers)
+      next_spec = speculative_rows(l + 1, a, cache, spec_k);
     Selection sel;
     layer_to_selection(l, step, a, cache, sel);
-    const bool sparse = mode_ != attention::Mode::dense;
+    if (probe && l > 0) probe_compare(l, step, sel, spec);
+    spec = std::move(next_spec);
     if (sparse) cache.make_resident(l, sel, step);
     layer_from_attention(l, a, sparse ? &sel : nullptr, cache);
   }

@@ -4,8 +4,11 @@
 
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
+#include <tuple>
+#include <vector>
 
 #include "parallel/communicator.h"
 #include "parallel/sharding.h"
@@ -57,6 +60,23 @@ class Model {
   // Steps run as two micro-batches so far (tests, benchmarks).
   int64_t micro_batch_steps() const { return micro_steps_; }
 
+  // A probe of speculative prefetching, for measurement (steps run without graphs while it is on).
+  // A prefetch of layer l + 1's blocks that overlaps layer l's compute must select them from layer
+  // l's input: the residual stream before layer l, through layer l + 1's norm, projections and
+  // RoPE, against layer l + 1's compressed keys as they stand. At every decoding step the probe
+  // makes that selection too and compares it with layer l + 1's own, per (token, KV head):
+  struct SpeculationStats {
+    int64_t selected = 0;         // blocks the selections of layers 1.. took
+    int64_t predicted = 0;        // of those, blocks the speculative selection took too
+    int64_t fresh = 0;            // selected blocks the same (sequence, layer, head) did not
+                                  // select the step before (what a cache holding the last
+                                  // selection misses)
+    int64_t fresh_predicted = 0;  // of those, predicted
+    int64_t wasted = 0;           // predicted blocks neither selected now nor the step before
+  };
+  void set_speculation_probe(bool on) { probe_ = on; }
+  const SpeculationStats& speculation_stats() const { return spec_stats_; }
+
  private:
   ModelConfig config_;
   ModelWeights w_;
@@ -69,6 +89,10 @@ class Model {
 
   int micro_min_seqs_;
   int64_t micro_steps_ = 0;
+  bool probe_ = false;
+  SpeculationStats spec_stats_;
+  // The probe's last selection of each (block table, layer, KV head).
+  std::map<std::tuple<const std::vector<int32_t>*, int, int>, std::vector<int32_t>> probe_last_;
   // The step's layers; with cache_begun, the caller has run cache.begin_step and runs
   // cache.end_step after (steps whose residency the device decides, which may run from graphs).
   Tensor run_layers(const StepBatch& step, KvCache& cache, bool cache_begun = false);
@@ -91,6 +115,12 @@ class Model {
   void layer_from_attention(int l, Acts& a, const Selection* sel, KvCache& cache);
   // Logits of the rows of x (all of them the step's logit rows, in order) on rank 0.
   Tensor logits_of(const Tensor& rows);
+  // The probe: layer l's selection made from the activations' residual stream as it stands (the
+  // input of layer l - 1), read back as [T][kv heads][k_max] rows; then its comparison with the
+  // selection layer l made itself.
+  std::vector<int32_t> speculative_rows(int l, Acts& a, KvCache& cache, int& k_max);
+  void probe_compare(int l, const StepBatch& step, const Selection& sel,
+                     const std::vector<int32_t>& spec);
 };
 
 struct LoadOptions {

@@ -63,6 +63,29 @@ TEST(BenchCommand, DecodeSuiteWritesResultsWithMachineCommitAndFloor) {
   EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 5);
 }
 
+// --speculation-probe: each sparse row counts layer 1's selections over the timed steps (the tiny
+// model: 2 layers, 2 KV heads, 16 of the 19 blocks at position 300), 2 steps x 2 sequences x 2
+// heads x 16 blocks; dense rows select nothing and have no such field.
+TEST(BenchCommand, DecodeSuiteReportsTheSpeculationProbe) {
+  TempDir dir;
+  auto r = run_command(
+      fmt::format("{} bench --suite decode --shape tiny --device cpu --mode dense,nosa --batch 2 "
+                  "--context 300 --steps 2 --warmup 1 --speculation-probe --json {}",
+                  nosa_binary(), (dir / "d.json").string()));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto j = nlohmann::json::parse(slurp(dir / "d.json"));
+  ASSERT_EQ(j["results"].size(), 2u);
+  EXPECT_FALSE(j["results"][0].contains("speculation"));
+  const auto& s = j["results"][1]["speculation"];
+  EXPECT_EQ(s["selected"], 2 * 2 * 2 * 16);
+  EXPECT_LE(s["predicted"].get<int64_t>(), s["selected"].get<int64_t>());
+  EXPECT_LE(s["fresh_predicted"].get<int64_t>(), s["fresh"].get<int64_t>());
+  EXPECT_GE(s["predicted_share"].get<double>(), 0.0);
+  EXPECT_LE(s["predicted_share"].get<double>(), 1.0);
+  EXPECT_NE(r.err.find("the selection from the layer before's input took"), std::string::npos)
+      << r.err;
+}
+
 TEST(BenchCommand, PrefillSuiteRunsPromptsThroughTheEngine) {
   TempDir dir;
   auto r = run_command(

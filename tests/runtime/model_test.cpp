@@ -135,6 +135,28 @@ TEST(Model, SparseModesEqualDenseUntilTopkBlocksAndDifferAfter) {
   EXPECT_GT(max_rel_diff(n[10], d[10]), 1e-4);
 }
 
+// The speculation probe measures without changing anything: decoding gives the same logits with
+// it on, and it counts every block layer 1 (of the tiny model's 2) selected: at position p each
+// of the 2 KV heads takes min(16, p / 16 + 1) blocks (4480 for positions 0..399, per head).
+// Below 16 blocks both selections take every block, so those 2 x 2176 are predicted for sure.
+TEST(Model, TheSpeculationProbeCountsWithoutChangingLogits) {
+  Harness plain(attention::Mode::nosa), probed(attention::Mode::nosa);
+  probed.model->set_speculation_probe(true);
+  auto tokens = random_tokens(400, 5);
+  auto a = prefill_all(plain, tokens, 1);
+  auto b = prefill_all(probed, tokens, 1);
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t t = 0; t < a.size(); ++t) EXPECT_EQ(max_rel_diff(b[t], a[t]), 0.0) << t;
+  EXPECT_EQ(plain.model->speculation_stats().selected, 0);
+  const Model::SpeculationStats& s = probed.model->speculation_stats();
+  EXPECT_EQ(s.selected, 2 * 4480);
+  EXPECT_GE(s.predicted, 2 * 2176);
+  EXPECT_LE(s.predicted, s.selected);
+  EXPECT_GE(s.fresh, 2 * 15);  // at least each new block of the first 16
+  EXPECT_LE(s.fresh_predicted, s.fresh);
+  EXPECT_GE(s.wasted, 0);
+}
+
 // Refused by the model itself, before any backend work (or step graph recording) starts.
 TEST(Model, OutOfVocabularyTokenIsAClearError) {
   Harness h(attention::Mode::dense);
