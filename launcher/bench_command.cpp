@@ -378,11 +378,21 @@ void run_decode(SuiteContext& ctx) {
                         fresh_pred = s1.fresh_predicted - spec0.fresh_predicted,
                         wasted = s1.wasted - spec0.wasted;
           auto share = [](int64_t a, int64_t b) { return b > 0 ? double(a) / double(b) : 0.0; };
+          json by_layer = json::array();  // layers 1.. (layer 0 has no layer before)
+          for (size_t l = 1; l < s1.fresh_by_layer.size(); ++l) {
+            const auto before = [&](const std::vector<int64_t>& v) {
+              return l < v.size() ? v[l] : int64_t(0);
+            };
+            by_layer.push_back(
+                share(s1.fresh_predicted_by_layer[l] - before(spec0.fresh_predicted_by_layer),
+                      s1.fresh_by_layer[l] - before(spec0.fresh_by_layer)));
+          }
           row["speculation"] = {{"selected", sel},         {"predicted", pred},
                                 {"fresh", fresh},          {"fresh_predicted", fresh_pred},
                                 {"wasted", wasted},        {"predicted_share", share(pred, sel)},
                                 {"fresh_predicted_share", share(fresh_pred, fresh)},
-                                {"wasted_per_fresh", share(wasted, fresh)}};
+                                {"wasted_per_fresh", share(wasted, fresh)},
+                                {"fresh_predicted_share_by_layer", by_layer}};
           logger("bench")->info(
               "decode {} B={} C={}: the selection from the layer before's input took {:.1f}% of "
               "the selected blocks and {:.1f}% of those new since the step before ({} of {}), "

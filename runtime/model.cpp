@@ -222,6 +222,9 @@ void Model::probe_compare(int l, const StepBatch& step, const Selection& sel,
     return std::binary_search(v.begin(), v.end(), b);
   };
   SpeculationStats& st = spec_stats_;
+  const size_t n_layers = size_t(config_.num_hidden_layers);
+  st.fresh_by_layer.resize(n_layers, 0);
+  st.fresh_predicted_by_layer.resize(n_layers, 0);
   for (int64_t t = 0; t < T; ++t)
     for (int h = 0; h < H; ++h) {
       const std::vector<int32_t> now = row_of(real + (t * H + h) * k);
@@ -233,7 +236,9 @@ void Model::probe_compare(int l, const StepBatch& step, const Selection& sel,
         st.predicted += has(guess, b);
         if (known && !has(last, b)) {
           ++st.fresh;
+          ++st.fresh_by_layer[size_t(l)];
           st.fresh_predicted += has(guess, b);
+          st.fresh_predicted_by_layer[size_t(l)] += has(guess, b);
         }
       }
       if (known)

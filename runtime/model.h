@@ -73,6 +73,8 @@ class Model {
                                   // selection misses)
     int64_t fresh_predicted = 0;  // of those, predicted
     int64_t wasted = 0;           // predicted blocks neither selected now nor the step before
+    // fresh and fresh_predicted per layer (index l: layer l, predicted from layer l - 1's input)
+    std::vector<int64_t> fresh_by_layer, fresh_predicted_by_layer;
   };
   void set_speculation_probe(bool on) { probe_ = on; }
   const SpeculationStats& speculation_stats() const { return spec_stats_; }

@@ -82,6 +82,7 @@ TEST(BenchCommand, DecodeSuiteReportsTheSpeculationProbe) {
   EXPECT_LE(s["fresh_predicted"].get<int64_t>(), s["fresh"].get<int64_t>());
   EXPECT_GE(s["predicted_share"].get<double>(), 0.0);
   EXPECT_LE(s["predicted_share"].get<double>(), 1.0);
+  EXPECT_EQ(s["fresh_predicted_share_by_layer"].size(), 1u);  // layer 1
   EXPECT_NE(r.err.find("the selection from the layer before's input took"), std::string::npos)
       << r.err;
 }
