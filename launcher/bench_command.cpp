@@ -325,14 +325,13 @@ void run_decode(SuiteContext& ctx) {
         std::vector<runtime::SamplingParams> greedy(B);
         std::vector<double> times_ms, enqueue_ms;
         int64_t replays_before = 0;
-        runtime::Model::SpeculationStats spec0;
         for (int s = 0; s < f.warmup + f.steps; ++s) {
           runtime::StepBatch step;
           for (int i = 0; i < B; ++i)
             step.add({int32_t(rng() % uint32_t(c.vocab_size))}, context, &tables[i]);
           if (s == f.warmup) {
             replays_before = runtime::cuda_graph_replays();
-            spec0 = model.speculation_stats();
+            model.reset_speculation_stats();
           }
           const auto t0 = Clock::now();
           Tensor logits = model.forward(step, *cache);
@@ -372,21 +371,15 @@ void run_decode(SuiteContext& ctx) {
         if (f.speculation_probe && sparse) {
           // Over the timed steps: how much of each layer's selection, and of the blocks it did
           // not select the step before, the selection made from the layer before's input found.
-          const runtime::Model::SpeculationStats& s1 = model.speculation_stats();
-          const int64_t sel = s1.selected - spec0.selected, pred = s1.predicted - spec0.predicted,
-                        fresh = s1.fresh - spec0.fresh,
-                        fresh_pred = s1.fresh_predicted - spec0.fresh_predicted,
-                        wasted = s1.wasted - spec0.wasted;
+          using Stats = runtime::Model::SpeculationStats;
+          const Stats& st = model.speculation_stats();
+          const int64_t sel = st.selected, pred = st.predicted, wasted = st.wasted,
+                        fresh = Stats::total(st.fresh),
+                        fresh_pred = Stats::total(st.fresh_predicted);
           auto share = [](int64_t a, int64_t b) { return b > 0 ? double(a) / double(b) : 0.0; };
           json by_layer = json::array();  // layers 1.. (layer 0 has no layer before)
-          for (size_t l = 1; l < s1.fresh_by_layer.size(); ++l) {
-            const auto before = [&](const std::vector<int64_t>& v) {
-              return l < v.size() ? v[l] : int64_t(0);
-            };
-            by_layer.push_back(
-                share(s1.fresh_predicted_by_layer[l] - before(spec0.fresh_predicted_by_layer),
-                      s1.fresh_by_layer[l] - before(spec0.fresh_by_layer)));
-          }
+          for (size_t l = 1; l < st.fresh.size(); ++l)
+            by_layer.push_back(share(st.fresh_predicted[l], st.fresh[l]));
           row["speculation"] = {{"selected", sel},         {"predicted", pred},
                                 {"fresh", fresh},          {"fresh_predicted", fresh_pred},
                                 {"wasted", wasted},        {"predicted_share", share(pred, sel)},
@@ -1023,6 +1016,8 @@ int run_bench(const BenchFlags& f) {
   NOSA_CHECK(f.tp == 1 || f.suite != "prefill", "the prefill suite runs with --tp 1");
   NOSA_CHECK(f.model.empty(), "--model is not supported yet: benchmarks use random weights of --shape");
   NOSA_CHECK(f.steps >= 1 && f.warmup >= 0, "--steps must be >= 1 and --warmup >= 0");
+  NOSA_CHECK(!f.speculation_probe || f.suite == "decode",
+             "--speculation-probe measures the decode suite, not '{}'", f.suite);
   runtime::force_cuda_select_path(f.select_path);
   NOSA_CHECK(f.cuda_graphs == "on" || f.cuda_graphs == "off",
              "--cuda-graphs takes on or off, not '{}'", f.cuda_graphs);

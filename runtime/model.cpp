@@ -189,7 +189,13 @@ void Model::layer_from_attention(int l, Acts& a, const Selection* sel, KvCache& 
     be.add(a.x, a.proj);
 }
 
-std::vector<int32_t> Model::speculative_rows(int l, Acts& a, KvCache& cache, int& k_max) {
+int64_t Model::SpeculationStats::total(const std::vector<int64_t>& v) {
+  int64_t n = 0;
+  for (const int64_t x : v) n += x;
+  return n;
+}
+
+std::vector<int32_t> Model::speculative_rows(int l, Acts& a, KvCache& cache) {
   Backend& be = backend_;
   const LayerWeights& L = w_.layers[l];
   Tensor h = be.alloc(a.h.dtype(), a.h.shape());
@@ -200,7 +206,6 @@ std::vector<int32_t> Model::speculative_rows(int l, Acts& a, KvCache& cache, int
          v = be.alloc(a.v_all.dtype(), a.v_all.shape());
   be.split_qkv_rope(qkv, rope_, q, k, v);
   const Selection s = be.select_blocks(l, mode_, q, config_.sparse, cache);
-  k_max = s.k_max;
   const auto* rows = static_cast<const int32_t*>(be.read_back_selection(s));
   return std::vector<int32_t>(rows, rows + s.blocks.numel());
 }
@@ -222,9 +227,8 @@ void Model::probe_compare(int l, const StepBatch& step, const Selection& sel,
     return std::binary_search(v.begin(), v.end(), b);
   };
   SpeculationStats& st = spec_stats_;
-  const size_t n_layers = size_t(config_.num_hidden_layers);
-  st.fresh_by_layer.resize(n_layers, 0);
-  st.fresh_predicted_by_layer.resize(n_layers, 0);
+  st.fresh.resize(size_t(config_.num_hidden_layers), 0);
+  st.fresh_predicted.resize(size_t(config_.num_hidden_layers), 0);
   for (int64_t t = 0; t < T; ++t)
     for (int h = 0; h < H; ++h) {
       const std::vector<int32_t> now = row_of(real + (t * H + h) * k);
@@ -235,10 +239,8 @@ void Model::probe_compare(int l, const StepBatch& step, const Selection& sel,
         ++st.selected;
         st.predicted += has(guess, b);
         if (known && !has(last, b)) {
-          ++st.fresh;
-          ++st.fresh_by_layer[size_t(l)];
-          st.fresh_predicted += has(guess, b);
-          st.fresh_predicted_by_layer[size_t(l)] += has(guess, b);
+          ++st.fresh[size_t(l)];
+          st.fresh_predicted[size_t(l)] += has(guess, b);
         }
       }
       if (known)
@@ -278,10 +280,8 @@ Tensor Model::run_layers(const StepBatch& step, KvCache& cache, bool cache_begun
   const bool probe = probe_ && sparse && step.decode_only();
   std::vector<int32_t> spec;  // the probe's selection of the next layer
   for (int l = 0; l < config_.num_hidden_layers; ++l) {
-    int spec_k = 0;
     std::vector<int32_t> next_spec;
-    if (probe && l + 1 < config_.num_hidden_layers)
-      next_spec = speculative_rows(l + 1, a, cache, spec_k);
+    if (probe && l + 1 < config_.num_hidden_layers) next_spec = speculative_rows(l + 1, a, cache);
     Selection sel;
     layer_to_selection(l, step, a, cache, sel);
     if (probe && l > 0) probe_compare(l, step, sel, spec);

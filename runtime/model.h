@@ -66,18 +66,20 @@ class Model {
   // RoPE, against layer l + 1's compressed keys as they stand. At every decoding step the probe
   // makes that selection too and compares it with layer l + 1's own, per (token, KV head):
   struct SpeculationStats {
-    int64_t selected = 0;         // blocks the selections of layers 1.. took
-    int64_t predicted = 0;        // of those, blocks the speculative selection took too
-    int64_t fresh = 0;            // selected blocks the same (sequence, layer, head) did not
-                                  // select the step before (what a cache holding the last
-                                  // selection misses)
-    int64_t fresh_predicted = 0;  // of those, predicted
-    int64_t wasted = 0;           // predicted blocks neither selected now nor the step before
-    // fresh and fresh_predicted per layer (index l: layer l, predicted from layer l - 1's input)
-    std::vector<int64_t> fresh_by_layer, fresh_predicted_by_layer;
+    int64_t selected = 0;   // blocks the selections of layers 1.. took
+    int64_t predicted = 0;  // of those, blocks the speculative selection took too
+    int64_t wasted = 0;     // predicted blocks neither selected now nor the step before
+    // Per layer (index l: layer l, predicted from layer l - 1's input): selected blocks the same
+    // (sequence, layer, head) did not select the step before (what a cache holding the last
+    // selection misses), and of those the predicted ones.
+    std::vector<int64_t> fresh, fresh_predicted;
+    static int64_t total(const std::vector<int64_t>& v);
   };
   void set_speculation_probe(bool on) { probe_ = on; }
   const SpeculationStats& speculation_stats() const { return spec_stats_; }
+  // Zeroes the counts; each (sequence, layer, head)'s last selection stays, so that the next
+  // step's new blocks are known.
+  void reset_speculation_stats() { spec_stats_ = {}; }
 
  private:
   ModelConfig config_;
@@ -120,7 +122,7 @@ class Model {
   // The probe: layer l's selection made from the activations' residual stream as it stands (the
   // input of layer l - 1), read back as [T][kv heads][k_max] rows; then its comparison with the
   // selection layer l made itself.
-  std::vector<int32_t> speculative_rows(int l, Acts& a, KvCache& cache, int& k_max);
+  std::vector<int32_t> speculative_rows(int l, Acts& a, KvCache& cache);
   void probe_compare(int l, const StepBatch& step, const Selection& sel,
                      const std::vector<int32_t>& spec);
 };

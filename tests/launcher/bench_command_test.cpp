@@ -85,6 +85,13 @@ TEST(BenchCommand, DecodeSuiteReportsTheSpeculationProbe) {
   EXPECT_EQ(s["fresh_predicted_share_by_layer"].size(), 1u);  // layer 1
   EXPECT_NE(r.err.find("the selection from the layer before's input took"), std::string::npos)
       << r.err;
+  // Other suites have no layer-by-layer decoding to probe: refused, not ignored.
+  auto off = run_command(fmt::format("{} bench --suite offload --shape tiny --device cpu "
+                                     "--speculation-probe",
+                                     nosa_binary()));
+  EXPECT_NE(off.exit_code, 0);
+  EXPECT_NE(off.err.find("--speculation-probe measures the decode suite"), std::string::npos)
+      << off.err;
 }
 
 TEST(BenchCommand, PrefillSuiteRunsPromptsThroughTheEngine) {
