@@ -84,6 +84,7 @@ struct BenchFlags {
   // hits (on, off); several values alternate step by step like the micro-batch variants (empty:
   // the backend's default).
   std::vector<std::string> copy_overlap;
+  std::vector<std::string> prefetch;
   // CUDA block selection: split (split-finish, split-spread), tiled, per-token, automatic (empty)
   std::string select_path;
   std::string cuda_graphs = "on";  // decoding steps replayed from CUDA graphs: on or off
@@ -580,6 +581,8 @@ void run_offload(SuiteContext& ctx) {
     NOSA_CHECK(r == "device" || r == "host", "--residency takes device or host, not '{}'", r);
   for (const std::string& o : f.copy_overlap)
     NOSA_CHECK(o == "on" || o == "off", "--copy-overlap takes on or off, not '{}'", o);
+  for (const std::string& o : f.prefetch)
+    NOSA_CHECK(o == "on" || o == "off", "--prefetch takes on or off, not '{}'", o);
   for (const std::string& mode_name : f.modes) {
     const attention::Mode mode = attention::parse_mode(mode_name);
     NOSA_CHECK(mode != attention::Mode::dense,
@@ -648,22 +651,28 @@ void run_offload(SuiteContext& ctx) {
           std::unique_ptr<SyntheticSelection> synth;
           // The variants whose steps alternate: with residency on the host, micro-batch
           // thresholds (-1: the model's default); on the device (a cache with partitions runs
-          // whole steps), copy overlaps (-1: the backend's default).
+          // whole steps), copy overlaps and prefetching (-1: the defaults), every pair.
           struct Variant {
-            int micro = -1, overlap = -1;
+            int micro = -1, overlap = -1, prefetch = -1;
           };
           std::vector<Variant> variants;
           if (residency == "device") {
-            for (const std::string& o : f.copy_overlap) variants.push_back({-1, int(o == "on")});
+            const std::vector<std::string> none = {""};
+            for (const std::string& o : f.copy_overlap.empty() ? none : f.copy_overlap)
+              for (const std::string& pf : f.prefetch.empty() ? none : f.prefetch)
+                variants.push_back({-1, o.empty() ? -1 : int(o == "on"),
+                                    pf.empty() ? -1 : int(pf == "on")});
           } else {
             for (const int m : f.micro_min_seqs) variants.push_back({m, -1});
           }
           if (variants.empty()) variants.push_back({});
           const size_t nv = variants.size();
           const bool overlap_default = be.partition_copy_overlap();
+          const bool prefetch_default = model.prefetch();
           auto restore = [&] {
             model.set_micro_batch_min_seqs(runtime::Model::default_micro_batch_min_seqs());
             be.set_partition_copy_overlap(overlap_default);
+            model.set_prefetch(prefetch_default);
           };
           std::vector<std::vector<double>> times_ms(nv);
           std::vector<memory::TierStats> delta(nv);  // summed over each variant's timed steps
@@ -708,6 +717,7 @@ void run_offload(SuiteContext& ctx) {
               const size_t v = size_t(s) % nv;
               if (variants[v].micro >= 0) model.set_micro_batch_min_seqs(variants[v].micro);
               if (variants[v].overlap >= 0) be.set_partition_copy_overlap(variants[v].overlap);
+              if (variants[v].prefetch >= 0) model.set_prefetch(variants[v].prefetch == 1);
               runtime::StepBatch step;
               for (int i = 0; i < B; ++i)
                 step.add({int32_t(rng() % uint32_t(c.vocab_size))}, context, &tables[i]);
@@ -729,6 +739,8 @@ void run_offload(SuiteContext& ctx) {
               d.selected += st1.selected - st0.selected;
               d.overlap += st1.overlap - st0.overlap;
               d.misses += st1.misses - st0.misses;
+              d.prefetched += st1.prefetched - st0.prefetched;
+              d.prefetch_hits += st1.prefetch_hits - st0.prefetch_hits;
               d.bytes_host_to_device += st1.bytes_host_to_device - st0.bytes_host_to_device;
               d.bytes_device_to_host += st1.bytes_device_to_host - st0.bytes_device_to_host;
               d.bytes_disk_read += st1.bytes_disk_read - st0.bytes_disk_read;
@@ -760,6 +772,12 @@ void run_offload(SuiteContext& ctx) {
               if (f.copy_overlap.size() > 1)
                 add_label(variants[v].overlap ? "overlap-on" : "overlap-off");
             }
+            if (variants[v].prefetch >= 0 || model.prefetch()) {
+              const bool on = variants[v].prefetch >= 0 ? variants[v].prefetch == 1
+                                                        : model.prefetch();
+              vrow["prefetch"] = on;
+              if (f.prefetch.size() > 1) add_label(on ? "prefetch-on" : "prefetch-off");
+            }
             vrow["label"] = label;
             const double steps = double(f.steps);
             const double selected = double(d.selected);
@@ -784,6 +802,11 @@ void run_offload(SuiteContext& ctx) {
             vrow["tokens_per_s"] = med > 0 ? double(B) * 1e3 / med : 0;
             vrow["overlap"] = selected > 0 ? double(d.overlap) / selected : 0;
             vrow["miss_rate"] = selected > 0 ? double(d.misses) / selected : 0;
+            // With prefetching: the misses left on the critical path above; the blocks new to
+            // the layers' partitions (misses and prefetch hits), and the prefetch's copies.
+            vrow["new_rate"] = selected > 0 ? double(d.misses + d.prefetch_hits) / selected : 0;
+            vrow["prefetched_per_step"] = double(d.prefetched) / steps;
+            vrow["prefetch_hits_per_step"] = double(d.prefetch_hits) / steps;
             vrow["pcie_bytes_per_step"] = h2d + d2h;
             vrow["disk_bytes_per_step"] = disk;
             vrow["disk_write_bytes_per_step"] = disk_written;
@@ -798,11 +821,17 @@ void run_offload(SuiteContext& ctx) {
             ctx.rows.push_back(vrow);
             logger("bench")->info(
                 "offload {:8s} B={:3d} C={:6d} miss={:5s} {}{}: {:8.3f} ms/step {:9.1f} tok/s  "
-                "overlap {:.3f} miss rate {:.3f}  PCIe {:.1f} MB/step{}  floor {:.3f} ms x{:.2f}",
+                "overlap {:.3f} miss rate {:.3f}{}  PCIe {:.1f} MB/step{}  floor {:.3f} ms x{:.2f}",
                 mode_name, B, context, miss < 0 ? "model" : fmt::format("{:.2f}", miss),
                 device_steps[v] > 0 ? "device" : "host", label.empty() ? "" : " " + label, med,
                 vrow["tokens_per_s"].get<double>(), vrow["overlap"].get<double>(),
-                vrow["miss_rate"].get<double>(), (h2d + d2h) / 1e6,
+                vrow["miss_rate"].get<double>(),
+                d.prefetched > 0 ? fmt::format(" (new {:.3f}; prefetched {:.0f}, {:.0f} used /step)",
+                                               vrow["new_rate"].get<double>(),
+                                               vrow["prefetched_per_step"].get<double>(),
+                                               vrow["prefetch_hits_per_step"].get<double>())
+                                 : std::string(),
+                (h2d + d2h) / 1e6,
                 disk + disk_written > 0
                     ? fmt::format("  disk {:.1f} MB read, {:.1f} MB written/step", disk / 1e6,
                                   disk_written / 1e6)
@@ -1143,6 +1172,13 @@ Runner add_bench_command(CLI::App& app) {
                   "blocks while the missing ones are copied (the default), off = the copies "
                   "first. Both (comma-separated) alternate step by step on the same tiers, a row "
                   "each (labelled overlap-on, overlap-off)")
+      ->delimiter(',');
+  cmd->add_option("--prefetch", f->prefetch,
+                  "Offload suite, residency on the device: on = each layer's blocks (from layer 2 "
+                  "on) selected from the layer before's input and the missing ones copied beside "
+                  "it, off = not (the default: NOSA_PREFETCH, else off). Both (comma-separated) "
+                  "alternate step by step on the same tiers, a row each (labelled prefetch-on, "
+                  "prefetch-off)")
       ->delimiter(',');
   cmd->add_option("--json", f->json_out, "Write the results (with machine and commit) as JSON");
   cmd->add_option("--csv", f->csv_out, "Write the results as CSV");

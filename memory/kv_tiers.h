@@ -53,6 +53,9 @@ struct TierStats {
   int64_t hits = 0, misses = 0, evictions = 0;  // the device block cache
   int64_t selected = 0;  // chunks selected (summed over steps and layers)
   int64_t overlap = 0;   // of those, chunks its (sequence, layer, head) also selected last step
+  // Device-side residency's prefetch: chunks copied from a guess at a layer's selection before
+  // its own round, and how many of them that round then selected (counted in hits, not misses).
+  int64_t prefetched = 0, prefetch_hits = 0;
   int64_t bytes_host_to_device = 0, bytes_device_to_host = 0;
   int64_t bytes_disk_read = 0, bytes_disk_written = 0;
   int64_t device_slots_used = 0, device_slots = 0;

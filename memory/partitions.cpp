@@ -10,7 +10,14 @@ namespace nosa::memory {
 
 void resident_partitions_reference(const PartitionArgs& a) {
   const int H = a.n_heads, R = a.part_slots;
+  NOSA_ASSERT(!a.speculative || a.layer > 0, "a speculative round of layer 0");
   if (a.layer == 0) ++*a.step_stamp;
+  // A speculative round's hits are not the layer's selection: nothing to count.
+  int64_t ignored = 0;
+  int64_t& hits = a.speculative ? ignored : a.counters[part_hits];
+  int64_t& overlap = a.speculative ? ignored : a.counters[part_overlap];
+  int64_t& prefetch_hits = a.speculative ? ignored : a.counters[part_prefetch_hits];
+  int64_t& copied = a.counters[a.speculative ? part_prefetched : part_misses];
   const uint32_t stamp = *a.step_stamp;
   const int64_t chunk_bytes = a.kv_bytes + a.bias_bytes;
   std::vector<uint8_t> used(size_t(R), 0);
@@ -40,12 +47,14 @@ void resident_partitions_reference(const PartitionArgs& a) {
           continue;
         }
         if (a.hit_rows) a.hit_rows[row_at + n_hits++] = row[i];
-        ++a.counters[part_hits];
+        ++hits;
         if (s >= base && s < base + R) {
           used[size_t(s - base)] = 1;
-          if (a.part_stamp[local + (s - base)] + 1 == stamp) ++a.counters[part_overlap];
+          const uint32_t last = a.part_stamp[local + (s - base)];
+          if (last + 1 == stamp) ++overlap;
+          if (last == stamp) ++prefetch_hits;  // only a prefetch stamps a slot before the round
         } else {
-          ++a.counters[part_overlap];  // a block the host path keeps: being written, or recent
+          ++overlap;  // a block the host path keeps: being written, or recent
         }
       }
       if (a.hit_rows) std::fill(a.hit_rows + row_at + n_hits, a.hit_rows + row_at + a.k, -1);
@@ -80,10 +89,13 @@ void resident_partitions_reference(const PartitionArgs& a) {
         host += (int64_t(a.layer) * H + h) * chunk_bytes;
         std::memcpy(a.kv + slot * a.kv_bytes, host, size_t(a.kv_bytes));
         std::memcpy(a.bias + slot * a.bias_bytes, host + a.kv_bytes, size_t(a.bias_bytes));
-        ++a.counters[part_misses];
+        ++copied;
       }
-      for (int j = 0; j < R; ++j)
-        if (used[size_t(j)]) a.part_stamp[local + j] = stamp;
+      // A prefetch stamps only what it copied: its hits keep their stamps, which say whether
+      // the layer's own round finds them selected the step before (overlap).
+      if (!a.speculative)
+        for (int j = 0; j < R; ++j)
+          if (used[size_t(j)]) a.part_stamp[local + j] = stamp;
     }
   }
 }

@@ -27,12 +27,17 @@ namespace nosa::memory {
 // Counters a partition round adds to (int64 each), in this order.
 // part_errors counts misses that found no slot or no host memory (a bug: the partitions are sized
 // for the selection's width and the step's blocks are checked first); the reference throws.
+// A speculative round (a prefetch) counts the chunks it copies as part_prefetched, and neither
+// hits nor misses; a later round's hits on slots a prefetch filled in the same step count as
+// part_prefetch_hits (and as hits, not as overlap).
 enum PartitionCounter {
   part_hits,
   part_misses,
   part_overlap,
   part_evictions,
   part_errors,
+  part_prefetched,
+  part_prefetch_hits,
   part_counters
 };
 
@@ -72,6 +77,12 @@ struct PartitionArgs {
   // padded. Attention can then read the hits while the misses are still being copied.
   int32_t* hit_rows = nullptr;
   int32_t* miss_rows = nullptr;
+  // A speculative round: a prefetch of this layer's blocks from a guess at its selection (made
+  // before the layer's own round, which then finds them as hits). It never advances the step's
+  // stamp (so it is never a round of layer 0), stamps only the slots it fills, with the step's
+  // stamp (the layer's own round evicts them last; its hits keep theirs), and counts apart
+  // (part_prefetched).
+  bool speculative = false;
 };
 
 // The reference: every (token, KV head) in turn, copies with memcpy. Throws internal if a

@@ -41,7 +41,8 @@ void Backend::copy_chunks(const std::vector<memory::ChunkCopy>&, bool, KvCache&)
 }
 
 void Backend::resident_partitions(int layer, const Selection& selection, const StepBatch& step,
-                                  const std::vector<int32_t>& seq_partition, KvCache& cache) {
+                                  const std::vector<int32_t>& seq_partition, KvCache& cache,
+                                  bool speculative) {
   NOSA_ASSERT(cache.kv().device() == Device::cpu,
               "resident_partitions: the {} backend runs the reference on host tensors only",
               name());
@@ -59,6 +60,7 @@ void Backend::resident_partitions(int layer, const Selection& selection, const S
   a.block_table = table.data();
   a.bt_stride = stride;
   a.seq_partition = seq_partition.data();
+  a.speculative = speculative;
   memory::resident_partitions_reference(a);
 }
 

@@ -125,8 +125,18 @@ class Backend {
   // `seq_partition`: the step's sequences' partitions), queued before the layer's attention,
   // which then finds every selected chunk resident. Whole steps only (no micro-batches). The
   // default runs the reference on host tensors (the CPU backend).
+  // `speculative`: a prefetch from a guess at the layer's selection (KvCache::prefetch), queued
+  // as side work (below); the layer's own round comes after it, and waits for its copies.
   virtual void resident_partitions(int layer, const Selection& selection, const StepBatch& step,
-                                   const std::vector<int32_t>& seq_partition, KvCache& cache);
+                                   const std::vector<int32_t>& seq_partition, KvCache& cache,
+                                   bool speculative);
+  // Side work: the ops queued between begin_side_work and end_side_work run beside the work
+  // queued after them (another stream), starting once the work queued before begin_side_work
+  // is done. They may read only `inputs` (kept until they are done) and tensors they allocate;
+  // nothing queued later may read what they write, except a speculative round's slots, which
+  // the layer's own round waits for. Backends with one queue run them in order.
+  virtual void begin_side_work(const std::vector<Tensor>& inputs) {}
+  virtual void end_side_work() {}
   // Whether resident_partitions' copies overlap the layer's attention over the chunks already
   // resident (attention then runs in two parts and merges them). Backends that copy in place
   // have nothing to overlap.

@@ -300,12 +300,15 @@ memory::TierStats KvCache::stats() const {
   t.evictions += c[memory::part_evictions];
   t.selected += c[memory::part_hits] + c[memory::part_misses];
   t.overlap += c[memory::part_overlap];
+  t.prefetched += c[memory::part_prefetched];
+  t.prefetch_hits += c[memory::part_prefetch_hits];
+  const int64_t copied = c[memory::part_misses] + c[memory::part_prefetched];
   t.bytes_host_to_device +=
-      c[memory::part_misses] * int64_t(layout_.kv_chunk_bytes() + layout_.bias_chunk_bytes());
+      copied * int64_t(layout_.kv_chunk_bytes() + layout_.bias_chunk_bytes());
   if (parts_) {
     const int64_t n = int64_t(parts_->count) * layout_.chunks_per_block() * parts_->slots;
     t.device_slots += n;
-    t.device_slots_used += std::min(n, c[memory::part_misses]);
+    t.device_slots_used += std::min(n, copied);
   }
   return t;
 }
@@ -323,13 +326,21 @@ void KvCache::fold_counts(const int64_t* counts) {
                   device_counts_[memory::part_errors]);
 }
 
+void KvCache::prefetch(int layer, const Selection& guess, const StepBatch& step) {
+  NOSA_ASSERT(on_device_ && layer > 0 && step.seqs.size() == seq_partition_.size(),
+              "prefetch: only within a step that decides residency on the device, after layer "
+              "0's round (layer {}, {} sequences, {} partitions)",
+              layer, step.seqs.size(), seq_partition_.size());
+  backend_.resident_partitions(layer, guess, step, seq_partition_, *this, true);
+}
+
 void KvCache::make_resident(int layer, const Selection& selection, const StepBatch& step) {
   if (!tiers_) return;
   if (on_device_) {
     NOSA_ASSERT(step.seqs.size() == seq_partition_.size(),
                 "make_resident: not the step begin_step saw ({} sequences, {} partitions)",
                 step.seqs.size(), seq_partition_.size());
-    backend_.resident_partitions(layer, selection, step, seq_partition_, *this);
+    backend_.resident_partitions(layer, selection, step, seq_partition_, *this, false);
     ++times_.calls;
     return;
   }

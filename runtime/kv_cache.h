@@ -123,6 +123,11 @@ class KvCache {
   // host memory decides its layers' residency on the device (no read back, nothing waited for).
   void begin_step(const StepBatch& step);
   void make_resident(int layer, const Selection& selection, const StepBatch& step);
+  // Device-side residency only (on_device()), layers after the first: copies the chunks of a
+  // guess at `layer`'s selection into the layer's partitions before its own round
+  // (memory/partitions.h, speculative rounds). The layer's make_resident then finds them as
+  // hits; attention still reads exactly its own selection.
+  void prefetch(int layer, const Selection& guess, const StepBatch& step);
   // Two micro-batches in flight: a round's loads must not evict the previous round's chunks,
   // which the other micro-batch's attention may still be reading.
   void set_micro_batches(bool on) {

@@ -42,6 +42,7 @@ Model::Model(ModelConfig config, ModelWeights weights, parallel::Partition part,
     : config_(std::move(config)), w_(std::move(weights)), part_(part), mode_(mode),
       backend_(backend), comm_(comm), rope_(make_rope_table(config_)) {
   micro_min_seqs_ = default_micro_batch_min_seqs();
+  set_prefetch(default_prefetch());
   backend_.check_shapes(kv_layout(), part_.group_q_count / part_.kv_count);
   backend_.prepare_rope(rope_);
 }
@@ -50,6 +51,21 @@ Model::~Model() { backend_.forget_graphs(this); }
 
 int Model::default_micro_batch_min_seqs() {
   return int(env_int("NOSA_MICRO_BATCH_MIN_SEQS", 32, 0, 1000000));
+}
+
+int Model::default_prefetch_from_layer() {
+  return int(env_int("NOSA_PREFETCH_FROM_LAYER", 2, 2, 1000000));
+}
+
+bool Model::default_prefetch() { return env_int("NOSA_PREFETCH", 0, 0, 1) == 1; }
+
+void Model::set_prefetch(bool on, int from_layer) {
+  NOSA_CHECK(from_layer >= 2,
+             "prefetching starts at layer 2 or later (layer 1's guess would come before layer "
+             "0's round), not {}",
+             from_layer);
+  prefetch_ = on;
+  prefetch_from_ = from_layer;
 }
 
 KvLayout Model::kv_layout() const {
@@ -195,18 +211,43 @@ int64_t Model::SpeculationStats::total(const std::vector<int64_t>& v) {
   return n;
 }
 
-std::vector<int32_t> Model::speculative_rows(int l, Acts& a, KvCache& cache) {
+Tensor Model::guess_input(int l, const Tensor& x) {
+  Tensor h = backend_.alloc(x.dtype(), x.shape());
+  backend_.rmsnorm(x, w_.layers[l].attn_norm, float(config_.rms_norm_eps), h);
+  return h;
+}
+
+Selection Model::guess_selection(int l, const Tensor& h, KvCache& cache) {
   Backend& be = backend_;
   const LayerWeights& L = w_.layers[l];
-  Tensor h = be.alloc(a.h.dtype(), a.h.shape());
-  be.rmsnorm(a.x, L.attn_norm, float(config_.rms_norm_eps), h);
-  Tensor qkv = be.alloc(a.qkv.dtype(), a.qkv.shape());
+  const int64_t T = h.dim(0), d = config_.head_dim;
+  const int hq_all = part_.group_q_count, hk = part_.kv_count;
+  const int nkv = config_.num_key_value_heads;
+  const DType act = h.dtype();
+  Tensor qkv = be.alloc(act, {T, int64_t(hq_all + hk + nkv) * d});
   be.linear(h, L.qkv, L.qkv_bias.defined() ? &L.qkv_bias : nullptr, qkv);
-  Tensor q = be.alloc(a.q.dtype(), a.q.shape()), k = be.alloc(a.k.dtype(), a.k.shape()),
-         v = be.alloc(a.v_all.dtype(), a.v_all.shape());
+  Tensor q = be.alloc(act, {T, hq_all, d}), k = be.alloc(act, {T, hk, d}),
+         v = be.alloc(act, {T, nkv, d});
   be.split_qkv_rope(qkv, rope_, q, k, v);
-  const Selection s = be.select_blocks(l, mode_, q, config_.sparse, cache);
-  const auto* rows = static_cast<const int32_t*>(be.read_back_selection(s));
+  return be.select_blocks(l, mode_, q, config_.sparse, cache);
+}
+
+void Model::prefetch_layer(int l, const StepBatch& step, Acts& a, KvCache& cache) {
+  Backend& be = backend_;
+  const Tensor h = guess_input(l, a.x);
+  be.begin_side_work({h});
+  try {
+    cache.prefetch(l, guess_selection(l, h, cache), step);
+  } catch (...) {
+    be.end_side_work();
+    throw;
+  }
+  be.end_side_work();
+}
+
+std::vector<int32_t> Model::speculative_rows(int l, Acts& a, KvCache& cache) {
+  const Selection s = guess_selection(l, guess_input(l, a.x), cache);
+  const auto* rows = static_cast<const int32_t*>(backend_.read_back_selection(s));
   return std::vector<int32_t>(rows, rows + s.blocks.numel());
 }
 
@@ -278,8 +319,13 @@ Tensor Model::run_layers(const StepBatch& step, KvCache& cache, bool cache_begun
   if (!cache_begun) cache.begin_step(step);
   const bool sparse = mode_ != attention::Mode::dense;
   const bool probe = probe_ && sparse && step.decode_only();
+  // On the device path only: the host path reads each selection back, and its rounds are not
+  // partitioned by layer.
+  const bool prefetch = prefetch_ && sparse && cache.on_device();
   std::vector<int32_t> spec;  // the probe's selection of the next layer
   for (int l = 0; l < config_.num_hidden_layers; ++l) {
+    if (prefetch && l + 1 >= prefetch_from_ && l + 1 < config_.num_hidden_layers)
+      prefetch_layer(l + 1, step, a, cache);
     std::vector<int32_t> next_spec;
     if (probe && l + 1 < config_.num_hidden_layers) next_spec = speculative_rows(l + 1, a, cache);
     Selection sel;

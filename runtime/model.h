@@ -60,6 +60,19 @@ class Model {
   // Steps run as two micro-batches so far (tests, benchmarks).
   int64_t micro_batch_steps() const { return micro_steps_; }
 
+  // Speculative prefetch (offloaded decoding steps whose residency the device decides): at the
+  // start of layer l, beside its compute, layer l + 1's blocks are selected from layer l's input
+  // (as the probe below does) and the missing ones copied into layer l + 1's partitions
+  // (KvCache::prefetch), so that layer l + 1's own round finds most of its new blocks resident.
+  // Only for layers from `from_layer` on (>= 2: layer 1's guess is made before layer 0's round,
+  // and finds little). Results are unchanged: attention reads exactly its own selection.
+  void set_prefetch(bool on, int from_layer = default_prefetch_from_layer());
+  bool prefetch() const { return prefetch_; }
+  // NOSA_PREFETCH_FROM_LAYER from the environment, else 2.
+  static int default_prefetch_from_layer();
+  // The default of set_prefetch's switch: NOSA_PREFETCH (0 or 1) from the environment, else off.
+  static bool default_prefetch();
+
   // A probe of speculative prefetching, for measurement (steps run without graphs while it is on).
   // A prefetch of layer l + 1's blocks that overlaps layer l's compute must select them from layer
   // l's input: the residual stream before layer l, through layer l + 1's norm, projections and
@@ -94,6 +107,8 @@ class Model {
   int micro_min_seqs_;
   int64_t micro_steps_ = 0;
   bool probe_ = false;
+  bool prefetch_ = false;
+  int prefetch_from_ = 2;
   SpeculationStats spec_stats_;
   // The probe's last selection of each (block table, layer, KV head).
   std::map<std::tuple<const std::vector<int32_t>*, int, int>, std::vector<int32_t>> probe_last_;
@@ -119,8 +134,14 @@ class Model {
   void layer_from_attention(int l, Acts& a, const Selection* sel, KvCache& cache);
   // Logits of the rows of x (all of them the step's logit rows, in order) on rank 0.
   Tensor logits_of(const Tensor& rows);
-  // The probe: layer l's selection made from the activations' residual stream as it stands (the
-  // input of layer l - 1), read back as [T][kv heads][k_max] rows; then its comparison with the
+  // Layer l's selection guessed from the residual stream x as it stands (the input of layer
+  // l - 1): through layer l's norm, projections and RoPE, against layer l's compressed keys.
+  // The norm is queued before side work (which must not read x: layer l - 1 writes it).
+  Tensor guess_input(int l, const Tensor& x);
+  Selection guess_selection(int l, const Tensor& h, KvCache& cache);
+  // Queues layer l's prefetch as side work (set_prefetch).
+  void prefetch_layer(int l, const StepBatch& step, Acts& a, KvCache& cache);
+  // The probe: the guess read back as [T][kv heads][k_max] rows; then its comparison with the
   // selection layer l made itself.
   std::vector<int32_t> speculative_rows(int l, Acts& a, KvCache& cache);
   void probe_compare(int l, const StepBatch& step, const Selection& sel,

@@ -59,8 +59,10 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* count
         atomicAdd(&count[part_hits], 1ull);
         if (s >= base && s < base + R) {
           used[s - base] = 1;
-          if (a.part_stamp[local + (s - base)] + 1 == stamp)
-            atomicAdd(&count[part_overlap], 1ull);
+          const uint32_t last = a.part_stamp[local + (s - base)];
+          if (last + 1 == stamp) atomicAdd(&count[part_overlap], 1ull);
+          // Only a prefetch stamps a slot of this layer before the layer's own round.
+          if (last == stamp) atomicAdd(&count[part_prefetch_hits], 1ull);
         } else {
           atomicAdd(&count[part_overlap], 1ull);  // a block the host path keeps
         }
@@ -169,8 +171,9 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* count
     if (!host) atomicAdd(&count[part_errors], 1ull);
     out[rank] = {host ? host + (int64_t(a.layer) * H + h) * chunk_bytes : nullptr, slot};
   };
-  for (int j = threadIdx.x; j < R; j += blockDim.x)
-    if (used[j]) a.part_stamp[local + j] = stamp;
+  if (!a.speculative)  // a prefetch stamps only what it copies (as in the reference)
+    for (int j = threadIdx.x; j < R; j += blockDim.x)
+      if (used[j]) a.part_stamp[local + j] = stamp;
   if (m > 0 && m <= k_pick_max) {
     for (int r = threadIdx.x; r < n_picked; r += blockDim.x) take(picked[r], r);
     if (threadIdx.x == 0) count[part_misses] = static_cast<unsigned long long>(n_picked);
@@ -194,6 +197,11 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* count
     // reports it (KvCache::sync_stats).
     count[part_errors] += static_cast<unsigned long long>(m) - count[part_misses];
     for (int r = int(count[part_misses]); r < m; ++r) out[r] = {nullptr, -1};
+  }
+  if (threadIdx.x == 0 && a.speculative) {
+    // A prefetch's copies count apart, and its hits not at all (as in the reference).
+    count[part_prefetched] = count[part_misses];
+    count[part_misses] = count[part_hits] = count[part_overlap] = count[part_prefetch_hits] = 0;
   }
   __syncthreads();
   if (threadIdx.x < part_counters && count[threadIdx.x])
@@ -222,6 +230,7 @@ __global__ void next_stamp_kernel(uint32_t* at) { *at += 1; }
 
 cudaError_t launch_partition_decisions(const PartitionArgs& a, PartitionCopy* copies, int* counts,
                                        cudaStream_t stream) {
+  if (a.speculative && a.layer == 0) return cudaErrorInvalidValue;  // it would see the old stamp
   if (a.layer == 0) {  // a new step (as in the reference)
     next_stamp_kernel<<<1, 1, 0, stream>>>(a.step_stamp);
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;

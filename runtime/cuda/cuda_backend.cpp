@@ -146,24 +146,31 @@ class CudaBackend final : public Backend {
     NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&copied_, cudaEventDisableTiming));
     NOSA_CUDA_CHECK(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
     NOSA_CUDA_CHECK(cudaStreamCreateWithFlags(&fetch_, cudaStreamNonBlocking));
+    NOSA_CUDA_CHECK(cudaStreamCreateWithFlags(&ahead_, cudaStreamNonBlocking));
+    NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
     for (int i = 0; i < 2; ++i) {
       NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&selected_[i], cudaEventDisableTiming));
       NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&gathered_[i], cudaEventDisableTiming));
+      NOSA_CUDA_CHECK(cudaEventCreateWithFlags(&prefetched_[i], cudaEventDisableTiming));
     }
     NOSA_CUBLAS_CHECK(cublasCreate(&cublas_));
     NOSA_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
     workspace_ = alloc(DType::u8, {int64_t(32) << 20});
     NOSA_CUBLAS_CHECK(cublasSetWorkspace(cublas_, workspace_.raw(), workspace_.bytes()));
+    ahead_workspace_ = alloc(DType::u8, {int64_t(32) << 20});
   }
 
   ~CudaBackend() override {
+    cudaStreamSynchronize(ahead_);
     cudaStreamSynchronize(side_);
     cudaStreamSynchronize(fetch_);
     cudaStreamSynchronize(stream_);
     recording_.reset();
     graphs_.clear();
     step_keep_.clear();
+    side_keep_.clear();
     workspace_ = Tensor();
+    ahead_workspace_ = Tensor();
     if (cublas_) cublasDestroy(cublas_);
     cudaEventDestroy(staged_);
     cudaEventDestroy(read_back_);
@@ -173,7 +180,10 @@ class CudaBackend final : public Backend {
     for (int i = 0; i < 2; ++i) {
       cudaEventDestroy(selected_[i]);
       cudaEventDestroy(gathered_[i]);
+      cudaEventDestroy(prefetched_[i]);
     }
+    cudaEventDestroy(fork_);
+    cudaStreamDestroy(ahead_);
     cudaStreamDestroy(side_);
     cudaStreamDestroy(fetch_);
     cudaStreamDestroy(stream_);
@@ -192,7 +202,11 @@ class CudaBackend final : public Backend {
     std::shared_ptr<void> storage =
         recording_ ? recording_->pool.allocate(bytes) : allocator_.allocate(bytes);
     void* p = storage.get();
-    return Tensor(std::move(storage), p, dtype, std::move(shape), Device::cuda);
+    Tensor t(std::move(storage), p, dtype, std::move(shape), Device::cuda);
+    // Side work's tensors live until it is done: the allocator would hand a freed block to the
+    // main stream's next op while the side stream may still use it.
+    if (in_side_work_) side_keep_.push_back(t);
+    return t;
   }
 
   Tensor zeros(DType dtype, Shape shape) override {
@@ -479,10 +493,19 @@ class CudaBackend final : public Backend {
   }
 
   void resident_partitions(int layer, const Selection& selection, const StepBatch& step,
-                           const std::vector<int32_t>& seq_partition, KvCache& cache) override {
+                           const std::vector<int32_t>& seq_partition, KvCache& cache,
+                           bool speculative) override {
     NOSA_ASSERT(step_ == &step && !overlap_,
                 "resident_partitions: not the current step, or micro-batches (a cache with "
                 "partitions runs whole steps)");
+    NOSA_ASSERT(speculative == in_side_work_, "resident_partitions: a speculative round runs "
+                "as side work, the layer's own round not");
+    // The layer's own round after its prefetch: the slots and the slot table's entries the
+    // prefetch filled, and its copies.
+    if (!speculative && prefetch_pending_[layer & 1] == layer) {
+      NOSA_CUDA_CHECK(cudaStreamWaitEvent(stream_, prefetched_[layer & 1], 0));
+      prefetch_pending_[layer & 1] = -1;
+    }
     memory::PartitionArgs a = cache.partition_args(layer);
     a.selection = selection.blocks.data<int32_t>();
     a.n_tokens = int(step.n_tokens());
@@ -503,13 +526,28 @@ class CudaBackend final : public Backend {
       std::copy(seq_partition.begin(), seq_partition.end(), parts_of_seqs);
       a.seq_partition = parts_of_seqs;
     }
+    const int64_t rows = int64_t(a.n_tokens) * a.n_heads;
+    const int64_t n = std::max<int64_t>(1, rows * a.k);
+    const int64_t bytes = n * int64_t(sizeof(mcu::PartitionCopy)) + rows * 4;
+    if (speculative) {
+      // Decision and copies on the side stream, with a copy list of its own (kept by the side
+      // work); reset_staging waits for the side stream before reusing the staging memory.
+      NOSA_ASSERT(layer > 0 && prefetch_pending_[layer & 1] < 0,
+                  "a prefetch of layer {} before layer 0's round, or beside another one",
+                  layer);
+      a.speculative = true;
+      Tensor list = alloc(DType::u8, {bytes});
+      auto* items = static_cast<mcu::PartitionCopy*>(list.raw());
+      NOSA_CUDA_CHECK(
+          mcu::launch_resident_partitions(a, items, reinterpret_cast<int*>(items + n), stream_));
+      NOSA_CUDA_CHECK(cudaEventRecord(prefetched_[layer & 1], stream_));
+      prefetch_pending_[layer & 1] = layer;
+      return;
+    }
     // The rows' copy lists, then their counts: one buffer for every round, grown
     // when a round needs more (a recording graph's own, whose addresses it keeps).
     Tensor& copies = recording_ ? recording_->partition_copies : partition_copies_;
     Tensor& split_rows = recording_ ? recording_->split_rows : split_rows_;
-    const int64_t rows = int64_t(a.n_tokens) * a.n_heads;
-    const int64_t n = std::max<int64_t>(1, rows * a.k);
-    const int64_t bytes = n * int64_t(sizeof(mcu::PartitionCopy)) + rows * 4;
     join_partition_copies();  // the previous layer's (attend joins them; this is for safety)
     if (copies.numel() < bytes) {
       if (copies.defined()) step_keep_.push_back(copies);  // queued readers
@@ -537,6 +575,32 @@ class CudaBackend final : public Backend {
     NOSA_CUDA_CHECK(mcu::launch_partition_copies(a, items, counts, side_));
     NOSA_CUDA_CHECK(cudaEventRecord(copied_, side_));
     pending_copies_ = {layer, a.k, a.hit_rows, a.miss_rows};
+  }
+
+  // ---- side work: another stream, forked from the main one and joined by a layer's round ----
+
+  void begin_side_work(const std::vector<Tensor>& inputs) override {
+    NOSA_ASSERT(!in_side_work_, "begin_side_work: side work is already open");
+    NOSA_CUDA_CHECK(cudaEventRecord(fork_, stream_));
+    NOSA_CUDA_CHECK(cudaStreamWaitEvent(ahead_, fork_, 0));
+    main_stream_ = stream_;
+    stream_ = ahead_;
+    // cuBLAS on the side stream with a workspace of its own: GEMMs of both streams may run at
+    // once (setting the stream resets the workspace).
+    NOSA_CUBLAS_CHECK(cublasSetStream(cublas_, ahead_));
+    NOSA_CUBLAS_CHECK(
+        cublasSetWorkspace(cublas_, ahead_workspace_.raw(), ahead_workspace_.bytes()));
+    in_side_work_ = true;
+    ahead_used_ = true;
+    side_keep_.insert(side_keep_.end(), inputs.begin(), inputs.end());
+  }
+
+  void end_side_work() override {
+    NOSA_ASSERT(in_side_work_, "end_side_work without begin_side_work");
+    in_side_work_ = false;
+    stream_ = main_stream_;
+    NOSA_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
+    NOSA_CUBLAS_CHECK(cublasSetWorkspace(cublas_, workspace_.raw(), workspace_.bytes()));
   }
 
   // After a direct step's kernel that reads staging memory (reset_staging waits for it). A
@@ -628,6 +692,10 @@ class CudaBackend final : public Backend {
     std::unique_ptr<StepGraph> g = std::move(recording_);
     graph_decode_list_ = nullptr;
     pending_copies_.layer = -1;  // attend joined every layer's copies inside the capture
+    // Each layer's own round joined its prefetch; the prefetches' tensors came from the
+    // graph's pool, which nothing else allocates from.
+    NOSA_ASSERT(prefetch_pending_[0] < 0 && prefetch_pending_[1] < 0 && !in_side_work_,
+                "a step graph recorded a prefetch that no round joined");
     cudaGraph_t graph = nullptr;
     cudaError_t err = cudaStreamEndCapture(stream_, &graph);
     if (err == cudaSuccess) err = cudaGraphInstantiate(&g->exec, graph, 0);
@@ -669,8 +737,10 @@ class CudaBackend final : public Backend {
 
   void abort_recording() override {
     if (!recording_) return;
-    // Copies the capture queued on the side stream never ran: nothing to wait for.
+    // Copies the capture queued on the side streams never ran: nothing to wait for.
     pending_copies_.layer = -1;
+    prefetch_pending_[0] = prefetch_pending_[1] = -1;
+    if (in_side_work_) end_side_work();
     cudaGraph_t graph = nullptr;
     cudaStreamEndCapture(stream_, &graph);
     if (graph) cudaGraphDestroy(graph);
@@ -1281,6 +1351,8 @@ class CudaBackend final : public Backend {
       // Growing: wait until earlier copies out of the old buffer, and side-stream kernels reading
       // it, are done.
       NOSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      if (in_side_work_) NOSA_CUDA_CHECK(cudaStreamSynchronize(main_stream_));
+      if (ahead_used_) NOSA_CUDA_CHECK(cudaStreamSynchronize(ahead_));
       if (side_staged_) NOSA_CUDA_CHECK(cudaStreamSynchronize(side_));
       staging_capacity_ = std::max(staging_capacity_ * 2, offset + bytes + (size_t(1) << 20));
       staging_host_ = std::make_unique<PinnedBuffer>();
@@ -1308,6 +1380,11 @@ class CudaBackend final : public Backend {
     NOSA_CUDA_CHECK(cudaEventSynchronize(staged_));
     if (side_staged_) NOSA_CUDA_CHECK(cudaStreamSynchronize(side_));
     side_staged_ = false;
+    if (ahead_used_) {
+      NOSA_CUDA_CHECK(cudaStreamSynchronize(ahead_));
+      ahead_used_ = false;
+      side_keep_.clear();
+    }
     step_keep_.clear();
     staging_used_ = 0;
   }
@@ -1401,6 +1478,17 @@ class CudaBackend final : public Backend {
   cudaEvent_t selected_[2] = {nullptr, nullptr}, gathered_[2] = {nullptr, nullptr};
   bool gather_pending_[2] = {false, false};
   bool side_staged_ = false;  // side-stream kernels read this step's staging memory
+
+  // Side work (prefetches): its stream and cuBLAS workspace, the main stream while it is open,
+  // its tensors (until reset_staging has waited for it), and per layer parity the event after
+  // a prefetch's copies and the layer it was for (-1: none pending).
+  cudaStream_t ahead_ = nullptr, main_stream_ = nullptr;
+  cudaEvent_t fork_ = nullptr;
+  Tensor ahead_workspace_;
+  bool in_side_work_ = false, ahead_used_ = false;
+  std::vector<Tensor> side_keep_;
+  cudaEvent_t prefetched_[2] = {nullptr, nullptr};
+  int prefetch_pending_[2] = {-1, -1};
 
 
   // Step graphs (the destructor drops them first).

@@ -9,11 +9,11 @@
 namespace nosa::test {
 
 EngineRig::EngineRig(int64_t kv_blocks, runtime::EngineOptions options, attention::Mode mode,
-                     const runtime::KvCacheOptions& kv)
+                     const runtime::KvCacheOptions& kv, int layers)
     : backend(runtime::make_cpu_backend()), comm(parallel::make_single_rank_communicator()) {
   runtime::LoadOptions o;
   o.mode = mode;
-  model = runtime::load_model(tiny_model(attention::Mode::nosa), o, *backend, *comm);
+  model = runtime::load_model(tiny_model(attention::Mode::nosa, layers), o, *backend, *comm);
   cache = std::make_unique<runtime::KvCache>(model->kv_layout(), kv_blocks, *backend, kv);
   engine = std::make_unique<runtime::Engine>(*model, *cache, options);
 }

@@ -17,9 +17,10 @@ struct EngineRig {
   std::unique_ptr<runtime::KvCache> cache;
   std::unique_ptr<runtime::Engine> engine;
 
+  // layers > 0: a tiny checkpoint of that many layers instead of the shape's.
   EngineRig(int64_t kv_blocks, runtime::EngineOptions options = {},
             attention::Mode mode = attention::Mode::nosa,
-            const runtime::KvCacheOptions& kv = {});
+            const runtime::KvCacheOptions& kv = {}, int layers = 0);
 
   // What a request produced: its tokens and its last event (finish reason, error).
   struct Outcome {

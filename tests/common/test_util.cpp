@@ -29,23 +29,25 @@ TempDir::~TempDir() {
   fs::remove_all(path_, ec);
 }
 
-const fs::path& tiny_model(attention::Mode mode) {
+const fs::path& tiny_model(attention::Mode mode, int layers) {
   static std::mutex mutex;
-  static std::map<attention::Mode, std::unique_ptr<TempDir>> dirs;
-  static std::map<attention::Mode, fs::path> paths;
+  static std::map<std::pair<attention::Mode, int>, std::unique_ptr<TempDir>> dirs;
+  static std::map<std::pair<attention::Mode, int>, fs::path> paths;
   std::lock_guard lock(mutex);
-  auto it = paths.find(mode);
+  const auto key = std::make_pair(mode, layers);
+  auto it = paths.find(key);
   if (it != paths.end()) return it->second;
   auto dir = std::make_unique<TempDir>();
   runtime::MakeModelOptions o;
   o.shape = "tiny";
   o.mode = mode;
   o.seed = 7;
+  o.layers = layers;
   o.out = dir->path() / "model";
   runtime::make_model(o);
-  paths[mode] = o.out;
-  dirs[mode] = std::move(dir);
-  return paths[mode];
+  paths[key] = o.out;
+  dirs[key] = std::move(dir);
+  return paths[key];
 }
 
 std::string nosa_binary() { return NOSA_BINARY; }

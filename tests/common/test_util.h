@@ -22,8 +22,9 @@ class TempDir {
   std::filesystem::path path_;
 };
 
-// A tiny random checkpoint of the given mode, made once per test process and reused.
-const std::filesystem::path& tiny_model(attention::Mode mode);
+// A tiny random checkpoint of the given mode (and layer count, when > 0), made once per test
+// process and reused.
+const std::filesystem::path& tiny_model(attention::Mode mode, int layers = 0);
 
 // The path of the built `nosa` binary.
 std::string nosa_binary();

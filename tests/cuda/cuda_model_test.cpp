@@ -31,13 +31,13 @@ struct Side {
   std::unique_ptr<KvCache> cache;
 };
 
-Side load(runtime::Backend& be, attention::Mode mode, int64_t n_blocks) {
+Side load(runtime::Backend& be, attention::Mode mode, int64_t n_blocks, int layers = 0) {
   Side s;
   s.backend = &be;
   s.comm = parallel::make_single_rank_communicator();
   runtime::LoadOptions lo;
   lo.mode = mode;
-  s.model = runtime::load_model(tiny_model(mode), lo, be, *s.comm);
+  s.model = runtime::load_model(tiny_model(mode, layers), lo, be, *s.comm);
   s.cache = std::make_unique<KvCache>(s.model->kv_layout(), n_blocks, be);
   return s;
 }
@@ -297,6 +297,42 @@ TEST(CudaModel, ResidencyOnTheDeviceGivesTheLogitsOfKvInHbm) {
         EXPECT_LT(worst, 1e-2) << what;
       }
   }
+}
+
+// Prefetching layers 2 to 4 of a 5-layer model (each guessed from the layer before's input and
+// copied on a stream of its own beside it): the logits of the KV whole in HBM, from graphs and
+// from steps run directly; the prefetch copied blocks that the layers' own rounds then found.
+TEST(CudaModel, PrefetchedResidencyGivesTheLogitsOfKvInHbm) {
+  NOSA_REQUIRE_GPU();
+  Backends b;
+  const std::vector<int64_t> lengths = {1000, 990, 700, 430};
+  for (attention::Mode mode : {attention::Mode::infllmv2, attention::Mode::nosa})
+    for (bool graphs : {true, false}) {
+      const std::string what =
+          fmt::format("{}, graphs {}", attention::mode_name(mode), graphs);
+      Side gpu = load(*b.gpu, mode, 400, 5);
+      runtime::set_cuda_graphs(false);
+      const std::vector<Tensor> whole = run_for_micro_batches(b, gpu, lengths, false, 0);
+      runtime::set_cuda_graphs(graphs);
+      gpu.model->set_prefetch(true, 2);
+      const int64_t replays = runtime::cuda_graph_replays();
+      // 4 sequences x 5 layers x 2 heads x 20 slots = 800 partition slots, 400 for the prompts.
+      const std::vector<Tensor> dev = run_for_micro_batches(b, gpu, lengths, true, 1200, 2, 20);
+      runtime::set_cuda_graphs(true);
+      EXPECT_EQ(runtime::cuda_graph_replays() - replays, graphs ? 22 : 0) << what;
+      gpu.cache->sync_stats();
+      const memory::TierStats st = gpu.cache->stats();
+      EXPECT_EQ(gpu.cache->device_steps(), 24) << what;
+      EXPECT_GT(st.prefetched, 0) << what;
+      EXPECT_GT(st.prefetch_hits, 0) << what;
+      EXPECT_LE(st.prefetch_hits, st.prefetched) << what;
+      const double worst = worst_step_error(whole, dev);
+      std::printf("[ prefetch ] %s: %lld prefetched, %lld of them selected, %lld misses left, "
+                  "worst logits rel error vs HBM %.3e\n",
+                  what.c_str(), (long long)st.prefetched, (long long)st.prefetch_hits,
+                  (long long)st.misses, worst);
+      EXPECT_LT(worst, 1e-2) << what;
+    }
 }
 
 // The same with 64 sequences: each half's selection (32 tokens x 2 KV heads x 16 blocks) goes to

@@ -61,8 +61,10 @@ DeviceRound run_on_device(const test::PartitionCase& c) {
   a.kv = kv.p;
   a.bias = bias.p;
   a.counters = counters.p;
-  a.hit_rows = hit_rows.p;
-  a.miss_rows = miss_rows.p;
+  if (!c.speculative) {  // a prefetch splits no rows
+    a.hit_rows = hit_rows.p;
+    a.miss_rows = miss_rows.p;
+  }
   DeviceArray<uint32_t> step_stamp(std::vector<uint32_t>{c.stamp});
   a.step_stamp = step_stamp.p;  // advanced on the device where the layer is 0
   EXPECT_EQ(cuda::launch_resident_partitions(a, copies.p, counts.p, nullptr), cudaSuccess);
@@ -104,10 +106,13 @@ void expect_kernel_matches_reference(const test::PartitionCase& c, const std::st
   for (int r = 0; r < c.T * c.H; ++r) {
     int misses = 0;
     while (misses < c.k && ref.miss_rows[size_t(r) * c.k + misses] >= 0) ++misses;
-    EXPECT_EQ(got.counts[size_t(r)], misses) << what << " row " << r;
+    if (!c.speculative) {
+      EXPECT_EQ(got.counts[size_t(r)], misses) << what << " row " << r;
+    }
     total += got.counts[size_t(r)];
   }
-  EXPECT_EQ(total, ref.counters[part_misses]) << what;
+  const PartitionCounter copied = c.speculative ? part_prefetched : part_misses;
+  EXPECT_EQ(total, ref.counters[copied] - c.counters[copied]) << what;
 }
 
 // A case built by hand: one KV head and layer, T sequences of n_blocks blocks each with a
@@ -165,6 +170,30 @@ TEST(CudaPartitions, TheKernelMakesTheReferencesDecisionsAndCopies) {
           "width %d, %d slots)\n",
           c.T, c.H, c.k, c.R);
   }
+}
+
+// A prefetch (a speculative round of a guess at the selection), then the layer's own round on
+// the state it left: each as the reference makes it (the prefetch stamps only its copies and
+// counts them apart; the round counts its prefetch hits).
+TEST(CudaPartitions, APrefetchAndTheLayersOwnRoundMatchTheReference) {
+  NOSA_REQUIRE_GPU();
+  int cases = 0;
+  for (uint32_t seed = 1; seed <= 80; ++seed) {
+    const test::PartitionCase c = test::random_partition_case(seed, 24, seed % 4 ? 48 : 128);
+    if (c.layer == 0) continue;  // a prefetch never starts a step
+    ++cases;
+    const test::PartitionCase g = test::guessed_round(c);
+    expect_kernel_matches_reference(g, "prefetch, seed " + std::to_string(seed));
+    test::PartitionCase after = g;  // the reference's state after the prefetch
+    std::vector<char*> host_ptrs(size_t(c.n_blocks));
+    for (int64_t b = 0; b < c.n_blocks; ++b)
+      host_ptrs[size_t(b)] = after.host.data() + b * c.block_bytes();
+    resident_partitions_reference(after.args(host_ptrs.data()));
+    after.speculative = false;
+    after.selection = c.selection;
+    expect_kernel_matches_reference(after, "round after a prefetch, seed " + std::to_string(seed));
+  }
+  EXPECT_GT(cases, 30);
 }
 
 // Rows missing 0, 1, 32 and 33 blocks (no slot ranking; the slots taken one warp-wide minimum at

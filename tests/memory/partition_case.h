@@ -20,6 +20,7 @@ struct PartitionCase {
   int T = 0, H = 0, k = 0, L = 0, layer = 0, R = 0, n_parts = 0, bt_stride = 0;
   int64_t part_base = 0, n_blocks = 0, kv_bytes = 64, bias_bytes = 16;
   uint32_t stamp = 0;  // the step stamp: after a round, the one it used
+  bool speculative = false;  // a prefetch's round (it splits no rows)
   std::vector<int32_t> selection, token_seq, block_table, seq_partition, slot_table;
   // The selection split into hits and misses ([T][H][k] each; a value no round writes until one
   // does, so that an entry left unwritten shows).
@@ -58,11 +59,30 @@ struct PartitionCase {
     a.counters = counters.data();
     hit_rows.assign(selection.size(), k_unwritten);
     miss_rows.assign(selection.size(), k_unwritten);
-    a.hit_rows = hit_rows.data();
-    a.miss_rows = miss_rows.data();
+    a.speculative = speculative;
+    a.hit_rows = speculative ? nullptr : hit_rows.data();
+    a.miss_rows = speculative ? nullptr : miss_rows.data();
     return a;
   }
 };
+
+// A prefetch's round before the round of `c` (whose layer is not 0): a guess at c's selection,
+// each row with its first, fourth, ... blocks moved one block down (some guessed right, some
+// not), as a speculative round on c's state.
+inline PartitionCase guessed_round(const PartitionCase& c) {
+  PartitionCase g = c;
+  g.speculative = true;
+  for (int64_t r = 0; r < int64_t(c.T) * c.H; ++r) {
+    int32_t* row = g.selection.data() + r * c.k;
+    std::vector<int32_t> v;
+    for (int i = 0; i < c.k && row[i] >= 0; ++i) v.push_back(i % 3 == 0 && row[i] > 0 ? row[i] - 1 : row[i]);
+    std::sort(v.begin(), v.end());
+    v.erase(std::unique(v.begin(), v.end()), v.end());
+    v.resize(size_t(c.k), -1);
+    std::copy(v.begin(), v.end(), row);
+  }
+  return g;
+}
 
 inline PartitionCase random_partition_case(uint32_t seed, int max_tokens = 24, int max_width = 48) {
   std::mt19937 rng(seed);

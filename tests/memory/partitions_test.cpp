@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "runtime/core/error.h"
@@ -125,6 +126,106 @@ TEST(Partitions, APartitionTooSmallForItsMissesIsAnError) {
   c.part_stamp.assign(size_t(n), 0);
   std::vector<char*> table = host_table(c);
   EXPECT_THROW(resident_partitions_reference(c.args(table.data())), Error);
+}
+
+// A prefetch (a speculative round) before the layer's own round: it copies its guess's misses
+// into the partitions, stamped with the step's stamp but without advancing it, and counts them
+// apart; the layer's own round then finds the guessed blocks as hits (prefetch hits, not
+// overlap), misses the others, and takes the slot of a wrong guess last.
+TEST(Partitions, APrefetchFillsSlotsTheLayersOwnRoundFindsAsHits) {
+  PartitionCase c = small_case();  // layer 1, stamp 8: head 0 selects 5, 6, 7; head 1 6, 4
+  const int64_t h0 = ((1 * c.L + 1) * c.H + 0) * c.R, h1 = h0 + c.R;
+  const int64_t base0 = c.part_base + h0, base1 = c.part_base + h1;
+  PartitionCase g = c;
+  g.speculative = true;
+  g.selection = {0, 1, -1, -1,   // head 0 guesses blocks 5 and 6 (right)
+                 2, -1, -1, -1};  // head 1 guesses block 7 (wrong)
+  std::vector<char*> table = host_table(g);
+  resident_partitions_reference(g.args(table.data()));
+  EXPECT_EQ(g.stamp, 8u);  // not advanced
+  EXPECT_EQ(g.slot_table[g.chunk(5, 1, 0)], base0 + 0);
+  EXPECT_EQ(g.slot_table[g.chunk(6, 1, 0)], base0 + 1);
+  EXPECT_EQ(g.slot_table[g.chunk(7, 1, 1)], base1 + 0);
+  EXPECT_TRUE(holds(g, base0 + 0, 5, 1, 0));
+  EXPECT_TRUE(holds(g, base1 + 0, 7, 1, 1));
+  EXPECT_EQ(g.part_stamp[h0 + 0], 8u);
+  EXPECT_EQ(g.part_stamp[h1 + 0], 8u);
+  EXPECT_EQ(g.counters[part_prefetched], 3);
+  for (const PartitionCounter n : {part_hits, part_misses, part_overlap, part_prefetch_hits})
+    EXPECT_EQ(g.counters[n], 0) << n;
+
+  PartitionCase r = g;
+  r.speculative = false;
+  r.selection = c.selection;
+  resident_partitions_reference(r.args(table.data()));
+  EXPECT_EQ(r.counters[part_hits], 2);
+  EXPECT_EQ(r.counters[part_prefetch_hits], 2);
+  EXPECT_EQ(r.counters[part_overlap], 0);
+  EXPECT_EQ(r.counters[part_misses], 3);  // head 0's block 7, head 1's blocks 6 and 4
+  EXPECT_EQ(r.counters[part_prefetched], 3);
+  EXPECT_EQ(r.slot_table[r.chunk(5, 1, 0)], base0 + 0);  // hits stay
+  EXPECT_EQ(r.slot_table[r.chunk(7, 1, 0)], base0 + 2);
+  // Head 1's misses take the never used slots 1 and 2 before the wrong guess's slot 0.
+  EXPECT_EQ(r.slot_table[r.chunk(6, 1, 1)], base1 + 1);
+  EXPECT_EQ(r.slot_table[r.chunk(4, 1, 1)], base1 + 2);
+  EXPECT_EQ(r.slot_table[r.chunk(7, 1, 1)], base1 + 0);
+  EXPECT_TRUE(holds(r, base1 + 2, 4, 1, 1));
+
+  PartitionCase layer0 = small_case();  // a prefetch never starts a step
+  layer0.layer = 0;
+  layer0.speculative = true;
+  EXPECT_THROW(resident_partitions_reference(layer0.args(table.data())), Error);
+}
+
+// Random reachable states, a prefetch of a guess and then the layer's own round: the prefetch
+// hits are exactly the selected chunks that were not resident before and were guessed, the
+// misses those still not resident, and every selected chunk is resident afterwards (the new
+// ones holding their host bytes).
+TEST(Partitions, APrefetchsHitsAreTheGuessedNewBlocks) {
+  int cases = 0;
+  for (uint32_t seed = 1; seed <= 80; ++seed) {
+    PartitionCase c = test::random_partition_case(seed);
+    if (c.layer == 0) continue;
+    ++cases;
+    PartitionCase g = test::guessed_round(c);
+    std::vector<char*> table = host_table(g);
+    resident_partitions_reference(g.args(table.data()));
+    int64_t guessed_new = 0, still_missing = 0;
+    for (int t = 0; t < c.T; ++t)
+      for (int h = 0; h < c.H; ++h) {
+        const int64_t row = (int64_t(t) * c.H + h) * c.k;
+        for (int i = 0; i < c.k && c.selection[row + i] >= 0; ++i) {
+          const int64_t ch =
+              c.chunk(c.block_table[int64_t(t) * c.bt_stride + c.selection[row + i]], c.layer, h);
+          // The prefetch's copies can also evict chunks the round then misses.
+          still_missing += g.slot_table[ch] < 0;
+          if (c.slot_table[ch] >= 0) continue;
+          const int32_t* guess = g.selection.data() + row;
+          guessed_new += std::find(guess, guess + c.k, c.selection[row + i]) != guess + c.k;
+        }
+      }
+    PartitionCase r = g;
+    r.speculative = false;
+    r.selection = c.selection;
+    resident_partitions_reference(r.args(table.data()));
+    EXPECT_EQ(r.stamp, c.stamp) << "seed " << seed;
+    EXPECT_EQ(r.counters[part_prefetch_hits], guessed_new) << "seed " << seed;
+    EXPECT_EQ(r.counters[part_misses], still_missing) << "seed " << seed;
+    EXPECT_GE(r.counters[part_prefetched], guessed_new) << "seed " << seed;
+    for (int t = 0; t < c.T; ++t)
+      for (int h = 0; h < c.H; ++h)
+        for (int i = 0; i < c.k && c.selection[(int64_t(t) * c.H + h) * c.k + i] >= 0; ++i) {
+          const int64_t b =
+              c.block_table[int64_t(t) * c.bt_stride + c.selection[(int64_t(t) * c.H + h) * c.k + i]];
+          const int32_t slot = r.slot_table[c.chunk(b, c.layer, h)];
+          ASSERT_GE(slot, 0) << "seed " << seed;
+          // Copied by one of the rounds (the states' resident slots hold random bytes).
+          if (c.slot_table[c.chunk(b, c.layer, h)] < 0) {
+            EXPECT_TRUE(holds(r, slot, b, c.layer, h)) << "seed " << seed;
+          }
+        }
+  }
+  EXPECT_GT(cases, 30);
 }
 
 // Random reachable states: afterwards every selected chunk is mapped to a slot holding its host

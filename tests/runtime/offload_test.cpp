@@ -21,8 +21,9 @@ namespace {
 
 // A rig over the tiny NOSA checkpoint with a KV cache of `blocks` and the given residency.
 struct Rig : test::EngineRig {
-  Rig(attention::Mode mode, const KvCacheOptions& kv, int64_t blocks, int64_t batch_tokens)
-      : EngineRig(blocks, options(batch_tokens), mode, kv) {}
+  Rig(attention::Mode mode, const KvCacheOptions& kv, int64_t blocks, int64_t batch_tokens,
+      int layers = 0)
+      : EngineRig(blocks, options(batch_tokens), mode, kv, layers) {}
   static EngineOptions options(int64_t batch_tokens) {
     EngineOptions eo;
     eo.max_batch_tokens = batch_tokens;
@@ -41,9 +42,11 @@ std::vector<std::vector<int32_t>> generate(attention::Mode mode, const KvCacheOp
                                            int micro_min_seqs = -1,
                                            int64_t* micro_steps = nullptr,
                                            int64_t* device_steps = nullptr,
-                                           memory::TierStats* unsynced = nullptr) {
-  Rig rig(mode, kv, 400, 256);
+                                           memory::TierStats* unsynced = nullptr,
+                                           int layers = 0, bool prefetch = false) {
+  Rig rig(mode, kv, 400, 256, layers);
   if (micro_min_seqs >= 0) rig.model->set_micro_batch_min_seqs(micro_min_seqs);
+  rig.model->set_prefetch(prefetch);
   std::vector<RequestId> ids;
   const int64_t lengths[] = {900, 700, 1200, 300};
   for (int i = 0; i < 4; ++i) ids.push_back(rig.engine->submit(request(lengths[i], 10 + i, 24)));
@@ -162,6 +165,36 @@ TEST_P(OffloadGivesTheSameTokens, WithResidencyOnTheDevice) {
   EXPECT_EQ(generate(GetParam(), tight, &ts, 0, nullptr, &device_steps), expected);
   EXPECT_EQ(device_steps, 0);
   EXPECT_EQ(ts.device_slots, 600);
+}
+
+// Decoding steps that prefetch layers 2 and on of a 5-layer model (each layer's blocks selected
+// from the layer before's input and copied beside it): the tokens of the KV kept whole; the
+// prefetch copied blocks and the layers' own rounds found some of them.
+TEST_P(OffloadGivesTheSameTokens, WithPrefetchedBlocks) {
+  constexpr int layers = 5;
+  auto expected = generate(GetParam(), {}, nullptr, -1, nullptr, nullptr, nullptr, layers);
+  KvCacheOptions host;
+  host.offload = memory::Offload::host;
+  host.device_slots = 1400;  // of 4 x 5 x 2 x 20 partition slots, a host path as above
+  host.decode_partitions = 4;
+  host.partition_slots = 20;
+  host.min_partition_slots = 16;
+  memory::TierStats on, off;
+  int64_t device_steps = 0;
+  EXPECT_EQ(generate(GetParam(), host, &on, 0, nullptr, &device_steps, nullptr, layers, true),
+            expected);
+  EXPECT_GT(device_steps, 20);
+  EXPECT_GT(on.prefetched, 0);
+  EXPECT_GT(on.prefetch_hits, 0);
+  EXPECT_LE(on.prefetch_hits, on.prefetched);
+  EXPECT_LE(on.prefetch_hits, on.hits);
+  // Without it, the same tokens, nothing prefetched, and more misses.
+  EXPECT_EQ(generate(GetParam(), host, &off, 0, nullptr, nullptr, nullptr, layers, false),
+            expected);
+  EXPECT_EQ(off.prefetched, 0);
+  EXPECT_EQ(off.prefetch_hits, 0);
+  EXPECT_GT(off.misses, on.misses);
+  EXPECT_EQ(on.selected, off.selected);
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, OffloadGivesTheSameTokens,
