@@ -56,6 +56,12 @@ void EngineFlags::add_to(CLI::App& app) {
                  "half's blocks gathered while the other half computes (0: never; default: 32, or "
                  "NOSA_MICRO_BATCH_MIN_SEQS)")
       ->check(CLI::Range(0, 1000000));
+  app.add_option("--prefetch", prefetch,
+                 "Offloading with residency on the device: on = while layer l runs, layer l + 1's "
+                 "blocks (from layer 2 on) are selected from layer l's input and the missing ones "
+                 "copied beside it, so that fewer copies wait; results are unchanged (default: "
+                 "off, or NOSA_PREFETCH=1)")
+      ->check(CLI::IsMember({"on", "off"}));
   app.add_option("--tp", tp,
                  "Tensor-parallel ranks per replica; under mpirun, -np N starts N / tp replicas")
       ->capture_default_str();
@@ -167,6 +173,7 @@ EngineSetup EngineSetup::create(const EngineFlags& f, int64_t tokens_hint) {
   int micro = f.micro_batch_min_seqs >= 0 ? f.micro_batch_min_seqs : s.model->micro_batch_min_seqs();
   parallel::broadcast_value(s.replica, micro, timeout);
   s.model->set_micro_batch_min_seqs(micro);
+  if (!f.prefetch.empty()) s.model->set_prefetch(f.prefetch == "on");
   runtime::KvLayout layout = s.model->kv_layout();
   runtime::KvCacheOptions kv_options;
   kv_options.offload = memory::parse_offload(f.offload);
