@@ -89,8 +89,12 @@ void check_select_path_name(const std::string& path) {
                   path);
 }
 
-bool Backend::replay_step(const StepBatch&, const void*, const KvCache&, Tensor&) { return false; }
-bool Backend::begin_recording(const StepBatch&, const void*, const KvCache&) { return false; }
+bool Backend::replay_step(const StepBatch&, const void*, int, const KvCache&, Tensor&) {
+  return false;
+}
+bool Backend::begin_recording(const StepBatch&, const void*, int, const KvCache&) {
+  return false;
+}
 bool Backend::end_recording(const Tensor&) { return false; }
 void Backend::abort_recording() {}
 void Backend::forget_graphs(const void*) {}

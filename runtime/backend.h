@@ -195,15 +195,17 @@ class Backend {
   // depend on the step only through its batch size and a bucket of its context length, so the
   // backend records them once and replays them. `model` and `cache` tag what the recorded
   // launches also depend on (weights, KV tensors); forget_graphs(tag) drops the graphs of a model
-  // or cache that goes away.
+  // or cache that goes away. `variant` tells apart steps the model runs in different ways (with
+  // or without prefetching): a graph replays only steps of the variant it recorded.
   // Runs the step from a recorded graph when one fits; its logits then come back in `logits`.
-  virtual bool replay_step(const StepBatch& step, const void* model, const KvCache& cache,
-                           Tensor& logits);
+  virtual bool replay_step(const StepBatch& step, const void* model, int variant,
+                           const KvCache& cache, Tensor& logits);
   // Whether to record this step: then the model runs its forward pass as usual (the launches are
   // recorded, not run) and calls end_recording with the logits tensor, which runs the graph (false:
   // no graph could be made and nothing ran), or abort_recording after an error (the backend
   // then stops trying for this model and cache). The model checks the step's inputs first.
-  virtual bool begin_recording(const StepBatch& step, const void* model, const KvCache& cache);
+  virtual bool begin_recording(const StepBatch& step, const void* model, int variant,
+                               const KvCache& cache);
   virtual bool end_recording(const Tensor& logits);
   virtual void abort_recording();
   virtual void forget_graphs(const void* tag);

@@ -116,8 +116,10 @@ Tensor Model::forward(const StepBatch& step, KvCache& cache) {
 
 Tensor Model::run_maybe_recorded(const StepBatch& step, KvCache& cache, bool cache_begun) {
   Tensor logits;
-  if (backend_.replay_step(step, this, cache, logits)) return logits;
-  if (!backend_.begin_recording(step, this, cache)) return run_layers(step, cache, cache_begun);
+  const int variant = prefetch_ ? 1 : 0;  // the ways run_layers can run a step
+  if (backend_.replay_step(step, this, variant, cache, logits)) return logits;
+  if (!backend_.begin_recording(step, this, variant, cache))
+    return run_layers(step, cache, cache_begun);
   try {
     logits = run_layers(step, cache, cache_begun);
   } catch (const std::exception& e) {

@@ -623,9 +623,9 @@ class CudaBackend final : public Backend {
 
   // ---- step graphs --------------------------------------------------------------------------
 
-  bool replay_step(const StepBatch& step, const void* model, const KvCache& cache,
+  bool replay_step(const StepBatch& step, const void* model, int variant, const KvCache& cache,
                    Tensor& logits) override {
-    const std::optional<GraphKey> key = graph_key(step, model, cache);
+    const std::optional<GraphKey> key = graph_key(step, model, variant, cache);
     if (!key) return false;
     StepGraph* g = nullptr;
     for (auto& x : graphs_)
@@ -649,8 +649,9 @@ class CudaBackend final : public Backend {
     return true;
   }
 
-  bool begin_recording(const StepBatch& step, const void* model, const KvCache& cache) override {
-    const std::optional<GraphKey> key = graph_key(step, model, cache);
+  bool begin_recording(const StepBatch& step, const void* model, int variant,
+                       const KvCache& cache) override {
+    const std::optional<GraphKey> key = graph_key(step, model, variant, cache);
     if (!key) return false;
     // A failed recording has a cause in the model or the cache (an op that cannot be recorded, a
     // group too large for the decode kernel), not in the batch size: no other key of the same
@@ -1286,6 +1287,7 @@ class CudaBackend final : public Backend {
   // tensors' addresses), the batch size, and the context bucket that bounds every launch size.
   struct GraphKey {
     const void* model = nullptr;
+    int variant = 0;  // the model's (Backend::replay_step)
     const void* cache = nullptr;
     int tokens = 0;
     int cap_blocks = 0;  // block tables hold this many blocks; contexts up to cap * block size
@@ -1318,7 +1320,7 @@ class CudaBackend final : public Backend {
 
   // The key of a step a graph can run: one new token per sequence, token i of sequence i, one
   // logit row each, contexts within the block tables.
-  std::optional<GraphKey> graph_key(const StepBatch& step, const void* model,
+  std::optional<GraphKey> graph_key(const StepBatch& step, const void* model, int variant,
                                     const KvCache& cache) const {
     if (!graphs_enabled()) return std::nullopt;
     const int64_t T = step.n_tokens();
@@ -1336,6 +1338,7 @@ class CudaBackend final : public Backend {
     const int64_t bucket = std::max<int64_t>(1, k_bucket_tokens / bs);
     GraphKey k;
     k.model = model;
+    k.variant = variant;
     k.cache = &cache;
     k.tokens = int(T);
     k.cap_blocks = int((need + bucket - 1) / bucket * bucket);
