@@ -211,16 +211,19 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* count
 // Thread blocks (row, j) copy the row's misses j, j + gridDim.y, ...: short-lived blocks (a
 // decoding step misses a few chunks per row), so that the kernels running beside the copies
 // (attention over the hits) find multiprocessors as soon as a block ends, where a grid of
-// long-lived blocks looping over one list held every multiprocessor for the whole copy.
-__global__ void copy_kernel(const PartitionCopy* copies, const int* counts, int k, char* kv,
-                            char* bias, int64_t kv_bytes, int64_t bias_bytes) {
-  const int n = counts[blockIdx.x];
-  const PartitionCopy* row = copies + int64_t(blockIdx.x) * k;
-  for (int x = blockIdx.y; x < n; x += gridDim.y) {
-    const PartitionCopy c = row[x];
-    if (c.host)
-      copy_chunk_block(c.host, kv + c.slot * kv_bytes, bias + c.slot * bias_bytes, kv_bytes,
-                       bias_bytes, true);
+// long-lived blocks looping over one list held every multiprocessor for the whole copy. A grid
+// with fewer blocks than rows copies the rows in turn.
+__global__ void copy_kernel(const PartitionCopy* copies, const int* counts, int rows, int k,
+                            char* kv, char* bias, int64_t kv_bytes, int64_t bias_bytes) {
+  for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+    const int n = counts[r];
+    const PartitionCopy* row = copies + int64_t(r) * k;
+    for (int x = blockIdx.y; x < n; x += gridDim.y) {
+      const PartitionCopy c = row[x];
+      if (c.host)
+        copy_chunk_block(c.host, kv + c.slot * kv_bytes, bias + c.slot * bias_bytes, kv_bytes,
+                         bias_bytes, true);
+    }
   }
 }
 
@@ -254,13 +257,14 @@ cudaError_t launch_partition_decisions(const PartitionArgs& a, PartitionCopy* co
 }
 
 cudaError_t launch_partition_copies(const PartitionArgs& a, const PartitionCopy* copies,
-                                    const int* counts, cudaStream_t stream) {
+                                    const int* counts, cudaStream_t stream, int max_row_blocks) {
   const int64_t rows = int64_t(a.n_tokens) * a.n_heads;
   if (rows == 0 || a.k == 0) return cudaSuccess;
   // Two blocks per row: most rows miss one or two chunks.
-  const dim3 grid(unsigned(rows), unsigned(std::min(a.k, 2)));
-  copy_kernel<<<grid, 256, 0, stream>>>(copies, counts, a.k, a.kv, a.bias, a.kv_bytes,
-                                         a.bias_bytes);
+  const int64_t row_blocks = max_row_blocks > 0 ? std::min<int64_t>(rows, max_row_blocks) : rows;
+  const dim3 grid(unsigned(row_blocks), unsigned(std::min(a.k, 2)));
+  copy_kernel<<<grid, 256, 0, stream>>>(copies, counts, int(rows), a.k, a.kv, a.bias,
+                                         a.kv_bytes, a.bias_bytes);
   return cudaGetLastError();
 }
 

@@ -30,7 +30,10 @@ cudaError_t launch_resident_partitions(const PartitionArgs& a, PartitionCopy* co
 // a.miss_rows, when given); the copies then move the listed chunks.
 cudaError_t launch_partition_decisions(const PartitionArgs& a, PartitionCopy* copies, int* counts,
                                        cudaStream_t stream);
+// max_row_blocks > 0: at most that many rows' copies in flight at once (each thread block
+// copies rows in turn), so that copies running beside other kernels hold few multiprocessors.
 cudaError_t launch_partition_copies(const PartitionArgs& a, const PartitionCopy* copies,
-                                    const int* counts, cudaStream_t stream);
+                                    const int* counts, cudaStream_t stream,
+                                    int max_row_blocks = 0);
 
 }  // namespace nosa::memory::cuda

@@ -538,8 +538,10 @@ class CudaBackend final : public Backend {
       a.speculative = true;
       Tensor list = alloc(DType::u8, {bytes});
       auto* items = static_cast<mcu::PartitionCopy*>(list.raw());
+      int* counts = reinterpret_cast<int*>(items + n);
+      NOSA_CUDA_CHECK(mcu::launch_partition_decisions(a, items, counts, stream_));
       NOSA_CUDA_CHECK(
-          mcu::launch_resident_partitions(a, items, reinterpret_cast<int*>(items + n), stream_));
+          mcu::launch_partition_copies(a, items, counts, stream_, prefetch_copy_row_blocks_));
       NOSA_CUDA_CHECK(cudaEventRecord(prefetched_[layer & 1], stream_));
       prefetch_pending_[layer & 1] = layer;
       return;
@@ -1492,6 +1494,9 @@ class CudaBackend final : public Backend {
   std::vector<Tensor> side_keep_;
   cudaEvent_t prefetched_[2] = {nullptr, nullptr};
   int prefetch_pending_[2] = {-1, -1};
+  // The prefetch's copies, which run beside the layer's kernels: at most this many rows' copies
+  // in flight (NOSA_PREFETCH_COPY_ROWS; 0: a thread block per row, as for the misses).
+  int prefetch_copy_row_blocks_ = int(env_int("NOSA_PREFETCH_COPY_ROWS", 0, 0, 1 << 20));
 
 
   // Step graphs (the destructor drops them first).

@@ -28,8 +28,9 @@ struct DeviceRound {
 };
 
 // Runs one round of `c` through the kernels, reading the blocks' bytes from pinned, mapped host
-// memory as in the engine.
-DeviceRound run_on_device(const test::PartitionCase& c) {
+// memory as in the engine; max_row_blocks > 0: the copies with at most that many thread blocks
+// of rows (launch_partition_copies).
+DeviceRound run_on_device(const test::PartitionCase& c, int max_row_blocks = 0) {
   DeviceRound out{c, {}};
   test::PartitionCase& d = out.state;
   char* pinned = nullptr;
@@ -67,7 +68,13 @@ DeviceRound run_on_device(const test::PartitionCase& c) {
   }
   DeviceArray<uint32_t> step_stamp(std::vector<uint32_t>{c.stamp});
   a.step_stamp = step_stamp.p;  // advanced on the device where the layer is 0
-  EXPECT_EQ(cuda::launch_resident_partitions(a, copies.p, counts.p, nullptr), cudaSuccess);
+  if (max_row_blocks > 0) {
+    EXPECT_EQ(cuda::launch_partition_decisions(a, copies.p, counts.p, nullptr), cudaSuccess);
+    EXPECT_EQ(cuda::launch_partition_copies(a, copies.p, counts.p, nullptr, max_row_blocks),
+              cudaSuccess);
+  } else {
+    EXPECT_EQ(cuda::launch_resident_partitions(a, copies.p, counts.p, nullptr), cudaSuccess);
+  }
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   cudaFreeHost(pinned);
   d.slot_table = slot_table.get();
@@ -194,6 +201,20 @@ TEST(CudaPartitions, APrefetchAndTheLayersOwnRoundMatchTheReference) {
     expect_kernel_matches_reference(after, "round after a prefetch, seed " + std::to_string(seed));
   }
   EXPECT_GT(cases, 30);
+}
+
+// The copies with fewer thread blocks than rows (each block copying rows in turn, as the
+// prefetch's copies may run): the same slots' bytes and state as one block per row.
+TEST(CudaPartitions, CopiesInTurnMatchCopiesPerRow) {
+  NOSA_REQUIRE_GPU();
+  for (uint32_t seed = 1; seed <= 20; ++seed) {
+    const test::PartitionCase c = test::random_partition_case(seed, 24, 48);
+    const DeviceRound whole = run_on_device(c), in_turn = run_on_device(c, 3);
+    EXPECT_TRUE(in_turn.state.kv == whole.state.kv) << "seed " << seed;
+    EXPECT_TRUE(in_turn.state.bias == whole.state.bias) << "seed " << seed;
+    EXPECT_EQ(in_turn.state.slot_table, whole.state.slot_table) << "seed " << seed;
+    EXPECT_EQ(in_turn.counts, whole.counts) << "seed " << seed;
+  }
 }
 
 // Rows missing 0, 1, 32 and 33 blocks (no slot ranking; the slots taken one warp-wide minimum at
