@@ -574,7 +574,7 @@ class CudaBackend final : public Backend {
     mark_staging_read();
     NOSA_CUDA_CHECK(cudaEventRecord(decided_, stream_));
     NOSA_CUDA_CHECK(cudaStreamWaitEvent(side_, decided_, 0));
-    NOSA_CUDA_CHECK(mcu::launch_partition_copies(a, items, counts, side_, miss_copy_row_blocks_));
+    NOSA_CUDA_CHECK(mcu::launch_partition_copies(a, items, counts, side_));
     NOSA_CUDA_CHECK(cudaEventRecord(copied_, side_));
     pending_copies_ = {layer, a.k, a.hit_rows, a.miss_rows};
   }
@@ -1495,10 +1495,10 @@ class CudaBackend final : public Backend {
   cudaEvent_t prefetched_[2] = {nullptr, nullptr};
   int prefetch_pending_[2] = {-1, -1};
   // The prefetch's copies, which run beside the layer's kernels: at most this many rows' copies
-  // in flight (NOSA_PREFETCH_COPY_ROWS; 0: a thread block per row, as for the misses).
-  int prefetch_copy_row_blocks_ = int(env_int("NOSA_PREFETCH_COPY_ROWS", 0, 0, 1 << 20));
-  // The same for the misses' copies beside the attention over the hits (NOSA_MISS_COPY_ROWS).
-  int miss_copy_row_blocks_ = int(env_int("NOSA_MISS_COPY_ROWS", 0, 0, 1 << 20));
+  // in flight (NOSA_PREFETCH_COPY_ROWS; 0: a thread block per row, as for the misses). A block per
+  // row made prefetching cost more than it saved: the copies slowed the layer's kernels down
+  // (docs/memory.md); 4 measured best of 0, 2, 4, 8, 16 and 32.
+  int prefetch_copy_row_blocks_ = int(env_int("NOSA_PREFETCH_COPY_ROWS", 4, 0, 1 << 20));
 
 
   // Step graphs (the destructor drops them first).

@@ -223,6 +223,38 @@ TEST(BenchCommand, OffloadSuiteAlternatesEachResidencysOwnVariants) {
   EXPECT_NE(bad.err.find("--copy-overlap takes on or off"), std::string::npos) << bad.err;
 }
 
+// --prefetch on,off alternates prefetching step by step on the same tiers (residency on the
+// device; a 4-layer tiny model, so that layers 2 and 3 prefetch): a row each, the prefetch's
+// copies and hits counted in its row only, and a value other than on or off refused.
+TEST(BenchCommand, OffloadSuiteAlternatesPrefetchingOnAndOff) {
+  TempDir dir;
+  auto r = run_command(fmt::format("{} bench --suite offload --shape tiny --layers 4 --device cpu "
+                                   "--mode nosa --batch 2 --context 600 --steps 3 --warmup 1 "
+                                   "--prefetch on,off --json {}",
+                                   nosa_binary(), (dir / "o.json").string()));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto j = nlohmann::json::parse(slurp(dir / "o.json"));
+  ASSERT_EQ(j["results"].size(), 2u);
+  const auto& on = j["results"][0];
+  const auto& off = j["results"][1];
+  EXPECT_EQ(on["label"], "prefetch-on");
+  EXPECT_EQ(on["prefetch"], true);
+  EXPECT_EQ(off["label"], "prefetch-off");
+  EXPECT_EQ(off["prefetch"], false);
+  EXPECT_GT(on["prefetched_per_step"].get<double>(), 0);
+  EXPECT_GT(on["prefetch_hits_per_step"].get<double>(), 0);
+  EXPECT_LE(on["prefetch_hits_per_step"].get<double>(), on["prefetched_per_step"].get<double>());
+  EXPECT_EQ(off["prefetched_per_step"].get<double>(), 0);
+  // The misses left on the critical path fall; the blocks new to the partitions do not.
+  EXPECT_LT(on["miss_rate"].get<double>(), on["new_rate"].get<double>());
+  EXPECT_EQ(off["miss_rate"].get<double>(), off["new_rate"].get<double>());
+  auto bad = run_command(fmt::format("{} bench --suite offload --shape tiny --device cpu "
+                                     "--prefetch maybe",
+                                     nosa_binary()));
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("--prefetch takes on or off"), std::string::npos) << bad.err;
+}
+
 // --select-path names the split path's two finishes too; an unknown name is refused with the
 // names it takes.
 TEST(BenchCommand, SelectPathTakesTheSplitFinishesAndRefusesOtherNames) {
