@@ -583,6 +583,14 @@ void run_offload(SuiteContext& ctx) {
     NOSA_CHECK(o == "on" || o == "off", "--copy-overlap takes on or off, not '{}'", o);
   for (const std::string& o : f.prefetch)
     NOSA_CHECK(o == "on" || o == "off", "--prefetch takes on or off, not '{}'", o);
+  // The prefetch guesses from the model; a controlled miss rate replaces each layer's selection
+  // after that guess, so the two do not measure anything together.
+  const bool controlled = std::any_of(f.miss_rates.begin(), f.miss_rates.end(),
+                                      [](double m) { return m >= 0; });
+  NOSA_CHECK(!controlled || std::find(f.prefetch.begin(), f.prefetch.end(), "on") ==
+                                f.prefetch.end(),
+             "--prefetch on needs the model's own selection (--miss-rate -1): a controlled miss "
+             "rate replaces each layer's selection after the prefetch has guessed it");
   for (const std::string& mode_name : f.modes) {
     const attention::Mode mode = attention::parse_mode(mode_name);
     NOSA_CHECK(mode != attention::Mode::dense,
@@ -701,6 +709,7 @@ void run_offload(SuiteContext& ctx) {
               for (int64_t j = 0; j < blocks_per_seq; ++j)
                 tables[i].push_back(int32_t(i * blocks_per_seq + j));
             if (miss >= 0) {
+              model.set_prefetch(false);  // also when NOSA_PREFETCH asks for it (see above)
               synth = std::make_unique<SyntheticSelection>(p, miss, f.seed + 21);
               model.set_selection_override(
                   [&](int layer, const runtime::StepBatch& st, runtime::Selection& sel) {
@@ -711,8 +720,10 @@ void run_offload(SuiteContext& ctx) {
             }
             std::mt19937 rng(uint32_t(f.seed));
             std::vector<runtime::SamplingParams> greedy(B);
-            // Every variant warms up; then the timed steps take the variants in turn.
-            const int warmup = std::max<int>(f.warmup, int(nv));
+            // Every variant warms up, twice when they alternate (a step graph is recorded at a
+            // key's second step, and each variant has its own); then the timed steps take the
+            // variants in turn.
+            const int warmup = std::max<int>(f.warmup, nv > 1 ? 2 * int(nv) : 1);
             for (int s = 0; s < warmup + f.steps * int(nv); ++s) {
               const size_t v = size_t(s) % nv;
               if (variants[v].micro >= 0) model.set_micro_batch_min_seqs(variants[v].micro);

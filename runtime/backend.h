@@ -132,9 +132,11 @@ class Backend {
                                    bool speculative);
   // Side work: the ops queued between begin_side_work and end_side_work run beside the work
   // queued after them (another stream), starting once the work queued before begin_side_work
-  // is done. They may read only `inputs` (kept until they are done) and tensors they allocate;
-  // nothing queued later may read what they write, except a speculative round's slots, which
-  // the layer's own round waits for. Backends with one queue run them in order.
+  // is done. They must not read what the work queued after them writes (`inputs`, made before,
+  // are kept until they are done, as are the tensors they allocate); nothing queued later may
+  // read what they write, except a speculative round's slots, which the layer's own round waits
+  // for. end_side_work closes it (and does nothing if it is not open, e.g. after a failed
+  // begin_side_work). Backends with one queue run them in order.
   virtual void begin_side_work(const std::vector<Tensor>& inputs) {}
   virtual void end_side_work() {}
   // Whether resident_partitions' copies overlap the layer's attention over the chunks already

@@ -327,9 +327,11 @@ void KvCache::fold_counts(const int64_t* counts) {
 }
 
 void KvCache::prefetch(int layer, const Selection& guess, const StepBatch& step) {
-  NOSA_ASSERT(on_device_ && layer > 0 && step.seqs.size() == seq_partition_.size(),
-              "prefetch: only within a step that decides residency on the device, after layer "
-              "0's round (layer {}, {} sequences, {} partitions)",
+  // Layer 2 on: a prefetch is queued one layer early, so that of layer 1 would come before
+  // layer 0's round, which starts the step (its stamp).
+  NOSA_ASSERT(on_device_ && layer >= 2 && step.seqs.size() == seq_partition_.size(),
+              "prefetch: only within a step that decides residency on the device, from layer 2 "
+              "on (layer {}, {} sequences, {} partitions)",
               layer, step.seqs.size(), seq_partition_.size());
   backend_.resident_partitions(layer, guess, step, seq_partition_, *this, true);
 }

@@ -116,7 +116,8 @@ Tensor Model::forward(const StepBatch& step, KvCache& cache) {
 
 Tensor Model::run_maybe_recorded(const StepBatch& step, KvCache& cache, bool cache_begun) {
   Tensor logits;
-  const int variant = prefetch_ ? 1 : 0;  // the ways run_layers can run a step
+  // The ways run_layers can run a step: without prefetching, or prefetching from a layer.
+  const int variant = prefetch_ ? prefetch_from_ : 0;
   if (backend_.replay_step(step, this, variant, cache, logits)) return logits;
   if (!backend_.begin_recording(step, this, variant, cache))
     return run_layers(step, cache, cache_begun);
@@ -237,14 +238,26 @@ Selection Model::guess_selection(int l, const Tensor& h, KvCache& cache) {
 void Model::prefetch_layer(int l, const StepBatch& step, Acts& a, KvCache& cache) {
   Backend& be = backend_;
   const Tensor h = guess_input(l, a.x);
-  be.begin_side_work({h});
+  // Side work is closed however the guess ends (begin_side_work leaves it open if it fails
+  // after switching streams).
+  struct Close {
+    Backend& be;
+    ~Close() {
+      try {
+        be.end_side_work();
+      } catch (const std::exception& e) {
+        logger("runtime")->error("closing a prefetch's side work failed: {}", e.what());
+      }
+    }
+  };
   try {
-    cache.prefetch(l, guess_selection(l, h, cache), step);
+    be.begin_side_work({h});
   } catch (...) {
-    be.end_side_work();
+    Close{be};
     throw;
   }
-  be.end_side_work();
+  Close close{be};
+  cache.prefetch(l, guess_selection(l, h, cache), step);
 }
 
 std::vector<int32_t> Model::speculative_rows(int l, Acts& a, KvCache& cache) {

@@ -312,6 +312,7 @@ class CudaBackend final : public Backend {
   }
 
   void synchronize() override {
+    NOSA_CUDA_CHECK(cudaStreamSynchronize(ahead_));
     NOSA_CUDA_CHECK(cudaStreamSynchronize(side_));
     NOSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
@@ -422,6 +423,7 @@ class CudaBackend final : public Backend {
   void begin_step(const StepBatch& step, bool more) override {
     NOSA_ASSERT(!more || !recording_, "a step graph records one step");
     join_partition_copies();
+    join_prefetches();
     step_ = &step;
     plan_valid_ = false;
     bounds_.valid = false;
@@ -585,24 +587,37 @@ class CudaBackend final : public Backend {
     NOSA_ASSERT(!in_side_work_, "begin_side_work: side work is already open");
     NOSA_CUDA_CHECK(cudaEventRecord(fork_, stream_));
     NOSA_CUDA_CHECK(cudaStreamWaitEvent(ahead_, fork_, 0));
+    side_keep_.insert(side_keep_.end(), inputs.begin(), inputs.end());
     main_stream_ = stream_;
     stream_ = ahead_;
+    in_side_work_ = true;
+    ahead_used_ = true;
     // cuBLAS on the side stream with a workspace of its own: GEMMs of both streams may run at
-    // once (setting the stream resets the workspace).
+    // once (setting the stream resets the workspace). Side work is open from here: a failure
+    // leaves it to the caller's end_side_work.
     NOSA_CUBLAS_CHECK(cublasSetStream(cublas_, ahead_));
     NOSA_CUBLAS_CHECK(
         cublasSetWorkspace(cublas_, ahead_workspace_.raw(), ahead_workspace_.bytes()));
-    in_side_work_ = true;
-    ahead_used_ = true;
-    side_keep_.insert(side_keep_.end(), inputs.begin(), inputs.end());
   }
 
   void end_side_work() override {
-    NOSA_ASSERT(in_side_work_, "end_side_work without begin_side_work");
+    if (!in_side_work_) return;  // begin_side_work failed before opening it
     in_side_work_ = false;
     stream_ = main_stream_;
     NOSA_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
     NOSA_CUBLAS_CHECK(cublasSetWorkspace(cublas_, workspace_.raw(), workspace_.bytes()));
+  }
+
+  // Makes the main stream wait for prefetches that no round joined (a step that failed between
+  // a prefetch and its layer's round): the next prefetch of that layer parity may then start,
+  // and nothing frees what they read while they run.
+  void join_prefetches() {
+    if (recording_) return;  // a capture joins its own (end_recording)
+    for (int i = 0; i < 2; ++i)
+      if (prefetch_pending_[i] >= 0) {
+        NOSA_CUDA_CHECK(cudaStreamWaitEvent(stream_, prefetched_[i], 0));
+        prefetch_pending_[i] = -1;
+      }
   }
 
   // After a direct step's kernel that reads staging memory (reset_staging waits for it). A
@@ -636,6 +651,7 @@ class CudaBackend final : public Backend {
     // The token ids were checked by the model (Model::forward) before any replay.
     // The last replay has read the metadata buffer, and the last direct step its uploads.
     NOSA_CUDA_CHECK(cudaEventSynchronize(g->done));
+    join_prefetches();
     reset_staging();
     int32_t* host = static_cast<int32_t*>(g->meta_host.get(g->meta_bytes));
     write_step_meta(step, key->cap_blocks, host);
@@ -659,7 +675,8 @@ class CudaBackend final : public Backend {
     // group too large for the decode kernel), not in the batch size: no other key of the same
     // pair is tried again.
     for (const GraphKey& k : unrecordable_)
-      if (k.model == key->model && k.cache == key->cache) return false;
+      if (k.model == key->model && k.variant == key->variant && k.cache == key->cache)
+        return false;
     // Record at the second step with this key (not necessarily the next one: batch sizes come
     // and go while serving): the first ran directly, so lazy set-ups (uploads, kernel
     // attributes, cuBLAS heuristics) are done, and a one-off shape costs no recording.
@@ -692,13 +709,17 @@ class CudaBackend final : public Backend {
 
   bool end_recording(const Tensor& logits) override {
     NOSA_ASSERT(recording_ != nullptr, "end_recording without begin_recording");
+    // Each layer's own round joins its prefetch (the prefetches' tensors came from the graph's
+    // pool, which nothing else allocates from); a capture with a fork left open cannot end.
+    if (prefetch_pending_[0] >= 0 || prefetch_pending_[1] >= 0 || in_side_work_) {
+      logger("runtime")->warn("a step graph recorded a prefetch that no round joined; such "
+                              "steps run directly");
+      abort_recording();
+      return false;
+    }
     std::unique_ptr<StepGraph> g = std::move(recording_);
     graph_decode_list_ = nullptr;
     pending_copies_.layer = -1;  // attend joined every layer's copies inside the capture
-    // Each layer's own round joined its prefetch; the prefetches' tensors came from the
-    // graph's pool, which nothing else allocates from.
-    NOSA_ASSERT(prefetch_pending_[0] < 0 && prefetch_pending_[1] < 0 && !in_side_work_,
-                "a step graph recorded a prefetch that no round joined");
     cudaGraph_t graph = nullptr;
     cudaError_t err = cudaStreamEndCapture(stream_, &graph);
     if (err == cudaSuccess) err = cudaGraphInstantiate(&g->exec, graph, 0);
@@ -1497,7 +1518,8 @@ class CudaBackend final : public Backend {
   // The prefetch's copies, which run beside the layer's kernels: at most this many rows' copies
   // in flight (NOSA_PREFETCH_COPY_ROWS; 0: a thread block per row, as for the misses). A block per
   // row made prefetching cost more than it saved: the copies slowed the layer's kernels down
-  // (docs/memory.md); 4 measured best of 0, 2, 4, 8, 16 and 32.
+  // (docs/memory.md). 4 was the fastest of 0, 2, 4, 8, 16 and 32 in one process each; not
+  // repeated yet.
   int prefetch_copy_row_blocks_ = int(env_int("NOSA_PREFETCH_COPY_ROWS", 4, 0, 1 << 20));
 
 

@@ -207,14 +207,19 @@ TEST(CudaPartitions, APrefetchAndTheLayersOwnRoundMatchTheReference) {
 // prefetch's copies may run): the same slots' bytes and state as one block per row.
 TEST(CudaPartitions, CopiesInTurnMatchCopiesPerRow) {
   NOSA_REQUIRE_GPU();
+  int cases = 0;  // with more rows than thread blocks, and copies
   for (uint32_t seed = 1; seed <= 20; ++seed) {
     const test::PartitionCase c = test::random_partition_case(seed, 24, 48);
     const DeviceRound whole = run_on_device(c), in_turn = run_on_device(c, 3);
+    int copied = 0;
+    for (const int n : whole.counts) copied += n;
+    cases += c.T * c.H > 3 && copied > 0;
     EXPECT_TRUE(in_turn.state.kv == whole.state.kv) << "seed " << seed;
     EXPECT_TRUE(in_turn.state.bias == whole.state.bias) << "seed " << seed;
     EXPECT_EQ(in_turn.state.slot_table, whole.state.slot_table) << "seed " << seed;
     EXPECT_EQ(in_turn.counts, whole.counts) << "seed " << seed;
   }
+  EXPECT_GT(cases, 10);
 }
 
 // Rows missing 0, 1, 32 and 33 blocks (no slot ranking; the slots taken one warp-wide minimum at

@@ -248,11 +248,20 @@ TEST(BenchCommand, OffloadSuiteAlternatesPrefetchingOnAndOff) {
   // The misses left on the critical path fall; the blocks new to the partitions do not.
   EXPECT_LT(on["miss_rate"].get<double>(), on["new_rate"].get<double>());
   EXPECT_EQ(off["miss_rate"].get<double>(), off["new_rate"].get<double>());
+  EXPECT_LT(on["miss_rate"].get<double>(), off["miss_rate"].get<double>());
   auto bad = run_command(fmt::format("{} bench --suite offload --shape tiny --device cpu "
                                      "--prefetch maybe",
                                      nosa_binary()));
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.err.find("--prefetch takes on or off"), std::string::npos) << bad.err;
+  // A controlled miss rate replaces the selections the prefetch guessed: refused together.
+  auto synthetic = run_command(fmt::format("{} bench --suite offload --shape tiny --device cpu "
+                                           "--prefetch on --miss-rate 0.1",
+                                           nosa_binary()));
+  EXPECT_NE(synthetic.exit_code, 0);
+  EXPECT_NE(synthetic.err.find("--prefetch on needs the model's own selection"),
+            std::string::npos)
+      << synthetic.err;
 }
 
 // --select-path names the split path's two finishes too; an unknown name is refused with the

@@ -136,10 +136,14 @@ TEST(Partitions, APrefetchFillsSlotsTheLayersOwnRoundFindsAsHits) {
   PartitionCase c = small_case();  // layer 1, stamp 8: head 0 selects 5, 6, 7; head 1 6, 4
   const int64_t h0 = ((1 * c.L + 1) * c.H + 0) * c.R, h1 = h0 + c.R;
   const int64_t base0 = c.part_base + h0, base1 = c.part_base + h1;
+  // Head 1's block 4 is resident in its partition's slot 5, selected the step before.
+  c.slot_table[c.chunk(4, 1, 1)] = int32_t(base1 + 5);
+  c.part_chunk[h1 + 5] = c.chunk(4, 1, 1);
+  c.part_stamp[h1 + 5] = 7;
   PartitionCase g = c;
   g.speculative = true;
-  g.selection = {0, 1, -1, -1,   // head 0 guesses blocks 5 and 6 (right)
-                 2, -1, -1, -1};  // head 1 guesses block 7 (wrong)
+  g.selection = {0, 1, -1, -1,  // head 0 guesses blocks 5 and 6 (right)
+                 2, 3, -1, -1};  // head 1 guesses block 7 (wrong) and 4 (resident: a hit)
   std::vector<char*> table = host_table(g);
   resident_partitions_reference(g.args(table.data()));
   EXPECT_EQ(g.stamp, 8u);  // not advanced
@@ -150,6 +154,7 @@ TEST(Partitions, APrefetchFillsSlotsTheLayersOwnRoundFindsAsHits) {
   EXPECT_TRUE(holds(g, base1 + 0, 7, 1, 1));
   EXPECT_EQ(g.part_stamp[h0 + 0], 8u);
   EXPECT_EQ(g.part_stamp[h1 + 0], 8u);
+  EXPECT_EQ(g.part_stamp[h1 + 5], 7u);  // the guess's hit keeps its stamp
   EXPECT_EQ(g.counters[part_prefetched], 3);
   for (const PartitionCounter n : {part_hits, part_misses, part_overlap, part_prefetch_hits})
     EXPECT_EQ(g.counters[n], 0) << n;
@@ -158,18 +163,19 @@ TEST(Partitions, APrefetchFillsSlotsTheLayersOwnRoundFindsAsHits) {
   r.speculative = false;
   r.selection = c.selection;
   resident_partitions_reference(r.args(table.data()));
-  EXPECT_EQ(r.counters[part_hits], 2);
-  EXPECT_EQ(r.counters[part_prefetch_hits], 2);
-  EXPECT_EQ(r.counters[part_overlap], 0);
-  EXPECT_EQ(r.counters[part_misses], 3);  // head 0's block 7, head 1's blocks 6 and 4
+  EXPECT_EQ(r.counters[part_hits], 3);
+  EXPECT_EQ(r.counters[part_prefetch_hits], 2);  // head 0's blocks 5 and 6
+  EXPECT_EQ(r.counters[part_overlap], 1);        // head 1's block 4, selected the step before
+  EXPECT_EQ(r.counters[part_misses], 2);         // head 0's block 7, head 1's block 6
   EXPECT_EQ(r.counters[part_prefetched], 3);
   EXPECT_EQ(r.slot_table[r.chunk(5, 1, 0)], base0 + 0);  // hits stay
   EXPECT_EQ(r.slot_table[r.chunk(7, 1, 0)], base0 + 2);
-  // Head 1's misses take the never used slots 1 and 2 before the wrong guess's slot 0.
+  EXPECT_EQ(r.slot_table[r.chunk(4, 1, 1)], base1 + 5);
+  EXPECT_EQ(r.part_stamp[h1 + 5], 8u);
+  // Head 1's miss takes a never used slot before the wrong guess's slot 0.
   EXPECT_EQ(r.slot_table[r.chunk(6, 1, 1)], base1 + 1);
-  EXPECT_EQ(r.slot_table[r.chunk(4, 1, 1)], base1 + 2);
   EXPECT_EQ(r.slot_table[r.chunk(7, 1, 1)], base1 + 0);
-  EXPECT_TRUE(holds(r, base1 + 2, 4, 1, 1));
+  EXPECT_TRUE(holds(r, base1 + 1, 6, 1, 1));
 
   PartitionCase layer0 = small_case();  // a prefetch never starts a step
   layer0.layer = 0;
