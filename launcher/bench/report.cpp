@@ -665,9 +665,16 @@ std::vector<Comparison> comparisons(const std::vector<ResultRow>& rows) {
       });
     }
     if (off && mode(r) == "nosa") {
+      // On equal terms: the same residency, copy overlap, prefetching and micro-batches (a run
+      // that alternates them has a row of each per mode).
+      auto same_variant = [&](const json& b) {
+        for (const char* k : {"residency", "copy_overlap", "prefetch", "micro_batch_min_seqs"})
+          if (b.value(k, json()) != r.value(k, json())) return false;
+        return true;
+      };
       const ResultRow* b = partner(rows, a, [&](const json& b) {
         return suite(b) == "offload" && !controlled(b) && mode(b) == "infllmv2" && same(b) &&
-               tp(b) == tp(r) && offload(b) == offload(r);
+               tp(b) == tp(r) && offload(b) == offload(r) && same_variant(b);
       });
       if (b)
         out.push_back({Cmp::nosa_vs_infllmv2,

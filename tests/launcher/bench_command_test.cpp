@@ -507,6 +507,41 @@ nlohmann::json decode_result(const char* mode, int tp, double tok_s) {
                         {"step_ms_median", 64e3 / tok_s}};
 }
 
+// NOSA against InfLLM-V2 offloaded pairs rows of the same variant (a run alternating prefetching
+// has a row of each per mode): on with on, off with off, never across.
+TEST(BenchCommand, ReportComparesOffloadedModesOnEqualTerms) {
+  TempDir dir;
+  auto row = [](const char* mode, bool prefetch, double tok_s) {
+    return nlohmann::json{{"suite", "offload"},   {"shape", "nosa-8b-like"},
+                          {"mode", mode},         {"batch", 16},
+                          {"context", 16384},     {"tp", 1},
+                          {"offload", "host"},    {"residency", "device"},
+                          {"prefetch", prefetch}, {"label", prefetch ? "prefetch-on" : "prefetch-off"},
+                          {"tokens_per_s", tok_s}, {"step_ms_median", 16e3 / tok_s}};
+  };
+  nlohmann::json run = {{"commit", "abc1234"},
+                        {"suite", "offload"},
+                        {"tp", 1},
+                        {"machine", {{"backend", "cuda:0 (GPU)"}, {"cpu_threads", 16}}},
+                        {"results",
+                         {row("nosa", true, 1300), row("nosa", false, 1200),
+                          row("infllmv2", true, 520), row("infllmv2", false, 600)}}};
+  {
+    std::ofstream out(dir / "run.json");
+    out << run.dump();
+  }
+  auto r = run_command(fmt::format("{} bench --report-from '{}?run=r' --markdown {} "
+                                   "--report-sections comparisons,targets",
+                                   nosa_binary(), (dir / "run.json").string(),
+                                   (dir / "report.md").string()));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::string md = slurp(dir / "report.md");
+  expect_has(md, "| 1300 | 520 | 2.50x |");
+  expect_has(md, "| 1200 | 600 | 2.00x |");
+  EXPECT_EQ(md.find("| 1300 | 600 |"), std::string::npos) << md;
+  EXPECT_EQ(md.find("| 1200 | 520 |"), std::string::npos) << md;
+}
+
 TEST(BenchCommand, ReportFromFilesPlotsGpuScalingAndChecksTargets) {
   TempDir dir;
   // Two runs of a JSONL file (TP = 1 and 2) whose commands are in a log, as on the GPU machines,
