@@ -173,10 +173,14 @@ EngineSetup EngineSetup::create(const EngineFlags& f, int64_t tokens_hint) {
   int micro = f.micro_batch_min_seqs >= 0 ? f.micro_batch_min_seqs : s.model->micro_batch_min_seqs();
   parallel::broadcast_value(s.replica, micro, timeout);
   s.model->set_micro_batch_min_seqs(micro);
-  if (!f.prefetch.empty()) s.model->set_prefetch(f.prefetch == "on");
   runtime::KvLayout layout = s.model->kv_layout();
   runtime::KvCacheOptions kv_options;
   kv_options.offload = memory::parse_offload(f.offload);
+  // Prefetching moves blocks from host memory: without offloading there is nothing to move.
+  NOSA_CHECK(f.prefetch != "on" || kv_options.offload != memory::Offload::none,
+             "--prefetch on needs --offload host or host+disk (with --offload none every block "
+             "is on the device already)");
+  if (!f.prefetch.empty()) s.model->set_prefetch(f.prefetch == "on");
   int64_t blocks = 0;
   if (kv_options.offload == memory::Offload::none) {
     size_t budget = f.kv_gib > 0 ? size_t(f.kv_gib * double(1ull << 30))

@@ -92,13 +92,14 @@ DeviceRound run_on_device(const test::PartitionCase& c, int max_row_blocks = 0) 
 
 // The reference's round of `c` against the kernels': the same state, byte for byte, and each
 // row's copies are its misses (the reference's split rows say which), together every miss.
-void expect_kernel_matches_reference(const test::PartitionCase& c, const std::string& what) {
+void expect_kernel_matches_reference(const test::PartitionCase& c, const std::string& what,
+                                     int max_row_blocks = 0) {
   test::PartitionCase ref = c;
   std::vector<char*> host_ptrs(size_t(c.n_blocks));
   for (int64_t b = 0; b < c.n_blocks; ++b)
     host_ptrs[size_t(b)] = ref.host.data() + b * c.block_bytes();
   resident_partitions_reference(ref.args(host_ptrs.data()));
-  const DeviceRound got = run_on_device(c);
+  const DeviceRound got = run_on_device(c, max_row_blocks);
   const test::PartitionCase& d = got.state;
   EXPECT_EQ(d.slot_table, ref.slot_table) << what;
   EXPECT_EQ(d.part_chunk, ref.part_chunk) << what;
@@ -204,7 +205,8 @@ TEST(CudaPartitions, APrefetchAndTheLayersOwnRoundMatchTheReference) {
 }
 
 // The copies with fewer thread blocks than rows (each block copying rows in turn, as the
-// prefetch's copies may run): the same slots' bytes and state as one block per row.
+// prefetch's copies run): the same slots' bytes and state as one block per row, and as the
+// reference.
 TEST(CudaPartitions, CopiesInTurnMatchCopiesPerRow) {
   NOSA_REQUIRE_GPU();
   int cases = 0;  // with more rows than thread blocks, and copies
@@ -218,6 +220,7 @@ TEST(CudaPartitions, CopiesInTurnMatchCopiesPerRow) {
     EXPECT_TRUE(in_turn.state.bias == whole.state.bias) << "seed " << seed;
     EXPECT_EQ(in_turn.state.slot_table, whole.state.slot_table) << "seed " << seed;
     EXPECT_EQ(in_turn.counts, whole.counts) << "seed " << seed;
+    expect_kernel_matches_reference(c, "copies in turn, seed " + std::to_string(seed), 3);
   }
   EXPECT_GT(cases, 10);
 }

@@ -398,6 +398,24 @@ TEST(BatchCommand, MicroBatchesGiveTheTokensOfOneBatch) {
   EXPECT_NE(bad.err.find("--micro-batch-min-seqs"), std::string::npos) << bad.err;
 }
 
+// --prefetch takes on or off, and on needs offloading (without it every block is on the device);
+// with offloading it is accepted and the job completes.
+TEST(BatchCommand, PrefetchNeedsOffloadingAndTakesOnOrOff) {
+  TempDir dir;
+  write_prompts(dir / "in.jsonl", 1);
+  auto none = run_command(batch_command(dir / "in.jsonl", dir / "a.jsonl", "--prefetch on"));
+  EXPECT_NE(none.exit_code, 0);
+  EXPECT_NE(none.err.find("--prefetch on needs --offload host or host+disk"), std::string::npos)
+      << none.err;
+  auto bad = run_command(
+      batch_command(dir / "in.jsonl", dir / "b.jsonl", "--offload host --prefetch maybe"));
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("--prefetch"), std::string::npos) << bad.err;
+  auto ok = run_command(batch_command(dir / "in.jsonl", dir / "c.jsonl",
+                                      "--offload host --prefetch on --max-tokens 4"));
+  EXPECT_EQ(ok.exit_code, 0) << ok.err;
+}
+
 // Residency decided on the device under tensor parallelism: each rank keeps partitions of its
 // own block cache (the replica's smallest fit), and the job gives the tokens of the host path in
 // one process, with a block cache whose partitions hold every running sequence.
