@@ -312,7 +312,6 @@ class CudaBackend final : public Backend {
   }
 
   void synchronize() override {
-    if (!recording_) launch_deferred_prefetch(nullptr);  // left by a step that failed
     NOSA_CUDA_CHECK(cudaStreamSynchronize(ahead_));
     NOSA_CUDA_CHECK(cudaStreamSynchronize(side_));
     NOSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -506,7 +505,6 @@ class CudaBackend final : public Backend {
     // The layer's own round after its prefetch: the slots and the slot table's entries the
     // prefetch filled, and its copies.
     if (!speculative && prefetch_pending_[layer & 1] == layer) {
-      launch_deferred_prefetch(nullptr);  // no round came between (not the model's order)
       NOSA_CUDA_CHECK(cudaStreamWaitEvent(stream_, prefetched_[layer & 1], 0));
       prefetch_pending_[layer & 1] = -1;
     }
@@ -544,15 +542,10 @@ class CudaBackend final : public Backend {
       auto* items = static_cast<mcu::PartitionCopy*>(list.raw());
       int* counts = reinterpret_cast<int*>(items + n);
       NOSA_CUDA_CHECK(mcu::launch_partition_decisions(a, items, counts, stream_));
-      prefetch_pending_[layer & 1] = layer;
-      if (prefetch_after_round_) {
-        // The copies are queued by the round of the layer before (launch_deferred_prefetch).
-        deferred_prefetch_ = {layer, a, items, counts};
-        return;
-      }
       NOSA_CUDA_CHECK(
           mcu::launch_partition_copies(a, items, counts, stream_, prefetch_copy_row_blocks_));
       NOSA_CUDA_CHECK(cudaEventRecord(prefetched_[layer & 1], stream_));
+      prefetch_pending_[layer & 1] = layer;
       return;
     }
     // The rows' copy lists, then their counts: one buffer for every round, grown
@@ -569,10 +562,6 @@ class CudaBackend final : public Backend {
     if (!overlap_partition_copies_) {
       NOSA_CUDA_CHECK(mcu::launch_resident_partitions(a, items, counts, stream_));
       mark_staging_read();
-      if (deferred_prefetch_.layer == layer + 1) {
-        NOSA_CUDA_CHECK(cudaEventRecord(copied_, stream_));
-        launch_deferred_prefetch(copied_);
-      }
       return;
     }
     // The rows split into hits and misses, for attention over the hits while the misses are
@@ -590,20 +579,6 @@ class CudaBackend final : public Backend {
     NOSA_CUDA_CHECK(mcu::launch_partition_copies(a, items, counts, side_));
     NOSA_CUDA_CHECK(cudaEventRecord(copied_, side_));
     pending_copies_ = {layer, a.k, a.hit_rows, a.miss_rows};
-    if (deferred_prefetch_.layer == layer + 1) launch_deferred_prefetch(copied_);
-  }
-
-  // Queues the copies of the prefetch whose decision is queued (if any) on the prefetch stream,
-  // after `after` (the copies of the round before, which the layer waits for, get the bus
-  // first), and the event its layer's round waits for.
-  void launch_deferred_prefetch(cudaEvent_t after) {
-    DeferredPrefetch& d = deferred_prefetch_;
-    if (d.layer < 0) return;
-    if (after) NOSA_CUDA_CHECK(cudaStreamWaitEvent(ahead_, after, 0));
-    NOSA_CUDA_CHECK(
-        mcu::launch_partition_copies(d.args, d.items, d.counts, ahead_, prefetch_copy_row_blocks_));
-    NOSA_CUDA_CHECK(cudaEventRecord(prefetched_[d.layer & 1], ahead_));
-    d.layer = -1;
   }
 
   // ---- side work: another stream, forked from the main one and joined by a layer's round ----
@@ -638,8 +613,6 @@ class CudaBackend final : public Backend {
   // and nothing frees what they read while they run.
   void join_prefetches() {
     if (recording_) return;  // a capture joins its own (end_recording)
-    // A decision's copies are never dropped: its slots already name the chunks.
-    launch_deferred_prefetch(nullptr);
     for (int i = 0; i < 2; ++i)
       if (prefetch_pending_[i] >= 0) {
         NOSA_CUDA_CHECK(cudaStreamWaitEvent(stream_, prefetched_[i], 0));
@@ -791,7 +764,6 @@ class CudaBackend final : public Backend {
     // Copies the capture queued on the side streams never ran: nothing to wait for.
     pending_copies_.layer = -1;
     prefetch_pending_[0] = prefetch_pending_[1] = -1;
-    deferred_prefetch_.layer = -1;
     if (in_side_work_) end_side_work();
     cudaGraph_t graph = nullptr;
     cudaStreamEndCapture(stream_, &graph);
@@ -1549,15 +1521,6 @@ class CudaBackend final : public Backend {
   // (docs/memory.md). 4 was the fastest of 0, 2, 4, 8, 16 and 32 in one process each; not
   // repeated yet.
   int prefetch_copy_row_blocks_ = int(env_int("NOSA_PREFETCH_COPY_ROWS", 4, 0, 1 << 20));
-  // A prefetch's decision, whose copies wait for the layer before's own copies (the misses that
-  // step waits for): queued by that layer's round (launch_deferred_prefetch).
-  struct DeferredPrefetch {
-    int layer = -1;
-    memory::PartitionArgs args;
-    const mcu::PartitionCopy* items = nullptr;
-    const int* counts = nullptr;
-  } deferred_prefetch_;
-  bool prefetch_after_round_ = env_int("NOSA_PREFETCH_AFTER_ROUND", 1, 0, 1) == 1;
 
 
   // Step graphs (the destructor drops them first).
