@@ -582,15 +582,17 @@ void run_offload(SuiteContext& ctx) {
   for (const std::string& o : f.copy_overlap)
     NOSA_CHECK(o == "on" || o == "off", "--copy-overlap takes on or off, not '{}'", o);
   for (const std::string& o : f.prefetch)
-    NOSA_CHECK(o == "on" || o == "off", "--prefetch takes on or off, not '{}'", o);
+    NOSA_CHECK(o == "on" || o == "off" || o == "auto", "--prefetch takes on, off or auto, not '{}'",
+               o);
   // The prefetch guesses from the model; a controlled miss rate replaces each layer's selection
   // after that guess, so the two do not measure anything together.
   const bool controlled = std::any_of(f.miss_rates.begin(), f.miss_rates.end(),
                                       [](double m) { return m >= 0; });
-  NOSA_CHECK(!controlled || std::find(f.prefetch.begin(), f.prefetch.end(), "on") ==
-                                f.prefetch.end(),
-             "--prefetch on needs the model's own selection (--miss-rate -1): a controlled miss "
-             "rate replaces each layer's selection after the prefetch has guessed it");
+  NOSA_CHECK(!controlled || std::all_of(f.prefetch.begin(), f.prefetch.end(),
+                                        [](const std::string& o) { return o == "off"; }),
+             "--prefetch on or auto needs the model's own selection (--miss-rate -1): a "
+             "controlled miss rate replaces each layer's selection after the prefetch has "
+             "guessed it");
   for (const std::string& mode_name : f.modes) {
     const attention::Mode mode = attention::parse_mode(mode_name);
     NOSA_CHECK(mode != attention::Mode::dense,
@@ -669,14 +671,15 @@ void run_offload(SuiteContext& ctx) {
             for (const std::string& o : f.copy_overlap.empty() ? none : f.copy_overlap)
               for (const std::string& pf : f.prefetch.empty() ? none : f.prefetch)
                 variants.push_back({-1, o.empty() ? -1 : int(o == "on"),
-                                    pf.empty() ? -1 : int(pf == "on")});
+                                    pf.empty() ? -1 : int(runtime::Model::parse_prefetch(pf))});
           } else {
             for (const int m : f.micro_min_seqs) variants.push_back({m, -1});
           }
           if (variants.empty()) variants.push_back({});
           const size_t nv = variants.size();
           const bool overlap_default = be.partition_copy_overlap();
-          const bool prefetch_default = model.prefetch();
+          using Prefetch = runtime::Model::Prefetch;
+          const Prefetch prefetch_default = model.prefetch();
           auto restore = [&] {
             model.set_micro_batch_min_seqs(runtime::Model::default_micro_batch_min_seqs());
             be.set_partition_copy_overlap(overlap_default);
@@ -685,6 +688,7 @@ void run_offload(SuiteContext& ctx) {
           std::vector<std::vector<double>> times_ms(nv);
           std::vector<memory::TierStats> delta(nv);  // summed over each variant's timed steps
           std::vector<int64_t> micro_steps(nv, 0);   // of those, run as two micro-batches
+          std::vector<int64_t> prefetch_steps(nv, 0);  // of those, prefetching
           std::vector<int64_t> device_steps(nv, 0);  // of those, with residency on the device
           try {
             const auto t_pop = Clock::now();
@@ -709,7 +713,7 @@ void run_offload(SuiteContext& ctx) {
               for (int64_t j = 0; j < blocks_per_seq; ++j)
                 tables[i].push_back(int32_t(i * blocks_per_seq + j));
             if (miss >= 0) {
-              model.set_prefetch(false);  // also when NOSA_PREFETCH asks for it (see above)
+              model.set_prefetch(Prefetch::off);  // whatever NOSA_PREFETCH says (see above)
               synth = std::make_unique<SyntheticSelection>(p, miss, f.seed + 21);
               model.set_selection_override(
                   [&](int layer, const runtime::StepBatch& st, runtime::Selection& sel) {
@@ -728,13 +732,14 @@ void run_offload(SuiteContext& ctx) {
               const size_t v = size_t(s) % nv;
               if (variants[v].micro >= 0) model.set_micro_batch_min_seqs(variants[v].micro);
               if (variants[v].overlap >= 0) be.set_partition_copy_overlap(variants[v].overlap);
-              if (variants[v].prefetch >= 0) model.set_prefetch(variants[v].prefetch == 1);
+              if (variants[v].prefetch >= 0) model.set_prefetch(Prefetch(variants[v].prefetch));
               runtime::StepBatch step;
               for (int i = 0; i < B; ++i)
                 step.add({int32_t(rng() % uint32_t(c.vocab_size))}, context, &tables[i]);
               cache->sync_stats();  // the warm-up steps' device-side counters too
               const memory::TierStats st0 = cache->stats();
               const int64_t micro0 = model.micro_batch_steps();
+              const int64_t prefetch0 = model.prefetch_steps();
               const auto t0 = Clock::now();
               Tensor logits = model.forward(step, *cache);
               finish_step(ctx, logits, greedy);
@@ -743,6 +748,7 @@ void run_offload(SuiteContext& ctx) {
               if (s < warmup) continue;
               times_ms[v].push_back(ms);
               micro_steps[v] += model.micro_batch_steps() - micro0;
+              prefetch_steps[v] += model.prefetch_steps() - prefetch0;
               device_steps[v] += cache->on_device();
               cache->sync_stats();
               const memory::TierStats st1 = cache->stats();
@@ -783,11 +789,18 @@ void run_offload(SuiteContext& ctx) {
               if (f.copy_overlap.size() > 1)
                 add_label(variants[v].overlap ? "overlap-on" : "overlap-off");
             }
-            if (variants[v].prefetch >= 0 || model.prefetch()) {
-              const bool on = variants[v].prefetch >= 0 ? variants[v].prefetch == 1
-                                                        : model.prefetch();
-              vrow["prefetch"] = on;
-              if (f.prefetch.size() > 1) add_label(on ? "prefetch-on" : "prefetch-off");
+            const Prefetch pf =
+                variants[v].prefetch >= 0 ? Prefetch(variants[v].prefetch) : model.prefetch();
+            if (pf != Prefetch::off || variants[v].prefetch >= 0) {
+              // on and off as true and false; auto by name, with the steps it prefetched.
+              if (pf == Prefetch::automatic)
+                vrow["prefetch"] = "auto";
+              else
+                vrow["prefetch"] = pf == Prefetch::on;
+              vrow["prefetch_steps"] = prefetch_steps[v];
+              if (f.prefetch.size() > 1)
+                add_label(pf == Prefetch::on ? "prefetch-on"
+                                             : pf == Prefetch::off ? "prefetch-off" : "prefetch-auto");
             }
             vrow["label"] = label;
             const double steps = double(f.steps);
@@ -1187,9 +1200,10 @@ Runner add_bench_command(CLI::App& app) {
   cmd->add_option("--prefetch", f->prefetch,
                   "Offload suite, residency on the device: on = each layer's blocks (from layer 2 "
                   "on) selected from the layer before's input and the missing ones copied beside "
-                  "it, off = not (the default: NOSA_PREFETCH, else off). Both (comma-separated) "
-                  "alternate step by step on the same tiers, a row each (labelled prefetch-on, "
-                  "prefetch-off)")
+                  "it, off = not, auto = each step as the step before's traffic says it pays (on "
+                  "a GPU; the default, or NOSA_PREFETCH=0/1/2 for off/on/auto). Several "
+                  "(comma-separated) alternate step by step on the same tiers, a row each "
+                  "(labelled prefetch-on, prefetch-off, prefetch-auto)")
       ->delimiter(',');
   cmd->add_option("--json", f->json_out, "Write the results (with machine and commit) as JSON");
   cmd->add_option("--csv", f->csv_out, "Write the results as CSV");

@@ -59,9 +59,11 @@ void EngineFlags::add_to(CLI::App& app) {
   app.add_option("--prefetch", prefetch,
                  "Offloading with residency on the device: on = while layer l runs, layer l + 1's "
                  "blocks (from layer 2 on) are selected from layer l's input and the missing ones "
-                 "copied beside it, so that fewer copies wait; results are unchanged (default: "
-                 "off, or NOSA_PREFETCH=1)")
-      ->check(CLI::IsMember({"on", "off"}));
+                 "copied beside it, so that fewer copies wait; results are unchanged. auto (the "
+                 "default; NOSA_PREFETCH=0/1/2 sets off/on/auto) = on a GPU, each step whose "
+                 "blocks to move would leave the bus room for the guesses' extra copies, judged "
+                 "from the step before")
+      ->check(CLI::IsMember({"on", "off", "auto"}));
   app.add_option("--tp", tp,
                  "Tensor-parallel ranks per replica; under mpirun, -np N starts N / tp replicas")
       ->capture_default_str();
@@ -180,7 +182,7 @@ EngineSetup EngineSetup::create(const EngineFlags& f, int64_t tokens_hint) {
   NOSA_CHECK(f.prefetch != "on" || kv_options.offload != memory::Offload::none,
              "--prefetch on needs --offload host or host+disk (with --offload none every block "
              "is on the device already)");
-  if (!f.prefetch.empty()) s.model->set_prefetch(f.prefetch == "on");
+  if (!f.prefetch.empty()) s.model->set_prefetch(runtime::Model::parse_prefetch(f.prefetch));
   int64_t blocks = 0;
   if (kv_options.offload == memory::Offload::none) {
     size_t budget = f.kv_gib > 0 ? size_t(f.kv_gib * double(1ull << 30))

@@ -43,7 +43,7 @@ struct EngineFlags {
   std::string disk_kv_dir;        // host+disk: where KV files go
   double disk_kv_gib = 0;         // host+disk: disk budget
   int micro_batch_min_seqs = -1;  // offloading: micro-batches from this many sequences (-1: default)
-  std::string prefetch;           // offloading: on | off (empty: Model::default_prefetch)
+  std::string prefetch;           // offloading: on | off | auto (empty: Model::default_prefetch)
   int tp = 1;                  // tensor-parallel ranks per replica (under mpirun)
   double rank_timeout_s = 60;  // a collective waits this long for a peer rank
 

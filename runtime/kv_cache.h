@@ -163,6 +163,13 @@ class KvCache {
   memory::TierStats stats() const;
   // Folds the device-side counters in now (waits for the queued work).
   void sync_stats();
+  // What the device-side rounds counted between the last two folds that saw any (normally the
+  // step before): chunks selected, and of them those new to their partitions (misses and
+  // prefetch hits), which had to cross the bus whether the step prefetched or not.
+  struct StepTraffic {
+    int64_t selected = 0, fresh = 0;
+  };
+  StepTraffic last_step_traffic() const { return last_traffic_; }
  private:
   KvLayout layout_;
   memory::BlockPool pool_;
@@ -184,6 +191,7 @@ class KvCache {
   int64_t device_steps_ = 0;
   int64_t device_counts_[memory::part_counters] = {};  // as last folded in
   bool counts_queued_ = false;  // end_step queued a copy of the counters to counters_host
+  StepTraffic last_traffic_;
   void fold_counts(const int64_t* counts);
   void release_partition_memory();
   int selection_width_ = 1;

@@ -43,6 +43,12 @@ Model::Model(ModelConfig config, ModelWeights weights, parallel::Partition part,
       backend_(backend), comm_(comm), rope_(make_rope_table(config_)) {
   micro_min_seqs_ = default_micro_batch_min_seqs();
   set_prefetch(default_prefetch());
+  // As the benchmarks count a step's reads: the LM head (or the tied embedding) and every
+  // layer's projections.
+  const Tensor& head = w_.lm_head.defined() ? w_.lm_head : w_.embed;
+  weight_bytes_ = double(head.bytes());
+  for (const LayerWeights& L : w_.layers)
+    for (const Tensor* t : {&L.qkv, &L.o_proj, &L.gate_up, &L.down}) weight_bytes_ += double(t->bytes());
   backend_.check_shapes(kv_layout(), part_.group_q_count / part_.kv_count);
   backend_.prepare_rope(rope_);
 }
@@ -57,15 +63,53 @@ int Model::default_prefetch_from_layer() {
   return int(env_int("NOSA_PREFETCH_FROM_LAYER", 2, 2, 1000000));
 }
 
-bool Model::default_prefetch() { return env_int("NOSA_PREFETCH", 0, 0, 1) == 1; }
+Model::Prefetch Model::default_prefetch() {
+  return Prefetch(env_int("NOSA_PREFETCH", int(Prefetch::automatic), 0, 2));
+}
 
-void Model::set_prefetch(bool on, int from_layer) {
+Model::Prefetch Model::parse_prefetch(const std::string& name) {
+  if (name == "on") return Prefetch::on;
+  if (name == "off") return Prefetch::off;
+  if (name == "auto") return Prefetch::automatic;
+  NOSA_CHECK(false, "prefetching is on, off or auto, not '{}'", name);
+  return Prefetch::off;
+}
+
+void Model::set_prefetch(Prefetch p, int from_layer) {
   NOSA_CHECK(from_layer >= 2,
              "prefetching starts at layer 2 or later (layer 1's guess would come before layer "
              "0's round), not {}",
              from_layer);
-  prefetch_ = on;
+  prefetch_ = p;
   prefetch_from_ = from_layer;
+}
+
+bool Model::prefetch_pays(const KvCache::StepTraffic& last, double weight_bytes,
+                          const KvLayout& layout) {
+  if (last.selected <= 0) return false;
+  const double chunk = double(layout.kv_chunk_bytes() + layout.bias_chunk_bytes());
+  const double bus_s = double(last.fresh) * chunk / 51e9;
+  const double hbm_s =
+      (weight_bytes + double(last.selected) * double(layout.kv_chunk_bytes())) / 4.3e12;
+  return bus_s < k_prefetch_bus_share * hbm_s;
+}
+
+void Model::decide_prefetch(const KvCache& cache) {
+  // Some layer must prefetch (from prefetch_from_ on): otherwise the step is the same, and a
+  // separate step-graph variant would only cost a recording.
+  const bool possible = mode_ != attention::Mode::dense && cache.on_device() &&
+                        config_.num_hidden_layers > prefetch_from_;
+  switch (prefetch_) {
+    case Prefetch::off: prefetching_ = false; break;
+    case Prefetch::on: prefetching_ = possible; break;
+    case Prefetch::automatic:
+      // Only where the copies can run beside the compute (a GPU's streams); elsewhere the
+      // guesses would only add work.
+      prefetching_ = possible && backend_.device() == Device::cuda &&
+                     prefetch_pays(cache.last_step_traffic(), weight_bytes_, cache.layout());
+      break;
+  }
+  prefetch_steps_ += prefetching_;
 }
 
 KvLayout Model::kv_layout() const {
@@ -108,6 +152,7 @@ Tensor Model::forward(const StepBatch& step, KvCache& cache) {
   // The step's tier work (blocks written, counters of the step before) and the decision, on the
   // host and outside any graph; then the layers, from a graph if the device decides.
   cache.begin_step(step);
+  decide_prefetch(cache);
   Tensor logits = cache.on_device() ? run_maybe_recorded(step, cache, true)
                                     : run_layers(step, cache, true);
   cache.end_step(step);
@@ -117,7 +162,7 @@ Tensor Model::forward(const StepBatch& step, KvCache& cache) {
 Tensor Model::run_maybe_recorded(const StepBatch& step, KvCache& cache, bool cache_begun) {
   Tensor logits;
   // The ways run_layers can run a step: without prefetching, or prefetching from a layer.
-  const int variant = prefetch_ ? prefetch_from_ : 0;
+  const int variant = cache_begun && prefetching_ ? prefetch_from_ : 0;
   if (backend_.replay_step(step, this, variant, cache, logits)) return logits;
   if (!backend_.begin_recording(step, this, variant, cache))
     return run_layers(step, cache, cache_begun);
@@ -331,12 +376,15 @@ Tensor Model::run_layers(const StepBatch& step, KvCache& cache, bool cache_begun
   be.begin_step(step);
   Acts a = alloc_acts(T);
   embed(a);
-  if (!cache_begun) cache.begin_step(step);
+  if (!cache_begun) {
+    cache.begin_step(step);
+    decide_prefetch(cache);
+  }
   const bool sparse = mode_ != attention::Mode::dense;
   const bool probe = probe_ && sparse && step.decode_only();
   // On the device path only: the host path reads each selection back, and its rounds are not
   // partitioned by layer.
-  const bool prefetch = prefetch_ && sparse && cache.on_device();
+  const bool prefetch = prefetching_;
   std::vector<int32_t> spec;  // the probe's selection of the next layer
   for (int l = 0; l < config_.num_hidden_layers; ++l) {
     if (prefetch && l + 1 >= prefetch_from_ && l + 1 < config_.num_hidden_layers)

@@ -66,12 +66,30 @@ class Model {
   // (KvCache::prefetch), so that layer l + 1's own round finds most of its new blocks resident.
   // Only for layers from `from_layer` on (>= 2: layer 1's guess is made before layer 0's round,
   // and finds little). Results are unchanged: attention reads exactly its own selection.
-  void set_prefetch(bool on, int from_layer = default_prefetch_from_layer());
-  bool prefetch() const { return prefetch_; }
+  // off, on, or automatic: on a GPU, each step prefetches when the step before's traffic says it
+  // pays (prefetch_pays).
+  enum class Prefetch { off, on, automatic };
+  void set_prefetch(Prefetch p, int from_layer = default_prefetch_from_layer());
+  Prefetch prefetch() const { return prefetch_; }
+  // Steps that prefetched so far (tests, benchmarks).
+  int64_t prefetch_steps() const { return prefetch_steps_; }
   // NOSA_PREFETCH_FROM_LAYER from the environment, else 2.
   static int default_prefetch_from_layer();
-  // The default of set_prefetch's switch: NOSA_PREFETCH (0 or 1) from the environment, else off.
-  static bool default_prefetch();
+  // The default of set_prefetch: NOSA_PREFETCH from the environment (0 off, 1 on, 2 automatic),
+  // else automatic.
+  static Prefetch default_prefetch();
+  // Whether prefetching pays for a step that moves and reads what `last` did: the prefetch's
+  // copies run beside the layers' compute, so they gain while the blocks the step must move
+  // take the bus (at the gathers' 51 GB/s) less than k_prefetch_bus_share times as long as the
+  // step's HBM reads (weights and selected KV at 4.3 TB/s) take. Nothing measured yet: no.
+  static bool prefetch_pays(const KvCache::StepTraffic& last, double weight_bytes,
+                            const KvLayout& layout);
+  // Measured on one H200 (nosa-8b-like, 16K): prefetching gained at a share of 1.3 and 2.3
+  // (NOSA, B = 16 and 32) and lost at 3.7 (NOSA, B = 64) and 3.9 (InfLLM-V2, B = 16), where
+  // its wrong guesses' bytes made the bus the bottleneck.
+  static constexpr double k_prefetch_bus_share = 3.0;
+  // "on", "off" or "auto"; throws invalid_argument otherwise.
+  static Prefetch parse_prefetch(const std::string& name);
 
   // A probe of speculative prefetching, for measurement (steps run without graphs while it is on).
   // A prefetch of layer l + 1's blocks that overlaps layer l's compute must select them from layer
@@ -107,8 +125,13 @@ class Model {
   int micro_min_seqs_;
   int64_t micro_steps_ = 0;
   bool probe_ = false;
-  bool prefetch_ = false;
+  Prefetch prefetch_ = Prefetch::off;
   int prefetch_from_ = 2;
+  bool prefetching_ = false;  // this step's choice (decide_prefetch)
+  int64_t prefetch_steps_ = 0;
+  double weight_bytes_ = 0;  // the weights a decoding step reads (prefetch_pays)
+  // Once the cache has begun the step: whether it prefetches.
+  void decide_prefetch(const KvCache& cache);
   SpeculationStats spec_stats_;
   // The probe's last selection of each (block table, layer, KV head).
   std::map<std::tuple<const std::vector<int32_t>*, int, int>, std::vector<int32_t>> probe_last_;

@@ -315,7 +315,7 @@ TEST(CudaModel, PrefetchedResidencyGivesTheLogitsOfKvInHbm) {
       runtime::set_cuda_graphs(false);
       const std::vector<Tensor> whole = run_for_micro_batches(b, gpu, lengths, false, 0);
       runtime::set_cuda_graphs(graphs);
-      gpu.model->set_prefetch(true, 2);
+      gpu.model->set_prefetch(runtime::Model::Prefetch::on, 2);
       const int64_t replays = runtime::cuda_graph_replays();
       // 4 sequences x 5 layers x 2 heads x 20 slots = 800 partition slots, and 800 for the
       // prompts' rounds (one of 1000 tokens may need 766).

@@ -398,9 +398,10 @@ TEST(BatchCommand, MicroBatchesGiveTheTokensOfOneBatch) {
   EXPECT_NE(bad.err.find("--micro-batch-min-seqs"), std::string::npos) << bad.err;
 }
 
-// --prefetch takes on or off, and on needs offloading (without it every block is on the device);
-// with offloading it is accepted and the job completes.
-TEST(BatchCommand, PrefetchNeedsOffloadingAndTakesOnOrOff) {
+// --prefetch takes on, off or auto, and on needs offloading (without it every block is on the
+// device); auto (the default) needs nothing; with offloading on is accepted and the job
+// completes.
+TEST(BatchCommand, PrefetchTakesOnOffOrAutoAndOnNeedsOffloading) {
   TempDir dir;
   write_prompts(dir / "in.jsonl", 1);
   auto none = run_command(batch_command(dir / "in.jsonl", dir / "a.jsonl", "--prefetch on"));
@@ -414,6 +415,9 @@ TEST(BatchCommand, PrefetchNeedsOffloadingAndTakesOnOrOff) {
   auto ok = run_command(batch_command(dir / "in.jsonl", dir / "c.jsonl",
                                       "--offload host --prefetch on --max-tokens 4"));
   EXPECT_EQ(ok.exit_code, 0) << ok.err;
+  auto automatic =
+      run_command(batch_command(dir / "in.jsonl", dir / "d.jsonl", "--prefetch auto --max-tokens 4"));
+  EXPECT_EQ(automatic.exit_code, 0) << automatic.err;
 }
 
 // Residency decided on the device under tensor parallelism: each rank keeps partitions of its

@@ -223,24 +223,32 @@ TEST(BenchCommand, OffloadSuiteAlternatesEachResidencysOwnVariants) {
   EXPECT_NE(bad.err.find("--copy-overlap takes on or off"), std::string::npos) << bad.err;
 }
 
-// --prefetch on,off alternates prefetching step by step on the same tiers (residency on the
-// device; a 4-layer tiny model, so that layers 2 and 3 prefetch): a row each, the prefetch's
-// copies and hits counted in its row only, and a value other than on or off refused.
-TEST(BenchCommand, OffloadSuiteAlternatesPrefetchingOnAndOff) {
+// --prefetch on,off,auto alternates prefetching step by step on the same tiers (residency on
+// the device; a 4-layer tiny model, so that layers 2 and 3 prefetch): a row each, the prefetch's
+// copies and hits counted in its row only (auto never prefetches on the CPU), and a value other
+// than on, off or auto refused.
+TEST(BenchCommand, OffloadSuiteAlternatesPrefetchingOnOffAndAuto) {
   TempDir dir;
   auto r = run_command(fmt::format("{} bench --suite offload --shape tiny --layers 4 --device cpu "
                                    "--mode nosa --batch 2 --context 600 --steps 3 --warmup 1 "
-                                   "--prefetch on,off --json {}",
+                                   "--prefetch on,off,auto --json {}",
                                    nosa_binary(), (dir / "o.json").string()));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   auto j = nlohmann::json::parse(slurp(dir / "o.json"));
-  ASSERT_EQ(j["results"].size(), 2u);
+  ASSERT_EQ(j["results"].size(), 3u);
   const auto& on = j["results"][0];
   const auto& off = j["results"][1];
+  const auto& automatic = j["results"][2];
   EXPECT_EQ(on["label"], "prefetch-on");
   EXPECT_EQ(on["prefetch"], true);
+  EXPECT_EQ(on["prefetch_steps"], 3);
   EXPECT_EQ(off["label"], "prefetch-off");
   EXPECT_EQ(off["prefetch"], false);
+  EXPECT_EQ(off["prefetch_steps"], 0);
+  EXPECT_EQ(automatic["label"], "prefetch-auto");
+  EXPECT_EQ(automatic["prefetch"], "auto");
+  EXPECT_EQ(automatic["prefetch_steps"], 0);
+  EXPECT_EQ(automatic["prefetched_per_step"].get<double>(), 0);
   EXPECT_GT(on["prefetched_per_step"].get<double>(), 0);
   EXPECT_GT(on["prefetch_hits_per_step"].get<double>(), 0);
   EXPECT_LE(on["prefetch_hits_per_step"].get<double>(), on["prefetched_per_step"].get<double>());
@@ -253,15 +261,17 @@ TEST(BenchCommand, OffloadSuiteAlternatesPrefetchingOnAndOff) {
                                      "--prefetch maybe",
                                      nosa_binary()));
   EXPECT_NE(bad.exit_code, 0);
-  EXPECT_NE(bad.err.find("--prefetch takes on or off"), std::string::npos) << bad.err;
+  EXPECT_NE(bad.err.find("--prefetch takes on, off or auto"), std::string::npos) << bad.err;
   // A controlled miss rate replaces the selections the prefetch guessed: refused together.
-  auto synthetic = run_command(fmt::format("{} bench --suite offload --shape tiny --device cpu "
-                                           "--prefetch on --miss-rate 0.1",
-                                           nosa_binary()));
-  EXPECT_NE(synthetic.exit_code, 0);
-  EXPECT_NE(synthetic.err.find("--prefetch on needs the model's own selection"),
-            std::string::npos)
-      << synthetic.err;
+  for (const char* pf : {"on", "off,auto"}) {
+    auto synthetic = run_command(fmt::format("{} bench --suite offload --shape tiny --device cpu "
+                                             "--prefetch {} --miss-rate 0.1",
+                                             nosa_binary(), pf));
+    EXPECT_NE(synthetic.exit_code, 0) << pf;
+    EXPECT_NE(synthetic.err.find("--prefetch on or auto needs the model's own selection"),
+              std::string::npos)
+        << synthetic.err;
+  }
 }
 
 // --select-path names the split path's two finishes too; an unknown name is refused with the

@@ -46,7 +46,7 @@ std::vector<std::vector<int32_t>> generate(attention::Mode mode, const KvCacheOp
                                            int layers = 0, bool prefetch = false) {
   Rig rig(mode, kv, 400, 256, layers);
   if (micro_min_seqs >= 0) rig.model->set_micro_batch_min_seqs(micro_min_seqs);
-  rig.model->set_prefetch(prefetch);
+  rig.model->set_prefetch(prefetch ? runtime::Model::Prefetch::on : runtime::Model::Prefetch::off);
   std::vector<RequestId> ids;
   const int64_t lengths[] = {900, 700, 1200, 300};
   for (int i = 0; i < 4; ++i) ids.push_back(rig.engine->submit(request(lengths[i], 10 + i, 24)));
@@ -196,9 +196,103 @@ TEST_P(OffloadGivesTheSameTokens, WithPrefetchedBlocks) {
   EXPECT_EQ(on.selected, off.selected);
 }
 
+// The default prefetching (automatic) never prefetches on the CPU, where the guesses would run
+// in line with the layers and only add work; the tokens are those of the KV kept whole.
+TEST_P(OffloadGivesTheSameTokens, WithAutomaticPrefetchingOnTheCpu) {
+  constexpr int layers = 5;
+  auto expected = generate(GetParam(), {}, nullptr, -1, nullptr, nullptr, nullptr, layers);
+  KvCacheOptions host;
+  host.offload = memory::Offload::host;
+  host.device_slots = 1400;
+  host.decode_partitions = 4;
+  host.partition_slots = 20;
+  host.min_partition_slots = 16;
+  Rig rig(GetParam(), host, 400, 256, layers);
+  ASSERT_EQ(rig.model->prefetch(), Model::Prefetch::automatic);
+  std::vector<RequestId> ids;
+  const int64_t lengths[] = {900, 700, 1200, 300};
+  for (int i = 0; i < 4; ++i) ids.push_back(rig.engine->submit(request(lengths[i], 10 + i, 24)));
+  auto res = rig.run_all();
+  for (size_t i = 0; i < ids.size(); ++i) EXPECT_EQ(res[ids[i]].tokens, expected[i]);
+  rig.cache->sync_stats();
+  EXPECT_GT(rig.cache->device_steps(), 20);
+  EXPECT_EQ(rig.model->prefetch_steps(), 0);
+  EXPECT_EQ(rig.cache->stats().prefetched, 0);
+}
+
 INSTANTIATE_TEST_SUITE_P(Modes, OffloadGivesTheSameTokens,
                          ::testing::Values(attention::Mode::infllmv2, attention::Mode::nosa),
                          [](const auto& info) { return attention::mode_name(info.param); });
+
+// Each step that decides residency on the device leaves the next one its traffic
+// (KvCache::last_step_traffic): the chunks it selected and those new to its partitions (misses
+// and prefetch hits), as the statistics count them; prefetching layers 2-4 of a 5-layer model.
+TEST(Offload, EachStepSeesTheTrafficOfTheStepBefore) {
+  KvCacheOptions host;
+  host.offload = memory::Offload::host;
+  host.device_slots = 1400;
+  host.decode_partitions = 4;
+  host.partition_slots = 20;
+  host.min_partition_slots = 16;
+  Rig rig(attention::Mode::nosa, host, 400, 256, 5);
+  rig.model->set_prefetch(Model::Prefetch::on);
+  const int64_t lengths[] = {900, 700, 1200, 300};
+  for (int i = 0; i < 4; ++i) rig.engine->submit(request(lengths[i], 30 + i, 24));
+  EXPECT_EQ(rig.cache->last_step_traffic().selected, 0);  // nothing measured yet
+  int device_steps = 0, with_prefetch_hits = 0;
+  for (int guard = 0; rig.engine->has_work() && guard < 1000; ++guard) {
+    // The device-side rounds' counts: the cache's statistics less the host path's (whose block
+    // cache also counts the slots of the blocks being written as misses).
+    auto device_counts = [&] {
+      rig.cache->sync_stats();
+      memory::TierStats d = rig.cache->stats();
+      const memory::TierStats host_path = rig.cache->tiers()->stats();
+      d.selected -= host_path.selected;
+      d.misses -= host_path.misses;
+      return d;
+    };
+    const memory::TierStats before = device_counts();
+    rig.engine->step();
+    if (!rig.cache->on_device()) continue;
+    ++device_steps;
+    const memory::TierStats after = device_counts();
+    const KvCache::StepTraffic t = rig.cache->last_step_traffic();
+    EXPECT_EQ(t.selected, after.selected - before.selected) << "step " << guard;
+    EXPECT_EQ(t.fresh, after.misses + after.prefetch_hits - before.misses - before.prefetch_hits)
+        << "step " << guard;
+    EXPECT_LT(t.fresh, t.selected) << "step " << guard;
+    with_prefetch_hits += after.prefetch_hits > before.prefetch_hits;
+  }
+  EXPECT_GT(device_steps, 20);
+  EXPECT_GT(with_prefetch_hits, 0);
+}
+
+// Prefetching pays while the blocks a step must move take the bus (51 GB/s) less than
+// k_prefetch_bus_share times as long as its HBM reads (4.3 TB/s) take; nothing measured: no.
+TEST(Offload, PrefetchingPaysWhileTheBusHasRoom) {
+  KvLayout l;
+  l.n_layers = 32;
+  l.n_kv_heads = 2;
+  l.head_dim = 128;
+  l.block_size = 64;
+  l.keys_per_block = 4;
+  l.dtype = DType::bf16;
+  const double chunk = double(l.kv_chunk_bytes() + l.bias_chunk_bytes());
+  const double weights = 15e9;
+  const int64_t selected = 1000000;
+  const double hbm_s = (weights + double(selected) * double(l.kv_chunk_bytes())) / 4.3e12;
+  // The fresh chunks whose bus time is `share` times the HBM time.
+  auto fresh_at = [&](double share) { return int64_t(share * hbm_s * 51e9 / chunk); };
+  const double k = Model::k_prefetch_bus_share;
+  EXPECT_FALSE(Model::prefetch_pays({0, 0}, weights, l));
+  EXPECT_TRUE(Model::prefetch_pays({selected, 0}, weights, l));
+  EXPECT_TRUE(Model::prefetch_pays({selected, fresh_at(1.3)}, weights, l));
+  EXPECT_TRUE(Model::prefetch_pays({selected, fresh_at(k * 0.99)}, weights, l));
+  EXPECT_FALSE(Model::prefetch_pays({selected, fresh_at(k * 1.01)}, weights, l));
+  EXPECT_FALSE(Model::prefetch_pays({selected, fresh_at(3.9)}, weights, l));
+  // More weights to read leave more room.
+  EXPECT_TRUE(Model::prefetch_pays({selected, fresh_at(k * 1.01)}, 2 * weights, l));
+}
 
 // Sets an environment variable for one scope.
 struct ScopedEnv {
