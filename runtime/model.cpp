@@ -269,14 +269,18 @@ Selection Model::guess_selection(int l, const Tensor& h, KvCache& cache) {
   Backend& be = backend_;
   const LayerWeights& L = w_.layers[l];
   const int64_t T = h.dim(0), d = config_.head_dim;
-  const int hq_all = part_.group_q_count, hk = part_.kv_count;
-  const int nkv = config_.num_key_value_heads;
+  const int hq_all = part_.group_q_count;
   const DType act = h.dtype();
-  Tensor qkv = be.alloc(act, {T, int64_t(hq_all + hk + nkv) * d});
-  be.linear(h, L.qkv, L.qkv_bias.defined() ? &L.qkv_bias : nullptr, qkv);
-  Tensor q = be.alloc(act, {T, hq_all, d}), k = be.alloc(act, {T, hk, d}),
-         v = be.alloc(act, {T, nkv, d});
-  be.split_qkv_rope(qkv, rope_, q, k, v);
+  // The selection needs only the queries: the first hq_all * d rows of the fused projection (a
+  // third less weight to read than the whole qkv), then RoPE with no key or value heads.
+  const int64_t qd = int64_t(hq_all) * d;
+  const Tensor wq = L.qkv.rows(0, qd);
+  const Tensor bq = L.qkv_bias.defined() ? L.qkv_bias.rows(0, qd) : Tensor();
+  Tensor q_flat = be.alloc(act, {T, qd});
+  be.linear(h, wq, bq.defined() ? &bq : nullptr, q_flat);
+  Tensor q = be.alloc(act, {T, hq_all, d}), no_k = be.alloc(act, {T, 0, d}),
+         no_v = be.alloc(act, {T, 0, d});
+  be.split_qkv_rope(q_flat, rope_, q, no_k, no_v);
   return be.select_blocks(l, mode_, q, config_.sparse, cache);
 }
 
