@@ -90,11 +90,13 @@ int run_generate(const GenerateFlags& f) {
     logger("memory")->info(
         "KV tiers: {} chunks selected, {:.1f}% also selected the step before; device hits {} "
         "misses {} evictions {}; host->device {:.1f} MiB, device->host {:.1f} MiB, disk read "
-        "{:.1f} MiB, written {:.1f} MiB; {} steps decided residency on the device",
+        "{:.1f} MiB, written {:.1f} MiB; {} steps decided residency on the device, {} prefetched "
+        "({} chunks copied, {} then selected)",
         t.selected, t.selected ? 100.0 * double(t.overlap) / double(t.selected) : 0.0, t.hits,
         t.misses, t.evictions, double(t.bytes_host_to_device) / (1 << 20),
         double(t.bytes_device_to_host) / (1 << 20), double(t.bytes_disk_read) / (1 << 20),
-        double(t.bytes_disk_written) / (1 << 20), s.cache->device_steps());
+        double(t.bytes_disk_written) / (1 << 20), s.cache->device_steps(),
+        s.model->prefetch_steps(), t.prefetched, t.prefetch_hits);
   }
   std::string tail = text ? text->finish() : "";
   if (!f.json) {

@@ -216,6 +216,15 @@ struct WorkerServer::Impl {
       device->set_blocks_total(t.device_slots);
       device->set_hits(t.hits);
       device->set_misses(t.misses);
+      auto* traffic = h->mutable_kv_traffic();
+      traffic->set_selected(t.selected);
+      traffic->set_overlap(t.overlap);
+      traffic->set_prefetched(t.prefetched);
+      traffic->set_prefetch_hits(t.prefetch_hits);
+      traffic->set_bytes_host_to_device(t.bytes_host_to_device);
+      traffic->set_bytes_device_to_host(t.bytes_device_to_host);
+      traffic->set_bytes_disk_read(t.bytes_disk_read);
+      traffic->set_bytes_disk_written(t.bytes_disk_written);
       auto* host = h->add_kv_tiers();
       host->set_name("host");
       host->set_blocks_used(t.host_blocks_used);

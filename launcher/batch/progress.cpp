@@ -129,6 +129,10 @@ std::vector<std::pair<std::string, std::string>> kv_tier_lines(const memory::Tie
   out.emplace_back("kv selection overlap",
                    fmt::format("{} of {} selected chunks kept from the step before",
                                percent(t.overlap, t.selected), t.selected));
+  out.emplace_back("kv prefetch",
+                   fmt::format("{} chunks copied on a guess of the next layer's selection, {} "
+                               "of them then selected",
+                               t.prefetched, percent(t.prefetch_hits, t.prefetched)));
   out.emplace_back("kv traffic",
                    fmt::format("host->device {}, device->host {}, disk read {}, "
                                "disk written {}",

@@ -353,21 +353,26 @@ TEST(BatchProgress, SummaryNamesEveryTotal) {
   EXPECT_EQ(format_duration(3 * 3600 + 120), "3h02m");
 }
 
-TEST(BatchProgress, KvTierLinesReportHitsTrafficAndOccupancy) {
+TEST(BatchProgress, KvTierLinesReportHitsPrefetchTrafficAndOccupancy) {
   memory::TierStats t;
   t.hits = 3;
   t.misses = 1;
   t.selected = 10;
   t.overlap = 9;
+  t.prefetched = 8;
+  t.prefetch_hits = 6;
   t.bytes_host_to_device = int64_t(1) << 30;
   t.host_blocks_used = 5;
   t.host_blocks = 8;
   auto lines = kv_tier_lines(t);
-  ASSERT_EQ(lines.size(), 4u);
+  ASSERT_EQ(lines.size(), 5u);
   EXPECT_NE(lines[0].second.find("3 hits, 1 misses (75.0% hit rate)"), std::string::npos);
   EXPECT_NE(lines[1].second.find("90.0% of 10"), std::string::npos);
-  EXPECT_NE(lines[2].second.find("host->device 1.00 GiB"), std::string::npos);
-  EXPECT_NE(lines[3].second.find("host 5/8 blocks"), std::string::npos);
+  EXPECT_EQ(lines[2].first, "kv prefetch");
+  EXPECT_NE(lines[2].second.find("8 chunks copied"), std::string::npos);
+  EXPECT_NE(lines[2].second.find("75.0% of them then selected"), std::string::npos);
+  EXPECT_NE(lines[3].second.find("host->device 1.00 GiB"), std::string::npos);
+  EXPECT_NE(lines[4].second.find("host 5/8 blocks"), std::string::npos);
 }
 
 }  // namespace
