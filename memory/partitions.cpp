@@ -61,6 +61,11 @@ void resident_partitions_reference(const PartitionArgs& a) {
       if (a.miss_rows)
         std::fill(a.miss_rows + row_at + int64_t(miss_chunk.size()), a.miss_rows + row_at + a.k,
                   -1);
+      // A prefetch's wrong guesses (stamped this step, not selected) become as old as the step
+      // before's selection: the next step must not count them as selected the step before.
+      if (!a.speculative)
+        for (int j = 0; j < R; ++j)
+          if (!used[size_t(j)] && a.part_stamp[local + j] == stamp) a.part_stamp[local + j] = stamp - 1;
       // The misses take the least recently used slots this step does not use, in order.
       free_slots.clear();
       for (int j = 0; j < R; ++j)

@@ -71,6 +71,11 @@ __global__ void decide_kernel(PartitionArgs a, PartitionCopy* copies, int* count
     miss_flag[i] = miss;
   }
   __syncthreads();
+  // A prefetch's wrong guesses become as old as the step before's selection (as in the
+  // reference); each thread re-stamps the slots whose keys it computes below.
+  if (!a.speculative)
+    for (int j = threadIdx.x; j < R; j += blockDim.x)
+      if (!used[j] && a.part_stamp[local + j] == stamp) a.part_stamp[local + j] = stamp - 1;
   if (threadIdx.x < 32) {
     // Warp 0 lists the misses in the order of the selection, 32 entries at a time; miss_flag[i]
     // becomes entry i's place among the misses (r >= 0) or the hits (-1 - r). Each pass reads

@@ -172,10 +172,23 @@ TEST(Partitions, APrefetchFillsSlotsTheLayersOwnRoundFindsAsHits) {
   EXPECT_EQ(r.slot_table[r.chunk(7, 1, 0)], base0 + 2);
   EXPECT_EQ(r.slot_table[r.chunk(4, 1, 1)], base1 + 5);
   EXPECT_EQ(r.part_stamp[h1 + 5], 8u);
-  // Head 1's miss takes a never used slot before the wrong guess's slot 0.
+  // Head 1's miss takes a never used slot before the wrong guess's slot 0, which becomes as old
+  // as the step before's selection.
   EXPECT_EQ(r.slot_table[r.chunk(6, 1, 1)], base1 + 1);
   EXPECT_EQ(r.slot_table[r.chunk(7, 1, 1)], base1 + 0);
   EXPECT_TRUE(holds(r, base1 + 1, 6, 1, 1));
+  EXPECT_EQ(r.part_stamp[h1 + 0], 7u);
+  // The next step selecting the wrong guess finds it resident, but not selected the step before;
+  // the blocks this step selected are.
+  PartitionCase next = r;
+  next.stamp = 9;
+  next.counters.assign(next.counters.size(), 0);
+  next.selection = {0, 1, 2, -1,  // head 0: blocks 5, 6, 7 again
+                    2, -1, -1, -1};  // head 1: block 7, the wrong guess
+  resident_partitions_reference(next.args(table.data()));
+  EXPECT_EQ(next.counters[part_hits], 4);
+  EXPECT_EQ(next.counters[part_misses], 0);
+  EXPECT_EQ(next.counters[part_overlap], 3);
 
   PartitionCase layer0 = small_case();  // a prefetch never starts a step
   layer0.layer = 0;
