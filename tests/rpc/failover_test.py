@@ -8,21 +8,12 @@ import threading
 import time
 
 from load_client import run_load
-from service import Service, log
+from service import Checks, Service, log
 
 
 def main():
     nosa = sys.argv[1]
-    passed, failed = 0, 0
-
-    def check(name, cond, detail=""):
-        nonlocal passed, failed
-        if cond:
-            passed += 1
-            log(f"ok     {name}")
-        else:
-            failed += 1
-            log(f"FAILED {name} {detail}")
+    check = Checks()
 
     with Service(nosa, workers=2, serve_args=["--worker-timeout", "1.5", "--heartbeat-ms", "200"],
                  worker_args=["--connect-timeout", "30"]) as svc:
@@ -75,10 +66,10 @@ def main():
             check("the resumed worker registers again", True)
         except RuntimeError as e:
             check("the resumed worker registers again", False, str(e)[:300])
-        if failed:
+        if check.failed:
             log("--- serve.log ---\n" + svc.logs("serve"))
-    log(f"failover: {passed} passed, {failed} failed")
-    return 1 if failed else 0
+    log(f"failover: {check.passed} passed, {check.failed} failed")
+    return 1 if check.failed else 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import time
 import urllib.error
 import urllib.request
 
-from service import Service, log, nosa_from_argv
+from service import Checks, Service, log, nosa_from_argv
 
 
 def complete(url, prompt, max_tokens, results, i):
@@ -39,16 +39,7 @@ def sample(metrics, family, labels=""):
 
 def main():
     nosa = nosa_from_argv()
-    passed = failed = 0
-
-    def check(what, ok, detail=""):
-        nonlocal passed, failed
-        if ok:
-            passed += 1
-            log(f"ok     {what}")
-        else:
-            failed += 1
-            log(f"FAILED {what} {detail}")
+    check = Checks()
 
     with Service(nosa, worker_args=["--offload", "host", "--gpu-kv-gib", "0.015",
                                     "--host-kv-gib", "0.02"]) as svc:
@@ -94,8 +85,8 @@ def main():
         check("written blocks were flushed to host memory",
               d2h is not None and d2h > 0 and h2d is not None and h2d >= 0)
         check("no disk tier, no disk reads", disk == 0)
-    log(f"kv metrics: {passed} passed, {failed} failed")
-    return 0 if failed == 0 else 1
+    log(f"kv metrics: {check.passed} passed, {check.failed} failed")
+    return 0 if check.failed == 0 else 1
 
 
 if __name__ == "__main__":

@@ -136,6 +136,21 @@ class Service:
         self.stop()
 
 
+class Checks:
+    """Named pass/fail checks that log as they go ("ok     name" / "FAILED name detail")."""
+
+    def __init__(self):
+        self.passed = self.failed = 0
+
+    def __call__(self, name, cond, detail=""):
+        if cond:
+            self.passed += 1
+            log(f"ok     {name}")
+        else:
+            self.failed += 1
+            log(f"FAILED {name} {detail}")
+
+
 def percentile(values, p):
     if not values:
         return float("nan")

@@ -267,16 +267,21 @@ TEST(Offload, EachStepSeesTheTrafficOfTheStepBefore) {
   EXPECT_GT(with_prefetch_hits, 0);
 }
 
+KvLayout layout_of(int layers, int head_dim, int block_size, DType dtype) {
+  KvLayout l;
+  l.n_layers = layers;
+  l.n_kv_heads = 2;
+  l.head_dim = head_dim;
+  l.block_size = block_size;
+  l.keys_per_block = 4;
+  l.dtype = dtype;
+  return l;
+}
+
 // Prefetching pays while the blocks a step must move take the bus (51 GB/s) less than
 // k_prefetch_bus_share times as long as its HBM reads (4.3 TB/s) take; nothing measured: no.
 TEST(Offload, PrefetchingPaysWhileTheBusHasRoom) {
-  KvLayout l;
-  l.n_layers = 32;
-  l.n_kv_heads = 2;
-  l.head_dim = 128;
-  l.block_size = 64;
-  l.keys_per_block = 4;
-  l.dtype = DType::bf16;
+  const KvLayout l = layout_of(32, 128, 64, DType::bf16);  // nosa-8b-like
   const double chunk = double(l.kv_chunk_bytes() + l.bias_chunk_bytes());
   const double weights = 15e9;
   const int64_t selected = 1000000;
@@ -305,13 +310,7 @@ struct ScopedEnv {
 // integer in range is an invalid_argument naming the variable, not a silent default.
 TEST(Offload, BadResidencySwitchesInTheEnvironmentAreClearErrors) {
   auto backend = make_cpu_backend();
-  KvLayout layout;
-  layout.n_layers = 2;
-  layout.n_kv_heads = 2;
-  layout.head_dim = 64;
-  layout.block_size = 16;
-  layout.keys_per_block = 4;
-  layout.dtype = DType::f32;
+  const KvLayout layout = layout_of(2, 64, 16, DType::f32);
   KvCacheOptions host;
   host.offload = memory::Offload::host;
   host.device_slots = 64;
