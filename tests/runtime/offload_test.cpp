@@ -167,18 +167,25 @@ TEST_P(OffloadGivesTheSameTokens, WithResidencyOnTheDevice) {
   EXPECT_EQ(ts.device_slots, 600);
 }
 
+// Host offloading with residency on the device for a 5-layer tiny model: 1400 device slots, of
+// them 4 x 5 x 2 x 20 in partitions, the rest a host path (as above).
+KvCacheOptions partitioned_for_5_layers() {
+  KvCacheOptions o;
+  o.offload = memory::Offload::host;
+  o.device_slots = 1400;
+  o.decode_partitions = 4;
+  o.partition_slots = 20;
+  o.min_partition_slots = 16;
+  return o;
+}
+
 // Decoding steps that prefetch layers 2 and on of a 5-layer model (each layer's blocks selected
 // from the layer before's input and copied beside it): the tokens of the KV kept whole; the
 // prefetch copied blocks and the layers' own rounds found some of them.
 TEST_P(OffloadGivesTheSameTokens, WithPrefetchedBlocks) {
   constexpr int layers = 5;
   auto expected = generate(GetParam(), {}, nullptr, -1, nullptr, nullptr, nullptr, layers);
-  KvCacheOptions host;
-  host.offload = memory::Offload::host;
-  host.device_slots = 1400;  // of 4 x 5 x 2 x 20 partition slots, a host path as above
-  host.decode_partitions = 4;
-  host.partition_slots = 20;
-  host.min_partition_slots = 16;
+  const KvCacheOptions host = partitioned_for_5_layers();
   memory::TierStats on, off;
   int64_t device_steps = 0;
   EXPECT_EQ(generate(GetParam(), host, &on, 0, nullptr, &device_steps, nullptr, layers, true),
@@ -201,12 +208,7 @@ TEST_P(OffloadGivesTheSameTokens, WithPrefetchedBlocks) {
 TEST_P(OffloadGivesTheSameTokens, WithAutomaticPrefetchingOnTheCpu) {
   constexpr int layers = 5;
   auto expected = generate(GetParam(), {}, nullptr, -1, nullptr, nullptr, nullptr, layers);
-  KvCacheOptions host;
-  host.offload = memory::Offload::host;
-  host.device_slots = 1400;
-  host.decode_partitions = 4;
-  host.partition_slots = 20;
-  host.min_partition_slots = 16;
+  const KvCacheOptions host = partitioned_for_5_layers();
   Rig rig(GetParam(), host, 400, 256, layers);
   ASSERT_EQ(rig.model->prefetch(), Model::Prefetch::automatic);
   std::vector<RequestId> ids;
@@ -228,12 +230,7 @@ INSTANTIATE_TEST_SUITE_P(Modes, OffloadGivesTheSameTokens,
 // (KvCache::last_step_traffic): the chunks it selected and those new to its partitions (misses
 // and prefetch hits), as the statistics count them; prefetching layers 2-4 of a 5-layer model.
 TEST(Offload, EachStepSeesTheTrafficOfTheStepBefore) {
-  KvCacheOptions host;
-  host.offload = memory::Offload::host;
-  host.device_slots = 1400;
-  host.decode_partitions = 4;
-  host.partition_slots = 20;
-  host.min_partition_slots = 16;
+  const KvCacheOptions host = partitioned_for_5_layers();
   Rig rig(attention::Mode::nosa, host, 400, 256, 5);
   rig.model->set_prefetch(Model::Prefetch::on);
   const int64_t lengths[] = {900, 700, 1200, 300};
