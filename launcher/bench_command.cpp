@@ -789,9 +789,12 @@ void run_offload(SuiteContext& ctx) {
               if (f.copy_overlap.size() > 1)
                 add_label(variants[v].overlap ? "overlap-on" : "overlap-off");
             }
-            const Prefetch pf =
-                variants[v].prefetch >= 0 ? Prefetch(variants[v].prefetch) : model.prefetch();
-            if (pf != Prefetch::off || variants[v].prefetch >= 0) {
+            // What the steps ran with: a controlled miss rate turns prefetching off (above), and
+            // residency on the host never prefetches (no field).
+            const Prefetch pf = miss >= 0                  ? Prefetch::off
+                                : variants[v].prefetch >= 0 ? Prefetch(variants[v].prefetch)
+                                                            : model.prefetch();
+            if (residency == "device" && (pf != Prefetch::off || variants[v].prefetch >= 0)) {
               // on and off as true and false; auto by name, with the steps it prefetched.
               if (pf == Prefetch::automatic)
                 vrow["prefetch"] = "auto";

@@ -88,9 +88,9 @@ bool Model::prefetch_pays(const KvCache::StepTraffic& last, double weight_bytes,
                           const KvLayout& layout) {
   if (last.selected <= 0) return false;
   const double chunk = double(layout.kv_chunk_bytes() + layout.bias_chunk_bytes());
-  const double bus_s = double(last.fresh) * chunk / 51e9;
+  const double bus_s = double(last.fresh) * chunk / k_bus_bytes_per_s;
   const double hbm_s =
-      (weight_bytes + double(last.selected) * double(layout.kv_chunk_bytes())) / 4.3e12;
+      (weight_bytes + double(last.selected) * double(layout.kv_chunk_bytes())) / k_hbm_bytes_per_s;
   return bus_s < k_prefetch_bus_share * hbm_s;
 }
 

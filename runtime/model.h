@@ -84,11 +84,14 @@ class Model {
   // step's HBM reads (weights and selected KV at 4.3 TB/s) take. Nothing measured yet: no.
   static bool prefetch_pays(const KvCache::StepTraffic& last, double weight_bytes,
                             const KvLayout& layout);
+  // The lent H200's ceilings (docs/performance.md); only their ratio matters, and the rule was
+  // calibrated there: another GPU's PCIe and HBM would move the threshold below.
+  static constexpr double k_bus_bytes_per_s = 51e9, k_hbm_bytes_per_s = 4.3e12;
   // Measured on one H200 (nosa-8b-like, 16K): prefetching gained at a share of 1.3 and 2.3
   // (NOSA, B = 16 and 32) and lost at 3.7 (NOSA, B = 64) and 3.9 (InfLLM-V2, B = 16), where
   // its wrong guesses' bytes made the bus the bottleneck.
   static constexpr double k_prefetch_bus_share = 3.0;
-  // "on", "off" or "auto"; throws invalid_argument otherwise.
+  // "on", "off" or "auto"; anything else is an Error (ErrorCode::invalid_argument).
   static Prefetch parse_prefetch(const std::string& name);
 
   // A probe of speculative prefetching, for measurement (steps run without graphs while it is on).

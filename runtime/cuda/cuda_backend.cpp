@@ -542,7 +542,6 @@ class CudaBackend final : public Backend {
       auto* items = static_cast<mcu::PartitionCopy*>(list.raw());
       int* counts = reinterpret_cast<int*>(items + n);
       NOSA_CUDA_CHECK(mcu::launch_partition_decisions(a, items, counts, stream_));
-      const int64_t rows = int64_t(a.n_tokens) * a.n_heads;
       const int in_flight = prefetch_copy_row_blocks_ >= 0
                                 ? prefetch_copy_row_blocks_
                                 : int(std::max<int64_t>(3, (rows + 5) / 10));
@@ -1520,7 +1519,7 @@ class CudaBackend final : public Backend {
   int prefetch_pending_[2] = {-1, -1};
   // The prefetch's copies, which run beside the layer's kernels: at most this many rows' copies
   // in flight (NOSA_PREFETCH_COPY_ROWS; 0: a thread block per row, as for the misses; unset: a
-  // tenth of the rows, at least 3). A block per row made prefetching cost more than it saved: the
+  // tenth of the rows, rounded, at least 3). A block per row made prefetching cost more than it saved: the
   // copies slowed the layer's kernels down (docs/memory.md). Too few finish late. Measured
   // (nosa-8b-like, 16K, two processes each): at 32 rows (B = 16) 3 was fastest of 2, 3, 4, 6, 8;
   // at 64 rows 8 was faster than 3.

@@ -6,6 +6,8 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <cstring>
 #include <future>
 #include <thread>
 
@@ -42,20 +44,27 @@ struct FakeWorker {
   }
 };
 
-std::string http_post(uint16_t port, const std::string& path, const std::string& body) {
+// One request (POST with a body, else GET) on a connection of its own: the whole response.
+std::string http_request(uint16_t port, const std::string& path, const std::string* body) {
   net::io_context io;
   tcp::socket s(io);
   s.connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port));
-  std::string req = "POST " + path +
-                    " HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                    "Connection: close\r\nContent-Length: " +
-                    std::to_string(body.size()) + "\r\n\r\n" + body;
+  std::string req =
+      body ? "POST " + path +
+                 " HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 "Connection: close\r\nContent-Length: " +
+                 std::to_string(body->size()) + "\r\n\r\n" + *body
+           : "GET " + path + " HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
   net::write(s, net::buffer(req));
   std::string out;
   boost::system::error_code ec;
   char buf[4096];
   while (size_t n = s.read_some(net::buffer(buf), ec)) out.append(buf, n);
   return out;
+}
+
+std::string http_post(uint16_t port, const std::string& path, const std::string& body) {
+  return http_request(port, path, &body);
 }
 
 struct Running {
@@ -136,6 +145,51 @@ TEST(Coordinator, NoReplicaLeftIsA503WithAnErrorBody) {
   EXPECT_EQ(out.rfind("HTTP/1.1 503", 0), 0u) << out;
   EXPECT_NE(out.find("\"type\":\"service_unavailable\""), std::string::npos) << out;
   EXPECT_NE(out.find("replica"), std::string::npos) << out;
+}
+
+// An offloaded replica's KV traffic, as its heartbeat carries it, reaches /metrics: each counter
+// under its own name (the values differ, so a swapped field shows).
+TEST(Coordinator, MetricsCarryAnOffloadedReplicasKvTraffic) {
+  Running r({});
+  FakeWorker w(r.c.workers_port());
+  w.register_as("m");
+  pb::Envelope hb;
+  pb::KvTraffic* t = hb.mutable_heartbeat()->mutable_kv_traffic();
+  t->set_selected(1000);
+  t->set_overlap(800);
+  t->set_prefetched(70);
+  t->set_prefetch_hits(50);
+  t->set_bytes_host_to_device(11);
+  t->set_bytes_device_to_host(22);
+  t->set_bytes_disk_read(33);
+  t->set_bytes_disk_written(44);
+  w.send(hb);
+  const std::pair<const char*, const char*> expected[] = {
+      {"nosa_kv_selected_chunks_total{", "} 1000"},
+      {"nosa_kv_selection_overlap_chunks_total{", "} 800"},
+      {"nosa_kv_prefetched_chunks_total{", "} 70"},
+      {"nosa_kv_prefetch_hits_total{", "} 50"},
+      {"nosa_kv_transfer_bytes_total{", "direction=\"host_to_device\"} 11"},
+      {"nosa_kv_transfer_bytes_total{", "direction=\"device_to_host\"} 22"},
+      {"nosa_kv_transfer_bytes_total{", "direction=\"disk_read\"} 33"},
+      {"nosa_kv_transfer_bytes_total{", "direction=\"disk_written\"} 44"}};
+  // The heartbeat is read asynchronously: wait until its first counter shows.
+  std::string metrics;
+  auto has = [&](const char* family, const char* tail) {
+    for (size_t at = metrics.find(family); at != std::string::npos;
+         at = metrics.find(family, at + 1)) {
+      const std::string line = metrics.substr(at, metrics.find('\n', at) - at);
+      if (line.size() >= std::strlen(tail) &&
+          line.compare(line.size() - std::strlen(tail), std::string::npos, tail) == 0)
+        return true;
+    }
+    return false;
+  };
+  for (int i = 0; i < 100 && !has(expected[0].first, expected[0].second); ++i) {
+    if (i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    metrics = http_request(r.c.http_port(), "/metrics", nullptr);
+  }
+  for (const auto& [family, tail] : expected) EXPECT_TRUE(has(family, tail)) << family << tail;
 }
 
 }  // namespace

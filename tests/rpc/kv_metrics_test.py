@@ -77,13 +77,14 @@ def main():
         check("chunks were selected", selected is not None and selected > 0)
         check("most of them were selected the step before too",
               overlap is not None and selected and 0.5 * selected < overlap <= selected)
-        # Prefetching is automatic by default, which never prefetches on the CPU.
-        check("the prefetch counters are exported (nothing prefetched on the CPU)",
-              prefetched == 0 and prefetch_hits == 0)
-        # The blocks written on the device are flushed to host memory; whether any come back
-        # depends on what the block cache holds.
-        check("written blocks were flushed to host memory",
-              d2h is not None and d2h > 0 and h2d is not None and h2d >= 0)
+        # The prefetch's counters (their values: the coordinator's test; the 2-layer tiny model
+        # has no layer to prefetch).
+        check("the prefetch counters are exported",
+              prefetched is not None and prefetch_hits is not None)
+        # The blocks written on the device are flushed to host memory (this KV fits the block
+        # cache, so none has to come back).
+        check("written blocks were flushed to host memory", d2h is not None and d2h > 0)
+        check("the blocks to the device are counted", h2d is not None)
         check("no disk tier, no disk reads", disk == 0)
     log(f"kv metrics: {check.passed} passed, {check.failed} failed")
     return 0 if check.failed == 0 else 1
