@@ -43,6 +43,7 @@ Model::Model(ModelConfig config, ModelWeights weights, parallel::Partition part,
       backend_(backend), comm_(comm), rope_(make_rope_table(config_)) {
   micro_min_seqs_ = default_micro_batch_min_seqs();
   set_prefetch(default_prefetch());
+  prefetch_bus_share_ = env_double("NOSA_PREFETCH_BUS_SHARE", k_prefetch_bus_share, 0, 1e6);
   // As the benchmarks count a step's reads: the LM head (or the tied embedding) and every
   // layer's projections.
   const Tensor& head = w_.lm_head.defined() ? w_.lm_head : w_.embed;
@@ -85,13 +86,13 @@ void Model::set_prefetch(Prefetch p, int from_layer) {
 }
 
 bool Model::prefetch_pays(const KvCache::StepTraffic& last, double weight_bytes,
-                          const KvLayout& layout) {
+                          const KvLayout& layout, double share) {
   if (last.selected <= 0) return false;
   const double chunk = double(layout.kv_chunk_bytes() + layout.bias_chunk_bytes());
   const double bus_s = double(last.fresh) * chunk / k_bus_bytes_per_s;
   const double hbm_s =
       (weight_bytes + double(last.selected) * double(layout.kv_chunk_bytes())) / k_hbm_bytes_per_s;
-  return bus_s < k_prefetch_bus_share * hbm_s;
+  return bus_s < share * hbm_s;
 }
 
 void Model::decide_prefetch(const KvCache& cache) {
@@ -106,7 +107,8 @@ void Model::decide_prefetch(const KvCache& cache) {
       // Only where the copies can run beside the compute (a GPU's streams); elsewhere the
       // guesses would only add work.
       prefetching_ = possible && backend_.device() == Device::cuda &&
-                     prefetch_pays(cache.last_step_traffic(), weight_bytes_, cache.layout());
+                     prefetch_pays(cache.last_step_traffic(), weight_bytes_, cache.layout(),
+                                   prefetch_bus_share_);
       break;
   }
   prefetch_steps_ += prefetching_;

@@ -83,7 +83,7 @@ class Model {
   // take the bus (at the gathers' 51 GB/s) less than k_prefetch_bus_share times as long as the
   // step's HBM reads (weights and selected KV at 4.3 TB/s) take. Nothing measured yet: no.
   static bool prefetch_pays(const KvCache::StepTraffic& last, double weight_bytes,
-                            const KvLayout& layout);
+                            const KvLayout& layout, double share = k_prefetch_bus_share);
   // The lent H200's ceilings (docs/performance.md); only their ratio matters, and the rule was
   // calibrated there: another GPU's PCIe and HBM would move the threshold below.
   static constexpr double k_bus_bytes_per_s = 51e9, k_hbm_bytes_per_s = 4.3e12;
@@ -91,6 +91,10 @@ class Model {
   // (NOSA, B = 16 and 32) and lost at 3.7 (NOSA, B = 64) and 3.9 (InfLLM-V2, B = 16), where
   // its wrong guesses' bytes made the bus the bottleneck.
   static constexpr double k_prefetch_bus_share = 3.0;
+  // The share automatic prefetching uses: NOSA_PREFETCH_BUS_SHARE from the environment (for
+  // GPUs whose PCIe and HBM differ from the H200's), else k_prefetch_bus_share. 0: never.
+  double prefetch_bus_share() const { return prefetch_bus_share_; }
+  void set_prefetch_bus_share(double share) { prefetch_bus_share_ = share; }
   // "on", "off" or "auto"; anything else is an Error (ErrorCode::invalid_argument).
   static Prefetch parse_prefetch(const std::string& name);
 
@@ -133,6 +137,7 @@ class Model {
   bool prefetching_ = false;  // this step's choice (decide_prefetch)
   int64_t prefetch_steps_ = 0;
   double weight_bytes_ = 0;  // the weights a decoding step reads (prefetch_pays)
+  double prefetch_bus_share_ = k_prefetch_bus_share;
   // Once the cache has begun the step: whether it prefetches.
   void decide_prefetch(const KvCache& cache);
   SpeculationStats spec_stats_;

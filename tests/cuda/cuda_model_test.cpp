@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -184,7 +185,8 @@ TEST(CudaModel, StepGraphsGiveTheLogitsOfDirectSteps) {
 // `partition_slots`, residency decided on the device; else the KV whole in HBM and one batch.
 std::vector<Tensor> run_for_micro_batches(Backends& b, Side& gpu,
                                           const std::vector<int64_t>& lengths, bool offload,
-                                          int64_t slots, int micro = 2, int partition_slots = 0) {
+                                          int64_t slots, int micro = 2, int partition_slots = 0,
+                                          const std::function<void(int)>& before_step = {}) {
   const int n = int(lengths.size()), bs = gpu.model->kv_layout().block_size;
   std::vector<int32_t> prompt = StepFixture({{0, 1000}}, bs, 80, 74, 1900).step.tokens;
   runtime::KvCacheOptions o;
@@ -209,6 +211,7 @@ std::vector<Tensor> run_for_micro_batches(Backends& b, Side& gpu,
   }
   std::vector<Tensor> out;
   for (int step = 0; step < 24; ++step) {
+    if (before_step) before_step(step);
     StepBatch s;
     for (int i = 0; i < n; ++i)
       s.add({int32_t(7 + (step * 13 + i * 5) % 1500)}, lengths[i] + step, &blocks[i]);
@@ -340,6 +343,40 @@ TEST(CudaModel, PrefetchedResidencyGivesTheLogitsOfKvInHbm) {
       EXPECT_LT(worst, 1e-2) << what;
     }
   }
+}
+
+// Automatic prefetching that changes its mind from step to step (its threshold switched every two
+// steps, prefetching never on the first, which has nothing measured): the steps that prefetch
+// and those that do not run from graphs of their own, and the logits are those of the KV whole
+// in HBM.
+TEST(CudaModel, AutomaticPrefetchingThatSwitchesGivesTheLogitsOfKvInHbm) {
+  NOSA_REQUIRE_GPU();
+  Backends b;
+  const std::vector<int64_t> lengths = {1000, 990, 700, 430};
+  Side gpu = load(*b.gpu, attention::Mode::nosa, 400, 5);
+  runtime::set_cuda_graphs(false);
+  const std::vector<Tensor> whole = run_for_micro_batches(b, gpu, lengths, false, 0);
+  runtime::set_cuda_graphs(true);
+  gpu.model->set_prefetch(runtime::Model::Prefetch::automatic, 2);
+  const int64_t replays = runtime::cuda_graph_replays(), before = gpu.model->prefetch_steps();
+  auto switching = [&](int step) {
+    gpu.model->set_prefetch_bus_share(step % 4 < 2 ? 1e6 : 0.0);
+  };
+  const std::vector<Tensor> dev =
+      run_for_micro_batches(b, gpu, lengths, true, 1600, 2, 20, switching);
+  // Steps 1, 4, 5, 8, 9, ..., 20, 21 prefetch.
+  EXPECT_EQ(gpu.model->prefetch_steps() - before, 11);
+  // Each variant runs directly at its first step, is recorded at its second and replayed after.
+  EXPECT_EQ(runtime::cuda_graph_replays() - replays, 20);
+  gpu.cache->sync_stats();
+  const memory::TierStats st = gpu.cache->stats();
+  EXPECT_GT(st.prefetched, 0);
+  EXPECT_GT(st.prefetch_hits, 0);
+  const double worst = worst_step_error(whole, dev);
+  std::printf("[ prefetch ] automatic, switching: %lld steps prefetched, %lld chunks, worst logits "
+              "rel error vs HBM %.3e\n",
+              (long long)(gpu.model->prefetch_steps() - before), (long long)st.prefetched, worst);
+  EXPECT_LT(worst, 1e-2);
 }
 
 // The same with 64 sequences: each half's selection (32 tokens x 2 KV heads x 16 blocks) goes to

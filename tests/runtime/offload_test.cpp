@@ -337,6 +337,31 @@ TEST(Offload, BadResidencySwitchesInTheEnvironmentAreClearErrors) {
   EXPECT_EQ(Model::default_micro_batch_min_seqs(), 8);
 }
 
+// Automatic prefetching's threshold from the environment (NOSA_PREFETCH_BUS_SHARE), checked like
+// a flag; a model reads it when made, and a share of 0 never prefetches.
+TEST(Offload, ThePrefetchBusShareComesFromTheEnvironment) {
+  for (const char* bad : {"-1", "three", "2.5x", ""}) {
+    ScopedEnv env("NOSA_PREFETCH_BUS_SHARE", bad);
+    try {
+      Rig rig(attention::Mode::nosa, {}, 64, 256);
+      ADD_FAILURE() << "NOSA_PREFETCH_BUS_SHARE='" << bad << "' was taken";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::invalid_argument);
+      EXPECT_NE(e.message().find("NOSA_PREFETCH_BUS_SHARE"), std::string::npos) << e.message();
+    }
+  }
+  {
+    ScopedEnv env("NOSA_PREFETCH_BUS_SHARE", "1.5");
+    Rig rig(attention::Mode::nosa, {}, 64, 256);
+    EXPECT_EQ(rig.model->prefetch_bus_share(), 1.5);
+  }
+  Rig rig(attention::Mode::nosa, {}, 64, 256);
+  EXPECT_EQ(rig.model->prefetch_bus_share(), Model::k_prefetch_bus_share);
+  const KvLayout l = layout_of(32, 128, 64, DType::bf16);
+  EXPECT_TRUE(Model::prefetch_pays({1000, 10}, 15e9, l, 1.0));
+  EXPECT_FALSE(Model::prefetch_pays({1000, 10}, 15e9, l, 0.0));
+}
+
 // Tensor parallelism: the leader's cache records the blocks its engine frees (only when asked
 // to), and they travel to the followers in the next step plan, whose tiers free them too.
 TEST(Offload, ALeaderSendsTheBlocksItFreedToItsFollowers) {
