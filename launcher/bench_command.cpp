@@ -51,7 +51,8 @@ namespace {
 using json = nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
-constexpr double k_hbm_bytes_per_s = 4.3e12;  // docs/performance.md: the lent H200's copy rate
+// docs/performance.md: the lent H200's copy rate (the prefetch rule uses the same ceilings)
+constexpr double k_hbm_bytes_per_s = runtime::Model::k_hbm_bytes_per_s;
 
 struct BenchFlags {
   std::string suite = "decode";
@@ -134,7 +135,7 @@ json machine_info(runtime::Backend& be) {
 struct BenchModel {
   std::unique_ptr<parallel::Communicator> comm;
   std::unique_ptr<runtime::Model> model;
-  double weight_bytes = 0;  // bytes a decoding step reads (embedding rows excluded)
+  double weight_bytes = 0;  // Model::weight_bytes
 };
 
 // The ranks of a tensor-parallel benchmark (one rank without mpirun).
@@ -166,7 +167,6 @@ BenchModel random_model(runtime::Backend& be, const BenchFlags& f, attention::Mo
   w.embed = make({V, H}, -a, a, act);
   w.final_norm = make({H}, 1.0f, 1.0f, act);
   if (part.rank == 0) w.lm_head = c.tie_word_embeddings ? w.embed : make({V, H}, -a, a, act);
-  bm.weight_bytes = double(V * H) * dtype_size(act);
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     runtime::LayerWeights L;
     L.attn_norm = make({H}, 1.0f, 1.0f, act);
@@ -177,10 +177,10 @@ BenchModel random_model(runtime::Backend& be, const BenchFlags& f, attention::Mo
     L.down = make({H, part.ffn_count}, -a, a, act);
     L.nosa_a = make({nkv}, 0.5f, 1.0f, DType::f32);
     L.nosa_delta_w = make({nkv, nkv * d}, -0.05f, 0.05f, DType::f32);
-    for (const Tensor* t : {&L.qkv, &L.o_proj, &L.gate_up, &L.down}) bm.weight_bytes += t->bytes();
     w.layers.push_back(std::move(L));
   }
   bm.model = std::make_unique<runtime::Model>(c, std::move(w), part, mode, be, *bm.comm);
+  bm.weight_bytes = bm.model->weight_bytes();
   return bm;
 }
 
@@ -494,7 +494,8 @@ void run_prefill(SuiteContext& ctx) {
 // --miss-rate r >= 0 each step replaces a fraction r of every (sequence, layer, head)'s
 // non-forced selected blocks with random other blocks, so that throughput can be read off at the
 // locality a trained model shows (random weights do not show it).
-constexpr double k_gather_bytes_per_s = 51e9;  // zero-copy gather of scattered blocks
+// Zero-copy gather of scattered blocks.
+constexpr double k_gather_bytes_per_s = runtime::Model::k_bus_bytes_per_s;
 
 // Controlled selections: per (sequence, layer, KV head), the last step's blocks with a fraction
 // replaced.

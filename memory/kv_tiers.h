@@ -53,7 +53,6 @@ struct TierStats {
   int64_t hits = 0, misses = 0, evictions = 0;  // the device block cache
   int64_t selected = 0;  // chunks selected (summed over steps and layers)
   int64_t overlap = 0;   // of those, chunks its (sequence, layer, head) also selected last step
-                         // (with the prefetch: or prefetched last step and not selected then)
   // Device-side residency's prefetch: chunks copied from a guess at a layer's selection before
   // its own round, and how many of them that round then selected (counted in hits, not misses).
   int64_t prefetched = 0, prefetch_hits = 0;

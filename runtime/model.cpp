@@ -44,8 +44,6 @@ Model::Model(ModelConfig config, ModelWeights weights, parallel::Partition part,
   micro_min_seqs_ = default_micro_batch_min_seqs();
   set_prefetch(default_prefetch());
   prefetch_bus_share_ = env_double("NOSA_PREFETCH_BUS_SHARE", k_prefetch_bus_share, 0, 1e6);
-  // As the benchmarks count a step's reads: the LM head (or the tied embedding) and every
-  // layer's projections.
   const Tensor& head = w_.lm_head.defined() ? w_.lm_head : w_.embed;
   weight_bytes_ = double(head.bytes());
   for (const LayerWeights& L : w_.layers)
@@ -96,8 +94,9 @@ bool Model::prefetch_pays(const KvCache::StepTraffic& last, double weight_bytes,
 }
 
 void Model::decide_prefetch(const KvCache& cache) {
-  // Some layer must prefetch (from prefetch_from_ on): otherwise the step is the same, and a
-  // separate step-graph variant would only cost a recording.
+  // On the device path only (the host path reads each selection back, and its rounds are not
+  // partitioned by layer), and some layer must prefetch (from prefetch_from_ on): otherwise the
+  // step is the same, and a separate step-graph variant would only cost a recording.
   const bool possible = mode_ != attention::Mode::dense && cache.on_device() &&
                         config_.num_hidden_layers > prefetch_from_;
   switch (prefetch_) {
@@ -388,12 +387,9 @@ Tensor Model::run_layers(const StepBatch& step, KvCache& cache, bool cache_begun
   }
   const bool sparse = mode_ != attention::Mode::dense;
   const bool probe = probe_ && sparse && step.decode_only();
-  // On the device path only: the host path reads each selection back, and its rounds are not
-  // partitioned by layer.
-  const bool prefetch = prefetching_;
   std::vector<int32_t> spec;  // the probe's selection of the next layer
   for (int l = 0; l < config_.num_hidden_layers; ++l) {
-    if (prefetch && l + 1 >= prefetch_from_ && l + 1 < config_.num_hidden_layers)
+    if (prefetching_ && l + 1 >= prefetch_from_ && l + 1 < config_.num_hidden_layers)
       prefetch_layer(l + 1, step, a, cache);
     std::vector<int32_t> next_spec;
     if (probe && l + 1 < config_.num_hidden_layers) next_spec = speculative_rows(l + 1, a, cache);

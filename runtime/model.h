@@ -71,6 +71,9 @@ class Model {
   enum class Prefetch { off, on, automatic };
   void set_prefetch(Prefetch p, int from_layer = default_prefetch_from_layer());
   Prefetch prefetch() const { return prefetch_; }
+  // The weights a decoding step reads: the LM head (or the tied embedding) and every layer's
+  // projections (the benchmarks' floors, prefetch_pays).
+  double weight_bytes() const { return weight_bytes_; }
   // Steps that prefetched so far (tests, benchmarks).
   int64_t prefetch_steps() const { return prefetch_steps_; }
   // NOSA_PREFETCH_FROM_LAYER from the environment, else 2.
@@ -136,7 +139,7 @@ class Model {
   int prefetch_from_ = 2;
   bool prefetching_ = false;  // this step's choice (decide_prefetch)
   int64_t prefetch_steps_ = 0;
-  double weight_bytes_ = 0;  // the weights a decoding step reads (prefetch_pays)
+  double weight_bytes_ = 0;  // weight_bytes()
   double prefetch_bus_share_ = k_prefetch_bus_share;
   // Once the cache has begun the step: whether it prefetches.
   void decide_prefetch(const KvCache& cache);
