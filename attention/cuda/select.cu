@@ -1036,7 +1036,13 @@ cudaError_t launch_split(const SelectArgs& a, cudaStream_t stream) {
 // warps wait), ~22% on the GEMM's FFMA and shared loads, ~12% on the exps and quotients. Each
 // key's row is now found once per round by one thread (key_rows) instead of by the eight
 // threads loading its parts, once per part: NOSA prefill 16 x 16K, 1b 72.0K -> 73.6K tok/s,
-// 8b 23.4K -> 23.6K.
+// 8b 23.4K -> 23.6K. Not kept: a persistent kernel, one thread block per multiprocessor whose
+// warps split into a logits team and a softmax team (one tile's GEMM beside the softmax,
+// pooling and top-k of the tile before, the logits handed over in two shared-memory buffers by
+// named barriers). Same selection, but slower (H200, 16K-token prompt, two layers' selection
+// with the warm-up: 8b-like 10.4 ms here, 17.0 with 4 + 8 warps, 12.8 with 8 + 8; 1b-like 5.3,
+// 8.6, 6.5): the exponentials and top-k are chains of latency that want every warp, and two of
+// these thread blocks per multiprocessor already interleave their phases.
 //
 // The arithmetic is the reference's, as in the other paths: dot products in x order with
 // fused multiply-add (exact products, see above), the maximum exact, the sum of exp(double) in
@@ -1361,10 +1367,18 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
             const int idx = it * k_tile_threads + tid, r = idx / XP, x = idx % XP;
             const bf16* e = reinterpret_cast<const bf16*>(&pre[it]);
             float4* dst = reinterpret_cast<float4*>(stage + r * k_tile_sq + x * 8);
-            dst[0] = make_float4(__bfloat162float(e[0]), __bfloat162float(e[1]),
-                                 __bfloat162float(e[2]), __bfloat162float(e[3]));
-            dst[1] = make_float4(__bfloat162float(e[4]), __bfloat162float(e[5]),
-                                 __bfloat162float(e[6]), __bfloat162float(e[7]));
+            const float4 lo = make_float4(__bfloat162float(e[0]), __bfloat162float(e[1]),
+                                          __bfloat162float(e[2]), __bfloat162float(e[3]));
+            const float4 hi = make_float4(__bfloat162float(e[4]), __bfloat162float(e[5]),
+                                          __bfloat162float(e[6]), __bfloat162float(e[7]));
+            // The eight threads of a quarter warp (one store phase) write one row's 256 bytes,
+            // 32 apart: x and x + 4 would hit the same banks, so the upper four store their
+            // halves in the other order (a two-way conflict on every stage store otherwise:
+            // about half of the kernel's shared-store wavefronts; 8b-like 16K prefill, a layer's
+            // selection 5.34 -> 5.21 ms on an H200).
+            const int swap = (x >> 2) & 1;
+            dst[swap] = swap ? hi : lo;
+            dst[swap ^ 1] = swap ? lo : hi;
           }
           // The next round's rows, read by its first fetch after the barrier below (their buffer's
           // last reads, two rounds back, were before this round's first barrier).
