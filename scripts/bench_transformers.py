@@ -24,6 +24,42 @@ SHAPES = {
 }
 
 
+def torch_ready():
+    """Whether PyTorch, transformers and a CUDA device are here (else prints why it skips)."""
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as e:
+        print(f"skipped: PyTorch/transformers not available ({e})")
+        return False
+    if not torch.cuda.is_available():
+        print("skipped: no CUDA device")
+        return False
+    return True
+
+
+def random_llama(shape, layers=None):
+    """LlamaForCausalLM of a nosa shape (all its layers, or `layers`), random bf16 weights from
+    seed 0, SDPA attention, on the GPU."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    n_layers, hidden, heads, kv, head_dim, ffn, vocab = SHAPES[shape]
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
+                         num_hidden_layers=layers or n_layers, num_attention_heads=heads,
+                         num_key_value_heads=kv, head_dim=head_dim,
+                         max_position_embeddings=131072, rope_theta=10000.0,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(prev)
+    return model
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", action="append", help="shape (repeatable; default nosa-1b-like)")
@@ -34,16 +70,10 @@ def main():
     ap.add_argument("--compile", action="store_true", help="let generate compile (slow start)")
     ap.add_argument("--out")
     args = ap.parse_args()
-    try:
-        import torch
-        import transformers
-        from transformers import LlamaConfig, LlamaForCausalLM
-    except ImportError as e:
-        print(f"skipped: PyTorch/transformers not available ({e})")
+    if not torch_ready():
         return 0
-    if not torch.cuda.is_available():
-        print("skipped: no CUDA device")
-        return 0
+    import torch
+    import transformers
     shapes = args.shape or ["nosa-1b-like"]
     batches = args.batch or [16]
     out = {"peer": "transformers generate (static cache, sdpa, greedy, bf16)",
@@ -53,20 +83,8 @@ def main():
            "command": "python3 scripts/bench_transformers.py " + " ".join(reproducible_args(sys.argv[1:])),
            "results": []}
     for shape in shapes:
-        layers, hidden, heads, kv, head_dim, ffn, vocab = SHAPES[shape]
-        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
-                             num_hidden_layers=layers, num_attention_heads=heads,
-                             num_key_value_heads=kv, head_dim=head_dim,
-                             max_position_embeddings=131072, rope_theta=10000.0,
-                             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                             pad_token_id=0)
-        config._attn_implementation = "sdpa"
-        torch.manual_seed(0)
-        prev = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(config).eval()
-        torch.set_default_dtype(prev)
+        vocab = SHAPES[shape][6]
+        model = random_llama(shape)
         gen_cfg = dict(do_sample=False, cache_implementation="static", pad_token_id=0,
                        eos_token_id=None)
         # Eager decoding unless asked (static caches make generate auto-compile otherwise).

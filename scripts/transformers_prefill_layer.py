@@ -9,7 +9,7 @@ Prints "skipped: ..." and exits 0 where torch or a GPU is missing.
 import argparse
 import time
 
-from bench_transformers import SHAPES
+from bench_transformers import SHAPES, random_llama, torch_ready
 
 
 def main():
@@ -19,24 +19,11 @@ def main():
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--matmul", action="store_true", help="also time the projections' matmuls")
     args = ap.parse_args()
-    try:
-        import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
-    except ImportError as e:
-        print(f"skipped: PyTorch/transformers not available ({e})")
+    if not torch_ready():
         return 0
-    if not torch.cuda.is_available():
-        print("skipped: no CUDA device")
-        return 0
+    import torch
     _, hidden, heads, kv, head_dim, ffn, vocab = SHAPES[args.shape]
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
-                      num_hidden_layers=1, num_attention_heads=heads, num_key_value_heads=kv,
-                      head_dim=head_dim, max_position_embeddings=131072, rope_theta=10000.0,
-                      tie_word_embeddings=False)
-    cfg._attn_implementation = "sdpa"
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).eval()
+    model = random_llama(args.shape, layers=1)
     ids = torch.randint(3, vocab, (args.batch, args.tokens), device="cuda")
     with torch.no_grad():
         for run in range(2):
@@ -52,8 +39,8 @@ def main():
         q_out = (heads + 2 * kv) * head_dim
         for K, N, what in ((hidden, q_out, "qkv"), (heads * head_dim, hidden, "o"),
                            (hidden, 2 * ffn, "gate+up"), (ffn, hidden, "down")):
-            a = torch.randn(M, K, device="cuda")
-            w = torch.randn(N, K, device="cuda")
+            a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
             for _ in range(3):
                 a @ w.t()
             start, end = torch.cuda.Event(True), torch.cuda.Event(True)
