@@ -4,8 +4,10 @@
 // bandwidth, not by the tensor cores.
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 
 #include "attention/cuda/device_common.cuh"
+#include "attention/cuda/prefill_wgmma.cuh"
 #include "attention/cuda/sparse_prefill.cuh"
 
 namespace nosa::attention::cuda {
@@ -37,10 +39,6 @@ struct PrefillLayout {
   static constexpr int fixed_bytes = bias_offset + 2 * k_keys * 4;
 };
 
-__device__ __forceinline__ void cp_async16_or_zero(uint32_t smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem),
-               "r"(valid ? 16 : 0));
-}
 
 // ldmatrix on 32-bit shared-memory addresses: the kernel keeps its addresses in 32 bits, which
 // leaves the registers to the accumulators.
@@ -55,11 +53,6 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
                : "r"(addr));
 }
 
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // Where the keys of a stage are in the tile's block list (its entries laid end to end). Block
 // sizes are 16, 32 or multiples of 64, so with sub = min(block_size, 64) (a power of two) key x
@@ -557,6 +550,30 @@ cudaError_t launch_kernel(const PrefillArgs& a, size_t smem, cudaStream_t stream
 }
 
 int g_forced_slots = 0;  // force_prefill_slots()
+int g_wgmma = -1;        // force_prefill_wgmma(); -1: NOSA_PREFILL_WGMMA
+
+// The wgmma kernel's thread blocks per SM (1 or 2) where dense launches take it, else 0: built
+// for sm_90a, on an sm_90 GPU, and asked for (force_prefill_wgmma, else NOSA_PREFILL_WGMMA=1 or
+// 2; off by default).
+int wgmma_blocks() {
+#ifdef NOSA_HAVE_WGMMA
+  static const int env = [] {
+    const char* v = std::getenv("NOSA_PREFILL_WGMMA");
+    return v ? std::atoi(v) : 0;
+  }();
+  const int want = g_wgmma >= 0 ? g_wgmma : env;
+  if (want != 1 && want != 2) return 0;
+  int dev = 0, major = 0, minor = 0;
+  const bool sm90 =
+      cudaGetDevice(&dev) == cudaSuccess &&
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
+      major == 9 && minor == 0;
+  return sm90 ? want : 0;
+#else
+  return 0;
+#endif
+}
 
 template <int D>
 cudaError_t launch(const PrefillArgs& a, cudaStream_t stream) {
@@ -600,6 +617,8 @@ size_t prefill_shared_limit() { return max_shared_bytes(); }
 
 void force_prefill_slots(int slots) { g_forced_slots = slots; }
 
+void force_prefill_wgmma(int blocks_per_sm) { g_wgmma = blocks_per_sm; }
+
 int prefill_tile_tokens(int group) {
   return group >= k_rows ? 1 : std::min(k_max_tile_tokens, k_rows / group);
 }
@@ -612,6 +631,11 @@ cudaError_t launch_sparse_prefill(const PrefillArgs& a, cudaStream_t stream) {
   // Block sizes 16, 32 or multiples of 64 (stage_keys' shifts and masks rely on it).
   const int bs = a.kv.block_size;
   if (!(bs == 16 || bs == 32 || (bs > 0 && bs % 64 == 0))) return cudaErrorInvalidValue;
+#ifdef NOSA_HAVE_WGMMA
+  if (prefill_wgmma_fits(a))
+    if (const int blocks = wgmma_blocks(); blocks > 0)
+      return launch_prefill_wgmma(a, blocks, stream);
+#endif
   switch (a.kv.head_dim) {
     case 64: return launch<64>(a, stream);
     case 128: return launch<128>(a, stream);

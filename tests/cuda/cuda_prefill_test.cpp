@@ -188,5 +188,21 @@ TEST(CudaPrefill, LongPromptChunkMatchesCpu) {
   run_prefill(c, Attend::random_subsets, 4010);
 }
 
+// The dense cases through the wgmma kernel (attention/cuda/prefill_wgmma.cu: sm_90 GPUs, in a
+// build with sm_90a code), with one and with two thread blocks per SM, and a long prompt chunk;
+// the cases it does not take (head_dim 64, blocks under 64 keys, decode tokens) run the others.
+TEST(CudaPrefill, DenseThroughTheWgmmaKernelMatchesCpu) {
+  NOSA_REQUIRE_GPU();
+  struct Restore {
+    ~Restore() { attention::cuda::force_prefill_wgmma(-1); }
+  } restore;
+  uint64_t seed = 5000;
+  for (int blocks : {1, 2}) {
+    attention::cuda::force_prefill_wgmma(blocks);
+    for (const PrefillCase& c : prefill_cases()) run_prefill(c, Attend::dense, seed++);
+    run_prefill({"g16-d128-long", 128, 16, 64, {{3000, 64}, {0, 700}}}, Attend::dense, seed++);
+  }
+}
+
 }  // namespace
 }  // namespace nosa::test

@@ -1,0 +1,17 @@
+// Dense prefill attention with Hopper's warpgroup MMA (prefill_wgmma.cu): the dense case of the
+// prefill kernel (no selection, no bias), head_dim 128, blocks of a multiple of 64 keys, on
+// sm_90 GPUs when the build includes sm_90a code (NOSA_HAVE_WGMMA). Host-includable.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "attention/cuda/sparse_prefill.cuh"
+
+namespace nosa::attention::cuda {
+
+// Whether the wgmma kernel computes this launch (its shapes; not whether the GPU runs it).
+bool prefill_wgmma_fits(const PrefillArgs& args);
+// blocks_per_sm: 1 (up to 168 registers a thread) or 2 (128, two thread blocks per SM).
+cudaError_t launch_prefill_wgmma(const PrefillArgs& args, int blocks_per_sm, cudaStream_t stream);
+
+}  // namespace nosa::attention::cuda
