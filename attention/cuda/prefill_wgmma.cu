@@ -28,7 +28,12 @@ constexpr int k_q_half = k_wg_rows * 128;             // 16 KB
 constexpr int k_kv_half = k_wg_keys * 128;            // 8 KB
 constexpr int k_q_bytes = 2 * k_q_half;               // 32 KB
 constexpr int k_stage_bytes = 4 * k_kv_half;          // K and V: 32 KB
-constexpr int k_wg_smem = 1024 + k_q_bytes + 2 * k_stage_bytes;
+// Stage buffers: two, or three for the pipelined loop (a stage's values are still read by its
+// P V product while the next stage's keys are multiplied and the one after loads).
+__host__ __device__ constexpr int wg_stages(bool pipelined) { return pipelined ? 3 : 2; }
+constexpr int wg_smem(bool pipelined) {
+  return 1024 + k_q_bytes + wg_stages(pipelined) * k_stage_bytes;
+}
 
 // Where the 16-byte chunk j (0..15: dimensions 8 j..8 j + 7) of row r goes in a swizzled
 // operand whose halves (dimensions 0..63, 64..127) are `half` bytes apart.
@@ -47,8 +52,9 @@ __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.a
 __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
-__device__ __forceinline__ void wgmma_wait0() {
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 // Shared-memory writes of the generic proxy (cp.async) seen by the async proxy (wgmma).
 __device__ __forceinline__ void fence_async_shared() {
@@ -91,14 +97,101 @@ __device__ __forceinline__ void wgmma_pv(float (&d)[64], const uint32_t (&a)[4],
 }
 
 
+// The A fragments' registers (P), tied like the accumulators: an asynchronous wgmma reads them
+// until its wait.
+__device__ __forceinline__ void reg_fence(uint32_t (&r)[4][4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+}
+
+// A warpgroup's S = Q K^T for one stage: eight k16 steps over the two 64-dimension halves of Q
+// (its 64 rows) and K (the stage's 64 keys), both K-major.
+__device__ __forceinline__ void issue_qk(float (&sc)[32], uint32_t q_wg, uint32_t ks) {
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const uint32_t qa = q_wg + (k >> 2) * k_q_half + (k & 3) * 32;
+    const uint32_t ka = ks + (k >> 2) * k_kv_half + (k & 3) * 32;
+    wgmma_qk(sc, sw128_desc(qa, 16, 1024), sw128_desc(ka, 16, 1024), k > 0 ? 1 : 0);
+  }
+}
+
+// O += P V for one stage: four k16 steps of 16 keys; V N-major (halves 8 KB apart along the
+// dimensions, 8-key groups 1 KB apart).
+__device__ __forceinline__ void issue_pv(float (&o)[64], const uint32_t (&p)[4][4], uint32_t vs) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) wgmma_pv(o, p[kk], sw128_desc(vs + kk * 2048, k_kv_half, 1024), 1);
+}
+
+// One stage's online softmax on a thread's S values (rows g and g + 8 of its warp): keys after
+// a row's position masked (unless the whole stage is visible to every row), the new row maxima
+// m, the factor alpha the output so far must be scaled by, l scaled and increased, and P
+// packed as the A fragments of the P V product (mma.sync's layout, as the accumulators).
+__device__ __forceinline__ void stage_softmax(float (&sc)[32], int key0, bool full, int t4,
+                                              const int (&row_pos)[2], float scale_log2,
+                                              float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                              uint32_t (&p)[4][4]) {
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int half = i >> 1, kpos = key0 + nt * 8 + 2 * t4 + (i & 1);
+      float x = sc[nt * 4 + i];
+      if (!full && kpos > row_pos[half]) x = -INFINITY;
+      sc[nt * 4 + i] = x;
+      mx[half] = fmaxf(mx[half], x);
+    }
+  float neg_m[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float v = mx[half];
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+    const float m_new = fmaxf(m[half], v);
+    // A row with nothing visible so far keeps m = -inf; exponents then use 0 (no NaN).
+    const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+    alpha[half] = fast_exp2((m[half] - m_use) * scale_log2);
+    m[half] = m_new;
+    neg_m[half] = -m_use * scale_log2;
+    l[half] *= alpha[half];
+  }
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float e = fast_exp2(fmaf(sc[nt * 4 + i], scale_log2, neg_m[i >> 1]));
+      sc[nt * 4 + i] = e;
+      l[i >> 1] += e;
+    }
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    p[kk][0] = pack_bf16(sc[(2 * kk) * 4 + 0], sc[(2 * kk) * 4 + 1]);
+    p[kk][1] = pack_bf16(sc[(2 * kk) * 4 + 2], sc[(2 * kk) * 4 + 3]);
+    p[kk][2] = pack_bf16(sc[(2 * kk + 1) * 4 + 0], sc[(2 * kk + 1) * 4 + 1]);
+    p[kk][3] = pack_bf16(sc[(2 * kk + 1) * 4 + 2], sc[(2 * kk + 1) * 4 + 3]);
+  }
+}
+
+__device__ __forceinline__ void rescale(float (&o)[64], const float (&alpha)[2]) {
+#pragma unroll
+  for (int dn = 0; dn < 16; ++dn)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[dn * 4 + i] *= alpha[i >> 1];
+}
+
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define NOSA_WGMMA_BODY 1
 #endif
 
 // grid (n_tiles * H), 256 threads; row r of a tile = token r / group, head r % group. Blocks:
 // thread blocks meant to share a multiprocessor (2 caps the registers at 128 a thread).
-template <int Blocks>
+// Pipelined: each stage's S = Q K^T is issued with the stage before's P V product and its
+// softmax runs while that product does (three stage buffers, one block per multiprocessor).
+template <int Blocks, bool Pipelined>
 __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(PrefillArgs a) {
+  constexpr int NB = wg_stages(Pipelined);
 #ifdef NOSA_WGMMA_BODY
   extern __shared__ unsigned char smem_raw[];
   __shared__ int tok_pos[64];
@@ -130,14 +223,14 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
   const int n_stages = tile_max_pos / k_wg_keys + 1;
 
   // Stage s's keys and values (keys 64 s.. of the sequence: one block's, blocks being multiples
-  // of 64 keys) into buffer s % 2: four 16-byte chunks of each per thread.
+  // of 64 keys) into buffer s % NB: four 16-byte chunks of each per thread.
   auto issue = [&](int s) {
     if (s < n_stages) {
       const int key0 = s * k_wg_keys, blk = key0 / bs, w0 = key0 - blk * bs;
       const int64_t slot = kv_slot(kv, table[blk], a.layer, h);
       const bf16* kp = kbase + slot * chunk_elems + int64_t(w0) * k_wg_d;
       const bf16* vp = kp + int64_t(bs) * k_wg_d;
-      const uint32_t dk = kv_s + (s & 1) * k_stage_bytes, dv = dk + 2 * k_kv_half;
+      const uint32_t dk = kv_s + (s % NB) * k_stage_bytes, dv = dk + 2 * k_kv_half;
 #pragma unroll
       for (int it = 0; it < 4; ++it) {
         const int i = it * k_wg_threads + tid, r = i / 16, j = i % 16;
@@ -174,83 +267,95 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
   const float scale_log2 = a.scale * k_log2e;
   const int t4 = lane % 4;
 
-  for (int s = 0; s < n_stages; ++s) {
-    cp_async_wait<0>();
-    fence_async_shared();
-    __syncthreads();  // stage s (and the queries) landed for all; stage s - 1's buffer is free
-    issue(s + 1);
-    const int key0 = s * k_wg_keys;
-    if (key0 > wg_max) continue;
-    const uint32_t ks = kv_s + (s & 1) * k_stage_bytes, vs = ks + 2 * k_kv_half;
-
-    float sc[32];
-#pragma unroll
-    for (int i = 0; i < 32; ++i) sc[i] = 0.0f;
-    wgmma_fence();
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const uint32_t qa = q_s + (k >> 2) * k_q_half + wg * 64 * 128 + (k & 3) * 32;
-      const uint32_t ka = ks + (k >> 2) * k_kv_half + (k & 3) * 32;
-      wgmma_qk(sc, sw128_desc(qa, 16, 1024), sw128_desc(ka, 16, 1024), k > 0 ? 1 : 0);
+  const uint32_t q_wg = q_s + wg * 64 * 128;  // the warpgroup's 64 rows of Q
+  float sc[32], alpha[2];
+  uint32_t p[4][4];
+  if constexpr (!Pipelined) {
+    for (int s = 0; s < n_stages; ++s) {
+      cp_async_wait<0>();
+      fence_async_shared();
+      __syncthreads();  // stage s (and the queries) landed for all; stage s - 1's buffer is free
+      issue(s + 1);
+      const int key0 = s * k_wg_keys;
+      if (key0 > wg_max) continue;
+      const uint32_t ks = kv_s + (s % NB) * k_stage_bytes, vs = ks + 2 * k_kv_half;
+      wgmma_fence();
+      issue_qk(sc, q_wg, ks);
+      wgmma_commit();
+      wgmma_wait<0>();
+      reg_fence(sc);
+      stage_softmax(sc, key0, key0 + k_wg_keys - 1 <= wg_min, t4, row_pos, scale_log2, m, l,
+                    alpha, p);
+      rescale(o, alpha);
+      wgmma_fence();
+      issue_pv(o, p, vs);
+      wgmma_commit();
+      wgmma_wait<0>();
+      reg_fence(o);
+      reg_fence(p);
     }
-    wgmma_commit();
-    wgmma_wait0();
-    reg_fence(sc);
-
-    // Masks (keys after a row's token), the new row maxima, the rescale.
-    const bool full = key0 + k_wg_keys - 1 <= wg_min;
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int half = i >> 1, kpos = key0 + nt * 8 + 2 * t4 + (i & 1);
-        float x = sc[nt * 4 + i];
-        if (!full && kpos > row_pos[half]) x = -INFINITY;
-        sc[nt * 4 + i] = x;
-        mx[half] = fmaxf(mx[half], x);
+  } else {
+    // p holds the stage before's P while `pending`: its P V product is issued with this stage's
+    // Q K^T, and waited for before the output is rescaled by this stage's maxima.
+    uint32_t p_next[4][4];
+    bool pending = false;
+    int pending_vs = 0;
+    for (int s = 0; s < n_stages; ++s) {
+      cp_async_wait<0>();
+      fence_async_shared();
+      // Stage s landed for all, and every warpgroup is past stage s - 2's P V product (waited
+      // for in iteration s - 1): its buffer, (s + 1) % 3, takes stage s + 1. Stage s - 1's
+      // values stay for the P V product issued in this iteration.
+      __syncthreads();
+      issue(s + 1);
+      const int key0 = s * k_wg_keys;
+      if (key0 > wg_max) {
+        if (pending) {  // the warpgroup's last stage's P V
+          wgmma_fence();
+          issue_pv(o, p, uint32_t(pending_vs));
+          wgmma_commit();
+          wgmma_wait<0>();
+          reg_fence(o);
+          reg_fence(p);
+          pending = false;
+        }
+        continue;
       }
-    float neg_m[2];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float v = mx[half];
-      v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-      v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-      const float m_new = fmaxf(m[half], v);
-      const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-      const float alpha = fast_exp2((m[half] - m_use) * scale_log2);
-      m[half] = m_new;
-      neg_m[half] = -m_use * scale_log2;
-      l[half] *= alpha;
-#pragma unroll
-      for (int dn = 0; dn < 16; ++dn) {
-        o[dn * 4 + 2 * half] *= alpha;
-        o[dn * 4 + 2 * half + 1] *= alpha;
+      const uint32_t ks = kv_s + (s % NB) * k_stage_bytes, vs = ks + 2 * k_kv_half;
+      wgmma_fence();
+      issue_qk(sc, q_wg, ks);
+      wgmma_commit();
+      if (pending) {
+        issue_pv(o, p, uint32_t(pending_vs));
+        wgmma_commit();
+        wgmma_wait<1>();  // Q K^T done; the P V product may still run
+      } else {
+        wgmma_wait<0>();
       }
+      reg_fence(sc);
+      stage_softmax(sc, key0, key0 + k_wg_keys - 1 <= wg_min, t4, row_pos, scale_log2, m, l,
+                    alpha, p_next);
+      if (pending) {
+        wgmma_wait<0>();
+        reg_fence(o);
+        reg_fence(p);
+      }
+      rescale(o, alpha);
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) p[kk][j] = p_next[kk][j];
+      pending = true;
+      pending_vs = int(vs);
     }
-    uint32_t p[4][4];
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float e = fast_exp2(fmaf(sc[nt * 4 + i], scale_log2, neg_m[i >> 1]));
-        sc[nt * 4 + i] = e;
-        l[i >> 1] += e;
-      }
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      p[kk][0] = pack_bf16(sc[(2 * kk) * 4 + 0], sc[(2 * kk) * 4 + 1]);
-      p[kk][1] = pack_bf16(sc[(2 * kk) * 4 + 2], sc[(2 * kk) * 4 + 3]);
-      p[kk][2] = pack_bf16(sc[(2 * kk + 1) * 4 + 0], sc[(2 * kk + 1) * 4 + 1]);
-      p[kk][3] = pack_bf16(sc[(2 * kk + 1) * 4 + 2], sc[(2 * kk + 1) * 4 + 3]);
+    if (pending) {
+      wgmma_fence();
+      issue_pv(o, p, uint32_t(pending_vs));
+      wgmma_commit();
+      wgmma_wait<0>();
+      reg_fence(o);
+      reg_fence(p);
     }
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
-      wgmma_pv(o, p[kk], sw128_desc(vs + kk * 2048, k_kv_half, 1024), 1);
-    wgmma_commit();
-    wgmma_wait0();
-    reg_fence(o);
   }
   cp_async_wait<0>();
 
@@ -281,19 +386,25 @@ bool prefill_wgmma_fits(const PrefillArgs& a) {
          !a.use_bias && a.group >= 1 && a.group <= k_wg_rows && a.kv.block_size > 0;
 }
 
-template <int Blocks>
-cudaError_t launch_blocks(const PrefillArgs& a, cudaStream_t stream) {
-  if (const cudaError_t e = allow_shared<wgmma_prefill_kernel<Blocks>>(k_wg_smem, true);
+template <int Blocks, bool Pipelined>
+cudaError_t launch_variant(const PrefillArgs& a, cudaStream_t stream) {
+  constexpr int smem = wg_smem(Pipelined);
+  if (const cudaError_t e = allow_shared<wgmma_prefill_kernel<Blocks, Pipelined>>(smem, true);
       e != cudaSuccess)
     return e;
-  wgmma_prefill_kernel<Blocks><<<unsigned(a.n_tiles) * unsigned(a.kv.n_kv_heads), k_wg_threads,
-                                 k_wg_smem, stream>>>(a);
+  wgmma_prefill_kernel<Blocks, Pipelined>
+      <<<unsigned(a.n_tiles) * unsigned(a.kv.n_kv_heads), k_wg_threads, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
-cudaError_t launch_prefill_wgmma(const PrefillArgs& a, int blocks_per_sm, cudaStream_t stream) {
+cudaError_t launch_prefill_wgmma(const PrefillArgs& a, int variant, cudaStream_t stream) {
   if (!prefill_wgmma_fits(a)) return cudaErrorInvalidValue;
-  return blocks_per_sm == 1 ? launch_blocks<1>(a, stream) : launch_blocks<2>(a, stream);
+  switch (variant) {
+    case 1: return launch_variant<1, false>(a, stream);
+    case 2: return launch_variant<2, false>(a, stream);
+    case 3: return launch_variant<1, true>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace nosa::attention::cuda

@@ -11,7 +11,9 @@ namespace nosa::attention::cuda {
 
 // Whether the wgmma kernel computes this launch (its shapes; not whether the GPU runs it).
 bool prefill_wgmma_fits(const PrefillArgs& args);
-// blocks_per_sm: 1 (up to 168 registers a thread) or 2 (128, two thread blocks per SM).
-cudaError_t launch_prefill_wgmma(const PrefillArgs& args, int blocks_per_sm, cudaStream_t stream);
+// variant: 1, each stage's products in turn, one thread block per SM; 2, the same with two
+// (128 registers a thread); 3, pipelined: a stage's Q K^T issued with the stage before's P V,
+// its softmax running while that product does (one block per SM, three stage buffers).
+cudaError_t launch_prefill_wgmma(const PrefillArgs& args, int variant, cudaStream_t stream);
 
 }  // namespace nosa::attention::cuda

@@ -552,17 +552,17 @@ cudaError_t launch_kernel(const PrefillArgs& a, size_t smem, cudaStream_t stream
 int g_forced_slots = 0;  // force_prefill_slots()
 int g_wgmma = -1;        // force_prefill_wgmma(); -1: NOSA_PREFILL_WGMMA
 
-// The wgmma kernel's thread blocks per SM (1 or 2) where dense launches take it, else 0: built
-// for sm_90a, on an sm_90 GPU, and asked for (force_prefill_wgmma, else NOSA_PREFILL_WGMMA=1 or
-// 2; off by default).
-int wgmma_blocks() {
+// The wgmma kernel's variant (prefill_wgmma.cuh: 1, 2 or 3) where dense launches take it, else
+// 0: built for sm_90a, on an sm_90 GPU, and asked for (force_prefill_wgmma, else
+// NOSA_PREFILL_WGMMA; off by default).
+int wgmma_variant() {
 #ifdef NOSA_HAVE_WGMMA
   static const int env = [] {
     const char* v = std::getenv("NOSA_PREFILL_WGMMA");
     return v ? std::atoi(v) : 0;
   }();
   const int want = g_wgmma >= 0 ? g_wgmma : env;
-  if (want != 1 && want != 2) return 0;
+  if (want < 1 || want > 3) return 0;
   int dev = 0, major = 0, minor = 0;
   const bool sm90 =
       cudaGetDevice(&dev) == cudaSuccess &&
@@ -617,7 +617,7 @@ size_t prefill_shared_limit() { return max_shared_bytes(); }
 
 void force_prefill_slots(int slots) { g_forced_slots = slots; }
 
-void force_prefill_wgmma(int blocks_per_sm) { g_wgmma = blocks_per_sm; }
+void force_prefill_wgmma(int variant) { g_wgmma = variant; }
 
 int prefill_tile_tokens(int group) {
   return group >= k_rows ? 1 : std::min(k_max_tile_tokens, k_rows / group);
@@ -633,8 +633,8 @@ cudaError_t launch_sparse_prefill(const PrefillArgs& a, cudaStream_t stream) {
   if (!(bs == 16 || bs == 32 || (bs > 0 && bs % 64 == 0))) return cudaErrorInvalidValue;
 #ifdef NOSA_HAVE_WGMMA
   if (prefill_wgmma_fits(a))
-    if (const int blocks = wgmma_blocks(); blocks > 0)
-      return launch_prefill_wgmma(a, blocks, stream);
+    if (const int variant = wgmma_variant(); variant > 0)
+      return launch_prefill_wgmma(a, variant, stream);
 #endif
   switch (a.kv.head_dim) {
     case 64: return launch<64>(a, stream);

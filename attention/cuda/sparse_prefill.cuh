@@ -50,9 +50,9 @@ cudaError_t launch_sparse_prefill(const PrefillArgs& args, cudaStream_t stream);
 // that all three kernels are compared with the CPU (the launcher's own choice takes fewer slots
 // only for block lists longer than tests build); 0 restores the launcher's choice.
 void force_prefill_slots(int slots);
-// Tests and comparisons: dense launches through the wgmma kernel (prefill_wgmma.cuh) where it
-// fits and the GPU runs it, with 1 or 2 thread blocks per SM; never (0); or as
-// NOSA_PREFILL_WGMMA=1 or 2 asks (-1, the default: off when unset).
-void force_prefill_wgmma(int blocks_per_sm);
+// Tests and comparisons: dense launches through the wgmma kernel's variant 1, 2 or 3
+// (prefill_wgmma.cuh) where it fits and the GPU runs it; never (0); or as NOSA_PREFILL_WGMMA=1,
+// 2 or 3 asks (-1, the default: off when unset).
+void force_prefill_wgmma(int variant);
 
 }  // namespace nosa::attention::cuda

@@ -189,16 +189,17 @@ TEST(CudaPrefill, LongPromptChunkMatchesCpu) {
 }
 
 // The dense cases through the wgmma kernel (attention/cuda/prefill_wgmma.cu: sm_90 GPUs, in a
-// build with sm_90a code), with one and with two thread blocks per SM, and a long prompt chunk;
-// the cases it does not take (head_dim 64, blocks under 64 keys, decode tokens) run the others.
+// build with sm_90a code), each of its variants (one or two thread blocks per SM, pipelined), and
+// a long prompt chunk; the cases it does not take (head_dim 64, blocks under 64 keys, decode
+// tokens) run the others.
 TEST(CudaPrefill, DenseThroughTheWgmmaKernelMatchesCpu) {
   NOSA_REQUIRE_GPU();
   struct Restore {
     ~Restore() { attention::cuda::force_prefill_wgmma(-1); }
   } restore;
   uint64_t seed = 5000;
-  for (int blocks : {1, 2}) {
-    attention::cuda::force_prefill_wgmma(blocks);
+  for (int variant : {1, 2, 3}) {
+    attention::cuda::force_prefill_wgmma(variant);
     for (const PrefillCase& c : prefill_cases()) run_prefill(c, Attend::dense, seed++);
     run_prefill({"g16-d128-long", 128, 16, 64, {{3000, 64}, {0, 700}}}, Attend::dense, seed++);
   }
