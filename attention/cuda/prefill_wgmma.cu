@@ -300,6 +300,17 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
     uint32_t p_next[4][4];
     bool pending = false;
     int pending_vs = 0;
+    // The warpgroup's last stage's P V, alone.
+    auto finish_pending = [&] {
+      if (!pending) return;
+      wgmma_fence();
+      issue_pv(o, p, uint32_t(pending_vs));
+      wgmma_commit();
+      wgmma_wait<0>();
+      reg_fence(o);
+      reg_fence(p);
+      pending = false;
+    };
     for (int s = 0; s < n_stages; ++s) {
       cp_async_wait<0>();
       fence_async_shared();
@@ -310,15 +321,7 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
       issue(s + 1);
       const int key0 = s * k_wg_keys;
       if (key0 > wg_max) {
-        if (pending) {  // the warpgroup's last stage's P V
-          wgmma_fence();
-          issue_pv(o, p, uint32_t(pending_vs));
-          wgmma_commit();
-          wgmma_wait<0>();
-          reg_fence(o);
-          reg_fence(p);
-          pending = false;
-        }
+        finish_pending();
         continue;
       }
       const uint32_t ks = kv_s + (s % NB) * k_stage_bytes, vs = ks + 2 * k_kv_half;
@@ -348,14 +351,7 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
       pending = true;
       pending_vs = int(vs);
     }
-    if (pending) {
-      wgmma_fence();
-      issue_pv(o, p, uint32_t(pending_vs));
-      wgmma_commit();
-      wgmma_wait<0>();
-      reg_fence(o);
-      reg_fence(p);
-    }
+    finish_pending();
   }
   cp_async_wait<0>();
 
