@@ -325,24 +325,28 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
         continue;
       }
       const uint32_t ks = kv_s + (s % NB) * k_stage_bytes, vs = ks + 2 * k_kv_half;
+      // The products are issued the same way at every stage: the first one's P V is of zeros
+      // with its own values (adding nothing). Branching around them made ptxas serialize every
+      // wgmma (its warning C7520), so nothing overlapped.
+      if (!pending) {
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) p[kk][j] = 0u;
+        pending_vs = int(vs);
+      }
       wgmma_fence();
       issue_qk(sc, q_wg, ks);
       wgmma_commit();
-      if (pending) {
-        issue_pv(o, p, uint32_t(pending_vs));
-        wgmma_commit();
-        wgmma_wait<1>();  // Q K^T done; the P V product may still run
-      } else {
-        wgmma_wait<0>();
-      }
+      issue_pv(o, p, uint32_t(pending_vs));
+      wgmma_commit();
+      wgmma_wait<1>();  // Q K^T done; the P V product may still run
       reg_fence(sc);
       stage_softmax(sc, key0, key0 + k_wg_keys - 1 <= wg_min, t4, row_pos, scale_log2, m, l,
                     alpha, p_next);
-      if (pending) {
-        wgmma_wait<0>();
-        reg_fence(o);
-        reg_fence(p);
-      }
+      wgmma_wait<0>();
+      reg_fence(o);
+      reg_fence(p);
       rescale(o, alpha);
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
@@ -372,6 +376,8 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
           __floats2bfloat162_rn(o[dn * 4 + 2 * half] * inv, o[dn * 4 + 2 * half + 1] * inv);
     }
   }
+#else
+  __trap();  // built without sm_90a code: launch_sparse_prefill never takes this kernel there
 #endif
 }
 

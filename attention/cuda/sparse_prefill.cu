@@ -551,6 +551,7 @@ cudaError_t launch_kernel(const PrefillArgs& a, size_t smem, cudaStream_t stream
 
 int g_forced_slots = 0;  // force_prefill_slots()
 int g_wgmma = -1;        // force_prefill_wgmma(); -1: NOSA_PREFILL_WGMMA
+int64_t g_wgmma_launches = 0;
 
 // The wgmma kernel's variant (prefill_wgmma.cuh: 1, 2 or 3) where dense launches take it, else
 // 0: built for sm_90a, on an sm_90 GPU, and asked for (force_prefill_wgmma, else
@@ -563,13 +564,7 @@ int wgmma_variant() {
   }();
   const int want = g_wgmma >= 0 ? g_wgmma : env;
   if (want < 1 || want > 3) return 0;
-  int dev = 0, major = 0, minor = 0;
-  const bool sm90 =
-      cudaGetDevice(&dev) == cudaSuccess &&
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
-      major == 9 && minor == 0;
-  return sm90 ? want : 0;
+  return prefill_wgmma_available() ? want : 0;
 #else
   return 0;
 #endif
@@ -619,6 +614,27 @@ void force_prefill_slots(int slots) { g_forced_slots = slots; }
 
 void force_prefill_wgmma(int variant) { g_wgmma = variant; }
 
+int64_t prefill_wgmma_launches() { return g_wgmma_launches; }
+
+bool prefill_wgmma_available() {
+#ifdef NOSA_HAVE_WGMMA
+  // The compute capability, asked once per device (the launcher asks at every dense launch).
+  static int sm90[64] = {};  // 0 unknown, 1 yes, 2 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return false;
+  if (dev < 64 && sm90[dev]) return sm90[dev] == 1;
+  int major = 0, minor = 0;
+  const bool yes =
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
+      major == 9 && minor == 0;
+  if (dev < 64) sm90[dev] = yes ? 1 : 2;
+  return yes;
+#else
+  return false;
+#endif
+}
+
 int prefill_tile_tokens(int group) {
   return group >= k_rows ? 1 : std::min(k_max_tile_tokens, k_rows / group);
 }
@@ -633,8 +649,10 @@ cudaError_t launch_sparse_prefill(const PrefillArgs& a, cudaStream_t stream) {
   if (!(bs == 16 || bs == 32 || (bs > 0 && bs % 64 == 0))) return cudaErrorInvalidValue;
 #ifdef NOSA_HAVE_WGMMA
   if (prefill_wgmma_fits(a))
-    if (const int variant = wgmma_variant(); variant > 0)
+    if (const int variant = wgmma_variant(); variant > 0) {
+      ++g_wgmma_launches;
       return launch_prefill_wgmma(a, variant, stream);
+    }
 #endif
   switch (a.kv.head_dim) {
     case 64: return launch<64>(a, stream);

@@ -54,5 +54,9 @@ void force_prefill_slots(int slots);
 // (prefill_wgmma.cuh) where it fits and the GPU runs it; never (0); or as NOSA_PREFILL_WGMMA=1,
 // 2 or 3 asks (-1, the default: off when unset).
 void force_prefill_wgmma(int variant);
+// Whether this build and GPU run the wgmma kernel (sm_90a code built, an sm_90 device), and how
+// many launches took it so far in this process (tests: that a forced variant really ran).
+bool prefill_wgmma_available();
+int64_t prefill_wgmma_launches();
 
 }  // namespace nosa::attention::cuda

@@ -188,20 +188,53 @@ TEST(CudaPrefill, LongPromptChunkMatchesCpu) {
   run_prefill(c, Attend::random_subsets, 4010);
 }
 
+// The GPU's output of case c's dense prefill (as raw bf16 bits), compared with the CPU's on the
+// way; the same seed gives the same inputs.
+std::vector<uint16_t> dense_prefill_on_gpu(const PrefillCase& c, uint64_t seed,
+                                           const std::string& what) {
+  Backends b;
+  KvLayout L{2, 2, c.d, c.block_size, 4, DType::f32};
+  AttentionRig r(b, L, c.group, c.seqs, pool_blocks(c), seed);
+  b.cpu->attend(1, r.q.cpu, 0, nullptr, false, *r.cache.cpu, r.out.cpu);
+  b.gpu->attend(1, r.q.gpu, 0, nullptr, false, *r.cache.gpu, r.out.gpu);
+  expect_close(b, r.out.cpu, r.out.gpu, k_tol, what);
+  const Tensor h = b.gpu->to_host(r.out.gpu);
+  const uint16_t* bits = h.data<uint16_t>();
+  return std::vector<uint16_t>(bits, bits + h.bytes() / sizeof(uint16_t));
+}
+
 // The dense cases through the wgmma kernel (attention/cuda/prefill_wgmma.cu: sm_90 GPUs, in a
-// build with sm_90a code), each of its variants (one or two thread blocks per SM, pipelined), and
-// a long prompt chunk; the cases it does not take (head_dim 64, blocks under 64 keys, decode
-// tokens) run the others.
+// build with sm_90a code), each of its variants (one or two thread blocks per SM, pipelined),
+// and a long prompt chunk; the cases it does not take (head_dim 64, blocks under 64 keys,
+// decode tokens) run the others. Each variant is compared with the CPU, must really launch, and
+// must give variant 1's output bit for bit (the same products and softmax in the same order:
+// only the waits differ), which a wrong row among thousands would not pass.
 TEST(CudaPrefill, DenseThroughTheWgmmaKernelMatchesCpu) {
   NOSA_REQUIRE_GPU();
+  if (!attention::cuda::prefill_wgmma_available())
+    GTEST_SKIP() << "the wgmma kernel needs an sm_90 GPU and a build with sm_90a code";
   struct Restore {
     ~Restore() { attention::cuda::force_prefill_wgmma(-1); }
   } restore;
+  std::vector<PrefillCase> cases = prefill_cases();
+  cases.push_back({"g16-d128-long", 128, 16, 64, {{3000, 64}, {0, 700}}});
   uint64_t seed = 5000;
-  for (int variant : {1, 2, 3}) {
-    attention::cuda::force_prefill_wgmma(variant);
-    for (const PrefillCase& c : prefill_cases()) run_prefill(c, Attend::dense, seed++);
-    run_prefill({"g16-d128-long", 128, 16, 64, {{3000, 64}, {0, 700}}}, Attend::dense, seed++);
+  for (const PrefillCase& c : cases) {
+    std::vector<uint16_t> first;
+    for (int variant : {1, 2, 3}) {
+      attention::cuda::force_prefill_wgmma(variant);
+      const int64_t launches = attention::cuda::prefill_wgmma_launches();
+      const std::string what =
+          std::string("prefill ") + c.name + " dense, wgmma variant " + std::to_string(variant);
+      std::vector<uint16_t> out = dense_prefill_on_gpu(c, seed, what);
+      const bool takes = c.d == 128 && c.block_size % 64 == 0;
+      if (takes) EXPECT_GT(attention::cuda::prefill_wgmma_launches(), launches) << what;
+      if (variant == 1)
+        first = std::move(out);
+      else
+        EXPECT_TRUE(out == first) << what << ": not variant 1's output bit for bit";
+    }
+    ++seed;
   }
 }
 
