@@ -124,14 +124,13 @@ __device__ __forceinline__ void issue_pv(float (&o)[64], const uint32_t (&p)[4][
   for (int kk = 0; kk < 4; ++kk) wgmma_pv(o, p[kk], sw128_desc(vs + kk * 2048, k_kv_half, 1024), 1);
 }
 
-// One stage's online softmax on a thread's S values (rows g and g + 8 of its warp): keys after
-// a row's position masked (unless the whole stage is visible to every row), the new row maxima
-// m, the factor alpha the output so far must be scaled by, l scaled and increased, and P
-// packed as the A fragments of the P V product (mma.sync's layout, as the accumulators).
+// One stage's online softmax on a thread's S values (rows g and g + 8 of its warp), in place:
+// keys after a row's position masked (unless the whole stage is visible to every row), the new
+// row maxima m, the factor alpha the output so far must be scaled by, l scaled and increased,
+// and sc the exponentials. pack_p then packs them as the P V product's A fragments.
 __device__ __forceinline__ void stage_softmax(float (&sc)[32], int key0, bool full, int t4,
                                               const int (&row_pos)[2], float scale_log2,
-                                              float (&m)[2], float (&l)[2], float (&alpha)[2],
-                                              uint32_t (&p)[4][4]) {
+                                              float (&m)[2], float (&l)[2], float (&alpha)[2]) {
   float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int nt = 0; nt < 8; ++nt)
@@ -165,6 +164,10 @@ __device__ __forceinline__ void stage_softmax(float (&sc)[32], int key0, bool fu
       sc[nt * 4 + i] = e;
       l[i >> 1] += e;
     }
+}
+
+// The exponentials as bf16 A fragments (mma.sync's layout, as the accumulators').
+__device__ __forceinline__ void pack_p(const float (&sc)[32], uint32_t (&p)[4][4]) {
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
     p[kk][0] = pack_bf16(sc[(2 * kk) * 4 + 0], sc[(2 * kk) * 4 + 1]);
@@ -285,7 +288,8 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
       wgmma_wait<0>();
       reg_fence(sc);
       stage_softmax(sc, key0, key0 + k_wg_keys - 1 <= wg_min, t4, row_pos, scale_log2, m, l,
-                    alpha, p);
+                    alpha);
+      pack_p(sc, p);
       rescale(o, alpha);
       wgmma_fence();
       issue_pv(o, p, vs);
@@ -296,8 +300,8 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
     }
   } else {
     // p holds the stage before's P while `pending`: its P V product is issued with this stage's
-    // Q K^T, and waited for before the output is rescaled by this stage's maxima.
-    uint32_t p_next[4][4];
+    // Q K^T, and waited for before the output is rescaled by this stage's maxima and p takes
+    // this stage's P.
     bool pending = false;
     int pending_vs = 0;
     // The warpgroup's last stage's P V, alone.
@@ -342,16 +346,15 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
       wgmma_commit();
       wgmma_wait<1>();  // Q K^T done; the P V product may still run
       reg_fence(sc);
+      // The exponentials go to sc: nothing the P V product in flight reads or writes, so they
+      // run beside it; P is packed over its registers only after the wait.
       stage_softmax(sc, key0, key0 + k_wg_keys - 1 <= wg_min, t4, row_pos, scale_log2, m, l,
-                    alpha, p_next);
+                    alpha);
       wgmma_wait<0>();
       reg_fence(o);
       reg_fence(p);
       rescale(o, alpha);
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) p[kk][j] = p_next[kk][j];
+      pack_p(sc, p);
       pending = true;
       pending_vs = int(vs);
     }
