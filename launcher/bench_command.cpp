@@ -933,13 +933,47 @@ int config_count(const BenchFlags& f) {
   return f.suite == "offload" ? n * int(f.miss_rates.size() * f.residency.size()) : n;
 }
 
-// The command line of this process ("nosa bench ..."; "mpirun -np N " first under MPI), with
-// arguments quoted where a shell needs it, and without the output files (--json, --csv, --plot,
-// --markdown): what reproduces the numbers, not where one run put them.
+// An argument as a shell reads it back: quoted where it is empty or holds a special character.
+std::string shell_word(const std::string& arg) {
+  if (!arg.empty() && arg.find_first_of(" \t\"'$&;|<>*?()\\") == std::string::npos) return arg;
+  std::string q = "'";
+  for (char ch : arg) q += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
+  return q + "'";
+}
+
+// The engine's settings this process took from its environment (the NOSA_ variables, sorted)
+// as shell assignments, each followed by a space. Not the scripts' and tests' own variables,
+// which say where things are or which commit results are recorded under.
+std::string environment_settings() {
+  static const char* const k_not_settings[] = {"NOSA_COMMIT=", "NOSA_BINARY=",
+                                               "NOSA_SOURCE_DIR=", "NOSA_GPU_BUILD="};
+  std::vector<std::string> vars;
+  for (char** e = environ; e && *e; ++e) {
+    const std::string kv = *e;
+    bool setting = kv.rfind("NOSA_", 0) == 0 && kv.find('=') != std::string::npos;
+    for (const char* name : k_not_settings) setting = setting && kv.rfind(name, 0) != 0;
+    if (setting) vars.push_back(kv);
+  }
+  std::sort(vars.begin(), vars.end());
+  std::string out;
+  for (const std::string& kv : vars) {
+    const size_t eq = kv.find('=');
+    out += kv.substr(0, eq + 1) + shell_word(kv.substr(eq + 1)) + " ";
+  }
+  return out;
+}
+
+// The command line of this process ("nosa bench ..."; "mpirun -np N env " first under MPI),
+// with the NOSA_ settings of its environment in front, arguments quoted where a shell needs
+// it, and without the output files (--json, --csv, --plot, --markdown): what reproduces the
+// numbers, not where one run put them.
 std::string command_line(int world_size) {
   std::ifstream in("/proc/self/cmdline", std::ios::binary);
   std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string settings = environment_settings();
   std::string out = world_size > 1 ? fmt::format("mpirun -np {} ", world_size) : "";
+  if (world_size > 1 && !settings.empty()) out += "env ";  // mpirun passes on only what it names
+  out += settings;
   static const char* const k_outputs[] = {"--json", "--csv", "--plot", "--markdown"};
   bool skip_value = false;
   size_t start = 0;
@@ -959,12 +993,7 @@ std::string command_line(int world_size) {
     }
     if (output) continue;
     if (i == 0) arg = std::filesystem::path(arg).filename().string();
-    if (arg.empty() || arg.find_first_of(" \t\"'$&;|<>*?()\\") != std::string::npos) {
-      std::string q = "'";
-      for (char ch : arg) q += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
-      arg = q + "'";
-    }
-    out += (i ? " " : "") + arg;
+    out += (i ? " " : "") + shell_word(arg);
   }
   return out;
 }
@@ -1209,7 +1238,8 @@ Runner add_bench_command(CLI::App& app) {
                   "(comma-separated) alternate step by step on the same tiers, a row each "
                   "(labelled prefetch-on, prefetch-off, prefetch-auto)")
       ->delimiter(',');
-  cmd->add_option("--json", f->json_out, "Write the results (with machine and commit) as JSON");
+  cmd->add_option("--json", f->json_out, "Write the results (with machine, commit and the command, the NOSA_ settings of the "
+                  "environment in front) as JSON");
   cmd->add_option("--csv", f->csv_out, "Write the results as CSV");
   cmd->add_option("--label", f->label, "A free-form label stored with each result");
   cmd->add_option("--commit", f->commit, "Commit id to record (default: git rev-parse HEAD)");

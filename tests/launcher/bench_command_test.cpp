@@ -402,6 +402,28 @@ uint32_t chunk_crc(const std::string& type_and_data) {
 
 // ---- the smoke suite ----------------------------------------------------------------------------
 
+// The engine's settings from the environment (NOSA_ variables) are part of the recorded
+// command, in front and quoted as a shell needs; the scripts' and tests' own are not (NOSA_COMMIT
+// names the commit; NOSA_BINARY, which the tests' environment sets, where nosa is).
+TEST(BenchCommand, RecordsTheEnvironmentsSettingsWithItsCommand) {
+  TempDir dir;
+  const std::string json_path = (dir / "e.json").string();
+  auto r = run_command(fmt::format(
+      "NOSA_PDL=0 NOSA_PREFILL_WGMMA='1 2' NOSA_COMMIT=abc {} bench --suite decode --shape tiny "
+      "--device cpu --mode dense --batch 1 --context 256 --steps 1 --warmup 0 --json {}",
+      nosa_binary(), json_path));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::string command = nlohmann::json::parse(slurp(json_path))["command"];
+  const size_t bench = command.find("nosa bench --suite decode");
+  ASSERT_NE(bench, std::string::npos) << command;
+  const size_t pdl = command.find("NOSA_PDL=0 "), wgmma = command.find("NOSA_PREFILL_WGMMA='1 2' ");
+  EXPECT_LT(pdl, bench) << command;
+  EXPECT_LT(wgmma, bench) << command;
+  EXPECT_LT(pdl, wgmma) << command;  // sorted by name
+  EXPECT_EQ(command.find("NOSA_COMMIT"), std::string::npos) << command;
+  EXPECT_EQ(command.find("NOSA_BINARY"), std::string::npos) << command;
+}
+
 TEST(BenchCommand, SmokeSuiteWritesJsonCsvAndPlotsThatDecode) {
   TempDir dir;
   const std::string json_path = (dir / "s.json").string(), csv_path = (dir / "s.csv").string();
