@@ -192,7 +192,10 @@ for i, cmd in enumerate(cmds):
     if os.path.exists(path):
         with open(path) as f:
             run = json.load(f)
-        run["command"] = f"nosa bench {cmd} --device cuda"
+        # The command as given here, after the NOSA_ settings the run recorded in front of its own.
+        recorded = run.get("command", "")
+        settings = recorded[:recorded.find("nosa bench")] if "nosa bench" in recorded else ""
+        run["command"] = f"{settings}nosa bench {cmd} --device cuda"
         runs.append(run)
 if not runs:
     sys.exit(0)

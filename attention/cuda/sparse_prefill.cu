@@ -39,7 +39,6 @@ struct PrefillLayout {
   static constexpr int fixed_bytes = bias_offset + 2 * k_keys * 4;
 };
 
-
 // ldmatrix on 32-bit shared-memory addresses: the kernel keeps its addresses in 32 bits, which
 // leaves the registers to the accumulators.
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
@@ -52,7 +51,6 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
 }
-
 
 // Where the keys of a stage are in the tile's block list (its entries laid end to end). Block
 // sizes are 16, 32 or multiples of 64, so with sub = min(block_size, 64) (a power of two) key x
