@@ -1238,8 +1238,9 @@ Runner add_bench_command(CLI::App& app) {
                   "(comma-separated) alternate step by step on the same tiers, a row each "
                   "(labelled prefetch-on, prefetch-off, prefetch-auto)")
       ->delimiter(',');
-  cmd->add_option("--json", f->json_out, "Write the results (with machine, commit and the command, the NOSA_ settings of the "
-                  "environment in front) as JSON");
+  cmd->add_option("--json", f->json_out,
+                  "Write the results (with machine, commit and the command, the NOSA_ settings of "
+                  "the environment in front) as JSON");
   cmd->add_option("--csv", f->csv_out, "Write the results as CSV");
   cmd->add_option("--label", f->label, "A free-form label stored with each result");
   cmd->add_option("--commit", f->commit, "Commit id to record (default: git rev-parse HEAD)");

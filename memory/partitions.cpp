@@ -65,7 +65,8 @@ void resident_partitions_reference(const PartitionArgs& a) {
       // before's selection: the next step must not count them as selected the step before.
       if (!a.speculative)
         for (int j = 0; j < R; ++j)
-          if (!used[size_t(j)] && a.part_stamp[local + j] == stamp) a.part_stamp[local + j] = stamp - 1;
+          if (!used[size_t(j)] && a.part_stamp[local + j] == stamp)
+            a.part_stamp[local + j] = stamp - 1;
       // The misses take the least recently used slots this step does not use, in order.
       free_slots.clear();
       for (int j = 0; j < R; ++j)

@@ -322,7 +322,8 @@ void KvCache::sync_stats() {
 void KvCache::fold_counts(const int64_t* counts) {
   using namespace memory;
   const int64_t* was = device_counts_;
-  const int64_t selected = counts[part_hits] + counts[part_misses] - was[part_hits] - was[part_misses];
+  const int64_t selected =
+      counts[part_hits] + counts[part_misses] - was[part_hits] - was[part_misses];
   const int64_t fresh =
       counts[part_misses] + counts[part_prefetch_hits] - was[part_misses] - was[part_prefetch_hits];
   if (selected > 0 && fresh >= 0) last_traffic_ = {selected, fresh};

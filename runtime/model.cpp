@@ -47,7 +47,8 @@ Model::Model(ModelConfig config, ModelWeights weights, parallel::Partition part,
   const Tensor& head = w_.lm_head.defined() ? w_.lm_head : w_.embed;
   weight_bytes_ = double(head.bytes());
   for (const LayerWeights& L : w_.layers)
-    for (const Tensor* t : {&L.qkv, &L.o_proj, &L.gate_up, &L.down}) weight_bytes_ += double(t->bytes());
+    for (const Tensor* t : {&L.qkv, &L.o_proj, &L.gate_up, &L.down})
+      weight_bytes_ += double(t->bytes());
   backend_.check_shapes(kv_layout(), part_.group_q_count / part_.kv_count);
   backend_.prepare_rope(rope_);
 }

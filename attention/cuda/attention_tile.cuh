@@ -14,7 +14,6 @@
 namespace nosa::attention::cuda {
 
 constexpr int k_stage_keys = 64;
-constexpr float k_log2e = 1.4426950408889634f;
 
 template <int D>
 struct StageLayout {

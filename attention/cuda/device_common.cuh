@@ -114,11 +114,16 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(smem)), "l"(gmem));
 }
+// 16 bytes to a 32-bit shared-memory address (kernels that keep their addresses in 32 bits).
+__device__ __forceinline__ void cp_async16_u32(uint32_t smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem));
+}
 // 16 bytes, or zeros where !valid (the source is not read then).
 __device__ __forceinline__ void cp_async16_or_zero(uint32_t smem, const void* gmem, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem),
                "r"(valid ? 16 : 0));
 }
+constexpr float k_log2e = 1.4426950408889634f;  // exp(x) = 2^(x log2 e): the softmax's exponent
 // 2^x by the special function unit (flush-to-zero): the attention kernels' softmax.
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;

@@ -7,7 +7,7 @@
 // memory, and O += P V four m64n128k16 products with P from registers (the S accumulators'
 // layout is mma.sync's, so P packs as prefill_kernel's does). Built only for sm_90a (its own
 // library); launch_sparse_prefill takes it on sm_90 GPUs where it fits and is asked for
-// (force_prefill_wgmma, NOSA_PREFILL_WGMMA).
+// (PrefillArgs::wgmma, from NOSA_PREFILL_WGMMA; force_prefill_wgmma in tests).
 #include <climits>
 
 #include "attention/cuda/device_common.cuh"
@@ -21,13 +21,12 @@ constexpr int k_wg_threads = 256;  // two warpgroups
 constexpr int k_wg_rows = 128;     // a tile's rows, as prefill_kernel's
 constexpr int k_wg_keys = 64;      // keys per stage
 constexpr int k_wg_d = 128;
-constexpr float k_log2e = 1.4426950408889634f;
 // Shared memory (after aligning its start to 1024 bytes): Q [2 column halves][128 rows][128 B],
 // then two stages of K [2][64][128 B] and V [2][64][128 B].
-constexpr int k_q_half = k_wg_rows * 128;             // 16 KB
-constexpr int k_kv_half = k_wg_keys * 128;            // 8 KB
-constexpr int k_q_bytes = 2 * k_q_half;               // 32 KB
-constexpr int k_stage_bytes = 4 * k_kv_half;          // K and V: 32 KB
+constexpr int k_q_half = k_wg_rows * 128;     // 16 KB
+constexpr int k_kv_half = k_wg_keys * 128;    // 8 KB
+constexpr int k_q_bytes = 2 * k_q_half;       // 32 KB
+constexpr int k_stage_bytes = 4 * k_kv_half;  // K and V: 32 KB
 // Stage buffers: two, or three for the pipelined loop (a stage's values are still read by its
 // P V product while the next stage's keys are multiplied and the one after loads).
 __host__ __device__ constexpr int wg_stages(bool pipelined) { return pipelined ? 3 : 2; }
@@ -48,7 +47,9 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo, uint
          (uint64_t((sbo >> 4) & 0x3FFF) << 32) | (uint64_t(1) << 62);
 }
 
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
 __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
@@ -61,7 +62,6 @@ __device__ __forceinline__ void fence_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-
 // Ties the accumulators to the point after a wgmma wait: the compiler must not read (or move)
 // registers an asynchronous wgmma is still writing.
 template <int N>
@@ -70,16 +70,20 @@ __device__ __forceinline__ void reg_fence(float (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
-
 // S (+)= Q K^T for a warpgroup: m64n64k16, both operands in shared memory (descriptors),
 // K-major; scale_d 0 starts the accumulators from zero.
 __device__ __forceinline__ void wgmma_qk(float (&d)[32], uint64_t a, uint64_t b, int scale_d) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
+      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
       "%32, %33, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "l"(a), "l"(b), "r"(scale_d));
 }
 
@@ -90,12 +94,23 @@ __device__ __forceinline__ void wgmma_pv(float (&d)[64], const uint32_t (&a)[4],
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
+      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "
+      "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "
+      "%56, %57, %58, %59, %60, %61, %62, %63}, "
       "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));
 }
-
 
 // The A fragments' registers (P), tied like the accumulators: an asynchronous wgmma reads them
 // until its wait.
@@ -215,11 +230,13 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
   for (int i = tid; i < k_wg_rows * 16; i += k_wg_threads) {
     const int r = i / 16, j = i % 16, ti = r / G;
     const bool valid = ti < tile.count;
-    const bf16* src = valid ? q + ((int64_t(tile.first + ti) * H + h) * G + r % G) * k_wg_d + j * 8 : q;
+    const bf16* src =
+        valid ? q + ((int64_t(tile.first + ti) * H + h) * G + r % G) * k_wg_d + j * 8 : q;
     cp_async16_or_zero(q_s + swizzled(r, j, k_q_half), src, valid);
   }
   cp_async_commit();
-  for (int i = tid; i < tile.count; i += k_wg_threads) tok_pos[i] = a.step.positions[tile.first + i];
+  for (int i = tid; i < tile.count; i += k_wg_threads)
+    tok_pos[i] = a.step.positions[tile.first + i];
   __syncthreads();
   int tile_max_pos = -1;
   for (int i = 0; i < tile.count; ++i) tile_max_pos = max(tile_max_pos, tok_pos[i]);
@@ -237,10 +254,8 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
 #pragma unroll
       for (int it = 0; it < 4; ++it) {
         const int i = it * k_wg_threads + tid, r = i / 16, j = i % 16;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dk + swizzled(r, j, k_kv_half)),
-                     "l"(kp + r * k_wg_d + j * 8));
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dv + swizzled(r, j, k_kv_half)),
-                     "l"(vp + r * k_wg_d + j * 8));
+        cp_async16_u32(dk + swizzled(r, j, k_kv_half), kp + r * k_wg_d + j * 8);
+        cp_async16_u32(dv + swizzled(r, j, k_kv_half), vp + r * k_wg_d + j * 8);
       }
     }
     cp_async_commit();
@@ -287,8 +302,7 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
       wgmma_commit();
       wgmma_wait<0>();
       reg_fence(sc);
-      stage_softmax(sc, key0, key0 + k_wg_keys - 1 <= wg_min, t4, row_pos, scale_log2, m, l,
-                    alpha);
+      stage_softmax(sc, key0, key0 + k_wg_keys - 1 <= wg_min, t4, row_pos, scale_log2, m, l, alpha);
       pack_p(sc, p);
       rescale(o, alpha);
       wgmma_fence();
@@ -348,8 +362,7 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
       reg_fence(sc);
       // The exponentials go to sc: nothing the P V product in flight reads or writes, so they
       // run beside it; P is packed over its registers only after the wait.
-      stage_softmax(sc, key0, key0 + k_wg_keys - 1 <= wg_min, t4, row_pos, scale_log2, m, l,
-                    alpha);
+      stage_softmax(sc, key0, key0 + k_wg_keys - 1 <= wg_min, t4, row_pos, scale_log2, m, l, alpha);
       wgmma_wait<0>();
       reg_fence(o);
       reg_fence(p);
@@ -405,10 +418,14 @@ cudaError_t launch_variant(const PrefillArgs& a, cudaStream_t stream) {
 cudaError_t launch_prefill_wgmma(const PrefillArgs& a, int variant, cudaStream_t stream) {
   if (!prefill_wgmma_fits(a)) return cudaErrorInvalidValue;
   switch (variant) {
-    case 1: return launch_variant<1, false>(a, stream);
-    case 2: return launch_variant<2, false>(a, stream);
-    case 3: return launch_variant<1, true>(a, stream);
-    default: return cudaErrorInvalidValue;
+    case 1:
+      return launch_variant<1, false>(a, stream);
+    case 2:
+      return launch_variant<2, false>(a, stream);
+    case 3:
+      return launch_variant<1, true>(a, stream);
+    default:
+      return cudaErrorInvalidValue;
   }
 }
 

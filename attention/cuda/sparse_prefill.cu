@@ -4,7 +4,6 @@
 // bandwidth, not by the tensor cores.
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
 
 #include "attention/cuda/device_common.cuh"
 #include "attention/cuda/prefill_wgmma.cuh"
@@ -20,7 +19,6 @@ constexpr int k_warp_rows = 32;                // two m16 tiles
 constexpr int k_rows = k_warps * k_warp_rows;  // rows of a tile
 constexpr int k_max_tile_tokens = 64;          // one bit per token in the key masks
 constexpr int k_keys = 64;                     // keys per stage
-constexpr float k_log2e = 1.4426950408889634f;
 
 // Shared memory: the tile's Q rows, a ring of Slots buffers of 64 key or value rows, two stages
 // of eviction scores, then the tile's block list. A stage is two halves (its keys, then its
@@ -69,10 +67,6 @@ __device__ __forceinline__ StageKeys stage_keys(int s, int bs) {
   k.e0 = k.begin / bs;
   k.w0 = k.begin - k.e0 * bs;
   return k;
-}
-
-__device__ __forceinline__ void cp_async16_u32(uint32_t smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem));
 }
 
 // Issues the cp.async loads of one half (K or V rows) of a stage into dst: keys [64 s, 64 s + 64)
@@ -548,25 +542,18 @@ cudaError_t launch_kernel(const PrefillArgs& a, size_t smem, cudaStream_t stream
 }
 
 int g_forced_slots = 0;  // force_prefill_slots()
-int g_wgmma = -1;        // force_prefill_wgmma(); -1: NOSA_PREFILL_WGMMA
+int g_wgmma = -1;        // force_prefill_wgmma(); -1: PrefillArgs::wgmma
 int64_t g_wgmma_launches = 0;
 
-// The wgmma kernel's variant (prefill_wgmma.cuh: 1, 2 or 3) where dense launches take it, else
-// 0: built for sm_90a, on an sm_90 GPU, and asked for (force_prefill_wgmma, else
-// NOSA_PREFILL_WGMMA; off by default).
-int wgmma_variant() {
 #ifdef NOSA_HAVE_WGMMA
-  static const int env = [] {
-    const char* v = std::getenv("NOSA_PREFILL_WGMMA");
-    return v ? std::atoi(v) : 0;
-  }();
-  const int want = g_wgmma >= 0 ? g_wgmma : env;
+// The wgmma kernel's variant (prefill_wgmma.cuh: 1, 2 or 3) where a dense launch takes it, else
+// 0: an sm_90 GPU, and asked for (force_prefill_wgmma, else a.wgmma).
+int wgmma_variant(const PrefillArgs& a) {
+  const int want = g_wgmma >= 0 ? g_wgmma : a.wgmma;
   if (want < 1 || want > 3) return 0;
   return prefill_wgmma_available() ? want : 0;
-#else
-  return 0;
-#endif
 }
+#endif
 
 template <int D>
 cudaError_t launch(const PrefillArgs& a, cudaStream_t stream) {
@@ -647,7 +634,7 @@ cudaError_t launch_sparse_prefill(const PrefillArgs& a, cudaStream_t stream) {
   if (!(bs == 16 || bs == 32 || (bs > 0 && bs % 64 == 0))) return cudaErrorInvalidValue;
 #ifdef NOSA_HAVE_WGMMA
   if (prefill_wgmma_fits(a))
-    if (const int variant = wgmma_variant(); variant > 0) {
+    if (const int variant = wgmma_variant(a); variant > 0) {
       ++g_wgmma_launches;
       return launch_prefill_wgmma(a, variant, stream);
     }

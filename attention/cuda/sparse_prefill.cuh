@@ -37,6 +37,9 @@ struct PrefillArgs {
   int n_tiles = 0;
   int nb_max = 0;  // largest query block + 1 over the tiles' tokens
   void* out = nullptr;  // [T][H * group][d] bf16
+  // Dense launches: the wgmma kernel's variant (1, 2 or 3; prefill_wgmma.cuh) where it fits and
+  // the GPU runs it, 0 the mma.sync kernel (the CUDA backend sets it from NOSA_PREFILL_WGMMA).
+  int wgmma = 0;
 };
 
 // Tokens per tile: 128 rows / group, at most 64 (one bit per token in the key masks).
@@ -51,8 +54,8 @@ cudaError_t launch_sparse_prefill(const PrefillArgs& args, cudaStream_t stream);
 // only for block lists longer than tests build); 0 restores the launcher's choice.
 void force_prefill_slots(int slots);
 // Tests and comparisons: dense launches through the wgmma kernel's variant 1, 2 or 3
-// (prefill_wgmma.cuh) where it fits and the GPU runs it; never (0); or as NOSA_PREFILL_WGMMA=1,
-// 2 or 3 asks (-1, the default: off when unset).
+// (prefill_wgmma.cuh) where it fits and the GPU runs it, or never (0), whatever PrefillArgs::wgmma
+// says; -1 (the default) restores PrefillArgs::wgmma.
 void force_prefill_wgmma(int variant);
 // Whether this build and GPU run the wgmma kernel (sm_90a code built, an sm_90 device), and how
 // many launches took it so far in this process (tests: that a forced variant really ran).

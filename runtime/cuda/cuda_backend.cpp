@@ -1087,6 +1087,7 @@ class CudaBackend final : public Backend {
       a.n_tiles = plan.n_tiles;
       a.nb_max = plan.prefill_nb_max;
       a.out = out.raw();
+      a.wgmma = prefill_wgmma_;
       const size_t need = acu::prefill_shared_bytes(L.head_dim, a.nb_max),
                    limit = acu::prefill_shared_limit();
       NOSA_CHECK_CODE(need <= limit, ErrorCode::invalid_argument,
@@ -1519,11 +1520,14 @@ class CudaBackend final : public Backend {
   int prefetch_pending_[2] = {-1, -1};
   // The prefetch's copies, which run beside the layer's kernels: at most this many rows' copies
   // in flight (NOSA_PREFETCH_COPY_ROWS; 0: a thread block per row, as for the misses; unset: a
-  // tenth of the rows, rounded, at least 3). A block per row made prefetching cost more than it saved: the
-  // copies slowed the layer's kernels down (docs/memory.md). Too few finish late. Measured
+  // tenth of the rows, rounded, at least 3). A block per row made prefetching cost more than it
+  // saved: the copies slowed the layer's kernels down (docs/memory.md). Too few finish late. Measured
   // (nosa-8b-like, 16K, two processes each): at 32 rows (B = 16) 3 was fastest of 2, 3, 4, 6, 8;
   // at 64 rows 8 was faster than 3.
   int prefetch_copy_row_blocks_ = int(env_int("NOSA_PREFETCH_COPY_ROWS", -1, -1, 1 << 20));
+  // Dense prefill through the experimental wgmma kernel's variant 1, 2 or 3 where it runs
+  // (attention/cuda/prefill_wgmma.cuh); 0 (the default): the mma.sync kernel.
+  int prefill_wgmma_ = int(env_int("NOSA_PREFILL_WGMMA", 0, 0, 3));
 
 
   // Step graphs (the destructor drops them first).

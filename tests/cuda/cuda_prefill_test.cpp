@@ -228,11 +228,14 @@ TEST(CudaPrefill, DenseThroughTheWgmmaKernelMatchesCpu) {
           std::string("prefill ") + c.name + " dense, wgmma variant " + std::to_string(variant);
       std::vector<uint16_t> out = dense_prefill_on_gpu(c, seed, what);
       const bool takes = c.d == 128 && c.block_size % 64 == 0;
-      if (takes) EXPECT_GT(attention::cuda::prefill_wgmma_launches(), launches) << what;
-      if (variant == 1)
+      if (takes) {
+        EXPECT_GT(attention::cuda::prefill_wgmma_launches(), launches) << what;
+      }
+      if (variant == 1) {
         first = std::move(out);
-      else
+      } else {
         EXPECT_TRUE(out == first) << what << ": not variant 1's output bit for bit";
+      }
     }
     ++seed;
   }
