@@ -82,10 +82,11 @@ std::unique_ptr<memory::HostAllocator> Backend::host_allocator() {
 
 void check_select_path_name(const std::string& path) {
   NOSA_CHECK_CODE(path.empty() || path == "split" || path == "split-finish" ||
-                      path == "split-spread" || path == "tiled" || path == "per-token",
+                      path == "split-spread" || path == "tiled" || path == "tiled-screened" ||
+                      path == "per-token",
                   ErrorCode::invalid_argument,
                   "unknown selection path '{}' (use split, split-finish, split-spread, tiled, "
-                  "per-token or empty)",
+                  "tiled-screened, per-token or empty)",
                   path);
 }
 

@@ -220,9 +220,15 @@ std::unique_ptr<Backend> make_cuda_backend(int device_index);
 // Whether a CUDA device can be used by this build.
 bool cuda_available();
 // Tests and comparisons: forces the CUDA block-selection path ("split", "tiled" or "per-token";
-// a step the path cannot take falls back as select_path() says); empty restores the automatic
-// choice.
+// a step the path cannot take falls back as select_path() says; "tiled-screened" the tiled path
+// with its screening); empty restores the automatic choice.
 void force_cuda_select_path(const std::string& path);
+// Tests: the tiled selection's screening (attention/cuda/select.cu) counted from now on (each
+// count waits for its step's selection) or no more; and the (tile, KV head) pairs screened and
+// redone exactly while counting, in this process.
+void count_cuda_select_screening(bool on);
+int64_t cuda_select_screened_tiles();
+int64_t cuda_select_redone_tiles();
 // Throws invalid_argument unless `path` is a name force_cuda_select_path() takes.
 void check_select_path_name(const std::string& path);
 // Whether the CUDA backend records and replays decoding steps as CUDA graphs (default: on, unless

@@ -1130,7 +1130,20 @@ TileShape tile_shape(int group, int d, int n_max, int nb_max) {
   return s.ok ? s : tile_shape_with(group, d, n_max, nb_max, false);
 }
 
-size_t tile_scratch_floats(const TileShape& s, int n_kv_heads, int n_tokens) {
+// Whether a tiled step is screened (see "Screening" below): asked for, a mode that selects, tiles
+// of 16 or 32 rows (the tensor cores' 16-row fragments) whose logits stay in shared memory, and
+// groups of two or more heads (the bounds take the second head's row).
+bool screen_fits(const TileShape& s, int group) {
+  return s.ok && s.lg_smem && s.rows_per_thread >= 2 && group >= 2;
+}
+bool screens(const SelectArgs& a, const TileShape& s) {
+  return a.screen && a.mode != SelectMode::dense && screen_fits(s, a.group);
+}
+
+size_t tile_scratch_floats(const TileShape& s, int n_kv_heads, int group, int n_tokens) {
+  // The screened kernel's list of tiles to redo: a count, then up to every (tile, KV head).
+  if (screen_fits(s, group))
+    return 1 + size_t(n_kv_heads) * ((size_t(n_tokens) + s.tokens - 1) / s.tokens);
   if (!s.ok || s.lg_smem) return 0;
   const size_t per_tile = size_t(n_kv_heads) * s.rows * s.lg_stride;
   const size_t tiles = (size_t(n_tokens) + s.tokens - 1) / s.tokens;
@@ -1256,19 +1269,229 @@ __device__ __forceinline__ TileSegment tile_segment(const int* tseq, const int* 
   return g;
 }
 
+// Screening (kScreen, NOSA and InfLLM-V2 prefill): the tiled kernel's logits by the tensor cores
+// (bf16 products, exact, summed in another order) and its exponentials in float32 by the special
+// function unit, each score with a bound on its distance from the reference's, then the top-k
+// as usual. The query-aware top-k is certified when every chosen block that is not forced scores
+// at least its bound above every block left out plus that one's bound: the reference then
+// chooses the same blocks (the second, eviction-score top-k is exact anyway). A token whose
+// choice is not certified (near ties, exact ties, inputs past the bounds' range) sends its tile
+// and KV head to the exact kernel, which runs afterwards on those tiles only.
+//
+// The bounds, u = 2^-24 (float32's unit roundoff), for a row (query head) whose products sum to
+// at most A = max_j sum_x |q[x] ck_j[x]| (habs, from a product of absolute values):
+//  - logits: the reference's sequential sum and the tensor cores' are each within D u A of the
+//    exact dot product (at most 2 D u A for the tensor cores' internal rounding), then one
+//    rounding each of the scaling: |l' - l| <= Delta = (8 D + 16) u scale A (a margin of 2.5).
+//  - probabilities: softmax moves by at most a factor e^(+-2 Delta) when every logit moves by
+//    Delta; ex2.approx is within 2^-22 of 2^x (2^-20 taken), its argument x2 = (l - max) log2 e
+//    within 3 u |x2| (4.4 u |x2| taken, per key), the sum z of n terms within (n / 32 + 8) u plus
+//    its terms' errors (sum of 2^x2 (2^-20 + 4 u |x2|) / z), the reciprocal and product 2 u; the
+//    reference's double-precision value rounds once to float (u). Together, for Delta < 0.01,
+//    |p' - p| <= p' (eta + 4.4 u |x2|) with eta = 2.2 Delta + 1.1 (2^-20 + e_z + 4 u).
+//  - S: the G probabilities of a key, summed in float32 on both sides (2.1 G u S), plus 1e-35
+//    for exponentials flushed to zero. Pooling takes the largest bound of the keys pooled.
+// A row past the bounds' range (Delta >= 0.01, a non-finite logit) gets an infinite bound.
+//
+// Opt-in (SelectArgs::screen; --select-path tiled-screened): on an H200 (16K-token prompt, two
+// layers with the warm-up) the screened kernel took 5.7 ms and the exact one on the tiles it left
+// 3.8 ms (8b-like; the exact kernel alone 10.4 ms), 3.0 + 2.7 ms on 1b-like (exact alone 5.3):
+// prefill 16 x 16K +2.4% (8b-like) and -2.7% (1b-like). Random inputs leave about a third of
+// the tokens uncertified (the worst-case bound on the reference's own float32 dot products, D u
+// A, is about 1e-3 of the scores there), and the screened kernel, with little arithmetic left
+// per round of keys, waits on their loads: tiles of one or two tokens load every compressed key
+// per tile. A kernel for it wants more rows per tile (scores recomputed in a second pass instead
+// of the logits kept in shared memory) and loads further ahead.
+constexpr float k_screen_u = 0x1p-24f;
+constexpr float k_screen_ex2 = 0x1p-20f;
+constexpr float k_screen_exp_arg = 4.4f * k_screen_u;
+
+__device__ __forceinline__ float screen_eta(float habs, float scale, int d, int n, float mx,
+                                            float z, float zw) {
+  const float u = k_screen_u;
+  const float delta = (8.0f * d + 16.0f) * u * scale * habs;
+  const float ez = float(n / 32 + 8) * u + k_screen_ex2 + 4.0f * u * (zw / z);
+  const bool ok = delta < 0.01f && fabsf(mx) < INFINITY && z >= 1.0f && z < INFINITY &&
+                  zw >= 0.0f && zw < INFINITY;
+  return ok ? 2.2f * delta + 1.1f * (k_screen_ex2 + ez + 4.0f * u) : INFINITY;
+}
+
+__device__ __forceinline__ float screen_score_error(float err, float s, int group) {
+  return 1.01f * err + 2.1f * float(group) * k_screen_u * s + 1e-35f;
+}
+
+// Whether one warp's token's query-aware choice is certified: chosen(b) says whether block b was
+// chosen, S and err are the token's scores and their bounds (screen_select's rows). Every lane
+// must call it.
+template <class Chosen>
+__device__ __forceinline__ bool screen_certified(const SparseView& p, int nb, int m, int n, int qb,
+                                                 const float* S, const float* err,
+                                                 Chosen chosen) {
+  float lo = INFINITY, hi = -INFINITY;
+  bool ok = true;
+  for (int b = threadIdx.x % 32; b < nb; b += 32) {
+    if (b < p.init_blocks || b >= qb - p.local_blocks) continue;  // forced
+    float vs, ve;
+    pool_block(
+        p, b, m, n, qb, true, [&](int j) { return S[j]; }, [&](int j) { return err[j]; }, vs, ve);
+    ok &= vs >= 0.0f && vs < INFINITY && ve >= 0.0f && ve < INFINITY;
+    if (chosen(b))
+      lo = fminf(lo, __fsub_rd(vs, ve));
+    else
+      hi = fmaxf(hi, __fadd_ru(vs, ve));
+  }
+  lo = -warp_max(-lo);
+  hi = warp_max(hi);
+  return __all_sync(0xffffffffu, ok) && lo > hi;
+}
+
+// The screened kernel's logits (kScreen): the tile's queries and each round's 128 keys staged
+// as bf16 rows of D + 8 values (ldmatrix reads eight rows 4 banks apart), and the tile's rows x
+// keys by the tensor cores, m16n8k16: warp w takes the round's keys 16 w .. 16 w + 15 against
+// all rows. A second product of the absolute values gives each row's largest sum of
+// |q[x] ck[x]| over its keys (habs), which bounds the rounding error of every logit of the row.
+// The next round's keys are loaded into registers during the products.
 template <int D, int RI>
+__device__ __forceinline__ void screen_logits(const SelectArgs& a, const TileShape& ts, int t0,
+                                              int h, const int* tn, const int* tseq,
+                                              const int* tall, int64_t* key_rows, float* qs,
+                                              float* stage, float* lg, float* habs) {
+  constexpr int P = D / 8, KS = D + 8, MT = RI / 2, LOADS = k_tile_keys * P / k_tile_threads;
+  const KvView& kv = a.kv;
+  const int H = kv.n_kv_heads, G = a.group, m = kv.keys_per_block, T = a.step.n_tokens;
+  const int Mt = ts.tokens, ns = ts.lg_stride;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  bf16* qh = reinterpret_cast<bf16*>(qs);     // [8 RI][KS]
+  bf16* kst = reinterpret_cast<bf16*>(stage);  // [128][KS]
+  const bf16* q = static_cast<const bf16*>(a.q);
+  for (int idx = tid; idx < 8 * RI * P; idx += k_tile_threads) {
+    const int r = idx / P, x = idx % P, i = r / G;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (r < Mt * G && !tall[i])
+      v = *reinterpret_cast<const uint4*>(q + ((int64_t(t0 + i) * H + h) * G + r % G) * D + x * 8);
+    *reinterpret_cast<uint4*>(qh + r * KS + x * 8) = v;
+  }
+  const uint4* ck = static_cast<const uint4*>(kv.ck);
+  for (int s0 = 0; s0 < Mt && t0 + s0 < T;) {
+    const TileSegment sg = tile_segment(tseq, tn, tall, s0, Mt, T - t0);
+    const int seq = sg.seq, n_seg = sg.n, r0 = s0 * G, r1 = sg.end * G;
+    s0 = sg.end;
+    if (n_seg == 0) continue;
+    const int32_t* table = a.step.block_table + int64_t(seq) * a.step.bt_stride;
+    auto find_rows = [&](int j0) {
+      if (tid < k_tile_keys) {
+        const int j = j0 + tid;
+        key_rows[((j0 / k_tile_keys) & 1) * k_tile_keys + tid] =
+            j < n_seg ? kv_chunk(kv, table[j / m], a.layer, h) * m + j % m : -1;
+      }
+    };
+    uint4 pre[LOADS];
+    auto fetch = [&](int j0) {
+      const int64_t* rows = key_rows + ((j0 / k_tile_keys) & 1) * k_tile_keys;
+#pragma unroll
+      for (int it = 0; it < LOADS; ++it) {
+        const int idx = it * k_tile_threads + tid;
+        const int64_t row = rows[idx / P];
+        pre[it] = row >= 0 ? ck[row * P + idx % P] : make_uint4(0, 0, 0, 0);
+      }
+    };
+    float amax[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) amax[mt][0] = amax[mt][1] = 0.0f;
+    find_rows(0);
+    __syncthreads();
+    fetch(0);
+    for (int j0 = 0; j0 < n_seg; j0 += k_tile_keys) {
+      __syncthreads();  // the previous round's reads of the stage (and of key_rows) are done
+#pragma unroll
+      for (int it = 0; it < LOADS; ++it) {
+        const int idx = it * k_tile_threads + tid;
+        *reinterpret_cast<uint4*>(kst + (idx / P) * KS + (idx % P) * 8) = pre[it];
+      }
+      if (j0 + k_tile_keys < n_seg) find_rows(j0 + k_tile_keys);
+      __syncthreads();
+      if (j0 + k_tile_keys < n_seg) fetch(j0 + k_tile_keys);
+      float acc[MT][2][4] = {}, aab[MT][2][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t b[4], ba[4];
+        ldmatrix_x4(b[0], b[1], b[2], b[3],
+                    kst + (16 * warp + lane % 8 + 8 * (lane / 16)) * KS + kk * 16 +
+                        8 * ((lane / 8) % 2));
+#pragma unroll
+        for (int u = 0; u < 4; ++u) ba[u] = b[u] & 0x7fff7fffu;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          uint32_t af[4], aa[4];
+          ldmatrix_x4(af[0], af[1], af[2], af[3],
+                      qh + (16 * mt + lane % 8 + 8 * ((lane / 8) % 2)) * KS + kk * 16 +
+                          8 * (lane / 16));
+#pragma unroll
+          for (int u = 0; u < 4; ++u) aa[u] = af[u] & 0x7fff7fffu;
+          mma_bf16(acc[mt][0], af, b[0], b[1]);
+          mma_bf16(acc[mt][1], af, b[2], b[3]);
+          mma_bf16(aab[mt][0], aa, ba[0], ba[1]);
+          mma_bf16(aab[mt][1], aa, ba[2], ba[3]);
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            const int r = 16 * mt + lane / 4 + 8 * (u / 2);
+            const int j = j0 + 16 * warp + 8 * nt + 2 * (lane % 4) + u % 2;
+            if (r >= r0 && r < r1 && j < n_seg) {
+              lg[int64_t(r) * ns + j] = __fmul_rn(acc[mt][nt][u], a.scale);
+              amax[mt][u / 2] = fmaxf(amax[mt][u / 2], aab[mt][nt][u]);
+            }
+          }
+    }
+    // Each row's largest |q| |ck| sum: over the four lanes of its fragment rows, then the warps.
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int hi = 0; hi < 2; ++hi) {
+        float v = amax[mt][hi];
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+        const int r = 16 * mt + lane / 4 + 8 * hi;
+        // Non-negative floats (and NaN, above +inf) order as their bits do.
+        if (lane % 4 == 0 && r >= r0 && r < r1)
+          atomicMax(reinterpret_cast<int*>(habs + r), __float_as_int(v));
+      }
+  }
+}
+
+// kScreen: the screened kernel (see "Screening" above), which appends the tiles it cannot certify
+// to redo ([0] their count, then tile * H + KV head); the exact kernel, given redo, computes
+// those tiles (thread block i the i-th, past the count none), else tile tile_begin + blockIdx.x
+// of KV head blockIdx.y.
+template <int D, int RI, bool kScreen>
 __global__ void __launch_bounds__(k_tile_threads, 2)
-    tile_select(SelectArgs a, TileShape ts, int tile_begin) {
+    tile_select(SelectArgs a, TileShape ts, int tile_begin, int* redo) {
   extern __shared__ __align__(16) double tile_smem[];
   constexpr int QS = D + 4, P = D / 8, XP = k_tile_xs / 8, PARTS = D / k_tile_xs;
   const KvView& kv = a.kv;
   const SparseView& p = a.p;
-  const int h = blockIdx.y;
   const int H = kv.n_kv_heads, G = a.group, m = kv.keys_per_block, T = a.step.n_tokens;
-  const int Mt = ts.tokens, t0 = (tile_begin + blockIdx.x) * Mt, ns = ts.lg_stride;
+  int tile = tile_begin + blockIdx.x, h = blockIdx.y;
+  if (!kScreen && redo) {
+    if (int(blockIdx.x) >= redo[0]) return;
+    tile = redo[1 + blockIdx.x] / H;
+    h = redo[1 + blockIdx.x] % H;
+  }
+  const int Mt = ts.tokens, t0 = tile * Mt, ns = ts.lg_stride;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  __shared__ int uncertain;        // kScreen: some token's selection is not certified
   double* hsum = tile_smem;        // [32] per row: the softmax sum
   double* hrcp = hsum + 32;        // [32] its reciprocal
+  // kScreen keeps floats where the exact kernel keeps hsum and hrcp: per row the reciprocal of
+  // the sum, the relative error bound of the probabilities, the largest sum of |q| |ck| products.
+  float* hrz = reinterpret_cast<float*>(hsum);
+  float* heta = hrz + 32;
+  float* habs = heta + 32;
   float* hmax = reinterpret_cast<float*>(hrcp + 32);  // [32] the maximum logit
   int* tpos = reinterpret_cast<int*>(hmax + 32);      // [32] per token: position (-1: none)
   int* tn = tpos + 32;                                // compressed keys
@@ -1282,6 +1505,8 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
   float* lg = ts.lg_smem ? stage + ts.u_floats
                          : a.scratch + (int64_t(blockIdx.x) * H + h) * 8 * RI * ns;  // [R][ns]
 
+  if (tid == 0) uncertain = 0;
+  if (kScreen && tid < 32) habs[tid] = 0.0f;
   if (tid < Mt) {
     const int t = t0 + tid;
     if (t < T) {
@@ -1302,122 +1527,126 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
   for (int i = 0; i < Mt; ++i) any |= !tall[i];
 
   if (any) {
-    // The queries as float32, zero for rows without a token that selects.
-    const bf16* q = static_cast<const bf16*>(a.q);
-    for (int idx = tid; idx < 8 * RI * P; idx += k_tile_threads) {
-      const int r = idx / P, x = idx % P, i = r / G;
-      float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      if (r < Mt * G && !tall[i]) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(
-            q + ((int64_t(t0 + i) * H + h) * G + r % G) * D + x * 8);
-        const bf16* e = reinterpret_cast<const bf16*>(&raw);
+    if constexpr (kScreen) {
+      screen_logits<D, RI>(a, ts, t0, h, tn, tseq, tall, key_rows, qs, stage, lg, habs);
+    } else {
+      // The queries as float32, zero for rows without a token that selects.
+      const bf16* q = static_cast<const bf16*>(a.q);
+      for (int idx = tid; idx < 8 * RI * P; idx += k_tile_threads) {
+        const int r = idx / P, x = idx % P, i = r / G;
+        float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        if (r < Mt * G && !tall[i]) {
+          const uint4 raw = *reinterpret_cast<const uint4*>(
+              q + ((int64_t(t0 + i) * H + h) * G + r % G) * D + x * 8);
+          const bf16* e = reinterpret_cast<const bf16*>(&raw);
 #pragma unroll
-        for (int xx = 0; xx < 8; ++xx) v[xx] = __bfloat162float(e[xx]);
+          for (int xx = 0; xx < 8; ++xx) v[xx] = __bfloat162float(e[xx]);
+        }
+        float4* dst = reinterpret_cast<float4*>(qs + r * QS + x * 8);
+        dst[0] = make_float4(v[0], v[1], v[2], v[3]);
+        dst[1] = make_float4(v[4], v[5], v[6], v[7]);
       }
-      float4* dst = reinterpret_cast<float4*>(qs + r * QS + x * 8);
-      dst[0] = make_float4(v[0], v[1], v[2], v[3]);
-      dst[1] = make_float4(v[4], v[5], v[6], v[7]);
-    }
 
-    // The logits, one GEMM per sequence of the tile. Thread (rg, kg): rows rg + 8 i, keys
-    // kg + 32 k of each round (row and key strides of 4 mod 32 floats: conflict-free float4
-    // reads); each round's keys come in PARTS parts of k_tile_xs dimensions, in x order.
-    const int rg = lane % 8, kg = warp * 4 + lane / 8;
-    constexpr int LOADS = k_tile_keys * XP / k_tile_threads;
-    const uint4* ck = static_cast<const uint4*>(kv.ck);
-    for (int s0 = 0; s0 < Mt && t0 + s0 < T;) {
-      const TileSegment sg = tile_segment(tseq, tn, tall, s0, Mt, T - t0);
-      const int seq = sg.seq, s1 = sg.end, n_seg = sg.n;
-      const int r0 = s0 * G, r1 = s1 * G;
-      s0 = s1;
-      if (n_seg == 0) continue;
-      const int32_t* table = a.step.block_table + int64_t(seq) * a.step.bt_stride;
-      auto find_rows = [&](int j0) {  // the rows of round j0's keys, by its first 128 threads
-        if (tid < k_tile_keys) {
-          const int j = j0 + tid;
-          key_rows[((j0 / k_tile_keys) & 1) * k_tile_keys + tid] =
-              j < n_seg ? kv_chunk(kv, table[j / m], a.layer, h) * m + j % m : -1;
-        }
-      };
-      uint4 pre[LOADS];
-      auto fetch = [&](int j0, int part) {
-        const int64_t* rows = key_rows + ((j0 / k_tile_keys) & 1) * k_tile_keys;
-#pragma unroll
-        for (int it = 0; it < LOADS; ++it) {
-          const int idx = it * k_tile_threads + tid, r = idx / XP, x = idx % XP;
-          const int64_t row = rows[r];
-          pre[it] = row >= 0 ? ck[row * P + part * XP + x] : make_uint4(0, 0, 0, 0);
-        }
-      };
-      // The previous segment's reads of key_rows ended before its last part's first barrier.
-      find_rows(0);
-      __syncthreads();
-      fetch(0, 0);
-      for (int j0 = 0; j0 < n_seg; j0 += k_tile_keys) {
-        float acc[RI][4];
-#pragma unroll
-        for (int i = 0; i < RI; ++i)
-#pragma unroll
-          for (int k = 0; k < 4; ++k) acc[i][k] = 0.0f;
-#pragma unroll
-        for (int part = 0; part < PARTS; ++part) {
-          __syncthreads();  // the previous part's reads of the stage (and the queries) are done
+      // The logits, one GEMM per sequence of the tile. Thread (rg, kg): rows rg + 8 i, keys
+      // kg + 32 k of each round (row and key strides of 4 mod 32 floats: conflict-free float4
+      // reads); each round's keys come in PARTS parts of k_tile_xs dimensions, in x order.
+      const int rg = lane % 8, kg = warp * 4 + lane / 8;
+      constexpr int LOADS = k_tile_keys * XP / k_tile_threads;
+      const uint4* ck = static_cast<const uint4*>(kv.ck);
+      for (int s0 = 0; s0 < Mt && t0 + s0 < T;) {
+        const TileSegment sg = tile_segment(tseq, tn, tall, s0, Mt, T - t0);
+        const int seq = sg.seq, s1 = sg.end, n_seg = sg.n;
+        const int r0 = s0 * G, r1 = s1 * G;
+        s0 = s1;
+        if (n_seg == 0) continue;
+        const int32_t* table = a.step.block_table + int64_t(seq) * a.step.bt_stride;
+        auto find_rows = [&](int j0) {  // the rows of round j0's keys, by its first 128 threads
+          if (tid < k_tile_keys) {
+            const int j = j0 + tid;
+            key_rows[((j0 / k_tile_keys) & 1) * k_tile_keys + tid] =
+                j < n_seg ? kv_chunk(kv, table[j / m], a.layer, h) * m + j % m : -1;
+          }
+        };
+        uint4 pre[LOADS];
+        auto fetch = [&](int j0, int part) {
+          const int64_t* rows = key_rows + ((j0 / k_tile_keys) & 1) * k_tile_keys;
 #pragma unroll
           for (int it = 0; it < LOADS; ++it) {
             const int idx = it * k_tile_threads + tid, r = idx / XP, x = idx % XP;
-            const bf16* e = reinterpret_cast<const bf16*>(&pre[it]);
-            float4* dst = reinterpret_cast<float4*>(stage + r * k_tile_sq + x * 8);
-            const float4 lo = make_float4(__bfloat162float(e[0]), __bfloat162float(e[1]),
-                                          __bfloat162float(e[2]), __bfloat162float(e[3]));
-            const float4 hi = make_float4(__bfloat162float(e[4]), __bfloat162float(e[5]),
-                                          __bfloat162float(e[6]), __bfloat162float(e[7]));
-            // The eight threads of a quarter warp (one store phase) write one row's 256 bytes,
-            // 32 apart: x and x + 4 would hit the same banks, so the upper four store their
-            // halves in the other order (a two-way conflict on every stage store otherwise:
-            // about half of the kernel's shared-store wavefronts; 8b-like 16K prefill, a layer's
-            // selection 5.34 -> 5.21 ms on an H200).
-            const int swap = (x >> 2) & 1;
-            dst[swap] = swap ? hi : lo;
-            dst[swap ^ 1] = swap ? lo : hi;
+            const int64_t row = rows[r];
+            pre[it] = row >= 0 ? ck[row * P + part * XP + x] : make_uint4(0, 0, 0, 0);
           }
-          // The next round's rows, read by its first fetch after the barrier below (their buffer's
-          // last reads, two rounds back, were before this round's first barrier).
-          if (part == 0 && j0 + k_tile_keys < n_seg) find_rows(j0 + k_tile_keys);
-          __syncthreads();
-          // The next part in flight during the dots.
-          if (part + 1 < PARTS)
-            fetch(j0, part + 1);
-          else if (j0 + k_tile_keys < n_seg)
-            fetch(j0 + k_tile_keys, 0);
-          const float* qp = qs + part * k_tile_xs;
+        };
+        // The previous segment's reads of key_rows ended before its last part's first barrier.
+        find_rows(0);
+        __syncthreads();
+        fetch(0, 0);
+        for (int j0 = 0; j0 < n_seg; j0 += k_tile_keys) {
+          float acc[RI][4];
+#pragma unroll
+          for (int i = 0; i < RI; ++i)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) acc[i][k] = 0.0f;
+#pragma unroll
+          for (int part = 0; part < PARTS; ++part) {
+            __syncthreads();  // the previous part's reads of the stage (and the queries) are done
+#pragma unroll
+            for (int it = 0; it < LOADS; ++it) {
+              const int idx = it * k_tile_threads + tid, r = idx / XP, x = idx % XP;
+              const bf16* e = reinterpret_cast<const bf16*>(&pre[it]);
+              float4* dst = reinterpret_cast<float4*>(stage + r * k_tile_sq + x * 8);
+              const float4 lo = make_float4(__bfloat162float(e[0]), __bfloat162float(e[1]),
+                                            __bfloat162float(e[2]), __bfloat162float(e[3]));
+              const float4 hi = make_float4(__bfloat162float(e[4]), __bfloat162float(e[5]),
+                                            __bfloat162float(e[6]), __bfloat162float(e[7]));
+              // The eight threads of a quarter warp (one store phase) write one row's 256 bytes,
+              // 32 apart: x and x + 4 would hit the same banks, so the upper four store their
+              // halves in the other order (a two-way conflict on every stage store otherwise:
+              // about half of the kernel's shared-store wavefronts; 8b-like 16K prefill, a layer's
+              // selection 5.34 -> 5.21 ms on an H200).
+              const int swap = (x >> 2) & 1;
+              dst[swap] = swap ? hi : lo;
+              dst[swap ^ 1] = swap ? lo : hi;
+            }
+            // The next round's rows, read by its first fetch after the barrier below (their
+            // buffer's last reads, two rounds back, were before this round's first barrier).
+            if (part == 0 && j0 + k_tile_keys < n_seg) find_rows(j0 + k_tile_keys);
+            __syncthreads();
+            // The next part in flight during the dots.
+            if (part + 1 < PARTS)
+              fetch(j0, part + 1);
+            else if (j0 + k_tile_keys < n_seg)
+              fetch(j0 + k_tile_keys, 0);
+            const float* qp = qs + part * k_tile_xs;
 #pragma unroll 4
-          for (int x = 0; x < k_tile_xs; x += 4) {
-            float4 qv[RI], cv[4];
+            for (int x = 0; x < k_tile_xs; x += 4) {
+              float4 qv[RI], cv[4];
 #pragma unroll
-            for (int i = 0; i < RI; ++i)
-              qv[i] = *reinterpret_cast<const float4*>(qp + (rg + 8 * i) * QS + x);
+              for (int i = 0; i < RI; ++i)
+                qv[i] = *reinterpret_cast<const float4*>(qp + (rg + 8 * i) * QS + x);
 #pragma unroll
-            for (int k = 0; k < 4; ++k)
-              cv[k] = *reinterpret_cast<const float4*>(stage + (kg + 32 * k) * k_tile_sq + x);
+              for (int k = 0; k < 4; ++k)
+                cv[k] = *reinterpret_cast<const float4*>(stage + (kg + 32 * k) * k_tile_sq + x);
 #pragma unroll
-            for (int i = 0; i < RI; ++i)
+              for (int i = 0; i < RI; ++i)
 #pragma unroll
-              for (int k = 0; k < 4; ++k) {
-                acc[i][k] = __fmaf_rn(qv[i].x, cv[k].x, acc[i][k]);
-                acc[i][k] = __fmaf_rn(qv[i].y, cv[k].y, acc[i][k]);
-                acc[i][k] = __fmaf_rn(qv[i].z, cv[k].z, acc[i][k]);
-                acc[i][k] = __fmaf_rn(qv[i].w, cv[k].w, acc[i][k]);
-              }
+                for (int k = 0; k < 4; ++k) {
+                  acc[i][k] = __fmaf_rn(qv[i].x, cv[k].x, acc[i][k]);
+                  acc[i][k] = __fmaf_rn(qv[i].y, cv[k].y, acc[i][k]);
+                  acc[i][k] = __fmaf_rn(qv[i].z, cv[k].z, acc[i][k]);
+                  acc[i][k] = __fmaf_rn(qv[i].w, cv[k].w, acc[i][k]);
+                }
+            }
           }
-        }
 #pragma unroll
-        for (int i = 0; i < RI; ++i) {
-          const int r = rg + 8 * i;
-          if (r < r0 || r >= r1) continue;
+          for (int i = 0; i < RI; ++i) {
+            const int r = rg + 8 * i;
+            if (r < r0 || r >= r1) continue;
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const int j = j0 + kg + 32 * k;
-            if (j < n_seg) lg[int64_t(r) * ns + j] = __fmul_rn(acc[i][k], a.scale);
+            for (int k = 0; k < 4; ++k) {
+              const int j = j0 + kg + 32 * k;
+              if (j < n_seg) lg[int64_t(r) * ns + j] = __fmul_rn(acc[i][k], a.scale);
+            }
           }
         }
       }
@@ -1434,25 +1663,42 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
       float mx = -INFINITY;
       for (int j = lane; j < n; j += 32) mx = fmaxf(mx, l[j]);
       mx = warp_max(mx);
-      double z = 0.0;
-      for (int j0 = lane; j0 < n; j0 += 128) {
-        float x[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int j = j0 + 32 * u;
-          x[u] = j < n ? __fsub_rn(l[j], mx) : 0.0f;
+      if constexpr (kScreen) {
+        // The sum of 2^x2 (x2 = (logit - max) log2 e) and of 2^x2 |x2| (for the bound).
+        float z = 0.0f, zw = 0.0f;
+        for (int j = lane; j < n; j += 32) {
+          const float x2 = __fmul_rn(__fsub_rn(l[j], mx), k_log2e), e = fast_exp2(x2);
+          z += e;
+          zw = __fmaf_rn(e, -x2, zw);
         }
-        double e[4];
-        exp4(x, e);
+        z = warp_sum(z);
+        zw = warp_sum(zw);
+        if (lane == 0) {
+          hmax[r] = mx;
+          hrz[r] = __frcp_rn(z);
+          heta[r] = screen_eta(habs[r], a.scale, D, n, mx, z, zw);
+        }
+      } else {
+        double z = 0.0;
+        for (int j0 = lane; j0 < n; j0 += 128) {
+          float x[4];
 #pragma unroll
-        for (int u = 0; u < 4; ++u)
-          if (j0 + 32 * u < n) z += e[u];
-      }
-      z = warp_sum_d(z);
-      if (lane == 0) {
-        hmax[r] = mx;
-        hsum[r] = z;
-        hrcp[r] = __drcp_rn(z);
+          for (int u = 0; u < 4; ++u) {
+            const int j = j0 + 32 * u;
+            x[u] = j < n ? __fsub_rn(l[j], mx) : 0.0f;
+          }
+          double e[4];
+          exp4(x, e);
+#pragma unroll
+          for (int u = 0; u < 4; ++u)
+            if (j0 + 32 * u < n) z += e[u];
+        }
+        z = warp_sum_d(z);
+        if (lane == 0) {
+          hmax[r] = mx;
+          hsum[r] = z;
+          hrcp[r] = __drcp_rn(z);
+        }
       }
     }
     __syncthreads();
@@ -1471,19 +1717,33 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
       for (int idx = first; idx < base + cnt; idx += k_tile_threads) {
         const int j = jlo + idx - base;
         float v = 0.0f;
-        for (int g0 = 0; g0 < G; g0 += 4) {
-          float x[4];
-#pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            const int g = g0 + u;
-            x[u] = g < G ? __fsub_rn(row[int64_t(g) * ns + j], hmax[i * G + g]) : 0.0f;
+        if constexpr (kScreen) {
+          // S and its error bound, in the second head's row (screened tiles have two or more).
+          float err = 0.0f;
+          for (int g = 0; g < G; ++g) {
+            const int r = i * G + g;
+            const float x2 = __fmul_rn(__fsub_rn(row[int64_t(g) * ns + j], hmax[r]), k_log2e);
+            const float pr = __fmul_rn(fast_exp2(x2), hrz[r]);
+            v = __fadd_rn(v, pr);
+            err = __fmaf_rn(pr, __fmaf_rn(-k_screen_exp_arg, x2, heta[r]), err);
           }
-          double e[4];
-          exp4(x, e);
+          row[ns + j] = screen_score_error(err, v, G);
+        } else {
+          for (int g0 = 0; g0 < G; g0 += 4) {
+            float x[4];
 #pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            const int r = i * G + g0 + u;
-            if (g0 + u < G) v = __fadd_rn(v, __double2float_rn(quotient(e[u], hsum[r], hrcp[r])));
+            for (int u = 0; u < 4; ++u) {
+              const int g = g0 + u;
+              x[u] = g < G ? __fsub_rn(row[int64_t(g) * ns + j], hmax[i * G + g]) : 0.0f;
+            }
+            double e[4];
+            exp4(x, e);
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+              const int r = i * G + g0 + u;
+              if (g0 + u < G)
+                v = __fadd_rn(v, __double2float_rn(quotient(e[u], hsum[r], hrcp[r])));
+            }
           }
         }
         row[j] = v;
@@ -1521,6 +1781,7 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
       auto score = [&](int j) { return S[j]; };
       auto window = [&](int j) { return ts.e_smem ? E[j] : window_score(j); };
       const int k = min(p.topk, nb);
+      const uint32_t key_inf = order_key(INFINITY);
       if (nb <= 32 * k_tile_reg_lanes) {
         constexpr int C = k_tile_reg_lanes;
         uint32_t vk[C], ek[C];
@@ -1535,7 +1796,26 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
             if (nosa) ek[c] = order_key(ve);
           }
         }
-        if (nosa) {
+        if (kScreen) {
+          // The query-aware choice marked in vk and certified, then the eviction-score stage
+          // (NOSA) or that choice (InfLLM-V2) to out.
+          reg_topk<C, true>(vk, nb, nosa ? min(p.q_select, nb) : k, nullptr, vk);
+          unsigned chosen = 0;
+#pragma unroll
+          for (int c = 0; c < C; ++c) chosen |= unsigned(vk[c] == key_inf) << c;
+          if (!screen_certified(p, nb, m, n, qb, S, S + ns,
+                                [&](int b) { return (chosen >> (b / 32)) & 1u; }))
+            uncertain = 1;
+          if (nosa) {
+#pragma unroll
+            for (int c = 0; c < C; ++c)
+              if ((chosen >> c) & 1u) ek[c] = key_inf;
+          }
+          if (nosa)
+            reg_topk<C, false>(ek, nb, k, out, ek);
+          else
+            reg_topk<C, false>(vk, nb, k, out, vk);
+        } else if (nosa) {
           reg_topk<C, true>(vk, nb, min(p.q_select, nb), nullptr, ek);
           reg_topk<C, false>(ek, nb, k, out, ek);
         } else {
@@ -1549,7 +1829,18 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
           if (nosa) ke[b] = order_key(ve);
         }
         __syncwarp();
-        if (nosa) {
+        if (kScreen) {
+          // As above, the marks in ks.
+          warp_topk(ks, nb, nosa ? min(p.q_select, nb) : k, nullptr, ks);
+          __syncwarp();
+          if (!screen_certified(p, nb, m, n, qb, S, S + ns,
+                                [&](int b) { return ks[b] == key_inf; }))
+            uncertain = 1;
+          if (nosa)
+            for (int b = lane; b < nb; b += 32)
+              if (ks[b] == key_inf) ke[b] = key_inf;
+          __syncwarp();
+        } else if (nosa) {
           warp_topk(ks, nb, min(p.q_select, nb), nullptr, ke);
           __syncwarp();
         }
@@ -1561,15 +1852,33 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
     __syncthreads();  // the next sequence's window scores replace these
     s0 = s1;
   }
+  if (kScreen && tid == 0 && uncertain) redo[1 + atomicAdd(redo, 1)] = tile * H + h;
 }
 
 template <int D, int RI>
 cudaError_t launch_tiles(const SelectArgs& a, const TileShape& ts, cudaStream_t stream) {
   const int T = a.step.n_tokens, H = a.kv.n_kv_heads;
   // Two blocks per multiprocessor need all of its shared memory.
-  if (const cudaError_t e = allow_shared<tile_select<D, RI>>(ts.smem, true); e != cudaSuccess)
+  if (const cudaError_t e = allow_shared<tile_select<D, RI, false>>(ts.smem, true);
+      e != cudaSuccess)
     return e;
   const int tiles = (T + ts.tokens - 1) / ts.tokens;
+  if constexpr (RI >= 2) {
+    if (screens(a, ts)) {
+      // The screened kernel, then the exact one on the tiles it could not certify.
+      int* redo = reinterpret_cast<int*>(a.scratch);
+      if (!redo || a.scratch_floats < 1 + size_t(tiles) * H) return cudaErrorInvalidValue;
+      if (const cudaError_t e = allow_shared<tile_select<D, RI, true>>(ts.smem, true);
+          e != cudaSuccess)
+        return e;
+      if (const cudaError_t e = cudaMemsetAsync(redo, 0, sizeof(int), stream); e != cudaSuccess)
+        return e;
+      tile_select<D, RI, true><<<dim3(tiles, H), k_tile_threads, ts.smem, stream>>>(a, ts, 0, redo);
+      tile_select<D, RI, false>
+          <<<dim3(tiles * H, 1), k_tile_threads, ts.smem, stream>>>(a, ts, 0, redo);
+      return cudaGetLastError();
+    }
+  }
   int chunk = tiles;
   if (!ts.lg_smem) {
     const size_t per_tile = size_t(H) * ts.rows * ts.lg_stride;
@@ -1579,7 +1888,8 @@ cudaError_t launch_tiles(const SelectArgs& a, const TileShape& ts, cudaStream_t 
   }
   for (int t0 = 0; t0 < tiles; t0 += chunk) {
     const int count = std::min(chunk, tiles - t0);
-    tile_select<D, RI><<<dim3(count, H), k_tile_threads, ts.smem, stream>>>(a, ts, t0);
+    tile_select<D, RI, false>
+        <<<dim3(count, H), k_tile_threads, ts.smem, stream>>>(a, ts, t0, nullptr);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
@@ -1614,7 +1924,8 @@ size_t select_scratch_floats(SelectPath path, int n_kv_heads, int group, int hea
   if (path == SelectPath::split)
     return split_layout(n_tokens, n_kv_heads, group, keys_per_block, n_max, nb_max).total;
   if (path == SelectPath::tiled)
-    return tile_scratch_floats(tile_shape(group, head_dim, n_max, nb_max), n_kv_heads, n_tokens);
+    return tile_scratch_floats(tile_shape(group, head_dim, n_max, nb_max), n_kv_heads, group,
+                               n_tokens);
   if (shared_bytes(group, head_dim, n_max, nb_max, true) <= lg_smem_limit()) return 0;
   const size_t per_token = size_t(n_kv_heads) * group * size_t(n_max > 0 ? n_max : 1);
   size_t tokens = k_scratch_budget_floats / per_token;
@@ -1625,6 +1936,13 @@ size_t select_scratch_floats(SelectPath path, int n_kv_heads, int group, int hea
 
 bool per_token_fits(int group, int head_dim, int n_max, int nb_max) {
   return shared_bytes(group, head_dim, n_max, nb_max, false) <= max_shared_bytes();
+}
+
+int screened_tiles(const SelectArgs& a) {
+  if (a.path != SelectPath::tiled) return 0;
+  const TileShape ts = tile_shape(a.group, a.kv.head_dim, a.n_max, a.nb_max);
+  if (!screens(a, ts)) return 0;
+  return (a.step.n_tokens + ts.tokens - 1) / ts.tokens * a.kv.n_kv_heads;
 }
 
 cudaError_t launch_block_select(const SelectArgs& a, cudaStream_t stream) {

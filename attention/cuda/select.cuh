@@ -46,6 +46,10 @@ struct SelectArgs {
   // The split path's finish: -1 its own choice, 1 one thread block per (token, KV head) where
   // its shared memory fits, 0 the three kernels spread over the GPU.
   int split_finish = -1;
+  // The tiled path's screening (select.cu, "Screening"): certified fast scores first, the exact
+  // kernel only on the tiles it could not certify. Off (the default): the exact kernel on every
+  // tile.
+  bool screen = false;
 };
 
 // The path a step takes: split where requested or automatic and its scratch and shared memory
@@ -62,5 +66,8 @@ size_t select_scratch_floats(SelectPath path, int n_kv_heads, int group, int hea
 // no path can select, and the caller refuses the step.
 bool per_token_fits(int group, int head_dim, int n_max, int nb_max);
 cudaError_t launch_block_select(const SelectArgs& args, cudaStream_t stream);
+// The (tile, KV head) pairs that launch_block_select(args) screens (0: none); after it, the first
+// int of args.scratch counts those it redid exactly.
+int screened_tiles(const SelectArgs& args);
 
 }  // namespace nosa::attention::cuda

@@ -60,6 +60,8 @@ std::string g_select_path;  // force_cuda_select_path()
 int g_graphs = -1;          // set_cuda_graphs(); -1: the environment decides
 std::atomic<int64_t> g_graph_replays{0};
 std::atomic<int64_t> g_attention_in_parts{0};
+std::atomic<bool> g_count_screening{false};
+std::atomic<int64_t> g_screened_tiles{0}, g_redone_tiles{0};
 
 bool graphs_enabled() {
   if (g_graphs >= 0) return g_graphs == 1;
@@ -74,6 +76,9 @@ bool graphs_enabled() {
 void set_cuda_graphs(bool enabled) { g_graphs = enabled ? 1 : 0; }
 int64_t cuda_graph_replays() { return g_graph_replays.load(); }
 int64_t cuda_attention_in_parts() { return g_attention_in_parts.load(); }
+void count_cuda_select_screening(bool on) { g_count_screening = on; }
+int64_t cuda_select_screened_tiles() { return g_screened_tiles.load(); }
+int64_t cuda_select_redone_tiles() { return g_redone_tiles.load(); }
 
 void force_cuda_select_path(const std::string& path) {
   check_select_path_name(path);
@@ -994,7 +999,8 @@ class CudaBackend final : public Backend {
     if (g_select_path.starts_with("split")) requested = acu::SelectPath::split;
     if (g_select_path == "split-finish") a.split_finish = 1;
     if (g_select_path == "split-spread") a.split_finish = 0;
-    if (g_select_path == "tiled") requested = acu::SelectPath::tiled;
+    if (g_select_path.starts_with("tiled")) requested = acu::SelectPath::tiled;
+    a.screen = g_select_path == "tiled-screened";
     a.path = acu::select_path(requested, H, group, L.head_dim, L.keys_per_block, n_max, nb_max,
                               int(T));
     NOSA_CHECK_CODE(a.path != acu::SelectPath::per_token ||
@@ -1012,6 +1018,16 @@ class CudaBackend final : public Backend {
       a.scratch = scratch.data<float>();
     }
     NOSA_CUDA_CHECK(acu::launch_block_select(a, stream_));
+    if (g_count_screening) {
+      if (const int screened = acu::screened_tiles(a); screened > 0) {
+        int redone = 0;
+        NOSA_CUDA_CHECK(cudaMemcpyAsync(&redone, a.scratch, sizeof(int), cudaMemcpyDeviceToHost,
+                                        stream_));
+        NOSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+        g_screened_tiles += screened;
+        g_redone_tiles += redone;
+      }
+    }
     return sel;
   }
 
@@ -1525,9 +1541,11 @@ class CudaBackend final : public Backend {
   // (nosa-8b-like, 16K, two processes each): at 32 rows (B = 16) 3 was fastest of 2, 3, 4, 6, 8;
   // at 64 rows 8 was faster than 3.
   int prefetch_copy_row_blocks_ = int(env_int("NOSA_PREFETCH_COPY_ROWS", -1, -1, 1 << 20));
-  // Dense prefill through the experimental wgmma kernel's variant 1, 2 or 3 where it runs
-  // (attention/cuda/prefill_wgmma.cuh); 0 (the default): the mma.sync kernel.
-  int prefill_wgmma_ = int(env_int("NOSA_PREFILL_WGMMA", 0, 0, 3));
+  // Dense prefill through the wgmma kernel's variant 1, 2 or 3 where it runs
+  // (attention/cuda/prefill_wgmma.cuh), 0: the mma.sync kernel. The default, 3 (pipelined), was
+  // the fastest on an H200: dense prefill 16 x 16K, 8b-like 26227 (0) -> 27501 tok/s, 1b-like
+  // 98329 -> 104622 (bench/results/2026-11-29-h200-session14).
+  int prefill_wgmma_ = int(env_int("NOSA_PREFILL_WGMMA", 3, 0, 3));
 
 
   // Step graphs (the destructor drops them first).

@@ -10,6 +10,9 @@ void force_cuda_select_path(const std::string& path) {
   check_select_path_name(path);
 }
 
+void count_cuda_select_screening(bool) {}
+int64_t cuda_select_screened_tiles() { return 0; }
+int64_t cuda_select_redone_tiles() { return 0; }
 void set_cuda_graphs(bool) {}
 int64_t cuda_graph_replays() { return 0; }
 int64_t cuda_attention_in_parts() { return 0; }

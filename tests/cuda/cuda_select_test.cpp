@@ -3,7 +3,8 @@
 // 1 to 32 query heads, head_dim 64 and 128, long prompts (hundreds to thousands of compressed
 // keys), tiles that span two sequences and a decode token, the tile sizes whose logits fit in
 // shared memory and the one whose logits go to the global scratch, on generic inputs, on inputs
-// with exact ties and on inputs with near ties. Skipped where no GPU exists.
+// with exact ties and on inputs with near ties; exact on every tile (the automatic choice) and
+// screened. Skipped where no GPU exists.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -111,12 +112,31 @@ void run_prefill_select(const PrefillCase& c, attention::Mode mode, Inputs in, u
   b.cpu->begin_step(f.step);
   b.gpu->begin_step(f.step);
   Selection sc = b.cpu->select_blocks(1, mode, q.cpu, p, *cache.cpu);
-  Selection sg = b.gpu->select_blocks(1, mode, q.gpu, p, *cache.gpu);
-  auto [bad, rows] = selection_mismatches(b, sc, sg);
-  std::printf("[ select   ] %-24s %-8s %-9s %lld of %lld (token, head) selections differ\n",
-              c.name.c_str(), attention::mode_name(mode), inputs_name(in), (long long)bad,
-              (long long)rows);
-  EXPECT_EQ(bad, 0) << c.name << " " << attention::mode_name(mode) << " " << inputs_name(in);
+  // The automatic path (the exact tiled kernel on every tile), then the screened one (where the
+  // tile shape allows; the exact kernel redoes the tiles it cannot certify).
+  for (const char* path : {"", "tiled-screened"}) {
+    runtime::force_cuda_select_path(path);
+    runtime::count_cuda_select_screening(true);
+    const int64_t screened0 = runtime::cuda_select_screened_tiles();
+    const int64_t redone0 = runtime::cuda_select_redone_tiles();
+    Selection sg = b.gpu->select_blocks(1, mode, q.gpu, p, *cache.gpu);
+    runtime::count_cuda_select_screening(false);
+    runtime::force_cuda_select_path("");
+    const int64_t screened = runtime::cuda_select_screened_tiles() - screened0;
+    const int64_t redone = runtime::cuda_select_redone_tiles() - redone0;
+    auto [bad, rows] = selection_mismatches(b, sc, sg);
+    std::printf("[ select   ] %-24s %-8s %-9s %-11s %lld of %lld (token, head) selections differ; "
+                "%lld of %lld screened tiles redone\n",
+                c.name.c_str(), attention::mode_name(mode), inputs_name(in),
+                *path ? path : "automatic", (long long)bad, (long long)rows, (long long)redone,
+                (long long)screened);
+    EXPECT_EQ(bad, 0) << c.name << " " << attention::mode_name(mode) << " " << inputs_name(in)
+                      << " " << path;
+    EXPECT_LE(redone, screened);
+    if (!*path) {
+      EXPECT_EQ(screened, 0) << "the automatic path screens nothing";
+    }
+  }
 }
 
 void run_cases(const std::vector<PrefillCase>& cases, std::vector<Inputs> inputs, uint64_t seed) {
