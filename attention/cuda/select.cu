@@ -1298,10 +1298,10 @@ __device__ __forceinline__ TileSegment tile_segment(const int* tseq, const int* 
 // 3.8 ms (8b-like; the exact kernel alone 10.4 ms), 3.0 + 2.7 ms on 1b-like (exact alone 5.3):
 // prefill 16 x 16K +2.4% (8b-like) and -2.7% (1b-like). Random inputs leave about a third of
 // the tokens uncertified (the worst-case bound on the reference's own float32 dot products, D u
-// A, is about 1e-3 of the scores there), and the screened kernel, with little arithmetic left
-// per round of keys, waits on their loads: tiles of one or two tokens load every compressed key
-// per tile. A kernel for it wants more rows per tile (scores recomputed in a second pass instead
-// of the logits kept in shared memory) and loads further ahead.
+// A, is about 1e-3 of the scores there), and the screened kernel takes far longer than its
+// arithmetic: loading the keys further ahead (cp.async, lookups two rounds ahead) took only 3%
+// off it, so it waits elsewhere (its stall profile: bench/results/2026-11-29-h200-session14).
+// Tiles of more tokens would also share each key's load among more rows.
 constexpr float k_screen_u = 0x1p-24f;
 constexpr float k_screen_ex2 = 0x1p-20f;
 constexpr float k_screen_exp_arg = 4.4f * k_screen_u;
@@ -1345,24 +1345,32 @@ __device__ __forceinline__ bool screen_certified(const SparseView& p, int nb, in
   return __all_sync(0xffffffffu, ok) && lo > hi;
 }
 
-// The screened kernel's logits (kScreen): the tile's queries and each round's 128 keys staged
+// The screened kernel's logits (kScreen): the tile's queries and each round's 64 keys staged
 // as bf16 rows of D + 8 values (ldmatrix reads eight rows 4 banks apart), and the tile's rows x
-// keys by the tensor cores, m16n8k16: warp w takes the round's keys 16 w .. 16 w + 15 against
-// all rows. A second product of the absolute values gives each row's largest sum of
-// |q[x] ck[x]| over its keys (habs), which bounds the rounding error of every logit of the row.
-// The next round's keys are loaded into registers during the products.
+// keys by the tensor cores, m16n8k16: warp w takes the round's keys 8 w .. 8 w + 7 against all
+// rows. A second product of the absolute values gives each row's largest sum of |q[x] ck[x]|
+// over its keys (habs), which bounds the rounding error of every logit of the row. With so
+// little arithmetic per round, the loads run ahead: each round's keys come by cp.async into one
+// of two stage buffers while the round before is computed, and their rows (block-table lookups)
+// are found two rounds ahead, in a ring of three. (Against 128-key rounds with the next round's
+// rows looked up and its keys fetched into registers during the products: 8b-like, 16K, two
+// layers with the warm-up, 5.73 -> 5.56 ms on an H200, 1b-like unchanged at 2.99: the loads
+// were not what the kernel waits on.)
+constexpr int k_screen_keys = 64;
+
 template <int D, int RI>
 __device__ __forceinline__ void screen_logits(const SelectArgs& a, const TileShape& ts, int t0,
                                               int h, const int* tn, const int* tseq,
                                               const int* tall, int64_t* key_rows, float* qs,
                                               float* stage, float* lg, float* habs) {
-  constexpr int P = D / 8, KS = D + 8, MT = RI / 2, LOADS = k_tile_keys * P / k_tile_threads;
+  constexpr int P = D / 8, KS = D + 8, MT = RI / 2, KEYS = k_screen_keys;
+  constexpr int LOADS = KEYS * P / k_tile_threads;
   const KvView& kv = a.kv;
   const int H = kv.n_kv_heads, G = a.group, m = kv.keys_per_block, T = a.step.n_tokens;
   const int Mt = ts.tokens, ns = ts.lg_stride;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   bf16* qh = reinterpret_cast<bf16*>(qs);     // [8 RI][KS]
-  bf16* kst = reinterpret_cast<bf16*>(stage);  // [128][KS]
+  bf16* kst = reinterpret_cast<bf16*>(stage);  // [2][KEYS][KS]
   const bf16* q = static_cast<const bf16*>(a.q);
   for (int idx = tid; idx < 8 * RI * P; idx += k_tile_threads) {
     const int r = idx / P, x = idx % P, i = r / G;
@@ -1371,83 +1379,86 @@ __device__ __forceinline__ void screen_logits(const SelectArgs& a, const TileSha
       v = *reinterpret_cast<const uint4*>(q + ((int64_t(t0 + i) * H + h) * G + r % G) * D + x * 8);
     *reinterpret_cast<uint4*>(qh + r * KS + x * 8) = v;
   }
-  const uint4* ck = static_cast<const uint4*>(kv.ck);
+  const bf16* ck = static_cast<const bf16*>(kv.ck);
   for (int s0 = 0; s0 < Mt && t0 + s0 < T;) {
     const TileSegment sg = tile_segment(tseq, tn, tall, s0, Mt, T - t0);
     const int seq = sg.seq, n_seg = sg.n, r0 = s0 * G, r1 = sg.end * G;
     s0 = sg.end;
     if (n_seg == 0) continue;
     const int32_t* table = a.step.block_table + int64_t(seq) * a.step.bt_stride;
-    auto find_rows = [&](int j0) {
-      if (tid < k_tile_keys) {
-        const int j = j0 + tid;
-        key_rows[((j0 / k_tile_keys) & 1) * k_tile_keys + tid] =
-            j < n_seg ? kv_chunk(kv, table[j / m], a.layer, h) * m + j % m : -1;
-      }
+    const int rounds = (n_seg + KEYS - 1) / KEYS;
+    // Round c's key rows (-1 past the segment's), looked up by the first KEYS threads.
+    auto row_of = [&](int c) -> int64_t {
+      const int j = c * KEYS + tid;
+      return j < n_seg ? kv_chunk(kv, table[j / m], a.layer, h) * m + j % m : -1;
     };
-    uint4 pre[LOADS];
-    auto fetch = [&](int j0) {
-      const int64_t* rows = key_rows + ((j0 / k_tile_keys) & 1) * k_tile_keys;
+    auto issue = [&](int c) {  // round c's keys into stage buffer c % 2
+      const int64_t* rows = key_rows + (c % 3) * KEYS;
+      bf16* dst = kst + (c % 2) * KEYS * KS;
 #pragma unroll
       for (int it = 0; it < LOADS; ++it) {
-        const int idx = it * k_tile_threads + tid;
-        const int64_t row = rows[idx / P];
-        pre[it] = row >= 0 ? ck[row * P + idx % P] : make_uint4(0, 0, 0, 0);
+        const int idx = it * k_tile_threads + tid, r = idx / P, x = idx % P;
+        const int64_t row = rows[r];
+        cp_async16_or_zero(smem_u32(dst + r * KS + x * 8), ck + (row >= 0 ? row : 0) * D + x * 8,
+                           row >= 0);
       }
+      cp_async_commit();
     };
     float amax[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) amax[mt][0] = amax[mt][1] = 0.0f;
-    find_rows(0);
+    // The previous segment's last reads of key_rows and the stage ended before its last round's
+    // barrier.
+    if (tid < KEYS) {
+      key_rows[tid] = row_of(0);
+      if (rounds > 1) key_rows[KEYS + tid] = row_of(1);
+    }
     __syncthreads();
-    fetch(0);
-    for (int j0 = 0; j0 < n_seg; j0 += k_tile_keys) {
-      __syncthreads();  // the previous round's reads of the stage (and of key_rows) are done
-#pragma unroll
-      for (int it = 0; it < LOADS; ++it) {
-        const int idx = it * k_tile_threads + tid;
-        *reinterpret_cast<uint4*>(kst + (idx / P) * KS + (idx % P) * 8) = pre[it];
-      }
-      if (j0 + k_tile_keys < n_seg) find_rows(j0 + k_tile_keys);
+    issue(0);
+    for (int c = 0; c < rounds; ++c) {
+      cp_async_wait<0>();
+      // Round c's keys are in; every warp is done with round c - 1's buffer, and round c + 1's
+      // rows (written a round ago) are visible.
       __syncthreads();
-      if (j0 + k_tile_keys < n_seg) fetch(j0 + k_tile_keys);
-      float acc[MT][2][4] = {}, aab[MT][2][4] = {};
+      if (c + 1 < rounds) issue(c + 1);
+      const bool look = tid < KEYS && c + 2 < rounds;
+      const int64_t ahead = look ? row_of(c + 2) : 0;  // its latency behind this round's products
+      const bf16* ks = kst + (c % 2) * KEYS * KS;
+      float acc[MT][4] = {}, aab[MT][4] = {};
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
+      for (int kk = 0; kk < D / 16; kk += 2) {
         uint32_t b[4], ba[4];
-        ldmatrix_x4(b[0], b[1], b[2], b[3],
-                    kst + (16 * warp + lane % 8 + 8 * (lane / 16)) * KS + kk * 16 +
-                        8 * ((lane / 8) % 2));
+        ldmatrix_x4(b[0], b[1], b[2], b[3], ks + (8 * warp + lane % 8) * KS + kk * 16 + 8 * (lane / 8));
 #pragma unroll
         for (int u = 0; u < 4; ++u) ba[u] = b[u] & 0x7fff7fffu;
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          uint32_t af[4], aa[4];
-          ldmatrix_x4(af[0], af[1], af[2], af[3],
-                      qh + (16 * mt + lane % 8 + 8 * ((lane / 8) % 2)) * KS + kk * 16 +
-                          8 * (lane / 16));
+        for (int half = 0; half < 2; ++half)
 #pragma unroll
-          for (int u = 0; u < 4; ++u) aa[u] = af[u] & 0x7fff7fffu;
-          mma_bf16(acc[mt][0], af, b[0], b[1]);
-          mma_bf16(acc[mt][1], af, b[2], b[3]);
-          mma_bf16(aab[mt][0], aa, ba[0], ba[1]);
-          mma_bf16(aab[mt][1], aa, ba[2], ba[3]);
-        }
+          for (int mt = 0; mt < MT; ++mt) {
+            uint32_t af[4], aa[4];
+            ldmatrix_x4(af[0], af[1], af[2], af[3],
+                        qh + (16 * mt + lane % 8 + 8 * ((lane / 8) % 2)) * KS + (kk + half) * 16 +
+                            8 * (lane / 16));
+#pragma unroll
+            for (int u = 0; u < 4; ++u) aa[u] = af[u] & 0x7fff7fffu;
+            mma_bf16(acc[mt], af, b[2 * half], b[2 * half + 1]);
+            mma_bf16(aab[mt], aa, ba[2 * half], ba[2 * half + 1]);
+          }
       }
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            const int r = 16 * mt + lane / 4 + 8 * (u / 2);
-            const int j = j0 + 16 * warp + 8 * nt + 2 * (lane % 4) + u % 2;
-            if (r >= r0 && r < r1 && j < n_seg) {
-              lg[int64_t(r) * ns + j] = __fmul_rn(acc[mt][nt][u], a.scale);
-              amax[mt][u / 2] = fmaxf(amax[mt][u / 2], aab[mt][nt][u]);
-            }
+        for (int u = 0; u < 4; ++u) {
+          const int r = 16 * mt + lane / 4 + 8 * (u / 2);
+          const int j = c * KEYS + 8 * warp + 2 * (lane % 4) + u % 2;
+          if (r >= r0 && r < r1 && j < n_seg) {
+            lg[int64_t(r) * ns + j] = __fmul_rn(acc[mt][u], a.scale);
+            amax[mt][u / 2] = fmaxf(amax[mt][u / 2], aab[mt][u]);
           }
+        }
+      if (look) key_rows[((c + 2) % 3) * KEYS + tid] = ahead;
     }
+    __syncthreads();  // the last round's reads of the stage and key_rows are done
     // Each row's largest |q| |ck| sum: over the four lanes of its fragment rows, then the warps.
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -1560,12 +1571,12 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
         s0 = s1;
         if (n_seg == 0) continue;
         const int32_t* table = a.step.block_table + int64_t(seq) * a.step.bt_stride;
+        auto row_of = [&](int j) -> int64_t {
+          return j < n_seg ? kv_chunk(kv, table[j / m], a.layer, h) * m + j % m : -1;
+        };
         auto find_rows = [&](int j0) {  // the rows of round j0's keys, by its first 128 threads
-          if (tid < k_tile_keys) {
-            const int j = j0 + tid;
-            key_rows[((j0 / k_tile_keys) & 1) * k_tile_keys + tid] =
-                j < n_seg ? kv_chunk(kv, table[j / m], a.layer, h) * m + j % m : -1;
-          }
+          if (tid < k_tile_keys)
+            key_rows[((j0 / k_tile_keys) & 1) * k_tile_keys + tid] = row_of(j0 + tid);
         };
         uint4 pre[LOADS];
         auto fetch = [&](int j0, int part) {
@@ -1608,9 +1619,15 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
               dst[swap] = swap ? hi : lo;
               dst[swap ^ 1] = swap ? lo : hi;
             }
-            // The next round's rows, read by its first fetch after the barrier below (their
-            // buffer's last reads, two rounds back, were before this round's first barrier).
-            if (part == 0 && j0 + k_tile_keys < n_seg) find_rows(j0 + k_tile_keys);
+            // The next round's rows, read by its first fetch, after the last part's second
+            // barrier (their buffer's last reads, two rounds back, were before this round's
+            // first barrier). With two parts the lookups' latency passes behind part 0's
+            // products, their rows stored after them (8b-like, 16K, two layers with the
+            // warm-up: 10.40 -> 10.32 ms on an H200).
+            const bool look =
+                PARTS > 1 && part == 0 && j0 + k_tile_keys < n_seg && tid < k_tile_keys;
+            const int64_t ahead = look ? row_of(j0 + k_tile_keys + tid) : 0;
+            if (PARTS == 1 && j0 + k_tile_keys < n_seg) find_rows(j0 + k_tile_keys);
             __syncthreads();
             // The next part in flight during the dots.
             if (part + 1 < PARTS)
@@ -1637,6 +1654,7 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
                   acc[i][k] = __fmaf_rn(qv[i].w, cv[k].w, acc[i][k]);
                 }
             }
+            if (look) key_rows[((j0 / k_tile_keys + 1) & 1) * k_tile_keys + tid] = ahead;
           }
 #pragma unroll
           for (int i = 0; i < RI; ++i) {
