@@ -1193,7 +1193,8 @@ Runner add_bench_command(CLI::App& app) {
                   "CUDA block selection kernels: split, tiled or per-token (default: automatic; "
                   "a step a path cannot take falls back from split to tiled to per-token); "
                   "tiled-screened: the tiled path screened (fast certified scores, the exact "
-                  "kernel only on the tiles they cannot certify); "
+                  "kernel only on the tiles they cannot certify); tiled-inline: the tiled path "
+                  "with its top-k inside the tile kernel (one warp per token); "
                   "split-finish and split-spread force the split path's finish to one thread "
                   "block per (token, KV head) or to three kernels spread over the GPU");
   cmd->add_flag("--speculation-probe", f->speculation_probe,

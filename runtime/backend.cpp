@@ -82,11 +82,11 @@ std::unique_ptr<memory::HostAllocator> Backend::host_allocator() {
 
 void check_select_path_name(const std::string& path) {
   NOSA_CHECK_CODE(path.empty() || path == "split" || path == "split-finish" ||
-                      path == "split-spread" || path == "tiled" || path == "tiled-screened" ||
+                      path == "split-spread" || path == "tiled" || path == "tiled-screened" || path == "tiled-inline" ||
                       path == "per-token",
                   ErrorCode::invalid_argument,
                   "unknown selection path '{}' (use split, split-finish, split-spread, tiled, "
-                  "tiled-screened, per-token or empty)",
+                  "tiled-screened, tiled-inline, per-token or empty)",
                   path);
 }
 

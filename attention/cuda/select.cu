@@ -1475,13 +1475,97 @@ __device__ __forceinline__ void screen_logits(const SelectArgs& a, const TileSha
   }
 }
 
+// One warp's selection of one (token, KV head), every lane calling: the blocks' scores by
+// pool(b, vs, ve) (block b's pooled query-aware score and, with NOSA, its pooled eviction
+// score), the top-k stages into out, -1 padded; ks and ke: the warp's nb_max order keys, used
+// past 32 * k_tile_reg_lanes blocks. kScreen: the query-aware choice certified against the keys'
+// scores S and bounds err (see "Screening"), *uncertain set where it is not.
+template <bool kScreen, class Pool>
+__device__ __forceinline__ void select_token(const SelectArgs& a, int qb, int n, Pool pool,
+                                             uint32_t* ks, uint32_t* ke, int32_t* out,
+                                             const float* S, const float* err, int* uncertain) {
+  const SparseView& p = a.p;
+  const bool nosa = a.mode == SelectMode::nosa;
+  const int lane = threadIdx.x % 32, m = a.kv.keys_per_block, nb = qb + 1;
+  const int k = min(p.topk, nb);
+  const uint32_t key_inf = order_key(INFINITY);
+  if (nb <= 32 * k_tile_reg_lanes) {
+    constexpr int C = k_tile_reg_lanes;
+    uint32_t vk[C], ek[C];
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const int b = 32 * c + lane;
+      vk[c] = ek[c] = 0;
+      if (b < nb) {
+        float vs, ve;
+        pool(b, vs, ve);
+        vk[c] = order_key(vs);
+        if (nosa) ek[c] = order_key(ve);
+      }
+    }
+    if (kScreen) {
+      // The query-aware choice marked in vk and certified, then the eviction-score stage
+      // (NOSA) or that choice (InfLLM-V2) to out.
+      reg_topk<C, true>(vk, nb, nosa ? min(p.q_select, nb) : k, nullptr, vk);
+      unsigned chosen = 0;
+#pragma unroll
+      for (int c = 0; c < C; ++c) chosen |= unsigned(vk[c] == key_inf) << c;
+      if (!screen_certified(p, nb, m, n, qb, S, err,
+                            [&](int b) { return (chosen >> (b / 32)) & 1u; }))
+        *uncertain = 1;
+      if (nosa) {
+#pragma unroll
+        for (int c = 0; c < C; ++c)
+          if ((chosen >> c) & 1u) ek[c] = key_inf;
+      }
+      if (nosa)
+        reg_topk<C, false>(ek, nb, k, out, ek);
+      else
+        reg_topk<C, false>(vk, nb, k, out, vk);
+    } else if (nosa) {
+      reg_topk<C, true>(vk, nb, min(p.q_select, nb), nullptr, ek);
+      reg_topk<C, false>(ek, nb, k, out, ek);
+    } else {
+      reg_topk<C, false>(vk, nb, k, out, vk);
+    }
+  } else {
+    for (int b = lane; b < nb; b += 32) {
+      float vs, ve;
+      pool(b, vs, ve);
+      ks[b] = order_key(vs);
+      if (nosa) ke[b] = order_key(ve);
+    }
+    __syncwarp();
+    if (kScreen) {
+      // As above, the marks in ks.
+      warp_topk(ks, nb, nosa ? min(p.q_select, nb) : k, nullptr, ks);
+      __syncwarp();
+      if (!screen_certified(p, nb, m, n, qb, S, err,
+                            [&](int b) { return ks[b] == key_inf; }))
+        *uncertain = 1;
+      if (nosa)
+        for (int b = lane; b < nb; b += 32)
+          if (ks[b] == key_inf) ke[b] = key_inf;
+      __syncwarp();
+    } else if (nosa) {
+      warp_topk(ks, nb, min(p.q_select, nb), nullptr, ke);
+      __syncwarp();
+    }
+    warp_topk(nosa ? ke : ks, nb, k, out, nullptr);
+    __syncwarp();  // the next token reuses ks and ke
+  }
+  for (int b = k + lane; b < a.k_max; b += 32) out[b] = -1;
+}
+
 // kScreen: the screened kernel (see "Screening" above), which appends the tiles it cannot certify
 // to redo ([0] their count, then tile * H + KV head); the exact kernel, given redo, computes
 // those tiles (thread block i the i-th, past the count none), else tile tile_begin + blockIdx.x
-// of KV head blockIdx.y.
+// of KV head blockIdx.y. With pooled (exact kernel only), the tile's tokens' pooled query-aware
+// scores go there ([T][H][nb_max]) for pooled_topk, all of the block's threads pooling, instead
+// of one warp per token pooling and selecting while the others wait.
 template <int D, int RI, bool kScreen>
 __global__ void __launch_bounds__(k_tile_threads, 2)
-    tile_select(SelectArgs a, TileShape ts, int tile_begin, int* redo) {
+    tile_select(SelectArgs a, TileShape ts, int tile_begin, int* redo, float* pooled) {
   extern __shared__ __align__(16) double tile_smem[];
   constexpr int QS = D + 4, P = D / 8, XP = k_tile_xs / 8, PARTS = D / k_tile_xs;
   const KvView& kv = a.kv;
@@ -1784,6 +1868,26 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
     auto window_score = [&](int j) {
       return kv.ck_scores[kv_chunk(kv, table[j / m], a.layer, h) * m + j % m];
     };
+    if (!kScreen && pooled) {
+      for (int i = s0; i < s1; ++i) {
+        const int t = t0 + i, qb = tpos[i] / p.block_size, nb = qb + 1, n = tn[i];
+        if (tall[i]) {
+          select_every_block(a.out + (int64_t(t) * H + h) * a.k_max, nb, a.k_max, tid,
+                             k_tile_threads);
+          continue;
+        }
+        const float* S = lg + int64_t(i) * G * ns;
+        auto score = [&](int j) { return S[j]; };
+        float* dst = pooled + (int64_t(t) * H + h) * a.nb_max;
+        for (int b = tid; b < nb; b += k_tile_threads) {
+          float vs, ve;
+          pool_block(p, b, m, n, qb, false, score, score, vs, ve);
+          dst[b] = vs;
+        }
+      }
+      s0 = s1;
+      continue;
+    }
     if (nosa && ts.e_smem)
       for (int j = tid; j < n_seg; j += k_tile_threads) E[j] = window_score(j);
     __syncthreads();
@@ -1798,79 +1902,59 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
       const float* S = lg + int64_t(i) * G * ns;
       auto score = [&](int j) { return S[j]; };
       auto window = [&](int j) { return ts.e_smem ? E[j] : window_score(j); };
-      const int k = min(p.topk, nb);
-      const uint32_t key_inf = order_key(INFINITY);
-      if (nb <= 32 * k_tile_reg_lanes) {
-        constexpr int C = k_tile_reg_lanes;
-        uint32_t vk[C], ek[C];
-#pragma unroll
-        for (int c = 0; c < C; ++c) {
-          const int b = 32 * c + lane;
-          vk[c] = ek[c] = 0;
-          if (b < nb) {
-            float vs, ve;
-            pool_block(p, b, m, n, qb, nosa, score, window, vs, ve);
-            vk[c] = order_key(vs);
-            if (nosa) ek[c] = order_key(ve);
-          }
-        }
-        if (kScreen) {
-          // The query-aware choice marked in vk and certified, then the eviction-score stage
-          // (NOSA) or that choice (InfLLM-V2) to out.
-          reg_topk<C, true>(vk, nb, nosa ? min(p.q_select, nb) : k, nullptr, vk);
-          unsigned chosen = 0;
-#pragma unroll
-          for (int c = 0; c < C; ++c) chosen |= unsigned(vk[c] == key_inf) << c;
-          if (!screen_certified(p, nb, m, n, qb, S, S + ns,
-                                [&](int b) { return (chosen >> (b / 32)) & 1u; }))
-            uncertain = 1;
-          if (nosa) {
-#pragma unroll
-            for (int c = 0; c < C; ++c)
-              if ((chosen >> c) & 1u) ek[c] = key_inf;
-          }
-          if (nosa)
-            reg_topk<C, false>(ek, nb, k, out, ek);
-          else
-            reg_topk<C, false>(vk, nb, k, out, vk);
-        } else if (nosa) {
-          reg_topk<C, true>(vk, nb, min(p.q_select, nb), nullptr, ek);
-          reg_topk<C, false>(ek, nb, k, out, ek);
-        } else {
-          reg_topk<C, false>(vk, nb, k, out, vk);
-        }
-      } else {
-        for (int b = lane; b < nb; b += 32) {
-          float vs, ve;
-          pool_block(p, b, m, n, qb, nosa, score, window, vs, ve);
-          ks[b] = order_key(vs);
-          if (nosa) ke[b] = order_key(ve);
-        }
-        __syncwarp();
-        if (kScreen) {
-          // As above, the marks in ks.
-          warp_topk(ks, nb, nosa ? min(p.q_select, nb) : k, nullptr, ks);
-          __syncwarp();
-          if (!screen_certified(p, nb, m, n, qb, S, S + ns,
-                                [&](int b) { return ks[b] == key_inf; }))
-            uncertain = 1;
-          if (nosa)
-            for (int b = lane; b < nb; b += 32)
-              if (ks[b] == key_inf) ke[b] = key_inf;
-          __syncwarp();
-        } else if (nosa) {
-          warp_topk(ks, nb, min(p.q_select, nb), nullptr, ke);
-          __syncwarp();
-        }
-        warp_topk(nosa ? ke : ks, nb, k, out, nullptr);
-        __syncwarp();  // the next token reuses ks and ke
-      }
-      for (int b = k + lane; b < a.k_max; b += 32) out[b] = -1;
+      auto pool = [&](int b, float& vs, float& ve) {
+        pool_block(p, b, m, n, qb, nosa, score, window, vs, ve);
+      };
+      select_token<kScreen>(a, qb, n, pool, ks, ke, out, S, S + ns, &uncertain);
     }
     __syncthreads();  // the next sequence's window scores replace these
     s0 = s1;
   }
   if (kScreen && tid == 0 && uncertain) redo[1 + atomicAdd(redo, 1)] = tile * H + h;
+}
+
+// The top-k stages of the (token, KV head) pairs whose pooled query-aware scores tile_select
+// wrote to pooled ([T][H][nb_max]): one warp per pair, the eviction scores pooled here, the same
+// selection as the tile kernel's own (select_token). Tokens that take every block were written by
+// the tile kernel. Dynamic shared memory: each warp's two nb_max order-key arrays. Selecting in
+// the tile kernel left its other warps waiting at a barrier for the one that selected (34% of
+// the screened kernel's stall samples, 17% of the exact one's; an 8b-like tile holds one token).
+// Apart, on an H200 (16K-token prompt, two layers with the warm-up): 8b-like 10.32 ms ->
+// 8.74 + 0.33, 1b-like 5.27 -> 4.49 + 0.33; prefill 16 x 16K +2.4% and +2.9%.
+__global__ void __launch_bounds__(k_tile_threads) pooled_topk(SelectArgs a, const float* pooled) {
+  extern __shared__ uint32_t topk_keys[];
+  const int warps = blockDim.x / 32, warp = threadIdx.x / 32;
+  const KvView& kv = a.kv;
+  const SparseView& p = a.p;
+  const int H = kv.n_kv_heads, m = kv.keys_per_block;
+  const int64_t pair = int64_t(blockIdx.x) * warps + warp;
+  if (pair >= int64_t(a.step.n_tokens) * H) return;
+  const int t = int(pair / H), h = int(pair % H);
+  const TokenSel s = token_sel(a, t);
+  if (s.all) return;
+  const bool nosa = a.mode == SelectMode::nosa;
+  const int32_t* table = a.step.block_table + int64_t(a.step.token_seq[t]) * a.step.bt_stride;
+  const float* ps = pooled + pair * a.nb_max;
+  auto none = [](int) { return 0.0f; };
+  auto window = [&](int j) {
+    return kv.ck_scores[kv_chunk(kv, table[j / m], a.layer, h) * m + j % m];
+  };
+  auto pool = [&](int b, float& vs, float& ve) {
+    float unused;
+    vs = ps[b];
+    ve = 0.0f;
+    if (nosa) pool_block(p, b, m, s.n, s.qb, true, none, window, unused, ve);
+  };
+  uint32_t* ks = topk_keys + size_t(warp) * 2 * a.nb_max;
+  select_token<false>(a, s.qb, s.n, pool, ks, ks + a.nb_max, a.out + pair * a.k_max, nullptr,
+                      nullptr, nullptr);
+}
+
+// Whether a tiled step's pooled scores fit the scratch budget (pooled_topk).
+bool pooled_fits(const TileShape& s, int n_kv_heads, int nb_max, int n_tokens) {
+  return s.ok && s.lg_smem &&
+         size_t(n_tokens) * n_kv_heads * size_t(std::max(nb_max, 1)) <= k_scratch_budget_floats &&
+         2 * sizeof(uint32_t) * size_t(std::max(nb_max, 1)) <= max_shared_bytes();
 }
 
 template <int D, int RI>
@@ -1891,11 +1975,28 @@ cudaError_t launch_tiles(const SelectArgs& a, const TileShape& ts, cudaStream_t 
         return e;
       if (const cudaError_t e = cudaMemsetAsync(redo, 0, sizeof(int), stream); e != cudaSuccess)
         return e;
-      tile_select<D, RI, true><<<dim3(tiles, H), k_tile_threads, ts.smem, stream>>>(a, ts, 0, redo);
+      tile_select<D, RI, true>
+          <<<dim3(tiles, H), k_tile_threads, ts.smem, stream>>>(a, ts, 0, redo, nullptr);
       tile_select<D, RI, false>
-          <<<dim3(tiles * H, 1), k_tile_threads, ts.smem, stream>>>(a, ts, 0, redo);
+          <<<dim3(tiles * H, 1), k_tile_threads, ts.smem, stream>>>(a, ts, 0, redo, nullptr);
       return cudaGetLastError();
     }
+  }
+  if (a.pooled_topk && pooled_fits(ts, H, a.nb_max, T)) {
+    // The tile kernel pools, then pooled_topk selects: warps per block as their keys fit.
+    float* pooled = a.scratch;
+    const size_t need = size_t(T) * H * a.nb_max;
+    if (!pooled || a.scratch_floats < need) return cudaErrorInvalidValue;
+    const size_t per_warp = 2 * sizeof(uint32_t) * size_t(std::max(a.nb_max, 1));
+    const int warps = int(std::clamp<size_t>(max_shared_bytes() / per_warp, 1, k_tile_warps));
+    if (const cudaError_t e = allow_shared<pooled_topk>(warps * per_warp); e != cudaSuccess)
+      return e;
+    tile_select<D, RI, false>
+        <<<dim3(tiles, H), k_tile_threads, ts.smem, stream>>>(a, ts, 0, nullptr, pooled);
+    const int64_t pairs = int64_t(T) * H;
+    pooled_topk<<<int((pairs + warps - 1) / warps), 32 * warps, warps * per_warp, stream>>>(a,
+                                                                                        pooled);
+    return cudaGetLastError();
   }
   int chunk = tiles;
   if (!ts.lg_smem) {
@@ -1907,7 +2008,7 @@ cudaError_t launch_tiles(const SelectArgs& a, const TileShape& ts, cudaStream_t 
   for (int t0 = 0; t0 < tiles; t0 += chunk) {
     const int count = std::min(chunk, tiles - t0);
     tile_select<D, RI, false>
-        <<<dim3(count, H), k_tile_threads, ts.smem, stream>>>(a, ts, t0, nullptr);
+        <<<dim3(count, H), k_tile_threads, ts.smem, stream>>>(a, ts, t0, nullptr, nullptr);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
@@ -1938,12 +2039,17 @@ SelectPath select_path(SelectPath requested, int n_kv_heads, int group, int head
 }
 
 size_t select_scratch_floats(SelectPath path, int n_kv_heads, int group, int head_dim,
-                             int keys_per_block, int n_max, int nb_max, int n_tokens) {
+                             int keys_per_block, int n_max, int nb_max, int n_tokens,
+                             bool pooled_topk) {
   if (path == SelectPath::split)
     return split_layout(n_tokens, n_kv_heads, group, keys_per_block, n_max, nb_max).total;
-  if (path == SelectPath::tiled)
-    return tile_scratch_floats(tile_shape(group, head_dim, n_max, nb_max), n_kv_heads, group,
-                               n_tokens);
+  if (path == SelectPath::tiled) {
+    const TileShape ts = tile_shape(group, head_dim, n_max, nb_max);
+    const size_t f = tile_scratch_floats(ts, n_kv_heads, group, n_tokens);
+    if (pooled_topk && pooled_fits(ts, n_kv_heads, nb_max, n_tokens))
+      return std::max(f, size_t(n_tokens) * n_kv_heads * nb_max);
+    return f;
+  }
   if (shared_bytes(group, head_dim, n_max, nb_max, true) <= lg_smem_limit()) return 0;
   const size_t per_token = size_t(n_kv_heads) * group * size_t(n_max > 0 ? n_max : 1);
   size_t tokens = k_scratch_budget_floats / per_token;

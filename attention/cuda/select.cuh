@@ -50,6 +50,10 @@ struct SelectArgs {
   // kernel only on the tiles it could not certify. Off (the default): the exact kernel on every
   // tile.
   bool screen = false;
+  // The tiled path's pooling and top-k apart (select.cu, pooled_topk), where the pooled scores
+  // fit the scratch: the tile kernel writes its tokens' pooled scores, a kernel of one warp per
+  // (token, KV head) selects. Off: one warp per token in the tile kernel. Not with screen.
+  bool pooled_topk = true;
 };
 
 // The path a step takes: split where requested or automatic and its scratch and shared memory
@@ -60,7 +64,8 @@ SelectPath select_path(SelectPath requested, int n_kv_heads, int group, int head
 // Floats of global scratch the launcher needs for that path (per_token and tiled: 0 when the
 // logits fit in shared memory; else they process tokens in groups to stay inside a fixed budget).
 size_t select_scratch_floats(SelectPath path, int n_kv_heads, int group, int head_dim,
-                             int keys_per_block, int n_max, int nb_max, int n_tokens);
+                             int keys_per_block, int n_max, int nb_max, int n_tokens,
+                             bool pooled_topk = false);
 // Whether the per-token kernel (the last fallback) fits this GPU's shared memory at this many
 // compressed keys and blocks; past it (about 530K positions with NOSA's parameters on Hopper)
 // no path can select, and the caller refuses the step.

@@ -1001,6 +1001,7 @@ class CudaBackend final : public Backend {
     if (g_select_path == "split-spread") a.split_finish = 0;
     if (g_select_path.starts_with("tiled")) requested = acu::SelectPath::tiled;
     a.screen = g_select_path == "tiled-screened";
+    a.pooled_topk = g_select_path != "tiled-inline";
     a.path = acu::select_path(requested, H, group, L.head_dim, L.keys_per_block, n_max, nb_max,
                               int(T));
     NOSA_CHECK_CODE(a.path != acu::SelectPath::per_token ||
@@ -1011,7 +1012,8 @@ class CudaBackend final : public Backend {
                     "selection kernels",
                     n_max, nb_max);
     a.scratch_floats = acu::select_scratch_floats(a.path, H, group, L.head_dim,
-                                                  L.keys_per_block, n_max, nb_max, int(T));
+                                                  L.keys_per_block, n_max, nb_max, int(T),
+                                                  a.pooled_topk);
     Tensor scratch;
     if (a.scratch_floats > 0) {
       scratch = alloc(DType::f32, {int64_t(a.scratch_floats)});

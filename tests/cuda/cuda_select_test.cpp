@@ -112,9 +112,10 @@ void run_prefill_select(const PrefillCase& c, attention::Mode mode, Inputs in, u
   b.cpu->begin_step(f.step);
   b.gpu->begin_step(f.step);
   Selection sc = b.cpu->select_blocks(1, mode, q.cpu, p, *cache.cpu);
-  // The automatic path (the exact tiled kernel on every tile), then the screened one (where the
-  // tile shape allows; the exact kernel redoes the tiles it cannot certify).
-  for (const char* path : {"", "tiled-screened"}) {
+  // The automatic path (the exact tiled kernel on every tile, its top-k in a kernel of its own
+  // where the pooled scores fit the scratch), the screened one (where the tile shape allows; the
+  // exact kernel redoes the tiles it cannot certify) and the exact one with its top-k inside.
+  for (const char* path : {"", "tiled-screened", "tiled-inline"}) {
     runtime::force_cuda_select_path(path);
     runtime::count_cuda_select_screening(true);
     const int64_t screened0 = runtime::cuda_select_screened_tiles();
@@ -133,8 +134,8 @@ void run_prefill_select(const PrefillCase& c, attention::Mode mode, Inputs in, u
     EXPECT_EQ(bad, 0) << c.name << " " << attention::mode_name(mode) << " " << inputs_name(in)
                       << " " << path;
     EXPECT_LE(redone, screened);
-    if (!*path) {
-      EXPECT_EQ(screened, 0) << "the automatic path screens nothing";
+    if (std::string(path) != "tiled-screened") {
+      EXPECT_EQ(screened, 0) << path << " screens nothing";
     }
   }
 }

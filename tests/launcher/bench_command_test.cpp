@@ -289,7 +289,7 @@ TEST(BenchCommand, SelectPathTakesTheSplitFinishesAndRefusesOtherNames) {
                                      nosa_binary()));
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.err.find("unknown selection path 'split-sometimes' (use split, split-finish, "
-                         "split-spread, tiled, tiled-screened, per-token or empty)"),
+                         "split-spread, tiled, tiled-screened, tiled-inline, per-token or empty)"),
             std::string::npos)
       << bad.err;
 }
