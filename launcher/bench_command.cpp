@@ -582,9 +582,7 @@ void run_offload(SuiteContext& ctx) {
     NOSA_CHECK(r == "device" || r == "host", "--residency takes device or host, not '{}'", r);
   for (const std::string& o : f.copy_overlap)
     NOSA_CHECK(o == "on" || o == "off", "--copy-overlap takes on or off, not '{}'", o);
-  for (const std::string& o : f.prefetch)
-    NOSA_CHECK(o == "on" || o == "off" || o == "auto", "--prefetch takes on, off or auto, not '{}'",
-               o);
+  for (const std::string& o : f.prefetch) runtime::Model::parse_prefetch(o);
   // The prefetch guesses from the model; a controlled miss rate replaces each layer's selection
   // after that guess, so the two do not measure anything together.
   const bool controlled = std::any_of(f.miss_rates.begin(), f.miss_rates.end(),

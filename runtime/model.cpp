@@ -71,7 +71,7 @@ Model::Prefetch Model::parse_prefetch(const std::string& name) {
   if (name == "on") return Prefetch::on;
   if (name == "off") return Prefetch::off;
   if (name == "auto") return Prefetch::automatic;
-  NOSA_CHECK(false, "prefetching is on, off or auto, not '{}'", name);
+  NOSA_CHECK(false, "--prefetch takes on, off or auto, not '{}'", name);
   return Prefetch::off;
 }
 
