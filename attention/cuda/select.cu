@@ -1281,11 +1281,14 @@ __device__ __forceinline__ TileSegment tile_segment(const int* tseq, const int* 
 // The bounds, u = 2^-24 (float32's unit roundoff), for a row (query head) whose products sum to
 // at most A = max_j sum_x |q[x] ck_j[x]| (habs, from a product of absolute values):
 //  - logits: the reference's sequential sum and the tensor cores' are each within D u A of the
-//    exact dot product (at most 2 D u A for the tensor cores' internal rounding), then one
-//    rounding each of the scaling: |l' - l| <= Delta = (8 D + 16) u scale A (a margin of 2.5).
+//    exact dot product (at most 2 D u A for the tensor cores' internal rounding, which NVIDIA
+//    does not document: a model that truncates every addend to the largest one's exponent at
+//    each k16 step gives about 2.5 D u A), then one rounding each of the scaling:
+//    |l' - l| <= Delta = (8 D + 16) u scale A (a margin of about 2 over those models).
 //  - probabilities: softmax moves by at most a factor e^(+-2 Delta) when every logit moves by
 //    Delta; ex2.approx is within 2^-22 of 2^x (2^-20 taken), its argument x2 = (l - max) log2 e
-//    within 3 u |x2| (4.4 u |x2| taken, per key), the sum z of n terms within (n / 32 + 8) u plus
+//    within 3 u |x2| (4.4 u |x2| taken, per key, which also covers the reference's own rounding
+//    of l - max, 0.7 u |x2|), the sum z of n terms within (n / 32 + 8) u plus
 //    its terms' errors (sum of 2^x2 (2^-20 + 4 u |x2|) / z), the reciprocal and product 2 u; the
 //    reference's double-precision value rounds once to float (u). Together, for Delta < 0.01,
 //    |p' - p| <= p' (eta + 4.4 u |x2|) with eta = 2.2 Delta + 1.1 (2^-20 + e_z + 4 u).
@@ -1352,10 +1355,11 @@ __device__ __forceinline__ bool screen_certified(const SparseView& p, int nb, in
 // over its keys (habs), which bounds the rounding error of every logit of the row. With so
 // little arithmetic per round, the loads run ahead: each round's keys come by cp.async into one
 // of two stage buffers while the round before is computed, and their rows (block-table lookups)
-// are found two rounds ahead, in a ring of three. (Against 128-key rounds with the next round's
-// rows looked up and its keys fetched into registers during the products: 8b-like, 16K, two
-// layers with the warm-up, 5.73 -> 5.56 ms on an H200, 1b-like unchanged at 2.99: the loads
-// were not what the kernel waits on.)
+// are found two rounds ahead, in a ring of three (two would do with these barriers; the third
+// slot is slack). (Against 128-key rounds with the next round's rows looked up and its keys
+// fetched into registers during the products: 8b-like, 16K, two layers with the warm-up,
+// 5.73 -> 5.56 ms on an H200, 1b-like unchanged at 2.99: the loads were not what the kernel
+// waits on.)
 constexpr int k_screen_keys = 64;
 
 template <int D, int RI>
@@ -1917,8 +1921,9 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
 // wrote to pooled ([T][H][nb_max]): one warp per pair, the eviction scores pooled here, the same
 // selection as the tile kernel's own (select_token). Tokens that take every block were written by
 // the tile kernel. Dynamic shared memory: each warp's two nb_max order-key arrays. Selecting in
-// the tile kernel left its other warps waiting at a barrier for the one that selected (34% of
-// the screened kernel's stall samples, 17% of the exact one's; an 8b-like tile holds one token).
+// the tile kernel left its other warps waiting at a barrier for the one that selected (17% of
+// the exact kernel's stall samples; an 8b-like tile holds one token). The screened kernels still
+// select inside (34% of the screened kernel's stall samples at that barrier).
 // Apart, on an H200 (16K-token prompt, two layers with the warm-up): 8b-like 10.32 ms ->
 // 8.74 + 0.33, 1b-like 5.27 -> 4.49 + 0.33; prefill 16 x 16K +2.4% and +2.9%.
 __global__ void __launch_bounds__(k_tile_threads) pooled_topk(SelectArgs a, const float* pooled) {

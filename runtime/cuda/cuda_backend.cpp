@@ -1001,7 +1001,7 @@ class CudaBackend final : public Backend {
     if (g_select_path == "split-spread") a.split_finish = 0;
     if (g_select_path.starts_with("tiled")) requested = acu::SelectPath::tiled;
     a.screen = g_select_path == "tiled-screened";
-    a.pooled_topk = g_select_path != "tiled-inline";
+    a.pooled_topk = !a.screen && g_select_path != "tiled-inline";
     a.path = acu::select_path(requested, H, group, L.head_dim, L.keys_per_block, n_max, nb_max,
                               int(T));
     NOSA_CHECK_CODE(a.path != acu::SelectPath::per_token ||
@@ -1020,7 +1020,10 @@ class CudaBackend final : public Backend {
       a.scratch = scratch.data<float>();
     }
     NOSA_CUDA_CHECK(acu::launch_block_select(a, stream_));
-    if (g_count_screening) {
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    NOSA_CUDA_CHECK(cudaStreamIsCapturing(stream_, &capturing));
+    // Counting waits for the step, which a stream being captured (a step graph) cannot do.
+    if (g_count_screening && capturing == cudaStreamCaptureStatusNone) {
       if (const int screened = acu::screened_tiles(a); screened > 0) {
         int redone = 0;
         NOSA_CUDA_CHECK(cudaMemcpyAsync(&redone, a.scratch, sizeof(int), cudaMemcpyDeviceToHost,
