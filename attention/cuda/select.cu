@@ -4,6 +4,7 @@
 #include "attention/cuda/dependent_launch.cuh"
 #include "attention/cuda/device_common.cuh"
 #include "attention/cuda/exp_core.cuh"
+#include "attention/cuda/screen_bounds.h"
 #include "attention/cuda/select.cuh"
 
 namespace nosa::attention::cuda {
@@ -1278,23 +1279,7 @@ __device__ __forceinline__ TileSegment tile_segment(const int* tseq, const int* 
 // choice is not certified (near ties, exact ties, inputs past the bounds' range) sends its tile
 // and KV head to the exact kernel, which runs afterwards on those tiles only.
 //
-// The bounds, u = 2^-24 (float32's unit roundoff), for a row (query head) whose products sum to
-// at most A = max_j sum_x |q[x] ck_j[x]| (habs, from a product of absolute values):
-//  - logits: the reference's sequential sum and the tensor cores' are each within D u A of the
-//    exact dot product (at most 2 D u A for the tensor cores' internal rounding, which NVIDIA
-//    does not document: a model that truncates every addend to the largest one's exponent at
-//    each k16 step gives about 2.5 D u A), then one rounding each of the scaling:
-//    |l' - l| <= Delta = (8 D + 16) u scale A (a margin of about 2 over those models).
-//  - probabilities: softmax moves by at most a factor e^(+-2 Delta) when every logit moves by
-//    Delta; ex2.approx is within 2^-22 of 2^x (2^-20 taken), its argument x2 = (l - max) log2 e
-//    within 3 u |x2| (4.4 u |x2| taken, per key, which also covers the reference's own rounding
-//    of l - max, 0.7 u |x2|), the sum z of n terms within (n / 32 + 8) u plus
-//    its terms' errors (sum of 2^x2 (2^-20 + 4 u |x2|) / z), the reciprocal and product 2 u; the
-//    reference's double-precision value rounds once to float (u). Together, for Delta < 0.01,
-//    |p' - p| <= p' (eta + 4.4 u |x2|) with eta = 2.2 Delta + 1.1 (2^-20 + e_z + 4 u).
-//  - S: the G probabilities of a key, summed in float32 on both sides (2.1 G u S), plus 1e-35
-//    for exponentials flushed to zero. Pooling takes the largest bound of the keys pooled.
-// A row past the bounds' range (Delta >= 0.01, a non-finite logit) gets an infinite bound.
+// The bounds and their derivation: attention/cuda/screen_bounds.h.
 //
 // Opt-in (SelectArgs::screen; --select-path tiled-screened): on an H200 (16K-token prompt, two
 // layers with the warm-up) the screened kernel took 5.7 ms and the exact one on the tiles it left
@@ -1303,26 +1288,9 @@ __device__ __forceinline__ TileSegment tile_segment(const int* tseq, const int* 
 // the tokens uncertified (the worst-case bound on the reference's own float32 dot products, D u
 // A, is about 1e-3 of the scores there), and the screened kernel takes far longer than its
 // arithmetic: loading the keys further ahead (cp.async, lookups two rounds ahead) took only 3%
-// off it, so it waits elsewhere (its stall profile: bench/results/2026-11-29-h200-session14).
+// off it; 34% of its stall samples wait at the barrier behind its one-warp top-k (see
+// pooled_topk, which the exact kernel now uses; bench/results/2026-11-29-h200-session14).
 // Tiles of more tokens would also share each key's load among more rows.
-constexpr float k_screen_u = 0x1p-24f;
-constexpr float k_screen_ex2 = 0x1p-20f;
-constexpr float k_screen_exp_arg = 4.4f * k_screen_u;
-
-__device__ __forceinline__ float screen_eta(float habs, float scale, int d, int n, float mx,
-                                            float z, float zw) {
-  const float u = k_screen_u;
-  const float delta = (8.0f * d + 16.0f) * u * scale * habs;
-  const float ez = float(n / 32 + 8) * u + k_screen_ex2 + 4.0f * u * (zw / z);
-  const bool ok = delta < 0.01f && fabsf(mx) < INFINITY && z >= 1.0f && z < INFINITY &&
-                  zw >= 0.0f && zw < INFINITY;
-  return ok ? 2.2f * delta + 1.1f * (k_screen_ex2 + ez + 4.0f * u) : INFINITY;
-}
-
-__device__ __forceinline__ float screen_score_error(float err, float s, int group) {
-  return 1.01f * err + 2.1f * float(group) * k_screen_u * s + 1e-35f;
-}
-
 // Whether one warp's token's query-aware choice is certified: chosen(b) says whether block b was
 // chosen, S and err are the token's scores and their bounds (screen_select's rows). Every lane
 // must call it.
