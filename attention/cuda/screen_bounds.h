@@ -3,13 +3,19 @@
 // (attention/reference/selection.cpp). Host and device code, so that
 // tests/attention/screen_bound_test.cpp checks them on the CPU against the reference itself.
 //
-// The bounds, u = 2^-24 (float32's unit roundoff), for a row (query head) whose products sum to
-// at most A = max_j sum_x |q[x] ck_j[x]| (habs, from a product of absolute values):
-//  - logits: the reference's sequential sum and the tensor cores' are each within D u A of the
-//    exact dot product (at most 2 D u A for the tensor cores' internal rounding, which NVIDIA
-//    does not document: a model that truncates every addend to the largest one's exponent at
-//    each k16 step gives about 2.5 D u A), then one rounding each of the scaling:
-//    |l' - l| <= Delta = (8 D + 16) u scale A (a margin of about 2 over those models).
+// The bounds, u = 2^-24 (float32's unit roundoff), for a row (query head) and its keys j: the
+// kernel sums each dot product in steps of 16 products (the tensor cores' k16), a_i the sum
+// after step i, alpha_i the step's sum of |q[x] ck_j[x]|, A = sum_i alpha_i; habs is the row's
+// largest B = A + sum_i |a_i| (from a product of absolute values and the partial sums).
+//  - logits: the reference adds the products one by one, each addition within u of its partial
+//    sum, and a partial sum inside step i is at most |a_(i-1)| + alpha_i (to first order): its
+//    error is at most 16 u B. The tensor cores' rounding is not documented; a model that aligns
+//    a step's 17 addends to the largest one's exponent (at most |a_(i-1)| + alpha_i), truncates
+//    them (each within 2 u of it) and truncates the sum loses at most 36 u (|a_(i-1)| + alpha_i)
+//    a step; one that does so in quarter steps of 5 addends, 48 u; so at most 48 u B in all
+//    (tests/attention/screen_bound_test.cpp replays both). With a margin of 2 and one rounding
+//    each of the scaling: |l' - l| <= Delta = 132 u scale B. (Before B the kernel took
+//    Delta = (8 D + 16) u scale A, which typical inputs make about five times larger.)
 //  - probabilities: softmax moves by at most a factor e^(+-2 Delta) when every logit moves by
 //    Delta; ex2.approx is within 2^-22 of 2^x (2^-20 taken), its argument x2 = (l - max) log2 e
 //    within 3 u |x2| (4.4 u |x2| taken, per key, which also covers the reference's own rounding
@@ -36,9 +42,9 @@ constexpr float k_screen_u = 0x1p-24f;
 constexpr float k_screen_ex2 = 0x1p-20f;               // ex2.approx's relative error, taken
 constexpr float k_screen_exp_arg = 4.4f * k_screen_u;  // per |x2| of a key
 
-// Delta: the bound on |l' - l| of a row of head_dim d whose largest |q| |ck| sum is habs.
-NOSA_SCREEN_FN float screen_logit_delta(float habs, float scale, int d) {
-  return (8.0f * float(d) + 16.0f) * k_screen_u * scale * habs;
+// Delta: the bound on |l' - l| of a row whose largest B is habs (d: head_dim, which B covers).
+NOSA_SCREEN_FN float screen_logit_delta(float habs, float scale, int /*d*/) {
+  return 132.0f * k_screen_u * scale * habs;
 }
 
 // eta of a row: n keys, its largest logit mx, z = sum of 2^x2 and zw = sum of 2^x2 |x2| over its

@@ -1284,15 +1284,18 @@ __device__ __forceinline__ TileSegment tile_segment(const int* tseq, const int* 
 // Opt-in (SelectArgs::screen; --select-path tiled-screened): on an H200 (16K-token prompt, two
 // layers with the warm-up) the screened kernel took 5.7 ms and the exact one on the tiles it left
 // 3.8 ms (8b-like; the exact kernel alone 10.4 ms), 3.0 + 2.7 ms on 1b-like (exact alone 5.3):
-// prefill 16 x 16K +2.4% (8b-like) and -2.7% (1b-like). Random inputs leave about a third of
-// the tokens uncertified (the worst-case bound on the reference's own float32 dot products, D u
-// A, is about 1e-3 of the scores there), and the screened kernel takes far longer than its
-// arithmetic: loading the keys further ahead (cp.async, lookups two rounds ahead) took only 3%
-// off it; 34% of its stall samples wait at the barrier behind its one-warp top-k (see
+// prefill 16 x 16K +2.4% (8b-like) and -2.7% (1b-like). Random inputs left about a third of
+// the tokens uncertified with the first bound on the logits, (8 D + 16) u scale A, about 1e-3 of
+// the scores there; the bound by the partial sums (132 u scale B, screen_bounds.h) is about
+// five times tighter on the CPU replay (tests/attention/screen_bound_test.cpp; not yet run on a
+// GPU, where cuda_select_test prints the tiles redone). The screened kernel takes far longer
+// than its arithmetic: loading the keys further ahead (cp.async, lookups two rounds ahead) took
+// only 3% off it; 34% of its stall samples wait at the barrier behind its one-warp top-k (see
 // pooled_topk, which the exact kernel now uses; bench/results/2026-11-29-h200-session14).
 // Tiles of more tokens would also share each key's load among more rows.
+
 // Whether one warp's token's query-aware choice is certified: chosen(b) says whether block b was
-// chosen, S and err are the token's scores and their bounds (screen_select's rows). Every lane
+// chosen, S and err are the token's scores and their bounds (the S pass's rows). Every lane
 // must call it.
 template <class Chosen>
 __device__ __forceinline__ bool screen_certified(const SparseView& p, int nb, int m, int n, int qb,
@@ -1319,8 +1322,9 @@ __device__ __forceinline__ bool screen_certified(const SparseView& p, int nb, in
 // The screened kernel's logits (kScreen): the tile's queries and each round's 64 keys staged
 // as bf16 rows of D + 8 values (ldmatrix reads eight rows 4 banks apart), and the tile's rows x
 // keys by the tensor cores, m16n8k16: warp w takes the round's keys 8 w .. 8 w + 7 against all
-// rows. A second product of the absolute values gives each row's largest sum of |q[x] ck[x]|
-// over its keys (habs), which bounds the rounding error of every logit of the row. With so
+// rows. A second product of the absolute values and the partial sums' magnitudes after each
+// step give each row's largest B over its keys (habs; screen_bounds.h), which bounds the
+// rounding error of every logit of the row. With so
 // little arithmetic per round, the loads run ahead: each round's keys come by cp.async into one
 // of two stage buffers while the round before is computed, and their rows (block-table lookups)
 // are found two rounds ahead, in a ring of three (two would do with these barriers; the third
@@ -1396,11 +1400,13 @@ __device__ __forceinline__ void screen_logits(const SelectArgs& a, const TileSha
       const bool look = tid < KEYS && c + 2 < rounds;
       const int64_t ahead = look ? row_of(c + 2) : 0;  // its latency behind this round's products
       const bf16* ks = kst + (c % 2) * KEYS * KS;
-      float acc[MT][4] = {}, aab[MT][4] = {};
+      // part: the sum of |acc| after each step of 16 products (screen_bounds.h's B, with aab).
+      float acc[MT][4] = {}, aab[MT][4] = {}, part[MT][4] = {};
 #pragma unroll
       for (int kk = 0; kk < D / 16; kk += 2) {
         uint32_t b[4], ba[4];
-        ldmatrix_x4(b[0], b[1], b[2], b[3], ks + (8 * warp + lane % 8) * KS + kk * 16 + 8 * (lane / 8));
+        ldmatrix_x4(b[0], b[1], b[2], b[3],
+                    ks + (8 * warp + lane % 8) * KS + kk * 16 + 8 * (lane / 8));
 #pragma unroll
         for (int u = 0; u < 4; ++u) ba[u] = b[u] & 0x7fff7fffu;
 #pragma unroll
@@ -1415,6 +1421,8 @@ __device__ __forceinline__ void screen_logits(const SelectArgs& a, const TileSha
             for (int u = 0; u < 4; ++u) aa[u] = af[u] & 0x7fff7fffu;
             mma_bf16(acc[mt], af, b[2 * half], b[2 * half + 1]);
             mma_bf16(aab[mt], aa, ba[2 * half], ba[2 * half + 1]);
+#pragma unroll
+            for (int u = 0; u < 4; ++u) part[mt][u] += fabsf(acc[mt][u]);
           }
       }
 #pragma unroll
@@ -1425,13 +1433,13 @@ __device__ __forceinline__ void screen_logits(const SelectArgs& a, const TileSha
           const int j = c * KEYS + 8 * warp + 2 * (lane % 4) + u % 2;
           if (r >= r0 && r < r1 && j < n_seg) {
             lg[int64_t(r) * ns + j] = __fmul_rn(acc[mt][u], a.scale);
-            amax[mt][u / 2] = fmaxf(amax[mt][u / 2], aab[mt][u]);
+            amax[mt][u / 2] = fmaxf(amax[mt][u / 2], aab[mt][u] + part[mt][u]);
           }
         }
       if (look) key_rows[((c + 2) % 3) * KEYS + tid] = ahead;
     }
     __syncthreads();  // the last round's reads of the stage and key_rows are done
-    // Each row's largest |q| |ck| sum: over the four lanes of its fragment rows, then the warps.
+    // Each row's largest B: over the four lanes of its fragment rows, then the warps.
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -1555,7 +1563,7 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
   double* hsum = tile_smem;        // [32] per row: the softmax sum
   double* hrcp = hsum + 32;        // [32] its reciprocal
   // kScreen keeps floats where the exact kernel keeps hsum and hrcp: per row the reciprocal of
-  // the sum, the relative error bound of the probabilities, the largest sum of |q| |ck| products.
+  // the sum, the relative error bound of the probabilities, the largest B (screen_bounds.h).
   float* hrz = reinterpret_cast<float*>(hsum);
   float* heta = hrz + 32;
   float* habs = heta + 32;

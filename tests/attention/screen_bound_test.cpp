@@ -2,8 +2,8 @@
 // reference's own scores (attention/reference/selection.cpp), on the CPU: the screened kernel's
 // arithmetic replayed in the same order and precision, with the tensor cores' sums replaced by
 // models of their undocumented rounding (every addend truncated to the largest one's exponent at
-// each 16-product step, the result truncated; and plain float sums in reverse order) and
-// ex2.approx by exp2 moved by up to 2^-22. On random, cancelling, near-tied and widely spread
+// each step of 16 products, or of 4, the result truncated) and ex2.approx by exp2 moved by up to
+// 2^-22. On random, cancelling, near-tied and widely spread
 // inputs, every key's score must lie within its bound of the reference's, and every logit within
 // Delta of the reference's logit: a bound the kernel relies on that does not hold fails here.
 // (The test prints how close the scores come to their bounds: on these inputs a few thousandths
@@ -42,37 +42,41 @@ float to_float_rz(double s) {
   return f;
 }
 
-enum class SumModel { truncating, reversed };
+enum class SumModel { step, quarter_step };
 
-// q . c over d products (exact in float: bf16 inputs) as the tensor cores might sum them: per
-// 16-product step, the accumulator and the products aligned to the largest one's exponent with
-// 24 bits, truncated, summed and truncated to float; or in float, last product first.
-float model_dot(const float* q, const float* c, int d, SumModel model, bool absolute) {
-  auto term = [&](int x) {
-    const float p = q[x] * c[x];
-    return absolute ? std::fabs(p) : p;
-  };
-  if (model == SumModel::reversed) {
-    float acc = 0.0f;
-    for (int x = d - 1; x >= 0; --x) acc += term(x);
-    return acc;
-  }
-  float acc = 0.0f;
-  for (int k0 = 0; k0 < d; k0 += 16) {
+struct ModelDot {
+  float dot;  // the sum
+  float b;    // B of screen_bounds.h: the |products| summed, plus |partial sum| after each step
+};
+
+// q . c over d products (exact in float: bf16 inputs) as the tensor cores might sum them, in
+// steps of 16 products: each step's addends (the sum so far and its products; with
+// quarter_step, four rounds of the sum so far and 4 products) aligned to the largest one's
+// exponent with 24 bits, truncated, summed and the sum truncated to float.
+ModelDot model_dot(const float* q, const float* c, int d, SumModel model) {
+  const int per = model == SumModel::step ? 16 : 4;
+  float acc = 0.0f, b = 0.0f;
+  for (int k0 = 0; k0 < d; k0 += per) {
     double t[17];
-    t[0] = acc;
-    for (int x = 0; x < 16; ++x) t[1 + x] = term(k0 + x);
+    int nt = 0;
+    t[nt++] = acc;
+    for (int x = k0; x < k0 + per; ++x) {
+      t[nt++] = double(q[x] * c[x]);
+      b += std::fabs(q[x] * c[x]);
+    }
     double big = 0.0;
-    for (double v : t) big = std::max(big, std::fabs(v));
-    if (big == 0.0) continue;
-    int e;
-    std::frexp(big, &e);  // big in [2^(e-1), 2^e)
-    const double quantum = std::ldexp(1.0, e - 24);
-    double sum = 0.0;
-    for (double v : t) sum += std::trunc(v / quantum) * quantum;
-    acc = to_float_rz(sum);
+    for (int i = 0; i < nt; ++i) big = std::max(big, std::fabs(t[i]));
+    if (big > 0.0) {
+      int e;
+      std::frexp(big, &e);  // big in [2^(e-1), 2^e)
+      const double quantum = std::ldexp(1.0, e - 24);
+      double sum = 0.0;
+      for (int i = 0; i < nt; ++i) sum += std::trunc(t[i] / quantum) * quantum;
+      acc = to_float_rz(sum);
+    }
+    if ((k0 + per) % 16 == 0) b += std::fabs(acc);  // the kernel adds |acc| after every step
   }
-  return acc;
+  return {acc, b};
 }
 
 // ex2.approx: exp2 moved by up to 2^-22 (relative), flushed to zero below 2^-126.
@@ -111,8 +115,9 @@ void check_scores(const std::vector<float>& q, const std::vector<float>& ck, int
     std::vector<float> l(n), x2(n), e(n), ew(n);
     float habs = 0.0f, mx = -INFINITY;
     for (int64_t j = 0; j < n; ++j) {
-      l[j] = model_dot(qh, ck.data() + j * d, d, model, false) * scale;
-      habs = std::max(habs, model_dot(qh, ck.data() + j * d, d, model, true));
+      const ModelDot md = model_dot(qh, ck.data() + j * d, d, model);
+      l[j] = md.dot * scale;
+      habs = std::max(habs, md.b);
       mx = std::max(mx, l[j]);
       // The reference's logit, to check Delta itself.
       float dot = 0.0f;
@@ -190,7 +195,7 @@ void make_inputs(Inputs in, int group, int d, int64_t n, std::mt19937_64& rng,
 TEST(ScreenBounds, EveryScoreLiesWithinItsBoundOfTheReference) {
   std::mt19937_64 rng(20261129);
   for (Inputs in : {Inputs::normal, Inputs::cancelling, Inputs::near_ties, Inputs::spread})
-    for (SumModel model : {SumModel::truncating, SumModel::reversed}) {
+    for (SumModel model : {SumModel::step, SumModel::quarter_step}) {
       Outcome o;
       for (int trial = 0; trial < 12; ++trial) {
         const int d = trial % 2 ? 64 : 128, group = 2 + trial % 3 * 3;
@@ -202,9 +207,9 @@ TEST(ScreenBounds, EveryScoreLiesWithinItsBoundOfTheReference) {
       std::printf(
           "[ screen   ] %-10s %-10s %lld of %lld rows in range, %lld of %lld keys outside "
           "their bound (worst |S' - S| / bound %.3f), %lld logits outside Delta\n",
-          name_of(in), model == SumModel::truncating ? "truncating" : "reversed",
-          (long long)o.rows_in_range, (long long)o.rows, (long long)o.outside, (long long)o.keys,
-          o.worst_ratio, (long long)o.logits_outside);
+          name_of(in), model == SumModel::step ? "step" : "quarter", (long long)o.rows_in_range,
+          (long long)o.rows, (long long)o.outside, (long long)o.keys, o.worst_ratio,
+          (long long)o.logits_outside);
       EXPECT_EQ(o.outside, 0) << name_of(in);
       EXPECT_EQ(o.logits_outside, 0) << name_of(in);
       // The bounds are for use: ordinary inputs stay in their range.
