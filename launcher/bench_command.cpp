@@ -1193,6 +1193,7 @@ Runner add_bench_command(CLI::App& app) {
                   "tiled-screened: the tiled path screened (fast certified scores, the exact "
                   "kernel only on the tiles they cannot certify); tiled-inline: the tiled path "
                   "with its top-k inside the tile kernel (one warp per token); "
+                  "tiled-screened-inline: both; "
                   "split-finish and split-spread force the split path's finish to one thread "
                   "block per (token, KV head) or to three kernels spread over the GPU");
   cmd->add_flag("--speculation-probe", f->speculation_probe,

@@ -1141,10 +1141,8 @@ bool screens(const SelectArgs& a, const TileShape& s) {
   return a.screen && a.mode != SelectMode::dense && screen_fits(s, a.group);
 }
 
-size_t tile_scratch_floats(const TileShape& s, int n_kv_heads, int group, int n_tokens) {
-  // The screened kernel's list of tiles to redo: a count, then up to every (tile, KV head).
-  if (screen_fits(s, group))
-    return 1 + size_t(n_kv_heads) * ((size_t(n_tokens) + s.tokens - 1) / s.tokens);
+// The logits' scratch of tiles whose logits do not fit in shared memory (tile_scratch below).
+size_t tile_scratch_floats(const TileShape& s, int n_kv_heads, int n_tokens) {
   if (!s.ok || s.lg_smem) return 0;
   const size_t per_tile = size_t(n_kv_heads) * s.rows * s.lg_stride;
   const size_t tiles = (size_t(n_tokens) + s.tokens - 1) / s.tokens;
@@ -1295,19 +1293,17 @@ __device__ __forceinline__ TileSegment tile_segment(const int* tseq, const int* 
 // Tiles of more tokens would also share each key's load among more rows.
 
 // Whether one warp's token's query-aware choice is certified: chosen(b) says whether block b was
-// chosen, S and err are the token's scores and their bounds (the S pass's rows). Every lane
-// must call it.
-template <class Chosen>
-__device__ __forceinline__ bool screen_certified(const SparseView& p, int nb, int m, int n, int qb,
-                                                 const float* S, const float* err,
-                                                 Chosen chosen) {
+// chosen, bounded(b, vs, ve) gives block b's pooled score and the bound of its distance from the
+// reference's (the largest bound of the keys pooled). Every lane must call it.
+template <class Bounded, class Chosen>
+__device__ __forceinline__ bool screen_certified(const SparseView& p, int nb, int qb,
+                                                 Bounded bounded, Chosen chosen) {
   float lo = INFINITY, hi = -INFINITY;
   bool ok = true;
   for (int b = threadIdx.x % 32; b < nb; b += 32) {
     if (b < p.init_blocks || b >= qb - p.local_blocks) continue;  // forced
     float vs, ve;
-    pool_block(
-        p, b, m, n, qb, true, [&](int j) { return S[j]; }, [&](int j) { return err[j]; }, vs, ve);
+    bounded(b, vs, ve);
     ok &= vs >= 0.0f && vs < INFINITY && ve >= 0.0f && ve < INFINITY;
     if (chosen(b))
       lo = fminf(lo, __fsub_rd(vs, ve));
@@ -1458,15 +1454,15 @@ __device__ __forceinline__ void screen_logits(const SelectArgs& a, const TileSha
 // One warp's selection of one (token, KV head), every lane calling: the blocks' scores by
 // pool(b, vs, ve) (block b's pooled query-aware score and, with NOSA, its pooled eviction
 // score), the top-k stages into out, -1 padded; ks and ke: the warp's nb_max order keys, used
-// past 32 * k_tile_reg_lanes blocks. kScreen: the query-aware choice certified against the keys'
-// scores S and bounds err (see "Screening"), *uncertain set where it is not.
-template <bool kScreen, class Pool>
-__device__ __forceinline__ void select_token(const SelectArgs& a, int qb, int n, Pool pool,
-                                             uint32_t* ks, uint32_t* ke, int32_t* out,
-                                             const float* S, const float* err, int* uncertain) {
+// past 32 * k_tile_reg_lanes blocks. kScreen: the query-aware choice certified by
+// screen_certified with bounded (see "Screening"), *uncertain set where it is not.
+template <bool kScreen, class Pool, class Bounded>
+__device__ __forceinline__ void select_token(const SelectArgs& a, int qb, Pool pool,
+                                             Bounded bounded, uint32_t* ks, uint32_t* ke,
+                                             int32_t* out, int* uncertain) {
   const SparseView& p = a.p;
   const bool nosa = a.mode == SelectMode::nosa;
-  const int lane = threadIdx.x % 32, m = a.kv.keys_per_block, nb = qb + 1;
+  const int lane = threadIdx.x % 32, nb = qb + 1;
   const int k = min(p.topk, nb);
   const uint32_t key_inf = order_key(INFINITY);
   if (nb <= 32 * k_tile_reg_lanes) {
@@ -1490,8 +1486,7 @@ __device__ __forceinline__ void select_token(const SelectArgs& a, int qb, int n,
       unsigned chosen = 0;
 #pragma unroll
       for (int c = 0; c < C; ++c) chosen |= unsigned(vk[c] == key_inf) << c;
-      if (!screen_certified(p, nb, m, n, qb, S, err,
-                            [&](int b) { return (chosen >> (b / 32)) & 1u; }))
+      if (!screen_certified(p, nb, qb, bounded, [&](int b) { return (chosen >> (b / 32)) & 1u; }))
         *uncertain = 1;
       if (nosa) {
 #pragma unroll
@@ -1520,8 +1515,7 @@ __device__ __forceinline__ void select_token(const SelectArgs& a, int qb, int n,
       // As above, the marks in ks.
       warp_topk(ks, nb, nosa ? min(p.q_select, nb) : k, nullptr, ks);
       __syncwarp();
-      if (!screen_certified(p, nb, m, n, qb, S, err,
-                            [&](int b) { return ks[b] == key_inf; }))
+      if (!screen_certified(p, nb, qb, bounded, [&](int b) { return ks[b] == key_inf; }))
         *uncertain = 1;
       if (nosa)
         for (int b = lane; b < nb; b += 32)
@@ -1848,7 +1842,8 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
     auto window_score = [&](int j) {
       return kv.ck_scores[kv_chunk(kv, table[j / m], a.layer, h) * m + j % m];
     };
-    if (!kScreen && pooled) {
+    if (pooled) {
+      // kScreen: the pooled bounds too, in the second half of pooled.
       for (int i = s0; i < s1; ++i) {
         const int t = t0 + i, qb = tpos[i] / p.block_size, nb = qb + 1, n = tn[i];
         if (tall[i]) {
@@ -1858,11 +1853,13 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
         }
         const float* S = lg + int64_t(i) * G * ns;
         auto score = [&](int j) { return S[j]; };
-        float* dst = pooled + (int64_t(t) * H + h) * a.nb_max;
+        auto bound = [&](int j) { return S[ns + j]; };
+        const int64_t at = (int64_t(t) * H + h) * a.nb_max;
         for (int b = tid; b < nb; b += k_tile_threads) {
           float vs, ve;
-          pool_block(p, b, m, n, qb, false, score, score, vs, ve);
-          dst[b] = vs;
+          pool_block(p, b, m, n, qb, kScreen, score, bound, vs, ve);
+          pooled[at + b] = vs;
+          if (kScreen) pooled[int64_t(T) * H * a.nb_max + at + b] = ve;
         }
       }
       s0 = s1;
@@ -1885,7 +1882,11 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
       auto pool = [&](int b, float& vs, float& ve) {
         pool_block(p, b, m, n, qb, nosa, score, window, vs, ve);
       };
-      select_token<kScreen>(a, qb, n, pool, ks, ke, out, S, S + ns, &uncertain);
+      // kScreen: the scores' bounds are in the second head's row.
+      auto bounded = [&](int b, float& vs, float& ve) {
+        pool_block(p, b, m, n, qb, true, score, [&](int j) { return S[ns + j]; }, vs, ve);
+      };
+      select_token<kScreen>(a, qb, pool, bounded, ks, ke, out, &uncertain);
     }
     __syncthreads();  // the next sequence's window scores replace these
     s0 = s1;
@@ -1902,7 +1903,14 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
 // select inside (34% of the screened kernel's stall samples at that barrier).
 // Apart, on an H200 (16K-token prompt, two layers with the warm-up): 8b-like 10.32 ms ->
 // 8.74 + 0.33, 1b-like 5.27 -> 4.49 + 0.33; prefill 16 x 16K +2.4% and +2.9%.
-__global__ void __launch_bounds__(k_tile_threads) pooled_topk(SelectArgs a, const float* pooled) {
+//
+// kScreen (screened tiles, tile_tokens tokens a tile): the choice certified against the pooled
+// bounds (pooled's second half); a pair that is not certified flags its tile (flags[tile * H +
+// KV head]) and appends it once to redo. The exact pass after the exact tile kernel has redone
+// those tiles (with flags): only the flagged tiles' pairs.
+template <bool kScreen>
+__global__ void __launch_bounds__(k_tile_threads)
+    pooled_topk(SelectArgs a, const float* pooled, int tile_tokens, int* redo, int* flags) {
   extern __shared__ uint32_t topk_keys[];
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32;
   const KvView& kv = a.kv;
@@ -1910,9 +1918,9 @@ __global__ void __launch_bounds__(k_tile_threads) pooled_topk(SelectArgs a, cons
   const int H = kv.n_kv_heads, m = kv.keys_per_block;
   const int64_t pair = int64_t(blockIdx.x) * warps + warp;
   if (pair >= int64_t(a.step.n_tokens) * H) return;
-  const int t = int(pair / H), h = int(pair % H);
+  const int t = int(pair / H), h = int(pair % H), item = t / tile_tokens * H + h;
   const TokenSel s = token_sel(a, t);
-  if (s.all) return;
+  if (s.all || (!kScreen && flags && !flags[item])) return;
   const bool nosa = a.mode == SelectMode::nosa;
   const int32_t* table = a.step.block_table + int64_t(a.step.token_seq[t]) * a.step.bt_stride;
   const float* ps = pooled + pair * a.nb_max;
@@ -1927,15 +1935,56 @@ __global__ void __launch_bounds__(k_tile_threads) pooled_topk(SelectArgs a, cons
     if (nosa) pool_block(p, b, m, s.n, s.qb, true, none, window, unused, ve);
   };
   uint32_t* ks = topk_keys + size_t(warp) * 2 * a.nb_max;
-  select_token<false>(a, s.qb, s.n, pool, ks, ks + a.nb_max, a.out + pair * a.k_max, nullptr,
-                      nullptr, nullptr);
+  const float* pe = pooled + int64_t(a.step.n_tokens) * H * a.nb_max + pair * a.nb_max;
+  auto bounded = [&](int b, float& vs, float& ve) {
+    vs = ps[b];
+    ve = pe[b];
+  };
+  int uncertain = 0;
+  select_token<kScreen>(a, s.qb, pool, bounded, ks, ks + a.nb_max, a.out + pair * a.k_max,
+                        &uncertain);
+  if (kScreen && uncertain && threadIdx.x % 32 == 0 && atomicExch(flags + item, 1) == 0)
+    redo[1 + atomicAdd(redo, 1)] = item;
 }
 
-// Whether a tiled step's pooled scores fit the scratch budget (pooled_topk).
-bool pooled_fits(const TileShape& s, int n_kv_heads, int nb_max, int n_tokens) {
-  return s.ok && s.lg_smem &&
-         size_t(n_tokens) * n_kv_heads * size_t(std::max(nb_max, 1)) <= k_scratch_budget_floats &&
+// Whether a tiled step's pooled scores (and with screen their bounds) fit the scratch budget
+// (pooled_topk).
+bool pooled_fits(const TileShape& s, int n_kv_heads, int nb_max, int n_tokens, bool screen) {
+  const size_t per = size_t(n_tokens) * n_kv_heads * size_t(std::max(nb_max, 1));
+  return s.ok && s.lg_smem && (screen ? 2 : 1) * per <= k_scratch_budget_floats &&
          2 * sizeof(uint32_t) * size_t(std::max(nb_max, 1)) <= max_shared_bytes();
+}
+
+// The scratch of a tiled step: with screening, the list of tiles to redo (a count, then up to
+// every (tile, KV head)); with pooled scores, those (and with screening, the tiles' flags before
+// them and the bounds after them); else, where the logits do not fit in shared memory, theirs.
+struct TileScratch {
+  bool screen = false, pooled = false;
+  size_t redo = 0, flags = 0, scores = 0, total = 0;  // offsets in floats, and the size
+};
+
+TileScratch tile_scratch(const TileShape& s, int n_kv_heads, int group, int nb_max, int n_tokens,
+                         bool screen, bool pooled) {
+  TileScratch l;
+  const size_t tiles = s.ok ? (size_t(n_tokens) + s.tokens - 1) / s.tokens : 0;
+  l.screen = screen && screen_fits(s, group);
+  l.pooled = pooled && pooled_fits(s, n_kv_heads, nb_max, n_tokens, l.screen);
+  size_t at = 0;
+  if (l.screen) {
+    l.redo = at;
+    at += 1 + tiles * n_kv_heads;
+    if (l.pooled) {
+      l.flags = at;
+      at += tiles * n_kv_heads;
+    }
+  }
+  if (l.pooled) {
+    l.scores = at;
+    at += (l.screen ? 2 : 1) * size_t(n_tokens) * n_kv_heads * nb_max;
+  }
+  l.total = at;
+  if (!l.screen && !l.pooled) l.total = tile_scratch_floats(s, n_kv_heads, n_tokens);
+  return l;
 }
 
 template <int D, int RI>
@@ -1946,37 +1995,55 @@ cudaError_t launch_tiles(const SelectArgs& a, const TileShape& ts, cudaStream_t 
       e != cudaSuccess)
     return e;
   const int tiles = (T + ts.tokens - 1) / ts.tokens;
+  const TileScratch l = tile_scratch(ts, H, a.group, a.nb_max, T, screens(a, ts), a.pooled_topk);
+  if ((l.screen || l.pooled) && (!a.scratch || a.scratch_floats < l.total))
+    return cudaErrorInvalidValue;
+  int* redo = reinterpret_cast<int*>(a.scratch + l.redo);
+  int* flags = reinterpret_cast<int*>(a.scratch + l.flags);
+  float* pooled = l.pooled ? a.scratch + l.scores : nullptr;
+  // pooled_topk: one warp per (token, KV head), as many warps per block as their keys fit.
+  const size_t per_warp = 2 * sizeof(uint32_t) * size_t(std::max(a.nb_max, 1));
+  const int warps = int(std::clamp<size_t>(max_shared_bytes() / per_warp, 1, k_tile_warps));
+  const int topk_blocks = int((int64_t(T) * H + warps - 1) / warps);
+  if (l.pooled) {
+    if (const cudaError_t e = allow_shared<pooled_topk<false>>(warps * per_warp); e != cudaSuccess)
+      return e;
+  }
   if constexpr (RI >= 2) {
-    if (screens(a, ts)) {
-      // The screened kernel, then the exact one on the tiles it could not certify.
-      int* redo = reinterpret_cast<int*>(a.scratch);
-      if (!redo || a.scratch_floats < 1 + size_t(tiles) * H) return cudaErrorInvalidValue;
+    if (l.screen) {
+      // The screened kernel (with pooled scores, then its top-k), then the exact one on the tiles
+      // it could not certify (with pooled scores, then their top-k).
       if (const cudaError_t e = allow_shared<tile_select<D, RI, true>>(ts.smem, true);
           e != cudaSuccess)
         return e;
       if (const cudaError_t e = cudaMemsetAsync(redo, 0, sizeof(int), stream); e != cudaSuccess)
         return e;
       tile_select<D, RI, true>
-          <<<dim3(tiles, H), k_tile_threads, ts.smem, stream>>>(a, ts, 0, redo, nullptr);
+          <<<dim3(tiles, H), k_tile_threads, ts.smem, stream>>>(a, ts, 0, redo, pooled);
+      if (l.pooled) {
+        if (const cudaError_t e = allow_shared<pooled_topk<true>>(warps * per_warp);
+            e != cudaSuccess)
+          return e;
+        const size_t flag_bytes = sizeof(int) * size_t(tiles) * H;
+        if (const cudaError_t e = cudaMemsetAsync(flags, 0, flag_bytes, stream); e != cudaSuccess)
+          return e;
+        pooled_topk<true><<<topk_blocks, 32 * warps, warps * per_warp, stream>>>(
+            a, pooled, ts.tokens, redo, flags);
+      }
       tile_select<D, RI, false>
-          <<<dim3(tiles * H, 1), k_tile_threads, ts.smem, stream>>>(a, ts, 0, redo, nullptr);
+          <<<dim3(tiles * H, 1), k_tile_threads, ts.smem, stream>>>(a, ts, 0, redo, pooled);
+      if (l.pooled)
+        pooled_topk<false><<<topk_blocks, 32 * warps, warps * per_warp, stream>>>(
+            a, pooled, ts.tokens, nullptr, flags);
       return cudaGetLastError();
     }
   }
-  if (a.pooled_topk && pooled_fits(ts, H, a.nb_max, T)) {
-    // The tile kernel pools, then pooled_topk selects: warps per block as their keys fit.
-    float* pooled = a.scratch;
-    const size_t need = size_t(T) * H * a.nb_max;
-    if (!pooled || a.scratch_floats < need) return cudaErrorInvalidValue;
-    const size_t per_warp = 2 * sizeof(uint32_t) * size_t(std::max(a.nb_max, 1));
-    const int warps = int(std::clamp<size_t>(max_shared_bytes() / per_warp, 1, k_tile_warps));
-    if (const cudaError_t e = allow_shared<pooled_topk>(warps * per_warp); e != cudaSuccess)
-      return e;
+  if (l.pooled) {
+    // The tile kernel pools, then pooled_topk selects.
     tile_select<D, RI, false>
         <<<dim3(tiles, H), k_tile_threads, ts.smem, stream>>>(a, ts, 0, nullptr, pooled);
-    const int64_t pairs = int64_t(T) * H;
-    pooled_topk<<<int((pairs + warps - 1) / warps), 32 * warps, warps * per_warp, stream>>>(a,
-                                                                                        pooled);
+    pooled_topk<false><<<topk_blocks, 32 * warps, warps * per_warp, stream>>>(
+        a, pooled, ts.tokens, nullptr, nullptr);
     return cudaGetLastError();
   }
   int chunk = tiles;
@@ -2020,17 +2087,14 @@ SelectPath select_path(SelectPath requested, int n_kv_heads, int group, int head
 }
 
 size_t select_scratch_floats(SelectPath path, int n_kv_heads, int group, int head_dim,
-                             int keys_per_block, int n_max, int nb_max, int n_tokens,
+                             int keys_per_block, int n_max, int nb_max, int n_tokens, bool screen,
                              bool pooled_topk) {
   if (path == SelectPath::split)
     return split_layout(n_tokens, n_kv_heads, group, keys_per_block, n_max, nb_max).total;
-  if (path == SelectPath::tiled) {
-    const TileShape ts = tile_shape(group, head_dim, n_max, nb_max);
-    const size_t f = tile_scratch_floats(ts, n_kv_heads, group, n_tokens);
-    if (pooled_topk && pooled_fits(ts, n_kv_heads, nb_max, n_tokens))
-      return std::max(f, size_t(n_tokens) * n_kv_heads * nb_max);
-    return f;
-  }
+  if (path == SelectPath::tiled)
+    return tile_scratch(tile_shape(group, head_dim, n_max, nb_max), n_kv_heads, group, nb_max,
+                        n_tokens, screen, pooled_topk)
+        .total;
   if (shared_bytes(group, head_dim, n_max, nb_max, true) <= lg_smem_limit()) return 0;
   const size_t per_token = size_t(n_kv_heads) * group * size_t(n_max > 0 ? n_max : 1);
   size_t tokens = k_scratch_budget_floats / per_token;

@@ -52,8 +52,8 @@ struct SelectArgs {
   bool screen = false;
   // The tiled path's pooling and top-k apart (select.cu, pooled_topk), where the pooled scores
   // fit the scratch: the tile kernel writes its tokens' pooled scores, a kernel of one warp per
-  // (token, KV head) selects. Off: one warp per token in the tile kernel. Set it off with screen
-  // (the screened kernels select inside), so that no scratch is sized for pooled scores.
+  // (token, KV head) selects (for screened tiles too). Off: one warp per token in the tile
+  // kernel.
   bool pooled_topk = true;
 };
 
@@ -62,12 +62,12 @@ struct SelectArgs {
 // group has at most 32 query heads (head_dim 64 or 128); else per_token.
 SelectPath select_path(SelectPath requested, int n_kv_heads, int group, int head_dim,
                        int keys_per_block, int n_max, int nb_max, int n_tokens);
-// Floats of global scratch the launcher needs for that path, with args' pooled_topk (per_token:
-// 0 when the logits fit in shared memory; tiled: the pooled scores of the step's tokens where
-// pooled_topk applies, else the screened kernel's list of tiles to redo; both, where the logits
-// do not fit, process tokens in groups to stay inside a fixed budget).
+// Floats of global scratch the launcher needs for that path, with args' screen and pooled_topk
+// (per_token: 0 when the logits fit in shared memory; tiled: the pooled scores of the step's
+// tokens where pooled_topk applies, and with screen the list of tiles to redo; both, where the
+// logits do not fit, process tokens in groups to stay inside a fixed budget).
 size_t select_scratch_floats(SelectPath path, int n_kv_heads, int group, int head_dim,
-                             int keys_per_block, int n_max, int nb_max, int n_tokens,
+                             int keys_per_block, int n_max, int nb_max, int n_tokens, bool screen,
                              bool pooled_topk);
 // Whether the per-token kernel (the last fallback) fits this GPU's shared memory at this many
 // compressed keys and blocks; past it (about 530K positions with NOSA's parameters on Hopper)

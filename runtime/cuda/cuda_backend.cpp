@@ -1000,8 +1000,8 @@ class CudaBackend final : public Backend {
     if (g_select_path == "split-finish") a.split_finish = 1;
     if (g_select_path == "split-spread") a.split_finish = 0;
     if (g_select_path.starts_with("tiled")) requested = acu::SelectPath::tiled;
-    a.screen = g_select_path == "tiled-screened";
-    a.pooled_topk = !a.screen && g_select_path != "tiled-inline";
+    a.screen = g_select_path.starts_with("tiled-screened");
+    a.pooled_topk = !g_select_path.ends_with("inline");
     a.path = acu::select_path(requested, H, group, L.head_dim, L.keys_per_block, n_max, nb_max,
                               int(T));
     NOSA_CHECK_CODE(a.path != acu::SelectPath::per_token ||
@@ -1013,7 +1013,7 @@ class CudaBackend final : public Backend {
                     n_max, nb_max);
     a.scratch_floats = acu::select_scratch_floats(a.path, H, group, L.head_dim,
                                                   L.keys_per_block, n_max, nb_max, int(T),
-                                                  a.pooled_topk);
+                                                  a.screen, a.pooled_topk);
     Tensor scratch;
     if (a.scratch_floats > 0) {
       scratch = alloc(DType::f32, {int64_t(a.scratch_floats)});

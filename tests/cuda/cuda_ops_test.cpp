@@ -287,14 +287,16 @@ void run_select(const SelectCase& c, attention::Mode mode, bool ties, uint64_t s
   b.gpu->begin_step(f.step);
   Selection sc = b.cpu->select_blocks(1, mode, q.cpu, p, *cache.cpu);
   // Every GPU path (attention/cuda/select.cuh): the per-token kernel, the split kernels and the
-  // tiled one: exact with its top-k apart (the default) and inside, and screened (prefill's, here
-  // on decode steps; a group it does not take falls back).
-  for (const char* path : {"per-token", "split", "tiled", "tiled-inline", "tiled-screened"}) {
+  // tiled one: exact and screened, each with its top-k apart (the default) and inside (prefill's,
+  // here on decode steps; a group it does not take falls back).
+  for (const char* path :
+       {"per-token", "split", "tiled", "tiled-inline", "tiled-screened", "tiled-screened-inline"}) {
     runtime::force_cuda_select_path(path);
     Selection sg = b.gpu->select_blocks(1, mode, q.gpu, p, *cache.gpu);
     runtime::force_cuda_select_path("");
     const auto [bad, rows] = selection_mismatches(b, sc, sg);
-    std::printf("[ select   ] %-14s %-8s %-7s %-14s %lld of %lld (token, head) selections differ\n",
+    std::printf("[ select   ] %-14s %-8s %-7s %-21s %lld of %lld (token, head) selections "
+                "differ\n",
                 c.name, attention::mode_name(mode), ties ? "ties" : "generic", path,
                 (long long)bad, (long long)rows);
     EXPECT_EQ(bad, 0) << c.name << " " << attention::mode_name(mode) << " " << path;
