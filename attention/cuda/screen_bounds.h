@@ -42,9 +42,10 @@ constexpr float k_screen_u = 0x1p-24f;
 constexpr float k_screen_ex2 = 0x1p-20f;               // ex2.approx's relative error, taken
 constexpr float k_screen_exp_arg = 4.4f * k_screen_u;  // per |x2| of a key
 
-// Delta: the bound on |l' - l| of a row whose largest B is habs (d: head_dim, which B covers).
-NOSA_SCREEN_FN float screen_logit_delta(float habs, float scale, int /*d*/) {
-  return 132.0f * k_screen_u * scale * habs;
+// Delta: the bound on |l' - l| of a row of head_dim d whose largest B is habs, plus d products
+// below float's normal range (inexact in the reference, flushed by the tensor cores).
+NOSA_SCREEN_FN float screen_logit_delta(float habs, float scale, int d) {
+  return 132.0f * k_screen_u * scale * habs + float(d) * 0x1p-126f * scale;
 }
 
 // eta of a row: n keys, its largest logit mx, z = sum of 2^x2 and zw = sum of 2^x2 |x2| over its

@@ -62,7 +62,8 @@ struct SelectArgs {
 // group has at most 32 query heads (head_dim 64 or 128); else per_token.
 SelectPath select_path(SelectPath requested, int n_kv_heads, int group, int head_dim,
                        int keys_per_block, int n_max, int nb_max, int n_tokens);
-// Floats of global scratch the launcher needs for that path, with args' screen and pooled_topk
+// Floats of global scratch the launcher needs for that path, with screen (args' screen, false
+// in dense mode, which selects nothing) and args' pooled_topk
 // (per_token: 0 when the logits fit in shared memory; tiled: the pooled scores of the step's
 // tokens where pooled_topk applies, and with screen the list of tiles to redo; both, where the
 // logits do not fit, process tokens in groups to stay inside a fixed budget).

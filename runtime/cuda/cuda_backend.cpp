@@ -1013,7 +1013,8 @@ class CudaBackend final : public Backend {
                     n_max, nb_max);
     a.scratch_floats = acu::select_scratch_floats(a.path, H, group, L.head_dim,
                                                   L.keys_per_block, n_max, nb_max, int(T),
-                                                  a.screen, a.pooled_topk);
+                                                  a.screen && a.mode != acu::SelectMode::dense,
+                                                  a.pooled_topk);
     Tensor scratch;
     if (a.scratch_floats > 0) {
       scratch = alloc(DType::f32, {int64_t(a.scratch_floats)});
