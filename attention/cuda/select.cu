@@ -1553,7 +1553,6 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
   }
   const int Mt = ts.tokens, t0 = tile * Mt, ns = ts.lg_stride;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  __shared__ int uncertain;        // kScreen: some token's selection is not certified
   double* hsum = tile_smem;        // [32] per row: the softmax sum
   double* hrcp = hsum + 32;        // [32] its reciprocal
   // kScreen keeps floats where the exact kernel keeps hsum and hrcp: per row the reciprocal of
@@ -1561,6 +1560,8 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
   float* hrz = reinterpret_cast<float*>(hsum);
   float* heta = hrz + 32;
   float* habs = heta + 32;
+  // kScreen: whether some token's selection is not certified (in hrcp's unused second half).
+  int* uncertain = kScreen ? reinterpret_cast<int*>(habs + 32) : nullptr;
   float* hmax = reinterpret_cast<float*>(hrcp + 32);  // [32] the maximum logit
   int* tpos = reinterpret_cast<int*>(hmax + 32);      // [32] per token: position (-1: none)
   int* tn = tpos + 32;                                // compressed keys
@@ -1574,7 +1575,7 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
   float* lg = ts.lg_smem ? stage + ts.u_floats
                          : a.scratch + (int64_t(blockIdx.x) * H + h) * 8 * RI * ns;  // [R][ns]
 
-  if (tid == 0) uncertain = 0;
+  if (kScreen && tid == 0) *uncertain = 0;
   if (kScreen && tid < 32) habs[tid] = 0.0f;
   if (tid < Mt) {
     const int t = t0 + tid;
@@ -1886,12 +1887,12 @@ __global__ void __launch_bounds__(k_tile_threads, 2)
       auto bounded = [&](int b, float& vs, float& ve) {
         pool_block(p, b, m, n, qb, true, score, [&](int j) { return S[ns + j]; }, vs, ve);
       };
-      select_token<kScreen>(a, qb, pool, bounded, ks, ke, out, &uncertain);
+      select_token<kScreen>(a, qb, pool, bounded, ks, ke, out, uncertain);
     }
     __syncthreads();  // the next sequence's window scores replace these
     s0 = s1;
   }
-  if (kScreen && tid == 0 && uncertain) redo[1 + atomicAdd(redo, 1)] = tile * H + h;
+  if (kScreen && tid == 0 && *uncertain) redo[1 + atomicAdd(redo, 1)] = tile * H + h;
 }
 
 // The top-k stages of the (token, KV head) pairs whose pooled query-aware scores tile_select
