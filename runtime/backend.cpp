@@ -82,8 +82,8 @@ std::unique_ptr<memory::HostAllocator> Backend::host_allocator() {
 
 void check_select_path_name(const std::string& path) {
   NOSA_CHECK_CODE(path.empty() || path == "split" || path == "split-finish" ||
-                      path == "split-spread" || path == "tiled" || path == "tiled-screened" || path == "tiled-inline" ||
-                      path == "tiled-screened-inline" ||
+                      path == "split-spread" || path == "tiled" || path == "tiled-inline" ||
+                      path == "tiled-screened" || path == "tiled-screened-inline" ||
                       path == "per-token",
                   ErrorCode::invalid_argument,
                   "unknown selection path '{}' (use split, split-finish, split-spread, tiled, "

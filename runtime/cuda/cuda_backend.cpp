@@ -1021,9 +1021,10 @@ class CudaBackend final : public Backend {
       a.scratch = scratch.data<float>();
     }
     NOSA_CUDA_CHECK(acu::launch_block_select(a, stream_));
+    // Tests only: counting waits for the step, which a stream being captured (a step graph)
+    // cannot do; nothing is asked of the driver unless counting is on.
     cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-    NOSA_CUDA_CHECK(cudaStreamIsCapturing(stream_, &capturing));
-    // Counting waits for the step, which a stream being captured (a step graph) cannot do.
+    if (g_count_screening) NOSA_CUDA_CHECK(cudaStreamIsCapturing(stream_, &capturing));
     if (g_count_screening && capturing == cudaStreamCaptureStatusNone) {
       if (const int screened = acu::screened_tiles(a); screened > 0) {
         int redone = 0;

@@ -14,26 +14,19 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
 #include <random>
 #include <vector>
 
 #include "attention/cuda/screen_bounds.h"
 #include "attention/reference/selection.h"
+#include "runtime/core/dtype.h"
 
 namespace nosa::attention {
 namespace {
 
 using cuda::k_screen_u;
 
-float bf16_round(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-  float r;
-  std::memcpy(&r, &u, 4);
-  return r;
-}
+float bf16_round(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 
 // Truncates toward zero to a float.
 float to_float_rz(double s) {
