@@ -1190,10 +1190,10 @@ Runner add_bench_command(CLI::App& app) {
   cmd->add_option("--select-path", f->select_path,
                   "CUDA block selection kernels: split, tiled or per-token (default: automatic; "
                   "a step a path cannot take falls back from split to tiled to per-token); "
-                  "tiled-screened: the tiled path screened (fast certified scores, the exact "
-                  "kernel only on the tiles they cannot certify); tiled-inline: the tiled path "
-                  "with its top-k inside the tile kernel (one warp per token); "
-                  "tiled-screened-inline: both; "
+                  "the tiled path screens (fast certified scores, the exact kernel only on the "
+                  "tiles they cannot certify); tiled-exact: the exact kernel on every tile; "
+                  "tiled-inline: the tiled path with its top-k inside the tile kernel (one warp "
+                  "per token); tiled-exact-inline: both; "
                   "split-finish and split-spread force the split path's finish to one thread "
                   "block per (token, KV head) or to three kernels spread over the GPU");
   cmd->add_flag("--speculation-probe", f->speculation_probe,

@@ -83,11 +83,11 @@ std::unique_ptr<memory::HostAllocator> Backend::host_allocator() {
 void check_select_path_name(const std::string& path) {
   NOSA_CHECK_CODE(path.empty() || path == "split" || path == "split-finish" ||
                       path == "split-spread" || path == "tiled" || path == "tiled-inline" ||
-                      path == "tiled-screened" || path == "tiled-screened-inline" ||
+                      path == "tiled-exact" || path == "tiled-exact-inline" ||
                       path == "per-token",
                   ErrorCode::invalid_argument,
                   "unknown selection path '{}' (use split, split-finish, split-spread, tiled, "
-                  "tiled-inline, tiled-screened, tiled-screened-inline, per-token or empty)",
+                  "tiled-inline, tiled-exact, tiled-exact-inline, per-token or empty)",
                   path);
 }
 

@@ -220,9 +220,9 @@ std::unique_ptr<Backend> make_cuda_backend(int device_index);
 // Whether a CUDA device can be used by this build.
 bool cuda_available();
 // Tests and comparisons: forces the CUDA block-selection path ("split", "tiled" or "per-token";
-// a step the path cannot take falls back as select_path() says; "tiled-screened" the tiled path
-// with its screening, "tiled-inline" with its top-k inside the tile kernel,
-// "tiled-screened-inline" both); empty restores the automatic choice.
+// a step the path cannot take falls back as select_path() says; "tiled-exact" the tiled path
+// without its screening, "tiled-inline" with its top-k inside the tile kernel,
+// "tiled-exact-inline" both); empty restores the automatic choice.
 void force_cuda_select_path(const std::string& path);
 // Tests: the tiled selection's screening (attention/cuda/select.cu) counted from now on (each
 // count waits for its step's selection) or no more; and the (tile, KV head) pairs screened and

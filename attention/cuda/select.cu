@@ -1279,17 +1279,16 @@ __device__ __forceinline__ TileSegment tile_segment(const int* tseq, const int* 
 //
 // The bounds and their derivation: attention/cuda/screen_bounds.h.
 //
-// Opt-in (SelectArgs::screen; --select-path tiled-screened): on an H200 (16K-token prompt, two
-// layers with the warm-up) the screened kernel took 5.7 ms and the exact one on the tiles it left
-// 3.8 ms (8b-like; the exact kernel alone 10.4 ms), 3.0 + 2.7 ms on 1b-like (exact alone 5.3):
-// prefill 16 x 16K +2.4% (8b-like) and -2.7% (1b-like). Random inputs left about a third of
-// the tokens uncertified with the first bound on the logits, (8 D + 16) u scale A, about 1e-3 of
-// the scores there; the bound by the partial sums (132 u scale B, screen_bounds.h) is about
-// five times tighter on the CPU replay (tests/attention/screen_bound_test.cpp; not yet run on a
-// GPU, where cuda_select_test prints the tiles redone). The screened kernel takes far longer
-// than its arithmetic: loading the keys further ahead (cp.async, lookups two rounds ahead) took
-// only 3% off it; 34% of its stall samples wait at the barrier behind its one-warp top-k (see
-// pooled_topk, which the exact kernel now uses; bench/results/2026-11-29-h200-session14).
+// The default (SelectArgs::screen; --select-path tiled-exact turns it off). On an H200 (16K-token
+// prompt, two layers with the warm-up; bench/results/2026-11-29-h200-session15) the screened
+// kernel took 3.96 ms and the exact one on the tiles it left 2.11 ms, against 8.74 ms for the
+// exact kernel alone (8b-like); 2.15 + 1.70 ms against 4.50 (1b-like); prefill 16 x 16K +3.7%
+// and +3.6%. Random inputs leave 22% (8b-like) to 35% (1b-like) of the tiles uncertified with
+// the bound by the partial sums (132 u scale B, screen_bounds.h), where the CPU replay
+// (tests/attention/screen_bound_test.cpp) puts the actual error some thousand times below the
+// bound: bounds that hold for every input are what leave tokens uncertified. Loading the keys
+// further ahead (cp.async, lookups two rounds ahead) took only 3% off the screened kernel; the
+// barrier behind a one-warp top-k was its main wait (see pooled_topk).
 // Tiles of more tokens would also share each key's load among more rows.
 
 // Whether one warp's token's query-aware choice is certified: chosen(b) says whether block b was

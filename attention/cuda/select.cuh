@@ -47,9 +47,9 @@ struct SelectArgs {
   // its shared memory fits, 0 the three kernels spread over the GPU.
   int split_finish = -1;
   // The tiled path's screening (select.cu, "Screening"): certified fast scores first, the exact
-  // kernel only on the tiles it could not certify. Off (the default): the exact kernel on every
-  // tile.
-  bool screen = false;
+  // kernel only on the tiles it could not certify (the default, where the tile shape allows).
+  // Off: the exact kernel on every tile.
+  bool screen = true;
   // The tiled path's pooling and top-k apart (select.cu, pooled_topk), where the pooled scores
   // fit the scratch: the tile kernel writes its tokens' pooled scores, a kernel of one warp per
   // (token, KV head) selects (for screened tiles too). Off: one warp per token in the tile

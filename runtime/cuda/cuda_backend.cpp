@@ -1000,7 +1000,7 @@ class CudaBackend final : public Backend {
     if (g_select_path == "split-finish") a.split_finish = 1;
     if (g_select_path == "split-spread") a.split_finish = 0;
     if (g_select_path.starts_with("tiled")) requested = acu::SelectPath::tiled;
-    a.screen = g_select_path.starts_with("tiled-screened");
+    a.screen = !g_select_path.starts_with("tiled-exact");
     a.pooled_topk = !g_select_path.ends_with("inline");
     a.path = acu::select_path(requested, H, group, L.head_dim, L.keys_per_block, n_max, nb_max,
                               int(T));

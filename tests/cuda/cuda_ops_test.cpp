@@ -287,10 +287,10 @@ void run_select(const SelectCase& c, attention::Mode mode, bool ties, uint64_t s
   b.gpu->begin_step(f.step);
   Selection sc = b.cpu->select_blocks(1, mode, q.cpu, p, *cache.cpu);
   // Every GPU path (attention/cuda/select.cuh): the per-token kernel, the split kernels and the
-  // tiled one: exact and screened, each with its top-k apart (the default) and inside (prefill's,
-  // here on decode steps; a group it does not take falls back).
+  // tiled one: screened (the default) and exact, each with its top-k apart (the default) and
+  // inside (prefill's, here on decode steps; a group it does not take falls back).
   for (const char* path :
-       {"per-token", "split", "tiled", "tiled-inline", "tiled-screened", "tiled-screened-inline"}) {
+       {"per-token", "split", "tiled", "tiled-inline", "tiled-exact", "tiled-exact-inline"}) {
     runtime::force_cuda_select_path(path);
     Selection sg = b.gpu->select_blocks(1, mode, q.gpu, p, *cache.gpu);
     runtime::force_cuda_select_path("");

@@ -112,10 +112,10 @@ void run_prefill_select(const PrefillCase& c, attention::Mode mode, Inputs in, u
   b.cpu->begin_step(f.step);
   b.gpu->begin_step(f.step);
   Selection sc = b.cpu->select_blocks(1, mode, q.cpu, p, *cache.cpu);
-  // The automatic path (the exact tiled kernel on every tile, its top-k in a kernel of its own
-  // where the pooled scores fit the scratch), the exact one with its top-k inside, and both
-  // screened (where the tile shape allows; the exact kernel redoes the tiles it cannot certify).
-  for (const char* path : {"", "tiled-inline", "tiled-screened", "tiled-screened-inline"}) {
+  // The automatic path (screened where the tile shape allows: the exact kernel redoes the tiles
+  // it cannot certify; its top-k in a kernel of its own where the pooled scores fit the
+  // scratch), the same with its top-k inside, and both with the exact kernel on every tile.
+  for (const char* path : {"", "tiled-inline", "tiled-exact", "tiled-exact-inline"}) {
     runtime::force_cuda_select_path(path);
     runtime::count_cuda_select_screening(true);
     const int64_t screened0 = runtime::cuda_select_screened_tiles();
@@ -134,7 +134,7 @@ void run_prefill_select(const PrefillCase& c, attention::Mode mode, Inputs in, u
     EXPECT_EQ(bad, 0) << c.name << " " << attention::mode_name(mode) << " " << inputs_name(in)
                       << " " << path;
     EXPECT_LE(redone, screened);
-    if (!std::string(path).starts_with("tiled-screened")) {
+    if (std::string(path).starts_with("tiled-exact")) {
       EXPECT_EQ(screened, 0) << path << " screens nothing";
     }
   }

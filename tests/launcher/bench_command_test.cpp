@@ -289,8 +289,8 @@ TEST(BenchCommand, SelectPathTakesTheSplitFinishesAndRefusesOtherNames) {
                                      nosa_binary()));
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.err.find("unknown selection path 'split-sometimes' (use split, split-finish, "
-                         "split-spread, tiled, tiled-inline, tiled-screened, "
-                         "tiled-screened-inline, per-token or empty)"),
+                         "split-spread, tiled, tiled-inline, tiled-exact, "
+                         "tiled-exact-inline, per-token or empty)"),
             std::string::npos)
       << bad.err;
 }
