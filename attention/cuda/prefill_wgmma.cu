@@ -1,7 +1,11 @@
-// Dense prefill attention with Hopper's warpgroup MMA (wgmma, sm_90a): the dense path of
-// sparse_prefill.cu's kernel (no selection, no bias) for head_dim 128 and blocks of a multiple of
-// 64 keys. A thread block takes a tile of 128 query rows ((token, head) pairs, as prefill_kernel)
-// with two warpgroups of 64 rows; each 64-key stage's keys and values come into shared memory by
+// Prefill attention with Hopper's warpgroup MMA (wgmma, sm_90a): sparse_prefill.cu's kernel
+// (dense, or over the tile's selected blocks, with or without the bias) for head_dim 128 and
+// blocks of a multiple of 64 keys. A thread block takes a tile of 128 query rows ((token, head)
+// pairs, as prefill_kernel) with two warpgroups of 64 rows and walks the tile's block list
+// (prefill_blocks.cuh: the union of its tokens' selections, every block when dense); a
+// warpgroup skips a stage none of its tokens selected or that lies after them all, and masks
+// keys per row (the row token's own selection and causality) only in stages that some of its
+// tokens do not fully see. Each 64-key stage's keys and values come into shared memory by
 // cp.async in the 128-byte swizzled layout the descriptors name (16-byte chunk j of row r at
 // chunk j ^ (r & 7) of its 1024-byte atom), S = Q K^T is eight m64n64k16 products from shared
 // memory, and O += P V four m64n128k16 products with P from registers (the S accumulators'
@@ -11,6 +15,7 @@
 #include <climits>
 
 #include "attention/cuda/device_common.cuh"
+#include "attention/cuda/prefill_blocks.cuh"
 #include "attention/cuda/prefill_wgmma.cuh"
 
 namespace nosa::attention::cuda {
@@ -22,7 +27,8 @@ constexpr int k_wg_rows = 128;     // a tile's rows, as prefill_kernel's
 constexpr int k_wg_keys = 64;      // keys per stage
 constexpr int k_wg_d = 128;
 // Shared memory (after aligning its start to 1024 bytes): Q [2 column halves][128 rows][128 B],
-// then two stages of K [2][64][128 B] and V [2][64][128 B].
+// then the stage buffers of K [2][64][128 B] and V [2][64][128 B], each buffer's 64 eviction
+// scores (float), then the tile's block list (prefill_blocks.cuh: 16 bytes a block).
 constexpr int k_q_half = k_wg_rows * 128;     // 16 KB
 constexpr int k_kv_half = k_wg_keys * 128;    // 8 KB
 constexpr int k_q_bytes = 2 * k_q_half;       // 32 KB
@@ -30,8 +36,11 @@ constexpr int k_stage_bytes = 4 * k_kv_half;  // K and V: 32 KB
 // Stage buffers: two, or three for the pipelined loop (a stage's values are still read by its
 // P V product while the next stage's keys are multiplied and the one after loads).
 __host__ __device__ constexpr int wg_stages(bool pipelined) { return pipelined ? 3 : 2; }
-constexpr int wg_smem(bool pipelined) {
-  return 1024 + k_q_bytes + wg_stages(pipelined) * k_stage_bytes;
+constexpr int wg_fixed_smem(bool pipelined) {
+  return 1024 + k_q_bytes + wg_stages(pipelined) * (k_stage_bytes + k_wg_keys * 4);
+}
+size_t wg_smem(bool pipelined, int nb_max) {
+  return size_t(wg_fixed_smem(pipelined)) + size_t(nb_max > 0 ? nb_max : 1) * (8 + 4 + 4);
 }
 
 // Where the 16-byte chunk j (0..15: dimensions 8 j..8 j + 7) of row r goes in a swizzled
@@ -122,13 +131,27 @@ __device__ __forceinline__ void reg_fence(uint32_t (&r)[4][4]) {
 }
 
 // A warpgroup's S = Q K^T for one stage: eight k16 steps over the two 64-dimension halves of Q
-// (its 64 rows) and K (the stage's 64 keys), both K-major.
-__device__ __forceinline__ void issue_qk(float (&sc)[32], uint32_t q_wg, uint32_t ks) {
+// (its 64 rows) and K (the stage's 64 keys), both K-major. keep: the first step adds to sc (the
+// bias, stage_bias) instead of starting from zero.
+__device__ __forceinline__ void issue_qk(float (&sc)[32], uint32_t q_wg, uint32_t ks, int keep) {
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
     const uint32_t qa = q_wg + (k >> 2) * k_q_half + (k & 3) * 32;
     const uint32_t ka = ks + (k >> 2) * k_kv_half + (k & 3) * 32;
-    wgmma_qk(sc, sw128_desc(qa, 16, 1024), sw128_desc(ka, 16, 1024), k > 0 ? 1 : 0);
+    wgmma_qk(sc, sw128_desc(qa, 16, 1024), sw128_desc(ka, 16, 1024), k > 0 ? 1 : keep);
+  }
+}
+
+// The stage's eviction scores as the S accumulators' start, divided by the scale: S * scale is
+// then the logit with its bias, and the softmax is the same with or without it (as
+// prefill_kernel's warp_scores).
+__device__ __forceinline__ void stage_bias(float (&sc)[32], const float* bias, int t4,
+                                           float inv_scale) {
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    const float2 b = *reinterpret_cast<const float2*>(bias + nt * 8 + 2 * t4);
+    sc[nt * 4 + 0] = sc[nt * 4 + 2] = b.x * inv_scale;
+    sc[nt * 4 + 1] = sc[nt * 4 + 3] = b.y * inv_scale;
   }
 }
 
@@ -140,7 +163,8 @@ __device__ __forceinline__ void issue_pv(float (&o)[64], const uint32_t (&p)[4][
 }
 
 // One stage's online softmax on a thread's S values (rows g and g + 8 of its warp), in place:
-// keys after a row's position masked (unless the whole stage is visible to every row), the new
+// keys key0.. after a row's limit masked (its position, or -1 where its token did not select the
+// stage's block; unless the whole stage is visible to every row), the new
 // row maxima m, the factor alpha the output so far must be scaled by, l scaled and increased,
 // and sc the exponentials. pack_p then packs them as the P V product's A fragments.
 __device__ __forceinline__ void stage_softmax(float (&sc)[32], int key0, bool full, int t4,
@@ -207,14 +231,21 @@ __device__ __forceinline__ void rescale(float (&o)[64], const float (&alpha)[2])
 // thread blocks meant to share a multiprocessor (2 caps the registers at 128 a thread).
 // Pipelined: each stage's S = Q K^T is issued with the stage before's P V product and its
 // softmax runs while that product does (three stage buffers, one block per multiprocessor).
-template <int Blocks, bool Pipelined>
+// Bias: the eviction scores added to the logits (NOSA).
+template <int Blocks, bool Pipelined, bool Bias>
 __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(PrefillArgs a) {
   constexpr int NB = wg_stages(Pipelined);
 #ifdef NOSA_WGMMA_BODY
   extern __shared__ unsigned char smem_raw[];
   __shared__ int tok_pos[64];
+  __shared__ int warp_count[k_wg_threads / 32];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t q_s = base, kv_s = base + k_q_bytes;
+  float* bias_s = reinterpret_cast<float*>(smem_raw + (base - smem_u32(smem_raw)) + k_q_bytes +
+                                           NB * k_stage_bytes);  // [NB][64]
+  uint64_t* umask = reinterpret_cast<uint64_t*>(bias_s + NB * k_wg_keys);  // [nb_max]
+  int* ulist = reinterpret_cast<int*>(umask + a.nb_max);                  // [nb_max]
+  int* uchunk = ulist + a.nb_max;                                         // [nb_max]
   const KvView& kv = a.kv;
   const int H = kv.n_kv_heads, G = a.group, bs = kv.block_size;
   const int tile_index = a.n_tiles - 1 - int(blockIdx.x) / H;
@@ -240,15 +271,17 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
   __syncthreads();
   int tile_max_pos = -1;
   for (int i = 0; i < tile.count; ++i) tile_max_pos = max(tile_max_pos, tok_pos[i]);
-  const int n_stages = tile_max_pos / k_wg_keys + 1;
+  const int n_entries = tile_block_list<k_wg_threads>(a, tile, h, tile_max_pos / bs + 1, table,
+                                                      umask, ulist, uchunk, warp_count);
+  // Stage s: keys 64 (s % per_block).. of entry s / per_block's block.
+  const int per_block = bs / k_wg_keys, n_stages = n_entries * per_block;
 
-  // Stage s's keys and values (keys 64 s.. of the sequence: one block's, blocks being multiples
-  // of 64 keys) into buffer s % NB: four 16-byte chunks of each per thread.
+  // Stage s's keys and values (and with the bias its eviction scores) into buffer s % NB: four
+  // 16-byte chunks of each per thread.
   auto issue = [&](int s) {
     if (s < n_stages) {
-      const int key0 = s * k_wg_keys, blk = key0 / bs, w0 = key0 - blk * bs;
-      const int64_t slot = kv_slot(kv, table[blk], a.layer, h);
-      const bf16* kp = kbase + slot * chunk_elems + int64_t(w0) * k_wg_d;
+      const int e = s / per_block, w0 = (s - e * per_block) * k_wg_keys;
+      const bf16* kp = kbase + int64_t(uchunk[e]) * chunk_elems + int64_t(w0) * k_wg_d;
       const bf16* vp = kp + int64_t(bs) * k_wg_d;
       const uint32_t dk = kv_s + (s % NB) * k_stage_bytes, dv = dk + 2 * k_kv_half;
 #pragma unroll
@@ -257,23 +290,31 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
         cp_async16_u32(dk + swizzled(r, j, k_kv_half), kp + r * k_wg_d + j * 8);
         cp_async16_u32(dv + swizzled(r, j, k_kv_half), vp + r * k_wg_d + j * 8);
       }
+      if (Bias && tid < k_wg_keys / 4)
+        cp_async16_u32(smem_u32(bias_s + (s % NB) * k_wg_keys + 4 * tid),
+                       kv.bias + int64_t(uchunk[e]) * bs + w0 + 4 * tid);
     }
     cp_async_commit();
   };
   issue(0);
 
-  // This thread's rows: 16 per warp, rows g and g + 8 of them.
+  // This thread's rows: 16 per warp, rows g and g + 8 of them; their tokens (0 past the tile's,
+  // whose rows see no key).
   const int row0 = wg * 64 + (warp % 4) * 16 + lane / 4;
-  int row_pos[2];
+  int row_pos[2], row_tok[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int ti = (row0 + 8 * half) / G;
-    row_pos[half] = ti < tile.count ? tok_pos[ti] : -1;  // sees no key
+    row_tok[half] = ti < tile.count ? ti : 0;
+    row_pos[half] = ti < tile.count ? tok_pos[ti] : -1;
   }
-  // The warpgroup's rows' smallest and largest positions: stages past the largest are skipped,
-  // stages wholly at or before the smallest need no mask.
+  // The warpgroup's tokens (bits) and their smallest and largest positions: stages none of them
+  // selected or past the largest are skipped, stages they all selected wholly at or before the
+  // smallest need no mask.
+  uint64_t wg_bits = 0;
   int wg_min = INT_MAX, wg_max = -1;
   for (int ti = (wg * 64) / G; ti <= min(tile.count - 1, (wg * 64 + 63) / G); ++ti) {
+    wg_bits |= 1ull << ti;
     wg_min = min(wg_min, tok_pos[ti]);
     wg_max = max(wg_max, tok_pos[ti]);
   }
@@ -282,8 +323,28 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
 #pragma unroll
   for (int i = 0; i < 64; ++i) o[i] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  const float scale_log2 = a.scale * k_log2e;
+  const float scale_log2 = a.scale * k_log2e, inv_scale = 1.0f / a.scale;
   const int t4 = lane % 4;
+  // Stage s for this warpgroup: its first key's position, whether it attends at all, whether
+  // every row sees every key, and each row's limit (its position, -1 where its token did not
+  // select the block).
+  struct StageView {
+    int key0;
+    bool attend, full;
+    int lim[2];
+  };
+  auto stage_view = [&](int s) {
+    StageView v;
+    const int e = s / per_block;
+    const uint64_t mk = umask[e];
+    v.key0 = ulist[e] * bs + (s - e * per_block) * k_wg_keys;
+    v.attend = (mk & wg_bits) != 0 && v.key0 <= wg_max;
+    v.full = (mk & wg_bits) == wg_bits && v.key0 + k_wg_keys - 1 <= wg_min;
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+      v.lim[half] = (mk >> row_tok[half]) & 1 ? row_pos[half] : -1;
+    return v;
+  };
 
   const uint32_t q_wg = q_s + wg * 64 * 128;  // the warpgroup's 64 rows of Q
   float sc[32], alpha[2];
@@ -294,15 +355,16 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
       fence_async_shared();
       __syncthreads();  // stage s (and the queries) landed for all; stage s - 1's buffer is free
       issue(s + 1);
-      const int key0 = s * k_wg_keys;
-      if (key0 > wg_max) continue;
+      const StageView sv = stage_view(s);
+      if (!sv.attend) continue;
       const uint32_t ks = kv_s + (s % NB) * k_stage_bytes, vs = ks + 2 * k_kv_half;
+      if (Bias) stage_bias(sc, bias_s + (s % NB) * k_wg_keys, t4, inv_scale);
       wgmma_fence();
-      issue_qk(sc, q_wg, ks);
+      issue_qk(sc, q_wg, ks, Bias ? 1 : 0);
       wgmma_commit();
       wgmma_wait<0>();
       reg_fence(sc);
-      stage_softmax(sc, key0, key0 + k_wg_keys - 1 <= wg_min, t4, row_pos, scale_log2, m, l, alpha);
+      stage_softmax(sc, sv.key0, sv.full, t4, sv.lim, scale_log2, m, l, alpha);
       pack_p(sc, p);
       rescale(o, alpha);
       wgmma_fence();
@@ -337,8 +399,8 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
       // values stay for the P V product issued in this iteration.
       __syncthreads();
       issue(s + 1);
-      const int key0 = s * k_wg_keys;
-      if (key0 > wg_max) {
+      const StageView sv = stage_view(s);
+      if (!sv.attend) {
         finish_pending();
         continue;
       }
@@ -353,8 +415,9 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
           for (int j = 0; j < 4; ++j) p[kk][j] = 0u;
         pending_vs = int(vs);
       }
+      if (Bias) stage_bias(sc, bias_s + (s % NB) * k_wg_keys, t4, inv_scale);
       wgmma_fence();
-      issue_qk(sc, q_wg, ks);
+      issue_qk(sc, q_wg, ks, Bias ? 1 : 0);
       wgmma_commit();
       issue_pv(o, p, uint32_t(pending_vs));
       wgmma_commit();
@@ -362,7 +425,7 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
       reg_fence(sc);
       // The exponentials go to sc: nothing the P V product in flight reads or writes, so they
       // run beside it; P is packed over its registers only after the wait.
-      stage_softmax(sc, key0, key0 + k_wg_keys - 1 <= wg_min, t4, row_pos, scale_log2, m, l, alpha);
+      stage_softmax(sc, sv.key0, sv.full, t4, sv.lim, scale_log2, m, l, alpha);
       wgmma_wait<0>();
       reg_fence(o);
       reg_fence(p);
@@ -400,19 +463,29 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
 }  // namespace
 
 bool prefill_wgmma_fits(const PrefillArgs& a) {
-  return a.kv.head_dim == k_wg_d && a.kv.block_size % k_wg_keys == 0 && !a.selection &&
-         !a.use_bias && a.group >= 1 && a.group <= k_wg_rows && a.kv.block_size > 0;
+  // The block list grows with the context: past the device's shared memory (about 6000 blocks
+  // on Hopper) the mma.sync kernel, whose stages take less, is left.
+  return a.kv.head_dim == k_wg_d && a.kv.block_size > 0 && a.kv.block_size % k_wg_keys == 0 &&
+         a.group >= 1 && a.group <= k_wg_rows && (!a.use_bias || a.kv.bias) &&
+         wg_smem(true, a.nb_max) <= max_shared_bytes();
+}
+
+template <int Blocks, bool Pipelined, bool Bias>
+cudaError_t launch_variant(const PrefillArgs& a, cudaStream_t stream) {
+  const size_t smem = wg_smem(Pipelined, a.nb_max);
+  if (const cudaError_t e =
+          allow_shared<wgmma_prefill_kernel<Blocks, Pipelined, Bias>>(smem, true);
+      e != cudaSuccess)
+    return e;
+  wgmma_prefill_kernel<Blocks, Pipelined, Bias>
+      <<<unsigned(a.n_tiles) * unsigned(a.kv.n_kv_heads), k_wg_threads, smem, stream>>>(a);
+  return cudaGetLastError();
 }
 
 template <int Blocks, bool Pipelined>
 cudaError_t launch_variant(const PrefillArgs& a, cudaStream_t stream) {
-  constexpr int smem = wg_smem(Pipelined);
-  if (const cudaError_t e = allow_shared<wgmma_prefill_kernel<Blocks, Pipelined>>(smem, true);
-      e != cudaSuccess)
-    return e;
-  wgmma_prefill_kernel<Blocks, Pipelined>
-      <<<unsigned(a.n_tiles) * unsigned(a.kv.n_kv_heads), k_wg_threads, smem, stream>>>(a);
-  return cudaGetLastError();
+  return a.use_bias ? launch_variant<Blocks, Pipelined, true>(a, stream)
+                    : launch_variant<Blocks, Pipelined, false>(a, stream);
 }
 
 cudaError_t launch_prefill_wgmma(const PrefillArgs& a, int variant, cudaStream_t stream) {

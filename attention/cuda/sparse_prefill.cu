@@ -6,6 +6,7 @@
 #include <climits>
 
 #include "attention/cuda/device_common.cuh"
+#include "attention/cuda/prefill_blocks.cuh"
 #include "attention/cuda/prefill_wgmma.cuh"
 #include "attention/cuda/sparse_prefill.cuh"
 
@@ -348,54 +349,8 @@ __global__ void __launch_bounds__(k_threads, 2) prefill_kernel(PrefillArgs a) {
   const int nbu = tile_max_pos / bs + 1;
 
   // The union of the tile's selections (with, per block, the tokens that selected it), ascending.
-  int n_entries = nbu;
-  if (a.selection) {
-    for (int b = threadIdx.x; b < nbu; b += k_threads) umask[b] = 0;
-    __syncthreads();
-    for (int i = threadIdx.x; i < tile.count * a.k_max; i += k_threads) {
-      const int ti = i / a.k_max, e = i % a.k_max;
-      const int b = a.selection[(int64_t(tile.first + ti) * H + h) * a.k_max + e];
-      // A token selects blocks up to its own; a larger id (bad input) must not write past the
-      // union's masks.
-      if (b >= 0 && b < nbu)
-        atomicOr(reinterpret_cast<unsigned long long*>(&umask[b]), 1ull << ti);
-    }
-    __syncthreads();
-    int base = 0;
-    for (int c0 = 0; c0 < nbu; c0 += k_threads) {
-      const int b = c0 + threadIdx.x;
-      const uint64_t mk = b < nbu ? umask[b] : 0;
-      const bool f = mk != 0;
-      const unsigned ballot = __ballot_sync(0xffffffffu, f);
-      if (lane == 0) warp_count[warp] = __popc(ballot);
-      __syncthreads();
-      int offset = base, total = 0;
-      for (int w = 0; w < k_warps; ++w) {
-        const int c = warp_count[w];
-        if (w < warp) offset += c;
-        total += c;
-      }
-      // Every thread has read umask[c0..] above; compacting in place only writes below b.
-      if (f) {
-        const int o = offset + __popc(ballot & ((1u << lane) - 1u));
-        ulist[o] = b;
-        umask[o] = mk;
-      }
-      base += total;
-      __syncthreads();
-    }
-    n_entries = base;
-  } else {
-    for (int b = threadIdx.x; b < nbu; b += k_threads) {
-      ulist[b] = b;
-      umask[b] = ~uint64_t(0);
-    }
-  }
-  __syncthreads();
-  // Resolve every entry's chunk once (chunk indices of device memory fit in 32 bits).
-  for (int e = threadIdx.x; e < n_entries; e += k_threads)
-    uchunk[e] = int(kv_slot(kv, table[ulist[e]], a.layer, h));
-  __syncthreads();
+  const int n_entries =
+      tile_block_list<k_threads>(a, tile, h, nbu, table, umask, ulist, uchunk, warp_count);
 
   const int total_keys = n_entries * bs;
   const int n_stages = (total_keys + k_keys - 1) / k_keys;
@@ -546,7 +501,7 @@ int g_wgmma = -1;        // force_prefill_wgmma(); -1: PrefillArgs::wgmma
 int64_t g_wgmma_launches = 0;
 
 #ifdef NOSA_HAVE_WGMMA
-// The wgmma kernel's variant (prefill_wgmma.cuh: 1, 2 or 3) where a dense launch takes it, else
+// The wgmma kernel's variant (prefill_wgmma.cuh: 1, 2 or 3) where a launch takes it, else
 // 0: an sm_90 GPU, and asked for (force_prefill_wgmma, else a.wgmma).
 int wgmma_variant(const PrefillArgs& a) {
   const int want = g_wgmma >= 0 ? g_wgmma : a.wgmma;

@@ -1,5 +1,6 @@
-// The prefill attention kernel (attention/cuda/sparse_prefill.cu) against the CPU reference on
-// random inputs: group sizes from 1 to 64 (tiles of 128 rows, up to 64 tokens), head_dim
+// The prefill attention kernels (attention/cuda/sparse_prefill.cu's mma.sync kernel, and
+// prefill_wgmma.cu's where the GPU runs it, for head_dim 128 and blocks of multiples of 64 keys)
+// against the CPU reference on random inputs: group sizes from 1 to 64 (tiles of 128 rows, up to 64 tokens), head_dim
 // 64 and 128, block sizes below, at and above the 64-key stage, prompts that end in partial tiles
 // and partial blocks, and every way a tile's tokens can attend: all blocks (dense, with and
 // without the bias), the CPU's InfLLM-V2 and NOSA selections, and random selections under which
@@ -94,7 +95,10 @@ Tensor made_selection(const runtime::StepBatch& step, int H, int block_size, int
   return sel;
 }
 
-void run_prefill(const PrefillCase& c, Attend how, uint64_t seed) {
+// Case c's prefill under `how` on both backends, compared; returns the GPU's output as raw bf16
+// bits (the same seed gives the same inputs). label: added to the failure messages.
+std::vector<uint16_t> run_prefill(const PrefillCase& c, Attend how, uint64_t seed,
+                                  const std::string& label = "") {
   Backends b;
   const int H = 2;
   // Four compressed keys per block (kernel stride block_size / 4), for the CPU's selections.
@@ -103,7 +107,7 @@ void run_prefill(const PrefillCase& c, Attend how, uint64_t seed) {
   const StepFixture& f = r.f;
   Twin &q = r.q, &out = r.out;
   TwinCache& cache = r.cache;
-  const std::string what = std::string("prefill ") + c.name + " " + attend_name(how);
+  const std::string what = std::string("prefill ") + c.name + " " + attend_name(how) + label;
   if (how == Attend::dense || how == Attend::dense_bias) {
     const bool bias = how == Attend::dense_bias;
     b.cpu->attend(1, q.cpu, 0, nullptr, bias, *cache.cpu, out.cpu);
@@ -137,6 +141,9 @@ void run_prefill(const PrefillCase& c, Attend how, uint64_t seed) {
     b.gpu->attend(1, q.gpu, 0, &sg, bias, *cache.gpu, out.gpu);
   }
   expect_close(b, out.cpu, out.gpu, k_tol, what);
+  const Tensor h = b.gpu->to_host(out.gpu);
+  const uint16_t* bits = h.data<uint16_t>();
+  return std::vector<uint16_t>(bits, bits + h.bytes() / sizeof(uint16_t));
 }
 
 TEST(CudaPrefill, DenseAttentionMatchesCpuWithAndWithoutTheBias) {
@@ -161,14 +168,19 @@ TEST(CudaPrefill, TokensOfOneTileSelectingDifferentBlocksMatchCpu) {
       run_prefill(c, how, seed += 10);
 }
 
-// The launcher takes four K/V slots at these lengths, three or two only for block lists of
-// hundreds of blocks: each count forced in turn, with and without the bias, under every kind of
-// selection.
+// The mma.sync kernel (the one for head_dim 64, blocks under 64 keys and GPUs before Hopper;
+// the others above take the wgmma kernel where it runs): the launcher takes four K/V slots at
+// these lengths, three or two only for block lists of hundreds of blocks: each count forced in
+// turn, with and without the bias, under every kind of selection.
 TEST(CudaPrefill, EveryKvSlotCountMatchesCpu) {
   NOSA_REQUIRE_GPU();
   struct Restore {
-    ~Restore() { attention::cuda::force_prefill_slots(0); }
+    ~Restore() {
+      attention::cuda::force_prefill_slots(0);
+      attention::cuda::force_prefill_wgmma(-1);
+    }
   } restore;
+  attention::cuda::force_prefill_wgmma(0);
   uint64_t seed = 900;
   for (int slots : {2, 3, 4}) {
     attention::cuda::force_prefill_slots(slots);
@@ -188,28 +200,14 @@ TEST(CudaPrefill, LongPromptChunkMatchesCpu) {
   run_prefill(c, Attend::random_subsets, 4010);
 }
 
-// The GPU's output of case c's dense prefill (as raw bf16 bits), compared with the CPU's on the
-// way; the same seed gives the same inputs.
-std::vector<uint16_t> dense_prefill_on_gpu(const PrefillCase& c, uint64_t seed,
-                                           const std::string& what) {
-  Backends b;
-  KvLayout L{2, 2, c.d, c.block_size, 4, DType::f32};
-  AttentionRig r(b, L, c.group, c.seqs, pool_blocks(c), seed);
-  b.cpu->attend(1, r.q.cpu, 0, nullptr, false, *r.cache.cpu, r.out.cpu);
-  b.gpu->attend(1, r.q.gpu, 0, nullptr, false, *r.cache.gpu, r.out.gpu);
-  expect_close(b, r.out.cpu, r.out.gpu, k_tol, what);
-  const Tensor h = b.gpu->to_host(r.out.gpu);
-  const uint16_t* bits = h.data<uint16_t>();
-  return std::vector<uint16_t>(bits, bits + h.bytes() / sizeof(uint16_t));
-}
-
-// The dense cases through the wgmma kernel (attention/cuda/prefill_wgmma.cu: sm_90 GPUs, in a
-// build with sm_90a code), each of its variants (one or two thread blocks per SM, pipelined),
-// and a long prompt chunk; the cases it does not take (head_dim 64, blocks under 64 keys,
-// decode tokens) run the others. Each variant is compared with the CPU, must really launch, and
-// must give variant 1's output bit for bit (the same products and softmax in the same order:
-// only the waits differ), which a wrong row among thousands would not pass.
-TEST(CudaPrefill, DenseThroughTheWgmmaKernelMatchesCpu) {
+// The wgmma kernel (attention/cuda/prefill_wgmma.cu: sm_90 GPUs, in a build with sm_90a code),
+// each of its variants (one or two thread blocks per SM, pipelined), under every kind of
+// selection, with and without the bias, and a long prompt chunk; the cases it does not take
+// (head_dim 64, blocks under 64 keys, decode tokens) run the mma.sync kernel. Each variant is
+// compared with the CPU, must really launch, and must give variant 1's output bit for bit (the
+// same products and softmax in the same order: only the waits differ), which a wrong row among
+// thousands would not pass.
+TEST(CudaPrefill, ThroughTheWgmmaKernelMatchesCpu) {
   NOSA_REQUIRE_GPU();
   if (!attention::cuda::prefill_wgmma_available())
     GTEST_SKIP() << "the wgmma kernel needs an sm_90 GPU and a build with sm_90a code";
@@ -219,26 +217,29 @@ TEST(CudaPrefill, DenseThroughTheWgmmaKernelMatchesCpu) {
   std::vector<PrefillCase> cases = prefill_cases();
   cases.push_back({"g16-d128-long", 128, 16, 64, {{3000, 64}, {0, 700}}});
   uint64_t seed = 5000;
-  for (const PrefillCase& c : cases) {
-    std::vector<uint16_t> first;
-    for (int variant : {1, 2, 3}) {
-      attention::cuda::force_prefill_wgmma(variant);
-      const int64_t launches = attention::cuda::prefill_wgmma_launches();
-      const std::string what =
-          std::string("prefill ") + c.name + " dense, wgmma variant " + std::to_string(variant);
-      std::vector<uint16_t> out = dense_prefill_on_gpu(c, seed, what);
-      const bool takes = c.d == 128 && c.block_size % 64 == 0;
-      if (takes) {
-        EXPECT_GT(attention::cuda::prefill_wgmma_launches(), launches) << what;
+  for (const PrefillCase& c : cases)
+    for (Attend how : {Attend::dense, Attend::dense_bias, Attend::infllmv2, Attend::nosa,
+                       Attend::random_subsets, Attend::alternating}) {
+      std::vector<uint16_t> first;
+      for (int variant : {1, 2, 3}) {
+        attention::cuda::force_prefill_wgmma(variant);
+        const int64_t launches = attention::cuda::prefill_wgmma_launches();
+        const std::string label = ", wgmma variant " + std::to_string(variant);
+        std::vector<uint16_t> out = run_prefill(c, how, seed, label);
+        const bool takes = c.d == 128 && c.block_size % 64 == 0;
+        if (takes) {
+          EXPECT_GT(attention::cuda::prefill_wgmma_launches(), launches)
+              << c.name << " " << attend_name(how) << label;
+        }
+        if (variant == 1) {
+          first = std::move(out);
+        } else {
+          EXPECT_TRUE(out == first) << c.name << " " << attend_name(how) << label
+                                    << ": not variant 1's output bit for bit";
+        }
       }
-      if (variant == 1) {
-        first = std::move(out);
-      } else {
-        EXPECT_TRUE(out == first) << what << ": not variant 1's output bit for bit";
-      }
+      ++seed;
     }
-    ++seed;
-  }
 }
 
 }  // namespace
