@@ -42,13 +42,6 @@ constexpr int wg_fixed_smem(bool pipelined) {
 size_t wg_smem(bool pipelined, int nb_max) {
   return size_t(wg_fixed_smem(pipelined)) + size_t(nb_max > 0 ? nb_max : 1) * (8 + 4 + 4);
 }
-// Variant 4 (wgmma_prefill_apart_kernel): four stage buffers (two a warpgroup) with their
-// eviction scores, each warpgroup's stage list and the block list.
-size_t apart_smem(int nb_max, int block_size) {
-  const size_t nb = size_t(nb_max > 0 ? nb_max : 1);
-  return 1024 + k_q_bytes + 4 * (size_t(k_stage_bytes) + k_wg_keys * 4) +
-         2 * nb * (block_size / k_wg_keys) * 4 + nb * (8 + 4 + 4);
-}
 
 // Where the 16-byte chunk j (0..15: dimensions 8 j..8 j + 7) of row r goes in a swizzled
 // operand whose halves (dimensions 0..63, 64..127) are `half` bytes apart.
@@ -234,165 +227,11 @@ __device__ __forceinline__ void rescale(float (&o)[64], const float (&alpha)[2])
 #define NOSA_WGMMA_BODY 1
 #endif
 
-// A thread's rows of a tile (16 per warp, rows g and g + 8 of them: r0 + 8 half) with their
-// tokens (0 past the tile's, whose rows see no key) and positions, and its warpgroup's tokens
-// (bits) and their smallest and largest positions: stages none of them selected or past the
-// largest are skipped, stages they all selected wholly at or before the smallest need no mask.
-struct WgRows {
-  int r0;
-  int tok[2], pos[2];
-  uint64_t bits;
-  int min_pos, max_pos;
-};
-
-__device__ __forceinline__ WgRows wg_rows(const PrefillTile& tile, const int* tok_pos, int G) {
-  WgRows w;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, wg = warp / 4;
-  w.r0 = wg * 64 + (warp % 4) * 16 + lane / 4;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int ti = (w.r0 + 8 * half) / G;
-    w.tok[half] = ti < tile.count ? ti : 0;
-    w.pos[half] = ti < tile.count ? tok_pos[ti] : -1;
-  }
-  w.bits = 0;
-  w.min_pos = INT_MAX;
-  w.max_pos = -1;
-  for (int ti = (wg * 64) / G; ti <= min(tile.count - 1, (wg * 64 + 63) / G); ++ti) {
-    w.bits |= 1ull << ti;
-    w.min_pos = min(w.min_pos, tok_pos[ti]);
-    w.max_pos = max(w.max_pos, tok_pos[ti]);
-  }
-  return w;
-}
-
-// Stage s of the block list (keys 64 (s % per_block).. of entry s / per_block's block) for a
-// warpgroup: its first key's position, whether the warpgroup attends to it at all, whether every
-// row sees every key, and each row's limit (its position, -1 where its token did not select the
-// block).
-struct StageView {
-  int key0;
-  bool attend, full;
-  int lim[2];
-};
-
-__device__ __forceinline__ StageView stage_view(int s, int per_block, int bs,
-                                                const uint64_t* umask, const int* ulist,
-                                                const WgRows& w) {
-  StageView v;
-  const int e = s / per_block;
-  const uint64_t mk = umask[e];
-  v.key0 = ulist[e] * bs + (s - e * per_block) * k_wg_keys;
-  v.attend = (mk & w.bits) != 0 && v.key0 <= w.max_pos;
-  v.full = (mk & w.bits) == w.bits && v.key0 + k_wg_keys - 1 <= w.min_pos;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) v.lim[half] = (mk >> w.tok[half]) & 1 ? w.pos[half] : -1;
-  return v;
-}
-
-// Stage s's keys and values (and with the bias its eviction scores) into the buffer at dk (bias
-// at bias_dst), by `threads` threads of which this is thread i: 1024 16-byte chunks of each.
-template <bool Bias>
-__device__ __forceinline__ void load_stage(const KvView& kv, const int* uchunk, int s,
-                                           int per_block, uint32_t dk, float* bias_dst, int i,
-                                           int threads) {
-  const int bs = kv.block_size;
-  const int e = s / per_block, w0 = (s - e * per_block) * k_wg_keys;
-  const bf16* kp = static_cast<const bf16*>(kv.kv) + int64_t(uchunk[e]) * 2 * bs * k_wg_d +
-                   int64_t(w0) * k_wg_d;
-  const bf16* vp = kp + int64_t(bs) * k_wg_d;
-  const uint32_t dv = dk + 2 * k_kv_half;
-  for (int c = i; c < k_wg_keys * 16; c += threads) {
-    const int r = c / 16, j = c % 16;
-    cp_async16_u32(dk + swizzled(r, j, k_kv_half), kp + r * k_wg_d + j * 8);
-    cp_async16_u32(dv + swizzled(r, j, k_kv_half), vp + r * k_wg_d + j * 8);
-  }
-  if (Bias && i < k_wg_keys / 4)
-    cp_async16_u32(smem_u32(bias_dst + 4 * i), kv.bias + int64_t(uchunk[e]) * bs + w0 + 4 * i);
-}
-
-// The start of a tile, both kernels (all threads): its queries into q_s (zero past its tokens;
-// one cp.async group, committed), its tokens' positions, and its block list
-// (prefill_blocks.cuh); returns the list's entries.
-__device__ __forceinline__ int tile_begin(const PrefillArgs& a, const PrefillTile& tile, int h,
-                                          uint32_t q_s, int* tok_pos, uint64_t* umask,
-                                          int* ulist, int* uchunk, int* warp_count) {
-  const int H = a.kv.n_kv_heads, G = a.group, tid = threadIdx.x;
-  const bf16* q = static_cast<const bf16*>(a.q);
-  for (int i = tid; i < k_wg_rows * 16; i += k_wg_threads) {
-    const int r = i / 16, j = i % 16, ti = r / G;
-    const bool valid = ti < tile.count;
-    const bf16* src =
-        valid ? q + ((int64_t(tile.first + ti) * H + h) * G + r % G) * k_wg_d + j * 8 : q;
-    cp_async16_or_zero(q_s + swizzled(r, j, k_q_half), src, valid);
-  }
-  cp_async_commit();
-  for (int i = tid; i < tile.count; i += k_wg_threads)
-    tok_pos[i] = a.step.positions[tile.first + i];
-  __syncthreads();
-  int tile_max_pos = -1;
-  for (int i = 0; i < tile.count; ++i) tile_max_pos = max(tile_max_pos, tok_pos[i]);
-  const int32_t* table = a.step.block_table + int64_t(tile.seq) * a.step.bt_stride;
-  return tile_block_list<k_wg_threads>(a, tile, h, tile_max_pos / a.kv.block_size + 1, table,
-                                       umask, ulist, uchunk, warp_count);
-}
-
-// A thread's two rows of the output: O / l (l summed over the four lanes of each row).
-__device__ __forceinline__ void write_rows(const PrefillArgs& a, const PrefillTile& tile, int h,
-                                           const WgRows& w, const float (&o)[64],
-                                           const float (&l)[2]) {
-  const int H = a.kv.n_kv_heads, G = a.group, t4 = threadIdx.x % 4;
-  bf16* out = static_cast<bf16*>(a.out);
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    float lt = l[half];
-    lt += __shfl_xor_sync(0xffffffffu, lt, 1);
-    lt += __shfl_xor_sync(0xffffffffu, lt, 2);
-    const int r = w.r0 + 8 * half, ti = r / G;
-    if (ti >= tile.count) continue;
-    const float inv = lt > 0.0f ? 1.0f / lt : 0.0f;
-    bf16* dst = out + ((int64_t(tile.first + ti) * H + h) * G + r % G) * k_wg_d;
-#pragma unroll
-    for (int dn = 0; dn < 16; ++dn) {
-      const int c = dn * 8 + 2 * t4;
-      *reinterpret_cast<__nv_bfloat162*>(dst + c) =
-          __floats2bfloat162_rn(o[dn * 4 + 2 * half] * inv, o[dn * 4 + 2 * half + 1] * inv);
-    }
-  }
-}
-
-// One stage's products and softmax for a warpgroup, each product waited for (variants 1, 2, 4):
-// S = Q K^T (from the bias with Bias), the online softmax, O = O alpha + P V.
-template <bool Bias>
-__device__ __forceinline__ void stage_step(uint32_t q_wg, uint32_t ks, const float* bias,
-                                           const StageView& sv, float inv_scale, float scale_log2,
-                                           float (&o)[64], float (&m)[2], float (&l)[2]) {
-  const int t4 = threadIdx.x % 4;
-  float sc[32], alpha[2];
-  uint32_t p[4][4];
-  if (Bias) stage_bias(sc, bias, t4, inv_scale);
-  wgmma_fence();
-  issue_qk(sc, q_wg, ks, Bias ? 1 : 0);
-  wgmma_commit();
-  wgmma_wait<0>();
-  reg_fence(sc);
-  stage_softmax(sc, sv.key0, sv.full, t4, sv.lim, scale_log2, m, l, alpha);
-  pack_p(sc, p);
-  rescale(o, alpha);
-  wgmma_fence();
-  issue_pv(o, p, ks + 2 * k_kv_half);
-  wgmma_commit();
-  wgmma_wait<0>();
-  reg_fence(o);
-  reg_fence(p);
-}
-
 // grid (n_tiles * H), 256 threads; row r of a tile = token r / group, head r % group. Blocks:
 // thread blocks meant to share a multiprocessor (2 caps the registers at 128 a thread).
 // Pipelined: each stage's S = Q K^T is issued with the stage before's P V product and its
 // softmax runs while that product does (three stage buffers, one block per multiprocessor).
-// Bias: the eviction scores added to the logits (NOSA). Both warpgroups walk the tile's block
-// list in step (one barrier per stage), each skipping the stages it does not attend to.
+// Bias: the eviction scores added to the logits (NOSA).
 template <int Blocks, bool Pipelined, bool Bias>
 __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(PrefillArgs a) {
   constexpr int NB = wg_stages(Pipelined);
@@ -407,41 +246,135 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
   uint64_t* umask = reinterpret_cast<uint64_t*>(bias_s + NB * k_wg_keys);  // [nb_max]
   int* ulist = reinterpret_cast<int*>(umask + a.nb_max);                  // [nb_max]
   int* uchunk = ulist + a.nb_max;                                         // [nb_max]
-  const int H = a.kv.n_kv_heads, bs = a.kv.block_size;
-  const PrefillTile tile = a.tiles[a.n_tiles - 1 - int(blockIdx.x) / H];
-  const int h = int(blockIdx.x) % H, tid = threadIdx.x, wg = tid / 128;
-  const int n_entries = tile_begin(a, tile, h, q_s, tok_pos, umask, ulist, uchunk, warp_count);
+  const KvView& kv = a.kv;
+  const int H = kv.n_kv_heads, G = a.group, bs = kv.block_size;
+  const int tile_index = a.n_tiles - 1 - int(blockIdx.x) / H;
+  const int h = int(blockIdx.x) % H;
+  const PrefillTile tile = a.tiles[tile_index];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = warp / 4;
+  const int32_t* table = a.step.block_table + int64_t(tile.seq) * a.step.bt_stride;
+  const bf16* kbase = static_cast<const bf16*>(kv.kv);
+  const int64_t chunk_elems = int64_t(2) * bs * k_wg_d;
+
+  // The tile's queries (zero past its tokens): one cp.async group, the oldest.
+  const bf16* q = static_cast<const bf16*>(a.q);
+  for (int i = tid; i < k_wg_rows * 16; i += k_wg_threads) {
+    const int r = i / 16, j = i % 16, ti = r / G;
+    const bool valid = ti < tile.count;
+    const bf16* src =
+        valid ? q + ((int64_t(tile.first + ti) * H + h) * G + r % G) * k_wg_d + j * 8 : q;
+    cp_async16_or_zero(q_s + swizzled(r, j, k_q_half), src, valid);
+  }
+  cp_async_commit();
+  for (int i = tid; i < tile.count; i += k_wg_threads)
+    tok_pos[i] = a.step.positions[tile.first + i];
+  __syncthreads();
+  int tile_max_pos = -1;
+  for (int i = 0; i < tile.count; ++i) tile_max_pos = max(tile_max_pos, tok_pos[i]);
+  const int n_entries = tile_block_list<k_wg_threads>(a, tile, h, tile_max_pos / bs + 1, table,
+                                                      umask, ulist, uchunk, warp_count);
+  // Stage s: keys 64 (s % per_block).. of entry s / per_block's block.
   const int per_block = bs / k_wg_keys, n_stages = n_entries * per_block;
-  auto issue = [&](int s) {  // stage s into buffer s % NB
-    if (s < n_stages)
-      load_stage<Bias>(a.kv, uchunk, s, per_block, kv_s + (s % NB) * k_stage_bytes,
-                       bias_s + (s % NB) * k_wg_keys, tid, k_wg_threads);
+
+  // Stage s's keys and values (and with the bias its eviction scores) into buffer s % NB: four
+  // 16-byte chunks of each per thread.
+  auto issue = [&](int s) {
+    if (s < n_stages) {
+      const int e = s / per_block, w0 = (s - e * per_block) * k_wg_keys;
+      const bf16* kp = kbase + int64_t(uchunk[e]) * chunk_elems + int64_t(w0) * k_wg_d;
+      const bf16* vp = kp + int64_t(bs) * k_wg_d;
+      const uint32_t dk = kv_s + (s % NB) * k_stage_bytes, dv = dk + 2 * k_kv_half;
+#pragma unroll
+      for (int it = 0; it < 4; ++it) {
+        const int i = it * k_wg_threads + tid, r = i / 16, j = i % 16;
+        cp_async16_u32(dk + swizzled(r, j, k_kv_half), kp + r * k_wg_d + j * 8);
+        cp_async16_u32(dv + swizzled(r, j, k_kv_half), vp + r * k_wg_d + j * 8);
+      }
+      if (Bias && tid < k_wg_keys / 4)
+        cp_async16_u32(smem_u32(bias_s + (s % NB) * k_wg_keys + 4 * tid),
+                       kv.bias + int64_t(uchunk[e]) * bs + w0 + 4 * tid);
+    }
     cp_async_commit();
   };
   issue(0);
-  const WgRows w = wg_rows(tile, tok_pos, a.group);
+
+  // This thread's rows: 16 per warp, rows g and g + 8 of them; their tokens (0 past the tile's,
+  // whose rows see no key).
+  const int row0 = wg * 64 + (warp % 4) * 16 + lane / 4;
+  int row_pos[2], row_tok[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int ti = (row0 + 8 * half) / G;
+    row_tok[half] = ti < tile.count ? ti : 0;
+    row_pos[half] = ti < tile.count ? tok_pos[ti] : -1;
+  }
+  // The warpgroup's tokens (bits) and their smallest and largest positions: stages none of them
+  // selected or past the largest are skipped, stages they all selected wholly at or before the
+  // smallest need no mask.
+  uint64_t wg_bits = 0;
+  int wg_min = INT_MAX, wg_max = -1;
+  for (int ti = (wg * 64) / G; ti <= min(tile.count - 1, (wg * 64 + 63) / G); ++ti) {
+    wg_bits |= 1ull << ti;
+    wg_min = min(wg_min, tok_pos[ti]);
+    wg_max = max(wg_max, tok_pos[ti]);
+  }
 
   float o[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) o[i] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   const float scale_log2 = a.scale * k_log2e, inv_scale = 1.0f / a.scale;
-  const int t4 = tid % 4;
+  const int t4 = lane % 4;
+  // Stage s for this warpgroup: its first key's position, whether it attends at all, whether
+  // every row sees every key, and each row's limit (its position, -1 where its token did not
+  // select the block).
+  struct StageView {
+    int key0;
+    bool attend, full;
+    int lim[2];
+  };
+  auto stage_view = [&](int s) {
+    StageView v;
+    const int e = s / per_block;
+    const uint64_t mk = umask[e];
+    v.key0 = ulist[e] * bs + (s - e * per_block) * k_wg_keys;
+    v.attend = (mk & wg_bits) != 0 && v.key0 <= wg_max;
+    v.full = (mk & wg_bits) == wg_bits && v.key0 + k_wg_keys - 1 <= wg_min;
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+      v.lim[half] = (mk >> row_tok[half]) & 1 ? row_pos[half] : -1;
+    return v;
+  };
+
   const uint32_t q_wg = q_s + wg * 64 * 128;  // the warpgroup's 64 rows of Q
+  float sc[32], alpha[2];
+  uint32_t p[4][4];
   if constexpr (!Pipelined) {
     for (int s = 0; s < n_stages; ++s) {
       cp_async_wait<0>();
       fence_async_shared();
       __syncthreads();  // stage s (and the queries) landed for all; stage s - 1's buffer is free
       issue(s + 1);
-      const StageView sv = stage_view(s, per_block, bs, umask, ulist, w);
+      const StageView sv = stage_view(s);
       if (!sv.attend) continue;
-      stage_step<Bias>(q_wg, kv_s + (s % NB) * k_stage_bytes, bias_s + (s % NB) * k_wg_keys, sv,
-                       inv_scale, scale_log2, o, m, l);
+      const uint32_t ks = kv_s + (s % NB) * k_stage_bytes, vs = ks + 2 * k_kv_half;
+      if (Bias) stage_bias(sc, bias_s + (s % NB) * k_wg_keys, t4, inv_scale);
+      wgmma_fence();
+      issue_qk(sc, q_wg, ks, Bias ? 1 : 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      reg_fence(sc);
+      stage_softmax(sc, sv.key0, sv.full, t4, sv.lim, scale_log2, m, l, alpha);
+      pack_p(sc, p);
+      rescale(o, alpha);
+      wgmma_fence();
+      issue_pv(o, p, vs);
+      wgmma_commit();
+      wgmma_wait<0>();
+      reg_fence(o);
+      reg_fence(p);
     }
   } else {
-    float sc[32], alpha[2];
-    uint32_t p[4][4];
     // p holds the stage before's P while `pending`: its P V product is issued with this stage's
     // Q K^T, and waited for before the output is rescaled by this stage's maxima and p takes
     // this stage's P.
@@ -466,7 +399,7 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
       // values stay for the P V product issued in this iteration.
       __syncthreads();
       issue(s + 1);
-      const StageView sv = stage_view(s, per_block, bs, umask, ulist, w);
+      const StageView sv = stage_view(s);
       if (!sv.attend) {
         finish_pending();
         continue;
@@ -504,98 +437,24 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
     finish_pending();
   }
   cp_async_wait<0>();
-  write_rows(a, tile, h, w, o, l);
-#else
-  __trap();  // built without sm_90a code: launch_sparse_prefill never takes this kernel there
-#endif
-}
 
-// The warpgroups of a tile apart (variant 4): each walks only the stages its own tokens
-// attend to (its 64 rows: fewer tokens than the tile's 128, so under sparse selections fewer
-// blocks), through two stage buffers of its own, with a barrier of its own 128 threads per
-// stage; the two run out of step, one's softmax beside the other's products. One block per
-// multiprocessor. Shared memory after the queries: [2 warpgroups][2 buffers] stages, their
-// eviction scores, each warpgroup's stage list ([2][nb_max * block_size / 64]), the block list.
-__device__ __forceinline__ void wg_barrier(int wg) {
-  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
-}
-
-template <bool Bias>
-__global__ void __launch_bounds__(k_wg_threads, 1) wgmma_prefill_apart_kernel(PrefillArgs a) {
-#ifdef NOSA_WGMMA_BODY
-  extern __shared__ unsigned char smem_raw[];
-  __shared__ int tok_pos[64];
-  __shared__ int warp_count[k_wg_threads / 32];
-  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
-  const uint32_t q_s = base, kv_s = base + k_q_bytes;
-  const int H = a.kv.n_kv_heads, bs = a.kv.block_size, per_block = bs / k_wg_keys;
-  const int max_stages = a.nb_max * per_block;
-  float* bias_s = reinterpret_cast<float*>(smem_raw + (base - smem_u32(smem_raw)) + k_q_bytes +
-                                           4 * k_stage_bytes);              // [2][2][64]
-  int* wg_list = reinterpret_cast<int*>(bias_s + 4 * k_wg_keys);            // [2][max_stages]
-  uint64_t* umask = reinterpret_cast<uint64_t*>(wg_list + 2 * max_stages);  // [nb_max]
-  int* ulist = reinterpret_cast<int*>(umask + a.nb_max);                    // [nb_max]
-  int* uchunk = ulist + a.nb_max;                                           // [nb_max]
-  const PrefillTile tile = a.tiles[a.n_tiles - 1 - int(blockIdx.x) / H];
-  const int h = int(blockIdx.x) % H, tid = threadIdx.x, wg = tid / 128, wt = tid % 128;
-  const int lane = tid % 32, warp = tid / 32;
-  const int n_entries = tile_begin(a, tile, h, q_s, tok_pos, umask, ulist, uchunk, warp_count);
-  const int n_stages = n_entries * per_block;
-  const WgRows w = wg_rows(tile, tok_pos, a.group);
-
-  // The warpgroup's stages, ascending, compacted by its threads.
-  int* list = wg_list + wg * max_stages;
-  int count = 0;
-  for (int c0 = 0; c0 < n_stages; c0 += 128) {
-    const int s = c0 + wt;
-    const bool f = s < n_stages && stage_view(s, per_block, bs, umask, ulist, w).attend;
-    const unsigned ballot = __ballot_sync(0xffffffffu, f);
-    if (lane == 0) warp_count[warp] = __popc(ballot);
-    wg_barrier(wg);
-    int offset = count, total = 0;
-    for (int v = 0; v < 4; ++v) {
-      const int c = warp_count[wg * 4 + v];
-      if (v < warp % 4) offset += c;
-      total += c;
-    }
-    if (f) list[offset + __popc(ballot & ((1u << lane) - 1u))] = s;
-    count += total;
-    wg_barrier(wg);  // warp_count is read before the next round writes it
-  }
-
-  const uint32_t kv_wg = kv_s + wg * 2 * k_stage_bytes;  // the warpgroup's two buffers
-  float* bias_wg = bias_s + wg * 2 * k_wg_keys;
-  auto issue = [&](int k) {  // the warpgroup's k-th stage into its buffer k % 2
-    if (k < count)
-      load_stage<Bias>(a.kv, uchunk, list[k], per_block, kv_wg + (k % 2) * k_stage_bytes,
-                       bias_wg + (k % 2) * k_wg_keys, wt, 128);
-    cp_async_commit();
-  };
-  issue(0);
-  // The queries (the oldest group) landed for this thread; after the barrier, for all.
-  cp_async_wait<1>();
-  fence_async_shared();
-  __syncthreads();
-
-  float o[64];
+  bf16* out = static_cast<bf16*>(a.out);
 #pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  const float scale_log2 = a.scale * k_log2e, inv_scale = 1.0f / a.scale;
-  const uint32_t q_wg = q_s + wg * 64 * 128;
-  for (int k = 0; k < count; ++k) {
-    cp_async_wait<0>();
-    fence_async_shared();
-    // Stage k landed for the warpgroup; its buffer before, (k + 1) % 2, was last read by stage
-    // k - 1's products, which every thread of the warpgroup waited for.
-    wg_barrier(wg);
-    issue(k + 1);
-    const StageView sv = stage_view(list[k], per_block, bs, umask, ulist, w);
-    stage_step<Bias>(q_wg, kv_wg + (k % 2) * k_stage_bytes, bias_wg + (k % 2) * k_wg_keys, sv,
-                     inv_scale, scale_log2, o, m, l);
+  for (int half = 0; half < 2; ++half) {
+    float lt = l[half];
+    lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+    lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+    const int r = row0 + 8 * half, ti = r / G;
+    if (ti >= tile.count) continue;
+    const float inv = lt > 0.0f ? 1.0f / lt : 0.0f;
+    bf16* dst = out + ((int64_t(tile.first + ti) * H + h) * G + r % G) * k_wg_d;
+#pragma unroll
+    for (int dn = 0; dn < 16; ++dn) {
+      const int c = dn * 8 + 2 * t4;
+      *reinterpret_cast<__nv_bfloat162*>(dst + c) =
+          __floats2bfloat162_rn(o[dn * 4 + 2 * half] * inv, o[dn * 4 + 2 * half + 1] * inv);
+    }
   }
-  cp_async_wait<0>();
-  write_rows(a, tile, h, w, o, l);
 #else
   __trap();  // built without sm_90a code: launch_sparse_prefill never takes this kernel there
 #endif
@@ -629,16 +488,6 @@ cudaError_t launch_variant(const PrefillArgs& a, cudaStream_t stream) {
                     : launch_variant<Blocks, Pipelined, false>(a, stream);
 }
 
-template <bool Bias>
-cudaError_t launch_apart(const PrefillArgs& a, size_t smem, cudaStream_t stream) {
-  if (const cudaError_t e = allow_shared<wgmma_prefill_apart_kernel<Bias>>(smem, true);
-      e != cudaSuccess)
-    return e;
-  wgmma_prefill_apart_kernel<Bias>
-      <<<unsigned(a.n_tiles) * unsigned(a.kv.n_kv_heads), k_wg_threads, smem, stream>>>(a);
-  return cudaGetLastError();
-}
-
 cudaError_t launch_prefill_wgmma(const PrefillArgs& a, int variant, cudaStream_t stream) {
   if (!prefill_wgmma_fits(a)) return cudaErrorInvalidValue;
   switch (variant) {
@@ -648,13 +497,6 @@ cudaError_t launch_prefill_wgmma(const PrefillArgs& a, int variant, cudaStream_t
       return launch_variant<2, false>(a, stream);
     case 3:
       return launch_variant<1, true>(a, stream);
-    case 4: {
-      // Variant 3 where the warpgroups' own stage lists do not fit (about 2700 blocks of 64).
-      const size_t smem = apart_smem(a.nb_max, a.kv.block_size);
-      if (smem > max_shared_bytes()) return launch_variant<1, true>(a, stream);
-      return a.use_bias ? launch_apart<true>(a, smem, stream)
-                        : launch_apart<false>(a, smem, stream);
-    }
     default:
       return cudaErrorInvalidValue;
   }

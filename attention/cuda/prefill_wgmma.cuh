@@ -15,9 +15,7 @@ namespace nosa::attention::cuda {
 bool prefill_wgmma_fits(const PrefillArgs& args);
 // variant: 1, each stage's products in turn, one thread block per SM; 2, the same with two
 // (128 registers a thread); 3, pipelined: a stage's Q K^T issued with the stage before's P V,
-// its softmax running while that product does (one block per SM, three stage buffers); 4, the
-// two warpgroups apart, each walking only its own tokens' stages through buffers of its own
-// (variant 3 where their lists do not fit).
+// its softmax running while that product does (one block per SM, three stage buffers).
 cudaError_t launch_prefill_wgmma(const PrefillArgs& args, int variant, cudaStream_t stream);
 
 }  // namespace nosa::attention::cuda

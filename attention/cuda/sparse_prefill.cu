@@ -501,11 +501,11 @@ int g_wgmma = -1;        // force_prefill_wgmma(); -1: PrefillArgs::wgmma
 int64_t g_wgmma_launches = 0;
 
 #ifdef NOSA_HAVE_WGMMA
-// The wgmma kernel's variant (prefill_wgmma.cuh: 1 to 4) where a launch takes it, else
+// The wgmma kernel's variant (prefill_wgmma.cuh: 1, 2 or 3) where a launch takes it, else
 // 0: an sm_90 GPU, and asked for (force_prefill_wgmma, else a.wgmma).
 int wgmma_variant(const PrefillArgs& a) {
   const int want = g_wgmma >= 0 ? g_wgmma : a.wgmma;
-  if (want < 1 || want > 4) return 0;
+  if (want < 1 || want > 3) return 0;
   return prefill_wgmma_available() ? want : 0;
 }
 #endif

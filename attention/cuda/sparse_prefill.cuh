@@ -37,8 +37,8 @@ struct PrefillArgs {
   int n_tiles = 0;
   int nb_max = 0;  // largest query block + 1 over the tiles' tokens
   void* out = nullptr;  // [T][H * group][d] bf16
-  // The wgmma kernel's variant (1 to 4; prefill_wgmma.cuh) where it fits and the GPU runs it,
-  // 0 the mma.sync kernel (the CUDA backend sets it from NOSA_PREFILL_WGMMA).
+  // The wgmma kernel's variant (1, 2 or 3; prefill_wgmma.cuh) where it fits and the GPU runs
+  // it, 0 the mma.sync kernel (the CUDA backend sets it from NOSA_PREFILL_WGMMA).
   int wgmma = 0;
 };
 
@@ -53,7 +53,7 @@ cudaError_t launch_sparse_prefill(const PrefillArgs& args, cudaStream_t stream);
 // that all three kernels are compared with the CPU (the launcher's own choice takes fewer slots
 // only for block lists longer than tests build); 0 restores the launcher's choice.
 void force_prefill_slots(int slots);
-// Tests and comparisons: launches through the wgmma kernel's variant 1 to 4
+// Tests and comparisons: launches through the wgmma kernel's variant 1, 2 or 3
 // (prefill_wgmma.cuh) where it fits and the GPU runs it, or never (0), whatever PrefillArgs::wgmma
 // says; -1 (the default) restores PrefillArgs::wgmma.
 void force_prefill_wgmma(int variant);
