@@ -298,8 +298,9 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
   };
   issue(0);
 
-  // This thread's rows: 16 per warp, rows g and g + 8 of them; their tokens (0 past the tile's,
-  // whose rows see no key).
+  // This thread's rows: 16 per warp, rows g and g + 8 of them; their tokens (0 past the tile's:
+  // those rows see no key in masked stages, and in stages that need no mask accumulate from
+  // their zero queries, never stored).
   const int row0 = wg * 64 + (warp % 4) * 16 + lane / 4;
   int row_pos[2], row_tok[2];
 #pragma unroll
@@ -462,12 +463,16 @@ __global__ void __launch_bounds__(k_wg_threads, Blocks) wgmma_prefill_kernel(Pre
 
 }  // namespace
 
+// The kernel's static shared memory (tok_pos, warp_count), which counts against the same
+// per-block limit as the dynamic part.
+constexpr size_t k_wg_static_smem = (64 + k_wg_threads / 32) * sizeof(int);
+
 bool prefill_wgmma_fits(const PrefillArgs& a) {
   // The block list grows with the context: past the device's shared memory (about 6000 blocks
   // on Hopper) the mma.sync kernel, whose stages take less, is left.
   return a.kv.head_dim == k_wg_d && a.kv.block_size > 0 && a.kv.block_size % k_wg_keys == 0 &&
          a.group >= 1 && a.group <= k_wg_rows && (!a.use_bias || a.kv.bias) &&
-         wg_smem(true, a.nb_max) <= max_shared_bytes();
+         wg_smem(true, a.nb_max) + k_wg_static_smem <= max_shared_bytes();
 }
 
 template <int Blocks, bool Pipelined, bool Bias>

@@ -558,7 +558,7 @@ int64_t prefill_wgmma_launches() { return g_wgmma_launches; }
 
 bool prefill_wgmma_available() {
 #ifdef NOSA_HAVE_WGMMA
-  // The compute capability, asked once per device (the launcher asks at every dense launch).
+  // The compute capability, asked once per device (the launcher asks at every launch).
   static int sm90[64] = {};  // 0 unknown, 1 yes, 2 no
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return false;

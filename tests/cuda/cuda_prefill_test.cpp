@@ -36,6 +36,12 @@ struct PrefillCase {
 std::vector<PrefillCase> prefill_cases() {
   return {
       {"g1-d64-bs16", 64, 1, 16, {{0, 150}, {37, 100}}},
+      // Groups of 1, 2 and 4 with head_dim 128 and 64-key blocks (the wgmma kernel's shapes):
+      // tiles of 64, 64 and 32 tokens (group 1 leaves the second warpgroup without rows; the
+      // 64th token takes the masks' top bit).
+      {"g1-d128-bs64", 128, 1, 64, {{0, 140}, {300, 70}}},
+      {"g2-d128-bs64", 128, 2, 64, {{0, 130}, {200, 64}}},
+      {"g4-d128-bs64", 128, 4, 64, {{0, 97}, {260, 40}}},
       {"g2-d128-bs32", 128, 2, 32, {{0, 130}, {200, 67}}},
       {"g4-d64-bs64", 64, 4, 64, {{0, 97}, {300, 33}}},
       {"g6-d128-bs64", 128, 6, 64, {{0, 90}, {129, 40}}},
