@@ -32,6 +32,7 @@
 #include <tuple>
 
 #include "attention/reference/selection.h"
+#include "launcher/bench/gpu_clocks.h"
 #include "launcher/bench/progress.h"
 #include "launcher/bench/report.h"
 #include "launcher/commands.h"
@@ -326,6 +327,7 @@ void run_decode(SuiteContext& ctx) {
         std::vector<runtime::SamplingParams> greedy(B);
         std::vector<double> times_ms, enqueue_ms;
         int64_t replays_before = 0;
+        bench::GpuSampler clocks(be.pci_bus_id());
         for (int s = 0; s < f.warmup + f.steps; ++s) {
           runtime::StepBatch step;
           for (int i = 0; i < B; ++i)
@@ -333,6 +335,7 @@ void run_decode(SuiteContext& ctx) {
           if (s == f.warmup) {
             replays_before = runtime::cuda_graph_replays();
             model.reset_speculation_stats();
+            clocks.start();
           }
           const auto t0 = Clock::now();
           Tensor logits = model.forward(step, *cache);
@@ -344,6 +347,7 @@ void run_decode(SuiteContext& ctx) {
             enqueue_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
           }
         }
+        if (const auto cs = clocks.stop()) bench::add_gpu_clock_stats(*cs, row);
         // The floor: weights plus what the attention reads per (sequence, layer, KV head).
         const bool sparse = mode != attention::Mode::dense;
         const bool nosa = mode == attention::Mode::nosa;
@@ -474,7 +478,10 @@ void run_prefill(SuiteContext& ctx) {
       return std::pair{std::chrono::duration<double>(Clock::now() - t0).count(), steps};
     };
     run(1, std::min<int64_t>(L, 2048));  // warm-up: kernels, cuBLAS heuristics, allocator
+    bench::GpuSampler clocks(be.pci_bus_id());
+    clocks.start();
     auto [seconds, steps] = run(f.prompts, L);
+    if (const auto s = clocks.stop()) bench::add_gpu_clock_stats(*s, row);
     row["seconds"] = seconds;
     row["steps"] = steps;
     row["tokens_per_s"] = double(f.prompts) * double(L) / seconds;

@@ -75,6 +75,9 @@ class Backend {
   virtual void wait_host_copy() {}
   // The NUMA node the device is attached to, or -1 (host backends, or unknown): diagnostics.
   virtual int numa_node() const { return -1; }
+  // The device's PCI bus id ("0000:19:00.0"), or empty (host backends): benchmarks sample its
+  // clocks and power by it.
+  virtual std::string pci_bus_id() const { return {}; }
   // Bytes of device memory free for the KV cache (host backends: a policy limit).
   virtual size_t free_memory_bytes() const = 0;
   // Waits for queued work.

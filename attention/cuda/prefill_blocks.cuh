@@ -31,8 +31,7 @@ __device__ int tile_block_list(const PrefillArgs& a, const PrefillTile& tile, in
     for (int i = threadIdx.x; i < tile.count * a.k_max; i += Threads) {
       const int ti = i / a.k_max, e = i % a.k_max;
       const int b = a.selection[(int64_t(tile.first + ti) * H + h) * a.k_max + e];
-      if (b >= 0 && b < nbu)
-        atomicOr(reinterpret_cast<unsigned long long*>(&umask[b]), 1ull << ti);
+      if (b >= 0 && b < nbu) atomicOr(reinterpret_cast<unsigned long long*>(&umask[b]), 1ull << ti);
     }
     __syncthreads();
     int base = 0;

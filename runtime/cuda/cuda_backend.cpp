@@ -292,13 +292,18 @@ class CudaBackend final : public Backend {
     return host;
   }
 
-  int numa_node() const override {
+  std::string pci_bus_id() const override {
     char bus[32] = {};
     if (cudaDeviceGetPCIBusId(bus, sizeof bus, device_index_) != cudaSuccess) {
       cudaGetLastError();
-      return -1;
+      return {};
     }
-    std::string id(bus);
+    return bus;
+  }
+
+  int numa_node() const override {
+    std::string id = pci_bus_id();
+    if (id.empty()) return -1;
     for (char& ch : id) ch = char(std::tolower(static_cast<unsigned char>(ch)));
     std::ifstream f("/sys/bus/pci/devices/" + id + "/numa_node");
     int node = -1;
