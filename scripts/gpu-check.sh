@@ -13,16 +13,19 @@
 #   peer.json                transformers generate on the same shapes
 #   sdpa.json                PyTorch SDPA attention alone on the same shapes (scripts/bench_sdpa.py)
 #
-#   scripts/gpu-check.sh [--quick] [--no-tests] [--no-bench] [--no-peer] [--jobs N]
-# --quick runs a small benchmark set (for a first look); rerunning reuses the build directory.
+#   scripts/gpu-check.sh [--quick | --prefill] [--no-tests] [--no-bench] [--no-peer] [--jobs N]
+# --quick runs a small benchmark set (for a first look); --prefill only prefill 16 x 16K of both
+# shapes, dense and NOSA, against transformers' prefill (issue 3's prefill target in one call,
+# about 7 minutes with the build and tests); rerunning reuses the build directory.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
-quick=0 tests=1 bench=1 peer=1 jobs=$(nproc)
+quick=0 prefill=0 tests=1 bench=1 peer=1 jobs=$(nproc)
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1 ;;
+    --prefill) prefill=1 ;;
     --no-tests) tests=0 ;;
     --no-bench) bench=0 ;;
     --no-peer) peer=0 ;;
@@ -31,6 +34,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+[ $quick -eq 1 ] && [ $prefill -eq 1 ] && { echo "gpu-check: --quick or --prefill, not both" >&2; exit 2; }
 
 # GPU_CHECK_DEADLINE=SECONDS: skip the benchmark steps that would start after that many seconds
 # (leaves time for the summary when the whole run must fit a limit).
@@ -112,7 +116,9 @@ fi
 # ---- benchmarks ---------------------------------------------------------------------------
 bench_cmds=()
 if [ $bench -eq 1 ]; then
-  if [ $quick -eq 1 ]; then
+  if [ $prefill -eq 1 ]; then
+    bench_cmds+=("--suite prefill --shape nosa-1b-like --mode dense,nosa --prompts 16 --prompt-len 16384")
+  elif [ $quick -eq 1 ]; then
     bench_cmds+=("--suite decode --shape nosa-1b-like --mode dense,nosa --batch 16,64 --context 16384")
     bench_cmds+=("--suite prefill --shape nosa-1b-like --mode dense,nosa --prompts 4 --prompt-len 16384")
   else
@@ -138,7 +144,9 @@ fi
 
 peer_cmd=""
 if [ $peer -eq 1 ] && [ $bench -eq 1 ]; then
-  if [ $quick -eq 1 ]; then
+  if [ $prefill -eq 1 ]; then
+    peer_cmd="scripts/bench_transformers.py --shape nosa-1b-like --shape nosa-8b-like --batch 16 --context 16384 --decode-steps 1"
+  elif [ $quick -eq 1 ]; then
     peer_cmd="scripts/bench_transformers.py --shape nosa-1b-like --batch 16 --context 16384 --decode-steps 8"
   else
     peer_cmd="scripts/bench_transformers.py --shape nosa-1b-like --shape nosa-8b-like --batch 16 --context 16384 --decode-steps 8"
@@ -153,7 +161,7 @@ if [ $peer -eq 1 ] && [ $bench -eq 1 ]; then
   fi
 fi
 # The attention peer: PyTorch SDPA alone on the decode suite's shapes (and 16 x 16K prefill).
-if [ $peer -eq 1 ] && [ $bench -eq 1 ]; then
+if [ $peer -eq 1 ] && [ $bench -eq 1 ] && [ $prefill -eq 0 ]; then
   if [ $quick -eq 1 ]; then
     sdpa_cmd="scripts/bench_sdpa.py --shape nosa-1b-like --batch 16,64 --context 16384 --prompts 4"
   else
@@ -247,8 +255,11 @@ for r in rows:
         continue
     p = peer.get((r["shape"], 16, r["prompt_len"]))
     vs = f"transformers {p['prefill_tokens_per_s']:.0f} tok/s" if p and "prefill_tokens_per_s" in p else ""
+    clocks = (f", SM {r['gpu_sm_mhz_mean']:.0f} MHz (min {r['gpu_sm_mhz_min']:.0f}), "
+              f"{r['gpu_power_w_mean']:.0f} W, power-capped {100 * r['gpu_power_capped_share']:.0f}%"
+              if "gpu_sm_mhz_mean" in r else "")
     print(f"  {r['shape']:13s} {r['mode']:8s} {r['prompts']} x {r['prompt_len']}: {r['tokens_per_s']:9.0f} tok/s "
-          f"({r['seconds']:.2f} s)  {vs}")
+          f"({r['seconds']:.2f} s{clocks})  {vs}")
 off = [r for r in rows if r.get("suite") == "offload" and "skipped" not in r]
 if off:
     print("offloaded decode (floor = PCIe bytes at 51 GB/s, HBM bytes at 4.3 TB/s):")
