@@ -40,7 +40,7 @@ constexpr int wg_fixed_smem(bool pipelined) {
   return 1024 + k_q_bytes + wg_stages(pipelined) * (k_stage_bytes + k_wg_keys * 4);
 }
 size_t wg_smem(bool pipelined, int nb_max) {
-  return size_t(wg_fixed_smem(pipelined)) + size_t(nb_max > 0 ? nb_max : 1) * (8 + 4 + 4);
+  return size_t(wg_fixed_smem(pipelined)) + size_t(nb_max) * (8 + 4 + 4);
 }
 
 // Where the 16-byte chunk j (0..15: dimensions 8 j..8 j + 7) of row r goes in a swizzled

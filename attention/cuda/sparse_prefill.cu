@@ -582,6 +582,8 @@ int prefill_tile_tokens(int group) {
 cudaError_t launch_sparse_prefill(const PrefillArgs& a, cudaStream_t stream) {
   if (a.n_tiles == 0) return cudaSuccess;
   if (a.group < 1 || a.group > k_rows) return cudaErrorInvalidValue;
+  // Both kernels lay out nb_max entries of the block list, and every tile has a block.
+  if (a.nb_max < 1) return cudaErrorInvalidValue;
   // The softmax takes its maxima on the unscaled scores: the scale (1 / sqrt(d)) is positive.
   if (!(a.scale > 0.0f)) return cudaErrorInvalidValue;
   // Block sizes 16, 32 or multiples of 64 (stage_keys' shifts and masks rely on it).

@@ -1553,10 +1553,11 @@ class CudaBackend final : public Backend {
   // (nosa-8b-like, 16K, two processes each): at 32 rows (B = 16) 3 was fastest of 2, 3, 4, 6, 8;
   // at 64 rows 8 was faster than 3.
   int prefetch_copy_row_blocks_ = int(env_int("NOSA_PREFETCH_COPY_ROWS", -1, -1, 1 << 20));
-  // Dense prefill through the wgmma kernel's variant 1, 2 or 3 where it runs
-  // (attention/cuda/prefill_wgmma.cuh), 0: the mma.sync kernel. The default, 3 (pipelined), was
-  // the fastest on an H200: dense prefill 16 x 16K, 8b-like 26227 (0) -> 27501 tok/s, 1b-like
-  // 98329 -> 104622 (bench/results/2026-11-29-h200-session14).
+  // Prefill attention (dense and sparse) through the wgmma kernel's variant 1, 2 or 3 where it
+  // runs (attention/cuda/prefill_wgmma.cuh), 0: the mma.sync kernel. The default, 3 (pipelined),
+  // was the fastest on an H200: dense prefill 16 x 16K, 8b-like 26227 (0) -> 27501 tok/s,
+  // 1b-like 98329 -> 104622 (bench/results/2026-11-29-h200-session14); NOSA prefill 1b-like
+  // 79325 -> 83261, 8b-like 25571 -> 25612 (bench/results/2026-11-29-h200-session15).
   int prefill_wgmma_ = int(env_int("NOSA_PREFILL_WGMMA", 3, 0, 3));
 
 
